@@ -1,0 +1,363 @@
+//! Requests and answers of the [`KeyStore`](crate::KeyStore) API.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use serde_json::{Map, Value};
+
+use crate::error::{Error, Result};
+use crate::ids::{Algorithm, Device, KeyId, SIGNED_CURVE25519, UserId};
+use crate::key_json::{KeyDigest, KeyJson};
+
+/// A validated upload for one device (R3.1): one-time keys and fallback keys.
+///
+/// One-time keys are kept sorted by key ID, which is the tie-break order of
+/// keys inside one upload (R3.5). At most one fallback key per algorithm
+/// (R3.6).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Upload {
+    /// The device the keys belong to.
+    pub device: Device,
+    /// One-time keys by key ID.
+    pub one_time_keys: BTreeMap<KeyId, KeyJson>,
+    /// Fallback keys by algorithm, each with its key ID.
+    pub fallback_keys: BTreeMap<Algorithm, (KeyId, KeyJson)>,
+}
+
+impl Upload {
+    /// An empty upload for a device.
+    pub fn new(device: Device) -> Self {
+        Self {
+            device,
+            one_time_keys: BTreeMap::new(),
+            fallback_keys: BTreeMap::new(),
+        }
+    }
+
+    /// Builds an upload from key lists.
+    ///
+    /// # Errors
+    /// - [`Error::Conflict`] when one key ID is given twice as an OTK with
+    ///   different content (the same content twice is kept once);
+    /// - [`Error::DuplicateFallback`] when two fallback keys share an
+    ///   algorithm (R3.6).
+    pub fn from_keys(
+        device: Device,
+        one_time_keys: impl IntoIterator<Item = (KeyId, KeyJson)>,
+        fallback_keys: impl IntoIterator<Item = (KeyId, KeyJson)>,
+    ) -> Result<Self> {
+        let mut upload = Self::new(device);
+        for (id, json) in one_time_keys {
+            upload.add_one_time_key(id, json)?;
+        }
+        for (id, json) in fallback_keys {
+            upload.add_fallback_key(id, json)?;
+        }
+        Ok(upload)
+    }
+
+    /// Adds one OTK.
+    ///
+    /// # Errors
+    /// [`Error::Conflict`] when the key ID is already in this upload with
+    /// different content.
+    pub fn add_one_time_key(&mut self, id: KeyId, json: KeyJson) -> Result<()> {
+        match self.one_time_keys.get(&id) {
+            Some(existing) if existing.digest() != json.digest() => Err(Error::Conflict {
+                device: self.device.clone(),
+                key_id: id,
+            }),
+            Some(_) => Ok(()),
+            None => {
+                self.one_time_keys.insert(id, json);
+                Ok(())
+            }
+        }
+    }
+
+    /// Adds one fallback key.
+    ///
+    /// # Errors
+    /// [`Error::DuplicateFallback`] when this upload already has a fallback
+    /// key of that algorithm (R3.6).
+    pub fn add_fallback_key(&mut self, id: KeyId, json: KeyJson) -> Result<()> {
+        let algorithm = id.algorithm();
+        if self.fallback_keys.contains_key(&algorithm) {
+            return Err(Error::DuplicateFallback { algorithm });
+        }
+        self.fallback_keys.insert(algorithm, (id, json));
+        Ok(())
+    }
+
+    /// The number of keys, one-time and fallback together (the figure R8.2 limits).
+    pub fn key_count(&self) -> usize {
+        self.one_time_keys.len() + self.fallback_keys.len()
+    }
+
+    /// Whether the upload carries no key at all.
+    pub fn is_empty(&self) -> bool {
+        self.key_count() == 0
+    }
+}
+
+/// One target of a claim (R4.1): a device, an algorithm and how many keys.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ClaimTarget {
+    /// The device to claim from.
+    pub device: Device,
+    /// The algorithm wanted.
+    pub algorithm: Algorithm,
+    /// How many keys; clamped to [`Limits::max_claim_count`](crate::Limits) (R8.3).
+    pub count: u32,
+}
+
+impl ClaimTarget {
+    /// A target for one key (the wire form's only count).
+    pub fn one(device: Device, algorithm: Algorithm) -> Self {
+        Self {
+            device,
+            algorithm,
+            count: 1,
+        }
+    }
+}
+
+/// One key handed out by a claim.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClaimedKey {
+    /// The device it belonged to.
+    pub device: Device,
+    /// Its key ID.
+    pub key_id: KeyId,
+    /// Its JSON, exactly as stored (R2.5).
+    pub key_json: KeyJson,
+    /// Whether it is the device's fallback key (R4.4) rather than an OTK.
+    pub fallback: bool,
+}
+
+/// The answer to a claim.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClaimOutcome {
+    /// The keys handed out, target by target in request order, the oldest
+    /// upload first within a target (R4.2). Targets with nothing to hand out
+    /// contribute nothing (R4.6).
+    pub keys: Vec<ClaimedKey>,
+    /// The devices whose counts or fallback state changed (R11.1).
+    pub changes: Changes,
+}
+
+impl ClaimOutcome {
+    /// The keys in the wire shape `{user: {device: {key_id: key_json}}}`.
+    pub fn to_wire(&self) -> Value {
+        let mut users = Map::new();
+        for key in &self.keys {
+            let user = users
+                .entry(key.device.user_id.as_str())
+                .or_insert_with(|| Value::Object(Map::new()));
+            if let Value::Object(devices) = user {
+                let device = devices
+                    .entry(key.device.device_id.as_str())
+                    .or_insert_with(|| Value::Object(Map::new()));
+                if let Value::Object(keys) = device {
+                    keys.insert(key.key_id.as_str().to_owned(), key.key_json.to_value());
+                }
+            }
+        }
+        Value::Object(users)
+    }
+}
+
+/// OTK counts of one device: algorithm to number of stored OTKs (R6.1).
+/// Algorithms with no keys are absent; see [`OtkCounts::to_wire`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OtkCounts(pub BTreeMap<Algorithm, u64>);
+
+impl OtkCounts {
+    /// The count of one algorithm (0 when absent).
+    pub fn get(&self, algorithm: &Algorithm) -> u64 {
+        self.0.get(algorithm).copied().unwrap_or(0)
+    }
+
+    /// The count of one algorithm by name (0 when absent).
+    pub fn get_str(&self, algorithm: &str) -> u64 {
+        self.0
+            .iter()
+            .find(|(a, _)| a.as_str() == algorithm)
+            .map_or(0, |(_, n)| *n)
+    }
+
+    /// The total over all algorithms.
+    pub fn total(&self) -> u64 {
+        self.0.values().sum()
+    }
+
+    /// The wire form (R6.1): zero counts left out, except `signed_curve25519`,
+    /// which is always present.
+    pub fn to_wire(&self) -> Value {
+        let mut map = Map::new();
+        map.insert(SIGNED_CURVE25519.to_owned(), Value::from(0u64));
+        for (alg, n) in &self.0 {
+            if *n > 0 {
+                map.insert(alg.as_str().to_owned(), Value::from(*n));
+            }
+        }
+        Value::Object(map)
+    }
+}
+
+/// The E2EE key state of one device that `/sync` reports (section 6).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SyncState {
+    /// OTK counts (R6.1).
+    pub one_time_key_counts: OtkCounts,
+    /// Algorithms with an unused fallback key, sorted by bytes (R6.3).
+    pub unused_fallback_key_types: Vec<Algorithm>,
+}
+
+/// The devices whose OTK counts or fallback state an operation changed
+/// (R11.1), sorted and without repeats. Cheap to clone.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    devices: Arc<[Device]>,
+}
+
+impl Changes {
+    /// No change.
+    pub fn none() -> Self {
+        Self::default()
+    }
+
+    /// Changes of the given devices (sorted and deduplicated here).
+    pub fn from_devices(devices: impl IntoIterator<Item = Device>) -> Self {
+        let set: BTreeSet<Device> = devices.into_iter().collect();
+        Self {
+            devices: set.into_iter().collect(),
+        }
+    }
+
+    /// The changed devices.
+    pub fn devices(&self) -> &[Device] {
+        &self.devices
+    }
+
+    /// Whether nothing changed.
+    pub fn is_empty(&self) -> bool {
+        self.devices.is_empty()
+    }
+
+    /// Whether the given device changed.
+    pub fn contains(&self, device: &Device) -> bool {
+        self.devices.binary_search(device).is_ok()
+    }
+
+    /// Whether any device of the given user changed.
+    pub fn contains_user(&self, user: &UserId) -> bool {
+        self.devices.iter().any(|d| &d.user_id == user)
+    }
+}
+
+/// The answer to an upload.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct UploadOutcome {
+    /// The device's OTK counts after the upload (R3.8).
+    pub counts: OtkCounts,
+    /// The devices changed: this device, when anything was stored (R11.1).
+    pub changes: Changes,
+}
+
+/// A stored OTK, as exported.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredOtk {
+    /// Its key ID.
+    pub key_id: KeyId,
+    /// Its JSON.
+    pub key_json: KeyJson,
+    /// Its upload sequence number (R3.5); only the order matters.
+    pub seq: u64,
+}
+
+/// A stored fallback key, as exported.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredFallback {
+    /// Its key ID.
+    pub key_id: KeyId,
+    /// Its JSON.
+    pub key_json: KeyJson,
+    /// Whether a claim has handed it out since it was uploaded (R4.4).
+    pub used: bool,
+}
+
+/// A remembered issued OTK (R3.4).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IssuedKey {
+    /// Its key ID (the algorithm is the key ID's).
+    pub key_id: KeyId,
+    /// The digest of its JSON without signatures.
+    pub digest: KeyDigest,
+}
+
+/// The whole stored state of one device, for export, import and checks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceSnapshot {
+    /// The device.
+    pub device: Device,
+    /// Its OTKs, in claim order (oldest upload first, then key ID).
+    pub one_time_keys: Vec<StoredOtk>,
+    /// Its fallback keys by algorithm.
+    pub fallback_keys: BTreeMap<Algorithm, StoredFallback>,
+    /// Its remembered issued OTKs per algorithm, oldest issue first.
+    pub issued: BTreeMap<Algorithm, Vec<IssuedKey>>,
+}
+
+impl DeviceSnapshot {
+    /// An empty snapshot of a device.
+    pub fn empty(device: Device) -> Self {
+        Self {
+            device,
+            one_time_keys: Vec::new(),
+            fallback_keys: BTreeMap::new(),
+            issued: BTreeMap::new(),
+        }
+    }
+
+    /// Whether the device holds nothing.
+    pub fn is_empty(&self) -> bool {
+        self.one_time_keys.is_empty() && self.fallback_keys.is_empty() && self.issued.is_empty()
+    }
+
+    /// OTK counts derived from the snapshot.
+    pub fn counts(&self) -> OtkCounts {
+        let mut counts = BTreeMap::new();
+        for otk in &self.one_time_keys {
+            *counts.entry(otk.key_id.algorithm()).or_insert(0) += 1;
+        }
+        OtkCounts(counts)
+    }
+
+    /// Unused fallback types derived from the snapshot.
+    pub fn unused_fallback_types(&self) -> Vec<Algorithm> {
+        self.fallback_keys
+            .iter()
+            .filter(|(_, f)| !f.used)
+            .map(|(a, _)| a.clone())
+            .collect()
+    }
+
+    /// The snapshot with sequence numbers replaced by their rank, so that two
+    /// stores holding the same state compare equal whatever their counters.
+    pub fn normalized(&self) -> Self {
+        let mut out = self.clone();
+        out.one_time_keys
+            .sort_by(|a, b| (a.seq, &a.key_id).cmp(&(b.seq, &b.key_id)));
+        let mut rank = 0u64;
+        let mut last = None;
+        for otk in &mut out.one_time_keys {
+            if last != Some(otk.seq) {
+                rank += 1;
+                last = Some(otk.seq);
+            }
+            otk.seq = rank;
+        }
+        out
+    }
+}
