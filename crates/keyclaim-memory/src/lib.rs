@@ -1,0 +1,228 @@
+#![doc = include_str!("../README.md")]
+
+mod device;
+
+use std::collections::hash_map::{DefaultHasher, Entry};
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use async_trait::async_trait;
+use keyclaim::{
+    Algorithm, Changes, ChangeNotifier, ClaimOutcome, ClaimTarget, Device, DeviceId,
+    DeviceSnapshot, KeyStore, Limits, OtkCounts, Result, Upload, UploadOutcome, UserId,
+    broadcast,
+};
+use parking_lot::Mutex;
+
+use device::DeviceState;
+
+const SHARDS: usize = 64;
+
+type UserDevices = BTreeMap<DeviceId, DeviceState>;
+
+/// The in-memory store. `Send + Sync`; share it as `Arc<MemoryStore>` or
+/// `Arc<dyn KeyStore>`. Not persistent.
+#[derive(Debug)]
+pub struct MemoryStore {
+    shards: Box<[Mutex<HashMap<UserId, UserDevices>>]>,
+    seq: AtomicU64,
+    limits: Limits,
+    notifier: ChangeNotifier,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MemoryStore {
+    /// An empty store with the default [`Limits`].
+    pub fn new() -> Self {
+        Self::with_limits(Limits::default())
+    }
+
+    /// An empty store with the given limits.
+    pub fn with_limits(limits: Limits) -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            seq: AtomicU64::new(1),
+            limits,
+            notifier: ChangeNotifier::new(),
+        }
+    }
+
+    fn shard(&self, user: &UserId) -> &Mutex<HashMap<UserId, UserDevices>> {
+        let mut h = DefaultHasher::new();
+        user.hash(&mut h);
+        // The modulo keeps the index below SHARDS, which fits any usize.
+        let idx = usize::try_from(h.finish() % SHARDS as u64).unwrap_or(0);
+        &self.shards[idx]
+    }
+
+    /// Runs `f` on a device's state under its shard lock, creating the state
+    /// when `create` is set; drops the state again if it ends up empty.
+    fn with_device<R>(
+        &self,
+        device: &Device,
+        create: bool,
+        f: impl FnOnce(&mut DeviceState) -> R,
+    ) -> Option<R> {
+        let mut shard = self.shard(&device.user_id).lock();
+        let devices = match shard.entry(device.user_id.clone()) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) if create => e.insert(BTreeMap::new()),
+            Entry::Vacant(_) => return None,
+        };
+        let state = if create {
+            devices.entry(device.device_id.clone()).or_default()
+        } else {
+            devices.get_mut(&device.device_id)?
+        };
+        let out = f(state);
+        if state.is_empty() {
+            devices.remove(&device.device_id);
+        }
+        if devices.is_empty() {
+            shard.remove(&device.user_id);
+        }
+        Some(out)
+    }
+
+    fn next_seq(&self) -> u64 {
+        self.seq.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+#[async_trait]
+impl KeyStore for MemoryStore {
+    fn backend_name(&self) -> &'static str {
+        "memory"
+    }
+
+    fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<Changes> {
+        self.notifier.subscribe()
+    }
+
+    async fn upload(&self, upload: &Upload) -> Result<UploadOutcome> {
+        self.limits.check_upload(upload)?;
+        let device = &upload.device;
+        let result = self
+            .with_device(device, true, |state| {
+                state.upload(upload, &self.limits, || self.next_seq())
+            })
+            .unwrap_or_else(|| Ok((OtkCounts::default(), false)));
+        let (counts, changed) = result?;
+        let changes = if changed {
+            Changes::from_devices([device.clone()])
+        } else {
+            Changes::none()
+        };
+        self.notifier.notify(&changes);
+        tracing::debug!(%device, keys = upload.key_count(), changed, "upload");
+        Ok(UploadOutcome { counts, changes })
+    }
+
+    async fn claim(&self, targets: &[ClaimTarget]) -> Result<ClaimOutcome> {
+        self.limits.check_claim(targets)?;
+        let mut keys = Vec::new();
+        let mut changed = Vec::new();
+        for target in targets {
+            let count = self.limits.clamp_count(target.count);
+            if count == 0 {
+                continue;
+            }
+            let before = keys.len();
+            let touched = self.with_device(&target.device, false, |state| {
+                state.claim(&target.device, &target.algorithm, count, &self.limits, &mut keys)
+            });
+            if touched == Some(true) {
+                changed.push(target.device.clone());
+            }
+            debug_assert!(keys.len() - before <= count as usize);
+        }
+        let changes = Changes::from_devices(changed);
+        self.notifier.notify(&changes);
+        tracing::debug!(targets = targets.len(), issued = keys.len(), "claim");
+        Ok(ClaimOutcome { keys, changes })
+    }
+
+    async fn otk_counts(&self, device: &Device) -> Result<OtkCounts> {
+        Ok(self
+            .with_device(device, false, |s| s.counts())
+            .unwrap_or_default())
+    }
+
+    async fn unused_fallback_types(&self, device: &Device) -> Result<Vec<Algorithm>> {
+        Ok(self
+            .with_device(device, false, |s| s.unused_fallback_types())
+            .unwrap_or_default())
+    }
+
+    async fn delete_device(&self, device: &Device) -> Result<Changes> {
+        let removed = self.with_device(device, false, |s| *s = DeviceState::default());
+        let changes = match removed {
+            Some(()) => Changes::from_devices([device.clone()]),
+            None => Changes::none(),
+        };
+        self.notifier.notify(&changes);
+        Ok(changes)
+    }
+
+    async fn delete_user(&self, user: &UserId) -> Result<Changes> {
+        let removed = self.shard(user).lock().remove(user);
+        let changes = Changes::from_devices(
+            removed
+                .into_iter()
+                .flatten()
+                .map(|(device_id, _)| Device::new(user.clone(), device_id)),
+        );
+        self.notifier.notify(&changes);
+        Ok(changes)
+    }
+
+    async fn export_devices(
+        &self,
+        after: Option<&Device>,
+        limit: usize,
+    ) -> Result<Vec<DeviceSnapshot>> {
+        let mut out = Vec::new();
+        for shard in self.shards.iter() {
+            let shard = shard.lock();
+            for (user, devices) in shard.iter() {
+                for (device_id, state) in devices {
+                    let device = Device::new(user.clone(), device_id.clone());
+                    if after.is_none_or(|a| &device > a) && !state.is_empty() {
+                        out.push(state.snapshot(device));
+                    }
+                }
+            }
+        }
+        out.sort_by(|a, b| a.device.cmp(&b.device));
+        out.truncate(limit);
+        Ok(out)
+    }
+
+    async fn import_device(&self, snapshot: &DeviceSnapshot) -> Result<Changes> {
+        let max_seq = snapshot.one_time_keys.iter().map(|k| k.seq).max().unwrap_or(0);
+        self.seq.fetch_max(max_seq.saturating_add(1), Ordering::Relaxed);
+        self.with_device(&snapshot.device, true, |s| {
+            *s = DeviceState::from_snapshot(snapshot);
+        });
+        let changes = Changes::from_devices([snapshot.device.clone()]);
+        self.notifier.notify(&changes);
+        Ok(changes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    keyclaim_conformance::conformance_tests!(keyclaim_conformance::MemoryFactory::new());
+}

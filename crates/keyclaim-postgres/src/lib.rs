@@ -1,0 +1,1 @@
+//! The postgres backend of keyclaim (work in progress).

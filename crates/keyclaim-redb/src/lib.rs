@@ -1,0 +1,1 @@
+//! The redb backend of keyclaim (work in progress).

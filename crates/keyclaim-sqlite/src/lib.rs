@@ -1,0 +1,1 @@
+//! The sqlite backend of keyclaim (work in progress).
