@@ -87,7 +87,8 @@ pub fn skipped_cases(caps: Capabilities) -> Vec<&'static str> {
 /// Stamps the whole conformance suite into one `#[test]` per case.
 ///
 /// Give it an expression that builds a [`StoreFactory`]; it is evaluated once
-/// per case. Invoke it inside a `#[cfg(test)]` module of your backend crate
+/// per case, inside a module the macro generates, so name your items by
+/// absolute paths (`crate::...`). Invoke it inside a `#[cfg(test)]` module of your backend crate
 /// (with `keyclaim-conformance` as a dev-dependency, nothing else needed):
 ///
 /// ```ignore

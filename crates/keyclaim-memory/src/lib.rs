@@ -223,6 +223,27 @@ impl KeyStore for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use keyclaim_conformance::{Capabilities, StoreFactory};
 
-    keyclaim_conformance::conformance_tests!(keyclaim_conformance::MemoryFactory::new());
+    /// Gives fresh in-memory stores; not persistent, no shared handles.
+    pub(crate) struct MemoryFactory;
+
+    #[async_trait]
+    impl StoreFactory for MemoryFactory {
+        type Store = MemoryStore;
+        fn capabilities(&self) -> Capabilities {
+            Capabilities::in_memory()
+        }
+        async fn create(&self, limits: Limits) -> Result<MemoryStore> {
+            Ok(MemoryStore::with_limits(limits))
+        }
+    }
+
+    mod direct {
+        keyclaim_conformance::conformance_tests!(crate::tests::MemoryFactory);
+    }
+
+    mod as_dyn {
+        keyclaim_conformance::conformance_tests!(keyclaim_conformance::DynFactory(crate::tests::MemoryFactory));
+    }
 }
