@@ -38,7 +38,11 @@ pub async fn r4_2_concurrent_claims_never_double_issue<F: StoreFactory>(f: &F) {
     let mut all = BTreeSet::new();
     for t in tasks {
         for k in t.await.expect("task") {
-            assert!(all.insert(k.key_id.to_string()), "{} issued twice", k.key_id);
+            assert!(
+                all.insert(k.key_id.to_string()),
+                "{} issued twice",
+                k.key_id
+            );
         }
     }
     assert_eq!(all.len(), n);
@@ -53,7 +57,13 @@ pub async fn concurrent_uploads_and_claims_on_one_device<F: StoreFactory>(f: &F)
         let (store, a) = (store.clone(), a.clone());
         tokio::spawn(async move {
             for batch in 0..20 {
-                put(&*store, &a, numbered_otks(SC, &format!("B{batch:02}-"), 10), vec![]).await;
+                put(
+                    &*store,
+                    &a,
+                    numbered_otks(SC, &format!("B{batch:02}-"), 10),
+                    vec![],
+                )
+                .await;
                 tokio::task::yield_now().await;
             }
         })
@@ -75,25 +85,40 @@ pub async fn concurrent_uploads_and_claims_on_one_device<F: StoreFactory>(f: &F)
     let mut issued = BTreeSet::new();
     for c in claimers {
         for k in c.await.expect("claimer") {
-            assert!(issued.insert(k.key_id.to_string()), "{} issued twice", k.key_id);
+            assert!(
+                issued.insert(k.key_id.to_string()),
+                "{} issued twice",
+                k.key_id
+            );
         }
     }
     let left = count(&*store, &a, SC).await;
     assert_eq!(issued.len() as u64 + left, 200, "keys lost or invented");
     let rest = claim_n(&*store, &a, SC, 5).await;
     for k in rest.keys {
-        assert!(issued.insert(k.key_id.to_string()), "{} issued twice", k.key_id);
+        assert!(
+            issued.insert(k.key_id.to_string()),
+            "{} issued twice",
+            k.key_id
+        );
     }
 }
 
 /// Claims across many devices from many tasks, with bulk targets.
 pub async fn concurrent_claims_across_many_devices<F: StoreFactory>(f: &F) {
     let store = Arc::new(fresh(f).await);
-    let devices: Vec<_> = (0..40).map(|i| dev(&format!("@u{i}:example.org"), "D")).collect();
+    let devices: Vec<_> = (0..40)
+        .map(|i| dev(&format!("@u{i}:example.org"), "D"))
+        .collect();
     for d in &devices {
         put(&*store, d, numbered_otks(SC, "K", 10), vec![]).await;
     }
-    let targets: Arc<Vec<ClaimTarget>> = Arc::new(devices.iter().map(|d| ClaimTarget::one(d.clone(), alg(SC))).collect());
+    let targets: Arc<Vec<ClaimTarget>> = Arc::new(
+        devices
+            .iter()
+            .map(|d| ClaimTarget::one(d.clone(), alg(SC)))
+            .collect(),
+    );
     let tasks: Vec<_> = (0..12)
         .map(|_| {
             let (store, targets) = (store.clone(), targets.clone());
@@ -103,7 +128,10 @@ pub async fn concurrent_claims_across_many_devices<F: StoreFactory>(f: &F) {
     let mut all = BTreeSet::new();
     for t in tasks {
         for k in t.await.expect("task") {
-            assert!(all.insert((k.device.clone(), k.key_id.to_string())), "issued twice");
+            assert!(
+                all.insert((k.device.clone(), k.key_id.to_string())),
+                "issued twice"
+            );
         }
     }
     assert_eq!(all.len(), 400, "10 keys x 40 devices, each once");
@@ -119,14 +147,19 @@ pub async fn concurrent_claims_across_handles<F: StoreFactory>(f: &F) {
     }
     let one = Arc::new(fresh(f).await);
     let two = Arc::new(f.open_shared(&one).await.expect("second handle"));
-    let devices: Vec<_> = (0..4).map(|i| dev(&format!("@u{i}:example.org"), "D")).collect();
+    let devices: Vec<_> = (0..4)
+        .map(|i| dev(&format!("@u{i}:example.org"), "D"))
+        .collect();
     for d in &devices {
         put(&*one, d, numbered_otks(SC, "K", 25), vec![]).await;
     }
     let mut tasks = Vec::new();
     for i in 0..8 {
         let store: Arc<dyn KeyStore> = if i % 2 == 0 { one.clone() } else { two.clone() };
-        let targets: Vec<_> = devices.iter().map(|d| ClaimTarget::one(d.clone(), alg(SC))).collect();
+        let targets: Vec<_> = devices
+            .iter()
+            .map(|d| ClaimTarget::one(d.clone(), alg(SC)))
+            .collect();
         tasks.push(tokio::spawn(async move {
             let mut got = Vec::new();
             for _ in 0..20 {
@@ -138,7 +171,10 @@ pub async fn concurrent_claims_across_handles<F: StoreFactory>(f: &F) {
     let mut all = BTreeSet::new();
     for t in tasks {
         for k in t.await.expect("task") {
-            assert!(all.insert((k.device.clone(), k.key_id.to_string())), "issued twice");
+            assert!(
+                all.insert((k.device.clone(), k.key_id.to_string())),
+                "issued twice"
+            );
         }
     }
     assert_eq!(all.len(), 100);

@@ -13,16 +13,33 @@ pub const SHARED_CASES: &[&str] = &["counts::r6_2_counts_are_current_across_hand
 pub async fn r6_1_counts_leave_out_zero_but_signed_curve25519<F: StoreFactory>(f: &F) {
     let api = KeysApi::new(fresh(f).await);
     let s = api.sync("@a:b", "D").await.expect("sync");
-    assert_eq!(s["device_one_time_keys_count"], json!({"signed_curve25519": 0}));
+    assert_eq!(
+        s["device_one_time_keys_count"],
+        json!({"signed_curve25519": 0})
+    );
     let b = body(json!({"one_time_keys": {"other:A": wire_key("a")}}));
     let out = api.upload("@a:b", "D", &b).await.expect("upload");
-    assert_eq!(out, json!({"one_time_key_counts": {"signed_curve25519": 0, "other": 1}}));
+    assert_eq!(
+        out,
+        json!({"one_time_key_counts": {"signed_curve25519": 0, "other": 1}})
+    );
     let c = body(json!({"one_time_keys": {"@a:b": {"D": "other"}}}));
     api.claim(&c).await.expect("claim");
     let s = api.sync("@a:b", "D").await.expect("sync");
-    assert_eq!(s["device_one_time_keys_count"], json!({"signed_curve25519": 0}), "zero `other` is left out");
-    let counts = api.store().otk_counts(&dev("@a:b", "D")).await.expect("counts");
-    assert!(counts.0.values().all(|n| *n > 0), "the store API leaves out zeros: {counts:?}");
+    assert_eq!(
+        s["device_one_time_keys_count"],
+        json!({"signed_curve25519": 0}),
+        "zero `other` is left out"
+    );
+    let counts = api
+        .store()
+        .otk_counts(&dev("@a:b", "D"))
+        .await
+        .expect("counts");
+    assert!(
+        counts.0.values().all(|n| *n > 0),
+        "the store API leaves out zeros: {counts:?}"
+    );
 }
 
 /// R6.2: after each upload, claim and deletion, counts are exact.
@@ -31,7 +48,13 @@ pub async fn r6_2_counts_are_exact_after_every_operation<F: StoreFactory>(f: &F)
     let a = alice();
     let mut want = 0;
     for round in 0..5 {
-        put(&store, &a, numbered_otks(SC, &format!("R{round}-"), 7), vec![]).await;
+        put(
+            &store,
+            &a,
+            numbered_otks(SC, &format!("R{round}-"), 7),
+            vec![],
+        )
+        .await;
         want += 7;
         assert_eq!(count(&store, &a, SC).await, want);
         let out = claim_n(&store, &a, SC, 3).await;
@@ -65,12 +88,25 @@ pub async fn r6_2_counts_are_current_across_handles<F: StoreFactory>(f: &F) {
 pub async fn r6_3_unused_fallback_types_sorted_and_present<F: StoreFactory>(f: &F) {
     let api = KeysApi::new(fresh(f).await);
     let s = api.sync("@a:b", "D").await.expect("sync");
-    assert_eq!(s["device_unused_fallback_key_types"], json!([]), "present even when empty");
-    let b = body(json!({"fallback_keys": {"zeta:F": wire_key("z"), "alpha:F": wire_key("a"), "signed_curve25519:F": wire_key("s")}}));
+    assert_eq!(
+        s["device_unused_fallback_key_types"],
+        json!([]),
+        "present even when empty"
+    );
+    let b = body(
+        json!({"fallback_keys": {"zeta:F": wire_key("z"), "alpha:F": wire_key("a"), "signed_curve25519:F": wire_key("s")}}),
+    );
     api.upload("@a:b", "D", &b).await.expect("upload");
     let s = api.sync("@a:b", "D").await.expect("sync");
-    assert_eq!(s["device_unused_fallback_key_types"], json!(["alpha", "signed_curve25519", "zeta"]));
-    let state = api.store().sync_state(&dev("@a:b", "D")).await.expect("sync state");
+    assert_eq!(
+        s["device_unused_fallback_key_types"],
+        json!(["alpha", "signed_curve25519", "zeta"])
+    );
+    let state = api
+        .store()
+        .sync_state(&dev("@a:b", "D"))
+        .await
+        .expect("sync state");
     assert_eq!(state.unused_fallback_key_types.len(), 3);
 }
 

@@ -21,21 +21,38 @@ pub async fn r7_1_delete_device_removes_everything_of_it<F: StoreFactory>(f: &F)
     assert!(unused(&store, &a).await.is_empty());
     assert!(claim_one(&store, &a, SC).await.is_none());
     // The remembered issued key went too: a new device may upload A again.
-    let out = put(&store, &a, vec![(issued.key_id.clone(), issued.key_json.clone())], vec![]).await;
-    assert_eq!(out.counts.get_str(SC), 1, "a new device starts with no memory");
+    let out = put(
+        &store,
+        &a,
+        vec![(issued.key_id.clone(), issued.key_json.clone())],
+        vec![],
+    )
+    .await;
+    assert_eq!(
+        out.counts.get_str(SC),
+        1,
+        "a new device starts with no memory"
+    );
     for d in [&b, &other_dev_same_user] {
         assert_eq!(count(&store, d, SC).await, 2);
         assert_eq!(unused(&store, d).await, [SC]);
     }
     // Deleting an unknown device is fine and changes nothing.
-    let none = store.delete_device(&dev("@ghost:example.org", "X")).await.expect("delete");
+    let none = store
+        .delete_device(&dev("@ghost:example.org", "X"))
+        .await
+        .expect("delete");
     assert!(none.is_empty());
 }
 
 /// R7.2: deleting a user removes the keys of all its devices, no one else's.
 pub async fn r7_2_delete_user_removes_all_devices<F: StoreFactory>(f: &F) {
     let store = fresh(f).await;
-    let alice_devices = [alice(), dev("@alice:example.org", "PHONE"), dev("@alice:example.org", "TAB")];
+    let alice_devices = [
+        alice(),
+        dev("@alice:example.org", "PHONE"),
+        dev("@alice:example.org", "TAB"),
+    ];
     // A user whose ID extends alice's must be untouched.
     let alicia = dev("@alice:example.orgx", "ALICEDEV");
     for d in alice_devices.iter().chain([&bob(), &alicia]) {

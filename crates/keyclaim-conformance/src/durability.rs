@@ -34,17 +34,35 @@ pub async fn r10_1_writes_survive_reopen<F: StoreFactory>(f: &F) {
     store.delete_device(&b).await.expect("delete");
     let before = full_state(&store).await;
     let store = f.reopen(store).await.expect("reopen");
-    assert_eq!(full_state(&store).await, before, "state changed across reopen");
+    assert_eq!(
+        full_state(&store).await,
+        before,
+        "state changed across reopen"
+    );
     assert_eq!(count(&store, &a, SC).await, 3);
     assert_eq!(unused(&store, &a).await, [SC]);
     assert_eq!(count(&store, &b, SC).await, 0);
     // The remembered issued key survived: re-uploading C stores nothing.
-    let out = put(&store, &a, vec![(first.key_id.clone(), first.key_json.clone())], vec![]).await;
+    let out = put(
+        &store,
+        &a,
+        vec![(first.key_id.clone(), first.key_json.clone())],
+        vec![],
+    )
+    .await;
     assert_eq!(out.counts.get_str(SC), 3);
     // Order survived, and new uploads sort after the old ones.
     put(&store, &a, otks(SC, &["0"]), vec![]).await;
     let out = claim_n(&store, &a, SC, 5).await;
-    assert_eq!(ids(&out.keys), ["signed_curve25519:D", "signed_curve25519:A", "signed_curve25519:B", "signed_curve25519:0"]);
+    assert_eq!(
+        ids(&out.keys),
+        [
+            "signed_curve25519:D",
+            "signed_curve25519:A",
+            "signed_curve25519:B",
+            "signed_curve25519:0"
+        ]
+    );
 }
 
 /// R10.2: after a reopen, every rule still holds: claims after reopen never
@@ -57,10 +75,20 @@ pub async fn r10_2_invariants_hold_after_reopen<F: StoreFactory>(f: &F) {
     let a = alice();
     let mut issued = BTreeSet::new();
     for round in 0..4 {
-        put(&store, &a, numbered_otks(SC, &format!("R{round}-"), 10), vec![]).await;
+        put(
+            &store,
+            &a,
+            numbered_otks(SC, &format!("R{round}-"), 10),
+            vec![],
+        )
+        .await;
         let out = claim_n(&store, &a, SC, 5).await;
         for k in &out.keys {
-            assert!(issued.insert(k.key_id.to_string()), "{} issued twice", k.key_id);
+            assert!(
+                issued.insert(k.key_id.to_string()),
+                "{} issued twice",
+                k.key_id
+            );
         }
         store = f.reopen(store).await.expect("reopen");
     }
@@ -68,7 +96,11 @@ pub async fn r10_2_invariants_hold_after_reopen<F: StoreFactory>(f: &F) {
     assert_eq!(left, 40 - issued.len() as u64);
     let out = claim_n(&store, &a, SC, 5).await;
     for k in &out.keys {
-        assert!(issued.insert(k.key_id.to_string()), "{} issued twice", k.key_id);
+        assert!(
+            issued.insert(k.key_id.to_string()),
+            "{} issued twice",
+            k.key_id
+        );
     }
 }
 
@@ -100,7 +132,11 @@ pub async fn r10_3_shared_handles_never_double_issue<F: StoreFactory>(f: &F) {
             if k.fallback {
                 fallbacks += 1;
             } else {
-                assert!(otk_ids.insert(k.key_id.to_string()), "{} issued twice", k.key_id);
+                assert!(
+                    otk_ids.insert(k.key_id.to_string()),
+                    "{} issued twice",
+                    k.key_id
+                );
             }
         }
     }

@@ -65,7 +65,10 @@ pub async fn export_pages_in_device_order<F: StoreFactory>(f: &F) {
     let mut seen = Vec::new();
     let mut after = None;
     loop {
-        let page = store.export_devices(after.as_ref(), 4).await.expect("export");
+        let page = store
+            .export_devices(after.as_ref(), 4)
+            .await
+            .expect("export");
         assert!(page.len() <= 4);
         let Some(last) = page.last() else { break };
         after = Some(last.device.clone());
@@ -73,8 +76,14 @@ pub async fn export_pages_in_device_order<F: StoreFactory>(f: &F) {
     }
     let mut sorted = seen.clone();
     sorted.sort_by(|a, b| {
-        (a.user_id.as_str().as_bytes(), a.device_id.as_str().as_bytes())
-            .cmp(&(b.user_id.as_str().as_bytes(), b.device_id.as_str().as_bytes()))
+        (
+            a.user_id.as_str().as_bytes(),
+            a.device_id.as_str().as_bytes(),
+        )
+            .cmp(&(
+                b.user_id.as_str().as_bytes(),
+                b.device_id.as_str().as_bytes(),
+            ))
     });
     sorted.dedup();
     assert_eq!(seen, sorted, "pages in order, no repeats");

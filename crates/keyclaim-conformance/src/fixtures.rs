@@ -59,7 +59,12 @@ pub fn signed_fallback(key: &str, sig: &str) -> KeyJson {
 pub fn otks(algorithm: &str, names: &[&str]) -> Vec<(KeyId, KeyJson)> {
     names
         .iter()
-        .map(|n| (kid(&format!("{algorithm}:{n}")), signed(&format!("k-{n}"), "sig")))
+        .map(|n| {
+            (
+                kid(&format!("{algorithm}:{n}")),
+                signed(&format!("k-{n}"), "sig"),
+            )
+        })
         .collect()
 }
 
@@ -68,7 +73,10 @@ pub fn numbered_otks(algorithm: &str, prefix: &str, n: usize) -> Vec<(KeyId, Key
     (0..n)
         .map(|i| {
             let name = format!("{prefix}{i:06}");
-            (kid(&format!("{algorithm}:{name}")), signed(&format!("k-{name}"), "sig"))
+            (
+                kid(&format!("{algorithm}:{name}")),
+                signed(&format!("k-{name}"), "sig"),
+            )
         })
         .collect()
 }
@@ -105,7 +113,11 @@ pub async fn claim_one<S: KeyStore + ?Sized>(
         .claim(&[ClaimTarget::one(device.clone(), alg(algorithm))])
         .await
         .expect("claim succeeds");
-    assert!(out.keys.len() <= 1, "one target with count 1 gave {} keys", out.keys.len());
+    assert!(
+        out.keys.len() <= 1,
+        "one target with count 1 gave {} keys",
+        out.keys.len()
+    );
     out.keys.into_iter().next()
 }
 

@@ -15,10 +15,15 @@ pub async fn r8_1_otks_per_device_algorithm<F: StoreFactory>(f: &F) {
     let store = fresh(f).await;
     let a = alice();
     put(&store, &a, numbered_otks(SC, "A", 499), vec![]).await;
-    let r = store.upload(&upload_of(&a, numbered_otks(SC, "B", 2), otks(SC, &["F"]))).await;
+    let r = store
+        .upload(&upload_of(&a, numbered_otks(SC, "B", 2), otks(SC, &["F"])))
+        .await;
     assert!(is_too_large(&r, LimitKind::OtksPerDeviceAlgorithm), "{r:?}");
     assert_eq!(count(&store, &a, SC).await, 499);
-    assert!(unused(&store, &a).await.is_empty(), "nothing of the rejected upload");
+    assert!(
+        unused(&store, &a).await.is_empty(),
+        "nothing of the rejected upload"
+    );
     put(&store, &a, numbered_otks(SC, "B", 1), vec![]).await;
     assert_eq!(count(&store, &a, SC).await, 500);
     put(&store, &a, numbered_otks("other", "B", 3), vec![]).await;
@@ -29,7 +34,9 @@ pub async fn r8_1_otks_per_device_algorithm<F: StoreFactory>(f: &F) {
     limits.max_otks_per_device_algorithm = 3;
     let small = fresh_with(f, limits).await;
     put(&small, &a, numbered_otks(SC, "A", 3), vec![]).await;
-    let r = small.upload(&upload_of(&a, numbered_otks(SC, "B", 1), vec![])).await;
+    let r = small
+        .upload(&upload_of(&a, numbered_otks(SC, "B", 1), vec![]))
+        .await;
     assert!(is_too_large(&r, LimitKind::OtksPerDeviceAlgorithm), "{r:?}");
 }
 
@@ -41,11 +48,29 @@ pub async fn r8_2_key_json_size<F: StoreFactory>(f: &F) {
     let base = signed("", "sig").len();
     let exact = signed(&"x".repeat(4096 - base), "sig");
     assert_eq!(exact.len(), 4096);
-    put(&store, &a, vec![(kid("signed_curve25519:OK"), exact)], vec![]).await;
+    put(
+        &store,
+        &a,
+        vec![(kid("signed_curve25519:OK"), exact)],
+        vec![],
+    )
+    .await;
     let over = signed(&"x".repeat(4097 - base), "sig");
-    let r = store.upload(&upload_of(&a, vec![(kid("signed_curve25519:BIG"), over.clone())], vec![])).await;
+    let r = store
+        .upload(&upload_of(
+            &a,
+            vec![(kid("signed_curve25519:BIG"), over.clone())],
+            vec![],
+        ))
+        .await;
     assert!(is_too_large(&r, LimitKind::KeyJsonBytes), "{r:?}");
-    let r = store.upload(&upload_of(&a, vec![], vec![(kid("signed_curve25519:BIG"), over)])).await;
+    let r = store
+        .upload(&upload_of(
+            &a,
+            vec![],
+            vec![(kid("signed_curve25519:BIG"), over)],
+        ))
+        .await;
     assert!(is_too_large(&r, LimitKind::KeyJsonBytes), "{r:?}");
     assert_eq!(count(&store, &a, SC).await, 1);
     assert!(unused(&store, &a).await.is_empty());
@@ -57,7 +82,13 @@ pub async fn r8_2_keys_per_upload<F: StoreFactory>(f: &F) {
     limits.max_otks_per_device_algorithm = 10_000;
     let store = fresh_with(f, limits).await;
     let a = alice();
-    let r = store.upload(&upload_of(&a, numbered_otks(SC, "A", 1000), otks(SC, &["F"]))).await;
+    let r = store
+        .upload(&upload_of(
+            &a,
+            numbered_otks(SC, "A", 1000),
+            otks(SC, &["F"]),
+        ))
+        .await;
     assert!(is_too_large(&r, LimitKind::KeysPerUpload), "{r:?}");
     assert_eq!(count(&store, &a, SC).await, 0);
     put(&store, &a, numbered_otks(SC, "A", 999), otks(SC, &["F"])).await;
@@ -81,7 +112,10 @@ pub async fn r8_2_claim_targets<F: StoreFactory>(f: &F) {
     let small = fresh_with(f, limits).await;
     let r = small.claim(&targets[..3]).await;
     assert!(is_too_large(&r, LimitKind::ClaimTargets), "{r:?}");
-    small.claim(&targets[..2]).await.expect("two targets are fine");
+    small
+        .claim(&targets[..2])
+        .await
+        .expect("two targets are fine");
 }
 
 /// R8.3: the count per target is clamped to 5.

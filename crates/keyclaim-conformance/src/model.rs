@@ -44,7 +44,11 @@ impl Model {
     /// Applies an upload: the device's counts after it, or the error kind.
     pub fn upload(&mut self, upload: &Upload) -> Result<OtkCounts, Error> {
         self.limits.check_upload(upload)?;
-        let mut state = self.devices.get(&upload.device).cloned().unwrap_or_default();
+        let mut state = self
+            .devices
+            .get(&upload.device)
+            .cloned()
+            .unwrap_or_default();
         let mut new_keys = Vec::new();
         for (id, json) in &upload.one_time_keys {
             if let Some((_, _, stored)) = state.otks.iter().find(|(_, k, _)| k == id) {
@@ -66,8 +70,15 @@ impl Model {
         }
         for (id, _) in &new_keys {
             let alg = id.algorithm();
-            let stored = state.otks.iter().filter(|(_, k, _)| k.algorithm() == alg).count();
-            let added = new_keys.iter().filter(|(k, _)| k.algorithm() == alg).count();
+            let stored = state
+                .otks
+                .iter()
+                .filter(|(_, k, _)| k.algorithm() == alg)
+                .count();
+            let added = new_keys
+                .iter()
+                .filter(|(k, _)| k.algorithm() == alg)
+                .count();
             if (stored + added) as u64 > self.limits.max_otks_per_device_algorithm {
                 return Err(Error::TooLarge {
                     kind: LimitKind::OtksPerDeviceAlgorithm,
@@ -85,7 +96,9 @@ impl Model {
                 .get(alg)
                 .is_some_and(|(_, stored, _)| stored.digest() == json.digest());
             if !same {
-                state.fallbacks.insert(alg.clone(), (id.clone(), json.clone(), false));
+                state
+                    .fallbacks
+                    .insert(alg.clone(), (id.clone(), json.clone(), false));
             }
         }
         let counts = counts_of(&state);
@@ -127,16 +140,16 @@ impl Model {
                     fallback: false,
                 });
             }
-            if mine.is_empty() {
-                if let Some((id, json, used)) = state.fallbacks.get_mut(&t.algorithm) {
-                    *used = true;
-                    out.push(ClaimedKey {
-                        device: t.device.clone(),
-                        key_id: id.clone(),
-                        key_json: json.clone(),
-                        fallback: true,
-                    });
-                }
+            if let (true, Some((id, json, used))) =
+                (mine.is_empty(), state.fallbacks.get_mut(&t.algorithm))
+            {
+                *used = true;
+                out.push(ClaimedKey {
+                    device: t.device.clone(),
+                    key_id: id.clone(),
+                    key_json: json.clone(),
+                    fallback: true,
+                });
             }
         }
         Ok(out)

@@ -16,10 +16,16 @@ pub async fn r3_1_upload_is_applied_whole<F: StoreFactory>(f: &F) {
     // A failing upload (one conflicting key) leaves nothing of itself behind.
     let mut bad = otks(SC, &["D", "E"]);
     bad.push((kid("signed_curve25519:A"), signed("other", "sig")));
-    let err = store.upload(&upload_of(&a, bad, otks("alg2", &["F"]))).await;
+    let err = store
+        .upload(&upload_of(&a, bad, otks("alg2", &["F"])))
+        .await;
     assert!(matches!(err, Err(Error::Conflict { .. })), "{err:?}");
     assert_eq!(count(&store, &a, SC).await, 3);
-    assert_eq!(unused(&store, &a).await, [SC], "the alg2 fallback must not be stored");
+    assert_eq!(
+        unused(&store, &a).await,
+        [SC],
+        "the alg2 fallback must not be stored"
+    );
 }
 
 /// R3.2: a retried upload (same content, other signatures) is accepted and
@@ -33,7 +39,11 @@ pub async fn r3_2_retried_upload_is_accepted_and_keeps_original<F: StoreFactory>
     assert_eq!(out.counts.get_str(SC), 1);
     assert!(out.changes.is_empty(), "a pure retry changes nothing");
     let k = claim_one(&store, &a, SC).await.expect("the key");
-    assert_eq!(k.key_json, signed("k", "sig-1"), "the original signatures are kept");
+    assert_eq!(
+        k.key_json,
+        signed("k", "sig-1"),
+        "the original signatures are kept"
+    );
 }
 
 /// R3.2: other content under a stored key ID rejects the whole upload, and
@@ -52,12 +62,17 @@ pub async fn r3_2_conflicting_reupload_is_rejected_whole<F: StoreFactory>(f: &F)
         "fallback_keys": {"signed_curve25519:F": wire_key("f")},
     }));
     let e = assert_api_err(
-        api.upload(a.user_id.as_str(), a.device_id.as_str(), &b).await,
+        api.upload(a.user_id.as_str(), a.device_id.as_str(), &b)
+            .await,
         400,
         "M_INVALID_PARAM",
         "conflict",
     );
-    assert!(e.message().contains("signed_curve25519:A"), "{}", e.message());
+    assert!(
+        e.message().contains("signed_curve25519:A"),
+        "{}",
+        e.message()
+    );
     assert!(!e.message().contains("SECRET"), "{}", e.message());
     assert!(!e.to_string().contains("SECRET"));
     assert_eq!(full_state(api.store()).await, before);
@@ -93,11 +108,20 @@ pub async fn r3_4_issued_key_is_not_stored_again<F: StoreFactory>(f: &F) {
     assert_eq!(first.key_id.name(), "A");
     // The client lost the response and sends the same upload again, with
     // fresh signatures.
-    let retry: Vec<_> = keys.iter().map(|(id, _)| (id.clone(), signed(&format!("k-{}", id.name()), "new-sig"))).collect();
+    let retry: Vec<_> = keys
+        .iter()
+        .map(|(id, _)| (id.clone(), signed(&format!("k-{}", id.name()), "new-sig")))
+        .collect();
     let out = put(&store, &a, retry, vec![]).await;
     assert_eq!(out.counts.get_str(SC), 1, "A must not come back");
-    assert_eq!(claim_one(&store, &a, SC).await.expect("B").key_id.name(), "B");
-    assert!(claim_one(&store, &a, SC).await.is_none(), "A must never be issued twice");
+    assert_eq!(
+        claim_one(&store, &a, SC).await.expect("B").key_id.name(),
+        "B"
+    );
+    assert!(
+        claim_one(&store, &a, SC).await.is_none(),
+        "A must never be issued twice"
+    );
 }
 
 /// R3.4: the same ID with new content is a new key and is stored.
@@ -109,7 +133,10 @@ pub async fn r3_4_issued_key_with_new_content_is_stored<F: StoreFactory>(f: &F) 
     let fresh_key = (kid("signed_curve25519:A"), signed("brand-new", "s"));
     let out = put(&store, &a, vec![fresh_key.clone()], vec![]).await;
     assert_eq!(out.counts.get_str(SC), 1);
-    assert_eq!(claim_one(&store, &a, SC).await.expect("new A").key_json, fresh_key.1);
+    assert_eq!(
+        claim_one(&store, &a, SC).await.expect("new A").key_json,
+        fresh_key.1
+    );
 }
 
 /// R3.4: when the ID is stored with other content, R3.2's conflict applies
@@ -171,30 +198,43 @@ pub async fn r3_5_ties_inside_an_upload_break_by_key_id<F: StoreFactory>(f: &F) 
     let a = alice();
     put(&store, &a, otks(SC, &["c", "a", "b", "AA", "A"]), vec![]).await;
     let out = claim_n(&store, &a, SC, 5).await;
-    assert_eq!(ids(&out.keys), [
-        "signed_curve25519:A",
-        "signed_curve25519:AA",
-        "signed_curve25519:a",
-        "signed_curve25519:b",
-        "signed_curve25519:c"
-    ]);
+    assert_eq!(
+        ids(&out.keys),
+        [
+            "signed_curve25519:A",
+            "signed_curve25519:AA",
+            "signed_curve25519:a",
+            "signed_curve25519:b",
+            "signed_curve25519:c"
+        ]
+    );
 }
 
 /// R3.6: two fallback keys of one algorithm in one upload are rejected.
 pub async fn r3_6_two_fallback_keys_for_one_algorithm_are_rejected<F: StoreFactory>(f: &F) {
     let a = alice();
     let err = Upload::from_keys(a.clone(), vec![], otks(SC, &["F1", "F2"]));
-    assert!(matches!(err, Err(Error::DuplicateFallback { .. })), "{err:?}");
+    assert!(
+        matches!(err, Err(Error::DuplicateFallback { .. })),
+        "{err:?}"
+    );
     let api = KeysApi::new(fresh(f).await);
     let b = body(json!({"fallback_keys": {
         "signed_curve25519:F1": wire_key("1"),
         "signed_curve25519:F2": wire_key("2"),
     }}));
-    assert_api_err(api.upload("@a:b", "D", &b).await, 400, "M_INVALID_PARAM", "two fallbacks");
+    assert_api_err(
+        api.upload("@a:b", "D", &b).await,
+        400,
+        "M_INVALID_PARAM",
+        "two fallbacks",
+    );
     assert!(full_state(api.store()).await.is_empty());
     // Two algorithms are fine.
     let b = body(json!({"fallback_keys": {"alg1:F": wire_key("1"), "alg2:F": wire_key("2")}}));
-    api.upload("@a:b", "D", &b).await.expect("one per algorithm");
+    api.upload("@a:b", "D", &b)
+        .await
+        .expect("one per algorithm");
 }
 
 /// R3.7: an upload of only fallback keys is applied.
@@ -214,7 +254,10 @@ pub async fn r3_8_upload_answers_counts<F: StoreFactory>(f: &F) {
     let out = put(&store, &a, otks(SC, &["A", "B"]), vec![]).await;
     assert_eq!(out.counts.get_str(SC), 2);
     let out = put(&store, &a, otks("other", &["A"]), vec![]).await;
-    assert_eq!((out.counts.get_str(SC), out.counts.get_str("other")), (2, 1));
+    assert_eq!(
+        (out.counts.get_str(SC), out.counts.get_str("other")),
+        (2, 1)
+    );
     claim_one(&store, &a, SC).await.expect("a key");
     let out = put(&store, &a, vec![], vec![]).await;
     assert_eq!(out.counts.get_str(SC), 1);

@@ -7,7 +7,10 @@ use crate::StoreFactory;
 use crate::fixtures::*;
 
 async fn assert_empty<S: KeyStore>(api: &KeysApi<S>) {
-    assert!(full_state(api.store()).await.is_empty(), "nothing may be stored");
+    assert!(
+        full_state(api.store()).await.is_empty(),
+        "nothing may be stored"
+    );
 }
 
 /// R2.1: bad user IDs are `M_INVALID_PARAM`, on every endpoint.
@@ -15,10 +18,28 @@ pub async fn r2_1_invalid_user_ids_are_rejected<F: StoreFactory>(f: &F) {
     let api = KeysApi::new(fresh(f).await);
     let good = body(json!({"one_time_keys": {"signed_curve25519:A": wire_key("a")}}));
     let long = format!("@{}:b", "a".repeat(254));
-    for user in ["", "alice", "@alice", "@:example.org", "@alice:", "alice:example.org", &long] {
-        assert_api_err(api.upload(user, "DEV", &good).await, 400, "M_INVALID_PARAM", user);
+    for user in [
+        "",
+        "alice",
+        "@alice",
+        "@:example.org",
+        "@alice:",
+        "alice:example.org",
+        &long,
+    ] {
+        assert_api_err(
+            api.upload(user, "DEV", &good).await,
+            400,
+            "M_INVALID_PARAM",
+            user,
+        );
         assert_api_err(api.sync(user, "DEV").await, 400, "M_INVALID_PARAM", user);
-        assert_api_err(api.delete_device(user, "DEV").await, 400, "M_INVALID_PARAM", user);
+        assert_api_err(
+            api.delete_device(user, "DEV").await,
+            400,
+            "M_INVALID_PARAM",
+            user,
+        );
     }
     let claim = body(json!({"one_time_keys": {"not-a-user": {"DEV": "signed_curve25519"}}}));
     assert_api_err(api.claim(&claim).await, 400, "M_INVALID_PARAM", "claim");
@@ -31,11 +52,23 @@ pub async fn r2_2_invalid_device_ids_are_rejected<F: StoreFactory>(f: &F) {
     let good = body(json!({"one_time_keys": {"signed_curve25519:A": wire_key("a")}}));
     let long = "D".repeat(256);
     for device in ["", long.as_str()] {
-        assert_api_err(api.upload("@a:b", device, &good).await, 400, "M_INVALID_PARAM", device);
-        assert_api_err(api.sync("@a:b", device).await, 400, "M_INVALID_PARAM", device);
+        assert_api_err(
+            api.upload("@a:b", device, &good).await,
+            400,
+            "M_INVALID_PARAM",
+            device,
+        );
+        assert_api_err(
+            api.sync("@a:b", device).await,
+            400,
+            "M_INVALID_PARAM",
+            device,
+        );
     }
     let ok255 = "D".repeat(255);
-    api.upload("@a:b", &ok255, &good).await.expect("255-byte device ID is fine");
+    api.upload("@a:b", &ok255, &good)
+        .await
+        .expect("255-byte device ID is fine");
 }
 
 /// R2.3: key IDs need exactly one colon with non-empty parts of at most 255 bytes.
@@ -43,7 +76,9 @@ pub async fn r2_3_invalid_key_ids_are_rejected<F: StoreFactory>(f: &F) {
     let api = KeysApi::new(fresh(f).await);
     let long_alg = format!("{}:x", "a".repeat(256));
     let long_name = format!("a:{}", "x".repeat(256));
-    for id in ["nocolon", "a:b:c", ":x", "x:", ":", "", &long_alg, &long_name] {
+    for id in [
+        "nocolon", "a:b:c", ":x", "x:", ":", "", &long_alg, &long_name,
+    ] {
         for field in ["one_time_keys", "fallback_keys"] {
             let b = body(json!({ field: { id: wire_key("k") } }));
             assert_api_err(api.upload("@a:b", "D", &b).await, 400, "M_BAD_JSON", id);
@@ -52,7 +87,9 @@ pub async fn r2_3_invalid_key_ids_are_rejected<F: StoreFactory>(f: &F) {
     assert_empty(&api).await;
     let ok = format!("{}:{}", "a".repeat(255), "x".repeat(255));
     let b = body(json!({"one_time_keys": { ok.as_str(): wire_key("k") }}));
-    api.upload("@a:b", "D", &b).await.expect("255-byte parts are fine");
+    api.upload("@a:b", "D", &b)
+        .await
+        .expect("255-byte parts are fine");
 }
 
 /// R2.4: key JSON is a string or an object with string `key`, object
@@ -75,7 +112,12 @@ pub async fn r2_4_invalid_key_json_is_rejected<F: StoreFactory>(f: &F) {
     for v in bad {
         for field in ["one_time_keys", "fallback_keys"] {
             let b = body(json!({ field: { "signed_curve25519:A": v.clone() } }));
-            assert_api_err(api.upload("@a:b", "D", &b).await, 400, "M_BAD_JSON", &v.to_string());
+            assert_api_err(
+                api.upload("@a:b", "D", &b).await,
+                400,
+                "M_BAD_JSON",
+                &v.to_string(),
+            );
         }
     }
     assert_empty(&api).await;
@@ -84,7 +126,9 @@ pub async fn r2_4_invalid_key_json_is_rejected<F: StoreFactory>(f: &F) {
         "signed_curve25519:B": {"key": "k", "signatures": {}, "extra": [1, {"x": null}]},
         "signed_curve25519:C": {"key": "k", "signatures": {}, "fallback": false},
     }}));
-    api.upload("@a:b", "D", &good).await.expect("valid key JSON");
+    api.upload("@a:b", "D", &good)
+        .await
+        .expect("valid key JSON");
     assert_eq!(count(api.store(), &dev("@a:b", "D"), SC).await, 3);
 }
 
@@ -127,7 +171,10 @@ pub async fn r2_6_invalid_upload_stores_nothing<F: StoreFactory>(f: &F) {
                "one_time_keys": {"signed_curve25519:A": wire_key("a")}}),
     ];
     for c in cases {
-        assert!(api.upload("@a:b", "D", &body(c.clone())).await.is_err(), "{c}");
+        assert!(
+            api.upload("@a:b", "D", &body(c.clone())).await.is_err(),
+            "{c}"
+        );
     }
     assert_empty(&api).await;
 }
@@ -151,7 +198,11 @@ pub async fn r2_6_invalid_claim_consumes_nothing<F: StoreFactory>(f: &F) {
     for c in cases {
         assert!(api.claim(&body(c.clone())).await.is_err(), "{c}");
     }
-    assert_eq!(full_state(api.store()).await, before, "a failed claim consumed keys");
+    assert_eq!(
+        full_state(api.store()).await,
+        before,
+        "a failed claim consumed keys"
+    );
 }
 
 /// R2.7: orders are byte orders: unused fallback types and ties inside an upload.
@@ -159,8 +210,17 @@ pub async fn r2_7_orders_are_byte_orders<F: StoreFactory>(f: &F) {
     let store = fresh(f).await;
     let a = alice();
     let algs = ["b", "\u{e9}", "B", "_", "a", "Z"];
-    let fallbacks = algs.iter().map(|x| (kid(&format!("{x}:F")), signed(x, "s"))).collect();
-    put(&store, &a, otks("alg", &["b", "\u{e9}", "B", "_", "a", "Z", "aa"]), fallbacks).await;
+    let fallbacks = algs
+        .iter()
+        .map(|x| (kid(&format!("{x}:F")), signed(x, "s")))
+        .collect();
+    put(
+        &store,
+        &a,
+        otks("alg", &["b", "\u{e9}", "B", "_", "a", "Z", "aa"]),
+        fallbacks,
+    )
+    .await;
     let mut want: Vec<String> = algs.iter().map(|s| s.to_string()).collect();
     want.sort_by(|x, y| x.as_bytes().cmp(y.as_bytes()));
     assert_eq!(unused(&store, &a).await, want);
