@@ -52,14 +52,20 @@ RETURNING user_id, device_id, key_id, key_json";
 pub async fn claim(store: &PostgresStore, targets: &[ClaimTarget]) -> Result<Vec<ClaimedKey>> {
     let op = "baseline_claim";
     let users: Vec<&str> = targets.iter().map(|t| t.device.user_id.as_str()).collect();
-    let devices: Vec<&str> = targets.iter().map(|t| t.device.device_id.as_str()).collect();
+    let devices: Vec<&str> = targets
+        .iter()
+        .map(|t| t.device.device_id.as_str())
+        .collect();
     let algorithms: Vec<&str> = targets.iter().map(|t| t.algorithm.as_str()).collect();
     let counts: Vec<i32> = targets
         .iter()
         .map(|t| i32::try_from(store.limits.clamp_count(t.count)).unwrap_or(i32::MAX))
         .collect();
     let client = store.client(op).await?;
-    let stmt = client.prepare_cached(BASELINE_CLAIM).await.map_err(pg(op))?;
+    let stmt = client
+        .prepare_cached(BASELINE_CLAIM)
+        .await
+        .map_err(pg(op))?;
     let rows = client
         .query(&stmt, &[&users, &devices, &algorithms, &counts])
         .await

@@ -230,10 +230,7 @@ impl PostgresStore {
             .map_err(|e| Error::storage(BACKEND, "connect", false, e))?;
 
         {
-            let mut client = pool
-                .get()
-                .await
-                .map_err(|e| errors::pool("connect", e))?;
+            let mut client = pool.get().await.map_err(|e| errors::pool("connect", e))?;
             schema::migrate(&mut client, &options.schema).await?;
         }
 
@@ -424,7 +421,16 @@ mod tests {
         for good in ["keyclaim", "e2e_keys", "_x", "a1"] {
             assert!(validate_schema(good).is_ok(), "{good}");
         }
-        for bad in ["", "1a", "Keyclaim", "a-b", "a b", "a;drop", "pg_x", &"x".repeat(41)] {
+        for bad in [
+            "",
+            "1a",
+            "Keyclaim",
+            "a-b",
+            "a b",
+            "a;drop",
+            "pg_x",
+            &"x".repeat(41),
+        ] {
             assert!(validate_schema(bad).is_err(), "{bad}");
         }
     }

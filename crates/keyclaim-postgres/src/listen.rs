@@ -68,7 +68,12 @@ impl Listener {
         match tokio::time::timeout(timeout, ready_rx).await {
             Ok(Ok(Ok(()))) => Ok(listener),
             Ok(Ok(Err(e))) => Err(e),
-            Ok(Err(_)) => Err(Error::storage(BACKEND, "listen", true, "listener task ended")),
+            Ok(Err(_)) => Err(Error::storage(
+                BACKEND,
+                "listen",
+                true,
+                "listener task ended",
+            )),
             Err(_) => Err(Error::storage(
                 BACKEND,
                 "listen",

@@ -66,9 +66,9 @@ use std::collections::{BTreeMap, HashMap};
 
 use deadpool_postgres::Object;
 use keyclaim::{
-    Algorithm, Changes, ClaimOutcome, ClaimTarget, ClaimedKey, Device, DeviceFacts,
-    DeviceSnapshot, IssuedKey, KeyDigest, KeyId, KeyJson, Limits, OtkCounts, Result,
-    StoredFallback, StoredOtk, SyncState, Upload, UploadOutcome, UserId, plan_upload,
+    Algorithm, Changes, ClaimOutcome, ClaimTarget, ClaimedKey, Device, DeviceFacts, DeviceSnapshot,
+    IssuedKey, KeyDigest, KeyId, KeyJson, Limits, OtkCounts, Result, StoredFallback, StoredOtk,
+    SyncState, Upload, UploadOutcome, UserId, plan_upload,
 };
 use tokio_postgres::IsolationLevel;
 use tokio_postgres::types::ToSql;
@@ -360,7 +360,8 @@ pub(crate) fn notify_payloads(instance: &str, devices: &[Device]) -> Vec<String>
     let mut current: Vec<String> = Vec::new();
     let mut len = 0;
     for device in devices {
-        let item = serde_json::json!([device.user_id.as_str(), device.device_id.as_str()]).to_string();
+        let item =
+            serde_json::json!([device.user_id.as_str(), device.device_id.as_str()]).to_string();
         if !current.is_empty() && len + item.len() + 1 > MAX_PAYLOAD - instance.len() - 3 {
             out.push(format!("{instance} [{}]", current.join(",")));
             current.clear();
@@ -424,10 +425,16 @@ pub(crate) async fn upload(
         .map(KeyId::algorithm_str)
         .collect();
     algorithms.dedup();
-    let fallback_algorithms: Vec<&str> = upload.fallback_keys.keys().map(Algorithm::as_str).collect();
+    let fallback_algorithms: Vec<&str> =
+        upload.fallback_keys.keys().map(Algorithm::as_str).collect();
     let device_params: [&(dyn ToSql + Sync); 2] = [&user_id, &device_id];
-    let facts_params: [&(dyn ToSql + Sync); 5] =
-        [&user_id, &device_id, &key_ids, &algorithms, &fallback_algorithms];
+    let facts_params: [&(dyn ToSql + Sync); 5] = [
+        &user_id,
+        &device_id,
+        &key_ids,
+        &algorithms,
+        &fallback_algorithms,
+    ];
     let (_, rows) = futures::try_join!(
         tx.execute(&lock, &device_params),
         tx.query(&facts_stmt, &facts_params)
@@ -474,15 +481,39 @@ pub(crate) async fn upload(
     .map_err(pg(op))?;
 
     let otk_ids: Vec<&str> = plan.insert_otks.iter().map(|(id, _)| id.as_str()).collect();
-    let otk_algs: Vec<&str> = plan.insert_otks.iter().map(|(id, _)| id.algorithm_str()).collect();
-    let otk_jsons: Vec<&str> = plan.insert_otks.iter().map(|(_, j)| j.canonical()).collect();
+    let otk_algs: Vec<&str> = plan
+        .insert_otks
+        .iter()
+        .map(|(id, _)| id.algorithm_str())
+        .collect();
+    let otk_jsons: Vec<&str> = plan
+        .insert_otks
+        .iter()
+        .map(|(_, j)| j.canonical())
+        .collect();
     let otk_digests: Vec<[u8; 32]> = plan.insert_otks.iter().map(|(_, j)| j.digest().0).collect();
     let otk_digest_refs: Vec<&[u8]> = otk_digests.iter().map(|d| d.as_slice()).collect();
 
-    let fb_algs: Vec<&str> = plan.replace_fallbacks.iter().map(|(a, _, _)| a.as_str()).collect();
-    let fb_ids: Vec<&str> = plan.replace_fallbacks.iter().map(|(_, id, _)| id.as_str()).collect();
-    let fb_jsons: Vec<&str> = plan.replace_fallbacks.iter().map(|(_, _, j)| j.canonical()).collect();
-    let fb_digests: Vec<[u8; 32]> = plan.replace_fallbacks.iter().map(|(_, _, j)| j.digest().0).collect();
+    let fb_algs: Vec<&str> = plan
+        .replace_fallbacks
+        .iter()
+        .map(|(a, _, _)| a.as_str())
+        .collect();
+    let fb_ids: Vec<&str> = plan
+        .replace_fallbacks
+        .iter()
+        .map(|(_, id, _)| id.as_str())
+        .collect();
+    let fb_jsons: Vec<&str> = plan
+        .replace_fallbacks
+        .iter()
+        .map(|(_, _, j)| j.canonical())
+        .collect();
+    let fb_digests: Vec<[u8; 32]> = plan
+        .replace_fallbacks
+        .iter()
+        .map(|(_, _, j)| j.digest().0)
+        .collect();
     let fb_digest_refs: Vec<&[u8]> = fb_digests.iter().map(|d| d.as_slice()).collect();
     let fb_used: Vec<bool> = vec![false; fb_algs.len()];
 
@@ -498,7 +529,14 @@ pub(crate) async fn upload(
         }
         tx.execute(
             &insert_stmt,
-            &[&user_id, &device_id, &otk_ids, &otk_algs, &otk_jsons, &otk_digest_refs],
+            &[
+                &user_id,
+                &device_id,
+                &otk_ids,
+                &otk_algs,
+                &otk_jsons,
+                &otk_digest_refs,
+            ],
         )
         .await
     };
@@ -508,7 +546,15 @@ pub(crate) async fn upload(
         }
         tx.execute(
             &upsert_stmt,
-            &[&user_id, &device_id, &fb_algs, &fb_ids, &fb_jsons, &fb_digest_refs, &fb_used],
+            &[
+                &user_id,
+                &device_id,
+                &fb_algs,
+                &fb_ids,
+                &fb_jsons,
+                &fb_digest_refs,
+                &fb_used,
+            ],
         )
         .await
     };
@@ -519,7 +565,8 @@ pub(crate) async fn upload(
         tx.query(&notify_stmt, &[&sql.channel, &payloads]).await
     };
     let state = tx.query(&state_stmt, &device_params);
-    let (_, _, _, state_rows) = futures::try_join!(insert, upsert, notify, state).map_err(pg(op))?;
+    let (_, _, _, state_rows) =
+        futures::try_join!(insert, upsert, notify, state).map_err(pg(op))?;
     let counts = decode_sync_state(op, state_rows)?.one_time_key_counts;
     tx.commit().await.map_err(pg(op))?;
 
@@ -688,7 +735,10 @@ pub(crate) async fn sync_state(
 ) -> Result<SyncState> {
     let stmt = client.prepare_cached(SYNC_STATE).await.map_err(pg(op))?;
     let rows = client
-        .query(&stmt, &[&device.user_id.as_str(), &device.device_id.as_str()])
+        .query(
+            &stmt,
+            &[&device.user_id.as_str(), &device.device_id.as_str()],
+        )
         .await
         .map_err(pg(op))?;
     decode_sync_state(op, rows)
@@ -719,7 +769,11 @@ fn decode_sync_state(op: &'static str, rows: Vec<tokio_postgres::Row>) -> Result
 
 /// Removes a device's state (R7.1); see [`DELETE_DEVICE_REST`] for why in
 /// two statements.
-pub(crate) async fn delete_device(client: &mut Object, sql: &Sql, device: &Device) -> Result<Changes> {
+pub(crate) async fn delete_device(
+    client: &mut Object,
+    sql: &Sql,
+    device: &Device,
+) -> Result<Changes> {
     let op = "delete_device";
     let user_id = device.user_id.as_str();
     let device_id = device.device_id.as_str();
@@ -797,7 +851,8 @@ pub(crate) async fn export_devices(
 ) -> Result<Vec<DeviceSnapshot>> {
     let op = "export_devices";
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-    let (after_user, after_device) = after.map_or(("", ""), |d| (d.user_id.as_str(), d.device_id.as_str()));
+    let (after_user, after_device) =
+        after.map_or(("", ""), |d| (d.user_id.as_str(), d.device_id.as_str()));
     let tx = client
         .build_transaction()
         .isolation_level(IsolationLevel::RepeatableRead)
@@ -901,17 +956,18 @@ pub(crate) async fn import_device(
     let position_count = i64::try_from(positions.len()).unwrap_or(i64::MAX);
 
     let tx = client.transaction().await.map_err(pg(op))?;
-    let (lock, del_otks, del_rest, alloc, ins_otks, ins_fallbacks, ins_issued, notify) = futures::try_join!(
-        tx.prepare_cached(LOCK_DEVICE),
-        tx.prepare_cached(DELETE_DEVICE_OTKS),
-        tx.prepare_cached(DELETE_DEVICE_REST),
-        tx.prepare_cached(ALLOCATE_SEQS),
-        tx.prepare_cached(IMPORT_OTKS),
-        tx.prepare_cached(UPSERT_FALLBACKS),
-        tx.prepare_cached(IMPORT_ISSUED),
-        tx.prepare_cached(NOTIFY)
-    )
-    .map_err(pg(op))?;
+    let (lock, del_otks, del_rest, alloc, ins_otks, ins_fallbacks, ins_issued, notify) =
+        futures::try_join!(
+            tx.prepare_cached(LOCK_DEVICE),
+            tx.prepare_cached(DELETE_DEVICE_OTKS),
+            tx.prepare_cached(DELETE_DEVICE_REST),
+            tx.prepare_cached(ALLOCATE_SEQS),
+            tx.prepare_cached(IMPORT_OTKS),
+            tx.prepare_cached(UPSERT_FALLBACKS),
+            tx.prepare_cached(IMPORT_ISSUED),
+            tx.prepare_cached(NOTIFY)
+        )
+        .map_err(pg(op))?;
     let params: [&(dyn ToSql + Sync); 2] = [&user_id, &device_id];
     let count_params: [&(dyn ToSql + Sync); 1] = [&position_count];
     let (_, _, _, seq_rows) = futures::try_join!(
@@ -926,21 +982,53 @@ pub(crate) async fn import_device(
         new_seq.insert(*old, row.try_get(0).map_err(pg(op))?);
     }
 
-    let otk_ids: Vec<&str> = snapshot.one_time_keys.iter().map(|k| k.key_id.as_str()).collect();
-    let otk_algs: Vec<&str> = snapshot.one_time_keys.iter().map(|k| k.key_id.algorithm_str()).collect();
+    let otk_ids: Vec<&str> = snapshot
+        .one_time_keys
+        .iter()
+        .map(|k| k.key_id.as_str())
+        .collect();
+    let otk_algs: Vec<&str> = snapshot
+        .one_time_keys
+        .iter()
+        .map(|k| k.key_id.algorithm_str())
+        .collect();
     let otk_seqs: Vec<i64> = snapshot
         .one_time_keys
         .iter()
         .map(|k| new_seq.get(&k.seq).copied().unwrap_or(0))
         .collect();
-    let otk_jsons: Vec<&str> = snapshot.one_time_keys.iter().map(|k| k.key_json.canonical()).collect();
-    let otk_digests: Vec<[u8; 32]> = snapshot.one_time_keys.iter().map(|k| k.key_json.digest().0).collect();
+    let otk_jsons: Vec<&str> = snapshot
+        .one_time_keys
+        .iter()
+        .map(|k| k.key_json.canonical())
+        .collect();
+    let otk_digests: Vec<[u8; 32]> = snapshot
+        .one_time_keys
+        .iter()
+        .map(|k| k.key_json.digest().0)
+        .collect();
     let otk_digest_refs: Vec<&[u8]> = otk_digests.iter().map(|d| d.as_slice()).collect();
 
-    let fb_algs: Vec<&str> = snapshot.fallback_keys.keys().map(Algorithm::as_str).collect();
-    let fb_ids: Vec<&str> = snapshot.fallback_keys.values().map(|f| f.key_id.as_str()).collect();
-    let fb_jsons: Vec<&str> = snapshot.fallback_keys.values().map(|f| f.key_json.canonical()).collect();
-    let fb_digests: Vec<[u8; 32]> = snapshot.fallback_keys.values().map(|f| f.key_json.digest().0).collect();
+    let fb_algs: Vec<&str> = snapshot
+        .fallback_keys
+        .keys()
+        .map(Algorithm::as_str)
+        .collect();
+    let fb_ids: Vec<&str> = snapshot
+        .fallback_keys
+        .values()
+        .map(|f| f.key_id.as_str())
+        .collect();
+    let fb_jsons: Vec<&str> = snapshot
+        .fallback_keys
+        .values()
+        .map(|f| f.key_json.canonical())
+        .collect();
+    let fb_digests: Vec<[u8; 32]> = snapshot
+        .fallback_keys
+        .values()
+        .map(|f| f.key_json.digest().0)
+        .collect();
     let fb_digest_refs: Vec<&[u8]> = fb_digests.iter().map(|d| d.as_slice()).collect();
     let fb_used: Vec<bool> = snapshot.fallback_keys.values().map(|f| f.used).collect();
 
@@ -954,10 +1042,24 @@ pub(crate) async fn import_device(
     let iss_digests: Vec<&[u8]> = issued.iter().map(|(_, k)| k.digest.0.as_slice()).collect();
 
     let payloads = notify_payloads(&sql.instance, std::slice::from_ref(device));
-    let otk_params: [&(dyn ToSql + Sync); 7] =
-        [&user_id, &device_id, &otk_ids, &otk_algs, &otk_seqs, &otk_jsons, &otk_digest_refs];
-    let fb_params: [&(dyn ToSql + Sync); 7] =
-        [&user_id, &device_id, &fb_algs, &fb_ids, &fb_jsons, &fb_digest_refs, &fb_used];
+    let otk_params: [&(dyn ToSql + Sync); 7] = [
+        &user_id,
+        &device_id,
+        &otk_ids,
+        &otk_algs,
+        &otk_seqs,
+        &otk_jsons,
+        &otk_digest_refs,
+    ];
+    let fb_params: [&(dyn ToSql + Sync); 7] = [
+        &user_id,
+        &device_id,
+        &fb_algs,
+        &fb_ids,
+        &fb_jsons,
+        &fb_digest_refs,
+        &fb_used,
+    ];
     let iss_params: [&(dyn ToSql + Sync); 5] =
         [&user_id, &device_id, &iss_algs, &iss_ids, &iss_digests];
     let notify_params: [&(dyn ToSql + Sync); 2] = [&sql.channel, &payloads];
@@ -979,7 +1081,9 @@ mod tests {
     #[test]
     fn payloads_stay_under_the_server_limit() {
         let devices: Vec<Device> = (0..2000)
-            .map(|i| Device::parse(&format!("@user{i}:example.org"), &format!("DEVICE{i}")).unwrap())
+            .map(|i| {
+                Device::parse(&format!("@user{i}:example.org"), &format!("DEVICE{i}")).unwrap()
+            })
             .collect();
         let payloads = notify_payloads("0123456789abcdef", &devices);
         assert!(payloads.len() > 1);

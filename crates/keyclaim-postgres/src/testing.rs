@@ -114,7 +114,16 @@ impl Cluster {
         let log = format!("{}/server.log", self.dir.display());
         self.run(
             "pg_ctl",
-            &["-D", &self.data_dir(), "-l", &log, "-w", "-t", "60", "start"],
+            &[
+                "-D",
+                &self.data_dir(),
+                "-l",
+                &log,
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ],
         )
     }
 
@@ -236,7 +245,11 @@ fn find_bin_dir() -> io::Result<PathBuf> {
         return Ok(PathBuf::from(dir));
     }
     let mut found: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
-        .map_err(|e| io::Error::other(format!("no PostgreSQL binaries under /usr/lib/postgresql: {e}")))?
+        .map_err(|e| {
+            io::Error::other(format!(
+                "no PostgreSQL binaries under /usr/lib/postgresql: {e}"
+            ))
+        })?
         .filter_map(|e| e.ok())
         .filter_map(|e| {
             let version = e.file_name().to_str()?.parse().ok()?;
