@@ -173,9 +173,9 @@ WITH t AS MATERIALIZED (
         WITH ORDINALITY AS t(user_id, device_id, algorithm, n, ord)
 ),
 picked AS MATERIALIZED (
-    SELECT t.ord, k.user_id, k.device_id, k.key_id
+    SELECT t.ord, k.row_ctid, k.user_id, k.device_id, k.key_id
     FROM t CROSS JOIN LATERAL (
-        SELECT o.user_id, o.device_id, o.key_id
+        SELECT o.ctid AS row_ctid, o.user_id, o.device_id, o.key_id
         FROM otk o
         WHERE o.user_id = t.user_id AND o.device_id = t.device_id
           AND o.algorithm = t.algorithm
@@ -184,10 +184,14 @@ picked AS MATERIALIZED (
         FOR UPDATE SKIP LOCKED
     ) k
 ),
-claimed AS (
-    DELETE FROM otk o USING picked p
-    WHERE o.user_id = p.user_id AND o.device_id = p.device_id AND o.key_id = p.key_id
-    RETURNING p.ord, o.user_id, o.device_id, o.algorithm, o.key_id, o.key_json, o.digest, o.seq
+deleted AS (
+    DELETE FROM otk o WHERE o.ctid = ANY (ARRAY(SELECT row_ctid FROM picked))
+    RETURNING o.user_id, o.device_id, o.algorithm, o.key_id, o.key_json, o.digest, o.seq
+),
+claimed AS MATERIALIZED (
+    SELECT p.ord, d.*
+    FROM deleted d JOIN picked p
+      ON p.user_id = d.user_id AND p.device_id = d.device_id AND p.key_id = d.key_id
 ),
 ranked AS MATERIALIZED (
     SELECT c.*,
@@ -205,13 +209,13 @@ remembered AS (
     ON CONFLICT DO NOTHING
 ),
 prunable AS MATERIALIZED (
-    SELECT old.user_id, old.device_id, old.key_id, old.digest
+    SELECT old.row_ctid
     FROM (
         SELECT user_id, device_id, algorithm, count(*) AS added
         FROM claimed GROUP BY user_id, device_id, algorithm
     ) g
     CROSS JOIN LATERAL (
-        SELECT i.user_id, i.device_id, i.key_id, i.digest
+        SELECT i.ctid AS row_ctid
         FROM issued i
         WHERE i.user_id = g.user_id AND i.device_id = g.device_id
           AND i.algorithm = g.algorithm
@@ -221,33 +225,41 @@ prunable AS MATERIALIZED (
 ),
 prune_locked AS MATERIALIZED (
     SELECT i.ctid AS row_ctid
-    FROM issued i JOIN prunable p
-      ON i.user_id = p.user_id AND i.device_id = p.device_id
-     AND i.key_id = p.key_id AND i.digest = p.digest
-    FOR UPDATE OF i SKIP LOCKED
+    FROM issued i
+    WHERE i.ctid = ANY (ARRAY(SELECT row_ctid FROM prunable))
+    FOR UPDATE SKIP LOCKED
 ),
 pruned AS (
-    DELETE FROM issued i USING prune_locked l WHERE i.ctid = l.row_ctid
+    DELETE FROM issued i WHERE i.ctid = ANY (ARRAY(SELECT row_ctid FROM prune_locked))
 ),
 fb_seen AS MATERIALIZED (
     SELECT t.ord, f.user_id, f.device_id, f.algorithm, f.key_id, f.key_json, f.used
-    FROM t JOIN fallback f
-      ON f.user_id = t.user_id AND f.device_id = t.device_id AND f.algorithm = t.algorithm
+    FROM t CROSS JOIN LATERAL (
+        SELECT * FROM fallback f
+        WHERE f.user_id = t.user_id AND f.device_id = t.device_id
+          AND f.algorithm = t.algorithm
+        LIMIT 1
+    ) f
     WHERE NOT EXISTS (SELECT 1 FROM picked p WHERE p.ord = t.ord)
 ),
 fb_locked AS MATERIALIZED (
-    SELECT s.ord, f.user_id, f.device_id, f.algorithm, f.key_id, f.key_json, f.used
-    FROM fb_seen s JOIN fallback f
-      ON f.user_id = s.user_id AND f.device_id = s.device_id AND f.algorithm = s.algorithm
-    WHERE NOT s.used
-    ORDER BY f.user_id, f.device_id, f.algorithm
-    FOR UPDATE OF f
+    SELECT s.ord, f.row_ctid, f.user_id, f.device_id, f.key_id, f.key_json, f.used
+    FROM (
+        SELECT * FROM fb_seen WHERE NOT used
+        ORDER BY user_id, device_id, algorithm
+    ) s
+    CROSS JOIN LATERAL (
+        SELECT f.ctid AS row_ctid, f.user_id, f.device_id, f.key_id, f.key_json, f.used
+        FROM fallback f
+        WHERE f.user_id = s.user_id AND f.device_id = s.device_id
+          AND f.algorithm = s.algorithm
+        LIMIT 1
+        FOR UPDATE
+    ) f
 ),
 fb_marked AS (
     UPDATE fallback f SET used = true
-    FROM fb_locked l
-    WHERE f.user_id = l.user_id AND f.device_id = l.device_id
-      AND f.algorithm = l.algorithm AND NOT l.used
+    WHERE f.ctid = ANY (ARRAY(SELECT row_ctid FROM fb_locked WHERE NOT used))
 ),
 changed AS (
     SELECT user_id, device_id FROM claimed
