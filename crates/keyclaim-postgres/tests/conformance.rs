@@ -1,6 +1,9 @@
 //! The whole conformance suite against [`PostgresStore`], each case in its
 //! own schema of the shared test server (see `keyclaim_postgres::testing`).
 
+// Tests report failures by panicking.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use keyclaim::{Limits, Result};
 use keyclaim_conformance::{Capabilities, StoreFactory, keyclaim};
 use keyclaim_postgres::{PostgresOptions, PostgresStore, testing};

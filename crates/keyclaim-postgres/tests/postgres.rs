@@ -2,6 +2,9 @@
 //! with several workers starting at once, refusing a newer schema, change
 //! notifications across workers, schema isolation, the baseline statement.
 
+// Tests report failures by panicking.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::time::Duration;
 
 use keyclaim::{Changes, ClaimTarget, Error, KeyStore, broadcast};

@@ -5,6 +5,9 @@
 //! no acknowledged write is lost and no key is handed out twice. Needs a
 //! private cluster (it cannot stop a shared server).
 
+// Tests report failures by panicking.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
