@@ -30,10 +30,13 @@
 //!   cannot deadlock on it) and marked used; the lock re-reads the newest
 //!   version, so a concurrent replacement by an upload or use by another
 //!   claim is seen.
-//! - The issued memory (R3.4) is written and pruned in the same statement;
-//!   pruning locks with `SKIP LOCKED` (rows another claim is pruning are
-//!   left to it), so it never waits and keeps at least the configured
-//!   number (exactly that number when claims of a device do not overlap).
+//! - The issued memory (R3.4) is written and pruned in the same statement.
+//!   Finding what to prune walks the device's remembered keys, up to the
+//!   configured number, so only one claim statement in eight does it (by
+//!   its `issued_seq` value): a device keeps at least the configured number
+//!   of issued keys, and a few claims' worth more between two prunes.
+//!   Pruning locks with `SKIP LOCKED` (rows another claim is pruning are
+//!   left to it), so it never waits.
 //! - Duplicate targets (the same device and algorithm twice in one request)
 //!   cannot share one statement (a transaction does not skip its own locks),
 //!   so they go to further "rounds": statements in one explicit transaction,
@@ -200,10 +203,13 @@ ranked AS MATERIALIZED (
                               ORDER BY c.ord DESC, c.seq DESC, c.key_id DESC) AS from_newest
     FROM claimed c
 ),
+issue_txn AS MATERIALIZED (
+    SELECT nextval('issued_seq') AS v
+),
 remembered AS (
     INSERT INTO issued (user_id, device_id, algorithm, key_id, digest, issued_txn, issued_pos)
     SELECT r.user_id, r.device_id, r.algorithm, r.key_id, r.digest,
-           (SELECT nextval('issued_seq')), r.pos
+           (SELECT v FROM issue_txn), r.pos
     FROM ranked r
     WHERE r.from_newest <= $5::int8
     ON CONFLICT DO NOTHING
@@ -222,6 +228,7 @@ prunable AS MATERIALIZED (
         ORDER BY i.issued_txn DESC, i.issued_pos DESC
         OFFSET GREATEST($5::int8 - g.added, 0)
     ) old
+    WHERE (SELECT v FROM issue_txn) % 8 = 0
 ),
 prune_locked AS MATERIALIZED (
     SELECT i.ctid AS row_ctid
@@ -271,11 +278,13 @@ notified AS (
     FROM (
         SELECT json_agg(dev ORDER BY dev_order)::text AS chunk
         FROM (
-            SELECT json_build_array(user_id, device_id) AS dev,
-                   row_number() OVER (ORDER BY user_id, device_id) AS dev_order,
-                   sum(octet_length(json_build_array(user_id, device_id)::text) + 2)
-                       OVER (ORDER BY user_id, device_id) / 4000 AS bucket
-            FROM changed
+            SELECT dev, dev_order,
+                   sum(octet_length(dev::text) + 2) OVER (ORDER BY dev_order) / 4000 AS bucket
+            FROM (
+                SELECT json_build_array(user_id, device_id) AS dev,
+                       row_number() OVER (ORDER BY user_id, device_id) AS dev_order
+                FROM changed
+            ) c
         ) d
         GROUP BY bucket
     ) chunks

@@ -235,3 +235,41 @@ fn unreachable_server_is_a_retryable_error() {
         assert!(!err.is_retryable(), "{err:?}");
     });
 }
+
+#[test]
+fn issued_memory_is_pruned_but_keeps_the_configured_number() {
+    let Some(url) = testing::require_server("postgres::issued_memory_is_pruned") else {
+        return;
+    };
+    runtime().block_on(async {
+        let mut limits = keyclaim::Limits::default();
+        limits.remembered_issued_keys = 5;
+        let store = PostgresStore::connect_with(
+            &url,
+            options(&testing::unique_schema("kc_prune")).limits(limits),
+        )
+        .await
+        .expect("connect");
+        let a = dev("@a:x", "A");
+        let keys = numbered_otks(SC, "K", 100);
+        put(&store, &a, keys.clone(), vec![]).await;
+        for _ in 0..100 {
+            store
+                .claim(&[ClaimTarget::one(a.clone(), alg(SC))])
+                .await
+                .expect("claim");
+        }
+        let snapshot = store.export_devices(None, 10).await.expect("export");
+        let issued = &snapshot[0].issued[&alg(SC)];
+        assert!(
+            (5..=5 + 8).contains(&issued.len()),
+            "remembered {} issued keys",
+            issued.len()
+        );
+        // The newest are kept, oldest first.
+        assert_eq!(issued.last().expect("some").key_id, keys[99].0);
+        // Re-uploading the newest issued keys stores nothing.
+        let out = put(&store, &a, keys[95..].to_vec(), vec![]).await;
+        assert_eq!(out.counts.get_str(SC), 0);
+    });
+}
