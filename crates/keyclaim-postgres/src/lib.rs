@@ -208,6 +208,11 @@ impl PostgresStore {
         // The schema is fixed per connection, so every statement is a plain
         // constant (prepared once per connection, never built per call).
         server_options.push_str(&format!(" -c search_path={}", options.schema));
+        // Every statement is written for index and TID lookups. A cached
+        // generic plan made while a table was small could otherwise keep a
+        // sequential scan (e.g. `ctid = ANY(...)` as a filter over the whole
+        // `otk` table) long after the table has grown.
+        server_options.push_str(" -c enable_seqscan=off");
         if let Some(timeout) = options.statement_timeout {
             server_options.push_str(&format!(" -c statement_timeout={}", timeout.as_millis()));
         }
