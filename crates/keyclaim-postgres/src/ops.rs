@@ -167,40 +167,44 @@ const NOTIFY: &str = "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p";
 /// Parameters: `$1..$4` the targets (user IDs, device IDs, algorithms,
 /// counts > 0, no (device, algorithm) twice), `$5` the number of issued
 /// keys to remember per (device, algorithm), `$6` the channel, `$7` the
-/// instance ID. Rows: `ord` (1-based target index, -1 for the notification
-/// row), `fallback`, `seq`, `key_id`, `key_json`, `changed` (this row
-/// changed its device: an OTK removed or a fallback newly marked used).
+/// instance ID. Rows: `ord` (1-based target index of a fallback key; 0 for
+/// an OTK, whose target is found by its user, device and algorithm, unique
+/// in a round; -1 for the notification row), `fallback`, `seq`, `key_id`,
+/// `key_json`, `changed` (this row changed its device: an OTK removed or a
+/// fallback newly marked used), `user_id`, `device_id`, `algorithm` (OTKs).
+///
+/// No step joins two intermediate results on a condition the planner could
+/// misjudge: a prepared statement's generic plan does not know how many
+/// targets a call has, and a nested loop over two 1,000-row CTEs would cost
+/// seconds. Every table access is an index scan under `LATERAL` or a TID
+/// scan.
 pub(crate) const CLAIM: &str = r#"
 WITH t AS MATERIALIZED (
     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int4[])
         WITH ORDINALITY AS t(user_id, device_id, algorithm, n, ord)
 ),
 picked AS MATERIALIZED (
-    SELECT t.ord, k.row_ctid, k.user_id, k.device_id, k.key_id
-    FROM t CROSS JOIN LATERAL (
-        SELECT o.ctid AS row_ctid, o.user_id, o.device_id, o.key_id
+    SELECT t.ord, t.user_id, t.device_id, t.algorithm, k.row_ctid
+    FROM t LEFT JOIN LATERAL (
+        SELECT o.ctid AS row_ctid
         FROM otk o
         WHERE o.user_id = t.user_id AND o.device_id = t.device_id
           AND o.algorithm = t.algorithm
         ORDER BY o.seq, o.key_id
         LIMIT t.n
         FOR UPDATE SKIP LOCKED
-    ) k
+    ) k ON true
 ),
-deleted AS (
-    DELETE FROM otk o WHERE o.ctid = ANY (ARRAY(SELECT row_ctid FROM picked))
+claimed AS (
+    DELETE FROM otk o
+    WHERE o.ctid = ANY (ARRAY(SELECT row_ctid FROM picked WHERE row_ctid IS NOT NULL))
     RETURNING o.user_id, o.device_id, o.algorithm, o.key_id, o.key_json, o.digest, o.seq
-),
-claimed AS MATERIALIZED (
-    SELECT p.ord, d.*
-    FROM deleted d JOIN picked p
-      ON p.user_id = d.user_id AND p.device_id = d.device_id AND p.key_id = d.key_id
 ),
 ranked AS MATERIALIZED (
     SELECT c.*,
-           row_number() OVER (ORDER BY c.ord, c.seq, c.key_id) AS pos,
+           row_number() OVER (ORDER BY c.user_id, c.device_id, c.algorithm, c.seq, c.key_id) AS pos,
            row_number() OVER (PARTITION BY c.user_id, c.device_id, c.algorithm
-                              ORDER BY c.ord DESC, c.seq DESC, c.key_id DESC) AS from_newest
+                              ORDER BY c.seq DESC, c.key_id DESC) AS from_newest
     FROM claimed c
 ),
 issue_txn AS MATERIALIZED (
@@ -240,14 +244,14 @@ pruned AS (
     DELETE FROM issued i WHERE i.ctid = ANY (ARRAY(SELECT row_ctid FROM prune_locked))
 ),
 fb_seen AS MATERIALIZED (
-    SELECT t.ord, f.user_id, f.device_id, f.algorithm, f.key_id, f.key_json, f.used
-    FROM t CROSS JOIN LATERAL (
+    SELECT p.ord, f.user_id, f.device_id, f.algorithm, f.key_id, f.key_json, f.used
+    FROM picked p CROSS JOIN LATERAL (
         SELECT * FROM fallback f
-        WHERE f.user_id = t.user_id AND f.device_id = t.device_id
-          AND f.algorithm = t.algorithm
+        WHERE f.user_id = p.user_id AND f.device_id = p.device_id
+          AND f.algorithm = p.algorithm
         LIMIT 1
     ) f
-    WHERE NOT EXISTS (SELECT 1 FROM picked p WHERE p.ord = t.ord)
+    WHERE p.row_ctid IS NULL
 ),
 fb_locked AS MATERIALIZED (
     SELECT s.ord, f.row_ctid, f.user_id, f.device_id, f.key_id, f.key_json, f.used
@@ -289,16 +293,17 @@ notified AS (
         GROUP BY bucket
     ) chunks
 )
-SELECT c.ord, false AS fallback, c.seq, c.key_id, c.key_json, true AS changed
+SELECT 0::int8 AS ord, false AS fallback, c.seq, c.key_id, c.key_json, true AS changed,
+       c.user_id, c.device_id, c.algorithm
   FROM claimed c
 UNION ALL
-SELECT s.ord, true, 0::int8, s.key_id, s.key_json, false
+SELECT s.ord, true, 0::int8, s.key_id, s.key_json, false, NULL, NULL, NULL
   FROM fb_seen s WHERE s.used
 UNION ALL
-SELECT l.ord, true, 0::int8, l.key_id, l.key_json, NOT l.used
+SELECT l.ord, true, 0::int8, l.key_id, l.key_json, NOT l.used, NULL, NULL, NULL
   FROM fb_locked l
 UNION ALL
-SELECT -1::int8, false, n, NULL, NULL, false FROM notified
+SELECT -1::int8, false, n, NULL, NULL, false, NULL, NULL, NULL FROM notified
 "#;
 
 const DELETE_DEVICE_OTKS: &str = "DELETE FROM otk WHERE user_id = $1 AND device_id = $2";
@@ -715,13 +720,24 @@ fn decode_claim(
     changed: &mut Vec<Device>,
 ) -> Result<()> {
     let op = "claim";
-    for row in rows {
+    // (user, device, algorithm) -> position in the round (unique there).
+    let by_target: HashMap<(&str, &str, &str), usize> = (0..round.index.len())
+        .map(|i| ((round.users[i], round.devices[i], round.algorithms[i]), i))
+        .collect();
+    for row in &rows {
         let ord: i64 = row.try_get(0).map_err(pg(op))?;
         if ord < 0 {
             continue; // the notification row
         }
-        let (index, target) = usize::try_from(ord - 1)
-            .ok()
+        let position = if ord == 0 {
+            let user: &str = row.try_get(6).map_err(pg(op))?;
+            let device: &str = row.try_get(7).map_err(pg(op))?;
+            let algorithm: &str = row.try_get(8).map_err(pg(op))?;
+            by_target.get(&(user, device, algorithm)).copied()
+        } else {
+            usize::try_from(ord - 1).ok()
+        };
+        let (index, target) = position
             .and_then(|i| round.index.get(i))
             .and_then(|&i| targets.get(i).map(|t| (i, t)))
             .ok_or_else(|| corrupt("claim answer", format!("no target {ord}")))?;
