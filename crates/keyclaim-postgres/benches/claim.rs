@@ -6,7 +6,8 @@
 //! `KEYCLAIM_BENCH_POSTGRES_URL` if set, else starts a throwaway cluster
 //! (`KEYCLAIM_BENCH_DURABLE=1` for `fsync=on`; default off). Knobs:
 //! `KEYCLAIM_BENCH_CLAIMS` (claims per run, default 4000),
-//! `KEYCLAIM_BENCH_BULK_RUNS` (1,000-device claims, default 25).
+//! `KEYCLAIM_BENCH_BULK_RUNS` (1,000-device claims, default 25),
+//! `KEYCLAIM_BENCH_ONLY` (`hot`, `distinct` or `bulk`: one part only).
 //!
 //! For each approach, scenario (one hot device, or one device per claimer)
 //! and concurrency C in 1, 8, 64: the device(s) hold more keys than the run
@@ -217,8 +218,13 @@ fn main() {
         println!();
         println!("| scenario | C | approach | claims/s | short claims |");
         println!("| --- | ---: | --- | ---: | ---: |");
+        let only = std::env::var("KEYCLAIM_BENCH_ONLY").unwrap_or_default();
         let mut n = 0;
         for hot in [true, false] {
+            let part = if hot { "hot" } else { "distinct" };
+            if !only.is_empty() && only != part {
+                continue;
+            }
             for concurrency in [1, 8, 64] {
                 for approach in [Approach::Baseline, Approach::Keyclaim] {
                     n += 1;
@@ -241,6 +247,9 @@ fn main() {
         println!("| 1,000-device claim in one request | p50 | p90 |");
         println!("| --- | ---: | ---: |");
         for approach in [Approach::Baseline, Approach::Keyclaim] {
+            if !only.is_empty() && only != "bulk" {
+                continue;
+            }
             n += 1;
             let (p50, p90) = bulk(&store, approach, bulk_runs, &format!("b{n}")).await;
             println!(

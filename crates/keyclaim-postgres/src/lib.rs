@@ -51,6 +51,7 @@ pub struct PostgresOptions {
     pool_wait_timeout: Duration,
     statement_timeout: Option<Duration>,
     notifications: bool,
+    transactional_notify: bool,
     limits: Limits,
 }
 
@@ -63,6 +64,7 @@ impl Default for PostgresOptions {
             pool_wait_timeout: Duration::from_secs(10),
             statement_timeout: None,
             notifications: true,
+            transactional_notify: false,
             limits: Limits::default(),
         }
     }
@@ -122,6 +124,19 @@ impl PostgresOptions {
         self
     }
 
+    /// Whether each mutation sends its cross-process notification inside
+    /// its own transaction (`pg_notify` before `COMMIT`: delivered exactly
+    /// when the change commits, even if this process dies right after).
+    /// Default off: notifications are sent right after the commit, batched,
+    /// because PostgreSQL serializes the commits of all notifying
+    /// transactions in a database, which caps claim throughput (see the
+    /// crate README); a process dying between commit and announcement then
+    /// leaves the other workers unwoken for that change.
+    pub fn transactional_notify(mut self, on: bool) -> Self {
+        self.transactional_notify = on;
+        self
+    }
+
     /// The limits the store enforces (SPEC section 8).
     pub fn limits(mut self, limits: Limits) -> Self {
         self.limits = limits;
@@ -150,6 +165,7 @@ pub struct PostgresStore {
     sql: ops::Sql,
     limits: Limits,
     notifier: ChangeNotifier,
+    announcer: Option<listen::Announcer>,
     _listener: Option<listen::Listener>,
 }
 
@@ -163,6 +179,7 @@ impl fmt::Debug for PostgresStore {
             .field("pool_size", &status.max_size)
             .field("pool_available", &status.available)
             .field("listening", &self._listener.is_some())
+            .field("transactional_notify", &self.sql.transactional_notify)
             .field("limits", &self.limits)
             .finish()
     }
@@ -239,7 +256,10 @@ impl PostgresStore {
             schema::migrate(&mut client, &options.schema).await?;
         }
 
-        let sql = ops::Sql::new(&options.schema, instance_id());
+        let sql = ops::Sql::new(&options.schema, instance_id(), options.transactional_notify);
+        let announcer = (!options.transactional_notify).then(|| {
+            listen::Announcer::start(pool.clone(), sql.channel.clone(), sql.instance.clone())
+        });
         let notifier = ChangeNotifier::new();
         let listener = if options.notifications {
             Some(
@@ -261,6 +281,7 @@ impl PostgresStore {
             sql,
             limits: options.limits,
             notifier,
+            announcer,
             _listener: listener,
         })
     }
@@ -274,6 +295,15 @@ impl PostgresStore {
     /// metrics.
     pub fn pool_status(&self) -> deadpool_postgres::Status {
         self.pool.status()
+    }
+
+    /// Tells this handle's subscribers about a committed change, and the
+    /// other workers unless the transaction already did.
+    fn changed(&self, changes: &Changes) {
+        self.notifier.notify(changes);
+        if let Some(announcer) = &self.announcer {
+            announcer.announce(changes);
+        }
     }
 
     /// A pooled connection, or a retryable error.
@@ -338,7 +368,7 @@ impl KeyStore for PostgresStore {
         self.limits.check_upload(upload)?;
         let mut client = self.client("upload").await?;
         let outcome = ops::upload(&mut client, &self.sql, &self.limits, upload).await?;
-        self.notifier.notify(&outcome.changes);
+        self.changed(&outcome.changes);
         Ok(outcome)
     }
 
@@ -351,7 +381,7 @@ impl KeyStore for PostgresStore {
         }
         let mut client = self.client("claim").await?;
         let outcome = ops::claim(&mut client, &self.sql, &self.limits, targets, &rounds).await?;
-        self.notifier.notify(&outcome.changes);
+        self.changed(&outcome.changes);
         Ok(outcome)
     }
 
@@ -383,7 +413,7 @@ impl KeyStore for PostgresStore {
     async fn delete_device(&self, device: &Device) -> Result<Changes> {
         let mut client = self.client("delete_device").await?;
         let changes = ops::delete_device(&mut client, &self.sql, device).await?;
-        self.notifier.notify(&changes);
+        self.changed(&changes);
         Ok(changes)
     }
 
@@ -391,7 +421,7 @@ impl KeyStore for PostgresStore {
     async fn delete_user(&self, user: &UserId) -> Result<Changes> {
         let mut client = self.client("delete_user").await?;
         let changes = ops::delete_user(&mut client, &self.sql, user).await?;
-        self.notifier.notify(&changes);
+        self.changed(&changes);
         Ok(changes)
     }
 
@@ -412,7 +442,7 @@ impl KeyStore for PostgresStore {
     async fn import_device(&self, snapshot: &DeviceSnapshot) -> Result<Changes> {
         let mut client = self.client("import_device").await?;
         let changes = ops::import_device(&mut client, &self.sql, snapshot).await?;
-        self.notifier.notify(&changes);
+        self.changed(&changes);
         Ok(changes)
     }
 }

@@ -41,8 +41,10 @@
 //!   cannot share one statement (a transaction does not skip its own locks),
 //!   so they go to further "rounds": statements in one explicit transaction,
 //!   each seeing what the previous one took.
-//! - The cross-process notification is `pg_notify` inside the statement, so
-//!   it is sent if and only if the claim commits.
+//! - With transactional notifications the cross-process notification is
+//!   `pg_notify` inside the statement, so it is sent if and only if the
+//!   claim commits; by default it is sent after the commit, batched (see
+//!   [`crate::listen`]).
 //!
 //! Failure modes: a claim whose statement fails rolls back whole. A claim
 //! whose connection dies while the server commits may have consumed keys
@@ -87,14 +89,18 @@ pub(crate) struct Sql {
     pub(crate) channel: String,
     /// This handle's random identifier, the first word of its notifications.
     pub(crate) instance: String,
+    /// Whether mutations send their notifications inside their own
+    /// transaction (see [`crate::PostgresOptions::transactional_notify`]).
+    pub(crate) transactional_notify: bool,
 }
 
 impl Sql {
-    pub(crate) fn new(schema: &str, instance: String) -> Self {
+    pub(crate) fn new(schema: &str, instance: String, transactional_notify: bool) -> Self {
         Self {
             schema: schema.to_owned(),
             channel: channel_name(schema),
             instance,
+            transactional_notify,
         }
     }
 }
@@ -158,16 +164,17 @@ UNION ALL
 SELECT true, algorithm, 0::int8
   FROM fallback WHERE user_id = $1 AND device_id = $2 AND NOT used";
 
-/// Sends notification payloads (inside the caller's transaction, so that
-/// they go out only if it commits).
-const NOTIFY: &str = "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p";
+/// Sends notification payloads: inside a mutation's transaction (so that
+/// they go out only if it commits) with transactional notifications, else
+/// from the [`crate::listen::Announcer`] in batches after commits.
+pub(crate) const NOTIFY: &str = "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p";
 
 /// Claims for many targets in one statement; see the module docs.
 ///
 /// Parameters: `$1..$4` the targets (user IDs, device IDs, algorithms,
 /// counts > 0, no (device, algorithm) twice), `$5` the number of issued
 /// keys to remember per (device, algorithm), `$6` the channel, `$7` the
-/// instance ID. Rows: `ord` (1-based target index of a fallback key; 0 for
+/// instance ID, `$8` whether to send the notifications in the statement. Rows: `ord` (1-based target index of a fallback key; 0 for
 /// an OTK, whose target is found by its user, device and algorithm, unique
 /// in a round; -1 for the notification row), `fallback`, `seq`, `key_id`,
 /// `key_json`, `changed` (this row changed its device: an OTK removed or a
@@ -292,6 +299,7 @@ notified AS (
         ) d
         GROUP BY bucket
     ) chunks
+    WHERE $8::bool
 )
 SELECT 0::int8 AS ord, false AS fallback, c.seq, c.key_id, c.key_json, true AS changed,
        c.user_id, c.device_id, c.algorithm
@@ -543,7 +551,7 @@ pub(crate) async fn upload(
     let fb_digest_refs: Vec<&[u8]> = fb_digests.iter().map(|d| d.as_slice()).collect();
     let fb_used: Vec<bool> = vec![false; fb_algs.len()];
 
-    let payloads = if changed {
+    let payloads = if changed && sql.transactional_notify {
         notify_payloads(&sql.instance, std::slice::from_ref(device))
     } else {
         Vec::new()
@@ -700,7 +708,7 @@ fn claim_params<'a>(
     round: &'a Round<'_>,
     remembered: &'a i64,
     sql: &'a Sql,
-) -> [&'a (dyn ToSql + Sync); 7] {
+) -> [&'a (dyn ToSql + Sync); 8] {
     [
         &round.users,
         &round.devices,
@@ -709,6 +717,7 @@ fn claim_params<'a>(
         remembered,
         &sql.channel,
         &sql.instance,
+        &sql.transactional_notify,
     ]
 }
 
@@ -835,7 +844,7 @@ pub(crate) async fn delete_device(
     } else {
         Changes::none()
     };
-    if !changes.is_empty() {
+    if !changes.is_empty() && sql.transactional_notify {
         let payloads = notify_payloads(&sql.instance, changes.devices());
         tx.query(&notify, &[&sql.channel, &payloads])
             .await
@@ -869,7 +878,7 @@ pub(crate) async fn delete_user(client: &mut Object, sql: &Sql, user: &UserId) -
         devices.push(parse_device(user_id, row.try_get(0).map_err(pg(op))?)?);
     }
     let changes = Changes::from_devices(devices);
-    if !changes.is_empty() {
+    if !changes.is_empty() && sql.transactional_notify {
         let payloads = notify_payloads(&sql.instance, changes.devices());
         tx.query(&notify, &[&sql.channel, &payloads])
             .await
@@ -1078,7 +1087,11 @@ pub(crate) async fn import_device(
     let iss_ids: Vec<&str> = issued.iter().map(|(_, k)| k.key_id.as_str()).collect();
     let iss_digests: Vec<&[u8]> = issued.iter().map(|(_, k)| k.digest.0.as_slice()).collect();
 
-    let payloads = notify_payloads(&sql.instance, std::slice::from_ref(device));
+    let payloads = if sql.transactional_notify {
+        notify_payloads(&sql.instance, std::slice::from_ref(device))
+    } else {
+        Vec::new()
+    };
     let otk_params: [&(dyn ToSql + Sync); 7] = [
         &user_id,
         &device_id,

@@ -90,21 +90,33 @@ fn newer_schema_is_refused() {
 
 #[test]
 fn changes_reach_other_workers() {
+    changes_reach_other_workers_with(false);
+}
+
+#[test]
+fn changes_reach_other_workers_transactional_notify() {
+    changes_reach_other_workers_with(true);
+}
+
+fn changes_reach_other_workers_with(transactional: bool) {
     let Some(url) = testing::require_server("postgres::changes_reach_other_workers") else {
         return;
     };
     runtime().block_on(async {
         let schema = testing::unique_schema("kc_note");
-        let one = PostgresStore::connect_with(&url, options(&schema))
+        let opts = || options(&schema).transactional_notify(transactional);
+        let one = PostgresStore::connect_with(&url, opts())
             .await
             .expect("one");
-        let two = PostgresStore::connect_with(&url, options(&schema))
+        let two = PostgresStore::connect_with(&url, opts())
             .await
             .expect("two");
-        let elsewhere =
-            PostgresStore::connect_with(&url, options(&testing::unique_schema("kc_other")))
-                .await
-                .expect("a store in another schema");
+        let elsewhere = PostgresStore::connect_with(
+            &url,
+            options(&testing::unique_schema("kc_other")).transactional_notify(transactional),
+        )
+        .await
+        .expect("a store in another schema");
         let mut own = one.subscribe();
         let mut other = two.subscribe();
         let mut unrelated = elsewhere.subscribe();
