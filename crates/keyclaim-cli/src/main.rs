@@ -16,7 +16,11 @@ use clap::{Parser, Subcommand};
 use stores::StoreUrl;
 
 #[derive(Parser, Debug)]
-#[command(name = "keyclaim", version, about = "Matrix one-time key and fallback key storage: benchmark and operator tools")]
+#[command(
+    name = "keyclaim",
+    version,
+    about = "Matrix one-time key and fallback key storage: benchmark and operator tools"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -56,7 +60,10 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("keyclaim: cannot start the async runtime: {e}");
@@ -71,9 +78,21 @@ fn main() -> ExitCode {
                 print!("{text}");
                 Ok(true)
             }
-            Command::Migrate { from, to, batch, checkpoint, quiet } => {
-                let (ok, text) =
-                    tools::migrate(&StoreUrl::parse(&from)?, &StoreUrl::parse(&to)?, batch, checkpoint.as_ref(), quiet).await?;
+            Command::Migrate {
+                from,
+                to,
+                batch,
+                checkpoint,
+                quiet,
+            } => {
+                let (ok, text) = tools::migrate(
+                    &StoreUrl::parse(&from)?,
+                    &StoreUrl::parse(&to)?,
+                    batch,
+                    checkpoint.as_ref(),
+                    quiet,
+                )
+                .await?;
                 print!("{text}");
                 Ok(ok)
             }

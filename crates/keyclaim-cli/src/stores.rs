@@ -74,11 +74,22 @@ mod tests {
     #[test]
     fn parses_urls() {
         assert_eq!(StoreUrl::parse("memory:"), Ok(StoreUrl::Memory));
-        assert_eq!(StoreUrl::parse("sqlite:/tmp/x.db"), Ok(StoreUrl::Sqlite("/tmp/x.db".into())));
-        assert_eq!(StoreUrl::parse("redb:rel.redb"), Ok(StoreUrl::Redb("rel.redb".into())));
-        assert!(matches!(StoreUrl::parse("postgres://u:pw@h/db"), Ok(StoreUrl::Postgres(_))));
+        assert_eq!(
+            StoreUrl::parse("sqlite:/tmp/x.db"),
+            Ok(StoreUrl::Sqlite("/tmp/x.db".into()))
+        );
+        assert_eq!(
+            StoreUrl::parse("redb:rel.redb"),
+            Ok(StoreUrl::Redb("rel.redb".into()))
+        );
+        assert!(matches!(
+            StoreUrl::parse("postgres://u:pw@h/db"),
+            Ok(StoreUrl::Postgres(_))
+        ));
         assert!(StoreUrl::parse("mysql://x").is_err());
-        let shown = StoreUrl::parse("postgres://u:secret@h/db").unwrap().to_string();
+        let shown = StoreUrl::parse("postgres://u:secret@h/db")
+            .unwrap()
+            .to_string();
         assert!(!shown.contains("secret"), "{shown}");
     }
 }

@@ -13,16 +13,30 @@ pub(crate) async fn stats(url: &StoreUrl) -> Result<String, String> {
     let store = url.open().await.map_err(|e| e.to_string())?;
     let mut exporter = Exporter::new(500);
     let (mut devices, mut otks, mut used, mut unused, mut issued) = (0u64, 0u64, 0u64, 0u64, 0u64);
-    let buckets: [(u64, &str); 7] = [(0, "0"), (1, "1-9"), (10, "10-49"), (50, "50-99"), (100, "100-249"), (250, "250-499"), (500, "500+")];
+    let buckets: [(u64, &str); 7] = [
+        (0, "0"),
+        (1, "1-9"),
+        (10, "10-49"),
+        (50, "50-99"),
+        (100, "100-249"),
+        (250, "250-499"),
+        (500, "500+"),
+    ];
     let mut hist: BTreeMap<u64, u64> = BTreeMap::new();
     let mut by_alg: BTreeMap<String, u64> = BTreeMap::new();
-    while let Some(batch) = exporter.next_batch(&*store).await.map_err(|e| e.to_string())? {
+    while let Some(batch) = exporter
+        .next_batch(&*store)
+        .await
+        .map_err(|e| e.to_string())?
+    {
         for s in batch {
             devices += 1;
             let n = s.one_time_keys.len() as u64;
             otks += n;
             for k in &s.one_time_keys {
-                *by_alg.entry(k.key_id.algorithm_str().to_owned()).or_default() += 1;
+                *by_alg
+                    .entry(k.key_id.algorithm_str().to_owned())
+                    .or_default() += 1;
             }
             for f in s.fallback_keys.values() {
                 if f.used {
@@ -32,7 +46,11 @@ pub(crate) async fn stats(url: &StoreUrl) -> Result<String, String> {
                 }
             }
             issued += s.issued.values().map(|v| v.len() as u64).sum::<u64>();
-            let bucket = buckets.iter().rev().find(|(lo, _)| n >= *lo).map_or(0, |(lo, _)| *lo);
+            let bucket = buckets
+                .iter()
+                .rev()
+                .find(|(lo, _)| n >= *lo)
+                .map_or(0, |(lo, _)| *lo);
             *hist.entry(bucket).or_default() += 1;
         }
     }
@@ -58,7 +76,9 @@ pub(crate) async fn stats(url: &StoreUrl) -> Result<String, String> {
 /// Invariant check; `Ok(false)` when problems were found.
 pub(crate) async fn check(url: &StoreUrl) -> Result<(bool, String), String> {
     let store = url.open().await.map_err(|e| e.to_string())?;
-    let report = keyclaim::check_store(&*store, 500).await.map_err(|e| e.to_string())?;
+    let report = keyclaim::check_store(&*store, 500)
+        .await
+        .map_err(|e| e.to_string())?;
     let mut out = format!(
         "checked {url}: {} devices, {} one-time keys, {} problems\n",
         report.devices,
@@ -92,13 +112,21 @@ pub(crate) async fn migrate(
         }
         _ => None,
     };
-    let pb = if quiet { ProgressBar::hidden() } else { ProgressBar::new_spinner() };
+    let pb = if quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new_spinner()
+    };
     pb.set_style(
-        ProgressStyle::with_template("{spinner} {msg} {elapsed}").unwrap_or_else(|_| ProgressStyle::default_spinner()),
+        ProgressStyle::with_template("{spinner} {msg} {elapsed}")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
     );
     let mut save_err = None;
     let report = keyclaim::copy_store(&*src, &*dst, batch, resume.clone(), |r, last| {
-        pb.set_message(format!("{} devices, {} one-time keys copied", r.devices, r.one_time_keys));
+        pb.set_message(format!(
+            "{} devices, {} one-time keys copied",
+            r.devices, r.one_time_keys
+        ));
         pb.tick();
         if let (Some(path), Some(last)) = (checkpoint, last) {
             let line = format!("{}\n{}\n", last.user_id, last.device_id);
@@ -113,7 +141,9 @@ pub(crate) async fn migrate(
     if let Some(e) = save_err {
         return Err(format!("could not write the checkpoint: {e}"));
     }
-    let diff = keyclaim::diff_stores(&*src, &*dst, batch, 20).await.map_err(|e| e.to_string())?;
+    let diff = keyclaim::diff_stores(&*src, &*dst, batch, 20)
+        .await
+        .map_err(|e| e.to_string())?;
     let mut out = format!(
         "copied {from} -> {to}{}: {} devices, {} one-time keys, {} fallback keys, {} remembered issued keys\n",
         if resume.is_some() { " (resumed)" } else { "" },
@@ -128,7 +158,10 @@ pub(crate) async fn migrate(
             let _ = std::fs::remove_file(path);
         }
     } else {
-        out.push_str(&format!("VERIFY FAILED: {} devices differ, e.g.:\n", diff.len()));
+        out.push_str(&format!(
+            "VERIFY FAILED: {} devices differ, e.g.:\n",
+            diff.len()
+        ));
         for d in &diff {
             out.push_str(&format!("  {d}\n"));
         }

@@ -101,26 +101,52 @@ pub(crate) async fn open_backend(
         #[cfg(feature = "sqlite")]
         "sqlite" => {
             let path = dir.join(format!("bench-{tag}.sqlite"));
-            let store = keyclaim_sqlite::SqliteStore::open(&path).await.map_err(err)?;
-            let baseline = if args.no_baseline { None } else { Some(baselines::sqlite(&path).await.map_err(err)?) };
-            Ok(BackendUnderTest { name: name.into(), store: Arc::new(store), baseline })
+            let store = keyclaim_sqlite::SqliteStore::open(&path)
+                .await
+                .map_err(err)?;
+            let baseline = if args.no_baseline {
+                None
+            } else {
+                Some(baselines::sqlite(&path).await.map_err(err)?)
+            };
+            Ok(BackendUnderTest {
+                name: name.into(),
+                store: Arc::new(store),
+                baseline,
+            })
         }
         #[cfg(feature = "redb")]
         "redb" => {
             let path = dir.join(format!("bench-{tag}.redb"));
             let store = keyclaim_redb::RedbStore::open(&path).await.map_err(err)?;
             let (store, baseline) = baselines::redb(store, args.no_baseline).map_err(err)?;
-            Ok(BackendUnderTest { name: name.into(), store, baseline })
+            Ok(BackendUnderTest {
+                name: name.into(),
+                store,
+                baseline,
+            })
         }
         #[cfg(feature = "postgres")]
         "postgres" => {
-            let url = args.postgres.as_deref().ok_or("postgres: give --postgres URL or KEYCLAIM_POSTGRES_URL")?;
-            let (store, baseline) = baselines::postgres(url, tag, args.no_baseline).await.map_err(err)?;
-            Ok(BackendUnderTest { name: name.into(), store, baseline })
+            let url = args
+                .postgres
+                .as_deref()
+                .ok_or("postgres: give --postgres URL or KEYCLAIM_POSTGRES_URL")?;
+            let (store, baseline) = baselines::postgres(url, tag, args.no_baseline)
+                .await
+                .map_err(err)?;
+            Ok(BackendUnderTest {
+                name: name.into(),
+                store,
+                baseline,
+            })
         }
         other => {
             let _ = (err, args);
-            Err(format!("unknown or not built backend {other:?} (built: {})", built_backends().join(", ")))
+            Err(format!(
+                "unknown or not built backend {other:?} (built: {})",
+                built_backends().join(", ")
+            ))
         }
     }
 }
@@ -138,9 +164,6 @@ pub(crate) fn built_backends() -> Vec<&'static str> {
     }
     v
 }
-
-#[cfg(any(feature = "sqlite", feature = "redb", feature = "postgres"))]
-mod baselines;
 
 fn bar(quiet: bool, len: u64, msg: &str) -> ProgressBar {
     if quiet {
@@ -190,7 +213,11 @@ pub(crate) async fn run(args: BenchArgs) -> Result<bool, String> {
     };
     for name in &args.backend {
         let b = open_backend(name, &dir, &args, "main").await?;
-        report.backends.push(run_backend(b, &w, &args).await.map_err(|e| format!("{name}: {e}"))?);
+        report.backends.push(
+            run_backend(b, &w, &args)
+                .await
+                .map_err(|e| format!("{name}: {e}"))?,
+        );
     }
     println!("{}", report.table());
     if let Some(path) = &args.json {
@@ -203,21 +230,52 @@ pub(crate) async fn run(args: BenchArgs) -> Result<bool, String> {
         println!("SVG chart written to {}", path.display());
     }
     let ok = report.ok();
-    println!("{}", if ok { "all invariants held" } else { "INVARIANT VIOLATIONS: see above" });
+    println!(
+        "{}",
+        if ok {
+            "all invariants held"
+        } else {
+            "INVARIANT VIOLATIONS: see above"
+        }
+    );
     Ok(ok)
 }
 
-async fn run_backend(b: BackendUnderTest, w: &Workload, args: &BenchArgs) -> keyclaim::Result<BackendReport> {
-    let mut out = BackendReport { backend: b.name.clone(), ..Default::default() };
+async fn run_backend(
+    b: BackendUnderTest,
+    w: &Workload,
+    args: &BenchArgs,
+) -> keyclaim::Result<BackendReport> {
+    let mut out = BackendReport {
+        backend: b.name.clone(),
+        ..Default::default()
+    };
     // Set-up: every device uploads its keys and a fallback key.
-    let pb = bar(args.quiet, w.devices as u64, &format!("{}: set-up uploads", b.name));
+    let pb = bar(
+        args.quiet,
+        w.devices as u64,
+        &format!("{}: set-up uploads", b.name),
+    );
     let t0 = Instant::now();
     let tick = pb.clone();
-    workload::fill(&b.store, "u", w.devices, w.keys_per_device, w.clients, move || tick.inc(1)).await?;
-    out.setup_keys_per_sec = (w.devices * (w.keys_per_device + 1)) as f64 / t0.elapsed().as_secs_f64();
+    workload::fill(
+        &b.store,
+        "u",
+        w.devices,
+        w.keys_per_device,
+        w.clients,
+        move || tick.inc(1),
+    )
+    .await?;
+    out.setup_keys_per_sec =
+        (w.devices * (w.keys_per_device + 1)) as f64 / t0.elapsed().as_secs_f64();
     pb.finish_and_clear();
     // The mixed phase.
-    let spinner = bar(args.quiet, w.duration.as_secs().max(1), &format!("{}: mixed workload", b.name));
+    let spinner = bar(
+        args.quiet,
+        w.duration.as_secs().max(1),
+        &format!("{}: mixed workload", b.name),
+    );
     let ticker = {
         let s = spinner.clone();
         tokio::spawn(async move {
@@ -246,14 +304,37 @@ async fn run_backend(b: BackendUnderTest, w: &Workload, args: &BenchArgs) -> key
     // Claim races: keyclaim against the baseline, on fresh devices each.
     let race_time = Duration::from_secs_f64(args.race_duration);
     for (scenario, devices) in [("hot", 1), ("distinct", w.clients)] {
-        let ours = race_side(&b.store, Arc::new(StoreClaimer(b.store.clone())), "keyclaim", scenario, devices, w.clients, race_time).await?;
+        let ours = race_side(
+            &b.store,
+            Arc::new(StoreClaimer(b.store.clone())),
+            "keyclaim",
+            scenario,
+            devices,
+            w.clients,
+            race_time,
+        )
+        .await?;
         let base = match &b.baseline {
-            Some((name, claimer)) => {
-                Some(race_side(&b.store, claimer.clone(), name, &format!("{scenario}b"), devices, w.clients, race_time).await?)
-            }
+            Some((name, claimer)) => Some(
+                race_side(
+                    &b.store,
+                    claimer.clone(),
+                    name,
+                    &format!("{scenario}b"),
+                    devices,
+                    w.clients,
+                    race_time,
+                )
+                .await?,
+            ),
             None => None,
         };
-        out.races.push(RaceReport { scenario: scenario.into(), clients: w.clients, keyclaim: ours, baseline: base });
+        out.races.push(RaceReport {
+            scenario: scenario.into(),
+            clients: w.clients,
+            keyclaim: ours,
+            baseline: base,
+        });
     }
     Ok(out)
 }
@@ -269,9 +350,13 @@ async fn race_side(
 ) -> keyclaim::Result<RaceSide> {
     // Fresh devices with the most keys the limit allows: races start equal.
     let prefix = format!("race-{scenario}-");
-    let keys = usize::try_from(store.limits().max_otks_per_device_algorithm).unwrap_or(500).min(500);
+    let keys = usize::try_from(store.limits().max_otks_per_device_algorithm)
+        .unwrap_or(500)
+        .min(500);
     workload::fill(store, &prefix, devices, keys, clients.min(devices), || {}).await?;
-    let list = (0..devices).map(|i| device(&prefix, i)).collect::<keyclaim::Result<Vec<_>>>()?;
+    let list = (0..devices)
+        .map(|i| device(&prefix, i))
+        .collect::<keyclaim::Result<Vec<_>>>()?;
     let r = workload::race(claimer, list, clients, duration).await;
     Ok(RaceSide {
         name: name.into(),

@@ -55,7 +55,8 @@ pub(crate) struct RaceSide {
 impl RaceReport {
     pub(crate) fn ratio(&self) -> Option<f64> {
         let b = self.baseline.as_ref()?;
-        (b.claims.ops_per_sec > 0.0).then(|| self.keyclaim.claims.ops_per_sec / b.claims.ops_per_sec)
+        (b.claims.ops_per_sec > 0.0)
+            .then(|| self.keyclaim.claims.ops_per_sec / b.claims.ops_per_sec)
     }
 }
 
@@ -77,30 +78,69 @@ impl Report {
             "\nkeyclaim bench: {} devices x {} one-time keys + a fallback key, {} concurrent clients\n",
             self.devices, self.keys_per_device, self.clients
         );
-        let _ = writeln!(s, "{:<10} {:<18} {:>10} {:>10} {:>10}", "backend", "operation", "ops/s", "p50 ms", "p99 ms");
+        let _ = writeln!(
+            s,
+            "{:<10} {:<18} {:>10} {:>10} {:>10}",
+            "backend", "operation", "ops/s", "p50 ms", "p99 ms"
+        );
         for b in &self.backends {
-            let _ = writeln!(s, "{:<10} {:<18} {:>10.0} {:>10} {:>10}", b.backend, "setup (keys/s)", b.setup_keys_per_sec, "", "");
+            let _ = writeln!(
+                s,
+                "{:<10} {:<18} {:>10.0} {:>10} {:>10}",
+                b.backend, "setup (keys/s)", b.setup_keys_per_sec, "", ""
+            );
             for (kind, m) in &b.mixed {
-                let _ = writeln!(s, "{:<10} {:<18} {:>10.0} {:>10.3} {:>10.3}", b.backend, kind, m.ops_per_sec, m.p50_ms, m.p99_ms);
+                let _ = writeln!(
+                    s,
+                    "{:<10} {:<18} {:>10.0} {:>10.3} {:>10.3}",
+                    b.backend, kind, m.ops_per_sec, m.p50_ms, m.p99_ms
+                );
             }
         }
-        let _ = writeln!(s, "\nclaim races (single-key claims until the keys run out or time is up):\n");
+        let _ = writeln!(
+            s,
+            "\nclaim races (single-key claims until the keys run out or time is up):\n"
+        );
         let _ = writeln!(
             s,
             "{:<10} {:<9} {:>3} {:>11} {:>9} {:>6} {:>11} {:>9} {:>6} {:>8}",
-            "backend", "scenario", "C", "keyclaim/s", "p50 ms", "short", "baseline/s", "p50 ms", "short", "ratio"
+            "backend",
+            "scenario",
+            "C",
+            "keyclaim/s",
+            "p50 ms",
+            "short",
+            "baseline/s",
+            "p50 ms",
+            "short",
+            "ratio"
         );
         for b in &self.backends {
             for r in &b.races {
-                let (bs, bp, bshort) = r.baseline.as_ref().map_or(("-".into(), "-".into(), "-".into()), |x| {
-                    (format!("{:.0}", x.claims.ops_per_sec), format!("{:.3}", x.claims.p50_ms), x.short_claims.to_string())
-                });
+                let (bs, bp, bshort) =
+                    r.baseline
+                        .as_ref()
+                        .map_or(("-".into(), "-".into(), "-".into()), |x| {
+                            (
+                                format!("{:.0}", x.claims.ops_per_sec),
+                                format!("{:.3}", x.claims.p50_ms),
+                                x.short_claims.to_string(),
+                            )
+                        });
                 let ratio = r.ratio().map_or("-".into(), |x| format!("{x:.1}x"));
                 let _ = writeln!(
                     s,
                     "{:<10} {:<9} {:>3} {:>11.0} {:>9.3} {:>6} {:>11} {:>9} {:>6} {:>8}",
-                    b.backend, r.scenario, r.clients, r.keyclaim.claims.ops_per_sec, r.keyclaim.claims.p50_ms,
-                    r.keyclaim.short_claims, bs, bp, bshort, ratio
+                    b.backend,
+                    r.scenario,
+                    r.clients,
+                    r.keyclaim.claims.ops_per_sec,
+                    r.keyclaim.claims.p50_ms,
+                    r.keyclaim.short_claims,
+                    bs,
+                    bp,
+                    bshort,
+                    ratio
                 );
             }
         }
@@ -125,7 +165,10 @@ impl Report {
 
     pub(crate) fn ok(&self) -> bool {
         self.backends.iter().all(|b| {
-            b.invariants.ok() && b.races.iter().all(|r| r.keyclaim.keys_issued_twice == 0 && r.keyclaim.short_claims == 0)
+            b.invariants.ok()
+                && b.races
+                    .iter()
+                    .all(|r| r.keyclaim.keys_issued_twice == 0 && r.keyclaim.short_claims == 0)
         })
     }
 
@@ -149,7 +192,13 @@ impl Report {
         let log_max = max.log10().ceil().max(1.0);
         let (left, row, width) = (190.0, 34.0, 520.0);
         let height = 70.0 + row * bars.len() as f64 + 30.0;
-        let x = |v: f64| left + if v >= 1.0 { width * v.log10() / log_max } else { 0.0 };
+        let x = |v: f64| {
+            left + if v >= 1.0 {
+                width * v.log10() / log_max
+            } else {
+                0.0
+            }
+        };
         let mut s = String::new();
         let _ = writeln!(
             s,
@@ -177,7 +226,13 @@ impl Report {
         }
         for (i, (label, ours, base)) in bars.iter().enumerate() {
             let y = 60.0 + row * i as f64;
-            let _ = writeln!(s, r#"<text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"#, left - 6.0, y + 17.0, escape(label));
+            let _ = writeln!(
+                s,
+                r#"<text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"#,
+                left - 6.0,
+                y + 17.0,
+                escape(label)
+            );
             let _ = writeln!(
                 s,
                 r##"<rect x="{left}" y="{y:.1}" width="{:.1}" height="13" fill="#2b6cb0"/><text x="{:.1}" y="{:.1}">{ours:.0}</text>"##,
@@ -202,5 +257,7 @@ impl Report {
 }
 
 fn escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }

@@ -22,10 +22,18 @@ pub(crate) async fn run(args: &BenchArgs) -> Result<bool, String> {
         .into_iter()
         .filter(|n| *n <= args.scale_max)
         .collect();
-    println!("\nkeyclaim bench --scale: p50/p99 latency of one claim (C=1) and one 50-key upload, by stored keys\n");
+    println!(
+        "\nkeyclaim bench --scale: p50/p99 latency of one claim (C=1) and one 50-key upload, by stored keys\n"
+    );
     println!(
         "{:<10} {:>12} {:>12} {:>12} {:>12} {:>12} {:>14}",
-        "backend", "stored keys", "claim p50", "claim p99", "upload p50", "upload p99", "claim p50 / 10^4"
+        "backend",
+        "stored keys",
+        "claim p50",
+        "claim p99",
+        "upload p50",
+        "upload p99",
+        "claim p50 / 10^4"
     );
     let mut json_rows = Vec::new();
     for name in &args.backend {
@@ -38,14 +46,19 @@ pub(crate) async fn run(args: &BenchArgs) -> Result<bool, String> {
                 continue;
             }
             let target_devices = usize::try_from(n).unwrap_or(usize::MAX) / KEYS_PER_DEVICE;
-            let pb = bar(args.quiet, (target_devices - filled) as u64, &format!("{name}: fill to {n} keys"));
+            let pb = bar(
+                args.quiet,
+                (target_devices - filled) as u64,
+                &format!("{name}: fill to {n} keys"),
+            );
             let tick = pb.clone();
             let start = filled;
             let store = b.store.clone();
             // Fill devices start..target_devices.
             workload::parallel(target_devices - start, args.clients.max(1), move |i| {
                 let store = store.clone();
-                let upload = device("s", start + i).and_then(|d| upload_of(&d, "S", KEYS_PER_DEVICE, false));
+                let upload =
+                    device("s", start + i).and_then(|d| upload_of(&d, "S", KEYS_PER_DEVICE, false));
                 tick.inc(1);
                 async move {
                     store.upload(&upload?).await?;
@@ -62,13 +75,18 @@ pub(crate) async fn run(args: &BenchArgs) -> Result<bool, String> {
             for _ in 0..CLAIMS {
                 let d = device("s", rng.random_range(0..filled)).map_err(|e| e.to_string())?;
                 let t0 = Instant::now();
-                b.store.claim(&[ClaimTarget::one(d, alg.clone())]).await.map_err(|e| e.to_string())?;
+                b.store
+                    .claim(&[ClaimTarget::one(d, alg.clone())])
+                    .await
+                    .map_err(|e| e.to_string())?;
                 claims.record(t0.elapsed());
             }
             let mut uploads = Samples::default();
             for _ in 0..UPLOADS {
                 fresh += 1;
-                let u = device("fresh", fresh).and_then(|d| upload_of(&d, "N", KEYS_PER_DEVICE, false)).map_err(|e| e.to_string())?;
+                let u = device("fresh", fresh)
+                    .and_then(|d| upload_of(&d, "N", KEYS_PER_DEVICE, false))
+                    .map_err(|e| e.to_string())?;
                 let t0 = Instant::now();
                 b.store.upload(&u).await.map_err(|e| e.to_string())?;
                 uploads.record(t0.elapsed());

@@ -10,7 +10,8 @@ pub(crate) struct Samples(Vec<u32>);
 
 impl Samples {
     pub(crate) fn record(&mut self, d: Duration) {
-        self.0.push(u32::try_from(d.as_micros()).unwrap_or(u32::MAX));
+        self.0
+            .push(u32::try_from(d.as_micros()).unwrap_or(u32::MAX));
     }
 
     pub(crate) fn merge(&mut self, other: Samples) {
@@ -30,7 +31,11 @@ impl Samples {
         let secs = elapsed.as_secs_f64();
         Summary {
             ops: v.len() as u64,
-            ops_per_sec: if secs > 0.0 { v.len() as f64 / secs } else { 0.0 },
+            ops_per_sec: if secs > 0.0 {
+                v.len() as f64 / secs
+            } else {
+                0.0
+            },
             p50_ms: pct(0.50),
             p99_ms: pct(0.99),
         }

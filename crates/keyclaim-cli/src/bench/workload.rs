@@ -8,7 +8,9 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use keyclaim::{Algorithm, ClaimTarget, ClaimedKey, Device, Error, KeyId, KeyJson, KeyStore, Upload};
+use keyclaim::{
+    Algorithm, ClaimTarget, ClaimedKey, Device, Error, KeyId, KeyJson, KeyStore, Upload,
+};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
@@ -20,7 +22,11 @@ use super::stats::Samples;
 #[async_trait]
 pub(crate) trait Claimer: Send + Sync {
     /// Claims one key of `algorithm` from `device`.
-    async fn claim_one(&self, device: &Device, algorithm: &Algorithm) -> keyclaim::Result<Option<ClaimedKey>>;
+    async fn claim_one(
+        &self,
+        device: &Device,
+        algorithm: &Algorithm,
+    ) -> keyclaim::Result<Option<ClaimedKey>>;
 }
 
 /// keyclaim's own claim.
@@ -28,8 +34,15 @@ pub(crate) struct StoreClaimer(pub(crate) Arc<dyn KeyStore>);
 
 #[async_trait]
 impl Claimer for StoreClaimer {
-    async fn claim_one(&self, device: &Device, algorithm: &Algorithm) -> keyclaim::Result<Option<ClaimedKey>> {
-        let out = self.0.claim(&[ClaimTarget::one(device.clone(), algorithm.clone())]).await?;
+    async fn claim_one(
+        &self,
+        device: &Device,
+        algorithm: &Algorithm,
+    ) -> keyclaim::Result<Option<ClaimedKey>> {
+        let out = self
+            .0
+            .claim(&[ClaimTarget::one(device.clone(), algorithm.clone())])
+            .await?;
         Ok(out.keys.into_iter().next())
     }
 }
@@ -59,13 +72,27 @@ fn key_json(device: &Device, name: &str, fallback: bool) -> keyclaim::Result<(Ke
     if fallback {
         v["fallback"] = json!(true);
     }
-    Ok((KeyId::parse(format!("signed_curve25519:{name}"))?, KeyJson::from_value(&v)?))
+    Ok((
+        KeyId::parse(format!("signed_curve25519:{name}"))?,
+        KeyJson::from_value(&v)?,
+    ))
 }
 
 /// An upload of `n` fresh OTKs named `<tag><j>` and optionally a fallback key.
-pub(crate) fn upload_of(device: &Device, tag: &str, n: usize, fallback: bool) -> keyclaim::Result<Upload> {
-    let otks = (0..n).map(|j| key_json(device, &format!("{tag}{j:06}"), false)).collect::<keyclaim::Result<Vec<_>>>()?;
-    let fb = if fallback { vec![key_json(device, &format!("{tag}FB"), true)?] } else { vec![] };
+pub(crate) fn upload_of(
+    device: &Device,
+    tag: &str,
+    n: usize,
+    fallback: bool,
+) -> keyclaim::Result<Upload> {
+    let otks = (0..n)
+        .map(|j| key_json(device, &format!("{tag}{j:06}"), false))
+        .collect::<keyclaim::Result<Vec<_>>>()?;
+    let fb = if fallback {
+        vec![key_json(device, &format!("{tag}FB"), true)?]
+    } else {
+        vec![]
+    };
     Upload::from_keys(device.clone(), otks, fb)
 }
 
@@ -91,7 +118,8 @@ where
         }));
     }
     for t in tasks {
-        t.await.map_err(|e| Error::storage("bench", "join", false, e))??;
+        t.await
+            .map_err(|e| Error::storage("bench", "join", false, e))??;
     }
     Ok(())
 }
@@ -122,7 +150,13 @@ pub(crate) async fn fill(
 }
 
 /// Operation kinds of the mixed phase.
-pub(crate) const KINDS: [&str; 5] = ["claim", "bulk_claim", "refill", "fallback_rotation", "count_read"];
+pub(crate) const KINDS: [&str; 5] = [
+    "claim",
+    "bulk_claim",
+    "refill",
+    "fallback_rotation",
+    "count_read",
+];
 
 /// What the mixed phase measured and checked.
 #[derive(Debug, Default)]
@@ -156,10 +190,16 @@ struct ClientOut {
 }
 
 /// The mixed phase over the devices `fill` created.
-pub(crate) async fn mixed(store: Arc<dyn KeyStore>, prefix: &str, w: &Workload) -> keyclaim::Result<MixedResult> {
+pub(crate) async fn mixed(
+    store: Arc<dyn KeyStore>,
+    prefix: &str,
+    w: &Workload,
+) -> keyclaim::Result<MixedResult> {
     let shared = Arc::new(Shared {
         store,
-        expected: (0..w.devices).map(|_| AtomicI64::new(w.keys_per_device as i64)).collect(),
+        expected: (0..w.devices)
+            .map(|_| AtomicI64::new(w.keys_per_device as i64))
+            .collect(),
         w: w.clone(),
         start: Instant::now(),
         ops: AtomicU64::new(0),
@@ -174,7 +214,9 @@ pub(crate) async fn mixed(store: Arc<dyn KeyStore>, prefix: &str, w: &Workload) 
     let mut result = MixedResult::default();
     let mut seen = HashSet::new();
     for t in tasks {
-        let out = t.await.map_err(|e| Error::storage("bench", "join", false, e))?;
+        let out = t
+            .await
+            .map_err(|e| Error::storage("bench", "join", false, e))?;
         for (s, o) in result.samples.iter_mut().zip(out.samples) {
             s.merge(o);
         }
@@ -192,7 +234,10 @@ pub(crate) async fn mixed(store: Arc<dyn KeyStore>, prefix: &str, w: &Workload) 
     // Every device's count must be what its uploads minus its claims left.
     let store = shared.store.clone();
     for (i, want) in shared.expected.iter().enumerate() {
-        let got = store.otk_counts(&device(prefix, i)?).await?.get(&Algorithm::signed_curve25519());
+        let got = store
+            .otk_counts(&device(prefix, i)?)
+            .await?
+            .get(&Algorithm::signed_curve25519());
         if i64::try_from(got).ok() != Some(want.load(Ordering::Relaxed)) {
             result.count_mismatches += 1;
         }
@@ -208,7 +253,9 @@ async fn client(shared: Arc<Shared>, c: usize) -> ClientOut {
     let mut refills = 0u64;
     loop {
         let done = shared.ops.fetch_add(1, Ordering::Relaxed);
-        if w.max_ops.is_some_and(|m| done >= m) || (w.max_ops.is_none() && shared.start.elapsed() >= w.duration) {
+        if w.max_ops.is_some_and(|m| done >= m)
+            || (w.max_ops.is_none() && shared.start.elapsed() >= w.duration)
+        {
             return out;
         }
         let pick_device = |rng: &mut StdRng| -> usize {
@@ -247,7 +294,12 @@ async fn client(shared: Arc<Shared>, c: usize) -> ClientOut {
     }
 }
 
-async fn claim(shared: &Shared, out: &mut ClientOut, idx: &[usize], alg: &Algorithm) -> keyclaim::Result<()> {
+async fn claim(
+    shared: &Shared,
+    out: &mut ClientOut,
+    idx: &[usize],
+    alg: &Algorithm,
+) -> keyclaim::Result<()> {
     let targets = idx
         .iter()
         .map(|&i| Ok(ClaimTarget::one(device(&shared.prefix, i)?, alg.clone())))
@@ -268,12 +320,23 @@ async fn claim(shared: &Shared, out: &mut ClientOut, idx: &[usize], alg: &Algori
 }
 
 fn device_index(prefix: &str, d: &Device) -> Option<usize> {
-    d.user_id.as_str().strip_prefix('@')?.strip_prefix(prefix)?.split(':').next()?.parse().ok()
+    d.user_id
+        .as_str()
+        .strip_prefix('@')?
+        .strip_prefix(prefix)?
+        .split(':')
+        .next()?
+        .parse()
+        .ok()
 }
 
 async fn refill(shared: &Shared, i: usize, tag: &str) -> keyclaim::Result<()> {
     let d = device(&shared.prefix, i)?;
-    let have = shared.store.otk_counts(&d).await?.get(&Algorithm::signed_curve25519());
+    let have = shared
+        .store
+        .otk_counts(&d)
+        .await?
+        .get(&Algorithm::signed_curve25519());
     let want = shared.w.keys_per_device as u64;
     if have < want {
         let n = usize::try_from(want - have).unwrap_or(0);
