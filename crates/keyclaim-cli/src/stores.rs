@@ -67,6 +67,16 @@ impl fmt::Display for StoreUrl {
     }
 }
 
+#[allow(dead_code)]
+fn not_built(url: &StoreUrl) -> keyclaim::Error {
+    keyclaim::Error::storage(
+        "cli",
+        "open",
+        false,
+        format!("this build of keyclaim has no backend for {url} (enable its cargo feature)"),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -92,14 +102,4 @@ mod tests {
             .to_string();
         assert!(!shown.contains("secret"), "{shown}");
     }
-}
-
-#[allow(dead_code)]
-fn not_built(url: &StoreUrl) -> keyclaim::Error {
-    keyclaim::Error::storage(
-        "cli",
-        "open",
-        false,
-        format!("this build of keyclaim has no backend for {url} (enable its cargo feature)"),
-    )
 }
