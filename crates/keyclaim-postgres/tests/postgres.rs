@@ -212,7 +212,12 @@ fn debug_shows_no_secrets() {
         return;
     };
     runtime().block_on(async {
-        let url = format!("{url} password=hunter2-secret");
+        let url = if url.contains("://") {
+            let sep = if url.contains('?') { '&' } else { '?' };
+            format!("{url}{sep}password=hunter2-secret")
+        } else {
+            format!("{url} password=hunter2-secret")
+        };
         let store = PostgresStore::connect_with(&url, options(&testing::unique_schema("kc_dbg")))
             .await
             .expect("connect (trust auth ignores the password)");
