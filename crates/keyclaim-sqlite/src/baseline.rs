@@ -78,7 +78,11 @@ impl BaselineClaimer {
     /// # Errors
     /// [`Error::Storage`] (retryable when the file stayed busy past the busy
     /// timeout).
-    pub fn claim_one_blocking(&self, device: &Device, algorithm: &Algorithm) -> Result<Option<ClaimedKey>> {
+    pub fn claim_one_blocking(
+        &self,
+        device: &Device,
+        algorithm: &Algorithm,
+    ) -> Result<Option<ClaimedKey>> {
         let conn = self.take_connection()?;
         let result = claim_in_transaction(&conn, device, algorithm);
         if !conn.is_autocommit() {
@@ -92,7 +96,11 @@ impl BaselineClaimer {
     ///
     /// # Errors
     /// As [`Self::claim_one_blocking`].
-    pub async fn claim_one(&self, device: Device, algorithm: Algorithm) -> Result<Option<ClaimedKey>> {
+    pub async fn claim_one(
+        &self,
+        device: Device,
+        algorithm: Algorithm,
+    ) -> Result<Option<ClaimedKey>> {
         let this = self.clone();
         tokio::task::spawn_blocking(move || this.claim_one_blocking(&device, &algorithm))
             .await
@@ -127,21 +135,35 @@ impl BaselineClaimer {
     }
 }
 
-fn claim_in_transaction(conn: &Connection, device: &Device, algorithm: &Algorithm) -> Result<Option<ClaimedKey>> {
+fn claim_in_transaction(
+    conn: &Connection,
+    device: &Device,
+    algorithm: &Algorithm,
+) -> Result<Option<ClaimedKey>> {
     const OP: &str = "baseline_claim";
-    conn.prepare_cached("BEGIN IMMEDIATE").ctx(OP)?.execute([]).ctx(OP)?;
+    conn.prepare_cached("BEGIN IMMEDIATE")
+        .ctx(OP)?
+        .execute([])
+        .ctx(OP)?;
     let row: Option<(i64, String, String)> = conn
         .prepare_cached(SQL_SELECT_OLDEST)
         .ctx(OP)?
         .query_row(
-            params![device.user_id.as_str(), device.device_id.as_str(), algorithm.as_str()],
+            params![
+                device.user_id.as_str(),
+                device.device_id.as_str(),
+                algorithm.as_str()
+            ],
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )
         .optional()
         .ctx(OP)?;
     let claimed = match row {
         Some((id, key_id, json)) => {
-            conn.prepare_cached(SQL_DELETE).ctx(OP)?.execute([id]).ctx(OP)?;
+            conn.prepare_cached(SQL_DELETE)
+                .ctx(OP)?
+                .execute([id])
+                .ctx(OP)?;
             Some(ClaimedKey {
                 device: device.clone(),
                 key_id: KeyId::parse(key_id)?,

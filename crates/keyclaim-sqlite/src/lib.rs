@@ -257,7 +257,9 @@ impl KeyStore for SqliteStore {
             self.options.limits.check_upload(upload)?;
             let owned = upload.clone();
             let outcome = self
-                .write("upload", move |conn, limits| ops::upload(conn, &owned, limits))
+                .write("upload", move |conn, limits| {
+                    ops::upload(conn, &owned, limits)
+                })
                 .await?;
             self.notifier.notify(&outcome.changes);
             tracing::debug!(
@@ -277,7 +279,9 @@ impl KeyStore for SqliteStore {
             self.options.limits.check_claim(targets)?;
             let owned = targets.to_vec();
             let outcome = self
-                .write("claim", move |conn, limits| ops::claim(conn, &owned, limits))
+                .write("claim", move |conn, limits| {
+                    ops::claim(conn, &owned, limits)
+                })
                 .await?;
             self.notifier.notify(&outcome.changes);
             tracing::debug!(
@@ -322,7 +326,9 @@ impl KeyStore for SqliteStore {
         let span = tracing::debug_span!("keyclaim_sqlite.delete_device", %device);
         let owned = device.clone();
         let changes = self
-            .write("delete_device", move |conn, _| ops::delete_device(conn, &owned))
+            .write("delete_device", move |conn, _| {
+                ops::delete_device(conn, &owned)
+            })
             .instrument(span)
             .await?;
         self.notifier.notify(&changes);
@@ -361,7 +367,9 @@ impl KeyStore for SqliteStore {
         );
         let owned = snapshot.clone();
         let changes = self
-            .write("import_device", move |conn, _| ops::import_device(conn, &owned))
+            .write("import_device", move |conn, _| {
+                ops::import_device(conn, &owned)
+            })
             .instrument(span)
             .await?;
         self.notifier.notify(&changes);

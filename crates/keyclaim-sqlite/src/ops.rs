@@ -8,6 +8,7 @@
 //!
 //! Every statement is a `prepare_cached` constant: no SQL is built per call.
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, BTreeSet};
 
 use keyclaim::{
@@ -126,10 +127,11 @@ pub(crate) fn upload(conn: &Connection, upload: &Upload, limits: &Limits) -> Res
             {
                 facts.issued.insert((id.clone(), digest));
             }
-            let algorithm = id.algorithm();
-            if !facts.otk_counts.contains_key(&algorithm) {
-                let n: i64 = count.query_row(params![user, dev, alg], |r| r.get(0)).ctx(OP)?;
-                facts.otk_counts.insert(algorithm, count_u64(n));
+            if let Entry::Vacant(slot) = facts.otk_counts.entry(id.algorithm()) {
+                let n: i64 = count
+                    .query_row(params![user, dev, alg], |r| r.get(0))
+                    .ctx(OP)?;
+                slot.insert(count_u64(n));
             }
         }
         let mut fallback = conn.prepare_cached(SQL_FALLBACK_DIGEST).ctx(OP)?;
@@ -139,7 +141,9 @@ pub(crate) fn upload(conn: &Connection, upload: &Upload, limits: &Limits) -> Res
                 .optional()
                 .ctx(OP)?;
             if let Some(bytes) = found {
-                facts.fallback_digests.insert(alg.clone(), parse_digest(&bytes)?);
+                facts
+                    .fallback_digests
+                    .insert(alg.clone(), parse_digest(&bytes)?);
             }
         }
     }
@@ -217,7 +221,11 @@ const SQL_USE_FALLBACK: &str = "UPDATE fallback_key SET used = 1 \
 /// Claims keys for every target, in order, inside the caller's write
 /// transaction (section 4): the oldest OTKs first, removed as they are
 /// returned and remembered as issued; else the fallback key, marked used.
-pub(crate) fn claim(conn: &Connection, targets: &[ClaimTarget], limits: &Limits) -> Result<ClaimOutcome> {
+pub(crate) fn claim(
+    conn: &Connection,
+    targets: &[ClaimTarget],
+    limits: &Limits,
+) -> Result<ClaimOutcome> {
     const OP: &str = "claim";
     let keep = sql_int(limits.remembered_issued_keys);
     let mut keys = Vec::new();
@@ -250,12 +258,21 @@ pub(crate) fn claim(conn: &Connection, targets: &[ClaimTarget], limits: &Limits)
         if !taken.is_empty() {
             // RETURNING gives no order; the claim order is (seq, key ID) bytes.
             taken.sort_by(|a, b| (a.0, a.1.as_bytes()).cmp(&(b.0, b.1.as_bytes())));
-            let mut n: i64 = max_issued.query_row(params![user, dev, alg], |r| r.get(0)).ctx(OP)?;
+            let mut n: i64 = max_issued
+                .query_row(params![user, dev, alg], |r| r.get(0))
+                .ctx(OP)?;
             for (_, key_id, json) in taken {
                 let key_id = parse_key_id(key_id)?;
                 let key_json = parse_key_json(&json)?;
                 let inserted = insert_issued
-                    .execute(params![user, dev, alg, n + 1, key_id.as_str(), &key_json.digest().0[..]])
+                    .execute(params![
+                        user,
+                        dev,
+                        alg,
+                        n + 1,
+                        key_id.as_str(),
+                        &key_json.digest().0[..]
+                    ])
                     .ctx(OP)?;
                 n += i64::try_from(inserted).unwrap_or(0);
                 keys.push(ClaimedKey {
@@ -272,7 +289,9 @@ pub(crate) fn claim(conn: &Connection, targets: &[ClaimTarget], limits: &Limits)
             continue;
         }
         let fallback: Option<(String, String, bool)> = get_fallback
-            .query_row(params![user, dev, alg], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .query_row(params![user, dev, alg], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
             .optional()
             .ctx(OP)?;
         if let Some((key_id, json, used)) = fallback {
@@ -300,7 +319,8 @@ pub(crate) fn claim(conn: &Connection, targets: &[ClaimTarget], limits: &Limits)
 const SQL_DELETE_DEVICE_OTKS: &str = "DELETE FROM otk WHERE user_id = ?1 AND device_id = ?2";
 const SQL_DELETE_DEVICE_FALLBACKS: &str =
     "DELETE FROM fallback_key WHERE user_id = ?1 AND device_id = ?2";
-const SQL_DELETE_DEVICE_ISSUED: &str = "DELETE FROM issued_key WHERE user_id = ?1 AND device_id = ?2";
+const SQL_DELETE_DEVICE_ISSUED: &str =
+    "DELETE FROM issued_key WHERE user_id = ?1 AND device_id = ?2";
 const SQL_USER_DEVICES: &str = "SELECT device_id FROM otk WHERE user_id = ?1 \
      UNION SELECT device_id FROM fallback_key WHERE user_id = ?1 \
      UNION SELECT device_id FROM issued_key WHERE user_id = ?1";
@@ -313,7 +333,11 @@ const SQL_RAISE_SEQ: &str = "UPDATE store_meta SET next_seq = max(next_seq, ?1) 
 fn clear_device(conn: &Connection, device: &Device, op: &'static str) -> Result<usize> {
     let p = params![device.user_id.as_str(), device.device_id.as_str()];
     let mut removed = 0;
-    for sql in [SQL_DELETE_DEVICE_OTKS, SQL_DELETE_DEVICE_FALLBACKS, SQL_DELETE_DEVICE_ISSUED] {
+    for sql in [
+        SQL_DELETE_DEVICE_OTKS,
+        SQL_DELETE_DEVICE_FALLBACKS,
+        SQL_DELETE_DEVICE_ISSUED,
+    ] {
         removed += conn.prepare_cached(sql).ctx(op)?.execute(p).ctx(op)?;
     }
     Ok(removed)
@@ -339,8 +363,15 @@ pub(crate) fn delete_user(conn: &Connection, user: &UserId) -> Result<Changes> {
         .ctx(OP)?
         .collect::<rusqlite::Result<_>>()
         .ctx(OP)?;
-    for sql in [SQL_DELETE_USER_OTKS, SQL_DELETE_USER_FALLBACKS, SQL_DELETE_USER_ISSUED] {
-        conn.prepare_cached(sql).ctx(OP)?.execute([user.as_str()]).ctx(OP)?;
+    for sql in [
+        SQL_DELETE_USER_OTKS,
+        SQL_DELETE_USER_FALLBACKS,
+        SQL_DELETE_USER_ISSUED,
+    ] {
+        conn.prepare_cached(sql)
+            .ctx(OP)?
+            .execute([user.as_str()])
+            .ctx(OP)?;
     }
     let devices = device_ids
         .into_iter()
@@ -430,7 +461,14 @@ pub(crate) fn import_device(conn: &Connection, snapshot: &DeviceSnapshot) -> Res
         let mut n = 0i64;
         for key in keys {
             let inserted = insert_issued
-                .execute(params![user, dev, alg.as_str(), n + 1, key.key_id.as_str(), &key.digest.0[..]])
+                .execute(params![
+                    user,
+                    dev,
+                    alg.as_str(),
+                    n + 1,
+                    key.key_id.as_str(),
+                    &key.digest.0[..]
+                ])
                 .ctx(OP)?;
             n += i64::try_from(inserted).unwrap_or(0);
         }
@@ -451,9 +489,10 @@ pub(crate) fn otk_counts(conn: &Connection, device: &Device) -> Result<OtkCounts
     const OP: &str = "otk_counts";
     let mut stmt = conn.prepare_cached(SQL_COUNTS).ctx(OP)?;
     let rows = stmt
-        .query_map(params![device.user_id.as_str(), device.device_id.as_str()], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
-        })
+        .query_map(
+            params![device.user_id.as_str(), device.device_id.as_str()],
+            |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)),
+        )
         .ctx(OP)?;
     let mut counts = BTreeMap::new();
     for row in rows {
@@ -471,9 +510,10 @@ pub(crate) fn unused_fallback_types(conn: &Connection, device: &Device) -> Resul
     const OP: &str = "unused_fallback_types";
     let mut stmt = conn.prepare_cached(SQL_UNUSED_FALLBACKS).ctx(OP)?;
     let rows = stmt
-        .query_map(params![device.user_id.as_str(), device.device_id.as_str()], |r| {
-            r.get::<_, String>(0)
-        })
+        .query_map(
+            params![device.user_id.as_str(), device.device_id.as_str()],
+            |r| r.get::<_, String>(0),
+        )
         .ctx(OP)?;
     let mut out = Vec::new();
     for row in rows {
@@ -553,7 +593,11 @@ fn snapshot(conn: &Connection, device: Device) -> Result<DeviceSnapshot> {
     let mut stmt = conn.prepare_cached(SQL_EXPORT_OTKS).ctx(OP)?;
     let rows = stmt
         .query_map(p, |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?))
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
         })
         .ctx(OP)?;
     for row in rows {
@@ -592,7 +636,11 @@ fn snapshot(conn: &Connection, device: Device) -> Result<DeviceSnapshot> {
     let mut stmt = conn.prepare_cached(SQL_EXPORT_ISSUED).ctx(OP)?;
     let rows = stmt
         .query_map(p, |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, Vec<u8>>(2)?))
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, Vec<u8>>(2)?,
+            ))
         })
         .ctx(OP)?;
     for row in rows {

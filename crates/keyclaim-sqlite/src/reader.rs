@@ -45,18 +45,20 @@ impl ReadPool {
             let options = options.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("keyclaim-sqlite-reader-{i}"))
-                .spawn(move || match schema::open_connection(&path, &options, Role::Reader) {
-                    Ok(conn) => {
-                        if ready_tx.send(Ok(())).is_ok() {
-                            while let Ok(job) = rx.recv() {
-                                job(&conn);
+                .spawn(
+                    move || match schema::open_connection(&path, &options, Role::Reader) {
+                        Ok(conn) => {
+                            if ready_tx.send(Ok(())).is_ok() {
+                                while let Ok(job) = rx.recv() {
+                                    job(&conn);
+                                }
                             }
                         }
-                    }
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(e));
-                    }
-                })
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                        }
+                    },
+                )
                 .map_err(|e| Error::storage(BACKEND, "open", false, e))?;
             pool.threads.push(thread);
             ready.push(ready_rx);
@@ -78,7 +80,12 @@ impl ReadPool {
         let job: ReadJob = Box::new(move |conn| {
             let _entered = span.enter();
             let result = catch_unwind(AssertUnwindSafe(|| f(conn))).unwrap_or_else(|_| {
-                Err(Error::storage(BACKEND, "read", false, "the read operation panicked"))
+                Err(Error::storage(
+                    BACKEND,
+                    "read",
+                    false,
+                    "the read operation panicked",
+                ))
             });
             let _ = reply.send(result);
         });

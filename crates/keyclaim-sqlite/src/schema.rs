@@ -97,7 +97,11 @@ pub(crate) enum Role {
 }
 
 /// Opens and tunes one connection. Does not migrate.
-pub(crate) fn open_connection(path: &Path, options: &SqliteOptions, role: Role) -> Result<Connection> {
+pub(crate) fn open_connection(
+    path: &Path,
+    options: &SqliteOptions,
+    role: Role,
+) -> Result<Connection> {
     let mut flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
     if role == Role::Writer {
         flags |= OpenFlags::SQLITE_OPEN_CREATE;
@@ -109,8 +113,10 @@ pub(crate) fn open_connection(path: &Path, options: &SqliteOptions, role: Role) 
         Synchronous::Full => "FULL",
         Synchronous::Normal => "NORMAL",
     };
-    conn.pragma_update(None, "synchronous", synchronous).ctx("open")?;
-    conn.pragma_update(None, "foreign_keys", false).ctx("open")?;
+    conn.pragma_update(None, "synchronous", synchronous)
+        .ctx("open")?;
+    conn.pragma_update(None, "foreign_keys", false)
+        .ctx("open")?;
     if role == Role::Reader {
         conn.pragma_update(None, "query_only", true).ctx("open")?;
     }
@@ -160,9 +166,11 @@ fn migrate_in_transaction(conn: &Connection) -> Result<()> {
     }
     if version == 0 {
         let tables: i64 = conn
-            .query_row("SELECT count(*) FROM sqlite_schema WHERE type = 'table'", [], |r| {
-                r.get(0)
-            })
+            .query_row(
+                "SELECT count(*) FROM sqlite_schema WHERE type = 'table'",
+                [],
+                |r| r.get(0),
+            )
             .ctx("migrate")?;
         if tables > 0 {
             return Err(Error::corrupt(
@@ -176,8 +184,10 @@ fn migrate_in_transaction(conn: &Connection) -> Result<()> {
         tracing::info!(to_version = i + 1, "keyclaim-sqlite: migrated schema");
     }
     if version < SCHEMA_VERSION {
-        conn.pragma_update(None, "user_version", SCHEMA_VERSION).ctx("migrate")?;
-        conn.pragma_update(None, "application_id", APPLICATION_ID).ctx("migrate")?;
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION)
+            .ctx("migrate")?;
+        conn.pragma_update(None, "application_id", APPLICATION_ID)
+            .ctx("migrate")?;
     }
     Ok(())
 }
@@ -188,7 +198,8 @@ fn migrate_in_transaction(conn: &Connection) -> Result<()> {
 fn set_wal(conn: &Connection, busy_timeout: Duration) -> Result<()> {
     let deadline = std::time::Instant::now() + busy_timeout;
     loop {
-        let mode = conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get::<_, String>(0));
+        let mode =
+            conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get::<_, String>(0));
         match mode {
             Ok(mode) if mode.eq_ignore_ascii_case("wal") => return Ok(()),
             Ok(mode) => {

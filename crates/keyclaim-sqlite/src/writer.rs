@@ -48,7 +48,10 @@ impl BatchFailure {
             retryable: true,
             source: Arc::new(rusqlite::Error::SqliteFailure(
                 rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ABORT),
-                Some("the transaction was rolled back by a failing operation of the same batch".into()),
+                Some(
+                    "the transaction was rolled back by a failing operation of the same batch"
+                        .into(),
+                ),
             )),
         }
     }
@@ -88,8 +91,16 @@ where
         };
         let _entered = self.span.enter();
         let result = catch_unwind(AssertUnwindSafe(|| f(conn, limits))).unwrap_or_else(|_| {
-            tracing::error!(op = self.op, "keyclaim-sqlite: operation panicked; rolled back");
-            Err(Error::storage(BACKEND, self.op, false, "the operation panicked"))
+            tracing::error!(
+                op = self.op,
+                "keyclaim-sqlite: operation panicked; rolled back"
+            );
+            Err(Error::storage(
+                BACKEND,
+                self.op,
+                false,
+                "the operation panicked",
+            ))
         });
         let ok = result.is_ok();
         self.result = Some(result);
@@ -102,7 +113,12 @@ where
             (Some(Err(e)), _) => Err(e),
             (Some(Ok(value)), Ok(())) => Ok(value),
             (_, Err(failure)) => Err(failure.to_error(self.op)),
-            (None, Ok(())) => Err(Error::storage(BACKEND, self.op, true, "the operation did not run")),
+            (None, Ok(())) => Err(Error::storage(
+                BACKEND,
+                self.op,
+                true,
+                "the operation did not run",
+            )),
         };
         // The caller may have gone away (its future was dropped): fine.
         let _ = self.reply.send(answer);
@@ -230,7 +246,8 @@ fn run_transaction(
     limits: &Limits,
 ) -> Result<(), BatchFailure> {
     exec(conn, "BEGIN IMMEDIATE").map_err(BatchFailure::from_sql)?;
-    let body = run_jobs(conn, batch, limits).and_then(|()| exec(conn, "COMMIT").map_err(BatchFailure::from_sql));
+    let body = run_jobs(conn, batch, limits)
+        .and_then(|()| exec(conn, "COMMIT").map_err(BatchFailure::from_sql));
     if body.is_err() && !conn.is_autocommit() {
         // Nothing of the batch may stay behind; the error to report is the
         // one that got us here.
@@ -239,7 +256,11 @@ fn run_transaction(
     body
 }
 
-fn run_jobs(conn: &Connection, batch: &mut [Box<dyn Job>], limits: &Limits) -> Result<(), BatchFailure> {
+fn run_jobs(
+    conn: &Connection,
+    batch: &mut [Box<dyn Job>],
+    limits: &Limits,
+) -> Result<(), BatchFailure> {
     for job in batch.iter_mut() {
         exec(conn, "SAVEPOINT op").map_err(BatchFailure::from_sql)?;
         let ok = job.run(conn, limits);
@@ -294,7 +315,8 @@ mod tests {
     fn open() -> (tempfile::TempDir, Connection) {
         let dir = tempfile::tempdir().unwrap();
         let options = SqliteOptions::default();
-        let conn = schema::open_connection(&dir.path().join("db.sqlite"), &options, Role::Writer).unwrap();
+        let conn =
+            schema::open_connection(&dir.path().join("db.sqlite"), &options, Role::Writer).unwrap();
         schema::migrate(&conn, options.busy_timeout).unwrap();
         (dir, conn)
     }
@@ -319,18 +341,30 @@ mod tests {
             crate::ops::upload(c, &upload("C", &[("alg:1", "c")]), l)?;
             Err::<(), _>(Error::Closed)
         });
-        let (j5, r5) = job(|c, l| crate::ops::claim(c, &[ClaimTarget::one(device("B"), "alg".parse()?)], l));
+        let (j5, r5) =
+            job(|c, l| crate::ops::claim(c, &[ClaimTarget::one(device("B"), "alg".parse()?)], l));
         let mut batch = vec![j1, j2, j4, j3, j5];
         run_batch(&conn, &mut batch, &limits);
 
         assert!(r1.blocking_recv().unwrap().is_ok());
-        assert!(matches!(r2.blocking_recv().unwrap(), Err(Error::Conflict { .. })));
+        assert!(matches!(
+            r2.blocking_recv().unwrap(),
+            Err(Error::Conflict { .. })
+        ));
         assert!(r3.blocking_recv().unwrap().is_ok());
         assert!(matches!(r4.blocking_recv().unwrap(), Err(Error::Closed)));
         assert_eq!(r5.blocking_recv().unwrap().unwrap().keys.len(), 1);
-        assert_eq!(count(&conn, "A"), 1, "the conflicting upload stored nothing");
+        assert_eq!(
+            count(&conn, "A"),
+            1,
+            "the conflicting upload stored nothing"
+        );
         assert_eq!(count(&conn, "B"), 0, "claimed within the batch");
-        assert_eq!(count(&conn, "C"), 0, "the failed operation's write was rolled back");
+        assert_eq!(
+            count(&conn, "C"),
+            0,
+            "the failed operation's write was rolled back"
+        );
         assert!(conn.is_autocommit(), "the transaction is closed");
     }
 
@@ -352,8 +386,14 @@ mod tests {
         });
         let mut batch = vec![j1, j2];
         run_batch(&conn, &mut batch, &Limits::default());
-        assert!(matches!(r1.blocking_recv().unwrap(), Err(Error::Storage { .. })));
-        assert!(matches!(r2.blocking_recv().unwrap(), Err(Error::Storage { .. })));
+        assert!(matches!(
+            r1.blocking_recv().unwrap(),
+            Err(Error::Storage { .. })
+        ));
+        assert!(matches!(
+            r2.blocking_recv().unwrap(),
+            Err(Error::Storage { .. })
+        ));
         assert!(conn.is_autocommit());
         assert_eq!(count(&conn, "A"), 0);
     }
@@ -364,7 +404,10 @@ mod tests {
         let a = upload("A", &[("alg:1", "one")]);
         let (j1, r1) = job(move |c, l| crate::ops::upload(c, &a, l));
         // Stands for SQLite rolling the transaction back on its own.
-        let (j2, r2) = job(|c, _| c.execute_batch("ROLLBACK").map_err(|e| crate::ops::sql_error("test", e)));
+        let (j2, r2) = job(|c, _| {
+            c.execute_batch("ROLLBACK")
+                .map_err(|e| crate::ops::sql_error("test", e))
+        });
         let b = upload("B", &[("alg:1", "two")]);
         let (j3, r3) = job(move |c, l| crate::ops::upload(c, &b, l));
         let mut batch = vec![j1, j2, j3];
