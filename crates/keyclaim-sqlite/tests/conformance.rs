@@ -1,5 +1,7 @@
 //! The shared conformance suite against `SqliteStore` on temp files, directly
 //! and as `Arc<dyn KeyStore>`.
+// A test: a failed expectation is how it reports.
+#![allow(clippy::expect_used)]
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
