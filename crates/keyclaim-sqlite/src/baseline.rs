@@ -3,7 +3,11 @@
 //!
 //! For each target it takes a connection from its pool and runs
 //! `BEGIN IMMEDIATE; SELECT` the oldest OTK of the device and algorithm;
-//! `DELETE` it; `COMMIT` — one synced commit per key. It works on the same
+//! `DELETE` it; `COMMIT` — one synced commit per key. By default the pool
+//! holds one connection, as the reference homeserver uses with SQLite
+//! (concurrent claims queue for it in the process instead of sleeping in
+//! SQLite's busy handler); [`BaselineClaimer::with_max_connections`] allows
+//! more (they then contend for the file's write lock). It works on the same
 //! file and with the same settings ([`SqliteOptions`]) as a [`SqliteStore`],
 //! so the two can be measured side by side. It does less than the store does
 //! (no fallback keys, no remembering of issued keys, no change events): it is
@@ -31,7 +35,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use keyclaim::{Algorithm, ClaimTarget, ClaimedKey, Device, Error, KeyId, KeyJson, Result};
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 use rusqlite::{Connection, OptionalExtension as _, params};
 
 use crate::SqliteOptions;
@@ -44,8 +48,8 @@ const SQL_DELETE: &str = "DELETE FROM otk WHERE id = ?1";
 
 /// Claims OTKs one transaction per target. Cheap to clone (shared pool).
 ///
-/// Connections are opened on demand, one per concurrent claim, and kept in a
-/// pool. The file must already hold a keyclaim schema (open a
+/// Connections are opened on demand, at most `max_connections` (default 1),
+/// and kept in a pool. The file must already hold a keyclaim schema (open a
 /// [`SqliteStore`](crate::SqliteStore) on it first).
 #[derive(Clone, Debug)]
 pub struct BaselineClaimer {
@@ -56,18 +60,38 @@ pub struct BaselineClaimer {
 struct Inner {
     path: PathBuf,
     options: SqliteOptions,
-    pool: Mutex<Vec<Connection>>,
+    max_connections: usize,
+    pool: Mutex<Pool>,
+    returned: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct Pool {
+    idle: Vec<Connection>,
+    open: usize,
 }
 
 impl BaselineClaimer {
-    /// A claimer on the file at `path`, opening its connections with
+    /// A claimer on the file at `path` with one connection, opened with
     /// `options` (durability, busy timeout). Opens nothing yet.
     pub fn open(path: impl AsRef<Path>, options: SqliteOptions) -> Self {
+        Self::with_max_connections(path, options, 1)
+    }
+
+    /// A claimer that opens up to `max_connections` connections (at least
+    /// one), so that that many claims run their transactions at once.
+    pub fn with_max_connections(
+        path: impl AsRef<Path>,
+        options: SqliteOptions,
+        max_connections: usize,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 path: path.as_ref().to_owned(),
                 options,
-                pool: Mutex::new(Vec::new()),
+                max_connections: max_connections.max(1),
+                pool: Mutex::new(Pool::default()),
+                returned: Condvar::new(),
             }),
         }
     }
@@ -88,7 +112,7 @@ impl BaselineClaimer {
         if !conn.is_autocommit() {
             let _ = conn.execute_batch("ROLLBACK");
         }
-        self.inner.pool.lock().push(conn);
+        self.give_back(conn);
         result
     }
 
@@ -128,10 +152,29 @@ impl BaselineClaimer {
     }
 
     fn take_connection(&self) -> Result<Connection> {
-        if let Some(conn) = self.inner.pool.lock().pop() {
-            return Ok(conn);
+        let mut pool = self.inner.pool.lock();
+        loop {
+            if let Some(conn) = pool.idle.pop() {
+                return Ok(conn);
+            }
+            if pool.open < self.inner.max_connections {
+                pool.open += 1;
+                drop(pool);
+                let opened =
+                    schema::open_connection(&self.inner.path, &self.inner.options, Role::Writer);
+                if opened.is_err() {
+                    self.inner.pool.lock().open -= 1;
+                    self.inner.returned.notify_one();
+                }
+                return opened;
+            }
+            self.inner.returned.wait(&mut pool);
         }
-        schema::open_connection(&self.inner.path, &self.inner.options, Role::Writer)
+    }
+
+    fn give_back(&self, conn: Connection) {
+        self.inner.pool.lock().idle.push(conn);
+        self.inner.returned.notify_one();
     }
 }
 

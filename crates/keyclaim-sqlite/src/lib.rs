@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 pub mod baseline;
+mod checkpoint;
 mod ops;
 mod reader;
 mod schema;
@@ -19,6 +20,7 @@ use tracing::Instrument as _;
 
 pub use schema::{APPLICATION_ID, SCHEMA_VERSION};
 
+use checkpoint::Checkpointer;
 use reader::ReadPool;
 use writer::Writer;
 
@@ -63,6 +65,7 @@ pub struct SqliteOptions {
     busy_timeout: Duration,
     read_connections: usize,
     max_batch: usize,
+    checkpoint_interval: Option<Duration>,
 }
 
 impl Default for SqliteOptions {
@@ -73,6 +76,7 @@ impl Default for SqliteOptions {
             busy_timeout: Duration::from_secs(10),
             read_connections: 4,
             max_batch: 256,
+            checkpoint_interval: Some(Duration::from_millis(100)),
         }
     }
 }
@@ -123,6 +127,21 @@ impl SqliteOptions {
         self
     }
 
+    /// Checkpoint the WAL from a background thread at this interval
+    /// (default 100 ms), so that commits never wait for a checkpoint; `None`
+    /// leaves checkpoints to SQLite's automatic ones, run by the commit that
+    /// fills the WAL past 1000 pages.
+    #[must_use]
+    pub fn checkpoint_interval(mut self, interval: Option<Duration>) -> Self {
+        self.checkpoint_interval = interval;
+        self
+    }
+
+    /// The configured checkpoint interval.
+    pub fn get_checkpoint_interval(&self) -> Option<Duration> {
+        self.checkpoint_interval
+    }
+
     /// The configured limits.
     pub fn get_limits(&self) -> &Limits {
         &self.limits
@@ -166,6 +185,7 @@ pub struct SqliteStore {
     // Declared before `writer`, so readers close before the writer does; the
     // last connection to close checkpoints the WAL.
     readers: ReadPool,
+    _checkpointer: Option<Checkpointer>,
     writer: Writer,
 }
 
@@ -201,11 +221,16 @@ impl SqliteStore {
         async {
             let writer = Writer::start(path.clone(), options.clone()).await?;
             let readers = ReadPool::start(&path, &options).await?;
+            let checkpointer = options
+                .checkpoint_interval
+                .map(|every| Checkpointer::start(&path, &options, every))
+                .transpose()?;
             Ok(SqliteStore {
                 path,
                 options,
                 notifier: ChangeNotifier::new(),
                 readers,
+                _checkpointer: checkpointer,
                 writer,
             })
         }

@@ -203,10 +203,9 @@ fn next_seq(conn: &Connection, op: &'static str) -> Result<i64> {
 // ---------------------------------------------------------------------------
 // Claim
 
-const SQL_TAKE_OTKS: &str = "DELETE FROM otk WHERE id IN ( \
-       SELECT id FROM otk WHERE user_id = ?1 AND device_id = ?2 AND algorithm = ?3 \
-       ORDER BY seq, key_id LIMIT ?4) \
-     RETURNING seq, key_id, key_json";
+const SQL_OLDEST_OTKS: &str = "SELECT id, key_id, key_json FROM otk \
+     WHERE user_id = ?1 AND device_id = ?2 AND algorithm = ?3 ORDER BY seq, key_id LIMIT ?4";
+const SQL_DELETE_OTK: &str = "DELETE FROM otk WHERE id = ?1";
 const SQL_MAX_ISSUED: &str = "SELECT coalesce(max(n), 0) FROM issued_key \
      WHERE user_id = ?1 AND device_id = ?2 AND algorithm = ?3";
 const SQL_INSERT_ISSUED: &str = "INSERT OR IGNORE INTO issued_key \
@@ -230,7 +229,8 @@ pub(crate) fn claim(
     let keep = sql_int(limits.remembered_issued_keys);
     let mut keys = Vec::new();
     let mut changed = Vec::new();
-    let mut take = conn.prepare_cached(SQL_TAKE_OTKS).ctx(OP)?;
+    let mut oldest = conn.prepare_cached(SQL_OLDEST_OTKS).ctx(OP)?;
+    let mut delete = conn.prepare_cached(SQL_DELETE_OTK).ctx(OP)?;
     let mut max_issued = conn.prepare_cached(SQL_MAX_ISSUED).ctx(OP)?;
     let mut insert_issued = conn.prepare_cached(SQL_INSERT_ISSUED).ctx(OP)?;
     let mut prune = conn.prepare_cached(SQL_PRUNE_ISSUED).ctx(OP)?;
@@ -248,7 +248,9 @@ pub(crate) fn claim(
             device.device_id.as_str(),
             target.algorithm.as_str(),
         );
-        let mut taken: Vec<(i64, String, String)> = take
+        // The oldest keys in claim order (R4.2), then removed by row ID; the
+        // writer holds the write lock, so nobody else can take them between.
+        let taken: Vec<(i64, String, String)> = oldest
             .query_map(params![user, dev, alg, i64::from(count)], |r| {
                 Ok((r.get(0)?, r.get(1)?, r.get(2)?))
             })
@@ -256,12 +258,11 @@ pub(crate) fn claim(
             .collect::<rusqlite::Result<_>>()
             .ctx(OP)?;
         if !taken.is_empty() {
-            // RETURNING gives no order; the claim order is (seq, key ID) bytes.
-            taken.sort_by(|a, b| (a.0, a.1.as_bytes()).cmp(&(b.0, b.1.as_bytes())));
             let mut n: i64 = max_issued
                 .query_row(params![user, dev, alg], |r| r.get(0))
                 .ctx(OP)?;
-            for (_, key_id, json) in taken {
+            for (id, key_id, json) in taken {
+                delete.execute([id]).ctx(OP)?;
                 let key_id = parse_key_id(key_id)?;
                 let key_json = parse_key_json(&json)?;
                 let inserted = insert_issued

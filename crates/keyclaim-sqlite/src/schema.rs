@@ -25,6 +25,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use keyclaim::{Error, Result};
+use rusqlite::config::DbConfig;
 use rusqlite::{Connection, OpenFlags};
 
 use crate::ops::{BACKEND, SqlContext as _};
@@ -37,6 +38,10 @@ pub const SCHEMA_VERSION: i64 = 1;
 /// `PRAGMA application_id` of a keyclaim file ("kclm"), so that a file of
 /// another application is not taken for an empty store.
 pub const APPLICATION_ID: i64 = 0x6b63_6c6d;
+
+/// With the background checkpointer on, the writer still checkpoints by
+/// itself once the WAL holds this many pages (about 32 MiB).
+const BACKSTOP_CHECKPOINT_PAGES: i64 = 8192;
 
 /// Migration `i` brings a file from version `i` to version `i + 1`.
 const MIGRATIONS: &[&str] = &[
@@ -94,6 +99,8 @@ pub(crate) enum Role {
     Writer,
     /// A read-pool connection; never writes (`query_only`).
     Reader,
+    /// The background checkpoint connection.
+    Checkpointer,
 }
 
 /// Opens and tunes one connection. Does not migrate.
@@ -109,6 +116,12 @@ pub(crate) fn open_connection(
     let conn = Connection::open_with_flags(path, flags).ctx("open")?;
     conn.busy_timeout(options.busy_timeout).ctx("open")?;
     conn.set_prepared_statement_cache_capacity(64);
+    // Every statement is prepared once and cached. Without the query planner
+    // stability guarantee, SQLite (built with STAT4) re-prepares a cached
+    // statement whenever a new value is bound to a parameter in a range
+    // constraint (`n <= ?`, `LIMIT ?`), which cost more than running it.
+    conn.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)
+        .ctx("open")?;
     let synchronous = match options.synchronous {
         Synchronous::Full => "FULL",
         Synchronous::Normal => "NORMAL",
@@ -117,8 +130,14 @@ pub(crate) fn open_connection(
         .ctx("open")?;
     conn.pragma_update(None, "foreign_keys", false)
         .ctx("open")?;
-    if role == Role::Reader {
-        conn.pragma_update(None, "query_only", true).ctx("open")?;
+    match role {
+        Role::Reader => conn.pragma_update(None, "query_only", true).ctx("open")?,
+        Role::Writer if options.checkpoint_interval.is_some() => {
+            // The background checkpointer does the work; this is a backstop.
+            conn.pragma_update(None, "wal_autocheckpoint", BACKSTOP_CHECKPOINT_PAGES)
+                .ctx("open")?;
+        }
+        Role::Writer | Role::Checkpointer => {}
     }
     Ok(conn)
 }

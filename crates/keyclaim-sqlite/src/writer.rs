@@ -14,6 +14,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 use keyclaim::{Error, Limits, Result};
@@ -245,9 +246,21 @@ fn run_transaction(
     batch: &mut [Box<dyn Job>],
     limits: &Limits,
 ) -> Result<(), BatchFailure> {
+    let start = Instant::now();
     exec(conn, "BEGIN IMMEDIATE").map_err(BatchFailure::from_sql)?;
-    let body = run_jobs(conn, batch, limits)
-        .and_then(|()| exec(conn, "COMMIT").map_err(BatchFailure::from_sql));
+    let locked = Instant::now();
+    let body = run_jobs(conn, batch, limits);
+    let ran = Instant::now();
+    let body = body.and_then(|()| exec(conn, "COMMIT").map_err(BatchFailure::from_sql));
+    let committed = Instant::now();
+    tracing::debug!(
+        size = batch.len(),
+        lock_us = micros(locked - start),
+        run_us = micros(ran - locked),
+        commit_us = micros(committed - ran),
+        ok = body.is_ok(),
+        "keyclaim-sqlite: batch"
+    );
     if body.is_err() && !conn.is_autocommit() {
         // Nothing of the batch may stay behind; the error to report is the
         // one that got us here.
@@ -256,11 +269,24 @@ fn run_transaction(
     body
 }
 
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
 fn run_jobs(
     conn: &Connection,
     batch: &mut [Box<dyn Job>],
     limits: &Limits,
 ) -> Result<(), BatchFailure> {
+    if let [job] = batch {
+        // Alone in its transaction: no batch-mate to protect, so no
+        // savepoint; if it fails, the whole transaction is rolled back.
+        return if job.run(conn, limits) {
+            Ok(())
+        } else {
+            Err(BatchFailure::aborted_by_batch_mate())
+        };
+    }
     for job in batch.iter_mut() {
         exec(conn, "SAVEPOINT op").map_err(BatchFailure::from_sql)?;
         let ok = job.run(conn, limits);
