@@ -157,6 +157,13 @@ fn env_usize(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
+/// The machine's load average (benchmarks on a shared machine are noisy).
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
+}
+
 fn ms(d: f64) -> String {
     format!("{:.2} ms", d * 1e3)
 }
@@ -168,17 +175,17 @@ fn main() {
     let rounds = if smoke {
         1
     } else {
-        env_usize("KEYCLAIM_BENCH_ROUNDS", 3)
+        env_usize("KEYCLAIM_BENCH_ROUNDS", 7)
     };
     let baseline_claims = if smoke {
         16
     } else {
-        env_usize("KEYCLAIM_BENCH_BASELINE_CLAIMS", 256)
+        env_usize("KEYCLAIM_BENCH_BASELINE_CLAIMS", 128)
     };
     let keyclaim_claims = if smoke {
         64
     } else {
-        env_usize("KEYCLAIM_BENCH_CLAIMS", 2048)
+        env_usize("KEYCLAIM_BENCH_CLAIMS", 1024)
     };
     let warmup = if smoke {
         8
@@ -200,6 +207,7 @@ fn main() {
          {baseline_claims} claims, keyclaim {keyclaim_claims} claims (C=1: {baseline_claims}); \
          medians over rounds"
     );
+    println!("load average before: {}", loadavg());
     println!(
         "{:<17} {:>3} | {:>14} {:>10} {:>10} | {:>14} {:>10} {:>10} | {:>7} {:>9}",
         "scenario",
