@@ -303,12 +303,18 @@ impl KeyStore for SqliteStore {
         async {
             self.options.limits.check_claim(targets)?;
             let owned = targets.to_vec();
-            let outcome = self
+            let raw = self
                 .write("claim", move |conn, limits| {
                     ops::claim(conn, &owned, limits)
                 })
                 .await?;
-            self.notifier.notify(&outcome.changes);
+            // Committed: the changes happened even if a stored key turns out
+            // unreadable, so notify first.
+            let outcome = raw.into_outcome(targets);
+            if let Ok(outcome) = &outcome {
+                self.notifier.notify(&outcome.changes);
+            }
+            let outcome = outcome?;
             tracing::debug!(
                 issued = outcome.keys.len(),
                 devices_changed = outcome.changes.devices().len(),

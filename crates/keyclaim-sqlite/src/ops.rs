@@ -203,7 +203,7 @@ fn next_seq(conn: &Connection, op: &'static str) -> Result<i64> {
 // ---------------------------------------------------------------------------
 // Claim
 
-const SQL_OLDEST_OTKS: &str = "SELECT id, key_id, key_json FROM otk \
+const SQL_OLDEST_OTKS: &str = "SELECT id, key_id, key_json, digest FROM otk \
      WHERE user_id = ?1 AND device_id = ?2 AND algorithm = ?3 ORDER BY seq, key_id LIMIT ?4";
 const SQL_DELETE_OTK: &str = "DELETE FROM otk WHERE id = ?1";
 const SQL_MAX_ISSUED: &str = "SELECT coalesce(max(n), 0) FROM issued_key \
@@ -217,18 +217,77 @@ const SQL_GET_FALLBACK: &str = "SELECT key_id, key_json, used FROM fallback_key 
 const SQL_USE_FALLBACK: &str = "UPDATE fallback_key SET used = 1 \
      WHERE user_id = ?1 AND device_id = ?2 AND algorithm = ?3";
 
+/// One key taken by a claim, as stored. Turned into a [`ClaimedKey`] by
+/// [`RawClaim::into_outcome`], off the writer thread: parsing and checking
+/// the key JSON is a good part of a claim's work, and the writer is the one
+/// thread every write of the store goes through.
+#[derive(Debug)]
+pub(crate) struct RawKey {
+    target: usize,
+    key_id: String,
+    key_json: String,
+    fallback: bool,
+}
+
+/// What a claim took, by target index.
+#[derive(Debug, Default)]
+pub(crate) struct RawClaim {
+    keys: Vec<RawKey>,
+    changed: Vec<usize>,
+}
+
+impl RawClaim {
+    /// The claim's answer, given the targets it was run with.
+    ///
+    /// # Errors
+    /// [`Error::Corrupt`] when a stored key ID or key JSON is invalid (the
+    /// claim has been committed: such a key was unusable anyway).
+    pub(crate) fn into_outcome(self, targets: &[ClaimTarget]) -> Result<ClaimOutcome> {
+        let device = |i: usize| {
+            targets
+                .get(i)
+                .map(|t| t.device.clone())
+                .ok_or_else(|| Error::corrupt("claim answer names an unknown target"))
+        };
+        let mut keys = Vec::with_capacity(self.keys.len());
+        for raw in self.keys {
+            keys.push(ClaimedKey {
+                device: device(raw.target)?,
+                key_id: parse_key_id(raw.key_id)?,
+                key_json: parse_key_json(&raw.key_json)?,
+                fallback: raw.fallback,
+            });
+        }
+        let changed = self
+            .changed
+            .into_iter()
+            .map(device)
+            .collect::<Result<Vec<_>>>()?;
+        Ok(ClaimOutcome {
+            keys,
+            changes: Changes::from_devices(changed),
+        })
+    }
+
+    /// How many keys the claim took.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.keys.len()
+    }
+}
+
 /// Claims keys for every target, in order, inside the caller's write
 /// transaction (section 4): the oldest OTKs first, removed as they are
-/// returned and remembered as issued; else the fallback key, marked used.
+/// returned and remembered as issued (by their stored digest); else the
+/// fallback key, marked used.
 pub(crate) fn claim(
     conn: &Connection,
     targets: &[ClaimTarget],
     limits: &Limits,
-) -> Result<ClaimOutcome> {
+) -> Result<RawClaim> {
     const OP: &str = "claim";
     let keep = sql_int(limits.remembered_issued_keys);
-    let mut keys = Vec::new();
-    let mut changed = Vec::new();
+    let mut out = RawClaim::default();
     let mut oldest = conn.prepare_cached(SQL_OLDEST_OTKS).ctx(OP)?;
     let mut delete = conn.prepare_cached(SQL_DELETE_OTK).ctx(OP)?;
     let mut max_issued = conn.prepare_cached(SQL_MAX_ISSUED).ctx(OP)?;
@@ -237,7 +296,7 @@ pub(crate) fn claim(
     let mut get_fallback = conn.prepare_cached(SQL_GET_FALLBACK).ctx(OP)?;
     let mut use_fallback = conn.prepare_cached(SQL_USE_FALLBACK).ctx(OP)?;
 
-    for target in targets {
+    for (index, target) in targets.iter().enumerate() {
         let count = limits.clamp_count(target.count);
         if count == 0 {
             continue;
@@ -250,9 +309,9 @@ pub(crate) fn claim(
         );
         // The oldest keys in claim order (R4.2), then removed by row ID; the
         // writer holds the write lock, so nobody else can take them between.
-        let taken: Vec<(i64, String, String)> = oldest
+        let taken: Vec<(i64, String, String, Vec<u8>)> = oldest
             .query_map(params![user, dev, alg, i64::from(count)], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
             })
             .ctx(OP)?
             .collect::<rusqlite::Result<_>>()
@@ -261,23 +320,14 @@ pub(crate) fn claim(
             let mut n: i64 = max_issued
                 .query_row(params![user, dev, alg], |r| r.get(0))
                 .ctx(OP)?;
-            for (id, key_id, json) in taken {
+            for (id, key_id, key_json, digest) in taken {
                 delete.execute([id]).ctx(OP)?;
-                let key_id = parse_key_id(key_id)?;
-                let key_json = parse_key_json(&json)?;
                 let inserted = insert_issued
-                    .execute(params![
-                        user,
-                        dev,
-                        alg,
-                        n + 1,
-                        key_id.as_str(),
-                        &key_json.digest().0[..]
-                    ])
+                    .execute(params![user, dev, alg, n + 1, key_id, digest])
                     .ctx(OP)?;
                 n += i64::try_from(inserted).unwrap_or(0);
-                keys.push(ClaimedKey {
-                    device: device.clone(),
+                out.keys.push(RawKey {
+                    target: index,
                     key_id,
                     key_json,
                     fallback: false,
@@ -286,7 +336,7 @@ pub(crate) fn claim(
             if n > keep {
                 prune.execute(params![user, dev, alg, n - keep]).ctx(OP)?;
             }
-            changed.push(device.clone());
+            out.changed.push(index);
             continue;
         }
         let fallback: Option<(String, String, bool)> = get_fallback
@@ -295,23 +345,20 @@ pub(crate) fn claim(
             })
             .optional()
             .ctx(OP)?;
-        if let Some((key_id, json, used)) = fallback {
+        if let Some((key_id, key_json, used)) = fallback {
             if !used {
                 use_fallback.execute(params![user, dev, alg]).ctx(OP)?;
-                changed.push(device.clone());
+                out.changed.push(index);
             }
-            keys.push(ClaimedKey {
-                device: device.clone(),
-                key_id: parse_key_id(key_id)?,
-                key_json: parse_key_json(&json)?,
+            out.keys.push(RawKey {
+                target: index,
+                key_id,
+                key_json,
                 fallback: true,
             });
         }
     }
-    Ok(ClaimOutcome {
-        keys,
-        changes: Changes::from_devices(changed),
-    })
+    Ok(out)
 }
 
 // ---------------------------------------------------------------------------

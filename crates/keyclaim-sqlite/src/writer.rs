@@ -379,7 +379,7 @@ mod tests {
         ));
         assert!(r3.blocking_recv().unwrap().is_ok());
         assert!(matches!(r4.blocking_recv().unwrap(), Err(Error::Closed)));
-        assert_eq!(r5.blocking_recv().unwrap().unwrap().keys.len(), 1);
+        assert_eq!(r5.blocking_recv().unwrap().unwrap().len(), 1);
         assert_eq!(
             count(&conn, "A"),
             1,
