@@ -221,3 +221,39 @@ async fn concurrent_operations_share_transactions() {
     assert_eq!(counts.get_str("signed_curve25519"), 200 - 56 * 3);
     assert_eq!(counts.get_str("other"), 1);
 }
+
+#[tokio::test]
+async fn works_without_the_background_checkpointer() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("auto.sqlite");
+    let options = SqliteOptions::new().checkpoint_interval(None);
+    let d = device(0);
+    {
+        let store = SqliteStore::open_with(&path, options.clone())
+            .await
+            .unwrap();
+        let keys: Vec<_> = (0..300).map(|i| key(&format!("k{i}"))).collect();
+        store
+            .upload(&Upload::from_keys(d.clone(), keys, []).unwrap())
+            .await
+            .unwrap();
+        let t = ClaimTarget {
+            device: d.clone(),
+            algorithm: "signed_curve25519".parse().unwrap(),
+            count: 5,
+        };
+        for _ in 0..20 {
+            assert_eq!(
+                store
+                    .claim(std::slice::from_ref(&t))
+                    .await
+                    .unwrap()
+                    .keys
+                    .len(),
+                5
+            );
+        }
+    }
+    let store = SqliteStore::open_with(&path, options).await.unwrap();
+    assert_eq!(store.otk_counts(&d).await.unwrap().total(), 200);
+}
