@@ -57,6 +57,12 @@ impl BatchFailure {
         }
     }
 
+    /// The batch's only operation failed: the transaction is rolled back,
+    /// and the operation answers with its own error (never with this one).
+    fn sole_operation_failed() -> Self {
+        Self::aborted_by_batch_mate()
+    }
+
     fn to_error(&self, op: &'static str) -> Error {
         Error::storage(BACKEND, op, self.retryable, Arc::clone(&self.source))
     }
@@ -284,7 +290,7 @@ fn run_jobs(
         return if job.run(conn, limits) {
             Ok(())
         } else {
-            Err(BatchFailure::aborted_by_batch_mate())
+            Err(BatchFailure::sole_operation_failed())
         };
     }
     for job in batch.iter_mut() {
