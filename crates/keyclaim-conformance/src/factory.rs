@@ -77,7 +77,12 @@ pub trait StoreFactory: Send + Sync + 'static {
 
 /// The error the default methods of [`StoreFactory`] return.
 pub fn unsupported(what: &'static str) -> Error {
-    Error::storage("factory", what, false, format!("the factory does not support {what}"))
+    Error::storage(
+        "factory",
+        what,
+        false,
+        format!("the factory does not support {what}"),
+    )
 }
 
 /// Wraps a factory so that its stores are used as `Arc<dyn KeyStore>`:
@@ -141,7 +146,10 @@ impl<S: KeyStore> KeyStore for DynStore<S> {
     ) -> Result<Vec<keyclaim::DeviceSnapshot>> {
         self.inner.export_devices(after, limit).await
     }
-    async fn import_device(&self, snapshot: &keyclaim::DeviceSnapshot) -> Result<keyclaim::Changes> {
+    async fn import_device(
+        &self,
+        snapshot: &keyclaim::DeviceSnapshot,
+    ) -> Result<keyclaim::Changes> {
         self.inner.import_device(snapshot).await
     }
     async fn sync_state(&self, device: &keyclaim::Device) -> Result<keyclaim::SyncState> {

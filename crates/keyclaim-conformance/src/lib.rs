@@ -48,14 +48,20 @@ where
 /// Reports a skipped case on the process's stderr, past the test harness's
 /// output capture, so that skips are seen and never silent.
 pub fn report_skip(case: &str, reason: &str) {
-    let _ = writeln!(std::io::stderr(), "keyclaim-conformance: SKIPPED {case}: {reason}");
+    let _ = writeln!(
+        std::io::stderr(),
+        "keyclaim-conformance: SKIPPED {case}: {reason}"
+    );
 }
 
 /// Whether the factory is persistent; reports the skip when it is not.
 pub fn require_persistent<F: StoreFactory>(f: &F, case: &str) -> bool {
     let ok = f.capabilities().persistent;
     if !ok {
-        report_skip(case, "the backend is not persistent (Capabilities::persistent)");
+        report_skip(
+            case,
+            "the backend is not persistent (Capabilities::persistent)",
+        );
     }
     ok
 }
@@ -64,7 +70,10 @@ pub fn require_persistent<F: StoreFactory>(f: &F, case: &str) -> bool {
 pub fn require_shared<F: StoreFactory>(f: &F, case: &str) -> bool {
     let ok = f.capabilities().shared;
     if !ok {
-        report_skip(case, "the backend has no shared handles (Capabilities::shared)");
+        report_skip(
+            case,
+            "the backend has no shared handles (Capabilities::shared)",
+        );
     }
     ok
 }
@@ -87,7 +96,8 @@ pub fn skipped_cases(caps: Capabilities) -> Vec<&'static str> {
 /// Stamps the whole conformance suite into one `#[test]` per case.
 ///
 /// Give it an expression that builds a [`StoreFactory`]; it is evaluated once
-/// per case. Invoke it inside a `#[cfg(test)]` module of your backend crate
+/// per case, inside a module the macro generates, so name your items by
+/// absolute paths (`crate::...`). Invoke it inside a `#[cfg(test)]` module of your backend crate
 /// (with `keyclaim-conformance` as a dev-dependency, nothing else needed):
 ///
 /// ```ignore

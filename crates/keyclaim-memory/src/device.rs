@@ -113,7 +113,9 @@ impl DeviceState {
         }
         for alg in upload.fallback_keys.keys() {
             if let Some(f) = self.fallbacks.get(alg) {
-                facts.fallback_digests.insert(alg.clone(), f.key_json.digest());
+                facts
+                    .fallback_digests
+                    .insert(alg.clone(), f.key_json.digest());
             }
         }
         facts

@@ -9,9 +9,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
 use keyclaim::{
-    Algorithm, Changes, ChangeNotifier, ClaimOutcome, ClaimTarget, Device, DeviceId,
-    DeviceSnapshot, KeyStore, Limits, OtkCounts, Result, Upload, UploadOutcome, UserId,
-    broadcast,
+    Algorithm, ChangeNotifier, Changes, ClaimOutcome, ClaimTarget, Device, DeviceId,
+    DeviceSnapshot, KeyStore, Limits, OtkCounts, Result, Upload, UploadOutcome, UserId, broadcast,
 };
 use parking_lot::Mutex;
 
@@ -139,7 +138,13 @@ impl KeyStore for MemoryStore {
             }
             let before = keys.len();
             let touched = self.with_device(&target.device, false, |state| {
-                state.claim(&target.device, &target.algorithm, count, &self.limits, &mut keys)
+                state.claim(
+                    &target.device,
+                    &target.algorithm,
+                    count,
+                    &self.limits,
+                    &mut keys,
+                )
             });
             if touched == Some(true) {
                 changed.push(target.device.clone());
@@ -209,8 +214,14 @@ impl KeyStore for MemoryStore {
     }
 
     async fn import_device(&self, snapshot: &DeviceSnapshot) -> Result<Changes> {
-        let max_seq = snapshot.one_time_keys.iter().map(|k| k.seq).max().unwrap_or(0);
-        self.seq.fetch_max(max_seq.saturating_add(1), Ordering::Relaxed);
+        let max_seq = snapshot
+            .one_time_keys
+            .iter()
+            .map(|k| k.seq)
+            .max()
+            .unwrap_or(0);
+        self.seq
+            .fetch_max(max_seq.saturating_add(1), Ordering::Relaxed);
         self.with_device(&snapshot.device, true, |s| {
             *s = DeviceState::from_snapshot(snapshot);
         });
@@ -223,6 +234,29 @@ impl KeyStore for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use keyclaim_conformance::{Capabilities, StoreFactory};
 
-    keyclaim_conformance::conformance_tests!(keyclaim_conformance::MemoryFactory::new());
+    /// Gives fresh in-memory stores; not persistent, no shared handles.
+    pub(crate) struct MemoryFactory;
+
+    #[async_trait]
+    impl StoreFactory for MemoryFactory {
+        type Store = MemoryStore;
+        fn capabilities(&self) -> Capabilities {
+            Capabilities::in_memory()
+        }
+        async fn create(&self, limits: Limits) -> Result<MemoryStore> {
+            Ok(MemoryStore::with_limits(limits))
+        }
+    }
+
+    mod direct {
+        keyclaim_conformance::conformance_tests!(crate::tests::MemoryFactory);
+    }
+
+    mod as_dyn {
+        keyclaim_conformance::conformance_tests!(keyclaim_conformance::DynFactory(
+            crate::tests::MemoryFactory
+        ));
+    }
 }

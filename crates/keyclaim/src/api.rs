@@ -26,7 +26,7 @@ pub struct ApiError {
     status: u16,
     errcode: &'static str,
     message: String,
-    source: Option<Error>,
+    source: Option<Box<Error>>,
 }
 
 impl ApiError {
@@ -60,12 +60,12 @@ impl ApiError {
 
     /// The store error behind this answer, if any.
     pub fn store_error(&self) -> Option<&Error> {
-        self.source.as_ref()
+        self.source.as_deref()
     }
 
     /// Whether the request may succeed if retried (a transient storage failure).
     pub fn is_retryable(&self) -> bool {
-        self.source.as_ref().is_some_and(Error::is_retryable)
+        self.source.as_deref().is_some_and(Error::is_retryable)
     }
 
     /// The response body: `{"errcode": ..., "error": ...}`.
@@ -82,7 +82,7 @@ impl fmt::Display for ApiError {
 
 impl std::error::Error for ApiError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        self.source.as_ref().map(|e| e as _)
+        self.source.as_deref().map(|e| e as _)
     }
 }
 
@@ -109,7 +109,7 @@ impl From<Error> for ApiError {
             status,
             errcode,
             message,
-            source: Some(err),
+            source: Some(Box::new(err)),
         }
     }
 }
@@ -178,10 +178,16 @@ impl<S: KeyStore> KeysApi<S> {
         match serde_json::from_slice::<Value>(body) {
             Ok(Value::Object(map)) => Ok(map),
             Ok(_) => Err(ApiError::bad_json("request body must be a JSON object")),
-            Err(e) if e.is_syntax() || e.is_eof() => {
-                Err(ApiError::new(400, "M_NOT_JSON", "request body is not valid JSON"))
-            }
-            Err(_) => Err(ApiError::new(400, "M_NOT_JSON", "request body is not valid JSON")),
+            Err(e) if e.is_syntax() || e.is_eof() => Err(ApiError::new(
+                400,
+                "M_NOT_JSON",
+                "request body is not valid JSON",
+            )),
+            Err(_) => Err(ApiError::new(
+                400,
+                "M_NOT_JSON",
+                "request body is not valid JSON",
+            )),
         }
     }
 
@@ -195,7 +201,12 @@ impl<S: KeyStore> KeysApi<S> {
     /// # Errors
     /// An [`ApiError`] per SPEC section 9's table; nothing is stored then.
     #[tracing::instrument(name = "keys_upload", skip(self, body), fields(body_len = body.len()))]
-    pub async fn upload(&self, user_id: &str, device_id: &str, body: &[u8]) -> Result<Value, ApiError> {
+    pub async fn upload(
+        &self,
+        user_id: &str,
+        device_id: &str,
+        body: &[u8],
+    ) -> Result<Value, ApiError> {
         let device = Device::new(UserId::parse(user_id)?, DeviceId::parse(device_id)?);
         let mut map = self.parse_body(body)?;
         match map.get("device_keys") {
@@ -209,7 +220,9 @@ impl<S: KeyStore> KeysApi<S> {
         };
         let count = otks.as_ref().map_or(0, Map::len) + fallbacks.as_ref().map_or(0, Map::len);
         if count > self.limits().max_keys_per_upload {
-            return Err(too_large(LimitKind::KeysPerUpload, self.limits().max_keys_per_upload).into());
+            return Err(
+                too_large(LimitKind::KeysPerUpload, self.limits().max_keys_per_upload).into(),
+            );
         }
         let mut upload = Upload::new(device);
         for (id, json) in parse_keys(otks)? {
@@ -327,7 +340,10 @@ impl<S: KeyStore> KeysApi<S> {
 
 /// Takes a key map field: absent or null is `None`, an object is `Some`,
 /// anything else is `M_BAD_JSON`.
-fn take_key_map(map: &mut Map<String, Value>, field: &str) -> Result<Option<Map<String, Value>>, ApiError> {
+fn take_key_map(
+    map: &mut Map<String, Value>,
+    field: &str,
+) -> Result<Option<Map<String, Value>>, ApiError> {
     match map.remove(field) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Object(keys)) => Ok(Some(keys)),

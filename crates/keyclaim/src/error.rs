@@ -152,7 +152,13 @@ impl Error {
     /// a pool timeout, a serialization failure, a lost connection). Nothing of
     /// a failed operation was applied, so a retry is always safe.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Self::Storage { retryable: true, .. })
+        matches!(
+            self,
+            Self::Storage {
+                retryable: true,
+                ..
+            }
+        )
     }
 
     /// Whether the error is the caller's fault (bad input or a limit), as
@@ -174,7 +180,10 @@ impl Error {
     /// Attaches a key ID to an [`Error::InvalidKeyJson`] that lacks one.
     pub(crate) fn with_key_id(self, id: &KeyId) -> Self {
         match self {
-            Self::InvalidKeyJson { key_id: None, reason } => Self::InvalidKeyJson {
+            Self::InvalidKeyJson {
+                key_id: None,
+                reason,
+            } => Self::InvalidKeyJson {
                 key_id: Some(id.clone()),
                 reason,
             },

@@ -259,7 +259,10 @@ impl Device {
     /// # Errors
     /// [`Error::InvalidUserId`] or [`Error::InvalidDeviceId`].
     pub fn parse(user_id: &str, device_id: &str) -> Result<Self> {
-        Ok(Self::new(UserId::parse(user_id)?, DeviceId::parse(device_id)?))
+        Ok(Self::new(
+            UserId::parse(user_id)?,
+            DeviceId::parse(device_id)?,
+        ))
     }
 }
 

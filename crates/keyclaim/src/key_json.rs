@@ -138,13 +138,21 @@ impl fmt::Debug for KeyJson {
 }
 
 impl serde::Serialize for KeyJson {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+    fn serialize<S: serde::Serializer>(
+        &self,
+        serializer: S,
+    ) -> std::result::Result<S::Ok, S::Error> {
         self.to_value().serialize(serializer)
     }
 }
 
 fn validate_shape(value: &Value) -> Result<()> {
-    let bad = |reason| Err(Error::InvalidKeyJson { key_id: None, reason });
+    let bad = |reason| {
+        Err(Error::InvalidKeyJson {
+            key_id: None,
+            reason,
+        })
+    };
     match value {
         Value::String(_) => Ok(()),
         Value::Object(map) => {
@@ -240,9 +248,13 @@ mod tests {
     #[test]
     fn accepts_strings_and_signed_objects() {
         assert!(KeyJson::from_value(&json!("abc")).is_ok());
-        let k = KeyJson::from_value(&json!({"key": "k", "signatures": {}, "fallback": true, "x": [1]}))
-            .unwrap();
-        assert_eq!(k.canonical(), r#"{"fallback":true,"key":"k","signatures":{},"x":[1]}"#);
+        let k =
+            KeyJson::from_value(&json!({"key": "k", "signatures": {}, "fallback": true, "x": [1]}))
+                .unwrap();
+        assert_eq!(
+            k.canonical(),
+            r#"{"fallback":true,"key":"k","signatures":{},"x":[1]}"#
+        );
     }
 
     #[test]
@@ -263,8 +275,10 @@ mod tests {
 
     #[test]
     fn digest_ignores_signatures_and_order() {
-        let a = KeyJson::from_json_str(r#"{"key":"k","signatures":{"@a:b":{"ed25519:D":"s1"}}}"#).unwrap();
-        let b = KeyJson::from_json_str(r#"{"signatures":{"@a:b":{"ed25519:D":"s2"}},"key":"k"}"#).unwrap();
+        let a = KeyJson::from_json_str(r#"{"key":"k","signatures":{"@a:b":{"ed25519:D":"s1"}}}"#)
+            .unwrap();
+        let b = KeyJson::from_json_str(r#"{"signatures":{"@a:b":{"ed25519:D":"s2"}},"key":"k"}"#)
+            .unwrap();
         let c = KeyJson::from_json_str(r#"{"key":"k2","signatures":{}}"#).unwrap();
         assert_eq!(a.digest(), b.digest());
         assert_ne!(a.canonical(), b.canonical());

@@ -55,7 +55,10 @@ impl Limits {
     /// [`Error::TooLarge`].
     pub fn check_upload(&self, upload: &Upload) -> Result<()> {
         if upload.key_count() > self.max_keys_per_upload {
-            return Err(too_large(LimitKind::KeysPerUpload, self.max_keys_per_upload));
+            return Err(too_large(
+                LimitKind::KeysPerUpload,
+                self.max_keys_per_upload,
+            ));
         }
         let biggest = upload
             .one_time_keys

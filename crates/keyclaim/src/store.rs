@@ -10,7 +10,7 @@ use crate::error::Result;
 use crate::ids::{Algorithm, Device, UserId};
 use crate::limits::Limits;
 use crate::types::{
-    ClaimOutcome, ClaimTarget, Changes, DeviceSnapshot, OtkCounts, SyncState, Upload, UploadOutcome,
+    Changes, ClaimOutcome, ClaimTarget, DeviceSnapshot, OtkCounts, SyncState, Upload, UploadOutcome,
 };
 
 /// Storage of one-time keys and fallback keys with atomic claim semantics.
@@ -124,7 +124,11 @@ pub trait KeyStore: Debug + Send + Sync + 'static {
     ///
     /// # Errors
     /// [`Error::Storage`](crate::Error::Storage).
-    async fn export_devices(&self, after: Option<&Device>, limit: usize) -> Result<Vec<DeviceSnapshot>>;
+    async fn export_devices(
+        &self,
+        after: Option<&Device>,
+        limit: usize,
+    ) -> Result<Vec<DeviceSnapshot>>;
 
     /// Replaces a device's whole state with a snapshot (for migrations and
     /// restores): OTKs in the snapshot's order, fallback keys with their used

@@ -1,0 +1,120 @@
+//! The facade over a store that fails: 500 `M_UNKNOWN`, retryability kept,
+//! no internals in the message; and every public future is `Send`.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use keyclaim::{
+    Algorithm, ChangeNotifier, Changes, ClaimOutcome, ClaimTarget, Device, DeviceSnapshot, Error,
+    KeyStore, KeysApi, Limits, OtkCounts, Result, Upload, UploadOutcome, UserId, broadcast,
+};
+
+#[derive(Debug, Default)]
+struct FailingStore {
+    limits: Limits,
+    notifier: ChangeNotifier,
+}
+
+fn down(op: &'static str) -> Error {
+    Error::storage("failing", op, true, std::io::Error::other("disk on fire at /secret/path"))
+}
+
+#[async_trait]
+impl KeyStore for FailingStore {
+    fn backend_name(&self) -> &'static str {
+        "failing"
+    }
+    fn limits(&self) -> &Limits {
+        &self.limits
+    }
+    fn subscribe(&self) -> broadcast::Receiver<Changes> {
+        self.notifier.subscribe()
+    }
+    async fn upload(&self, _: &Upload) -> Result<UploadOutcome> {
+        Err(down("upload"))
+    }
+    async fn claim(&self, _: &[ClaimTarget]) -> Result<ClaimOutcome> {
+        Err(down("claim"))
+    }
+    async fn otk_counts(&self, _: &Device) -> Result<OtkCounts> {
+        Err(down("otk_counts"))
+    }
+    async fn unused_fallback_types(&self, _: &Device) -> Result<Vec<Algorithm>> {
+        Err(down("unused_fallback_types"))
+    }
+    async fn delete_device(&self, _: &Device) -> Result<Changes> {
+        Err(down("delete_device"))
+    }
+    async fn delete_user(&self, _: &UserId) -> Result<Changes> {
+        Err(down("delete_user"))
+    }
+    async fn export_devices(&self, _: Option<&Device>, _: usize) -> Result<Vec<DeviceSnapshot>> {
+        Err(down("export"))
+    }
+    async fn import_device(&self, _: &DeviceSnapshot) -> Result<Changes> {
+        Err(down("import"))
+    }
+}
+
+fn check(err: keyclaim::ApiError) {
+    assert_eq!((err.status(), err.errcode()), (500, "M_UNKNOWN"), "{err}");
+    assert!(err.is_retryable());
+    assert!(!err.message().contains("secret"), "{}", err.message());
+    assert!(std::error::Error::source(&err).is_some(), "the cause is kept");
+    assert_eq!(err.to_json()["errcode"], "M_UNKNOWN");
+}
+
+#[tokio::test]
+async fn storage_failures_are_500_m_unknown() {
+    let store: Arc<dyn KeyStore> = Arc::new(FailingStore::default());
+    let api = KeysApi::new(store);
+    let upload = br#"{"one_time_keys": {"signed_curve25519:A": "k"}}"#;
+    check(api.upload("@a:b", "D", upload).await.unwrap_err());
+    let claim = br#"{"one_time_keys": {"@a:b": {"D": "signed_curve25519"}}}"#;
+    check(api.claim(claim).await.unwrap_err());
+    check(api.sync("@a:b", "D").await.unwrap_err());
+    check(api.delete_device("@a:b", "D").await.unwrap_err());
+    check(api.delete_user("@a:b").await.unwrap_err());
+    // A claim with no targets never reaches the store.
+    assert!(api.claim(b"{}").await.is_ok());
+}
+
+fn assert_send<T: Send>(_: &T) {}
+fn assert_send_sync<T: Send + Sync>() {}
+
+#[test]
+fn public_futures_are_send() {
+    assert_send_sync::<KeysApi<Arc<dyn KeyStore>>>();
+    assert_send_sync::<Box<dyn KeyStore>>();
+    let api = KeysApi::new(Box::new(FailingStore::default()) as Box<dyn KeyStore>);
+    assert_send(&api.upload("@a:b", "D", b"{}"));
+    assert_send(&api.claim(b"{}"));
+    assert_send(&api.sync("@a:b", "D"));
+    assert_send(&api.delete_device("@a:b", "D"));
+    assert_send(&api.delete_user("@a:b"));
+    let store = FailingStore::default();
+    let device = Device::parse("@a:b", "D").unwrap();
+    assert_send(&store.claim(&[]));
+    assert_send(&store.sync_state(&device));
+}
+
+#[test]
+fn error_kinds_map_to_the_spec_table() {
+    let device = Device::parse("@a:b", "D").unwrap();
+    let key_id = keyclaim::KeyId::parse("a:b").unwrap();
+    let rows: Vec<(Error, u16, &str)> = vec![
+        (UserId::parse("x").unwrap_err(), 400, "M_INVALID_PARAM"),
+        (keyclaim::DeviceId::parse("").unwrap_err(), 400, "M_INVALID_PARAM"),
+        (keyclaim::KeyId::parse("x").unwrap_err(), 400, "M_BAD_JSON"),
+        (keyclaim::KeyJson::from_value(&serde_json::json!(1)).unwrap_err(), 400, "M_BAD_JSON"),
+        (Error::Conflict { device, key_id }, 400, "M_INVALID_PARAM"),
+        (Error::DuplicateFallback { algorithm: Algorithm::signed_curve25519() }, 400, "M_INVALID_PARAM"),
+        (Error::TooLarge { kind: keyclaim::LimitKind::ClaimTargets, limit: 1 }, 400, "M_TOO_LARGE"),
+        (Error::Closed, 500, "M_UNKNOWN"),
+        (Error::corrupt("x"), 500, "M_UNKNOWN"),
+    ];
+    for (err, status, code) in rows {
+        let api: keyclaim::ApiError = err.into();
+        assert_eq!((api.status(), api.errcode()), (status, code), "{api}");
+    }
+}
