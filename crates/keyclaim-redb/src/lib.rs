@@ -124,6 +124,23 @@ impl RedbOptions {
     }
 }
 
+/// What the writer thread has done since the store was opened: how well
+/// group commit is batching.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct WriterStats {
+    /// Write transactions committed.
+    pub commits: u64,
+    /// Operations in those transactions (rejected ones included).
+    pub operations: u64,
+    /// The most operations one committed transaction held.
+    pub largest_batch: u64,
+    /// Transactions abandoned or whose commit failed (a batch whose
+    /// operations were then retried one by one counts once, and each
+    /// failing retry once more).
+    pub failed_batches: u64,
+}
+
 /// The source of the [`Error::Storage`] that [`RedbStore::open`] returns
 /// when the file is already open: by another process, or by another store
 /// in this process. A redb file has one user at a time (R10.3); close the
@@ -308,6 +325,11 @@ impl RedbStore {
         tokio::task::spawn_blocking(move || drop(self))
             .await
             .map_err(|e| Error::storage(BACKEND, "close", false, e))
+    }
+
+    /// Counters of the writer thread (commits, operations, largest batch).
+    pub fn writer_stats(&self) -> WriterStats {
+        self.writer.stats()
     }
 
     async fn submit(&self, op: Op) -> Result<Reply> {

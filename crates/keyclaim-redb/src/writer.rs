@@ -18,6 +18,7 @@
 //!   every operation of the batch gets the error (none of them was applied).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -30,7 +31,7 @@ use redb::{Database, WriteTransaction};
 use tokio::sync::oneshot;
 
 use crate::ops::{self, Fatal, WriteTables};
-use crate::{BACKEND, RedbDurability};
+use crate::{BACKEND, RedbDurability, WriterStats};
 
 /// One mutating operation.
 #[derive(Debug)]
@@ -94,6 +95,25 @@ pub(crate) struct WriterConfig {
 pub(crate) struct Writer {
     tx: Option<Sender<Job>>,
     thread: Option<JoinHandle<()>>,
+    counters: Arc<Counters>,
+}
+
+/// What the writer has done so far.
+#[derive(Debug, Default)]
+struct Counters {
+    commits: AtomicU64,
+    operations: AtomicU64,
+    largest_batch: AtomicU64,
+    failed_batches: AtomicU64,
+}
+
+impl Counters {
+    fn committed(&self, ops: usize) {
+        let ops = ops as u64;
+        self.commits.fetch_add(1, Ordering::Relaxed);
+        self.operations.fetch_add(ops, Ordering::Relaxed);
+        self.largest_batch.fetch_max(ops, Ordering::Relaxed);
+    }
 }
 
 impl Writer {
@@ -107,14 +127,27 @@ impl Writer {
         notifier: ChangeNotifier,
     ) -> Result<Self> {
         let (tx, rx) = crossbeam_channel::unbounded::<Job>();
+        let counters = Arc::new(Counters::default());
+        let thread_counters = Arc::clone(&counters);
         let thread = std::thread::Builder::new()
             .name("keyclaim-redb-writer".into())
-            .spawn(move || run(&db, &rx, &config, &notifier))
+            .spawn(move || run(&db, &rx, &config, &notifier, &thread_counters))
             .map_err(|e| Error::storage(BACKEND, "open", false, e))?;
         Ok(Self {
             tx: Some(tx),
             thread: Some(thread),
+            counters,
         })
+    }
+
+    /// A snapshot of the counters.
+    pub(crate) fn stats(&self) -> WriterStats {
+        WriterStats {
+            commits: self.counters.commits.load(Ordering::Relaxed),
+            operations: self.counters.operations.load(Ordering::Relaxed),
+            largest_batch: self.counters.largest_batch.load(Ordering::Relaxed),
+            failed_batches: self.counters.failed_batches.load(Ordering::Relaxed),
+        }
     }
 
     /// Queues an operation and waits for its answer. Never blocks the
@@ -152,7 +185,13 @@ impl Drop for Writer {
 }
 
 /// The writer loop: take a batch, run it, answer; flush relaxed commits.
-fn run(db: &Database, rx: &Receiver<Job>, config: &WriterConfig, notifier: &ChangeNotifier) {
+fn run(
+    db: &Database,
+    rx: &Receiver<Job>,
+    config: &WriterConfig,
+    notifier: &ChangeNotifier,
+    counters: &Counters,
+) {
     let flush_every = match config.durability {
         RedbDurability::Immediate => None,
         RedbDurability::Relaxed { flush_every } => Some(flush_every),
@@ -192,7 +231,7 @@ fn run(db: &Database, rx: &Receiver<Job>, config: &WriterConfig, notifier: &Chan
             (Some(_), None) => false,
             (None, _) => true,
         };
-        if run_batch(db, batch, config, notifier, durable) {
+        if run_batch(db, batch, config, notifier, counters, durable) {
             if durable {
                 unflushed_since = None;
             } else if unflushed_since.is_none() {
@@ -219,6 +258,7 @@ fn run_batch(
     batch: Vec<Job>,
     config: &WriterConfig,
     notifier: &ChangeNotifier,
+    counters: &Counters,
     durable: bool,
 ) -> bool {
     let span = tracing::debug_span!("keyclaim_redb.batch", ops = batch.len());
@@ -226,15 +266,18 @@ fn run_batch(
     let ops: Vec<&Job> = batch.iter().collect();
     match execute(db, &ops, config, durable) {
         Ok(results) => {
+            counters.committed(batch.len());
             answer(batch, results, notifier);
             true
         }
         Err(BatchError::Commit(e)) => {
             tracing::warn!(error = %e, "batch commit failed");
+            counters.failed_batches.fetch_add(1, Ordering::Relaxed);
             fail_all(batch, &e);
             false
         }
         Err(BatchError::Op(e)) if batch.len() == 1 => {
+            counters.failed_batches.fetch_add(1, Ordering::Relaxed);
             fail_all(batch, &e);
             false
         }
@@ -242,14 +285,19 @@ fn run_batch(
             // Some operation failed half-way; the transaction was dropped.
             // Run each alone so that only the failing one fails.
             tracing::warn!(error = %e, "operation failed inside a batch; retrying one by one");
+            counters.failed_batches.fetch_add(1, Ordering::Relaxed);
             let mut any = false;
             for job in batch {
                 match execute(db, &[&job], config, durable) {
                     Ok(results) => {
+                        counters.committed(1);
                         answer(vec![job], results, notifier);
                         any = true;
                     }
-                    Err(BatchError::Commit(e) | BatchError::Op(e)) => fail_all(vec![job], &e),
+                    Err(BatchError::Commit(e) | BatchError::Op(e)) => {
+                        counters.failed_batches.fetch_add(1, Ordering::Relaxed);
+                        fail_all(vec![job], &e);
+                    }
                 }
             }
             any
