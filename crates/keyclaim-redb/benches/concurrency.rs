@@ -11,7 +11,10 @@
 //! Environment: `KEYCLAIM_BENCH_DIR` (where the files go; default the
 //! system temp dir: put it on the disk you care about), `KEYCLAIM_BENCH_SECS`
 //! (seconds per cell, default 3), `KEYCLAIM_BENCH_POOL` (OTKs uploaded
-//! before each cell, default 100000).
+//! before each cell, default 100000), `KEYCLAIM_BENCH_C` (claimer counts,
+//! default `1,8,64`), `KEYCLAIM_BENCH_DEVICES` (`distinct`, `hot` or
+//! `both`, the default), `KEYCLAIM_BENCH_STORES` (`group`, `baseline` or
+//! `both`, the default; a skipped store shows as 0).
 //!
 //! Each claimer loops `claim([one target])` until the time is up. Every
 //! claim must return exactly one OTK (the pool must not run dry); the
@@ -174,11 +177,31 @@ fn main() {
     println!();
     println!("| claimers | devices | group commit claims/s | baseline claims/s | ratio |");
     println!("| ---: | --- | ---: | ---: | ---: |");
-    for hot in [false, true] {
-        for c in [1usize, 8, 64] {
+    let cs: Vec<usize> = std::env::var("KEYCLAIM_BENCH_C")
+        .unwrap_or_else(|_| "1,8,64".into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    let devices = std::env::var("KEYCLAIM_BENCH_DEVICES").unwrap_or_else(|_| "both".into());
+    let stores = std::env::var("KEYCLAIM_BENCH_STORES").unwrap_or_else(|_| "both".into());
+    let hots: Vec<bool> = match devices.as_str() {
+        "distinct" => vec![false],
+        "hot" => vec![true],
+        _ => vec![false, true],
+    };
+    for hot in hots {
+        for &c in &cs {
             let (group, base) = runtime.block_on(async {
-                let group = cell(&dir, Kind::GroupCommit, c, hot, secs, pool).await;
-                let base = cell(&dir, Kind::Baseline, c, hot, secs, pool).await;
+                let group = if stores == "baseline" {
+                    0.0
+                } else {
+                    cell(&dir, Kind::GroupCommit, c, hot, secs, pool).await
+                };
+                let base = if stores == "group" {
+                    0.0
+                } else {
+                    cell(&dir, Kind::Baseline, c, hot, secs, pool).await
+                };
                 (group, base)
             });
             println!(

@@ -80,6 +80,11 @@ pub struct RedbOptions {
     /// redb's page cache in bytes; `None` keeps redb's default (1 GiB, an
     /// upper bound that is only used as the file grows).
     pub cache_size: Option<usize>,
+    /// How long the writer may wait for more operations before it starts a
+    /// batch, when fewer are queued than the previous batch held (the
+    /// callers of the previous batch are sending their next operation just
+    /// then). A lone caller never waits. Default 1 ms; zero disables it.
+    pub linger: Duration,
 }
 
 impl Default for RedbOptions {
@@ -89,6 +94,7 @@ impl Default for RedbOptions {
             durability: RedbDurability::Immediate,
             max_batch: 256,
             cache_size: None,
+            linger: Duration::from_millis(1),
         }
     }
 }
@@ -114,6 +120,12 @@ impl RedbOptions {
     /// Sets the largest batch (at least 1).
     pub fn max_batch(mut self, max_batch: usize) -> Self {
         self.max_batch = max_batch.max(1);
+        self
+    }
+
+    /// Sets how long the writer may wait to fill a batch.
+    pub fn linger(mut self, linger: Duration) -> Self {
+        self.linger = linger;
         self
     }
 
@@ -292,6 +304,7 @@ impl RedbStore {
                 limits: options.limits.clone(),
                 durability: options.durability,
                 max_batch: options.max_batch.max(1),
+                linger: options.linger,
             },
             notifier.clone(),
         )?;
@@ -409,7 +422,7 @@ impl KeyStore for RedbStore {
         let span = tracing::trace_span!("keyclaim_redb.otk_counts", device = %device);
         let device = device.clone();
         read(&self.db, "otk_counts", move |txn| {
-            let table = txn.open_table(schema::OTK_COUNTS)?;
+            let table = txn.open_table(schema::ALG_COUNTS)?;
             ops::counts(&table, device.user_id.as_str(), device.device_id.as_str())
         })
         .instrument(span)

@@ -22,9 +22,9 @@ use redb::{ReadTransaction, ReadableTable, Table, WriteTransaction};
 
 use crate::BACKEND;
 use crate::schema::{
-    DeviceAlgKey, Digest, FALLBACKS, FallbackValue, ISSUED, ISSUED_COUNTS, ISSUED_INDEX,
-    IssuedIndexKey, IssuedKey as IssuedRowKey, META, META_NEXT_SEQ, OTK_COUNTS, OTK_INDEX, OTKS,
-    OtkIndexKey, OtkKey, succ,
+    ALG_COUNTS, AlgCounts, DeviceAlgKey, Digest, FALLBACKS, FallbackValue, ISSUED, ISSUED_INDEX,
+    IssuedIndexKey, IssuedKey as IssuedRowKey, META, META_NEXT_SEQ, OTK_INDEX, OTKS, OtkIndexKey,
+    OtkKey, succ,
 };
 
 /// A failure that leaves the transaction unusable: a storage error, or data
@@ -87,11 +87,10 @@ pub(crate) struct WriteTables<'txn> {
     meta: Table<'txn, &'static str, u64>,
     otks: Table<'txn, OtkKey<'static>, &'static str>,
     otk_index: Table<'txn, OtkIndexKey<'static>, (u64, Digest)>,
-    otk_counts: Table<'txn, DeviceAlgKey<'static>, u64>,
+    alg_counts: Table<'txn, DeviceAlgKey<'static>, AlgCounts>,
     fallbacks: Table<'txn, DeviceAlgKey<'static>, FallbackValue<'static>>,
     issued: Table<'txn, IssuedRowKey<'static>, (&'static str, Digest)>,
     issued_index: Table<'txn, IssuedIndexKey<'static>, u64>,
-    issued_counts: Table<'txn, DeviceAlgKey<'static>, u64>,
     next_seq: u64,
     seq_dirty: bool,
 }
@@ -112,11 +111,10 @@ impl<'txn> WriteTables<'txn> {
             meta,
             otks: txn.open_table(OTKS)?,
             otk_index: txn.open_table(OTK_INDEX)?,
-            otk_counts: txn.open_table(OTK_COUNTS)?,
+            alg_counts: txn.open_table(ALG_COUNTS)?,
             fallbacks: txn.open_table(FALLBACKS)?,
             issued: txn.open_table(ISSUED)?,
             issued_index: txn.open_table(ISSUED_INDEX)?,
-            issued_counts: txn.open_table(ISSUED_COUNTS)?,
             next_seq,
             seq_dirty: false,
         })
@@ -144,19 +142,19 @@ impl<'txn> WriteTables<'txn> {
         }
     }
 
-    fn add_count(
-        table: &mut Table<'txn, DeviceAlgKey<'static>, u64>,
-        key: DeviceAlgKey<'_>,
-        delta: i64,
-    ) -> Result<u64, Fatal> {
-        let old = table.get(key)?.map_or(0, |v| v.value());
-        let new = old.saturating_add_signed(delta);
-        if new == 0 {
-            table.remove(key)?;
+    /// The (stored OTKs, remembered issued keys) of a (device, algorithm).
+    fn alg_counts(&self, key: DeviceAlgKey<'_>) -> Result<AlgCounts, Fatal> {
+        Ok(self.alg_counts.get(key)?.map_or((0, 0), |v| v.value()))
+    }
+
+    /// Writes the counts of a (device, algorithm); no row when both are 0.
+    fn set_alg_counts(&mut self, key: DeviceAlgKey<'_>, counts: AlgCounts) -> Result<(), Fatal> {
+        if counts == (0, 0) {
+            self.alg_counts.remove(key)?;
         } else {
-            table.insert(key, new)?;
+            self.alg_counts.insert(key, counts)?;
         }
-        Ok(new)
+        Ok(())
     }
 }
 
@@ -185,17 +183,20 @@ where
 
 // ---------------------------------------------------------------- reads
 
-/// The OTK counts of a device (R6.1): one short range over `otk_counts`.
+/// The OTK counts of a device (R6.1): one short range over `alg_counts`,
+/// one row per algorithm the device has keys of.
 pub(crate) fn counts<T>(table: &T, user: &str, device: &str) -> Result<OtkCounts, Fatal>
 where
-    T: ReadableTable<DeviceAlgKey<'static>, u64>,
+    T: ReadableTable<DeviceAlgKey<'static>, AlgCounts>,
 {
     let hi = succ(device);
     let mut out = BTreeMap::new();
     for row in table.range((user, device, "")..(user, hi.as_str(), ""))? {
         let (k, v) = row?;
-        let (_, _, alg) = k.value();
-        out.insert(parse_alg(alg)?, v.value());
+        let (otks, _) = v.value();
+        if otks > 0 {
+            out.insert(parse_alg(k.value().2)?, otks);
+        }
     }
     Ok(OtkCounts(out))
 }
@@ -225,16 +226,16 @@ where
 pub(crate) fn sync_state(txn: &ReadTransaction, device: &Device) -> Result<SyncState, Fatal> {
     let (u, d) = (device.user_id.as_str(), device.device_id.as_str());
     Ok(SyncState {
-        one_time_key_counts: counts(&txn.open_table(OTK_COUNTS)?, u, d)?,
+        one_time_key_counts: counts(&txn.open_table(ALG_COUNTS)?, u, d)?,
         unused_fallback_key_types: unused_fallback_types(&txn.open_table(FALLBACKS)?, u, d)?,
     })
 }
 
 /// Up to `limit` devices with state, after `after`, in (user, device) byte
-/// order. A device has state iff it has a row in `otk_counts`, `fallbacks`
-/// or `issued_counts` (the count tables hold no zero rows); each of the three
-/// is read for at most `limit` distinct devices, and the union's first
-/// `limit` are the answer.
+/// order. A device has state iff it has a row in `alg_counts` (which has
+/// none for a (device, algorithm) without OTKs and without remembered issued
+/// keys) or in `fallbacks`; each of the two is read for at most `limit`
+/// distinct devices, and the union's first `limit` are the answer.
 pub(crate) fn export_devices(
     txn: &ReadTransaction,
     after: Option<&Device>,
@@ -277,9 +278,8 @@ pub(crate) fn export_devices(
         }
         Ok(())
     }
-    scan(&txn.open_table(OTK_COUNTS)?, lo, limit, &mut devices)?;
+    scan(&txn.open_table(ALG_COUNTS)?, lo, limit, &mut devices)?;
     scan(&txn.open_table(FALLBACKS)?, lo, limit, &mut devices)?;
-    scan(&txn.open_table(ISSUED_COUNTS)?, lo, limit, &mut devices)?;
     let mut out = Vec::new();
     for (u, d) in devices.into_iter().take(limit) {
         let device = Device::new(
@@ -361,11 +361,7 @@ pub(crate) fn upload(
         if let std::collections::hash_map::Entry::Vacant(slot) =
             facts.otk_counts.entry(id.algorithm())
         {
-            let n = t
-                .otk_counts
-                .get((u, d, id.algorithm_str()))?
-                .map_or(0, |v| v.value());
-            slot.insert(n);
+            slot.insert(t.alg_counts((u, d, id.algorithm_str()))?.0);
         }
     }
     for alg in upload.fallback_keys.keys() {
@@ -383,7 +379,7 @@ pub(crate) fn upload(
     let changed = !plan.is_noop();
     if !plan.insert_otks.is_empty() {
         let seq = t.take_seq();
-        let mut added: BTreeMap<&str, i64> = BTreeMap::new();
+        let mut added: BTreeMap<&str, u64> = BTreeMap::new();
         for (id, json) in plan.insert_otks {
             let alg = id.algorithm_str();
             t.otks
@@ -393,7 +389,8 @@ pub(crate) fn upload(
             *added.entry(alg).or_insert(0) += 1;
         }
         for (alg, n) in added {
-            WriteTables::add_count(&mut t.otk_counts, (u, d, alg), n)?;
+            let (otks, issued) = t.alg_counts((u, d, alg))?;
+            t.set_alg_counts((u, d, alg), (otks.saturating_add(n), issued))?;
         }
     }
     for (alg, id, json) in plan.replace_fallbacks {
@@ -402,7 +399,7 @@ pub(crate) fn upload(
             (id.as_str(), json.canonical(), false, json.digest().0),
         )?;
     }
-    let counts = counts(&t.otk_counts, u, d)?;
+    let counts = counts(&t.alg_counts, u, d)?;
     let changes = if changed {
         Changes::from_devices([upload.device.clone()])
     } else {
@@ -446,12 +443,19 @@ pub(crate) fn claim(
             it.close()?;
         }
         if !taken.is_empty() {
-            let n = i64::try_from(taken.len()).unwrap_or(i64::MAX);
-            WriteTables::add_count(&mut t.otk_counts, (u, d, a), -n)?;
+            let (otks, mut issued) = t.alg_counts((u, d, a))?;
+            let otks = otks.saturating_sub(taken.len() as u64);
             for (key_id, json) in taken {
                 t.otk_index.remove((u, d, key_id.as_str()))?;
                 let key_json = parse_json(&json)?;
-                remember_issued(t, (u, d, a), &key_id, key_json.digest().0, limits)?;
+                remember_issued(
+                    t,
+                    (u, d, a),
+                    &key_id,
+                    key_json.digest().0,
+                    limits,
+                    &mut issued,
+                )?;
                 keys.push(ClaimedKey {
                     device: device.clone(),
                     key_id: parse_key_id(&key_id)?,
@@ -459,6 +463,7 @@ pub(crate) fn claim(
                     fallback: false,
                 });
             }
+            t.set_alg_counts((u, d, a), (otks, issued))?;
             changed.push(device.clone());
             continue;
         }
@@ -487,37 +492,47 @@ pub(crate) fn claim(
 }
 
 /// Remembers an issued OTK (R3.4), keeping the newest
-/// `limits.remembered_issued_keys` of the (device, algorithm).
+/// `limits.remembered_issued_keys` of the (device, algorithm); `issued` is
+/// the (device, algorithm)'s count of remembered keys, kept up to date here
+/// and written back by the caller.
 fn remember_issued(
     t: &mut WriteTables<'_>,
     (u, d, a): DeviceAlgKey<'_>,
     key_id: &str,
     digest: Digest,
     limits: &Limits,
+    issued: &mut u64,
 ) -> Result<(), Fatal> {
-    if t.issued_index.get((u, d, key_id, digest))?.is_some() {
-        return Ok(());
-    }
     let keep = u64::try_from(limits.remembered_issued_keys).unwrap_or(u64::MAX);
     if keep == 0 {
         return Ok(());
     }
     let seq = t.take_seq();
+    let previous = t
+        .issued_index
+        .insert((u, d, key_id, digest), seq)?
+        .map(|v| v.value());
+    if let Some(previous) = previous {
+        // Already remembered (only an import can lead here): it keeps its
+        // place, as in the reference store.
+        t.issued_index.insert((u, d, key_id, digest), previous)?;
+        return Ok(());
+    }
     t.issued.insert((u, d, a, seq), (key_id, digest))?;
-    t.issued_index.insert((u, d, key_id, digest), seq)?;
-    let n = WriteTables::add_count(&mut t.issued_counts, (u, d, a), 1)?;
-    if n > keep {
-        prune_issued(t, (u, d, a), n - keep)?;
+    *issued += 1;
+    if *issued > keep {
+        *issued -= prune_issued(t, (u, d, a), *issued - keep)?;
     }
     Ok(())
 }
 
-/// Forgets the `excess` oldest remembered issued keys of a (device, algorithm).
+/// Forgets the `excess` oldest remembered issued keys of a (device,
+/// algorithm); returns how many it forgot.
 fn prune_issued(
     t: &mut WriteTables<'_>,
     (u, d, a): DeviceAlgKey<'_>,
     excess: u64,
-) -> Result<(), Fatal> {
+) -> Result<u64, Fatal> {
     let hi = succ(a);
     let mut forgotten: Vec<(String, Digest)> = Vec::new();
     {
@@ -535,9 +550,7 @@ fn prune_issued(
     for (key_id, digest) in &forgotten {
         t.issued_index.remove((u, d, key_id.as_str(), *digest))?;
     }
-    let n = i64::try_from(forgotten.len()).unwrap_or(i64::MAX);
-    WriteTables::add_count(&mut t.issued_counts, (u, d, a), -n)?;
-    Ok(())
+    Ok(forgotten.len() as u64)
 }
 
 /// Removes every row of one device from every table; returns whether it had
@@ -548,7 +561,7 @@ fn delete_device_rows(t: &mut WriteTables<'_>, u: &str, d: &str) -> Result<bool,
     let mut n = 0;
     n += remove_range(&mut t.otks, (u, d, "", 0, ""), (u, hi, "", 0, ""), |_| {})?;
     n += remove_range(&mut t.otk_index, (u, d, ""), (u, hi, ""), |_| {})?;
-    n += remove_range(&mut t.otk_counts, (u, d, ""), (u, hi, ""), |_| {})?;
+    n += remove_range(&mut t.alg_counts, (u, d, ""), (u, hi, ""), |_| {})?;
     n += remove_range(&mut t.fallbacks, (u, d, ""), (u, hi, ""), |_| {})?;
     n += remove_range(&mut t.issued, (u, d, "", 0), (u, hi, "", 0), |_| {})?;
     n += remove_range(
@@ -557,7 +570,6 @@ fn delete_device_rows(t: &mut WriteTables<'_>, u: &str, d: &str) -> Result<bool,
         (u, hi, "", [0; 32]),
         |_| {},
     )?;
-    n += remove_range(&mut t.issued_counts, (u, d, ""), (u, hi, ""), |_| {})?;
     Ok(n > 0)
 }
 
@@ -582,24 +594,18 @@ pub(crate) fn delete_user(t: &mut WriteTables<'_>, user: &UserId) -> Result<Chan
             devices.insert(d.to_owned());
         }
     };
-    remove_range(&mut t.otks, (u, "", "", 0, ""), (hi, "", "", 0, ""), |k| {
-        note(k.1)
-    })?;
-    remove_range(&mut t.otk_index, (u, "", ""), (hi, "", ""), |k| note(k.1))?;
-    remove_range(&mut t.otk_counts, (u, "", ""), (hi, "", ""), |k| note(k.1))?;
+    // Every device with state has a row in `alg_counts` or `fallbacks`.
+    remove_range(&mut t.alg_counts, (u, "", ""), (hi, "", ""), |k| note(k.1))?;
     remove_range(&mut t.fallbacks, (u, "", ""), (hi, "", ""), |k| note(k.1))?;
-    remove_range(&mut t.issued, (u, "", "", 0), (hi, "", "", 0), |k| {
-        note(k.1)
-    })?;
+    remove_range(&mut t.otks, (u, "", "", 0, ""), (hi, "", "", 0, ""), |_| {})?;
+    remove_range(&mut t.otk_index, (u, "", ""), (hi, "", ""), |_| {})?;
+    remove_range(&mut t.issued, (u, "", "", 0), (hi, "", "", 0), |_| {})?;
     remove_range(
         &mut t.issued_index,
         (u, "", "", [0; 32]),
         (hi, "", "", [0; 32]),
-        |k| note(k.1),
+        |_| {},
     )?;
-    remove_range(&mut t.issued_counts, (u, "", ""), (hi, "", ""), |k| {
-        note(k.1)
-    })?;
     let mut out = Vec::with_capacity(devices.len());
     for d in devices {
         out.push(Device::new(
@@ -623,7 +629,7 @@ pub(crate) fn import_device(
     );
     delete_device_rows(t, u, d)?;
     let mut max_seq = 0;
-    let mut counts: BTreeMap<&str, i64> = BTreeMap::new();
+    let mut counts: BTreeMap<&str, AlgCounts> = BTreeMap::new();
     for otk in &snapshot.one_time_keys {
         let id = otk.key_id.as_str();
         if t.otk_index.get((u, d, id))?.is_some() {
@@ -635,11 +641,8 @@ pub(crate) fn import_device(
             .insert((u, d, alg, otk.seq, id), otk.key_json.canonical())?;
         t.otk_index
             .insert((u, d, id), (otk.seq, otk.key_json.digest().0))?;
-        *counts.entry(alg).or_insert(0) += 1;
+        counts.entry(alg).or_insert((0, 0)).0 += 1;
         max_seq = max_seq.max(otk.seq);
-    }
-    for (alg, n) in counts {
-        WriteTables::add_count(&mut t.otk_counts, (u, d, alg), n)?;
     }
     for (alg, fb) in &snapshot.fallback_keys {
         t.fallbacks.insert(
@@ -654,7 +657,7 @@ pub(crate) fn import_device(
     }
     for (alg, keys) in &snapshot.issued {
         let a = alg.as_str();
-        let mut n = 0;
+        let n = &mut counts.entry(a).or_insert((0, 0)).1;
         for key in keys {
             let id = key.key_id.as_str();
             if t.issued_index.get((u, d, id, key.digest.0))?.is_some() {
@@ -663,9 +666,11 @@ pub(crate) fn import_device(
             let seq = t.take_seq();
             t.issued.insert((u, d, a, seq), (id, key.digest.0))?;
             t.issued_index.insert((u, d, id, key.digest.0), seq)?;
-            n += 1;
+            *n += 1;
         }
-        WriteTables::add_count(&mut t.issued_counts, (u, d, a), n)?;
+    }
+    for (alg, alg_counts) in counts {
+        t.set_alg_counts((u, d, alg), alg_counts)?;
     }
     t.raise_seq_to(max_seq.saturating_add(1));
     Ok(Changes::from_devices([snapshot.device.clone()]))

@@ -11,11 +11,15 @@
 //! | `meta` | name | `u64` | format version, the sequence counter (R3.5) |
 //! | `otks` | (user, device, algorithm, seq, key ID) | canonical JSON | claim pops the first entry of a (device, algorithm) range (R4.2) |
 //! | `otk_index` | (user, device, key ID) | (seq, digest) | re-upload checks (R3.2) |
-//! | `otk_counts` | (user, device, algorithm) | count > 0 | counts without a scan (R6.4, R8.1) |
+//! | `alg_counts` | (user, device, algorithm) | (stored OTKs, remembered issued keys), not both 0 | counts without a scan (R6.4, R8.1), pruning without a scan (R3.4) |
 //! | `fallbacks` | (user, device, algorithm) | (key ID, JSON, used, digest) | R4.4, R5.x, R6.3 |
 //! | `issued` | (user, device, algorithm, issue seq) | (key ID, digest) | the remembered issued keys, oldest first (R3.4) |
 //! | `issued_index` | (user, device, key ID, digest) | issue seq | R3.4 look-ups |
-//! | `issued_counts` | (user, device, algorithm) | count > 0 | pruning to the limit without a scan |
+//!
+//! A claim of one key costs about eight B-tree operations: the range read
+//! and removal in `otks`, the `otk_index` removal, one read and one write of
+//! `alg_counts` per target, two inserts into the issued tables and, once
+//! the limit is reached, two removals to forget the oldest issued key.
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
@@ -45,10 +49,12 @@ pub(crate) type OtkIndexKey<'a> = (&'a str, &'a str, &'a str);
 pub(crate) const OTK_INDEX: TableDefinition<'_, OtkIndexKey<'_>, (u64, Digest)> =
     TableDefinition::new("otk_index");
 
-/// (user, device, algorithm) -> number of stored OTKs (absent when 0).
+/// (user, device, algorithm) -> (stored OTKs, remembered issued keys);
+/// absent when both are 0.
 pub(crate) type DeviceAlgKey<'a> = (&'a str, &'a str, &'a str);
-pub(crate) const OTK_COUNTS: TableDefinition<'_, DeviceAlgKey<'_>, u64> =
-    TableDefinition::new("otk_counts");
+pub(crate) type AlgCounts = (u64, u64);
+pub(crate) const ALG_COUNTS: TableDefinition<'_, DeviceAlgKey<'_>, AlgCounts> =
+    TableDefinition::new("alg_counts");
 
 /// (user, device, algorithm) -> (key ID, canonical JSON, used, digest).
 pub(crate) type FallbackValue<'a> = (&'a str, &'a str, bool, Digest);
@@ -64,10 +70,6 @@ pub(crate) const ISSUED: TableDefinition<'_, IssuedKey<'_>, (&str, Digest)> =
 pub(crate) type IssuedIndexKey<'a> = (&'a str, &'a str, &'a str, Digest);
 pub(crate) const ISSUED_INDEX: TableDefinition<'_, IssuedIndexKey<'_>, u64> =
     TableDefinition::new("issued_index");
-
-/// (user, device, algorithm) -> number of remembered issued keys (absent when 0).
-pub(crate) const ISSUED_COUNTS: TableDefinition<'_, DeviceAlgKey<'_>, u64> =
-    TableDefinition::new("issued_counts");
 
 /// The smallest string that sorts after `s` in byte order: `s` followed by
 /// a NUL. Every string that starts with `s` and is longer sorts at or after
@@ -127,11 +129,10 @@ pub(crate) fn init_or_check(db: &Database) -> Result<()> {
         }
         txn.open_table(OTKS).map_err(storage("open"))?;
         txn.open_table(OTK_INDEX).map_err(storage("open"))?;
-        txn.open_table(OTK_COUNTS).map_err(storage("open"))?;
+        txn.open_table(ALG_COUNTS).map_err(storage("open"))?;
         txn.open_table(FALLBACKS).map_err(storage("open"))?;
         txn.open_table(ISSUED).map_err(storage("open"))?;
         txn.open_table(ISSUED_INDEX).map_err(storage("open"))?;
-        txn.open_table(ISSUED_COUNTS).map_err(storage("open"))?;
     }
     txn.commit().map_err(storage("open"))?;
     Ok(())

@@ -87,6 +87,7 @@ pub(crate) struct WriterConfig {
     pub(crate) limits: Limits,
     pub(crate) durability: RedbDurability,
     pub(crate) max_batch: usize,
+    pub(crate) linger: Duration,
 }
 
 /// The handle of the writer thread. Dropping it closes the queue, lets the
@@ -198,6 +199,9 @@ fn run(
     };
     // Relaxed mode: when the newest commit that is not yet durable was made.
     let mut unflushed_since: Option<Instant> = None;
+    // The size of the previous batch: about how many callers are waiting
+    // on the writer at a time.
+    let mut last_batch = 1;
     loop {
         let first = match (flush_every, unflushed_since) {
             (Some(every), Some(since)) => {
@@ -219,13 +223,8 @@ fn run(
             }
             continue;
         };
-        let mut batch = vec![first];
-        while batch.len() < config.max_batch {
-            match rx.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
-            }
-        }
+        let batch = gather(rx, first, config, last_batch);
+        last_batch = batch.len();
         let durable = match (flush_every, unflushed_since) {
             (Some(every), Some(since)) => since.elapsed() >= every,
             (Some(_), None) => false,
@@ -242,6 +241,32 @@ fn run(
     if unflushed_since.is_some() {
         let _ = flush(db);
     }
+}
+
+/// Collects a batch: everything already queued, then, when the previous
+/// batch was bigger than what is queued now, up to `config.linger` more for
+/// the callers of the previous batch, who are sending their next operation
+/// just now. Without that wait, the writer would start a transaction for the
+/// first one or two callers back and make the rest wait a whole commit.
+fn gather(rx: &Receiver<Job>, first: Job, config: &WriterConfig, last_batch: usize) -> Vec<Job> {
+    let mut batch = vec![first];
+    while batch.len() < config.max_batch {
+        match rx.try_recv() {
+            Ok(job) => batch.push(job),
+            Err(_) => break,
+        }
+    }
+    let want = last_batch.min(config.max_batch);
+    if batch.len() < want && !config.linger.is_zero() {
+        let deadline = Instant::now() + config.linger;
+        while batch.len() < want {
+            match rx.recv_deadline(deadline) {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+    }
+    batch
 }
 
 /// An empty durable commit, which makes every earlier non-durable commit

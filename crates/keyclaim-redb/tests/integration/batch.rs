@@ -127,8 +127,8 @@ fn rejected_operation_does_not_fail_its_batch_mates() {
 
 const OTKS_DEF: redb::TableDefinition<'_, (&str, &str, &str, u64, &str), &str> =
     redb::TableDefinition::new("otks");
-const COUNTS_DEF: redb::TableDefinition<'_, (&str, &str, &str), u64> =
-    redb::TableDefinition::new("otk_counts");
+const COUNTS_DEF: redb::TableDefinition<'_, (&str, &str, &str), (u64, u64)> =
+    redb::TableDefinition::new("alg_counts");
 
 /// An operation that fails half-way (here: a corrupt stored key, found
 /// while claiming) aborts its batch's transaction; the batch is then run
@@ -152,7 +152,7 @@ fn failing_operation_is_retried_alone() {
                 )
                 .unwrap();
                 let mut c = txn.open_table(COUNTS_DEF).unwrap();
-                c.insert(("@bad:example.org", "BAD", SC), 1).unwrap();
+                c.insert(("@bad:example.org", "BAD", SC), (1, 0)).unwrap();
             }
             txn.commit().unwrap();
         }
