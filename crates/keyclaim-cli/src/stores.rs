@@ -15,8 +15,9 @@ pub(crate) enum StoreUrl {
     Sqlite(PathBuf),
     /// A redb file.
     Redb(PathBuf),
-    /// A PostgreSQL connection string.
-    Postgres(String),
+    /// A PostgreSQL connection string, and the schema from a `#schema=NAME`
+    /// fragment (default: the backend's `keyclaim`).
+    Postgres(String, Option<String>),
 }
 
 impl StoreUrl {
@@ -28,7 +29,17 @@ impl StoreUrl {
         } else if let Some(p) = url.strip_prefix("redb:") {
             Ok(Self::Redb(PathBuf::from(p.trim_start_matches("//"))))
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            Ok(Self::Postgres(url.to_owned()))
+            match url.split_once('#') {
+                None => Ok(Self::Postgres(url.to_owned(), None)),
+                Some((base, frag)) => match frag.strip_prefix("schema=") {
+                    Some(schema) if !schema.is_empty() => {
+                        Ok(Self::Postgres(base.to_owned(), Some(schema.to_owned())))
+                    }
+                    _ => Err(format!(
+                        "unknown URL fragment #{frag}: the only one is #schema=NAME"
+                    )),
+                },
+            }
         } else {
             Err(format!(
                 "unknown store URL {url:?}: use memory:, sqlite:PATH, redb:PATH or postgres://..."
@@ -45,7 +56,17 @@ impl StoreUrl {
             #[cfg(feature = "redb")]
             Self::Redb(path) => Arc::new(keyclaim_redb::RedbStore::open(path).await?),
             #[cfg(feature = "postgres")]
-            Self::Postgres(url) => Arc::new(keyclaim_postgres::PostgresStore::connect(url).await?),
+            Self::Postgres(url, None) => {
+                Arc::new(keyclaim_postgres::PostgresStore::connect(url).await?)
+            }
+            #[cfg(feature = "postgres")]
+            Self::Postgres(url, Some(schema)) => Arc::new(
+                keyclaim_postgres::PostgresStore::connect_with(
+                    url,
+                    keyclaim_postgres::PostgresOptions::new().schema(schema.clone()),
+                )
+                .await?,
+            ),
             #[allow(unreachable_patterns)]
             other => return Err(not_built(other)),
         })
@@ -59,10 +80,16 @@ impl fmt::Display for StoreUrl {
             Self::Sqlite(p) => write!(f, "sqlite:{}", p.display()),
             Self::Redb(p) => write!(f, "redb:{}", p.display()),
             // Never print a password.
-            Self::Postgres(url) => match url.split_once('@') {
-                Some((_, host)) => write!(f, "postgres://…@{host}"),
-                None => f.write_str(url),
-            },
+            Self::Postgres(url, schema) => {
+                match url.split_once('@') {
+                    Some((_, host)) => write!(f, "postgres://…@{host}")?,
+                    None => f.write_str(url)?,
+                }
+                match schema {
+                    Some(s) => write!(f, "#schema={s}"),
+                    None => Ok(()),
+                }
+            }
         }
     }
 }
