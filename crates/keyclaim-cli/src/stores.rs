@@ -121,8 +121,13 @@ mod tests {
         );
         assert!(matches!(
             StoreUrl::parse("postgres://u:pw@h/db"),
-            Ok(StoreUrl::Postgres(_))
+            Ok(StoreUrl::Postgres(_, None))
         ));
+        assert_eq!(
+            StoreUrl::parse("postgres://h/db#schema=s1"),
+            Ok(StoreUrl::Postgres("postgres://h/db".into(), Some("s1".into())))
+        );
+        assert!(StoreUrl::parse("postgres://h/db#x=1").is_err());
         assert!(StoreUrl::parse("mysql://x").is_err());
         let shown = StoreUrl::parse("postgres://u:secret@h/db")
             .unwrap()
