@@ -28,7 +28,17 @@ impl StoreUrl {
             Ok(Self::Sqlite(PathBuf::from(p.trim_start_matches("//"))))
         } else if let Some(p) = url.strip_prefix("redb:") {
             Ok(Self::Redb(PathBuf::from(p.trim_start_matches("//"))))
-        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        } else if url.starts_with("postgres://")
+            || url.starts_with("postgresql://")
+            || url.starts_with("postgres:")
+        {
+            // postgres://... is a URL; postgres:key=value ... a libpq
+            // connection string (as for a Unix socket directory).
+            let url = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+                url
+            } else {
+                url.trim_start_matches("postgres:")
+            };
             match url.split_once('#') {
                 None => Ok(Self::Postgres(url.to_owned(), None)),
                 Some((base, frag)) => match frag.strip_prefix("schema=") {
@@ -42,7 +52,7 @@ impl StoreUrl {
             }
         } else {
             Err(format!(
-                "unknown store URL {url:?}: use memory:, sqlite:PATH, redb:PATH or postgres://..."
+                "unknown store URL {url:?}: use memory:, sqlite:PATH, redb:PATH, postgres://... or postgres:KEY=VALUE ..."
             ))
         }
     }
@@ -125,9 +135,19 @@ mod tests {
         ));
         assert_eq!(
             StoreUrl::parse("postgres://h/db#schema=s1"),
-            Ok(StoreUrl::Postgres("postgres://h/db".into(), Some("s1".into())))
+            Ok(StoreUrl::Postgres(
+                "postgres://h/db".into(),
+                Some("s1".into())
+            ))
         );
         assert!(StoreUrl::parse("postgres://h/db#x=1").is_err());
+        assert_eq!(
+            StoreUrl::parse("postgres:host=/tmp port=5 user=p#schema=s"),
+            Ok(StoreUrl::Postgres(
+                "host=/tmp port=5 user=p".into(),
+                Some("s".into())
+            ))
+        );
         assert!(StoreUrl::parse("mysql://x").is_err());
         let shown = StoreUrl::parse("postgres://u:secret@h/db")
             .unwrap()
