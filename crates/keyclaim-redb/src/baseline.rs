@@ -156,12 +156,13 @@ impl KeyStore for BaselineStore {
             if self.limits.clamp_count(target.count) == 0 {
                 continue;
             }
-            let target = target.clone();
-            let outcome = self
+            let owned = target.clone();
+            let raw = self
                 .write("claim", move |t, limits| {
-                    Ok(Ok(ops::claim(t, std::slice::from_ref(&target), limits)?))
+                    Ok(Ok(ops::claim(t, std::slice::from_ref(&owned), limits)?))
                 })
                 .await?;
+            let outcome = raw.into_outcome(std::slice::from_ref(target))?;
             self.notifier.notify(&outcome.changes);
             keys.extend(outcome.keys);
             changed.extend(outcome.changes.devices().iter().cloned());

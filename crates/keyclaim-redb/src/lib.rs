@@ -398,7 +398,8 @@ impl KeyStore for RedbStore {
         );
         async {
             self.limits.check_claim(targets)?;
-            let targets: Vec<ClaimTarget> = targets
+            // Shared with the writer: no second copy of a big claim.
+            let targets: Arc<[ClaimTarget]> = targets
                 .iter()
                 .filter(|t| self.limits.clamp_count(t.count) > 0)
                 .cloned()
@@ -406,8 +407,9 @@ impl KeyStore for RedbStore {
             if targets.is_empty() {
                 return Ok(ClaimOutcome::default());
             }
-            match self.submit(Op::Claim(targets)).await? {
-                Reply::Claim(outcome) => {
+            match self.submit(Op::Claim(Arc::clone(&targets))).await? {
+                Reply::Claim(raw) => {
+                    let outcome = raw.into_outcome(&targets)?;
                     tracing::Span::current().record("issued", outcome.keys.len());
                     Ok(outcome)
                 }

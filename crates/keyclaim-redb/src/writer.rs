@@ -24,20 +24,20 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use keyclaim::{
-    ChangeNotifier, Changes, ClaimOutcome, ClaimTarget, Device, DeviceSnapshot, Error, Limits,
-    Result, Upload, UploadOutcome, UserId,
+    ChangeNotifier, Changes, ClaimTarget, Device, DeviceSnapshot, Error, Limits, Result, Upload,
+    UploadOutcome, UserId,
 };
 use redb::{Database, WriteTransaction};
 use tokio::sync::oneshot;
 
-use crate::ops::{self, Fatal, WriteTables};
+use crate::ops::{self, Fatal, RawClaim, WriteTables};
 use crate::{BACKEND, RedbDurability, WriterStats};
 
 /// One mutating operation.
 #[derive(Debug)]
 pub(crate) enum Op {
     Upload(Upload),
-    Claim(Vec<ClaimTarget>),
+    Claim(Arc<[ClaimTarget]>),
     DeleteDevice(Device),
     DeleteUser(UserId),
     Import(DeviceSnapshot),
@@ -59,7 +59,7 @@ impl Op {
 #[derive(Debug)]
 pub(crate) enum Reply {
     Upload(UploadOutcome),
-    Claim(ClaimOutcome),
+    Claim(RawClaim),
     Changes(Changes),
 }
 
