@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use futures::future::join_all;
-use keyclaim::{ClaimTarget, Device, Error, KeyStore, Limits, Upload};
+use keyclaim::{ClaimTarget, Error, KeyStore, Limits, Upload};
 use keyclaim_conformance::fixtures::{SC, alg, dev, otks, signed};
 use keyclaim_redb::{RedbOptions, RedbStore};
 
