@@ -136,8 +136,8 @@ async fn cell(dir: &Path, kind: Kind, c: usize, hot: bool, secs: u64, pool: u64)
             let rate = claimers(store.clone() as Arc<dyn KeyStore>, c, hot, secs).await;
             let stats = store.writer_stats();
             eprintln!(
-                "  group commit c={c} hot={hot}: {} commits, {} ops, largest batch {}",
-                stats.commits, stats.operations, stats.largest_batch
+                "  group commit c={c} hot={hot}: {} batches, {} ops, largest batch {}",
+                stats.batches, stats.operations, stats.largest_batch
             );
             Arc::try_unwrap(store).unwrap().close().await.unwrap();
             rate

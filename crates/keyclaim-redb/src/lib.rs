@@ -141,11 +141,13 @@ impl RedbOptions {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct WriterStats {
-    /// Write transactions committed.
-    pub commits: u64,
-    /// Operations in those transactions (rejected ones included).
+    /// Batches run to the end: write transactions committed, or dropped
+    /// because none of their operations wrote anything (retried uploads,
+    /// claims that found nothing, rejections).
+    pub batches: u64,
+    /// Operations in those batches (rejected ones included).
     pub operations: u64,
-    /// The most operations one committed transaction held.
+    /// The most operations one batch held.
     pub largest_batch: u64,
     /// Transactions abandoned or whose commit failed (a batch whose
     /// operations were then retried one by one counts once, and each
@@ -340,7 +342,7 @@ impl RedbStore {
             .map_err(|e| Error::storage(BACKEND, "close", false, e))
     }
 
-    /// Counters of the writer thread (commits, operations, largest batch).
+    /// Counters of the writer thread (batches, operations, largest batch).
     pub fn writer_stats(&self) -> WriterStats {
         self.writer.stats()
     }

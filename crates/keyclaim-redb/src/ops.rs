@@ -120,12 +120,15 @@ impl<'txn> WriteTables<'txn> {
         })
     }
 
-    /// Writes the sequence counter back; call before committing.
-    pub(crate) fn finish(mut self) -> Result<(), Fatal> {
+    /// Writes the sequence counter back; call before committing. Returns
+    /// whether it moved (then something was written).
+    pub(crate) fn finish(&mut self) -> Result<bool, Fatal> {
         if self.seq_dirty {
             self.meta.insert(META_NEXT_SEQ, self.next_seq)?;
+            self.seq_dirty = false;
+            return Ok(true);
         }
-        Ok(())
+        Ok(false)
     }
 
     fn take_seq(&mut self) -> u64 {

@@ -108,7 +108,7 @@ fn rejected_operation_does_not_fail_its_batch_mates() {
             }
             let after = store.writer_stats();
             assert!(
-                after.commits - before.commits < after.operations - before.operations,
+                after.batches - before.batches < after.operations - before.operations,
                 "no batching happened: {before:?} -> {after:?}"
             );
         }
