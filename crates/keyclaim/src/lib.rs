@@ -8,6 +8,7 @@ mod limits;
 mod notify;
 mod plan;
 mod store;
+mod transfer;
 mod types;
 
 pub use api::{ApiError, KeysApi};
@@ -20,6 +21,9 @@ pub use notify::{ChangeNotifier, NOTIFY_CAPACITY};
 pub use plan::{DeviceFacts, UploadPlan, plan_upload};
 pub use store::KeyStore;
 pub use tokio::sync::broadcast;
+pub use transfer::{
+    CheckReport, CopyReport, Exporter, Problem, check_store, copy_store, diff_stores,
+};
 pub use types::{
     Changes, ClaimOutcome, ClaimTarget, ClaimedKey, DeviceSnapshot, IssuedKey, OtkCounts,
     StoredFallback, StoredOtk, SyncState, Upload, UploadOutcome,
