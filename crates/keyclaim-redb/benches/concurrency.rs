@@ -8,10 +8,15 @@
 //! cargo bench -p keyclaim-redb --bench concurrency
 //! ```
 //!
+//! Each cell fills both stores alike, then runs `KEYCLAIM_BENCH_ROUNDS`
+//! rounds (default 3) in which the two take turns for `KEYCLAIM_BENCH_SECS`
+//! each (default 2), and reports the medians and the median of the
+//! per-round ratios, so that load from elsewhere on the machine hits both
+//! about alike.
+//!
 //! Environment: `KEYCLAIM_BENCH_DIR` (where the files go; default the
-//! system temp dir: put it on the disk you care about), `KEYCLAIM_BENCH_SECS`
-//! (seconds per cell, default 3), `KEYCLAIM_BENCH_POOL` (OTKs uploaded
-//! before each cell, default 100000), `KEYCLAIM_BENCH_C` (claimer counts,
+//! system temp dir: put it on the disk you care about), `KEYCLAIM_BENCH_POOL`
+//! (OTKs uploaded to each store before each cell, default 200000), `KEYCLAIM_BENCH_C` (claimer counts,
 //! default `1,8,64`), `KEYCLAIM_BENCH_DEVICES` (`distinct`, `hot` or
 //! `both`, the default), `KEYCLAIM_BENCH_STORES` (`group`, `baseline` or
 //! `both`, the default; a skipped store shows as 0).
@@ -110,53 +115,113 @@ async fn claimers(store: Arc<dyn KeyStore>, c: usize, hot: bool, secs: u64) -> f
     done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
 }
 
-#[derive(Clone, Copy)]
-enum Kind {
-    GroupCommit,
-    Baseline,
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n == 0 {
+        0.0
+    } else if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
 }
 
-async fn cell(dir: &Path, kind: Kind, c: usize, hot: bool, secs: u64, pool: u64) -> f64 {
-    let name = format!(
-        "{}-{}-{c}.redb",
-        match kind {
-            Kind::GroupCommit => "group",
-            Kind::Baseline => "baseline",
-        },
-        if hot { "hot" } else { "distinct" }
-    );
-    let path = dir.join(name);
-    let _ = std::fs::remove_file(&path);
-    let options = RedbOptions::new().limits(limits());
+/// The medians of one cell: group commit claims/s, baseline claims/s, and
+/// the median of the per-round ratios.
+struct Cell {
+    group: f64,
+    baseline: f64,
+    ratio: f64,
+}
+
+/// One cell: both stores on fresh files in `dir`, filled alike, then
+/// `rounds` rounds of `secs` each, group commit and baseline taking turns
+/// (which one goes first alternates), so that a burst of load from
+/// elsewhere on the machine hits both about alike.
+async fn cell(
+    dir: &Path,
+    c: usize,
+    hot: bool,
+    secs: u64,
+    pool: u64,
+    rounds: usize,
+    which: &str,
+) -> Cell {
     let devices = if hot { 1 } else { c };
-    let rate = match kind {
-        Kind::GroupCommit => {
-            let store = Arc::new(RedbStore::open_with(&path, options).await.unwrap());
-            fill(&*store, devices, pool).await;
-            let rate = claimers(store.clone() as Arc<dyn KeyStore>, c, hot, secs).await;
-            let stats = store.writer_stats();
-            eprintln!(
-                "  group commit c={c} hot={hot}: {} commits, {} ops, largest batch {}",
-                stats.commits, stats.operations, stats.largest_batch
-            );
-            Arc::try_unwrap(store).unwrap().close().await.unwrap();
-            rate
-        }
-        Kind::Baseline => {
-            let store = Arc::new(BaselineStore::open_with(&path, options).await.unwrap());
-            fill(&*store, devices, pool).await;
-            let rate = claimers(store.clone() as Arc<dyn KeyStore>, c, hot, secs).await;
-            Arc::try_unwrap(store).unwrap().close().await.unwrap();
-            rate
-        }
+    let tag = format!("{}-{c}", if hot { "hot" } else { "distinct" });
+    let options = RedbOptions::new().limits(limits());
+    let group_path = dir.join(format!("group-{tag}.redb"));
+    let base_path = dir.join(format!("baseline-{tag}.redb"));
+    let _ = std::fs::remove_file(&group_path);
+    let _ = std::fs::remove_file(&base_path);
+    let group = if which == "baseline" {
+        None
+    } else {
+        let store = Arc::new(
+            RedbStore::open_with(&group_path, options.clone())
+                .await
+                .unwrap(),
+        );
+        fill(&*store, devices, pool).await;
+        Some(store)
     };
-    let _ = std::fs::remove_file(&path);
-    rate
+    let base = if which == "group" {
+        None
+    } else {
+        let store = Arc::new(BaselineStore::open_with(&base_path, options).await.unwrap());
+        fill(&*store, devices, pool).await;
+        Some(store)
+    };
+    let before = group.as_ref().map(|g| g.writer_stats()).unwrap_or_default();
+    let (mut g_rates, mut b_rates, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..rounds {
+        let mut g_rate = 0.0;
+        let mut b_rate = 0.0;
+        for turn in 0..2 {
+            if (round + turn) % 2 == 0 {
+                if let Some(g) = &group {
+                    g_rate = claimers(g.clone() as Arc<dyn KeyStore>, c, hot, secs).await;
+                }
+            } else if let Some(b) = &base {
+                b_rate = claimers(b.clone() as Arc<dyn KeyStore>, c, hot, secs).await;
+            }
+        }
+        g_rates.push(g_rate);
+        b_rates.push(b_rate);
+        if b_rate > 0.0 {
+            ratios.push(g_rate / b_rate);
+        }
+    }
+    if let Some(g) = group {
+        let stats = g.writer_stats();
+        let (batches, ops) = (
+            stats.batches - before.batches,
+            stats.operations - before.operations,
+        );
+        eprintln!(
+            "  {tag}: group commit ran {ops} claims in {batches} batches ({:.1} per batch, largest {})",
+            ops as f64 / batches.max(1) as f64,
+            stats.largest_batch
+        );
+        Arc::try_unwrap(g).unwrap().close().await.unwrap();
+    }
+    if let Some(b) = base {
+        Arc::try_unwrap(b).unwrap().close().await.unwrap();
+    }
+    let _ = std::fs::remove_file(&group_path);
+    let _ = std::fs::remove_file(&base_path);
+    Cell {
+        group: median(g_rates),
+        baseline: median(b_rates),
+        ratio: median(ratios),
+    }
 }
 
 fn main() {
-    let secs = env_num("KEYCLAIM_BENCH_SECS", 3);
-    let pool = env_num("KEYCLAIM_BENCH_POOL", 100_000);
+    let secs = env_num("KEYCLAIM_BENCH_SECS", 2);
+    let pool = env_num("KEYCLAIM_BENCH_POOL", 200_000);
+    let rounds = env_num("KEYCLAIM_BENCH_ROUNDS", 3).max(1) as usize;
     let tmp;
     let dir = match std::env::var_os("KEYCLAIM_BENCH_DIR") {
         Some(d) => std::path::PathBuf::from(d),
@@ -170,12 +235,14 @@ fn main() {
         .build()
         .unwrap();
     println!(
-        "redb concurrency benchmark: durable commits (Durability::Immediate), {secs} s per cell, \
-         files in {}",
+        "redb concurrency benchmark: durable commits (Durability::Immediate), {rounds} rounds \
+         of {secs} s per store and cell, medians; files in {}",
         dir.display()
     );
     println!();
-    println!("| claimers | devices | group commit claims/s | baseline claims/s | ratio |");
+    println!(
+        "| claimers | devices | group commit claims/s | baseline claims/s | ratio (median of rounds) |"
+    );
     println!("| ---: | --- | ---: | ---: | ---: |");
     let cs: Vec<usize> = std::env::var("KEYCLAIM_BENCH_C")
         .unwrap_or_else(|_| "1,8,64".into())
@@ -191,23 +258,13 @@ fn main() {
     };
     for hot in hots {
         for &c in &cs {
-            let (group, base) = runtime.block_on(async {
-                let group = if stores == "baseline" {
-                    0.0
-                } else {
-                    cell(&dir, Kind::GroupCommit, c, hot, secs, pool).await
-                };
-                let base = if stores == "group" {
-                    0.0
-                } else {
-                    cell(&dir, Kind::Baseline, c, hot, secs, pool).await
-                };
-                (group, base)
-            });
+            let r = runtime.block_on(cell(&dir, c, hot, secs, pool, rounds, &stores));
             println!(
-                "| {c} | {} | {group:.0} | {base:.0} | {:.1}x |",
+                "| {c} | {} | {:.0} | {:.0} | {:.1}x |",
                 if hot { "one hot device" } else { "distinct" },
-                group / base
+                r.group,
+                r.baseline,
+                r.ratio
             );
         }
     }

@@ -76,6 +76,22 @@ impl BaselineStore {
         .map_err(|e| Error::storage(BACKEND, "open", false, e))?
     }
 
+    /// A baseline on the file a [`RedbStore`](crate::RedbStore) has open,
+    /// sharing its database handle (a redb file has one user at a time, so
+    /// a second open would fail), with the same limits and durability. Its
+    /// write transactions queue on redb's write lock together with the
+    /// store's writer thread; change notifications are its own. The file
+    /// stays open until both are dropped.
+    pub fn sharing(store: &crate::RedbStore) -> Self {
+        Self {
+            db: Arc::clone(&store.db),
+            limits: store.options.limits.clone(),
+            durability: store.options.durability,
+            notifier: ChangeNotifier::new(),
+            path: store.path.clone(),
+        }
+    }
+
     /// The file the store lives in.
     pub fn path(&self) -> &Path {
         &self.path
@@ -156,12 +172,13 @@ impl KeyStore for BaselineStore {
             if self.limits.clamp_count(target.count) == 0 {
                 continue;
             }
-            let target = target.clone();
-            let outcome = self
+            let owned = target.clone();
+            let raw = self
                 .write("claim", move |t, limits| {
-                    Ok(Ok(ops::claim(t, std::slice::from_ref(&target), limits)?))
+                    Ok(Ok(ops::claim(t, std::slice::from_ref(&owned), limits)?))
                 })
                 .await?;
+            let outcome = raw.into_outcome(std::slice::from_ref(target))?;
             self.notifier.notify(&outcome.changes);
             keys.extend(outcome.keys);
             changed.extend(outcome.changes.devices().iter().cloned());

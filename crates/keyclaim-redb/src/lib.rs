@@ -141,11 +141,13 @@ impl RedbOptions {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct WriterStats {
-    /// Write transactions committed.
-    pub commits: u64,
-    /// Operations in those transactions (rejected ones included).
+    /// Batches run to the end: write transactions committed, or dropped
+    /// because none of their operations wrote anything (retried uploads,
+    /// claims that found nothing, rejections).
+    pub batches: u64,
+    /// Operations in those batches (rejected ones included).
     pub operations: u64,
-    /// The most operations one committed transaction held.
+    /// The most operations one batch held.
     pub largest_batch: u64,
     /// Transactions abandoned or whose commit failed (a batch whose
     /// operations were then retried one by one counts once, and each
@@ -340,7 +342,7 @@ impl RedbStore {
             .map_err(|e| Error::storage(BACKEND, "close", false, e))
     }
 
-    /// Counters of the writer thread (commits, operations, largest batch).
+    /// Counters of the writer thread (batches, operations, largest batch).
     pub fn writer_stats(&self) -> WriterStats {
         self.writer.stats()
     }
@@ -398,7 +400,8 @@ impl KeyStore for RedbStore {
         );
         async {
             self.limits.check_claim(targets)?;
-            let targets: Vec<ClaimTarget> = targets
+            // Shared with the writer: no second copy of a big claim.
+            let targets: Arc<[ClaimTarget]> = targets
                 .iter()
                 .filter(|t| self.limits.clamp_count(t.count) > 0)
                 .cloned()
@@ -406,8 +409,9 @@ impl KeyStore for RedbStore {
             if targets.is_empty() {
                 return Ok(ClaimOutcome::default());
             }
-            match self.submit(Op::Claim(targets)).await? {
-                Reply::Claim(outcome) => {
+            match self.submit(Op::Claim(Arc::clone(&targets))).await? {
+                Reply::Claim(raw) => {
+                    let outcome = raw.into_outcome(&targets)?;
                     tracing::Span::current().record("issued", outcome.keys.len());
                     Ok(outcome)
                 }

@@ -120,12 +120,15 @@ impl<'txn> WriteTables<'txn> {
         })
     }
 
-    /// Writes the sequence counter back; call before committing.
-    pub(crate) fn finish(mut self) -> Result<(), Fatal> {
+    /// Writes the sequence counter back; call before committing. Returns
+    /// whether it moved (then something was written).
+    pub(crate) fn finish(&mut self) -> Result<bool, Fatal> {
         if self.seq_dirty {
             self.meta.insert(META_NEXT_SEQ, self.next_seq)?;
+            self.seq_dirty = false;
+            return Ok(true);
         }
-        Ok(())
+        Ok(false)
     }
 
     fn take_seq(&mut self) -> u64 {
@@ -408,17 +411,64 @@ pub(crate) fn upload(
     Ok(Ok(UploadOutcome { counts, changes }))
 }
 
+/// One key a claim handed out, as stored: parsed by the caller, off the
+/// writer thread.
+#[derive(Debug)]
+pub(crate) struct RawKey {
+    /// The index of its target in the claim.
+    target: usize,
+    key_id: String,
+    json: String,
+    fallback: bool,
+}
+
+/// A committed claim, its keys not yet parsed.
+#[derive(Debug)]
+pub(crate) struct RawClaim {
+    keys: Vec<RawKey>,
+    /// The devices changed (R11.1).
+    pub(crate) changes: Changes,
+}
+
+impl RawClaim {
+    /// Parses the keys into the answer.
+    ///
+    /// # Errors
+    /// [`Error::Corrupt`] when a stored key does not parse back (the claim
+    /// has committed: such a key is gone, it could not be used anyway).
+    pub(crate) fn into_outcome(self, targets: &[ClaimTarget]) -> Result<ClaimOutcome> {
+        let mut keys = Vec::with_capacity(self.keys.len());
+        for raw in self.keys {
+            let target = targets
+                .get(raw.target)
+                .ok_or_else(|| Error::corrupt("claim answer names an unknown target"))?;
+            keys.push(ClaimedKey {
+                device: target.device.clone(),
+                key_id: parse_key_id(&raw.key_id).map_err(|f| f.into_error("claim"))?,
+                key_json: parse_json(&raw.json).map_err(|f| f.into_error("claim"))?,
+                fallback: raw.fallback,
+            });
+        }
+        Ok(ClaimOutcome {
+            keys,
+            changes: self.changes,
+        })
+    }
+}
+
 /// A claim (section 4): per target, the oldest OTKs of the (device,
 /// algorithm) range, removed as they are read; else the fallback key,
-/// marked used.
+/// marked used. The keys' JSON is parsed by the caller
+/// ([`RawClaim::into_outcome`]), so that the writer thread does only
+/// storage work.
 pub(crate) fn claim(
     t: &mut WriteTables<'_>,
     targets: &[ClaimTarget],
     limits: &Limits,
-) -> Result<ClaimOutcome, Fatal> {
+) -> Result<RawClaim, Fatal> {
     let mut keys = Vec::new();
     let mut changed = Vec::new();
-    for target in targets {
+    for (index, target) in targets.iter().enumerate() {
         let count = limits.clamp_count(target.count) as usize;
         if count == 0 {
             continue;
@@ -446,20 +496,20 @@ pub(crate) fn claim(
             let (otks, mut issued) = t.alg_counts((u, d, a))?;
             let otks = otks.saturating_sub(taken.len() as u64);
             for (key_id, json) in taken {
-                t.otk_index.remove((u, d, key_id.as_str()))?;
-                let key_json = parse_json(&json)?;
-                remember_issued(
-                    t,
-                    (u, d, a),
-                    &key_id,
-                    key_json.digest().0,
-                    limits,
-                    &mut issued,
-                )?;
-                keys.push(ClaimedKey {
-                    device: device.clone(),
-                    key_id: parse_key_id(&key_id)?,
-                    key_json,
+                let digest = t
+                    .otk_index
+                    .remove((u, d, key_id.as_str()))?
+                    .map(|v| v.value().1)
+                    .ok_or_else(|| {
+                        Fatal::Other(Error::corrupt(format!(
+                            "one-time key {key_id} of {device} is missing from the key index"
+                        )))
+                    })?;
+                remember_issued(t, (u, d, a), &key_id, digest, limits, &mut issued)?;
+                keys.push(RawKey {
+                    target: index,
+                    key_id,
+                    json,
                     fallback: false,
                 });
             }
@@ -477,15 +527,15 @@ pub(crate) fn claim(
                     .insert((u, d, a), (key_id.as_str(), json.as_str(), true, digest))?;
                 changed.push(device.clone());
             }
-            keys.push(ClaimedKey {
-                device: device.clone(),
-                key_id: parse_key_id(&key_id)?,
-                key_json: parse_json(&json)?,
+            keys.push(RawKey {
+                target: index,
+                key_id,
+                json,
                 fallback: true,
             });
         }
     }
-    Ok(ClaimOutcome {
+    Ok(RawClaim {
         keys,
         changes: Changes::from_devices(changed),
     })

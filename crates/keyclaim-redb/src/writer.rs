@@ -24,20 +24,20 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use keyclaim::{
-    ChangeNotifier, Changes, ClaimOutcome, ClaimTarget, Device, DeviceSnapshot, Error, Limits,
-    Result, Upload, UploadOutcome, UserId,
+    ChangeNotifier, Changes, ClaimTarget, Device, DeviceSnapshot, Error, Limits, Result, Upload,
+    UploadOutcome, UserId,
 };
 use redb::{Database, WriteTransaction};
 use tokio::sync::oneshot;
 
-use crate::ops::{self, Fatal, WriteTables};
+use crate::ops::{self, Fatal, RawClaim, WriteTables};
 use crate::{BACKEND, RedbDurability, WriterStats};
 
 /// One mutating operation.
 #[derive(Debug)]
 pub(crate) enum Op {
     Upload(Upload),
-    Claim(Vec<ClaimTarget>),
+    Claim(Arc<[ClaimTarget]>),
     DeleteDevice(Device),
     DeleteUser(UserId),
     Import(DeviceSnapshot),
@@ -59,7 +59,7 @@ impl Op {
 #[derive(Debug)]
 pub(crate) enum Reply {
     Upload(UploadOutcome),
-    Claim(ClaimOutcome),
+    Claim(RawClaim),
     Changes(Changes),
 }
 
@@ -102,7 +102,7 @@ pub(crate) struct Writer {
 /// What the writer has done so far.
 #[derive(Debug, Default)]
 struct Counters {
-    commits: AtomicU64,
+    batches: AtomicU64,
     operations: AtomicU64,
     largest_batch: AtomicU64,
     failed_batches: AtomicU64,
@@ -111,7 +111,7 @@ struct Counters {
 impl Counters {
     fn committed(&self, ops: usize) {
         let ops = ops as u64;
-        self.commits.fetch_add(1, Ordering::Relaxed);
+        self.batches.fetch_add(1, Ordering::Relaxed);
         self.operations.fetch_add(ops, Ordering::Relaxed);
         self.largest_batch.fetch_max(ops, Ordering::Relaxed);
     }
@@ -144,7 +144,7 @@ impl Writer {
     /// A snapshot of the counters.
     pub(crate) fn stats(&self) -> WriterStats {
         WriterStats {
-            commits: self.counters.commits.load(Ordering::Relaxed),
+            batches: self.counters.batches.load(Ordering::Relaxed),
             operations: self.counters.operations.load(Ordering::Relaxed),
             largest_batch: self.counters.largest_batch.load(Ordering::Relaxed),
             failed_batches: self.counters.failed_batches.load(Ordering::Relaxed),
@@ -338,8 +338,10 @@ enum BatchError {
     Commit(Arc<Error>),
 }
 
-/// Runs the jobs in one write transaction and commits it. On `Ok`, every
-/// result is final (rejections included) and the commit has returned.
+/// Runs the jobs in one write transaction and commits it (or drops it when
+/// no job wrote anything: an operation writes iff it reports changes, or
+/// takes a sequence number). On `Ok`, every result is final (rejections
+/// included) and the commit has returned.
 fn execute(
     db: &Database,
     jobs: &[&Job],
@@ -367,7 +369,17 @@ fn execute(
                 }
             }
         }
-        tables.finish().map_err(commit_err)?;
+        let wrote = tables.finish().map_err(commit_err)?
+            || results
+                .iter()
+                .any(|r| r.as_ref().is_ok_and(|reply| !reply.changes().is_empty()));
+        if !wrote {
+            // Only reads, retries and rejections: nothing to make durable,
+            // so no commit and no fsync.
+            drop(tables);
+            txn.abort().map_err(|e| commit_err(e.into()))?;
+            return Ok(results);
+        }
     }
     txn.commit().map_err(|e| commit_err(e.into()))?;
     Ok(results)

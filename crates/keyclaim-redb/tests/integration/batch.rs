@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use futures::future::join_all;
-use keyclaim::{ClaimTarget, Device, Error, KeyStore, Limits, Upload};
+use keyclaim::{ClaimTarget, Error, KeyStore, Limits, Upload};
 use keyclaim_conformance::fixtures::{SC, alg, dev, otks, signed};
 use keyclaim_redb::{RedbOptions, RedbStore};
 
@@ -108,7 +108,7 @@ fn rejected_operation_does_not_fail_its_batch_mates() {
             }
             let after = store.writer_stats();
             assert!(
-                after.commits - before.commits < after.operations - before.operations,
+                after.batches - before.batches < after.operations - before.operations,
                 "no batching happened: {before:?} -> {after:?}"
             );
         }
@@ -127,13 +127,23 @@ fn rejected_operation_does_not_fail_its_batch_mates() {
 
 const OTKS_DEF: redb::TableDefinition<'_, (&str, &str, &str, u64, &str), &str> =
     redb::TableDefinition::new("otks");
+const OTK_INDEX_DEF: redb::TableDefinition<'_, (&str, &str, &str), (u64, [u8; 32])> =
+    redb::TableDefinition::new("otk_index");
 const COUNTS_DEF: redb::TableDefinition<'_, (&str, &str, &str), (u64, u64)> =
     redb::TableDefinition::new("alg_counts");
 
-/// An operation that fails half-way (here: a corrupt stored key, found
-/// while claiming) aborts its batch's transaction; the batch is then run
-/// one operation per transaction, so only that operation fails and nothing
-/// of it is applied.
+/// Writes rows into a closed store's file behind its back.
+fn tamper(path: &std::path::Path, f: impl FnOnce(&redb::WriteTransaction)) {
+    let db = redb::Database::create(path).unwrap();
+    let txn = db.begin_write().unwrap();
+    f(&txn);
+    txn.commit().unwrap();
+}
+
+/// An operation that fails half-way (here: an upload that finds a corrupt
+/// row of its device after it wrote its keys) aborts its batch's
+/// transaction; the batch is then run one operation per transaction, so
+/// only that operation fails, and nothing of it is applied.
 #[test]
 fn failing_operation_is_retried_alone() {
     rt().block_on(async {
@@ -141,61 +151,94 @@ fn failing_operation_is_retried_alone() {
         let path = dir.path().join("k.redb");
         RedbStore::open(&path).await.unwrap().close().await.unwrap();
         let bad = dev("@bad:example.org", "BAD");
-        {
-            let db = redb::Database::create(&path).unwrap();
-            let txn = db.begin_write().unwrap();
-            {
-                let mut t = txn.open_table(OTKS_DEF).unwrap();
-                t.insert(
-                    ("@bad:example.org", "BAD", SC, 0, "signed_curve25519:X"),
-                    "{not json",
-                )
+        tamper(&path, |txn| {
+            // An algorithm with a colon cannot be valid: reading the
+            // device's counts fails with Error::Corrupt.
+            let mut c = txn.open_table(COUNTS_DEF).unwrap();
+            c.insert(("@bad:example.org", "BAD", "bad:alg"), (1, 0))
                 .unwrap();
-                let mut c = txn.open_table(COUNTS_DEF).unwrap();
-                c.insert(("@bad:example.org", "BAD", SC), (1, 0)).unwrap();
-            }
-            txn.commit().unwrap();
-        }
+        });
         let store = Arc::new(RedbStore::open(&path).await.unwrap());
-        let mut bad_claims = 0;
+        let mut bad_uploads = 0;
         let mut round = 0;
-        // Until the corrupt claim has shared a batch with good operations at
+        // Until the bad upload has shared a batch with good operations at
         // least once: its batch then fails once, and its retry alone once
-        // more, so there are more failed batches than bad claims.
-        while round < 3 || (store.writer_stats().failed_batches == bad_claims && round < 50) {
+        // more, so there are more failed batches than bad uploads.
+        while round < 3 || (store.writer_stats().failed_batches == bad_uploads && round < 50) {
             round += 1;
-            bad_claims += 4;
+            bad_uploads += 4;
             let mut jobs = Vec::new();
             for i in 0..32 {
                 let store = Arc::clone(&store);
                 let bad = bad.clone();
                 jobs.push(async move {
-                    if i % 8 == 0 {
-                        let r = store.claim(&[ClaimTarget::one(bad, alg(SC))]).await;
-                        (None, r.map(|_| ()))
+                    let (d, good) = if i % 8 == 0 {
+                        (bad, false)
                     } else {
-                        let d: Device = dev("@u:example.org", &format!("R{round}-{i}"));
-                        let up = Upload::from_keys(d.clone(), otks(SC, &["A"]), []).unwrap();
-                        (Some(d), store.upload(&up).await.map(|_| ()))
-                    }
+                        (dev("@u:example.org", &format!("R{round}-{i}")), true)
+                    };
+                    let name = format!("K{round}-{i}");
+                    let up = Upload::from_keys(d.clone(), otks(SC, &[name.as_str()]), []).unwrap();
+                    (good, d, store.upload(&up).await.map(|_| ()))
                 });
             }
-            for (d, result) in join_all(jobs).await {
-                match (d, result) {
-                    (Some(d), Ok(())) => {
+            for (good, d, result) in join_all(jobs).await {
+                match (good, result) {
+                    (true, Ok(())) => {
                         assert_eq!(store.otk_counts(&d).await.unwrap().get_str(SC), 1);
                     }
-                    (None, Err(Error::Corrupt(_))) => {}
-                    (d, other) => panic!("unexpected result for {d:?}: {other:?}"),
+                    (false, Err(Error::Corrupt(_))) => {}
+                    (_, other) => panic!("unexpected result for {d}: {other:?}"),
                 }
             }
-            // The failed claim applied nothing.
-            assert_eq!(store.otk_counts(&bad).await.unwrap().get_str(SC), 1);
+            // The failed uploads applied nothing: no key to claim.
+            let out = store
+                .claim(&[ClaimTarget::one(bad.clone(), alg(SC))])
+                .await
+                .unwrap();
+            assert!(out.keys.is_empty(), "a failed upload left keys behind");
         }
         let stats = store.writer_stats();
         assert!(
-            stats.failed_batches > bad_claims,
+            stats.failed_batches > bad_uploads,
             "never batched: {stats:?}"
         );
+    });
+}
+
+/// A stored key whose JSON no longer parses is reported as
+/// [`Error::Corrupt`] by the claim that meets it: an error, never a panic
+/// or a wrong answer (R10.4).
+#[test]
+fn corrupt_stored_key_is_an_error() {
+    rt().block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.redb");
+        RedbStore::open(&path).await.unwrap().close().await.unwrap();
+        tamper(&path, |txn| {
+            let key = ("@bad:example.org", "BAD", SC, 0, "signed_curve25519:X");
+            txn.open_table(OTKS_DEF)
+                .unwrap()
+                .insert(key, "{not json")
+                .unwrap();
+            txn.open_table(OTK_INDEX_DEF)
+                .unwrap()
+                .insert(
+                    ("@bad:example.org", "BAD", "signed_curve25519:X"),
+                    (0, [0; 32]),
+                )
+                .unwrap();
+            txn.open_table(COUNTS_DEF)
+                .unwrap()
+                .insert(("@bad:example.org", "BAD", SC), (1, 0))
+                .unwrap();
+        });
+        let store = RedbStore::open(&path).await.unwrap();
+        let bad = dev("@bad:example.org", "BAD");
+        let err = store
+            .claim(&[ClaimTarget::one(bad, alg(SC))])
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Corrupt(_)), "{err:?}");
     });
 }
