@@ -16,7 +16,12 @@ struct FailingStore {
 }
 
 fn down(op: &'static str) -> Error {
-    Error::storage("failing", op, true, std::io::Error::other("disk on fire at /secret/path"))
+    Error::storage(
+        "failing",
+        op,
+        true,
+        std::io::Error::other("disk on fire at /secret/path"),
+    )
 }
 
 #[async_trait]
@@ -60,7 +65,10 @@ fn check(err: keyclaim::ApiError) {
     assert_eq!((err.status(), err.errcode()), (500, "M_UNKNOWN"), "{err}");
     assert!(err.is_retryable());
     assert!(!err.message().contains("secret"), "{}", err.message());
-    assert!(std::error::Error::source(&err).is_some(), "the cause is kept");
+    assert!(
+        std::error::Error::source(&err).is_some(),
+        "the cause is kept"
+    );
     assert_eq!(err.to_json()["errcode"], "M_UNKNOWN");
 }
 
@@ -104,12 +112,33 @@ fn error_kinds_map_to_the_spec_table() {
     let key_id = keyclaim::KeyId::parse("a:b").unwrap();
     let rows: Vec<(Error, u16, &str)> = vec![
         (UserId::parse("x").unwrap_err(), 400, "M_INVALID_PARAM"),
-        (keyclaim::DeviceId::parse("").unwrap_err(), 400, "M_INVALID_PARAM"),
+        (
+            keyclaim::DeviceId::parse("").unwrap_err(),
+            400,
+            "M_INVALID_PARAM",
+        ),
         (keyclaim::KeyId::parse("x").unwrap_err(), 400, "M_BAD_JSON"),
-        (keyclaim::KeyJson::from_value(&serde_json::json!(1)).unwrap_err(), 400, "M_BAD_JSON"),
+        (
+            keyclaim::KeyJson::from_value(&serde_json::json!(1)).unwrap_err(),
+            400,
+            "M_BAD_JSON",
+        ),
         (Error::Conflict { device, key_id }, 400, "M_INVALID_PARAM"),
-        (Error::DuplicateFallback { algorithm: Algorithm::signed_curve25519() }, 400, "M_INVALID_PARAM"),
-        (Error::TooLarge { kind: keyclaim::LimitKind::ClaimTargets, limit: 1 }, 400, "M_TOO_LARGE"),
+        (
+            Error::DuplicateFallback {
+                algorithm: Algorithm::signed_curve25519(),
+            },
+            400,
+            "M_INVALID_PARAM",
+        ),
+        (
+            Error::TooLarge {
+                kind: keyclaim::LimitKind::ClaimTargets,
+                limit: 1,
+            },
+            400,
+            "M_TOO_LARGE",
+        ),
         (Error::Closed, 500, "M_UNKNOWN"),
         (Error::corrupt("x"), 500, "M_UNKNOWN"),
     ];
