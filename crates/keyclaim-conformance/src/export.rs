@@ -89,3 +89,45 @@ pub async fn export_pages_in_device_order<F: StoreFactory>(f: &F) {
     assert_eq!(seen, sorted, "pages in order, no repeats");
     assert_eq!(seen.len(), 30);
 }
+
+/// The library's copy, diff and check (what `keyclaim migrate` and
+/// `keyclaim check` run): a copy has no differences and no problems; a
+/// change on one side shows up in the diff.
+pub async fn copy_diff_and_check<F: StoreFactory>(f: &F) {
+    let src = fresh(f).await;
+    populate(&src).await;
+    let dst = fresh(f).await;
+    let mut batches = 0;
+    let report = keyclaim::copy_store(&src, &dst, 8, None, |_, _| batches += 1)
+        .await
+        .expect("copy");
+    assert_eq!(report.devices, 30);
+    assert_eq!(batches, 4);
+    assert!(
+        keyclaim::diff_stores(&src, &dst, 7, 100)
+            .await
+            .expect("diff")
+            .is_empty()
+    );
+    let check = keyclaim::check_store(&dst, 9).await.expect("check");
+    assert_eq!(
+        (check.devices, check.problems.len()),
+        (30, 0),
+        "{:?}",
+        check.problems
+    );
+    let d = full_state(&src).await[3].device.clone();
+    claim_one(&src, &d, SC).await;
+    assert_eq!(
+        keyclaim::diff_stores(&src, &dst, 7, 100)
+            .await
+            .expect("diff"),
+        [d]
+    );
+    // Resuming after the last device copies nothing more.
+    let last = full_state(&src).await.last().map(|s| s.device.clone());
+    let again = keyclaim::copy_store(&src, &dst, 8, last, |_, _| {})
+        .await
+        .expect("copy");
+    assert_eq!(again.devices, 0);
+}

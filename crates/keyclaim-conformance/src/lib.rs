@@ -204,6 +204,7 @@ macro_rules! conformance_tests {
             export {
                 export_import_round_trip
                 export_pages_in_device_order
+                copy_diff_and_check
             }
             model_based {
                 model_random_operation_sequences

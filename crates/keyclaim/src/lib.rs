@@ -10,6 +10,7 @@ mod plan;
 #[cfg(feature = "ruma")]
 pub mod ruma;
 mod store;
+mod transfer;
 mod types;
 
 pub use api::{ApiError, KeysApi};
@@ -22,6 +23,9 @@ pub use notify::{ChangeNotifier, NOTIFY_CAPACITY};
 pub use plan::{DeviceFacts, UploadPlan, plan_upload};
 pub use store::KeyStore;
 pub use tokio::sync::broadcast;
+pub use transfer::{
+    CheckReport, CopyReport, Exporter, Problem, check_store, copy_store, diff_stores,
+};
 pub use types::{
     Changes, ClaimOutcome, ClaimTarget, ClaimedKey, DeviceSnapshot, IssuedKey, OtkCounts,
     StoredFallback, StoredOtk, SyncState, Upload, UploadOutcome,

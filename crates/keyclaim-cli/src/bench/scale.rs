@@ -1,0 +1,115 @@
+//! `keyclaim bench --scale`: how claim and upload latency grow with the
+//! number of stored keys (10^4 .. 10^7), per backend.
+
+use std::time::{Duration, Instant};
+
+use keyclaim::{Algorithm, ClaimTarget};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::stats::Samples;
+use super::{BenchArgs, bar, device, open_backend, upload_of, workload};
+
+const KEYS_PER_DEVICE: usize = 50;
+const CLAIMS: usize = 2000;
+const UPLOADS: usize = 200;
+
+pub(crate) async fn run(args: &BenchArgs) -> Result<bool, String> {
+    let tmp = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let dir = args.dir.clone().unwrap_or_else(|| tmp.path().to_owned());
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let sizes: Vec<u64> = [10_000u64, 100_000, 1_000_000, 10_000_000]
+        .into_iter()
+        .filter(|n| *n <= args.scale_max)
+        .collect();
+    println!(
+        "\nkeyclaim bench --scale: p50/p99 latency of one claim (C=1) and one 50-key upload, by stored keys\n"
+    );
+    println!(
+        "{:<10} {:>12} {:>12} {:>12} {:>12} {:>12} {:>14}",
+        "backend",
+        "stored keys",
+        "claim p50",
+        "claim p99",
+        "upload p50",
+        "upload p99",
+        "claim p50 / 10^4"
+    );
+    let mut json_rows = Vec::new();
+    for name in &args.backend {
+        let b = open_backend(name, &dir, args, "scale").await?;
+        let mut filled = 0usize;
+        let mut base_p50 = None;
+        let mut fresh = 0usize;
+        for &n in &sizes {
+            if name == "memory" && n > 1_000_000 {
+                continue;
+            }
+            let target_devices = usize::try_from(n).unwrap_or(usize::MAX) / KEYS_PER_DEVICE;
+            let pb = bar(
+                args.quiet,
+                (target_devices - filled) as u64,
+                &format!("{name}: fill to {n} keys"),
+            );
+            let tick = pb.clone();
+            let start = filled;
+            let store = b.store.clone();
+            // Fill devices start..target_devices.
+            workload::parallel(target_devices - start, args.clients.max(1), move |i| {
+                let store = store.clone();
+                let upload =
+                    device("s", start + i).and_then(|d| upload_of(&d, "S", KEYS_PER_DEVICE, false));
+                tick.inc(1);
+                async move {
+                    store.upload(&upload?).await?;
+                    Ok(())
+                }
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+            pb.finish_and_clear();
+            filled = target_devices;
+            let mut rng = StdRng::seed_from_u64(n);
+            let mut claims = Samples::default();
+            let alg = Algorithm::signed_curve25519();
+            for _ in 0..CLAIMS {
+                let d = device("s", rng.random_range(0..filled)).map_err(|e| e.to_string())?;
+                let t0 = Instant::now();
+                b.store
+                    .claim(&[ClaimTarget::one(d, alg.clone())])
+                    .await
+                    .map_err(|e| e.to_string())?;
+                claims.record(t0.elapsed());
+            }
+            let mut uploads = Samples::default();
+            for _ in 0..UPLOADS {
+                fresh += 1;
+                let u = device("fresh", fresh)
+                    .and_then(|d| upload_of(&d, "N", KEYS_PER_DEVICE, false))
+                    .map_err(|e| e.to_string())?;
+                let t0 = Instant::now();
+                b.store.upload(&u).await.map_err(|e| e.to_string())?;
+                uploads.record(t0.elapsed());
+            }
+            let c = claims.summary(Duration::ZERO);
+            let u = uploads.summary(Duration::ZERO);
+            let base = *base_p50.get_or_insert(c.p50_ms);
+            let ratio = if base > 0.0 { c.p50_ms / base } else { 0.0 };
+            println!(
+                "{:<10} {:>12} {:>10.3}ms {:>10.3}ms {:>10.3}ms {:>10.3}ms {:>13.2}x",
+                name, n, c.p50_ms, c.p99_ms, u.p50_ms, u.p99_ms, ratio
+            );
+            json_rows.push(serde_json::json!({
+                "backend": name, "stored_keys": n,
+                "claim_p50_ms": c.p50_ms, "claim_p99_ms": c.p99_ms,
+                "upload_p50_ms": u.p50_ms, "upload_p99_ms": u.p99_ms,
+                "claim_p50_ratio_to_1e4": ratio,
+            }));
+        }
+    }
+    if let Some(path) = &args.json {
+        let text = serde_json::to_string_pretty(&json_rows).map_err(|e| e.to_string())?;
+        std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    Ok(true)
+}

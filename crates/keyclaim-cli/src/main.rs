@@ -1,0 +1,114 @@
+//! The `keyclaim` command: the backend benchmark comparison (`bench`) and
+//! operator tools (`stats`, `migrate`, `check`).
+
+// A command-line tool: printing to stdout is its job.
+#![allow(clippy::print_stdout)]
+
+mod bench;
+mod stores;
+mod tools;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use stores::StoreUrl;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "keyclaim",
+    version,
+    about = "Matrix one-time key and fallback key storage: benchmark and operator tools"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Compare the backends on a homeserver-shaped workload.
+    Bench(bench::BenchArgs),
+    /// Totals and a histogram of one-time keys per device for a store.
+    Stats {
+        /// sqlite:PATH, redb:PATH or postgres://...
+        store: String,
+    },
+    /// Copy every device's keys from one store to another and verify the copy.
+    Migrate {
+        /// Source store URL.
+        from: String,
+        /// Target store URL.
+        to: String,
+        /// Devices per batch.
+        #[arg(long, default_value_t = 500)]
+        batch: usize,
+        /// Checkpoint file: an interrupted migration resumes from it.
+        #[arg(long)]
+        checkpoint: Option<PathBuf>,
+        /// No progress display.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Verify a store's invariants and report problems (exit code 1 if any).
+    Check {
+        /// sqlite:PATH, redb:PATH or postgres://...
+        store: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("keyclaim: cannot start the async runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Bench(args) => bench::run(args).await,
+            Command::Stats { store } => {
+                let text = tools::stats(&StoreUrl::parse(&store)?).await?;
+                print!("{text}");
+                Ok(true)
+            }
+            Command::Migrate {
+                from,
+                to,
+                batch,
+                checkpoint,
+                quiet,
+            } => {
+                let (ok, text) = tools::migrate(
+                    &StoreUrl::parse(&from)?,
+                    &StoreUrl::parse(&to)?,
+                    batch,
+                    checkpoint.as_ref(),
+                    quiet,
+                )
+                .await?;
+                print!("{text}");
+                Ok(ok)
+            }
+            Command::Check { store } => {
+                let (ok, text) = tools::check(&StoreUrl::parse(&store)?).await?;
+                print!("{text}");
+                Ok(ok)
+            }
+        }
+    });
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("keyclaim: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
