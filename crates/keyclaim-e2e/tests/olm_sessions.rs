@@ -5,6 +5,9 @@
 //!
 //! Each scenario runs once per backend (`per_backend!` at the bottom).
 
+// Scenario helpers are plain functions, not #[test]s: a panic is a test failure.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::sync::Arc;
 
 use keyclaim::{KeyStore, KeysApi};

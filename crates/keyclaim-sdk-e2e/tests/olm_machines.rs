@@ -2,6 +2,9 @@
 //! serves. Each scenario runs per backend and per transport (the JSON facade
 //! with ruma's wire bytes, and the ruma facade).
 
+// Scenario helpers are plain functions, not #[test]s: a panic is a test failure.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::sync::Arc;
 
 use keyclaim_e2e::TestBackend;

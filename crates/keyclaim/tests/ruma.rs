@@ -1,6 +1,9 @@
 //! The `ruma` feature: conversions to and from ruma-client-api's types, and
 //! the ruma flavour of the facade giving the same answers as the JSON one.
 
+// Scenario helpers are plain functions, not #[test]s: a panic is a test failure.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::sync::Arc;
 
 use keyclaim::ruma::ruma_client_api::keys::{claim_keys, upload_keys};

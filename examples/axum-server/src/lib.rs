@@ -93,20 +93,18 @@ fn body_error(rejection: &BytesRejection) -> Response {
 }
 
 /// The (user, device) the stand-in header names. NOT real authentication.
-fn stand_in_auth(headers: &HeaderMap) -> Result<(String, String), Response> {
-    let missing = || {
-        matrix_error(
-            StatusCode::UNAUTHORIZED,
-            "M_MISSING_TOKEN",
-            "missing stand-in auth header `x-keyclaim-stand-in-auth: @user:server DEVICEID`",
-        )
-    };
-    let value = headers
-        .get(STAND_IN_AUTH_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .ok_or_else(missing)?;
-    let (user, device) = value.trim().split_once(' ').ok_or_else(missing)?;
-    Ok((user.to_owned(), device.trim().to_owned()))
+fn stand_in_auth(headers: &HeaderMap) -> Option<(String, String)> {
+    let value = headers.get(STAND_IN_AUTH_HEADER)?.to_str().ok()?;
+    let (user, device) = value.trim().split_once(' ')?;
+    Some((user.to_owned(), device.trim().to_owned()))
+}
+
+fn missing_auth() -> Response {
+    matrix_error(
+        StatusCode::UNAUTHORIZED,
+        "M_MISSING_TOKEN",
+        "missing stand-in auth header `x-keyclaim-stand-in-auth: @user:server DEVICEID`",
+    )
 }
 
 async fn keys_upload(
@@ -114,9 +112,8 @@ async fn keys_upload(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let (user, device) = match stand_in_auth(&headers) {
-        Ok(who) => who,
-        Err(response) => return response,
+    let Some((user, device)) = stand_in_auth(&headers) else {
+        return missing_auth();
     };
     match body {
         Ok(body) => answer(api.upload(&user, &device, &body).await),
@@ -130,8 +127,8 @@ async fn keys_claim(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     // The claimer must be logged in, though who it is does not matter here.
-    if let Err(response) = stand_in_auth(&headers) {
-        return response;
+    if stand_in_auth(&headers).is_none() {
+        return missing_auth();
     }
     match body {
         Ok(body) => answer(api.claim(&body).await),
@@ -153,9 +150,8 @@ async fn sync(
     headers: HeaderMap,
     Query(params): Query<SyncParams>,
 ) -> Response {
-    let (user, device) = match stand_in_auth(&headers) {
-        Ok(who) => who,
-        Err(response) => return response,
+    let Some((user, device)) = stand_in_auth(&headers) else {
+        return missing_auth();
     };
     let timeout = params.timeout.unwrap_or(0).min(MAX_SYNC_TIMEOUT_MS);
     if params.since.is_some() && timeout > 0 {

@@ -1,6 +1,9 @@
 //! The example server on 127.0.0.1, driven over HTTP: in process (port 0),
 //! and as the built binary.
 
+// Scenario helpers are plain functions, not #[test]s: a panic is a test failure.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
