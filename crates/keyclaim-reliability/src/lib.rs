@@ -1,0 +1,19 @@
+//! keyclaim's reliability campaign (issue 7), as a library so that the fuzz
+//! targets in `fuzz/`, this crate's tests and its binaries share one
+//! implementation:
+//!
+//! - [`wire`]: the logic of the `wire_upload` and `wire_claim` fuzz targets
+//!   (arbitrary bytes into [`keyclaim::KeysApi`] over a pre-populated memory
+//!   store, with oracles for both the success and the error paths);
+//! - [`corpus`]: the checked-in seed corpora under `fuzz/seeds/`, which this
+//!   crate's tests run through the same checks, so that CI exercises the fuzz
+//!   targets' logic without a fuzzer.
+//!
+//! Every check returns a [`Violation`] instead of panicking; the fuzz targets
+//! turn it into a panic (a crash for libFuzzer), the tests into a failure.
+
+pub mod corpus;
+mod util;
+pub mod wire;
+
+pub use util::{Violation, block_on, snapshot_all};
