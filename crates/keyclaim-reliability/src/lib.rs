@@ -5,6 +5,8 @@
 //! - [`wire`]: the logic of the `wire_upload` and `wire_claim` fuzz targets
 //!   (arbitrary bytes into [`keyclaim::KeysApi`] over a pre-populated memory
 //!   store, with oracles for both the success and the error paths);
+//! - [`differential`]: the logic of the `differential` fuzz target (one
+//!   operation sequence against every backend and the reference model);
 //! - [`corpus`]: the checked-in seed corpora under `fuzz/seeds/`, which this
 //!   crate's tests run through the same checks, so that CI exercises the fuzz
 //!   targets' logic without a fuzzer.
@@ -13,6 +15,7 @@
 //! turn it into a panic (a crash for libFuzzer), the tests into a failure.
 
 pub mod corpus;
+pub mod differential;
 mod util;
 pub mod wire;
 

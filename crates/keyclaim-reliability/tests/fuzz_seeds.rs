@@ -25,3 +25,11 @@ fn wire_upload_seeds() {
 fn wire_claim_seeds() {
     run_seeds("wire_claim", wire::check_claim);
 }
+
+#[test]
+fn differential_seeds_memory() {
+    run_seeds(
+        "differential",
+        keyclaim_reliability::differential::check_memory_only,
+    );
+}
