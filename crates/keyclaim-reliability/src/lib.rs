@@ -7,6 +7,8 @@
 //!   store, with oracles for both the success and the error paths);
 //! - [`differential`]: the logic of the `differential` fuzz target (one
 //!   operation sequence against every backend and the reference model);
+//! - [`bounds`]: hostile requests that SPEC section 8's limits refuse, with
+//!   their peak memory measured (the `bounds` binary);
 //! - [`corpus`]: the checked-in seed corpora under `fuzz/seeds/`, which this
 //!   crate's tests run through the same checks, so that CI exercises the fuzz
 //!   targets' logic without a fuzzer.
@@ -14,6 +16,7 @@
 //! Every check returns a [`Violation`] instead of panicking; the fuzz targets
 //! turn it into a panic (a crash for libFuzzer), the tests into a failure.
 
+pub mod bounds;
 pub mod corpus;
 pub mod differential;
 mod util;
