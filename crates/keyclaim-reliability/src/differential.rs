@@ -495,3 +495,43 @@ async fn drain(model: &mut Model, subjects: &[Box<dyn Subject>]) -> Result<(), V
     }
     Ok(())
 }
+
+/// A temp dir for throwaway stores: on `/dev/shm` when it exists (fsync is
+/// free there, so a fuzz input costs no disk flushes), else the default.
+///
+/// # Errors
+/// When no temp dir can be made.
+pub fn scratch_dir() -> std::io::Result<tempfile::TempDir> {
+    let shm = std::path::Path::new("/dev/shm");
+    if shm.is_dir() {
+        if let Ok(dir) = tempfile::Builder::new().prefix("keyclaim-fuzz-").tempdir_in(shm) {
+            return Ok(dir);
+        }
+    }
+    tempfile::Builder::new().prefix("keyclaim-fuzz-").tempdir()
+}
+
+/// Runs one input against memory, SQLite and redb (fresh stores in a
+/// scratch dir) and the model.
+///
+/// # Errors
+/// The first disagreement, or a store error.
+pub fn check(data: &[u8]) -> Result<(), Violation> {
+    let ops = decode(data);
+    let dir = scratch_dir().map_err(|e| Violation(format!("no scratch dir: {e}")))?;
+    block_on(async {
+        let l = limits();
+        let mut subjects: Vec<Box<dyn Subject>> = vec![Box::new(MemorySubject::new(l.clone()))];
+        for backend in crate::backends::Backend::ALL {
+            let sub = crate::backends::PersistentSubject::open(
+                backend,
+                dir.path(),
+                l.clone(),
+            )
+            .await
+            .map_err(|e| Violation(format!("{backend}: open failed: {e}")))?;
+            subjects.push(Box::new(sub));
+        }
+        run(&ops, &mut subjects).await
+    })?
+}

@@ -9,6 +9,9 @@
 //!   operation sequence against every backend and the reference model);
 //! - [`bounds`]: hostile requests that SPEC section 8's limits refuse, with
 //!   their peak memory measured (the `bounds` binary);
+//! - [`faults`]: persistent backends over storage that fails (a full disk);
+//! - [`soak`]: a long mixed workload with SIGKILLs and invariant checks
+//!   (the `soak` binary);
 //! - [`corpus`]: the checked-in seed corpora under `fuzz/seeds/`, which this
 //!   crate's tests run through the same checks, so that CI exercises the fuzz
 //!   targets' logic without a fuzzer.
@@ -16,10 +19,14 @@
 //! Every check returns a [`Violation`] instead of panicking; the fuzz targets
 //! turn it into a panic (a crash for libFuzzer), the tests into a failure.
 
+pub mod backends;
 pub mod bounds;
 pub mod corpus;
 pub mod differential;
+pub mod faults;
+pub mod soak;
 mod util;
 pub mod wire;
+pub mod workload;
 
-pub use util::{Violation, block_on, snapshot_all};
+pub use util::{Violation, block_on, chain, snapshot_all};

@@ -28,8 +28,20 @@ impl std::error::Error for Violation {}
 
 impl From<keyclaim::Error> for Violation {
     fn from(e: keyclaim::Error) -> Self {
-        Self(format!("unexpected store error: {e}"))
+        Self(format!("unexpected store error: {}", chain(&e)))
     }
+}
+
+/// An error with its whole source chain, `: `-separated.
+pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        out.push_str(": ");
+        out.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    out
 }
 
 /// Fails with a formatted [`Violation`] unless the condition holds.

@@ -33,3 +33,8 @@ fn differential_seeds_memory() {
         keyclaim_reliability::differential::check_memory_only,
     );
 }
+
+#[test]
+fn differential_seeds_all_backends() {
+    run_seeds("differential", keyclaim_reliability::differential::check);
+}

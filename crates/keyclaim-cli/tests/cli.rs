@@ -1,0 +1,82 @@
+//! The `keyclaim` command end to end, on small inputs: output and exit codes.
+
+use std::process::{Command, Output};
+
+fn keyclaim(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_keyclaim"))
+        .args(args)
+        .output()
+        .expect("run keyclaim")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[test]
+fn bench_memory_small_run_reports_and_checks_invariants() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("report.json");
+    let svg = dir.path().join("chart.svg");
+    let o = keyclaim(&[
+        "bench",
+        "--backend",
+        "memory",
+        "--devices",
+        "200",
+        "--keys",
+        "20",
+        "--clients",
+        "4",
+        "--bulk",
+        "50",
+        "--ops",
+        "2000",
+        "--race-duration",
+        "0.2",
+        "--quiet",
+        "--json",
+        json.to_str().unwrap(),
+        "--svg",
+        svg.to_str().unwrap(),
+    ]);
+    let out = stdout(&o);
+    assert!(
+        o.status.success(),
+        "{out}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(out.contains("all invariants held"), "{out}");
+    for kind in [
+        "claim",
+        "bulk_claim",
+        "refill",
+        "fallback_rotation",
+        "count_read",
+    ] {
+        assert!(out.contains(kind), "{kind} missing from the table:\n{out}");
+    }
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let b = &report["backends"][0];
+    assert_eq!(b["backend"], "memory");
+    assert_eq!(b["invariants"]["keys_issued_twice"], 0);
+    assert_eq!(b["invariants"]["devices_with_wrong_count"], 0);
+    assert!(b["invariants"]["otks_issued"].as_u64().unwrap() > 0);
+    assert_eq!(b["races"].as_array().unwrap().len(), 2);
+    let chart = std::fs::read_to_string(&svg).unwrap();
+    assert!(chart.starts_with("<svg") && chart.trim_end().ends_with("</svg>"));
+    assert!(chart.contains("memory hot C=4"), "{chart}");
+}
+
+#[test]
+fn bad_arguments_fail_with_messages() {
+    let o = keyclaim(&["bench", "--backend", "nosuch", "--quiet"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("nosuch"));
+    let o = keyclaim(&["stats", "mysql://x"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("unknown store URL"));
+    let o = keyclaim(&["frobnicate"]);
+    assert!(!o.status.success());
+}
