@@ -3,7 +3,7 @@
 #![no_main]
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    if let Err(violation) = keyclaim_reliability::differential::check_memory_only(data) {
+    if let Err(violation) = keyclaim_reliability::differential::check(data) {
         panic!("{violation}");
     }
 });

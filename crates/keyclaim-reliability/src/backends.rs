@@ -54,9 +54,9 @@ impl Backend {
             Self::Sqlite => Persistent::Sqlite(
                 SqliteStore::open_with(path, SqliteOptions::new().limits(limits)).await?,
             ),
-            Self::Redb => {
-                Persistent::Redb(RedbStore::open_with(path, RedbOptions::new().limits(limits)).await?)
-            }
+            Self::Redb => Persistent::Redb(
+                RedbStore::open_with(path, RedbOptions::new().limits(limits)).await?,
+            ),
         })
     }
 }

@@ -88,12 +88,14 @@ pub fn run_case(case: &str) -> Result<BoundsReport, Violation> {
     block_on(run_case_async(case))?
 }
 
+/// A case's call: the outcome, and the input handed back so that dropping
+/// it is not timed.
+type Call = std::pin::Pin<Box<dyn std::future::Future<Output = (String, Box<dyn std::any::Any>)>>>;
+
 struct Prepared {
     name: &'static str,
     input: String,
-    /// Returns the outcome and hands the input back, so that dropping it is
-    /// not timed.
-    call: std::pin::Pin<Box<dyn std::future::Future<Output = (String, Box<dyn std::any::Any>)>>>,
+    call: Call,
 }
 
 fn tiny_keys_body(n: usize) -> Vec<u8> {

@@ -460,11 +460,11 @@ async fn compare_states(step: usize, subjects: &[Box<dyn Subject>]) -> Result<()
 /// but used fallbacks, comparing every answer with the model's.
 async fn drain(model: &mut Model, subjects: &[Box<dyn Subject>]) -> Result<(), Violation> {
     let mut targets = Vec::new();
-    for u in 0..USERS.len() {
-        for d in 0..DEVICES.len() {
+    for user in USERS {
+        for dev in DEVICES {
             for a in ALGS {
                 targets.push(ClaimTarget {
-                    device: Device::parse(USERS[u], DEVICES[d])?,
+                    device: Device::parse(user, dev)?,
                     algorithm: Algorithm::parse(a)?,
                     count: 3,
                 });
@@ -503,10 +503,12 @@ async fn drain(model: &mut Model, subjects: &[Box<dyn Subject>]) -> Result<(), V
 /// When no temp dir can be made.
 pub fn scratch_dir() -> std::io::Result<tempfile::TempDir> {
     let shm = std::path::Path::new("/dev/shm");
-    if shm.is_dir() {
-        if let Ok(dir) = tempfile::Builder::new().prefix("keyclaim-fuzz-").tempdir_in(shm) {
-            return Ok(dir);
-        }
+    if shm.is_dir()
+        && let Ok(dir) = tempfile::Builder::new()
+            .prefix("keyclaim-fuzz-")
+            .tempdir_in(shm)
+    {
+        return Ok(dir);
     }
     tempfile::Builder::new().prefix("keyclaim-fuzz-").tempdir()
 }
@@ -523,13 +525,9 @@ pub fn check(data: &[u8]) -> Result<(), Violation> {
         let l = limits();
         let mut subjects: Vec<Box<dyn Subject>> = vec![Box::new(MemorySubject::new(l.clone()))];
         for backend in crate::backends::Backend::ALL {
-            let sub = crate::backends::PersistentSubject::open(
-                backend,
-                dir.path(),
-                l.clone(),
-            )
-            .await
-            .map_err(|e| Violation(format!("{backend}: open failed: {e}")))?;
+            let sub = crate::backends::PersistentSubject::open(backend, dir.path(), l.clone())
+                .await
+                .map_err(|e| Violation(format!("{backend}: open failed: {e}")))?;
             subjects.push(Box::new(sub));
         }
         run(&ops, &mut subjects).await

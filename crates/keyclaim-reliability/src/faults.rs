@@ -262,7 +262,11 @@ pub async fn run_scenario(
         let op = work.next_op()?;
         let got = apply(store.store(), &op).await?;
         let want = apply(&mirror, &op).await?;
-        ensure!(got == want, "healthy {}: store {got:?}, mirror {want:?}", op.label());
+        ensure!(
+            got == want,
+            "healthy {}: store {got:?}, mirror {want:?}",
+            op.label()
+        );
         report.healthy_ops += 1;
     }
     ensure!(
@@ -344,7 +348,9 @@ pub async fn run_scenario(
         report.needed_reopen = true;
         let _ = store.close().await;
         store = backend.open(&path, limits.clone()).await.map_err(|e| {
-            Violation(format!("after the fault cleared, the store does not open: {e}"))
+            Violation(format!(
+                "after the fault cleared, the store does not open: {e}"
+            ))
         })?;
         if let Some(op) = unresolved.take() {
             resolve(store.store(), &mut mirror, &op, "after the fault cleared")
@@ -352,7 +358,9 @@ pub async fn run_scenario(
                 .map_err(|e| Violation(format!("reads fail after recovery: {e}")))?;
         }
         apply(store.store(), &probe).await.map_err(|e| {
-            Violation(format!("after the fault cleared and a reopen, an upload fails: {e}"))
+            Violation(format!(
+                "after the fault cleared and a reopen, an upload fails: {e}"
+            ))
         })?;
     }
     apply(&mirror, &probe).await?;
@@ -368,7 +376,11 @@ pub async fn run_scenario(
             ))
         })?;
         let want = apply(&mirror, &op).await?;
-        ensure!(got == want, "after recovery {}: store {got:?}, mirror {want:?}", op.label());
+        ensure!(
+            got == want,
+            "after recovery {}: store {got:?}, mirror {want:?}",
+            op.label()
+        );
         report.recovered_ops += 1;
     }
     verify(store.store(), &mirror, "after recovery").await?;
@@ -396,7 +408,8 @@ fn describe_dir(dir: &Path) -> String {
 
 fn probe_upload() -> Result<WorkOp, Violation> {
     let device = keyclaim::Device::parse("@probe:soak.example", "PROBE")?;
-    let key = keyclaim::KeyJson::from_value(&serde_json::json!({"key": "probe", "signatures": {}}))?;
+    let key =
+        keyclaim::KeyJson::from_value(&serde_json::json!({"key": "probe", "signatures": {}}))?;
     Ok(WorkOp::Upload(keyclaim::Upload::from_keys(
         device,
         vec![(keyclaim::KeyId::parse("signed_curve25519:PROBE")?, key)],
@@ -408,7 +421,11 @@ fn probe_upload() -> Result<WorkOp, Violation> {
 ///
 /// # Errors
 /// The first difference.
-pub async fn verify(store: &dyn KeyStore, mirror: &MemoryStore, when: &str) -> Result<(), Violation> {
+pub async fn verify(
+    store: &dyn KeyStore,
+    mirror: &MemoryStore,
+    when: &str,
+) -> Result<(), Violation> {
     let got = snapshot_all(store).await?;
     let want = snapshot_all(mirror).await?;
     if got != want {
@@ -416,7 +433,14 @@ pub async fn verify(store: &dyn KeyStore, mirror: &MemoryStore, when: &str) -> R
             .iter()
             .zip(want.iter())
             .find(|(a, b)| a != b)
-            .map(|(a, b)| format!("{}: store {} OTKs vs mirror {}", a.device, a.one_time_keys.len(), b.one_time_keys.len()));
+            .map(|(a, b)| {
+                format!(
+                    "{}: store {} OTKs vs mirror {}",
+                    a.device,
+                    a.one_time_keys.len(),
+                    b.one_time_keys.len()
+                )
+            });
         return Err(Violation(format!(
             "{when}: the store's state ({} devices) differs from the acknowledged writes ({} devices); first difference: {first:?}",
             got.len(),

@@ -126,7 +126,10 @@ fn generation_seed(seed: u64, generation: u64) -> u64 {
 }
 
 fn workload(seed: u64, generation: u64) -> Result<Workload, Violation> {
-    Ok(Workload::new(generation_seed(seed, generation), DEVICES, PAD)?.tagged(&format!("G{generation}")))
+    Ok(
+        Workload::new(generation_seed(seed, generation), DEVICES, PAD)?
+            .tagged(&format!("G{generation}")),
+    )
 }
 
 /// The worker: runs the workload on the store until killed, journaling
@@ -265,7 +268,9 @@ pub async fn run(
                 Entry::Begin(i) => inflight = Some(i),
                 Entry::Ack(i, digest) => {
                     if i != work.drawn() {
-                        summary.violation(format!("generation {generation}: journal out of order at {i}"));
+                        summary.violation(format!(
+                            "generation {generation}: journal out of order at {i}"
+                        ));
                         break;
                     }
                     let op = work.next_op()?;
@@ -289,7 +294,9 @@ pub async fn run(
                     inflight = None;
                 }
                 Entry::Failed(i, msg) => {
-                    summary.violation(format!("generation {generation} op {i}: storage error: {msg}"));
+                    summary.violation(format!(
+                        "generation {generation} op {i}: storage error: {msg}"
+                    ));
                     inflight = Some(i);
                 }
             }
@@ -299,22 +306,31 @@ pub async fn run(
         let store = match config.backend.open(&store_path, limits()).await {
             Ok(s) => s,
             Err(e) => {
-                summary.violation(format!("after crash {generation}: the store does not open: {}", chain(&e)));
+                summary.violation(format!(
+                    "after crash {generation}: the store does not open: {}",
+                    chain(&e)
+                ));
                 return Ok(summary);
             }
         };
-        if let Some(i) = inflight {
-            if i == work.drawn() {
-                let op = work.next_op()?;
-                match resolve(store.store(), &mut mirror, &op, "after a crash").await {
-                    // A claim applied this way handed its keys to nobody;
-                    // they are gone from the reference too, so a later
-                    // answer handing one out would differ from it.
-                    Ok(Ok(true)) => summary.inflight_applied += 1,
-                    Ok(Ok(false)) => summary.inflight_not_applied += 1,
-                    Ok(Err(e)) => summary.violation(format!("after crash {generation}: reads fail: {}", chain(&e))),
-                    Err(v) => summary.violation(format!("generation {generation} op {i} ({}): {v}", op.label())),
-                }
+        if let Some(i) = inflight
+            && i == work.drawn()
+        {
+            let op = work.next_op()?;
+            match resolve(store.store(), &mut mirror, &op, "after a crash").await {
+                // A claim applied this way handed its keys to nobody;
+                // they are gone from the reference too, so a later
+                // answer handing one out would differ from it.
+                Ok(Ok(true)) => summary.inflight_applied += 1,
+                Ok(Ok(false)) => summary.inflight_not_applied += 1,
+                Ok(Err(e)) => summary.violation(format!(
+                    "after crash {generation}: reads fail: {}",
+                    chain(&e)
+                )),
+                Err(v) => summary.violation(format!(
+                    "generation {generation} op {i} ({}): {v}",
+                    op.label()
+                )),
             }
         }
         if let Err(v) = verify(store.store(), &mirror, &format!("after crash {generation}")).await {

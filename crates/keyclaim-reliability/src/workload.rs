@@ -221,7 +221,13 @@ impl WorkAnswer {
 pub async fn apply<S: KeyStore + ?Sized>(store: &S, op: &WorkOp) -> keyclaim::Result<WorkAnswer> {
     let result = match op {
         WorkOp::Upload(u) => store.upload(u).await.map(|o| {
-            WorkAnswer::Counts(o.counts.0.iter().map(|(a, n)| (a.to_string(), *n)).collect())
+            WorkAnswer::Counts(
+                o.counts
+                    .0
+                    .iter()
+                    .map(|(a, n)| (a.to_string(), *n))
+                    .collect(),
+            )
         }),
         WorkOp::Claim(t) => store.claim(t).await.map(|o| {
             WorkAnswer::Keys(
@@ -244,7 +250,10 @@ pub async fn apply<S: KeyStore + ?Sized>(store: &S, op: &WorkOp) -> keyclaim::Re
         Err(e) if e.is_client_error() => {
             let name = format!("{e:?}");
             Ok(WorkAnswer::Refused(
-                name.split([' ', '{', '(']).next().unwrap_or_default().to_owned(),
+                name.split([' ', '{', '('])
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned(),
             ))
         }
         other => other,

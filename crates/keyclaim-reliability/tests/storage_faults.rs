@@ -69,7 +69,10 @@ fn sqlite_same_handle_recovers_after_disk_full() {
 
 fn same_handle_recovers(backend: Backend) {
     let Ok(mut fault) = DiskFull::new(8 << 20) else {
-        assert!(!under_ci(), "CI=true but the full-disk mechanism is unavailable");
+        assert!(
+            !under_ci(),
+            "CI=true but the full-disk mechanism is unavailable"
+        );
         let _ = writeln!(
             std::io::stderr(),
             "keyclaim-reliability: SKIPPED same-handle recovery for {backend} (needs root and mount)"

@@ -108,7 +108,11 @@ fn main() -> ExitCode {
             Err(e) => return fail(&format!("no temp dir: {e}")),
         },
     };
-    let dir = dir.unwrap_or_else(|| temp.as_ref().map(|t| t.path().to_owned()).unwrap_or_default());
+    let dir = dir.unwrap_or_else(|| {
+        temp.as_ref()
+            .map(|t| t.path().to_owned())
+            .unwrap_or_default()
+    });
     let config = SoakConfig {
         backend,
         dir,
@@ -136,7 +140,11 @@ fn main() -> ExitCode {
             for v in &summary.violation_samples {
                 let _ = writeln!(out, "  violation: {v}");
             }
-            if summary.violations == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+            if summary.violations == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
         }
         Err(v) => fail(&v.0),
     }
