@@ -519,7 +519,15 @@ pub fn scratch_dir() -> std::io::Result<tempfile::TempDir> {
 /// # Errors
 /// The first disagreement, or a store error.
 pub fn check(data: &[u8]) -> Result<(), Violation> {
-    let ops = decode(data);
+    check_ops(&decode(data))
+}
+
+/// Runs decoded operations against memory, SQLite and redb (fresh stores in
+/// a scratch dir) and the model (what the typed fuzz target calls).
+///
+/// # Errors
+/// The first disagreement, or a store error.
+pub fn check_ops(ops: &Ops) -> Result<(), Violation> {
     let dir = scratch_dir().map_err(|e| Violation(format!("no scratch dir: {e}")))?;
     block_on(async {
         let l = limits();
@@ -530,6 +538,6 @@ pub fn check(data: &[u8]) -> Result<(), Violation> {
                 .map_err(|e| Violation(format!("{backend}: open failed: {e}")))?;
             subjects.push(Box::new(sub));
         }
-        run(&ops, &mut subjects).await
+        run(ops, &mut subjects).await
     })?
 }
