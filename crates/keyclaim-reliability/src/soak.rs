@@ -24,6 +24,10 @@
 //!    upload present, every acknowledged claim's keys gone, counts exact,
 //!    [`keyclaim::check_store`] clean.
 //!
+//! The store is created by the parent before the first worker starts, so
+//! kills hit a store in use; a kill during creation is tested apart
+//! (`tests/crash_on_create.rs`).
+//!
 //! It prints a progress line per minute and a summary at the end:
 //! operations acknowledged, crashes survived, violations (must be 0).
 
@@ -218,6 +222,15 @@ pub async fn run(
     let mut mirror = MemoryStore::with_limits(limits());
     let mut issued: HashSet<(String, String, String)> = HashSet::new();
     let mut rng = StdRng::seed_from_u64(config.seed ^ 0x5eed);
+    // Create the store before the first worker, so that kills hit a store
+    // in use, not its creation (a crash during creation is
+    // `tests/crash_on_create.rs`'s subject).
+    config
+        .backend
+        .open(&store_path, limits())
+        .await?
+        .close()
+        .await?;
     let start = Instant::now();
     let mut last_progress = Instant::now();
     let mut generation = 0u64;
