@@ -35,7 +35,7 @@ use std::process::Command;
 use keyclaim::{KeyStore, Limits, check_store};
 use keyclaim_memory::MemoryStore;
 
-use crate::backends::{Backend, Persistent};
+use crate::backends::Backend;
 use crate::util::{Violation, chain, ensure, snapshot_all};
 use crate::workload::{WorkOp, Workload, apply, clone_memory};
 
@@ -470,12 +470,4 @@ pub async fn verify(
 /// that is expected to work is a failure rather than a skip.
 pub fn under_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
-}
-
-/// Opens a persistent store at a path (re-exported for tests).
-///
-/// # Errors
-/// The backend's open errors.
-pub async fn open(backend: Backend, path: &Path, limits: Limits) -> keyclaim::Result<Persistent> {
-    backend.open(path, limits).await
 }

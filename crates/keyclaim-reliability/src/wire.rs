@@ -312,7 +312,7 @@ fn check_claim_answer(
     before: &[DeviceSnapshot],
     after: &[DeviceSnapshot],
 ) -> Result<(), Violation> {
-    let Some(Value::Object(answer_map)) = Some(answer) else {
+    let Value::Object(answer_map) = answer else {
         return Err(Violation::new("claim answer is not an object"));
     };
     ensure!(

@@ -38,3 +38,26 @@ fn differential_seeds_memory() {
 fn differential_seeds_all_backends() {
     run_seeds("differential", keyclaim_reliability::differential::check);
 }
+
+/// The differential check is not vacuous: a memory store configured with a
+/// different claim clamp (2 instead of 3) is caught on some seed.
+#[test]
+fn differential_notices_a_store_that_differs() {
+    use keyclaim_reliability::differential::{MemorySubject, Subject, decode, limits, run};
+    let seeds = corpus::seeds("differential").expect("read the seed corpus");
+    let caught = seeds.iter().any(|(_, bytes)| {
+        let ops = decode(bytes);
+        let mut off = limits();
+        off.max_claim_count = 2;
+        keyclaim_reliability::block_on(async {
+            let mut subjects: Vec<Box<dyn Subject>> = vec![
+                Box::new(MemorySubject::new(limits())),
+                Box::new(MemorySubject::new(off)),
+            ];
+            run(&ops, &mut subjects).await
+        })
+        .expect("runtime")
+        .is_err()
+    });
+    assert!(caught, "no seed told the two stores apart");
+}
