@@ -149,6 +149,20 @@ impl PostgresOptions {
     }
 }
 
+/// The state of a store's connection pool ([`PostgresStore::pool_status`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PoolStatus {
+    /// The most connections the pool opens.
+    pub max_size: usize,
+    /// Connections open now.
+    pub size: usize,
+    /// Open connections not in use.
+    pub available: usize,
+    /// Operations waiting for a connection.
+    pub waiting: usize,
+}
+
 /// A [`KeyStore`] in a PostgreSQL database, shared by any number of
 /// processes (homeserver workers) at once.
 ///
@@ -291,10 +305,15 @@ impl PostgresStore {
         &self.sql.schema
     }
 
-    /// The connection pool's current size and free connections, for
-    /// metrics.
-    pub fn pool_status(&self) -> deadpool_postgres::Status {
-        self.pool.status()
+    /// The connection pool's state, for metrics.
+    pub fn pool_status(&self) -> PoolStatus {
+        let status = self.pool.status();
+        PoolStatus {
+            max_size: status.max_size,
+            size: status.size,
+            available: status.available,
+            waiting: status.waiting,
+        }
     }
 
     /// Tells this handle's subscribers about a committed change, and the

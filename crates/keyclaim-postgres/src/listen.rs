@@ -11,8 +11,9 @@
 //! from inside every claim, that lock capped claim throughput at a fraction
 //! of what the claims themselves allow (measured: about 5x fewer claims/s
 //! with 8 to 64 concurrent claimers on distinct devices). So by default an
-//! [`Announcer`] task sends them right after the commits, batched: while
-//! one batch is being sent, the next one gathers. The price: a process
+//! [`Announcer`] task sends them right after the commits, batched: it
+//! gathers for [`GATHER`] after a change, and while one batch is being
+//! sent, the next one gathers. The price: a process
 //! that dies between a commit and its announcement leaves the other
 //! workers unwoken for that change (they see it at their next read).
 //! [`crate::PostgresOptions::transactional_notify`] restores sending inside
@@ -45,6 +46,9 @@ use tokio_postgres::{AsyncMessage, NoTls, Notification};
 use crate::BACKEND;
 use crate::errors::pg;
 use crate::ops::{NOTIFY, notify_payloads};
+
+/// How long the announcer gathers changes before it sends them.
+pub(crate) const GATHER: Duration = Duration::from_millis(10);
 
 /// The most devices one announcement batch gathers.
 const MAX_BATCH_DEVICES: usize = 10_000;
@@ -79,6 +83,10 @@ async fn announce(
     mut rx: mpsc::UnboundedReceiver<Changes>,
 ) {
     while let Some(first) = rx.recv().await {
+        // Gather a little: each NOTIFY transaction costs the server a
+        // commit and wakes every listener, so a busy store sends at most
+        // about one per GATHER.
+        tokio::time::sleep(GATHER).await;
         let mut devices: BTreeSet<Device> = first.devices().iter().cloned().collect();
         while devices.len() < MAX_BATCH_DEVICES {
             match rx.try_recv() {
@@ -229,8 +237,14 @@ async fn listen_once(
 
 /// Forwards one notification of another handle to the subscribers.
 fn forward(notification: &Notification, instance: &str, notifier: &ChangeNotifier) {
-    match parse_payload(notification.payload()) {
-        Some((sender, _)) if sender == instance => {}
+    let payload = notification.payload();
+    if payload
+        .split_once(' ')
+        .is_some_and(|(sender, _)| sender == instance)
+    {
+        return; // our own: already told our subscribers
+    }
+    match parse_payload(payload) {
         Some((_, devices)) => notifier.notify(&Changes::from_devices(devices)),
         None => tracing::warn!("ignoring a malformed keyclaim notification"),
     }

@@ -66,6 +66,18 @@
 //! conflict rule up. The per-(device, algorithm) limit holds under
 //! concurrent uploads because they are serialized and claims only lower the
 //! count.
+//!
+//! # Deletions and imports (R7.1, R7.2)
+//!
+//! They take the same advisory locks (a user deletion the user's lock,
+//! exclusively), then delete the OTKs in one statement (which waits for
+//! claims holding some of them) and the fallback keys and issued memory in
+//! a later one, whose snapshot includes the issued keys those claims
+//! remembered. A claim running meanwhile skips the OTKs being deleted and
+//! waits on the fallback row, then finds it gone: it is served as if after
+//! the deletion. Lock waits between a deletion and claims of several
+//! devices of the same user can, rarely, end in a deadlock that PostgreSQL
+//! breaks by failing one of them: a retryable error, nothing applied.
 
 use std::collections::{BTreeMap, HashMap};
 

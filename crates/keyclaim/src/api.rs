@@ -167,7 +167,7 @@ impl<S: KeyStore> KeysApi<S> {
         &self.store
     }
 
-    fn limits(&self) -> &Limits {
+    pub(crate) fn limits(&self) -> &Limits {
         self.limits.as_ref().unwrap_or_else(|| self.store.limits())
     }
 

@@ -7,6 +7,8 @@ mod key_json;
 mod limits;
 mod notify;
 mod plan;
+#[cfg(feature = "ruma")]
+pub mod ruma;
 mod store;
 mod transfer;
 mod types;

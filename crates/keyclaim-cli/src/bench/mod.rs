@@ -110,25 +110,32 @@ pub(crate) async fn open_backend(
         #[cfg(feature = "sqlite")]
         "sqlite" => {
             let path = dir.join(format!("bench-{tag}.sqlite"));
-            let store = keyclaim_sqlite::SqliteStore::open(&path)
-                .await
-                .map_err(err)?;
-            let baseline = if args.no_baseline {
-                None
-            } else {
-                Some(baselines::sqlite(&path).await.map_err(err)?)
-            };
+            let store: Arc<dyn KeyStore> = Arc::new(
+                keyclaim_sqlite::SqliteStore::open(&path)
+                    .await
+                    .map_err(err)?,
+            );
+            let baseline =
+                (!args.no_baseline).then(|| baselines::sqlite(&store, &path, args.clients));
             Ok(BackendUnderTest {
                 name: name.into(),
-                store: Arc::new(store),
+                store,
                 baseline,
             })
         }
         #[cfg(feature = "redb")]
         "redb" => {
             let path = dir.join(format!("bench-{tag}.redb"));
-            let store = keyclaim_redb::RedbStore::open(&path).await.map_err(err)?;
-            let (store, baseline) = baselines::redb(store, args.no_baseline).map_err(err)?;
+            let store = Arc::new(keyclaim_redb::RedbStore::open(&path).await.map_err(err)?);
+            let baseline = if args.no_baseline {
+                None
+            } else {
+                Some(
+                    baselines::redb(&dir.join(format!("bench-{tag}-baseline.redb")))
+                        .await
+                        .map_err(err)?,
+                )
+            };
             Ok(BackendUnderTest {
                 name: name.into(),
                 store,
@@ -141,9 +148,16 @@ pub(crate) async fn open_backend(
                 .postgres
                 .as_deref()
                 .ok_or("postgres: give --postgres URL or KEYCLAIM_POSTGRES_URL")?;
-            let (store, baseline) = baselines::postgres(url, tag, args.no_baseline)
-                .await
-                .map_err(err)?;
+            let schema = format!("keyclaim_bench_{tag}_{}", std::process::id());
+            let options = keyclaim_postgres::PostgresOptions::new()
+                .schema(schema)
+                .pool_size(args.clients.clamp(4, 64));
+            let store = Arc::new(
+                keyclaim_postgres::PostgresStore::connect_with(url, options)
+                    .await
+                    .map_err(err)?,
+            );
+            let baseline = (!args.no_baseline).then(|| baselines::postgres(store.clone()));
             Ok(BackendUnderTest {
                 name: name.into(),
                 store,
@@ -159,6 +173,9 @@ pub(crate) async fn open_backend(
         }
     }
 }
+
+#[cfg(any(feature = "sqlite", feature = "redb", feature = "postgres"))]
+mod baselines;
 
 pub(crate) fn built_backends() -> Vec<&'static str> {
     let mut v = vec!["memory"];
