@@ -15,7 +15,14 @@
 //!   transaction; the operations of that batch are then run again, each in
 //!   a transaction of its own, so that only the failing one fails;
 //! - replies are sent only after the commit returned; if the commit fails,
-//!   every operation of the batch gets the error (none of them was applied).
+//!   every operation of the batch gets the error (none of them was applied);
+//! - an I/O failure (after which redb refuses the handle) fails the batch
+//!   and makes the writer reopen the file ([`crate::slot`]).
+//!
+//! A batch that wrote nothing is dropped instead of committed (no fsync).
+//! When fewer operations are queued than the previous batch held, the
+//! writer waits up to `linger` for the rest of those callers, whose next
+//! operations are on their way.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
