@@ -17,19 +17,18 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::ops::{self, Fatal, WriteTables};
+use crate::slot::DbSlot;
+use crate::{BACKEND, RedbDurability, RedbOptions, open_database, read, schema};
 use async_trait::async_trait;
 use keyclaim::{
     Algorithm, ChangeNotifier, Changes, ClaimOutcome, ClaimTarget, Device, DeviceSnapshot, Error,
     KeyStore, Limits, OtkCounts, Result, SyncState, Upload, UploadOutcome, UserId, broadcast,
 };
-use redb::Database;
-
-use crate::ops::{self, Fatal, WriteTables};
-use crate::{BACKEND, RedbDurability, RedbOptions, open_database, read, schema};
 
 /// The one-transaction-per-claim-target store (see the module docs).
 pub struct BaselineStore {
-    db: Arc<Database>,
+    slot: Arc<DbSlot>,
     limits: Limits,
     durability: RedbDurability,
     notifier: ChangeNotifier,
@@ -65,7 +64,7 @@ impl BaselineStore {
         tokio::task::spawn_blocking(move || {
             let db = open_database(&path, &options)?;
             Ok(Self {
-                db: Arc::new(db),
+                slot: Arc::new(DbSlot::new(path.clone(), options.clone(), db)),
                 limits: options.limits,
                 durability: options.durability,
                 notifier: ChangeNotifier::new(),
@@ -84,7 +83,7 @@ impl BaselineStore {
     /// stays open until both are dropped.
     pub fn sharing(store: &crate::RedbStore) -> Self {
         Self {
-            db: Arc::clone(&store.db),
+            slot: Arc::clone(&store.slot),
             limits: store.options.limits.clone(),
             durability: store.options.durability,
             notifier: ChangeNotifier::new(),
@@ -115,10 +114,11 @@ impl BaselineStore {
             + Send
             + 'static,
     {
-        let db = Arc::clone(&self.db);
+        let slot = Arc::clone(&self.slot);
         let limits = self.limits.clone();
         let durable = self.durability == RedbDurability::Immediate;
         tokio::task::spawn_blocking(move || -> std::result::Result<Result<T>, Fatal> {
+            let db = slot.get(op).map_err(Fatal::Other)?;
             let mut txn = db.begin_write()?;
             if !durable {
                 txn.set_durability(redb::Durability::None)?;
@@ -191,7 +191,7 @@ impl KeyStore for BaselineStore {
 
     async fn otk_counts(&self, device: &Device) -> Result<OtkCounts> {
         let device = device.clone();
-        read(&self.db, "otk_counts", move |txn| {
+        read(&self.slot, "otk_counts", move |txn| {
             let table = txn.open_table(schema::ALG_COUNTS)?;
             ops::counts(&table, device.user_id.as_str(), device.device_id.as_str())
         })
@@ -200,7 +200,7 @@ impl KeyStore for BaselineStore {
 
     async fn unused_fallback_types(&self, device: &Device) -> Result<Vec<Algorithm>> {
         let device = device.clone();
-        read(&self.db, "unused_fallback_types", move |txn| {
+        read(&self.slot, "unused_fallback_types", move |txn| {
             let table = txn.open_table(schema::FALLBACKS)?;
             ops::unused_fallback_types(&table, device.user_id.as_str(), device.device_id.as_str())
         })
@@ -209,7 +209,7 @@ impl KeyStore for BaselineStore {
 
     async fn sync_state(&self, device: &Device) -> Result<SyncState> {
         let device = device.clone();
-        read(&self.db, "sync_state", move |txn| {
+        read(&self.slot, "sync_state", move |txn| {
             ops::sync_state(txn, &device)
         })
         .await
@@ -243,7 +243,7 @@ impl KeyStore for BaselineStore {
         limit: usize,
     ) -> Result<Vec<DeviceSnapshot>> {
         let after = after.cloned();
-        read(&self.db, "export_devices", move |txn| {
+        read(&self.slot, "export_devices", move |txn| {
             ops::export_devices(txn, after.as_ref(), limit)
         })
         .await

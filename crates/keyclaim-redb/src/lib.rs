@@ -3,6 +3,7 @@
 pub mod baseline;
 mod ops;
 mod schema;
+mod slot;
 mod writer;
 
 use std::fmt;
@@ -16,6 +17,7 @@ use keyclaim::{
     KeyStore, Limits, OtkCounts, Result, SyncState, Upload, UploadOutcome, UserId, broadcast,
 };
 use redb::{Database, ReadTransaction, ReadableDatabase};
+use slot::DbSlot;
 use tracing::Instrument as _;
 
 pub use schema::FORMAT_VERSION;
@@ -223,21 +225,21 @@ pub(crate) fn open_database(path: &Path, options: &RedbOptions) -> Result<Databa
 }
 
 /// Runs a read transaction on the blocking pool.
-pub(crate) async fn read<T, F>(db: &Arc<Database>, op: &'static str, f: F) -> Result<T>
+pub(crate) async fn read<T, F>(slot: &Arc<DbSlot>, op: &'static str, f: F) -> Result<T>
 where
     T: Send + 'static,
     F: FnOnce(&ReadTransaction) -> std::result::Result<T, Fatal> + Send + 'static,
 {
-    let db = Arc::clone(db);
+    let slot = Arc::clone(slot);
     let span = tracing::Span::current();
     tokio::task::spawn_blocking(move || {
         let _enter = span.enter();
-        let txn = db.begin_read().map_err(Fatal::from)?;
-        f(&txn)
+        let db = slot.get(op)?;
+        let txn = db.begin_read().map_err(|e| Fatal::from(e).into_error(op))?;
+        f(&txn).map_err(|f| f.into_error(op))
     })
     .await
     .map_err(|e| Error::storage(BACKEND, op, false, e))?
-    .map_err(|f| f.into_error(op))
 }
 
 /// The redb store.
@@ -256,7 +258,7 @@ where
 pub struct RedbStore {
     // Declared first: dropped (joined) before the database closes.
     writer: Writer,
-    db: Arc<Database>,
+    slot: Arc<DbSlot>,
     limits: Limits,
     notifier: ChangeNotifier,
     path: PathBuf,
@@ -298,10 +300,11 @@ impl RedbStore {
     }
 
     fn open_blocking(path: PathBuf, options: RedbOptions) -> Result<RedbStore> {
-        let db = Arc::new(open_database(&path, &options)?);
+        let db = open_database(&path, &options)?;
+        let slot = Arc::new(DbSlot::new(path.clone(), options.clone(), db));
         let notifier = ChangeNotifier::new();
         let writer = Writer::start(
-            Arc::clone(&db),
+            Arc::clone(&slot),
             WriterConfig {
                 limits: options.limits.clone(),
                 durability: options.durability,
@@ -313,7 +316,7 @@ impl RedbStore {
         tracing::debug!(path = %path.display(), "opened redb store");
         Ok(RedbStore {
             writer,
-            db,
+            slot,
             limits: options.limits.clone(),
             notifier,
             path,
@@ -425,7 +428,7 @@ impl KeyStore for RedbStore {
     async fn otk_counts(&self, device: &Device) -> Result<OtkCounts> {
         let span = tracing::trace_span!("keyclaim_redb.otk_counts", device = %device);
         let device = device.clone();
-        read(&self.db, "otk_counts", move |txn| {
+        read(&self.slot, "otk_counts", move |txn| {
             let table = txn.open_table(schema::ALG_COUNTS)?;
             ops::counts(&table, device.user_id.as_str(), device.device_id.as_str())
         })
@@ -436,7 +439,7 @@ impl KeyStore for RedbStore {
     async fn unused_fallback_types(&self, device: &Device) -> Result<Vec<Algorithm>> {
         let span = tracing::trace_span!("keyclaim_redb.unused_fallback_types", device = %device);
         let device = device.clone();
-        read(&self.db, "unused_fallback_types", move |txn| {
+        read(&self.slot, "unused_fallback_types", move |txn| {
             let table = txn.open_table(schema::FALLBACKS)?;
             ops::unused_fallback_types(&table, device.user_id.as_str(), device.device_id.as_str())
         })
@@ -447,7 +450,7 @@ impl KeyStore for RedbStore {
     async fn sync_state(&self, device: &Device) -> Result<SyncState> {
         let span = tracing::trace_span!("keyclaim_redb.sync_state", device = %device);
         let device = device.clone();
-        read(&self.db, "sync_state", move |txn| {
+        read(&self.slot, "sync_state", move |txn| {
             ops::sync_state(txn, &device)
         })
         .instrument(span)
@@ -492,7 +495,7 @@ impl KeyStore for RedbStore {
     ) -> Result<Vec<DeviceSnapshot>> {
         let span = tracing::debug_span!("keyclaim_redb.export_devices", limit);
         let after = after.cloned();
-        read(&self.db, "export_devices", move |txn| {
+        read(&self.slot, "export_devices", move |txn| {
             ops::export_devices(txn, after.as_ref(), limit)
         })
         .instrument(span)

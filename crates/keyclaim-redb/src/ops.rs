@@ -41,7 +41,9 @@ impl Fatal {
     /// The keyclaim error for operation `op`.
     pub(crate) fn into_error(self, op: &'static str) -> Error {
         match self {
-            Self::Redb(e) => Error::storage(BACKEND, op, false, e),
+            // An I/O failure: the writer reopens the file, after which the
+            // same operation can succeed.
+            Self::Redb(e) => Error::storage(BACKEND, op, crate::slot::is_io(&e), e),
             Self::Other(e) => e,
         }
     }

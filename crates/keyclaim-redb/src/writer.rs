@@ -15,7 +15,14 @@
 //!   transaction; the operations of that batch are then run again, each in
 //!   a transaction of its own, so that only the failing one fails;
 //! - replies are sent only after the commit returned; if the commit fails,
-//!   every operation of the batch gets the error (none of them was applied).
+//!   every operation of the batch gets the error (none of them was applied);
+//! - an I/O failure (after which redb refuses the handle) fails the batch
+//!   and makes the writer reopen the file ([`crate::slot`]).
+//!
+//! A batch that wrote nothing is dropped instead of committed (no fsync).
+//! When fewer operations are queued than the previous batch held, the
+//! writer waits up to `linger` for the rest of those callers, whose next
+//! operations are on their way.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,6 +38,7 @@ use redb::{Database, WriteTransaction};
 use tokio::sync::oneshot;
 
 use crate::ops::{self, Fatal, RawClaim, WriteTables};
+use crate::slot::{DbSlot, needs_reopen};
 use crate::{BACKEND, RedbDurability, WriterStats};
 
 /// One mutating operation.
@@ -123,7 +131,7 @@ impl Writer {
     /// # Errors
     /// [`Error::Storage`] when the thread cannot be spawned.
     pub(crate) fn start(
-        db: Arc<Database>,
+        slot: Arc<DbSlot>,
         config: WriterConfig,
         notifier: ChangeNotifier,
     ) -> Result<Self> {
@@ -132,7 +140,7 @@ impl Writer {
         let thread_counters = Arc::clone(&counters);
         let thread = std::thread::Builder::new()
             .name("keyclaim-redb-writer".into())
-            .spawn(move || run(&db, &rx, &config, &notifier, &thread_counters))
+            .spawn(move || run(&slot, &rx, &config, &notifier, &thread_counters))
             .map_err(|e| Error::storage(BACKEND, "open", false, e))?;
         Ok(Self {
             tx: Some(tx),
@@ -187,7 +195,7 @@ impl Drop for Writer {
 
 /// The writer loop: take a batch, run it, answer; flush relaxed commits.
 fn run(
-    db: &Database,
+    slot: &DbSlot,
     rx: &Receiver<Job>,
     config: &WriterConfig,
     notifier: &ChangeNotifier,
@@ -218,7 +226,7 @@ fn run(
             },
         };
         let Some(first) = first else {
-            if flush(db).is_ok() {
+            if flush(slot).is_ok() {
                 unflushed_since = None;
             }
             continue;
@@ -230,16 +238,38 @@ fn run(
             (Some(_), None) => false,
             (None, _) => true,
         };
-        if run_batch(db, batch, config, notifier, counters, durable) {
+        let db = match slot.get_or_reopen("write") {
+            Ok(db) => db,
+            Err(e) => {
+                // The file could not be reopened after an I/O error (the
+                // disk may still be full): fail this batch, try again with
+                // the next one.
+                counters.failed_batches.fetch_add(1, Ordering::Relaxed);
+                fail_all(batch, &Arc::new(e));
+                continue;
+            }
+        };
+        let ran = run_batch(&db, batch, config, notifier, counters, durable);
+        drop(db);
+        if ran.committed {
             if durable {
                 unflushed_since = None;
             } else if unflushed_since.is_none() {
                 unflushed_since = Some(Instant::now());
             }
         }
+        if ran.needs_reopen {
+            // redb refuses every later operation on this handle: reopen
+            // now (if it fails, the next batch tries again). Non-durable
+            // commits of relaxed mode are lost with the handle.
+            unflushed_since = None;
+            if let Err(e) = slot.reopen() {
+                tracing::warn!(error = %e, "reopening the redb file failed");
+            }
+        }
     }
     if unflushed_since.is_some() {
-        let _ = flush(db);
+        let _ = flush(slot);
     }
 }
 
@@ -271,13 +301,23 @@ fn gather(rx: &Receiver<Job>, first: Job, config: &WriterConfig, last_batch: usi
 
 /// An empty durable commit, which makes every earlier non-durable commit
 /// durable.
-fn flush(db: &Database) -> Result<(), Fatal> {
+fn flush(slot: &DbSlot) -> Result<(), Fatal> {
+    let db = slot.get("flush").map_err(Fatal::Other)?;
     let txn = db.begin_write()?;
     txn.commit()?;
     Ok(())
 }
 
-/// Runs one batch; answers every job. Returns whether anything committed.
+/// What running a batch did.
+#[derive(Debug, Default)]
+struct Ran {
+    /// Some transaction committed.
+    committed: bool,
+    /// Some failure was an I/O error: the handle must be reopened.
+    needs_reopen: bool,
+}
+
+/// Runs one batch; answers every job.
 fn run_batch(
     db: &Database,
     batch: Vec<Job>,
@@ -285,7 +325,7 @@ fn run_batch(
     notifier: &ChangeNotifier,
     counters: &Counters,
     durable: bool,
-) -> bool {
+) -> Ran {
     let span = tracing::debug_span!("keyclaim_redb.batch", ops = batch.len());
     let _enter = span.enter();
     let ops: Vec<&Job> = batch.iter().collect();
@@ -293,39 +333,55 @@ fn run_batch(
         Ok(results) => {
             counters.committed(batch.len());
             answer(batch, results, notifier);
-            true
+            Ran {
+                committed: true,
+                needs_reopen: false,
+            }
         }
         Err(BatchError::Commit(e)) => {
             tracing::warn!(error = %e, "batch commit failed");
             counters.failed_batches.fetch_add(1, Ordering::Relaxed);
             fail_all(batch, &e);
-            false
+            Ran {
+                committed: false,
+                needs_reopen: needs_reopen(&e),
+            }
         }
-        Err(BatchError::Op(e)) if batch.len() == 1 => {
+        Err(BatchError::Op(e)) if batch.len() == 1 || needs_reopen(&e) => {
+            // Alone, or an I/O failure, after which the handle refuses
+            // everything: no point in running the others one by one.
             counters.failed_batches.fetch_add(1, Ordering::Relaxed);
             fail_all(batch, &e);
-            false
+            Ran {
+                committed: false,
+                needs_reopen: needs_reopen(&e),
+            }
         }
         Err(BatchError::Op(e)) => {
             // Some operation failed half-way; the transaction was dropped.
             // Run each alone so that only the failing one fails.
             tracing::warn!(error = %e, "operation failed inside a batch; retrying one by one");
             counters.failed_batches.fetch_add(1, Ordering::Relaxed);
-            let mut any = false;
+            let mut ran = Ran::default();
             for job in batch {
+                if ran.needs_reopen {
+                    fail_all(vec![job], &e);
+                    continue;
+                }
                 match execute(db, &[&job], config, durable) {
                     Ok(results) => {
                         counters.committed(1);
                         answer(vec![job], results, notifier);
-                        any = true;
+                        ran.committed = true;
                     }
                     Err(BatchError::Commit(e) | BatchError::Op(e)) => {
                         counters.failed_batches.fetch_add(1, Ordering::Relaxed);
+                        ran.needs_reopen = needs_reopen(&e);
                         fail_all(vec![job], &e);
                     }
                 }
             }
-            any
+            ran
         }
     }
 }

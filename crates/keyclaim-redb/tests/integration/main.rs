@@ -13,4 +13,5 @@
 mod batch;
 mod conformance;
 mod crash;
+mod faults;
 mod open;
