@@ -1,5 +1,7 @@
 //! The `keyclaim` command end to end, on small inputs: output and exit codes.
 
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
 use std::process::{Command, Output};
 
 fn keyclaim(args: &[&str]) -> Output {

@@ -76,12 +76,21 @@ pub(crate) struct BenchArgs {
     pub(crate) quiet: bool,
 }
 
-/// A backend under test: its store, the baseline claimer on the same data,
-/// and whatever keeps its files alive.
+/// A backend under test: its store and its baseline.
 pub(crate) struct BackendUnderTest {
     pub(crate) name: String,
     pub(crate) store: Arc<dyn KeyStore>,
-    pub(crate) baseline: Option<(String, Arc<dyn Claimer>)>,
+    pub(crate) baseline: Option<Baseline>,
+}
+
+/// The reference homeserver's claim pattern on the same backend: how it
+/// claims, and the store its race devices are filled through (the backend's
+/// own store when the baseline reads the same tables; a store of its own
+/// where the backend allows one handle only).
+pub(crate) struct Baseline {
+    pub(crate) name: String,
+    pub(crate) claimer: Arc<dyn Claimer>,
+    pub(crate) store: Arc<dyn KeyStore>,
 }
 
 pub(crate) async fn open_backend(
@@ -101,25 +110,32 @@ pub(crate) async fn open_backend(
         #[cfg(feature = "sqlite")]
         "sqlite" => {
             let path = dir.join(format!("bench-{tag}.sqlite"));
-            let store = keyclaim_sqlite::SqliteStore::open(&path)
-                .await
-                .map_err(err)?;
-            let baseline = if args.no_baseline {
-                None
-            } else {
-                Some(baselines::sqlite(&path).await.map_err(err)?)
-            };
+            let store: Arc<dyn KeyStore> = Arc::new(
+                keyclaim_sqlite::SqliteStore::open(&path)
+                    .await
+                    .map_err(err)?,
+            );
+            let baseline =
+                (!args.no_baseline).then(|| baselines::sqlite(&store, &path, args.clients));
             Ok(BackendUnderTest {
                 name: name.into(),
-                store: Arc::new(store),
+                store,
                 baseline,
             })
         }
         #[cfg(feature = "redb")]
         "redb" => {
             let path = dir.join(format!("bench-{tag}.redb"));
-            let store = keyclaim_redb::RedbStore::open(&path).await.map_err(err)?;
-            let (store, baseline) = baselines::redb(store, args.no_baseline).map_err(err)?;
+            let store = Arc::new(keyclaim_redb::RedbStore::open(&path).await.map_err(err)?);
+            let baseline = if args.no_baseline {
+                None
+            } else {
+                Some(
+                    baselines::redb(&dir.join(format!("bench-{tag}-baseline.redb")))
+                        .await
+                        .map_err(err)?,
+                )
+            };
             Ok(BackendUnderTest {
                 name: name.into(),
                 store,
@@ -132,9 +148,16 @@ pub(crate) async fn open_backend(
                 .postgres
                 .as_deref()
                 .ok_or("postgres: give --postgres URL or KEYCLAIM_POSTGRES_URL")?;
-            let (store, baseline) = baselines::postgres(url, tag, args.no_baseline)
-                .await
-                .map_err(err)?;
+            let schema = format!("keyclaim_bench_{tag}_{}", std::process::id());
+            let options = keyclaim_postgres::PostgresOptions::new()
+                .schema(schema)
+                .pool_size(args.clients.clamp(4, 64));
+            let store = Arc::new(
+                keyclaim_postgres::PostgresStore::connect_with(url, options)
+                    .await
+                    .map_err(err)?,
+            );
+            let baseline = (!args.no_baseline).then(|| baselines::postgres(store.clone()));
             Ok(BackendUnderTest {
                 name: name.into(),
                 store,
@@ -150,6 +173,9 @@ pub(crate) async fn open_backend(
         }
     }
 }
+
+#[cfg(any(feature = "sqlite", feature = "redb", feature = "postgres"))]
+mod baselines;
 
 pub(crate) fn built_backends() -> Vec<&'static str> {
     let mut v = vec!["memory"];
@@ -315,11 +341,11 @@ async fn run_backend(
         )
         .await?;
         let base = match &b.baseline {
-            Some((name, claimer)) => Some(
+            Some(base) => Some(
                 race_side(
-                    &b.store,
-                    claimer.clone(),
-                    name,
+                    &base.store,
+                    base.claimer.clone(),
+                    &base.name,
                     &format!("{scenario}b"),
                     devices,
                     w.clients,

@@ -1,0 +1,271 @@
+//! Concurrency benchmark: claims per second with C = 1, 8, 64 concurrent
+//! claimers, on distinct devices and on one hot device, for the group-commit
+//! [`RedbStore`] and the one-transaction-per-claim-target
+//! [`BaselineStore`], side by side on the same settings (durable commits,
+//! a fresh file per cell in the same directory).
+//!
+//! ```text
+//! cargo bench -p keyclaim-redb --bench concurrency
+//! ```
+//!
+//! Each cell fills both stores alike, then runs `KEYCLAIM_BENCH_ROUNDS`
+//! rounds (default 3) in which the two take turns for `KEYCLAIM_BENCH_SECS`
+//! each (default 2), and reports the medians and the median of the
+//! per-round ratios, so that load from elsewhere on the machine hits both
+//! about alike.
+//!
+//! Environment: `KEYCLAIM_BENCH_DIR` (where the files go; default the
+//! system temp dir: put it on the disk you care about), `KEYCLAIM_BENCH_POOL`
+//! (OTKs uploaded to each store before each cell, default 200000), `KEYCLAIM_BENCH_C` (claimer counts,
+//! default `1,8,64`), `KEYCLAIM_BENCH_DEVICES` (`distinct`, `hot` or
+//! `both`, the default), `KEYCLAIM_BENCH_STORES` (`group`, `baseline` or
+//! `both`, the default; a skipped store shows as 0).
+//!
+//! Each claimer loops `claim([one target])` until the time is up. Every
+//! claim must return exactly one OTK (the pool must not run dry); the
+//! benchmark fails otherwise.
+
+#![allow(clippy::print_stdout, clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use keyclaim::{ClaimTarget, Device, KeyId, KeyJson, KeyStore, Limits, Upload};
+use keyclaim_redb::baseline::BaselineStore;
+use keyclaim_redb::{RedbOptions, RedbStore};
+
+const SC: &str = "signed_curve25519";
+
+fn env_num(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
+fn limits() -> Limits {
+    // The pool of one hot device is far beyond the default 500 per device.
+    let mut limits = Limits::default();
+    limits.max_otks_per_device_algorithm = u64::MAX;
+    limits
+}
+
+fn device(i: usize) -> Device {
+    Device::parse("@bench:example.org", &format!("DEV{i:04}")).unwrap()
+}
+
+fn key(n: u64) -> (KeyId, KeyJson) {
+    let id = KeyId::parse(format!("{SC}:K{n:010}")).unwrap();
+    let json = KeyJson::from_value(&serde_json::json!({
+        "key": format!("publickeymaterial{n:030}"),
+        "signatures": {"@bench:example.org": {"ed25519:DEV": "c2lnbmF0dXJlc2lnbmF0dXJlc2lnbmF0dXJlc2lnbmF0dXJlc2lnbmF0dXJl"}},
+    }))
+    .unwrap();
+    (id, json)
+}
+
+/// Uploads `pool` OTKs spread over `devices` devices, 1000 per upload.
+async fn fill(store: &dyn KeyStore, devices: usize, pool: u64) {
+    let per = pool / devices as u64 + 1;
+    let mut n = 0;
+    for d in 0..devices {
+        let mut left = per;
+        while left > 0 {
+            let chunk = left.min(1000);
+            let first = n;
+            let keys = (0..chunk).map(|i| key(first + i));
+            n += chunk;
+            left -= chunk;
+            let upload = Upload::from_keys(device(d), keys, []).unwrap();
+            store.upload(&upload).await.unwrap();
+        }
+    }
+}
+
+/// Runs `c` claimers for `secs`; returns claims per second.
+async fn claimers(store: Arc<dyn KeyStore>, c: usize, hot: bool, secs: u64) -> f64 {
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..c {
+        let (store, stop, done) = (Arc::clone(&store), Arc::clone(&stop), Arc::clone(&done));
+        let target = ClaimTarget::one(
+            device(if hot { 0 } else { i }),
+            keyclaim::Algorithm::parse(SC).unwrap(),
+        );
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let out = store.claim(std::slice::from_ref(&target)).await.unwrap();
+                assert!(
+                    out.keys.len() == 1 && !out.keys[0].fallback,
+                    "the key pool ran dry: raise KEYCLAIM_BENCH_POOL"
+                );
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n == 0 {
+        0.0
+    } else if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// The medians of one cell: group commit claims/s, baseline claims/s, and
+/// the median of the per-round ratios.
+struct Cell {
+    group: f64,
+    baseline: f64,
+    ratio: f64,
+}
+
+/// One cell: both stores on fresh files in `dir`, filled alike, then
+/// `rounds` rounds of `secs` each, group commit and baseline taking turns
+/// (which one goes first alternates), so that a burst of load from
+/// elsewhere on the machine hits both about alike.
+async fn cell(
+    dir: &Path,
+    c: usize,
+    hot: bool,
+    secs: u64,
+    pool: u64,
+    rounds: usize,
+    which: &str,
+) -> Cell {
+    let devices = if hot { 1 } else { c };
+    let tag = format!("{}-{c}", if hot { "hot" } else { "distinct" });
+    let options = RedbOptions::new().limits(limits());
+    let group_path = dir.join(format!("group-{tag}.redb"));
+    let base_path = dir.join(format!("baseline-{tag}.redb"));
+    let _ = std::fs::remove_file(&group_path);
+    let _ = std::fs::remove_file(&base_path);
+    let group = if which == "baseline" {
+        None
+    } else {
+        let store = Arc::new(
+            RedbStore::open_with(&group_path, options.clone())
+                .await
+                .unwrap(),
+        );
+        fill(&*store, devices, pool).await;
+        Some(store)
+    };
+    let base = if which == "group" {
+        None
+    } else {
+        let store = Arc::new(BaselineStore::open_with(&base_path, options).await.unwrap());
+        fill(&*store, devices, pool).await;
+        Some(store)
+    };
+    let before = group.as_ref().map(|g| g.writer_stats()).unwrap_or_default();
+    let (mut g_rates, mut b_rates, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..rounds {
+        let mut g_rate = 0.0;
+        let mut b_rate = 0.0;
+        for turn in 0..2 {
+            if (round + turn) % 2 == 0 {
+                if let Some(g) = &group {
+                    g_rate = claimers(g.clone() as Arc<dyn KeyStore>, c, hot, secs).await;
+                }
+            } else if let Some(b) = &base {
+                b_rate = claimers(b.clone() as Arc<dyn KeyStore>, c, hot, secs).await;
+            }
+        }
+        g_rates.push(g_rate);
+        b_rates.push(b_rate);
+        if b_rate > 0.0 {
+            ratios.push(g_rate / b_rate);
+        }
+    }
+    if let Some(g) = group {
+        let stats = g.writer_stats();
+        let (batches, ops) = (
+            stats.batches - before.batches,
+            stats.operations - before.operations,
+        );
+        eprintln!(
+            "  {tag}: group commit ran {ops} claims in {batches} batches ({:.1} per batch, largest {})",
+            ops as f64 / batches.max(1) as f64,
+            stats.largest_batch
+        );
+        Arc::try_unwrap(g).unwrap().close().await.unwrap();
+    }
+    if let Some(b) = base {
+        Arc::try_unwrap(b).unwrap().close().await.unwrap();
+    }
+    let _ = std::fs::remove_file(&group_path);
+    let _ = std::fs::remove_file(&base_path);
+    Cell {
+        group: median(g_rates),
+        baseline: median(b_rates),
+        ratio: median(ratios),
+    }
+}
+
+fn main() {
+    let secs = env_num("KEYCLAIM_BENCH_SECS", 2);
+    let pool = env_num("KEYCLAIM_BENCH_POOL", 200_000);
+    let rounds = env_num("KEYCLAIM_BENCH_ROUNDS", 3).max(1) as usize;
+    let tmp;
+    let dir = match std::env::var_os("KEYCLAIM_BENCH_DIR") {
+        Some(d) => std::path::PathBuf::from(d),
+        None => {
+            tmp = tempfile::tempdir().unwrap();
+            tmp.path().to_owned()
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    println!(
+        "redb concurrency benchmark: durable commits (Durability::Immediate), {rounds} rounds \
+         of {secs} s per store and cell, medians; files in {}",
+        dir.display()
+    );
+    println!();
+    println!(
+        "| claimers | devices | group commit claims/s | baseline claims/s | ratio (median of rounds) |"
+    );
+    println!("| ---: | --- | ---: | ---: | ---: |");
+    let cs: Vec<usize> = std::env::var("KEYCLAIM_BENCH_C")
+        .unwrap_or_else(|_| "1,8,64".into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    let devices = std::env::var("KEYCLAIM_BENCH_DEVICES").unwrap_or_else(|_| "both".into());
+    let stores = std::env::var("KEYCLAIM_BENCH_STORES").unwrap_or_else(|_| "both".into());
+    let hots: Vec<bool> = match devices.as_str() {
+        "distinct" => vec![false],
+        "hot" => vec![true],
+        _ => vec![false, true],
+    };
+    for hot in hots {
+        for &c in &cs {
+            let r = runtime.block_on(cell(&dir, c, hot, secs, pool, rounds, &stores));
+            println!(
+                "| {c} | {} | {:.0} | {:.0} | {:.1}x |",
+                if hot { "one hot device" } else { "distinct" },
+                r.group,
+                r.baseline,
+                r.ratio
+            );
+        }
+    }
+}

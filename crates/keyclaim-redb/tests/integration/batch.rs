@@ -1,0 +1,244 @@
+//! Group commit keeps each operation atomic on its own: an operation that
+//! fails, in the same write transaction as others, fails alone.
+
+use std::sync::Arc;
+
+use futures::future::join_all;
+use keyclaim::{ClaimTarget, Error, KeyStore, Limits, Upload};
+use keyclaim_conformance::fixtures::{SC, alg, dev, otks, signed};
+use keyclaim_redb::{RedbOptions, RedbStore};
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+fn small_limits() -> Limits {
+    let mut limits = Limits::default();
+    limits.max_otks_per_device_algorithm = 10;
+    limits
+}
+
+enum Expect {
+    Ok,
+    Conflict,
+    TooLarge,
+}
+
+/// Rejected uploads (R3.2 conflict, R8.1 limit) queued together with good
+/// uploads and claims: only the rejected ones fail, and they store nothing.
+#[test]
+fn rejected_operation_does_not_fail_its_batch_mates() {
+    rt().block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(
+            RedbStore::open_with(
+                dir.path().join("k.redb"),
+                RedbOptions::new().limits(small_limits()),
+            )
+            .await
+            .unwrap(),
+        );
+        let owner = dev("@owner:example.org", "OWNER");
+        store
+            .upload(&Upload::from_keys(owner.clone(), otks(SC, &["A"]), []).unwrap())
+            .await
+            .unwrap();
+        // Claims take from a pool device, never the owner's conflicting key.
+        let pool = dev("@pool:example.org", "POOL");
+        let names: Vec<String> = (0..10).map(|n| format!("P{n}")).collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        store
+            .upload(&Upload::from_keys(pool.clone(), otks(SC, &names), []).unwrap())
+            .await
+            .unwrap();
+        for round in 0..5 {
+            let before = store.writer_stats();
+            let mut jobs = Vec::new();
+            for i in 0..48 {
+                let store = Arc::clone(&store);
+                let owner = owner.clone();
+                let pool = pool.clone();
+                jobs.push(async move {
+                    let d = dev("@u:example.org", &format!("D{round}-{i}"));
+                    match i % 4 {
+                        0 => {
+                            // Same key ID as the owner's A, other content.
+                            let up = Upload::from_keys(
+                                owner.clone(),
+                                [(
+                                    keyclaim_conformance::fixtures::kid("signed_curve25519:A"),
+                                    signed("other", "s"),
+                                )],
+                                [],
+                            )
+                            .unwrap();
+                            (Expect::Conflict, d, store.upload(&up).await.map(|_| ()))
+                        }
+                        1 => {
+                            let names: Vec<String> = (0..11).map(|n| format!("K{n}")).collect();
+                            let names: Vec<&str> = names.iter().map(String::as_str).collect();
+                            let up = Upload::from_keys(d.clone(), otks(SC, &names), []).unwrap();
+                            (Expect::TooLarge, d, store.upload(&up).await.map(|_| ()))
+                        }
+                        2 => {
+                            let up =
+                                Upload::from_keys(d.clone(), otks(SC, &["X", "Y"]), []).unwrap();
+                            (Expect::Ok, d, store.upload(&up).await.map(|_| ()))
+                        }
+                        _ => {
+                            let t = ClaimTarget::one(pool, alg(SC));
+                            (Expect::Ok, d, store.claim(&[t]).await.map(|_| ()))
+                        }
+                    }
+                });
+            }
+            for (expect, d, result) in join_all(jobs).await {
+                match (expect, result) {
+                    (Expect::Ok, Ok(())) => {}
+                    (Expect::Conflict, Err(Error::Conflict { .. })) => {}
+                    (Expect::TooLarge, Err(Error::TooLarge { .. })) => {
+                        assert_eq!(store.otk_counts(&d).await.unwrap().total(), 0);
+                    }
+                    (_, other) => panic!("unexpected result for {d}: {other:?}"),
+                }
+            }
+            let after = store.writer_stats();
+            assert!(
+                after.batches - before.batches < after.operations - before.operations,
+                "no batching happened: {before:?} -> {after:?}"
+            );
+        }
+        // The good uploads are all there.
+        for round in 0..5 {
+            for i in (2..48).step_by(4) {
+                let d = dev("@u:example.org", &format!("D{round}-{i}"));
+                assert_eq!(store.otk_counts(&d).await.unwrap().get_str(SC), 2, "{d}");
+            }
+        }
+        let stats = store.writer_stats();
+        assert!(stats.largest_batch > 1, "{stats:?}");
+        assert_eq!(stats.failed_batches, 0, "{stats:?}");
+    });
+}
+
+const OTKS_DEF: redb::TableDefinition<'_, (&str, &str, &str, u64, &str), &str> =
+    redb::TableDefinition::new("otks");
+const OTK_INDEX_DEF: redb::TableDefinition<'_, (&str, &str, &str), (u64, [u8; 32])> =
+    redb::TableDefinition::new("otk_index");
+const COUNTS_DEF: redb::TableDefinition<'_, (&str, &str, &str), (u64, u64)> =
+    redb::TableDefinition::new("alg_counts");
+
+/// Writes rows into a closed store's file behind its back.
+fn tamper(path: &std::path::Path, f: impl FnOnce(&redb::WriteTransaction)) {
+    let db = redb::Database::create(path).unwrap();
+    let txn = db.begin_write().unwrap();
+    f(&txn);
+    txn.commit().unwrap();
+}
+
+/// An operation that fails half-way (here: an upload that finds a corrupt
+/// row of its device after it wrote its keys) aborts its batch's
+/// transaction; the batch is then run one operation per transaction, so
+/// only that operation fails, and nothing of it is applied.
+#[test]
+fn failing_operation_is_retried_alone() {
+    rt().block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.redb");
+        RedbStore::open(&path).await.unwrap().close().await.unwrap();
+        let bad = dev("@bad:example.org", "BAD");
+        tamper(&path, |txn| {
+            // An algorithm with a colon cannot be valid: reading the
+            // device's counts fails with Error::Corrupt.
+            let mut c = txn.open_table(COUNTS_DEF).unwrap();
+            c.insert(("@bad:example.org", "BAD", "bad:alg"), (1, 0))
+                .unwrap();
+        });
+        let store = Arc::new(RedbStore::open(&path).await.unwrap());
+        let mut bad_uploads = 0;
+        let mut round = 0;
+        // Until the bad upload has shared a batch with good operations at
+        // least once: its batch then fails once, and its retry alone once
+        // more, so there are more failed batches than bad uploads.
+        while round < 3 || (store.writer_stats().failed_batches == bad_uploads && round < 50) {
+            round += 1;
+            bad_uploads += 4;
+            let mut jobs = Vec::new();
+            for i in 0..32 {
+                let store = Arc::clone(&store);
+                let bad = bad.clone();
+                jobs.push(async move {
+                    let (d, good) = if i % 8 == 0 {
+                        (bad, false)
+                    } else {
+                        (dev("@u:example.org", &format!("R{round}-{i}")), true)
+                    };
+                    let name = format!("K{round}-{i}");
+                    let up = Upload::from_keys(d.clone(), otks(SC, &[name.as_str()]), []).unwrap();
+                    (good, d, store.upload(&up).await.map(|_| ()))
+                });
+            }
+            for (good, d, result) in join_all(jobs).await {
+                match (good, result) {
+                    (true, Ok(())) => {
+                        assert_eq!(store.otk_counts(&d).await.unwrap().get_str(SC), 1);
+                    }
+                    (false, Err(Error::Corrupt(_))) => {}
+                    (_, other) => panic!("unexpected result for {d}: {other:?}"),
+                }
+            }
+            // The failed uploads applied nothing: no key to claim.
+            let out = store
+                .claim(&[ClaimTarget::one(bad.clone(), alg(SC))])
+                .await
+                .unwrap();
+            assert!(out.keys.is_empty(), "a failed upload left keys behind");
+        }
+        let stats = store.writer_stats();
+        assert!(
+            stats.failed_batches > bad_uploads,
+            "never batched: {stats:?}"
+        );
+    });
+}
+
+/// A stored key whose JSON no longer parses is reported as
+/// [`Error::Corrupt`] by the claim that meets it: an error, never a panic
+/// or a wrong answer (R10.4).
+#[test]
+fn corrupt_stored_key_is_an_error() {
+    rt().block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.redb");
+        RedbStore::open(&path).await.unwrap().close().await.unwrap();
+        tamper(&path, |txn| {
+            let key = ("@bad:example.org", "BAD", SC, 0, "signed_curve25519:X");
+            txn.open_table(OTKS_DEF)
+                .unwrap()
+                .insert(key, "{not json")
+                .unwrap();
+            txn.open_table(OTK_INDEX_DEF)
+                .unwrap()
+                .insert(
+                    ("@bad:example.org", "BAD", "signed_curve25519:X"),
+                    (0, [0; 32]),
+                )
+                .unwrap();
+            txn.open_table(COUNTS_DEF)
+                .unwrap()
+                .insert(("@bad:example.org", "BAD", SC), (1, 0))
+                .unwrap();
+        });
+        let store = RedbStore::open(&path).await.unwrap();
+        let bad = dev("@bad:example.org", "BAD");
+        let err = store
+            .claim(&[ClaimTarget::one(bad, alg(SC))])
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Corrupt(_)), "{err:?}");
+    });
+}

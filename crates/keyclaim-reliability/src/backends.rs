@@ -1,0 +1,169 @@
+//! The persistent backends under test, behind one type: open, close and
+//! reopen a SQLite or redb store on a path, with the durable defaults.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use keyclaim::{KeyStore, Limits, Result};
+use keyclaim_redb::{RedbOptions, RedbStore};
+use keyclaim_sqlite::{SqliteOptions, SqliteStore};
+
+use crate::differential::{BoxFuture, Subject};
+
+/// A persistent backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// `keyclaim_sqlite::SqliteStore`.
+    Sqlite,
+    /// `keyclaim_redb::RedbStore`.
+    Redb,
+}
+
+impl Backend {
+    /// Both persistent backends.
+    pub const ALL: [Backend; 2] = [Backend::Sqlite, Backend::Redb];
+
+    /// `sqlite` or `redb`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Sqlite => "sqlite",
+            Self::Redb => "redb",
+        }
+    }
+
+    /// Parses `sqlite` or `redb`.
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|b| b.name() == name)
+    }
+
+    /// The store's file name inside a directory.
+    pub fn file_name(self) -> &'static str {
+        match self {
+            Self::Sqlite => "store.sqlite",
+            Self::Redb => "store.redb",
+        }
+    }
+
+    /// Opens (creating if needed) the store at `path` with the durable
+    /// default settings and the given limits.
+    ///
+    /// # Errors
+    /// The backend's open errors.
+    pub async fn open(self, path: &Path, limits: Limits) -> Result<Persistent> {
+        Ok(match self {
+            Self::Sqlite => Persistent::Sqlite(
+                SqliteStore::open_with(path, SqliteOptions::new().limits(limits)).await?,
+            ),
+            Self::Redb => Persistent::Redb(
+                RedbStore::open_with(path, RedbOptions::new().limits(limits)).await?,
+            ),
+        })
+    }
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// An open persistent store.
+#[derive(Debug)]
+pub enum Persistent {
+    /// A SQLite store.
+    Sqlite(SqliteStore),
+    /// A redb store.
+    Redb(RedbStore),
+}
+
+impl Persistent {
+    /// The store.
+    pub fn store(&self) -> &dyn KeyStore {
+        match self {
+            Self::Sqlite(s) => s,
+            Self::Redb(s) => s,
+        }
+    }
+
+    /// Closes the store (waits for its writer, releases the file).
+    ///
+    /// # Errors
+    /// The backend's close errors.
+    pub async fn close(self) -> Result<()> {
+        match self {
+            // Dropping joins the writer and closes the connections.
+            Self::Sqlite(s) => {
+                tokio::task::spawn_blocking(move || drop(s))
+                    .await
+                    .map_err(|e| keyclaim::Error::storage("sqlite", "close", false, e))?;
+                Ok(())
+            }
+            Self::Redb(s) => s.close().await,
+        }
+    }
+}
+
+/// A persistent backend as a differential [`Subject`]: reopen closes the
+/// store and opens the same file again.
+#[derive(Debug)]
+pub struct PersistentSubject {
+    backend: Backend,
+    path: PathBuf,
+    limits: Limits,
+    store: Option<Persistent>,
+    /// Answers in place of the store after a failed reopen (the run has
+    /// failed by then; this only keeps `store()` total).
+    placeholder: keyclaim_memory::MemoryStore,
+}
+
+impl PersistentSubject {
+    /// Opens a store of `backend` in `dir`.
+    ///
+    /// # Errors
+    /// The backend's open errors.
+    pub async fn open(backend: Backend, dir: &Path, limits: Limits) -> Result<Self> {
+        let path = dir.join(backend.file_name());
+        let store = backend.open(&path, limits.clone()).await?;
+        Ok(Self {
+            backend,
+            path,
+            limits,
+            store: Some(store),
+            placeholder: keyclaim_memory::MemoryStore::new(),
+        })
+    }
+
+    /// Closes the store.
+    ///
+    /// # Errors
+    /// The backend's close errors.
+    pub async fn close(mut self) -> Result<()> {
+        match self.store.take() {
+            Some(s) => s.close().await,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Subject for PersistentSubject {
+    fn name(&self) -> &str {
+        self.backend.name()
+    }
+
+    fn store(&self) -> &dyn KeyStore {
+        match &self.store {
+            Some(s) => s.store(),
+            None => &self.placeholder,
+        }
+    }
+
+    fn reopen(&mut self) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move {
+            if let Some(s) = self.store.take() {
+                s.close().await?;
+            }
+            self.store = Some(self.backend.open(&self.path, self.limits.clone()).await?);
+            Ok(())
+        })
+    }
+}

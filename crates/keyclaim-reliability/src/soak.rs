@@ -1,0 +1,366 @@
+//! The soak (issue 7, item 4): a long mixed workload against a persistent
+//! backend, run by a child process that is killed with SIGKILL at random
+//! moments and started again, with every invariant checked after each crash.
+//!
+//! # How it works
+//!
+//! The parent ([`run`]) starts a worker process (`soak worker ...`) on the
+//! store. The worker draws operations from a [`Workload`] (seeded; one seed
+//! and key-ID tag per worker generation) and, for each, appends `B <i>` to
+//! a journal before the call and `A <i> <answer digest>` after it returns.
+//! After a random 0.2 to 2 s (configurable) the parent kills the worker with
+//! SIGKILL, then:
+//!
+//! 1. replays every acknowledged operation (`A`) of the journal, drawn again
+//!    from the same seed, against a reference [`MemoryStore`] and compares
+//!    the answer digests (a claim must hand out exactly the keys the
+//!    reference does: no key twice, none skipped);
+//! 2. keeps every OTK ever handed out in a set: one handed out twice is a
+//!    violation;
+//! 3. opens the store itself and resolves the operation that was in flight
+//!    when the worker died: the store must hold the reference state without
+//!    it or with all of it (never a part);
+//! 4. verifies the whole state against the reference: every acknowledged
+//!    upload present, every acknowledged claim's keys gone, counts exact,
+//!    [`keyclaim::check_store`] clean.
+//!
+//! The store is created by the parent before the first worker starts, so
+//! kills hit a store in use; a kill during creation is tested apart
+//! (`tests/crash_on_create.rs`).
+//!
+//! It prints a progress line per minute and a summary at the end:
+//! operations acknowledged, crashes survived, violations (must be 0).
+
+use std::collections::HashSet;
+use std::io::{BufRead as _, Write as _};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use keyclaim::Limits;
+use keyclaim_memory::MemoryStore;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::backends::Backend;
+use crate::faults::{resolve, verify};
+use crate::util::{Violation, chain};
+use crate::workload::{Workload, apply};
+
+/// Devices in the soak's workload.
+const DEVICES: usize = 24;
+/// Padding per key (bytes).
+const PAD: usize = 64;
+
+/// The soak's settings.
+#[derive(Debug, Clone)]
+pub struct SoakConfig {
+    /// The backend.
+    pub backend: Backend,
+    /// The directory for the store and journals.
+    pub dir: PathBuf,
+    /// How long to run.
+    pub duration: Duration,
+    /// The base seed.
+    pub seed: u64,
+    /// The shortest time a worker lives before it is killed.
+    pub kill_min: Duration,
+    /// The longest.
+    pub kill_max: Duration,
+    /// The worker executable (this binary) and the arguments before
+    /// `worker` (empty for the `soak` binary).
+    pub worker_exe: PathBuf,
+}
+
+/// The soak's figures.
+#[derive(Debug, Clone, Default)]
+pub struct SoakSummary {
+    /// Operations acknowledged by workers (and verified by replay).
+    pub ops: u64,
+    /// Of those: claims.
+    pub claims: u64,
+    /// OTKs handed out in acknowledged claims.
+    pub keys_issued: u64,
+    /// Workers killed with SIGKILL and recovered from.
+    pub crashes: u64,
+    /// Operations in flight at a kill found applied whole.
+    pub inflight_applied: u64,
+    /// Operations in flight at a kill found not applied.
+    pub inflight_not_applied: u64,
+    /// Broken promises (must be 0).
+    pub violations: u64,
+    /// The first few violations.
+    pub violation_samples: Vec<String>,
+    /// Time run.
+    pub elapsed: Duration,
+}
+
+impl SoakSummary {
+    fn violation(&mut self, what: String) {
+        self.violations += 1;
+        if self.violation_samples.len() < 10 {
+            self.violation_samples.push(what);
+        }
+    }
+
+    /// One line of figures.
+    pub fn line(&self, backend: Backend) -> String {
+        format!(
+            "soak {backend}: {:.1} min, {} ops acknowledged ({} claims, {} keys issued), {} crashes survived (in flight: {} applied, {} not), violations: {}",
+            self.elapsed.as_secs_f64() / 60.0,
+            self.ops,
+            self.claims,
+            self.keys_issued,
+            self.crashes,
+            self.inflight_applied,
+            self.inflight_not_applied,
+            self.violations
+        )
+    }
+}
+
+fn limits() -> Limits {
+    let mut limits = Limits::default();
+    limits.max_otks_per_device_algorithm = 100;
+    limits
+}
+
+fn generation_seed(seed: u64, generation: u64) -> u64 {
+    seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ generation
+}
+
+fn workload(seed: u64, generation: u64) -> Result<Workload, Violation> {
+    Ok(
+        Workload::new(generation_seed(seed, generation), DEVICES, PAD)?
+            .tagged(&format!("G{generation}")),
+    )
+}
+
+/// The worker: runs the workload on the store until killed, journaling
+/// each operation before (`B i`) and after (`A i digest`) it.
+///
+/// # Errors
+/// When the store or journal cannot be opened; a storage error during the
+/// workload is journaled (`E i message`) and returned.
+pub async fn worker(
+    backend: Backend,
+    store_path: &Path,
+    journal: &Path,
+    seed: u64,
+    generation: u64,
+) -> Result<(), Violation> {
+    let store = backend.open(store_path, limits()).await?;
+    let mut journal = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(journal)
+        .map_err(|e| Violation(format!("cannot open the journal: {e}")))?;
+    let mut work = workload(seed, generation)?;
+    let mut line = |text: String| {
+        // One write per line; the parent ignores a torn last line.
+        journal
+            .write_all(text.as_bytes())
+            .map_err(|e| Violation(format!("cannot write the journal: {e}")))
+    };
+    loop {
+        let i = work.drawn();
+        let op = work.next_op()?;
+        line(format!("B {i}\n"))?;
+        match apply(store.store(), &op).await {
+            Ok(answer) => line(format!("A {i} {:016x}\n", answer.digest()))?,
+            Err(e) => {
+                let msg = chain(&e).replace('\n', " ");
+                line(format!("E {i} {msg}\n"))?;
+                return Err(Violation(format!("op {i}: {msg}")));
+            }
+        }
+    }
+}
+
+enum Entry {
+    Begin(u64),
+    Ack(u64, u64),
+    Failed(u64, String),
+}
+
+fn read_journal(path: &Path) -> Result<Vec<Entry>, Violation> {
+    let file = std::fs::File::open(path).map_err(|e| Violation(format!("journal: {e}")))?;
+    let mut out = Vec::new();
+    for line in std::io::BufReader::new(file).lines() {
+        let line = line.map_err(|e| Violation(format!("journal: {e}")))?;
+        let mut parts = line.splitn(3, ' ');
+        let (kind, i, rest) = (parts.next(), parts.next(), parts.next());
+        let Some(i) = i.and_then(|i| i.parse::<u64>().ok()) else {
+            continue; // a torn last line
+        };
+        match (kind, rest) {
+            (Some("B"), None) => out.push(Entry::Begin(i)),
+            (Some("A"), Some(d)) if d.len() == 16 => {
+                if let Ok(d) = u64::from_str_radix(d, 16) {
+                    out.push(Entry::Ack(i, d));
+                }
+            }
+            (Some("E"), Some(msg)) => out.push(Entry::Failed(i, msg.to_owned())),
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
+/// Runs the soak until the configured duration is over.
+///
+/// # Errors
+/// Only when the soak cannot go on (the worker cannot be started, the store
+/// cannot be opened); broken promises are counted in the summary.
+pub async fn run(
+    config: &SoakConfig,
+    mut progress: impl FnMut(&SoakSummary),
+) -> Result<SoakSummary, Violation> {
+    std::fs::create_dir_all(&config.dir).map_err(|e| Violation(format!("soak dir: {e}")))?;
+    let store_path = config.dir.join(config.backend.file_name());
+    let mut summary = SoakSummary::default();
+    let mut mirror = MemoryStore::with_limits(limits());
+    let mut issued: HashSet<(String, String, String)> = HashSet::new();
+    let mut rng = StdRng::seed_from_u64(config.seed ^ 0x5eed);
+    // Create the store before the first worker, so that kills hit a store
+    // in use, not its creation (a crash during creation is
+    // `tests/crash_on_create.rs`'s subject).
+    config
+        .backend
+        .open(&store_path, limits())
+        .await?
+        .close()
+        .await?;
+    let start = Instant::now();
+    let mut last_progress = Instant::now();
+    let mut generation = 0u64;
+    while start.elapsed() < config.duration {
+        generation += 1;
+        let journal = config.dir.join(format!("journal-{generation}.log"));
+        let mut child = Command::new(&config.worker_exe)
+            .arg("worker")
+            .arg(config.backend.name())
+            .arg(&store_path)
+            .arg(&journal)
+            .arg(config.seed.to_string())
+            .arg(generation.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| Violation(format!("cannot start a worker: {e}")))?;
+        let min = config.kill_min.as_millis() as u64;
+        let max = config.kill_max.as_millis().max(u128::from(min) + 1) as u64;
+        let life = Duration::from_millis(rng.random_range(min..max));
+        tokio::time::sleep(life).await;
+        let exited_early = matches!(child.try_wait(), Ok(Some(_)));
+        let _ = child.kill(); // SIGKILL
+        let status = child.wait().map_err(|e| Violation(format!("wait: {e}")))?;
+        if exited_early {
+            let mut err = String::new();
+            if let Some(mut s) = child.stderr.take() {
+                let _ = std::io::Read::read_to_string(&mut s, &mut err);
+            }
+            summary.violation(format!(
+                "generation {generation}: the worker exited by itself ({status}): {}",
+                err.trim()
+            ));
+        }
+        let entries = if journal.exists() {
+            read_journal(&journal)?
+        } else {
+            Vec::new()
+        };
+        let _ = std::fs::remove_file(&journal);
+
+        // 1-2. Replay the acknowledged operations.
+        let mut work = workload(config.seed, generation)?;
+        let mut inflight = None;
+        for entry in entries {
+            match entry {
+                Entry::Begin(i) => inflight = Some(i),
+                Entry::Ack(i, digest) => {
+                    if i != work.drawn() {
+                        summary.violation(format!(
+                            "generation {generation}: journal out of order at {i}"
+                        ));
+                        break;
+                    }
+                    let op = work.next_op()?;
+                    let want = apply(&mirror, &op).await?;
+                    if want.digest() != digest {
+                        summary.violation(format!(
+                            "generation {generation} op {i} ({}): the store's answer differs from the reference's {want:?}",
+                            op.label()
+                        ));
+                    }
+                    summary.ops += 1;
+                    if op.label() == "claim" {
+                        summary.claims += 1;
+                    }
+                    for key in want.issued_otks() {
+                        summary.keys_issued += 1;
+                        if !issued.insert(key.clone()) {
+                            summary.violation(format!("OTK {key:?} handed out twice"));
+                        }
+                    }
+                    inflight = None;
+                }
+                Entry::Failed(i, msg) => {
+                    summary.violation(format!(
+                        "generation {generation} op {i}: storage error: {msg}"
+                    ));
+                    inflight = Some(i);
+                }
+            }
+        }
+
+        // 3-4. Open the store, resolve the operation in flight, verify.
+        let store = match config.backend.open(&store_path, limits()).await {
+            Ok(s) => s,
+            Err(e) => {
+                summary.violation(format!(
+                    "after crash {generation}: the store does not open: {}",
+                    chain(&e)
+                ));
+                return Ok(summary);
+            }
+        };
+        if let Some(i) = inflight
+            && i == work.drawn()
+        {
+            let op = work.next_op()?;
+            match resolve(store.store(), &mut mirror, &op, "after a crash").await {
+                // A claim applied this way handed its keys to nobody;
+                // they are gone from the reference too, so a later
+                // answer handing one out would differ from it.
+                Ok(Ok(true)) => summary.inflight_applied += 1,
+                Ok(Ok(false)) => summary.inflight_not_applied += 1,
+                Ok(Err(e)) => summary.violation(format!(
+                    "after crash {generation}: reads fail: {}",
+                    chain(&e)
+                )),
+                Err(v) => summary.violation(format!(
+                    "generation {generation} op {i} ({}): {v}",
+                    op.label()
+                )),
+            }
+        }
+        if let Err(v) = verify(store.store(), &mirror, &format!("after crash {generation}")).await {
+            summary.violation(v.0);
+            // Resynchronize the reference with the store so that one
+            // violation is not counted again after every later crash.
+            mirror = MemoryStore::with_limits(limits());
+            keyclaim::copy_store(store.store(), &mirror, 256, None, |_, _| {}).await?;
+        }
+        store.close().await?;
+        summary.crashes += 1;
+        summary.elapsed = start.elapsed();
+        if last_progress.elapsed() >= Duration::from_secs(60) {
+            progress(&summary);
+            last_progress = Instant::now();
+        }
+    }
+    summary.elapsed = start.elapsed();
+    Ok(summary)
+}

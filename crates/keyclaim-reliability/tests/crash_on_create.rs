@@ -1,0 +1,68 @@
+//! A crash (SIGKILL) while a store is being created for the first time must
+//! leave a file that opens (R10.2: after a crash the store opens cleanly).
+//!
+//! The soak's worker is started on a fresh path and killed after 0 to 90 ms,
+//! then the store is opened. SQLite passes. redb does not yet: a kill
+//! during `RedbStore::open` of a new file leaves a file without redb's magic
+//! number ("Not a redb database: magic number mismatch") that never opens
+//! again (9 of 30 kills on the 2-core machine), so that case is ignored
+//! here and reported; run it with
+//! `cargo test -p keyclaim-reliability --test crash_on_create -- --ignored`.
+// A test: a failed expectation is how it reports.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::process::Command;
+use std::time::Duration;
+
+use keyclaim_reliability::backends::Backend;
+use keyclaim_reliability::chain;
+
+fn kill_during_create(backend: Backend, rounds: u64) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut failures = Vec::new();
+    for round in 0..rounds {
+        let store = dir.path().join(format!("{round}-{}", backend.file_name()));
+        let journal = dir.path().join(format!("{round}.log"));
+        let mut child = Command::new(env!("CARGO_BIN_EXE_soak"))
+            .arg("worker")
+            .arg(backend.name())
+            .arg(&store)
+            .arg(&journal)
+            .args(["1", "1"])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start a worker");
+        std::thread::sleep(Duration::from_millis((round * 7) % 90));
+        let _ = child.kill();
+        let _ = child.wait();
+        let opened = runtime.block_on(async {
+            let s = backend.open(&store, keyclaim::Limits::default()).await?;
+            s.close().await
+        });
+        if let Err(e) = opened {
+            let size = std::fs::metadata(&store).map(|m| m.len()).unwrap_or(0);
+            failures.push(format!("round {round}: {size}-byte file: {}", chain(&e)));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{backend}: {} of {rounds} kills during creation left a store that does not open:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn sqlite_opens_after_a_kill_during_creation() {
+    kill_during_create(Backend::Sqlite, 30);
+}
+
+#[test]
+#[ignore = "redb: a kill during the first open leaves a file that never opens; reported"]
+fn redb_opens_after_a_kill_during_creation() {
+    kill_during_create(Backend::Redb, 30);
+}

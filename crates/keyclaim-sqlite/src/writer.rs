@@ -1,0 +1,453 @@
+//! The writer thread and its group commit.
+//!
+//! One thread owns the write connection. Mutating operations arrive over a
+//! channel, each with a oneshot for its answer. The thread takes what has
+//! queued up (while the previous transaction was being committed and synced)
+//! into one `BEGIN IMMEDIATE` transaction, runs each operation inside its own
+//! `SAVEPOINT`, so that a failing operation (a conflict, a limit) rolls back
+//! only itself, then commits once: one sync of the WAL for the whole batch.
+//! Answers are sent only after `COMMIT` succeeded; if the transaction fails as
+//! a whole, every operation of the batch gets the error and nothing of it was
+//! applied.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use keyclaim::{Error, Limits, Result};
+use rusqlite::Connection;
+use tokio::sync::oneshot;
+
+use crate::SqliteOptions;
+use crate::ops::{BACKEND, is_busy};
+use crate::schema::{self, Role};
+
+/// Why a whole batch failed: a shared source error, given to every
+/// operation of the batch.
+#[derive(Clone, Debug)]
+pub(crate) struct BatchFailure {
+    retryable: bool,
+    source: Arc<rusqlite::Error>,
+}
+
+impl BatchFailure {
+    fn from_sql(e: rusqlite::Error) -> Self {
+        Self {
+            retryable: is_busy(&e),
+            source: Arc::new(e),
+        }
+    }
+
+    /// A batch-mate's failure ended the transaction (SQLite rolled it back
+    /// on its own, e.g. after an I/O error): the others did nothing wrong,
+    /// and trying again may succeed.
+    fn aborted_by_batch_mate() -> Self {
+        Self {
+            retryable: true,
+            source: Arc::new(rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ABORT),
+                Some(
+                    "the transaction was rolled back by a failing operation of the same batch"
+                        .into(),
+                ),
+            )),
+        }
+    }
+
+    /// The batch's only operation failed: the transaction is rolled back,
+    /// and the operation answers with its own error (never with this one).
+    fn sole_operation_failed() -> Self {
+        Self::aborted_by_batch_mate()
+    }
+
+    fn to_error(&self, op: &'static str) -> Error {
+        Error::storage(BACKEND, op, self.retryable, Arc::clone(&self.source))
+    }
+}
+
+/// One queued mutating operation, type-erased.
+pub(crate) trait Job: Send {
+    /// Runs the operation inside the open transaction (and its savepoint);
+    /// keeps the result; returns whether it succeeded.
+    fn run(&mut self, conn: &Connection, limits: &Limits) -> bool;
+    /// Sends the answer: the kept result if the transaction committed (or if
+    /// the operation failed on its own), else the batch's failure.
+    fn reply(self: Box<Self>, batch: Result<(), BatchFailure>);
+}
+
+/// A [`Job`] running `f` and answering over a oneshot.
+struct TypedJob<T, F> {
+    op: &'static str,
+    span: tracing::Span,
+    f: Option<F>,
+    result: Option<Result<T>>,
+    reply: oneshot::Sender<Result<T>>,
+}
+
+impl<T, F> Job for TypedJob<T, F>
+where
+    T: Send,
+    F: FnOnce(&Connection, &Limits) -> Result<T> + Send,
+{
+    fn run(&mut self, conn: &Connection, limits: &Limits) -> bool {
+        let Some(f) = self.f.take() else {
+            return false;
+        };
+        let _entered = self.span.enter();
+        let result = catch_unwind(AssertUnwindSafe(|| f(conn, limits))).unwrap_or_else(|_| {
+            tracing::error!(
+                op = self.op,
+                "keyclaim-sqlite: operation panicked; rolled back"
+            );
+            Err(Error::storage(
+                BACKEND,
+                self.op,
+                false,
+                "the operation panicked",
+            ))
+        });
+        let ok = result.is_ok();
+        self.result = Some(result);
+        ok
+    }
+
+    fn reply(self: Box<Self>, batch: Result<(), BatchFailure>) {
+        let answer = match (self.result, batch) {
+            // The operation's own failure: rolled back to its savepoint.
+            (Some(Err(e)), _) => Err(e),
+            (Some(Ok(value)), Ok(())) => Ok(value),
+            (_, Err(failure)) => Err(failure.to_error(self.op)),
+            (None, Ok(())) => Err(Error::storage(
+                BACKEND,
+                self.op,
+                true,
+                "the operation did not run",
+            )),
+        };
+        // The caller may have gone away (its future was dropped): fine.
+        let _ = self.reply.send(answer);
+    }
+}
+
+/// The handle on the writer thread. Dropping it closes the channel and joins
+/// the thread, which finishes the queued operations and closes the
+/// connection (so the file is released when the drop returns).
+#[derive(Debug)]
+pub(crate) struct Writer {
+    tx: Option<Sender<Box<dyn Job>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Writer {
+    /// Starts the thread: it opens the file, migrates it, and then serves
+    /// operations. Returns once the file is open and migrated.
+    pub(crate) async fn start(path: PathBuf, options: SqliteOptions) -> Result<Self> {
+        let (tx, rx) = crossbeam_channel::unbounded::<Box<dyn Job>>();
+        let (ready_tx, ready_rx) = oneshot::channel::<Result<()>>();
+        let thread = std::thread::Builder::new()
+            .name("keyclaim-sqlite-writer".into())
+            .spawn(move || {
+                let conn = schema::open_connection(&path, &options, Role::Writer)
+                    .and_then(|conn| schema::migrate(&conn, options.busy_timeout).map(|()| conn));
+                match conn {
+                    Ok(conn) => {
+                        if ready_tx.send(Ok(())).is_ok() {
+                            serve(&conn, &rx, &options);
+                        }
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                    }
+                }
+            })
+            .map_err(|e| Error::storage(BACKEND, "open", false, e))?;
+        let writer = Self {
+            tx: Some(tx),
+            thread: Some(thread),
+        };
+        match ready_rx.await {
+            Ok(Ok(())) => Ok(writer),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(Error::Closed),
+        }
+    }
+
+    /// Queues an operation and waits for its answer, which comes after its
+    /// transaction committed.
+    pub(crate) async fn submit<T, F>(&self, op: &'static str, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection, &Limits) -> Result<T> + Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        let job = Box::new(TypedJob {
+            op,
+            span: tracing::Span::current(),
+            f: Some(f),
+            result: None,
+            reply,
+        });
+        self.tx
+            .as_ref()
+            .ok_or(Error::Closed)?
+            .send(job)
+            .map_err(|_| Error::Closed)?;
+        answer.await.map_err(|_| Error::Closed)?
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        drop(self.tx.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The thread's loop: wait for one operation, take whatever else has queued
+/// up (at most `max_batch` in all), run them as one transaction.
+fn serve(conn: &Connection, rx: &Receiver<Box<dyn Job>>, options: &SqliteOptions) {
+    let max_batch = options.max_batch.max(1);
+    let mut batch: Vec<Box<dyn Job>> = Vec::with_capacity(max_batch);
+    while let Ok(first) = rx.recv() {
+        batch.push(first);
+        while batch.len() < max_batch {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        run_batch(conn, &mut batch, &options.limits);
+    }
+}
+
+/// Runs a batch as one transaction and answers every operation in it.
+pub(crate) fn run_batch(conn: &Connection, batch: &mut Vec<Box<dyn Job>>, limits: &Limits) {
+    let span = tracing::debug_span!("keyclaim_sqlite.batch", size = batch.len());
+    let _entered = span.enter();
+    let outcome = run_transaction(conn, batch, limits);
+    if let Err(failure) = &outcome {
+        tracing::warn!(
+            size = batch.len(),
+            retryable = failure.retryable,
+            error = %failure.source,
+            "keyclaim-sqlite: batch transaction failed"
+        );
+    }
+    for job in batch.drain(..) {
+        job.reply(outcome.clone());
+    }
+}
+
+fn exec(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.execute([]).map(|_| ())
+}
+
+fn run_transaction(
+    conn: &Connection,
+    batch: &mut [Box<dyn Job>],
+    limits: &Limits,
+) -> Result<(), BatchFailure> {
+    let start = Instant::now();
+    exec(conn, "BEGIN IMMEDIATE").map_err(BatchFailure::from_sql)?;
+    let locked = Instant::now();
+    let body = run_jobs(conn, batch, limits);
+    let ran = Instant::now();
+    let body = body.and_then(|()| exec(conn, "COMMIT").map_err(BatchFailure::from_sql));
+    let committed = Instant::now();
+    tracing::debug!(
+        size = batch.len(),
+        lock_us = micros(locked - start),
+        run_us = micros(ran - locked),
+        commit_us = micros(committed - ran),
+        ok = body.is_ok(),
+        "keyclaim-sqlite: batch"
+    );
+    if body.is_err() && !conn.is_autocommit() {
+        // Nothing of the batch may stay behind; the error to report is the
+        // one that got us here.
+        let _ = exec(conn, "ROLLBACK");
+    }
+    body
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+fn run_jobs(
+    conn: &Connection,
+    batch: &mut [Box<dyn Job>],
+    limits: &Limits,
+) -> Result<(), BatchFailure> {
+    if let [job] = batch {
+        // Alone in its transaction: no batch-mate to protect, so no
+        // savepoint; if it fails, the whole transaction is rolled back.
+        return if job.run(conn, limits) {
+            Ok(())
+        } else {
+            Err(BatchFailure::sole_operation_failed())
+        };
+    }
+    for job in batch.iter_mut() {
+        exec(conn, "SAVEPOINT op").map_err(BatchFailure::from_sql)?;
+        let ok = job.run(conn, limits);
+        if conn.is_autocommit() {
+            // SQLite ended the whole transaction on this operation's error
+            // (I/O error, disk full, ...): the batch-mates' work is gone.
+            return Err(BatchFailure::aborted_by_batch_mate());
+        }
+        if !ok {
+            exec(conn, "ROLLBACK TO op").map_err(BatchFailure::from_sql)?;
+        }
+        exec(conn, "RELEASE op").map_err(BatchFailure::from_sql)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use keyclaim::{ClaimTarget, Device, KeyId, KeyJson, Upload};
+
+    fn device(d: &str) -> Device {
+        Device::parse("@alice:example.org", d).unwrap()
+    }
+
+    fn key(id: &str, k: &str) -> (KeyId, KeyJson) {
+        (
+            KeyId::parse(id).unwrap(),
+            KeyJson::from_value(&serde_json::json!({"key": k, "signatures": {}})).unwrap(),
+        )
+    }
+
+    fn upload(d: &str, keys: &[(&str, &str)]) -> Upload {
+        Upload::from_keys(device(d), keys.iter().map(|(i, k)| key(i, k)), []).unwrap()
+    }
+
+    fn job<T: Send + 'static>(
+        f: impl FnOnce(&Connection, &Limits) -> Result<T> + Send + 'static,
+    ) -> (Box<dyn Job>, oneshot::Receiver<Result<T>>) {
+        let (reply, rx) = oneshot::channel();
+        let job = Box::new(TypedJob {
+            op: "test",
+            span: tracing::Span::none(),
+            f: Some(f),
+            result: None,
+            reply,
+        });
+        (job, rx)
+    }
+
+    fn open() -> (tempfile::TempDir, Connection) {
+        let dir = tempfile::tempdir().unwrap();
+        let options = SqliteOptions::default();
+        let conn =
+            schema::open_connection(&dir.path().join("db.sqlite"), &options, Role::Writer).unwrap();
+        schema::migrate(&conn, options.busy_timeout).unwrap();
+        (dir, conn)
+    }
+
+    fn count(conn: &Connection, d: &str) -> u64 {
+        crate::ops::otk_counts(conn, &device(d)).unwrap().total()
+    }
+
+    #[test]
+    fn a_failing_operation_does_not_fail_its_batch_mates() {
+        let (_dir, conn) = open();
+        let limits = Limits::default();
+        let first = upload("A", &[("alg:1", "one")]);
+        // Conflicts with `first` (same ID, other content) in the same batch.
+        let conflicting = upload("A", &[("alg:1", "other"), ("alg:2", "two")]);
+        let third = upload("B", &[("alg:1", "b")]);
+        let (j1, r1) = job(move |c, l| crate::ops::upload(c, &first, l));
+        let (j2, r2) = job(move |c, l| crate::ops::upload(c, &conflicting, l));
+        let (j3, r3) = job(move |c, l| crate::ops::upload(c, &third, l));
+        // An operation that writes, then fails: its write must be undone.
+        let (j4, r4) = job(|c, l| {
+            crate::ops::upload(c, &upload("C", &[("alg:1", "c")]), l)?;
+            Err::<(), _>(Error::Closed)
+        });
+        let (j5, r5) =
+            job(|c, l| crate::ops::claim(c, &[ClaimTarget::one(device("B"), "alg".parse()?)], l));
+        let mut batch = vec![j1, j2, j4, j3, j5];
+        run_batch(&conn, &mut batch, &limits);
+
+        assert!(r1.blocking_recv().unwrap().is_ok());
+        assert!(matches!(
+            r2.blocking_recv().unwrap(),
+            Err(Error::Conflict { .. })
+        ));
+        assert!(r3.blocking_recv().unwrap().is_ok());
+        assert!(matches!(r4.blocking_recv().unwrap(), Err(Error::Closed)));
+        assert_eq!(r5.blocking_recv().unwrap().unwrap().len(), 1);
+        assert_eq!(
+            count(&conn, "A"),
+            1,
+            "the conflicting upload stored nothing"
+        );
+        assert_eq!(count(&conn, "B"), 0, "claimed within the batch");
+        assert_eq!(
+            count(&conn, "C"),
+            0,
+            "the failed operation's write was rolled back"
+        );
+        assert!(conn.is_autocommit(), "the transaction is closed");
+    }
+
+    #[test]
+    fn a_failed_commit_fails_every_operation_and_applies_nothing() {
+        let (_dir, conn) = open();
+        conn.execute_batch(
+            "PRAGMA foreign_keys = ON;
+             CREATE TEMP TABLE parent (id INTEGER PRIMARY KEY);
+             CREATE TEMP TABLE child (p INTEGER REFERENCES parent (id) DEFERRABLE INITIALLY DEFERRED);",
+        )
+        .unwrap();
+        let a = upload("A", &[("alg:1", "one")]);
+        let (j1, r1) = job(move |c, l| crate::ops::upload(c, &a, l));
+        // Violates a deferred foreign key: COMMIT fails.
+        let (j2, r2) = job(|c, _| {
+            c.execute("INSERT INTO child (p) VALUES (42)", [])
+                .map_err(|e| crate::ops::sql_error("test", e))
+        });
+        let mut batch = vec![j1, j2];
+        run_batch(&conn, &mut batch, &Limits::default());
+        assert!(matches!(
+            r1.blocking_recv().unwrap(),
+            Err(Error::Storage { .. })
+        ));
+        assert!(matches!(
+            r2.blocking_recv().unwrap(),
+            Err(Error::Storage { .. })
+        ));
+        assert!(conn.is_autocommit());
+        assert_eq!(count(&conn, "A"), 0);
+    }
+
+    #[test]
+    fn an_operation_that_ends_the_transaction_aborts_the_batch() {
+        let (_dir, conn) = open();
+        let a = upload("A", &[("alg:1", "one")]);
+        let (j1, r1) = job(move |c, l| crate::ops::upload(c, &a, l));
+        // Stands for SQLite rolling the transaction back on its own.
+        let (j2, r2) = job(|c, _| {
+            c.execute_batch("ROLLBACK")
+                .map_err(|e| crate::ops::sql_error("test", e))
+        });
+        let b = upload("B", &[("alg:1", "two")]);
+        let (j3, r3) = job(move |c, l| crate::ops::upload(c, &b, l));
+        let mut batch = vec![j1, j2, j3];
+        run_batch(&conn, &mut batch, &Limits::default());
+        let e1 = r1.blocking_recv().unwrap().unwrap_err();
+        assert!(e1.is_retryable(), "{e1}");
+        assert!(r2.blocking_recv().unwrap().is_err());
+        assert!(r3.blocking_recv().unwrap().unwrap_err().is_retryable());
+        assert_eq!(count(&conn, "A") + count(&conn, "B"), 0);
+    }
+}

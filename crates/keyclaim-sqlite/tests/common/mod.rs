@@ -1,0 +1,102 @@
+//! Helpers for the tests that run child processes: the test binary runs
+//! itself again with an environment variable that picks the child's role.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::io::{Read as _, Write as _};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::thread::JoinHandle;
+
+use keyclaim::{Device, KeyId, KeyJson};
+
+/// Every result line a child reports starts with this marker, so that lines
+/// of the test harness (and a harness prefix on the same line) are ignored.
+pub const MARK: &str = "@@kc ";
+
+/// Starts the test binary again, running only the test `child_test`, with
+/// the given environment; its stdout is piped.
+pub fn spawn_child(child_test: &str, env: &[(&str, String)]) -> Child {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let mut cmd = Command::new(exe);
+    cmd.args(["--exact", child_test, "--nocapture", "--test-threads=1"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.spawn().expect("start a child process")
+}
+
+/// Reads a child's whole stdout on a thread (so the pipe never fills).
+pub fn collect_stdout(child: &mut Child) -> JoinHandle<String> {
+    let mut out = child.stdout.take().expect("piped stdout");
+    std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        let _ = out.read_to_end(&mut bytes);
+        String::from_utf8_lossy(&bytes).into_owned()
+    })
+}
+
+/// The complete result lines (those that end in a newline) of a child's
+/// output, without the marker, split into words.
+pub fn result_lines(output: &str) -> Vec<Vec<String>> {
+    let complete = match output.rfind('\n') {
+        Some(i) => &output[..=i],
+        None => "",
+    };
+    complete
+        .lines()
+        .filter_map(|line| line.find(MARK).map(|i| &line[i + MARK.len()..]))
+        .map(|rest| rest.split(' ').map(str::to_owned).collect())
+        .collect()
+}
+
+/// Writes one result line (marker first) and flushes it, under a lock so
+/// that lines of concurrent tasks never interleave.
+pub fn report(out: &Mutex<()>, words: &[&str]) {
+    let _guard = out
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut stdout = std::io::stdout().lock();
+    let line = format!("\n{MARK}{}\n", words.join(" "));
+    stdout.write_all(line.as_bytes()).expect("write to stdout");
+    stdout.flush().expect("flush stdout");
+}
+
+/// The devices the child processes share.
+pub fn device(i: usize) -> Device {
+    Device::parse(&format!("@user{}:example.org", i % 2), &format!("DEV{i}")).expect("device")
+}
+
+/// A signed-looking key JSON whose content is derived from its ID.
+pub fn key(id: &str) -> (KeyId, KeyJson) {
+    let json = serde_json::json!({
+        "key": format!("material-of-{id}"),
+        "signatures": {"@user:example.org": {"ed25519:DEV": "sig"}},
+    });
+    (
+        KeyId::parse(format!("signed_curve25519:{id}")).expect("key ID"),
+        KeyJson::from_value(&json).expect("key JSON"),
+    )
+}
+
+/// Whether the file at `path` passes SQLite's `PRAGMA integrity_check`.
+pub fn integrity_ok(path: &Path) -> bool {
+    let conn = rusqlite::Connection::open(path).expect("open for integrity_check");
+    let verdict: String = conn
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .expect("integrity_check");
+    verdict == "ok"
+}
+
+/// A multi-threaded runtime for a test or a child.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}

@@ -1,0 +1,221 @@
+//! Several OS processes on one SQLite file (R10.3): two claimers and an
+//! uploader run at once; afterwards no key was issued twice, none was lost,
+//! and the counts are exact.
+//!
+//! The test binary runs itself again for each child (`multi_process_child`,
+//! a no-op unless `KEYCLAIM_MP_ROLE` is set).
+
+// A test: a failed expectation is how it reports.
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use common::{collect_stdout, device, key, report, result_lines, runtime, spawn_child};
+use keyclaim::{Algorithm, ClaimTarget, KeyStore, Limits, Upload};
+use keyclaim_sqlite::{SqliteOptions, SqliteStore};
+use rand::Rng as _;
+
+const ROLE: &str = "KEYCLAIM_MP_ROLE";
+const DB: &str = "KEYCLAIM_MP_DB";
+const DONE: &str = "KEYCLAIM_MP_DONE";
+const DEVICES: usize = 4;
+const INITIAL_PER_DEVICE: usize = 150;
+const UPLOADS: usize = 60;
+const KEYS_PER_UPLOAD: usize = 8;
+
+fn options() -> SqliteOptions {
+    let mut limits = Limits::default();
+    limits.max_otks_per_device_algorithm = 10_000;
+    SqliteOptions::new().limits(limits)
+}
+
+/// The child processes' body; does nothing in a normal test run.
+#[test]
+fn multi_process_child() {
+    let Ok(role) = std::env::var(ROLE) else {
+        return;
+    };
+    let db = PathBuf::from(std::env::var(DB).expect("db path"));
+    let done = PathBuf::from(std::env::var(DONE).expect("done path"));
+    runtime().block_on(async move {
+        let store = SqliteStore::open_with(&db, options()).await.expect("open");
+        match role.as_str() {
+            "claimer" => claimer(&store, &done).await,
+            "uploader" => uploader(&store).await,
+            other => panic!("unknown role {other}"),
+        }
+    });
+}
+
+async fn claimer(store: &SqliteStore, done: &Path) {
+    let out = Mutex::new(());
+    let alg = Algorithm::signed_curve25519();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut claims = 0u64;
+    loop {
+        assert!(Instant::now() < deadline, "claimer ran too long");
+        // Read before the claim: if the uploader had finished before this
+        // claim began and the claim finds nothing, the store is empty.
+        let finished = done.exists();
+        let targets: Vec<ClaimTarget> = {
+            let mut rng = rand::rng();
+            (0..DEVICES)
+                .map(|i| ClaimTarget {
+                    device: device(i),
+                    algorithm: alg.clone(),
+                    count: rng.random_range(1..=3),
+                })
+                .collect()
+        };
+        let outcome = match store.claim(&targets).await {
+            Ok(o) => o,
+            Err(e) if e.is_retryable() => continue,
+            Err(e) => panic!("claim failed: {e}"),
+        };
+        claims += 1;
+        for k in &outcome.keys {
+            assert!(!k.fallback);
+            report(
+                &out,
+                &["CL", k.device.device_id.as_str(), k.key_id.as_str()],
+            );
+        }
+        if outcome.keys.is_empty() {
+            if finished {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+    report(&out, &["CLAIMS", &claims.to_string()]);
+}
+
+async fn uploader(store: &SqliteStore) {
+    let out = Mutex::new(());
+    for n in 0..UPLOADS {
+        let d = device(n % DEVICES);
+        let keys: Vec<_> = (0..KEYS_PER_UPLOAD)
+            .map(|j| key(&format!("up{n}-{j}")))
+            .collect();
+        let upload = Upload::from_keys(d.clone(), keys.clone(), []).expect("upload");
+        loop {
+            match store.upload(&upload).await {
+                Ok(_) => break,
+                Err(e) if e.is_retryable() => continue,
+                Err(e) => panic!("upload failed: {e}"),
+            }
+        }
+        for (id, _) in &keys {
+            report(&out, &["UP", d.device_id.as_str(), id.as_str()]);
+        }
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+}
+
+#[test]
+fn two_claimer_processes_and_an_uploader_share_one_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("shared.sqlite");
+    let done = dir.path().join("uploader-done");
+    let rt = runtime();
+
+    // Every key that was ever stored: (device ID, key ID).
+    let mut uploaded: BTreeSet<(String, String)> = BTreeSet::new();
+    rt.block_on(async {
+        let store = SqliteStore::open_with(&db, options()).await.unwrap();
+        for i in 0..DEVICES {
+            let keys: Vec<_> = (0..INITIAL_PER_DEVICE)
+                .map(|j| key(&format!("init-{j}")))
+                .collect();
+            for (id, _) in &keys {
+                uploaded.insert((device(i).device_id.to_string(), id.to_string()));
+            }
+            store
+                .upload(&Upload::from_keys(device(i), keys, []).unwrap())
+                .await
+                .unwrap();
+        }
+    });
+
+    let env = |role: &str| {
+        vec![
+            (ROLE, role.to_owned()),
+            (DB, db.display().to_string()),
+            (DONE, done.display().to_string()),
+        ]
+    };
+    let mut claimers = Vec::new();
+    for _ in 0..2 {
+        let mut child = spawn_child("multi_process_child", &env("claimer"));
+        let out = collect_stdout(&mut child);
+        claimers.push((child, out));
+    }
+    let mut up = spawn_child("multi_process_child", &env("uploader"));
+    let up_out = collect_stdout(&mut up);
+    assert!(up.wait().unwrap().success(), "uploader failed");
+    std::fs::write(&done, b"done").unwrap();
+    for line in result_lines(&up_out.join().unwrap()) {
+        assert_eq!(line[0], "UP");
+        assert!(
+            uploaded.insert((line[1].clone(), line[2].clone())),
+            "uploaded twice"
+        );
+    }
+    assert_eq!(
+        uploaded.len(),
+        DEVICES * INITIAL_PER_DEVICE + UPLOADS * KEYS_PER_UPLOAD
+    );
+
+    let mut claimed: BTreeSet<(String, String)> = BTreeSet::new();
+    for (mut child, out) in claimers {
+        assert!(child.wait().unwrap().success(), "claimer failed");
+        let mut mine = 0;
+        for line in result_lines(&out.join().unwrap()) {
+            if line[0] == "CL" {
+                let k = (line[1].clone(), line[2].clone());
+                assert!(uploaded.contains(&k), "claimed a key never uploaded: {k:?}");
+                assert!(claimed.insert(k.clone()), "issued twice: {k:?}");
+                mine += 1;
+            }
+        }
+        assert!(
+            mine > 0,
+            "each claimer got keys (they really ran concurrently)"
+        );
+    }
+
+    rt.block_on(async {
+        let store = SqliteStore::open_with(&db, options()).await.unwrap();
+        let mut remaining: BTreeMap<String, u64> = BTreeMap::new();
+        let mut stored: BTreeSet<(String, String)> = BTreeSet::new();
+        for snap in store.export_devices(None, 1000).await.unwrap() {
+            for otk in &snap.one_time_keys {
+                let k = (snap.device.device_id.to_string(), otk.key_id.to_string());
+                assert!(!claimed.contains(&k), "claimed key still stored: {k:?}");
+                stored.insert(k);
+                *remaining
+                    .entry(snap.device.device_id.to_string())
+                    .or_default() += 1;
+            }
+        }
+        // None lost: every uploaded key was claimed exactly once or is still there.
+        let accounted: BTreeSet<_> = claimed.union(&stored).cloned().collect();
+        assert_eq!(accounted, uploaded, "keys lost or invented");
+        // The claimers stopped only when the store was empty.
+        assert!(stored.is_empty(), "{} keys left", stored.len());
+        for i in 0..DEVICES {
+            let d = device(i);
+            let counts = store.otk_counts(&d).await.unwrap();
+            assert_eq!(
+                counts.get_str("signed_curve25519"),
+                remaining.get(d.device_id.as_str()).copied().unwrap_or(0)
+            );
+        }
+    });
+    assert!(common::integrity_ok(&db));
+}
