@@ -86,6 +86,7 @@ struct State {
     uploads: Vec<UploadRecord>,
     claims: Vec<ClaimRecord>,
     next_batch: u64,
+    tamper: Option<fn(&mut Value)>,
 }
 
 /// A homeserver reduced to what end-to-end encryption setup needs, with
@@ -159,6 +160,13 @@ impl Homeserver {
         self.state().claims.clone()
     }
 
+    /// From now on, alters every key JSON in `/keys/claim` answers with `f`
+    /// on its way to the client (JSON transport only): a stand-in for a
+    /// server that does not return key JSON exactly as uploaded (R2.5).
+    pub fn tamper_claims(&self, f: fn(&mut Value)) {
+        self.state().tamper = Some(f);
+    }
+
     /// `POST /keys/upload`.
     ///
     /// # Panics
@@ -230,11 +238,22 @@ impl Homeserver {
         let response = match self.transport {
             Transport::Json => {
                 let http = http_request(request.clone(), "/_matrix/client/v3/keys/claim");
-                let answer = self
+                let mut answer = self
                     .keys
                     .claim(http.body())
                     .await
                     .unwrap_or_else(|e| panic!("keyclaim refused the machine's claim: {e}"));
+                if let Some(tamper) = self.state().tamper {
+                    answer["one_time_keys"]
+                        .as_object_mut()
+                        .into_iter()
+                        .flat_map(|users| users.values_mut())
+                        .filter_map(Value::as_object_mut)
+                        .flat_map(|devices| devices.values_mut())
+                        .filter_map(Value::as_object_mut)
+                        .flat_map(|keys| keys.values_mut())
+                        .for_each(tamper);
+                }
                 claim_keys::v3::Response::try_from_http_response(http_ok(&answer))
                     .expect("ruma parses keyclaim's claim answer")
             }
@@ -465,6 +484,22 @@ impl Client {
             }
         }
         self.hs.uploads().split_off(before)
+    }
+
+    /// Serves the machine's pending `/keys/upload` but loses the response on
+    /// the way back (a timeout, a dropped connection): the machine is not
+    /// told, so it sends the same keys again later. Returns the upload.
+    pub async fn send_upload_and_lose_response(&self) -> Option<UploadRecord> {
+        let requests = self.machine.outgoing_requests().await.expect("outgoing");
+        for request in requests {
+            if let AnyOutgoingRequest::KeysUpload(upload) = request.request() {
+                self.hs
+                    .keys_upload(self.machine.user_id(), self.machine.device_id(), upload)
+                    .await;
+                return self.hs.uploads().pop();
+            }
+        }
+        None
     }
 
     /// Syncs once: keyclaim's E2EE fields and the to-device inbox go into

@@ -187,17 +187,28 @@ async fn sync(
 pub enum Backend {
     /// In memory: keys are gone when the server stops.
     Memory,
+    /// SQLite, in the file `--path` names (several processes may share it).
+    Sqlite,
+    /// redb, in the file `--path` names (one process at a time).
+    Redb,
 }
 
 /// Opens the store the flags name.
 ///
 /// # Errors
-/// When a persistent backend cannot open its files.
-pub fn open_store(
+/// When a file-based backend has no path or cannot open its file.
+pub async fn open_store(
     backend: Backend,
-    _path: Option<&std::path::Path>,
+    path: Option<&std::path::Path>,
 ) -> Result<Arc<dyn KeyStore>, keyclaim::Error> {
-    match backend {
-        Backend::Memory => Ok(Arc::new(keyclaim_memory::MemoryStore::new())),
-    }
+    let path = || {
+        path.ok_or_else(|| {
+            keyclaim::Error::BadRequest(format!("--backend {backend:?} needs --path"))
+        })
+    };
+    Ok(match backend {
+        Backend::Memory => Arc::new(keyclaim_memory::MemoryStore::new()),
+        Backend::Sqlite => Arc::new(keyclaim_sqlite::SqliteStore::open(path()?).await?),
+        Backend::Redb => Arc::new(keyclaim_redb::RedbStore::open(path()?).await?),
+    })
 }

@@ -19,7 +19,7 @@ struct Args {
     /// The store backend.
     #[arg(long, value_enum, default_value_t = Backend::Memory)]
     backend: Backend,
-    /// The database file of a persistent backend.
+    /// The database file of the sqlite and redb backends.
     #[arg(long)]
     path: Option<PathBuf>,
 }
@@ -27,7 +27,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
-    let store = open_store(args.backend, args.path.as_deref())?;
+    let store = open_store(args.backend, args.path.as_deref()).await?;
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     // The first line tells scripts and tests where to connect.
     #[allow(clippy::print_stdout)]

@@ -82,11 +82,30 @@ impl Http {
     }
 }
 
-/// Real Olm over HTTP: Alice uploads signed vodozemac keys, Bob claims them,
-/// verifies them and opens sessions Alice can accept; `/sync` follows.
+/// Real Olm over HTTP, for every backend the server offers.
 #[tokio::test]
-async fn real_keys_over_http() {
-    let http = Http::new(serve(open_store(Backend::Memory, None).unwrap()).await);
+async fn real_keys_over_http_memory() {
+    real_keys_over_http(open_store(Backend::Memory, None).await.unwrap()).await;
+}
+
+#[tokio::test]
+async fn real_keys_over_http_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.sqlite3");
+    real_keys_over_http(open_store(Backend::Sqlite, Some(&path)).await.unwrap()).await;
+}
+
+#[tokio::test]
+async fn real_keys_over_http_redb() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.redb");
+    real_keys_over_http(open_store(Backend::Redb, Some(&path)).await.unwrap()).await;
+}
+
+/// Alice uploads signed vodozemac keys, Bob claims them, verifies them and
+/// opens sessions Alice can accept; `/sync` follows.
+async fn real_keys_over_http(store: Arc<dyn KeyStore>) {
+    let http = Http::new(serve(store).await);
     let mut alice = OlmDevice::new(ALICE, "ALICEDEV");
     let who = "@alice:example.org ALICEDEV";
     let (otks, ids) = alice.generate_one_time_keys(2);
@@ -145,7 +164,7 @@ async fn real_keys_over_http() {
 /// Errors come back as Matrix errors with the facade's status codes.
 #[tokio::test]
 async fn errors_are_matrix_errors() {
-    let http = Http::new(serve(open_store(Backend::Memory, None).unwrap()).await);
+    let http = Http::new(serve(open_store(Backend::Memory, None).await.unwrap()).await);
     let who = "@alice:example.org ALICEDEV";
 
     let (status, body) = http.post("keys/upload", None, b"{}".to_vec()).await;
@@ -199,7 +218,7 @@ async fn errors_are_matrix_errors() {
 #[tokio::test]
 async fn long_poll_sync_sees_the_claim() {
     let http = Arc::new(Http::new(
-        serve(open_store(Backend::Memory, None).unwrap()).await,
+        serve(open_store(Backend::Memory, None).await.unwrap()).await,
     ));
     let who = "@alice:example.org ALICEDEV";
     let (status, _) = http
