@@ -201,6 +201,9 @@ impl AlreadyOpen {
 
 /// Opens (or creates) the file and checks its format; blocking.
 pub(crate) fn open_database(path: &Path, options: &RedbOptions) -> Result<Database> {
+    if !path.exists() {
+        create_atomically(path, options)?;
+    }
     let mut builder = redb::Builder::new();
     if let Some(bytes) = options.cache_size {
         builder.set_cache_size(bytes);
@@ -222,6 +225,38 @@ pub(crate) fn open_database(path: &Path, options: &RedbOptions) -> Result<Databa
     })?;
     schema::init_or_check(&db)?;
     Ok(db)
+}
+
+/// Creates a new store file under a temporary name beside `path`, writes
+/// its format version and tables, and renames it into place, so that a
+/// crash (SIGKILL) during creation never leaves a file at `path` that
+/// cannot be opened (R10.2): either there is no file yet, or a complete one.
+fn create_atomically(path: &Path, options: &RedbOptions) -> Result<()> {
+    let io = |e: std::io::Error| Error::storage(BACKEND, "create", true, e);
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.creating-{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    {
+        let mut builder = redb::Builder::new();
+        if let Some(bytes) = options.cache_size {
+            builder.set_cache_size(bytes);
+        }
+        let db = builder.create(&tmp).map_err(schema::storage("create"))?;
+        schema::init_or_check(&db)?;
+    }
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io)?;
+    }
+    Ok(())
 }
 
 /// Runs a read transaction on the blocking pool.
