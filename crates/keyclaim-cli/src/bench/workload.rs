@@ -136,15 +136,13 @@ pub(crate) async fn fill(
     let store = store.clone();
     let prefix = prefix.to_owned();
     parallel(devices, clients, move |i| {
-        let (store, prefix) = (store.clone(), prefix.clone());
-        let progress_tick = &progress;
+        let store = store.clone();
         let upload = device(&prefix, i).and_then(|d| upload_of(&d, "S", keys, true));
-        let fut = async move {
+        progress();
+        async move {
             store.upload(&upload?).await?;
             Ok(())
-        };
-        progress_tick();
-        fut
+        }
     })
     .await
 }
