@@ -76,12 +76,21 @@ pub(crate) struct BenchArgs {
     pub(crate) quiet: bool,
 }
 
-/// A backend under test: its store, the baseline claimer on the same data,
-/// and whatever keeps its files alive.
+/// A backend under test: its store and its baseline.
 pub(crate) struct BackendUnderTest {
     pub(crate) name: String,
     pub(crate) store: Arc<dyn KeyStore>,
-    pub(crate) baseline: Option<(String, Arc<dyn Claimer>)>,
+    pub(crate) baseline: Option<Baseline>,
+}
+
+/// The reference homeserver's claim pattern on the same backend: how it
+/// claims, and the store its race devices are filled through (the backend's
+/// own store when the baseline reads the same tables; a store of its own
+/// where the backend allows one handle only).
+pub(crate) struct Baseline {
+    pub(crate) name: String,
+    pub(crate) claimer: Arc<dyn Claimer>,
+    pub(crate) store: Arc<dyn KeyStore>,
 }
 
 pub(crate) async fn open_backend(
@@ -315,11 +324,11 @@ async fn run_backend(
         )
         .await?;
         let base = match &b.baseline {
-            Some((name, claimer)) => Some(
+            Some(base) => Some(
                 race_side(
-                    &b.store,
-                    claimer.clone(),
-                    name,
+                    &base.store,
+                    base.claimer.clone(),
+                    &base.name,
                     &format!("{scenario}b"),
                     devices,
                     w.clients,

@@ -1,0 +1,262 @@
+//! Change notifications across processes (R11.1).
+//!
+//! Every change is announced with `pg_notify(<channel>, '<instance>
+//! <devices>')` on its schema's channel, and each store handle keeps one
+//! dedicated connection that `LISTEN`s there ([`Listener`]) and forwards
+//! other handles' events into its [`ChangeNotifier`].
+//!
+//! **When announcements are sent.** PostgreSQL serializes the commits of
+//! all transactions that `NOTIFY` in a database (they take one
+//! database-wide lock at commit, to keep the queue in commit order). Sent
+//! from inside every claim, that lock capped claim throughput at a fraction
+//! of what the claims themselves allow (measured: about 5x fewer claims/s
+//! with 8 to 64 concurrent claimers on distinct devices). So by default an
+//! [`Announcer`] task sends them right after the commits, batched: while
+//! one batch is being sent, the next one gathers. The price: a process
+//! that dies between a commit and its announcement leaves the other
+//! workers unwoken for that change (they see it at their next read).
+//! [`crate::PostgresOptions::transactional_notify`] restores sending inside
+//! each mutating transaction (delivered exactly when the change commits).
+//!
+//! A handle skips its own notifications: it has already told its
+//! subscribers, right after the commit, with the exact [`Changes`] of the
+//! operation. Events of other handles arrive as one [`Changes`] per
+//! notification (a change of very many devices arrives in several).
+//!
+//! The listener reconnects when its connection is lost (with a growing
+//! pause, at most [`MAX_BACKOFF`]). Notifications sent while it was away
+//! are lost, so subscribers that must not miss anything re-read state on
+//! [`broadcast::error::RecvError::Lagged`] and on a timer, as they must
+//! anyway.
+//!
+//! [`broadcast::error::RecvError::Lagged`]: keyclaim::broadcast::error::RecvError::Lagged
+
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use keyclaim::{ChangeNotifier, Changes, Device, Error, Result};
+use std::collections::BTreeSet;
+
+use deadpool_postgres::Pool;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_postgres::{AsyncMessage, NoTls, Notification};
+
+use crate::BACKEND;
+use crate::errors::pg;
+use crate::ops::{NOTIFY, notify_payloads};
+
+/// The most devices one announcement batch gathers.
+const MAX_BATCH_DEVICES: usize = 10_000;
+
+/// Sends this handle's announcements after commits, batched (see the
+/// module docs). Dropping it lets the task send what is queued and end.
+#[derive(Debug)]
+pub(crate) struct Announcer {
+    tx: mpsc::UnboundedSender<Changes>,
+}
+
+impl Announcer {
+    /// Starts the sending task on the store's pool.
+    pub(crate) fn start(pool: Pool, channel: String, instance: String) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(announce(pool, channel, instance, rx));
+        Self { tx }
+    }
+
+    /// Queues a committed change for the other workers. Never blocks.
+    pub(crate) fn announce(&self, changes: &Changes) {
+        if !changes.is_empty() {
+            let _ = self.tx.send(changes.clone());
+        }
+    }
+}
+
+async fn announce(
+    pool: Pool,
+    channel: String,
+    instance: String,
+    mut rx: mpsc::UnboundedReceiver<Changes>,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut devices: BTreeSet<Device> = first.devices().iter().cloned().collect();
+        while devices.len() < MAX_BATCH_DEVICES {
+            match rx.try_recv() {
+                Ok(more) => devices.extend(more.devices().iter().cloned()),
+                Err(_) => break,
+            }
+        }
+        let devices: Vec<Device> = devices.into_iter().collect();
+        let payloads = notify_payloads(&instance, &devices);
+        let sent = async {
+            let client = pool
+                .get()
+                .await
+                .map_err(|e| crate::errors::pool("announce", e))?;
+            let stmt = client
+                .prepare_cached(NOTIFY)
+                .await
+                .map_err(pg("announce"))?;
+            client
+                .query(&stmt, &[&channel, &payloads])
+                .await
+                .map_err(pg("announce"))?;
+            Ok::<(), Error>(())
+        };
+        if let Err(error) = sent.await {
+            tracing::warn!(%error, devices = devices.len(), "could not announce keyclaim changes to other workers");
+        }
+    }
+}
+
+/// The longest pause between two reconnection attempts.
+pub(crate) const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+/// The background task; dropping this stops it.
+#[derive(Debug)]
+pub(crate) struct Listener {
+    task: JoinHandle<()>,
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Listener {
+    /// Connects, starts listening, and returns once the first `LISTEN` is in
+    /// place (so that a change committed after `connect` returned is seen).
+    pub(crate) async fn start(
+        mut config: tokio_postgres::Config,
+        channel: String,
+        instance: String,
+        notifier: ChangeNotifier,
+        timeout: Duration,
+    ) -> Result<Self> {
+        // Detect a silently dead TCP peer within about a minute.
+        config
+            .keepalives(true)
+            .keepalives_idle(Duration::from_secs(30))
+            .keepalives_interval(Duration::from_secs(10))
+            .keepalives_retries(3);
+        // Built once per store from a validated schema name.
+        let listen_sql = format!("LISTEN {channel}");
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let task = tokio::spawn(run(config, listen_sql, instance, notifier, ready_tx));
+        let listener = Self { task };
+        match tokio::time::timeout(timeout, ready_rx).await {
+            Ok(Ok(Ok(()))) => Ok(listener),
+            Ok(Ok(Err(e))) => Err(e),
+            Ok(Err(_)) => Err(Error::storage(
+                BACKEND,
+                "listen",
+                true,
+                "listener task ended",
+            )),
+            Err(_) => Err(Error::storage(
+                BACKEND,
+                "listen",
+                true,
+                "timed out starting the notification listener",
+            )),
+        }
+    }
+}
+
+async fn run(
+    config: tokio_postgres::Config,
+    listen_sql: String,
+    instance: String,
+    notifier: ChangeNotifier,
+    ready: oneshot::Sender<Result<()>>,
+) {
+    let mut ready = Some(ready);
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let outcome = listen_once(&config, &listen_sql, &instance, &notifier, &mut ready).await;
+        match outcome {
+            Ok(()) => tracing::warn!("keyclaim notification connection closed; reconnecting"),
+            Err(error) => {
+                if let Some(ready) = ready.take() {
+                    // The first attempt failed: connect reports it.
+                    let _ = ready.send(Err(error));
+                    return;
+                }
+                tracing::warn!(%error, "keyclaim notification connection failed; reconnecting");
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+        if ready.is_none() && backoff == MAX_BACKOFF {
+            tracing::debug!("keyclaim notification listener retrying");
+        }
+    }
+}
+
+/// One connection's life: connect, `LISTEN`, forward until it ends.
+async fn listen_once(
+    config: &tokio_postgres::Config,
+    listen_sql: &str,
+    instance: &str,
+    notifier: &ChangeNotifier,
+    ready: &mut Option<oneshot::Sender<Result<()>>>,
+) -> Result<()> {
+    let (client, mut connection) = config.connect(NoTls).await.map_err(pg("listen"))?;
+    let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+    let listen = client.batch_execute(listen_sql);
+    tokio::pin!(listen);
+    let mut listening = false;
+    loop {
+        tokio::select! {
+            done = &mut listen, if !listening => {
+                done.map_err(pg("listen"))?;
+                listening = true;
+                if let Some(ready) = ready.take() {
+                    let _ = ready.send(Ok(()));
+                }
+                tracing::debug!("keyclaim notification listener ready");
+            }
+            message = messages.next() => match message {
+                Some(Ok(AsyncMessage::Notification(n))) => forward(&n, instance, notifier),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(pg("listen")(e)),
+                None => return Ok(()),
+            },
+        }
+    }
+}
+
+/// Forwards one notification of another handle to the subscribers.
+fn forward(notification: &Notification, instance: &str, notifier: &ChangeNotifier) {
+    match parse_payload(notification.payload()) {
+        Some((sender, _)) if sender == instance => {}
+        Some((_, devices)) => notifier.notify(&Changes::from_devices(devices)),
+        None => tracing::warn!("ignoring a malformed keyclaim notification"),
+    }
+}
+
+/// Parses `<instance> <JSON array of [user ID, device ID]>`.
+pub(crate) fn parse_payload(payload: &str) -> Option<(&str, Vec<Device>)> {
+    let (sender, json) = payload.split_once(' ')?;
+    let pairs: Vec<(String, String)> = serde_json::from_str(json).ok()?;
+    let devices = pairs
+        .iter()
+        .filter_map(|(user, device)| Device::parse(user, device).ok())
+        .collect();
+    Some((sender, devices))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payloads_parse() {
+        let (sender, devices) = parse_payload(r#"abc [["@a:x","D1"],["@b:x","D 2"]]"#).unwrap();
+        assert_eq!(sender, "abc");
+        assert_eq!(devices.len(), 2);
+        assert_eq!(devices[1].device_id.as_str(), "D 2");
+        assert!(parse_payload("nonsense").is_none());
+    }
+}

@@ -1,0 +1,292 @@
+//! PostgreSQL-specific behaviour beyond the conformance suite: migrations
+//! with several workers starting at once, refusing a newer schema, change
+//! notifications across workers, schema isolation, the baseline statement.
+
+// Tests report failures by panicking.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::Duration;
+
+use keyclaim::{Changes, ClaimTarget, Error, KeyStore, broadcast};
+use keyclaim_conformance::fixtures::{alg, dev, numbered_otks, otks, put};
+use keyclaim_postgres::{PostgresOptions, PostgresStore, SCHEMA_VERSION, baseline, testing};
+
+const SC: &str = "signed_curve25519";
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+fn options(schema: &str) -> PostgresOptions {
+    PostgresOptions::new().schema(schema).pool_size(4)
+}
+
+async fn next_event(rx: &mut broadcast::Receiver<Changes>) -> Changes {
+    tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("an event within 10 s")
+        .expect("channel open")
+}
+
+#[test]
+fn workers_starting_at_once_migrate_once() {
+    let Some(url) = testing::require_server("postgres::workers_starting_at_once_migrate_once")
+    else {
+        return;
+    };
+    runtime().block_on(async {
+        let schema = testing::unique_schema("kc_mig");
+        let connects = (0..8).map(|_| PostgresStore::connect_with(&url, options(&schema)));
+        let stores = futures::future::join_all(connects).await;
+        let stores: Vec<PostgresStore> = stores
+            .into_iter()
+            .collect::<Result<_, _>>()
+            .expect("every worker connects");
+        let a = dev("@a:x", "A");
+        put(&stores[0], &a, otks(SC, &["K"]), vec![]).await;
+        assert_eq!(
+            stores[7].otk_counts(&a).await.expect("counts").get_str(SC),
+            1
+        );
+    });
+}
+
+#[test]
+fn newer_schema_is_refused() {
+    let Some(url) = testing::require_server("postgres::newer_schema_is_refused") else {
+        return;
+    };
+    runtime().block_on(async {
+        let schema = testing::unique_schema("kc_new");
+        let store = PostgresStore::connect_with(&url, options(&schema))
+            .await
+            .expect("connect");
+        drop(store);
+        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .expect("raw connection");
+        tokio::spawn(connection);
+        client
+            .batch_execute(&format!(
+                "UPDATE {schema}.keyclaim_meta SET version = {}",
+                SCHEMA_VERSION + 1
+            ))
+            .await
+            .expect("bump the version");
+        let err = PostgresStore::connect_with(&url, options(&schema))
+            .await
+            .expect_err("a newer schema is refused");
+        assert!(
+            matches!(err, Error::UnsupportedVersion { found, supported, .. }
+                if found == SCHEMA_VERSION + 1 && supported == SCHEMA_VERSION),
+            "{err:?}"
+        );
+    });
+}
+
+#[test]
+fn changes_reach_other_workers() {
+    changes_reach_other_workers_with(false);
+}
+
+#[test]
+fn changes_reach_other_workers_transactional_notify() {
+    changes_reach_other_workers_with(true);
+}
+
+fn changes_reach_other_workers_with(transactional: bool) {
+    let Some(url) = testing::require_server("postgres::changes_reach_other_workers") else {
+        return;
+    };
+    runtime().block_on(async {
+        let schema = testing::unique_schema("kc_note");
+        let opts = || options(&schema).transactional_notify(transactional);
+        let one = PostgresStore::connect_with(&url, opts())
+            .await
+            .expect("one");
+        let two = PostgresStore::connect_with(&url, opts())
+            .await
+            .expect("two");
+        let elsewhere = PostgresStore::connect_with(
+            &url,
+            options(&testing::unique_schema("kc_other")).transactional_notify(transactional),
+        )
+        .await
+        .expect("a store in another schema");
+        let mut own = one.subscribe();
+        let mut other = two.subscribe();
+        let mut unrelated = elsewhere.subscribe();
+        let a = dev("@a:x", "A");
+
+        put(&one, &a, otks(SC, &["K"]), otks(SC, &["F"])).await;
+        assert!(
+            next_event(&mut other).await.contains(&a),
+            "upload seen by the other worker"
+        );
+        two.claim(&[ClaimTarget::one(a.clone(), alg(SC))])
+            .await
+            .expect("claim");
+        assert!(next_event(&mut own).await.contains(&a), "upload, own event");
+        assert!(
+            next_event(&mut own).await.contains(&a),
+            "claim seen by the first worker"
+        );
+        assert!(
+            next_event(&mut other).await.contains(&a),
+            "claim, own event"
+        );
+        two.delete_user(&a.user_id).await.expect("delete");
+        assert!(
+            next_event(&mut own).await.contains(&a),
+            "deletion seen by the first worker"
+        );
+
+        // A claim changing many devices arrives complete, in several events.
+        let devices: Vec<_> = (0..600)
+            .map(|i| dev(&format!("@user-with-a-long-name-{i}:example.org"), "D"))
+            .collect();
+        for d in &devices {
+            put(&one, d, otks(SC, &["K"]), vec![]).await;
+        }
+        while let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(500), other.recv()).await {
+        }
+        let targets: Vec<_> = devices
+            .iter()
+            .map(|d| ClaimTarget::one(d.clone(), alg(SC)))
+            .collect();
+        one.claim(&targets).await.expect("claim");
+        let mut seen = std::collections::BTreeSet::new();
+        while seen.len() < devices.len() {
+            seen.extend(next_event(&mut other).await.devices().iter().cloned());
+        }
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), unrelated.recv())
+                .await
+                .is_err(),
+            "a store of another schema hears nothing"
+        );
+    });
+}
+
+#[test]
+fn baseline_statement_claims_oldest_keys() {
+    let Some(url) = testing::require_server("postgres::baseline_statement_claims_oldest_keys")
+    else {
+        return;
+    };
+    runtime().block_on(async {
+        let store = PostgresStore::connect_with(&url, options(&testing::unique_schema("kc_base")))
+            .await
+            .expect("connect");
+        let a = dev("@a:x", "A");
+        put(&store, &a, numbered_otks(SC, "B", 3), vec![]).await;
+        put(&store, &a, numbered_otks(SC, "A", 3), vec![]).await;
+        let keys = baseline::claim(
+            &store,
+            &[ClaimTarget {
+                device: a.clone(),
+                algorithm: alg(SC),
+                count: 4,
+            }],
+        )
+        .await
+        .expect("baseline claim");
+        let mut ids: Vec<String> = keys.iter().map(|k| k.key_id.to_string()).collect();
+        ids.sort();
+        assert_eq!(ids.len(), 4);
+        assert!(
+            ids.iter().filter(|id| id.contains(":B")).count() == 3,
+            "{ids:?}"
+        );
+        assert_eq!(store.otk_counts(&a).await.expect("counts").get_str(SC), 2);
+    });
+}
+
+#[test]
+fn debug_shows_no_secrets() {
+    let Some(url) = testing::require_server("postgres::debug_shows_no_secrets") else {
+        return;
+    };
+    runtime().block_on(async {
+        let url = if url.contains("://") {
+            let sep = if url.contains('?') { '&' } else { '?' };
+            format!("{url}{sep}password=hunter2-secret")
+        } else {
+            format!("{url} password=hunter2-secret")
+        };
+        let store = PostgresStore::connect_with(&url, options(&testing::unique_schema("kc_dbg")))
+            .await
+            .expect("connect (trust auth ignores the password)");
+        let shown = format!("{store:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("kc_dbg"), "{shown}");
+    });
+}
+
+#[test]
+fn unreachable_server_is_a_retryable_error() {
+    runtime().block_on(async {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let url = format!(
+            "host={} port=1 user=nobody dbname=nothing",
+            dir.path().display()
+        );
+        let err = PostgresStore::connect_with(
+            &url,
+            options("kc_x").connect_timeout(Duration::from_secs(2)),
+        )
+        .await
+        .expect_err("nothing listens there");
+        assert!(err.is_retryable(), "{err:?}");
+        let err = PostgresStore::connect("not a url ===")
+            .await
+            .expect_err("bad URL");
+        assert!(!err.is_retryable(), "{err:?}");
+        let err = PostgresStore::connect_with(&url, options("Bad-Name"))
+            .await
+            .expect_err("bad schema");
+        assert!(!err.is_retryable(), "{err:?}");
+    });
+}
+
+#[test]
+fn issued_memory_is_pruned_but_keeps_the_configured_number() {
+    let Some(url) = testing::require_server("postgres::issued_memory_is_pruned") else {
+        return;
+    };
+    runtime().block_on(async {
+        let mut limits = keyclaim::Limits::default();
+        limits.remembered_issued_keys = 5;
+        let store = PostgresStore::connect_with(
+            &url,
+            options(&testing::unique_schema("kc_prune")).limits(limits),
+        )
+        .await
+        .expect("connect");
+        let a = dev("@a:x", "A");
+        let keys = numbered_otks(SC, "K", 100);
+        put(&store, &a, keys.clone(), vec![]).await;
+        for _ in 0..100 {
+            store
+                .claim(&[ClaimTarget::one(a.clone(), alg(SC))])
+                .await
+                .expect("claim");
+        }
+        let snapshot = store.export_devices(None, 10).await.expect("export");
+        let issued = &snapshot[0].issued[&alg(SC)];
+        assert!(
+            (5..=5 + 8).contains(&issued.len()),
+            "remembered {} issued keys",
+            issued.len()
+        );
+        // The newest are kept, oldest first.
+        assert_eq!(issued.last().expect("some").key_id, keys[99].0);
+        // Re-uploading the newest issued keys stores nothing.
+        let out = put(&store, &a, keys[95..].to_vec(), vec![]).await;
+        assert_eq!(out.counts.get_str(SC), 0);
+    });
+}

@@ -1,0 +1,16 @@
+//! The redb backend's tests, in one binary (to keep build times down):
+//! the conformance suite, opening rules, batch-mate isolation and the
+//! SIGKILL crash test.
+
+// Tests: a failed assertion or unwrap is how they report.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::print_stdout
+)]
+
+mod batch;
+mod conformance;
+mod crash;
+mod open;
