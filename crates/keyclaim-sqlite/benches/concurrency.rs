@@ -117,13 +117,9 @@ async fn run(
                         let target = ClaimTarget::one(device.clone(), alg.clone());
                         store.claim(&[target]).await.unwrap().keys.len()
                     }
-                    Claimer::Baseline => usize::from(
-                        baseline
-                            .claim_one(device.clone(), alg.clone())
-                            .await
-                            .unwrap()
-                            .is_some(),
-                    ),
+                    Claimer::Baseline => {
+                        usize::from(baseline.claim_one(&device, &alg).await.unwrap().is_some())
+                    }
                 };
                 latencies.push(t0.elapsed());
                 assert_eq!(got, 1, "the device ran out of keys: populate more");

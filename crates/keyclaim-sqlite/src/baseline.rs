@@ -22,7 +22,7 @@
 //! let baseline = BaselineClaimer::open(store.path(), store.options().clone());
 //! let device = keyclaim::Device::parse("@alice:example.org", "DEV")?;
 //! let claimed = baseline
-//!     .claim_one(device, keyclaim::Algorithm::signed_curve25519())
+//!     .claim_one(&device, &keyclaim::Algorithm::signed_curve25519())
 //!     .await?;
 //! # let _ = claimed;
 //! # Ok(())
@@ -122,10 +122,11 @@ impl BaselineClaimer {
     /// As [`Self::claim_one_blocking`].
     pub async fn claim_one(
         &self,
-        device: Device,
-        algorithm: Algorithm,
+        device: &Device,
+        algorithm: &Algorithm,
     ) -> Result<Option<ClaimedKey>> {
         let this = self.clone();
+        let (device, algorithm) = (device.clone(), algorithm.clone());
         tokio::task::spawn_blocking(move || this.claim_one_blocking(&device, &algorithm))
             .await
             .map_err(|e| Error::storage(BACKEND, "baseline_claim", false, e))?
