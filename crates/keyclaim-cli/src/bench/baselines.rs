@@ -26,7 +26,7 @@ pub(crate) fn sqlite(
             device: &Device,
             algorithm: &Algorithm,
         ) -> keyclaim::Result<Option<ClaimedKey>> {
-            self.0.claim_one(device.clone(), algorithm.clone()).await
+            self.0.claim_one(device, algorithm).await
         }
     }
 
