@@ -3,7 +3,8 @@
 //!
 //! For each target it takes a connection from its pool and runs
 //! `BEGIN IMMEDIATE; SELECT` the oldest OTK of the device and algorithm;
-//! `DELETE` it; `COMMIT` — one synced commit per key. By default the pool
+//! `DELETE` it (and count it down in its `otk_queue` row, so that the store
+//! sharing the file stays consistent); `COMMIT` — one synced commit per key. By default the pool
 //! holds one connection, as the reference homeserver uses with SQLite
 //! (concurrent claims queue for it in the process instead of sleeping in
 //! SQLite's busy handler); [`BaselineClaimer::with_max_connections`] allows
@@ -34,7 +35,9 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use keyclaim::{Algorithm, ClaimTarget, ClaimedKey, Device, Error, KeyId, KeyJson, Result};
+use keyclaim::{
+    Algorithm, ClaimTarget, ClaimedKey, Device, Error, KeyDigest, KeyId, KeyJson, Result,
+};
 use parking_lot::{Condvar, Mutex};
 use rusqlite::{Connection, OptionalExtension as _, params};
 
@@ -42,9 +45,16 @@ use crate::SqliteOptions;
 use crate::ops::{BACKEND, SqlContext as _};
 use crate::schema::{self, Role};
 
-const SQL_SELECT_OLDEST: &str = "SELECT id, key_id, key_json FROM otk \
-     WHERE user_id = ?1 AND device_id = ?2 AND algorithm = ?3 ORDER BY seq, key_id LIMIT 1";
-const SQL_DELETE: &str = "DELETE FROM otk WHERE id = ?1";
+const SQL_SELECT_OLDEST: &str = "SELECT k.pos, k.key_id, k.key_json, k.digest \
+     FROM otk_queue AS q JOIN one_time_key AS k \
+     ON k.user_id = q.user_id AND k.device_id = q.device_id AND k.algorithm = q.algorithm \
+     AND k.pos >= q.head \
+     WHERE q.user_id = ?1 AND q.device_id = ?2 AND q.algorithm = ?3 AND q.stored > 0 \
+     ORDER BY k.pos LIMIT 1";
+const SQL_DELETE: &str = "DELETE FROM one_time_key \
+     WHERE user_id = ?1 AND device_id = ?2 AND algorithm = ?3 AND pos = ?4";
+const SQL_COUNT_DOWN: &str = "UPDATE otk_queue SET stored = stored - 1 \
+     WHERE user_id = ?1 AND device_id = ?2 AND algorithm = ?3";
 
 /// Claims OTKs one transaction per target. Cheap to clone (shared pool).
 ///
@@ -189,29 +199,33 @@ fn claim_in_transaction(
         .ctx(OP)?
         .execute([])
         .ctx(OP)?;
-    let row: Option<(i64, String, String)> = conn
+    let p = (
+        device.user_id.as_str(),
+        device.device_id.as_str(),
+        algorithm.as_str(),
+    );
+    let row: Option<(i64, String, String, Vec<u8>)> = conn
         .prepare_cached(SQL_SELECT_OLDEST)
         .ctx(OP)?
-        .query_row(
-            params![
-                device.user_id.as_str(),
-                device.device_id.as_str(),
-                algorithm.as_str()
-            ],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-        )
+        .query_row(params![p.0, p.1, p.2], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+        })
         .optional()
         .ctx(OP)?;
     let claimed = match row {
-        Some((id, key_id, json)) => {
+        Some((pos, key_id, json, digest)) => {
             conn.prepare_cached(SQL_DELETE)
                 .ctx(OP)?
-                .execute([id])
+                .execute(params![p.0, p.1, p.2, pos])
+                .ctx(OP)?;
+            conn.prepare_cached(SQL_COUNT_DOWN)
+                .ctx(OP)?
+                .execute(params![p.0, p.1, p.2])
                 .ctx(OP)?;
             Some(ClaimedKey {
                 device: device.clone(),
                 key_id: KeyId::parse(key_id)?,
-                key_json: KeyJson::from_json_str(&json)?,
+                key_json: KeyJson::from_stored(json, KeyDigest::from_slice(&digest)?),
                 fallback: false,
             })
         }

@@ -9,7 +9,7 @@
 //! Every statement is a `prepare_cached` constant: no SQL is built per call.
 
 use std::collections::hash_map::Entry;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use keyclaim::{
     Algorithm, Changes, ClaimOutcome, ClaimTarget, ClaimedKey, Device, DeviceFacts, DeviceId,
@@ -78,26 +78,76 @@ fn count_u64(n: i64) -> u64 {
 }
 
 // ---------------------------------------------------------------------------
+// Layout (schema version 2)
+//
+// `one_time_key` holds a (device, algorithm)'s keys in claim order by `pos`,
+// a store-wide position counter taken in (upload sequence, key ID) order.
+// `otk_queue` holds one small row per (device, algorithm): `head`, the
+// position of the oldest stored key; `stored`, how many keys are at or past
+// the head; `issued`, how many remembered issued keys (R3.4) are below it. A
+// key below the head was issued: a claim moves the head past the keys it
+// takes and leaves the rows where they are, so that it rewrites one small row
+// (one page) and the taken keys stay behind as the remembered issued keys.
+// Remembered keys past `Limits::remembered_issued_keys` are pruned in
+// chunks of [`PRUNE_SLACK`], the oldest first.
+
+/// How many remembered issued keys beyond `Limits::remembered_issued_keys`
+/// a (device, algorithm) may hold before the oldest are pruned: pruning then
+/// happens once per this many claims, as one range delete. The contract asks
+/// for "at least" the limit (R3.4), so remembering a few more is within it.
+pub(crate) const PRUNE_SLACK: i64 = 64;
+
+// ---------------------------------------------------------------------------
 // Upload
 
-const SQL_OTK_DIGEST: &str =
-    "SELECT digest FROM otk WHERE user_id = ?1 AND device_id = ?2 AND key_id = ?3";
-const SQL_IS_ISSUED: &str = "SELECT 1 FROM issued_key WHERE user_id = ?1 AND device_id = ?2 \
-     AND algorithm = ?3 AND key_id = ?4 AND digest = ?5";
-const SQL_COUNT_ALGORITHM: &str =
-    "SELECT count(*) FROM otk WHERE user_id = ?1 AND device_id = ?2 AND algorithm = ?3";
+const SQL_QUEUE_GET: &str = "SELECT head, stored, issued FROM otk_queue \
+     WHERE user_id = ?1 AND device_id = ?2 AND algorithm = ?3";
+const SQL_KEYS_BY_ID: &str = "SELECT pos, digest FROM one_time_key \
+     WHERE user_id = ?1 AND device_id = ?2 AND key_id = ?3";
 const SQL_FALLBACK_DIGEST: &str =
     "SELECT digest FROM fallback_key WHERE user_id = ?1 AND device_id = ?2 AND algorithm = ?3";
-const SQL_NEXT_SEQ: &str =
-    "UPDATE store_meta SET next_seq = next_seq + 1 WHERE id = 1 RETURNING next_seq - 1";
-const SQL_INSERT_OTK: &str = "INSERT INTO otk (user_id, device_id, algorithm, key_id, seq, digest, key_json) \
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)";
+const SQL_RESERVE: &str = "UPDATE store_meta SET next_seq = next_seq + ?1, next_pos = next_pos + ?2 \
+     WHERE id = 1 RETURNING next_seq - ?1, next_pos - ?2";
+const SQL_INSERT_KEY: &str = "INSERT INTO one_time_key \
+     (user_id, device_id, algorithm, pos, seq, key_id, digest, key_json) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
+const SQL_QUEUE_ADD: &str = "INSERT INTO otk_queue \
+     (user_id, device_id, algorithm, head, stored, issued) VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
+     ON CONFLICT (user_id, device_id, algorithm) DO UPDATE SET stored = stored + excluded.stored";
 const SQL_UPSERT_FALLBACK: &str = "INSERT INTO fallback_key \
      (user_id, device_id, algorithm, key_id, digest, key_json, used) \
      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
      ON CONFLICT (user_id, device_id, algorithm) DO UPDATE SET \
      key_id = excluded.key_id, digest = excluded.digest, key_json = excluded.key_json, \
      used = excluded.used";
+
+/// A (device, algorithm)'s `otk_queue` row.
+#[derive(Clone, Copy, Debug, Default)]
+struct Queue {
+    head: i64,
+    stored: i64,
+    issued: i64,
+}
+
+fn queue(
+    conn: &Connection,
+    user: &str,
+    dev: &str,
+    alg: &str,
+    op: &'static str,
+) -> Result<Option<Queue>> {
+    conn.prepare_cached(SQL_QUEUE_GET)
+        .ctx(op)?
+        .query_row(params![user, dev, alg], |r| {
+            Ok(Queue {
+                head: r.get(0)?,
+                stored: r.get(1)?,
+                issued: r.get(2)?,
+            })
+        })
+        .optional()
+        .ctx(op)
+}
 
 /// Applies an upload (section 3) inside the caller's write transaction:
 /// gathers the [`DeviceFacts`], asks [`plan_upload`], writes the plan.
@@ -107,31 +157,37 @@ pub(crate) fn upload(conn: &Connection, upload: &Upload, limits: &Limits) -> Res
     let (user, dev) = (device.user_id.as_str(), device.device_id.as_str());
 
     let mut facts = DeviceFacts::default();
+    let mut heads: HashMap<Algorithm, i64> = HashMap::new();
     {
-        let mut stored = conn.prepare_cached(SQL_OTK_DIGEST).ctx(OP)?;
-        let mut issued = conn.prepare_cached(SQL_IS_ISSUED).ctx(OP)?;
-        let mut count = conn.prepare_cached(SQL_COUNT_ALGORITHM).ctx(OP)?;
-        for (id, json) in &upload.one_time_keys {
-            let digest = json.digest();
-            let found: Option<Vec<u8>> = stored
-                .query_row(params![user, dev, id.as_str()], |r| r.get(0))
-                .optional()
+        let mut by_id = conn.prepare_cached(SQL_KEYS_BY_ID).ctx(OP)?;
+        for id in upload.one_time_keys.keys() {
+            let alg = id.algorithm();
+            let head = match heads.entry(alg) {
+                Entry::Occupied(e) => *e.get(),
+                Entry::Vacant(slot) => {
+                    let q = queue(conn, user, dev, slot.key().as_str(), OP)?.unwrap_or_default();
+                    facts
+                        .otk_counts
+                        .insert(slot.key().clone(), count_u64(q.stored));
+                    *slot.insert(q.head)
+                }
+            };
+            // Every row with this ID: the stored key (at or past the head),
+            // and remembered issued ones (below it), possibly several with
+            // different contents.
+            let rows = by_id
+                .query_map(params![user, dev, id.as_str()], |r| {
+                    Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))
+                })
                 .ctx(OP)?;
-            if let Some(bytes) = found {
-                facts.stored_otks.insert(id.clone(), parse_digest(&bytes)?);
-            }
-            let alg = id.algorithm_str();
-            if issued
-                .exists(params![user, dev, alg, id.as_str(), &digest.0[..]])
-                .ctx(OP)?
-            {
-                facts.issued.insert((id.clone(), digest));
-            }
-            if let Entry::Vacant(slot) = facts.otk_counts.entry(id.algorithm()) {
-                let n: i64 = count
-                    .query_row(params![user, dev, alg], |r| r.get(0))
-                    .ctx(OP)?;
-                slot.insert(count_u64(n));
+            for row in rows {
+                let (pos, bytes) = row.ctx(OP)?;
+                let digest = parse_digest(&bytes)?;
+                if pos >= head {
+                    facts.stored_otks.insert(id.clone(), digest);
+                } else {
+                    facts.issued.insert((id.clone(), digest));
+                }
             }
         }
         let mut fallback = conn.prepare_cached(SQL_FALLBACK_DIGEST).ctx(OP)?;
@@ -150,19 +206,34 @@ pub(crate) fn upload(conn: &Connection, upload: &Upload, limits: &Limits) -> Res
 
     let plan = plan_upload(upload, &facts, limits)?;
     if !plan.insert_otks.is_empty() {
-        let seq = next_seq(conn, OP)?;
-        let mut insert = conn.prepare_cached(SQL_INSERT_OTK).ctx(OP)?;
+        let (seq, mut pos) = reserve(conn, 1, sql_int(plan.insert_otks.len()), OP)?;
+        // In key ID order, so positions follow (sequence, key ID) (R4.2).
+        let mut added: HashMap<&str, (i64, i64)> = HashMap::new();
+        let mut insert = conn.prepare_cached(SQL_INSERT_KEY).ctx(OP)?;
         for (id, json) in &plan.insert_otks {
+            let alg = id.algorithm_str();
             insert
                 .execute(params![
                     user,
                     dev,
-                    id.algorithm_str(),
-                    id.as_str(),
+                    alg,
+                    pos,
                     seq,
+                    id.as_str(),
                     &json.digest().0[..],
                     json.canonical()
                 ])
+                .ctx(OP)?;
+            added.entry(alg).or_insert((pos, 0)).1 += 1;
+            pos += 1;
+        }
+        let mut queue_add = conn.prepare_cached(SQL_QUEUE_ADD).ctx(OP)?;
+        for (alg, (first, n)) in added {
+            // A new queue starts at its first key; an existing one keeps its
+            // head, which is at or before every stored key and past every
+            // issued one.
+            queue_add
+                .execute(params![user, dev, alg, first, n, 0])
                 .ctx(OP)?;
         }
     }
@@ -191,41 +262,42 @@ pub(crate) fn upload(conn: &Connection, upload: &Upload, limits: &Limits) -> Res
     Ok(UploadOutcome { counts, changes })
 }
 
-/// Takes the next value of the store-wide sequence counter (R3.5). Inside the
-/// write transaction, so it is monotonic across processes.
-fn next_seq(conn: &Connection, op: &'static str) -> Result<i64> {
-    conn.prepare_cached(SQL_NEXT_SEQ)
+/// Takes `seqs` values of the store-wide sequence counter (R3.5) and
+/// `positions` of the position counter; returns the first of each. Inside
+/// the write transaction, so both are monotonic across processes.
+fn reserve(conn: &Connection, seqs: i64, positions: i64, op: &'static str) -> Result<(i64, i64)> {
+    conn.prepare_cached(SQL_RESERVE)
         .ctx(op)?
-        .query_row([], |r| r.get(0))
+        .query_row(params![seqs, positions], |r| Ok((r.get(0)?, r.get(1)?)))
         .ctx(op)
 }
 
 // ---------------------------------------------------------------------------
 // Claim
 
-const SQL_OLDEST_OTKS: &str = "SELECT id, key_id, key_json, digest FROM otk \
-     WHERE user_id = ?1 AND device_id = ?2 AND algorithm = ?3 ORDER BY seq, key_id LIMIT ?4";
-const SQL_DELETE_OTK: &str = "DELETE FROM otk WHERE id = ?1";
-const SQL_MAX_ISSUED: &str = "SELECT coalesce(max(n), 0) FROM issued_key \
+const SQL_HEAD_KEYS: &str = "SELECT pos, key_id, key_json, digest FROM one_time_key \
+     WHERE user_id = ?1 AND device_id = ?2 AND algorithm = ?3 AND pos >= ?4 ORDER BY pos LIMIT ?5";
+const SQL_QUEUE_SET: &str = "UPDATE otk_queue SET head = ?4, stored = ?5, issued = ?6 \
      WHERE user_id = ?1 AND device_id = ?2 AND algorithm = ?3";
-const SQL_INSERT_ISSUED: &str = "INSERT OR IGNORE INTO issued_key \
-     (user_id, device_id, algorithm, n, key_id, digest) VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
-const SQL_PRUNE_ISSUED: &str = "DELETE FROM issued_key \
-     WHERE user_id = ?1 AND device_id = ?2 AND algorithm = ?3 AND n <= ?4";
-const SQL_GET_FALLBACK: &str = "SELECT key_id, key_json, used FROM fallback_key \
+const SQL_PRUNE_NEWEST_DROPPED: &str = "SELECT pos FROM one_time_key \
+     WHERE user_id = ?1 AND device_id = ?2 AND algorithm = ?3 AND pos < ?4 \
+     ORDER BY pos DESC LIMIT 1 OFFSET ?5";
+const SQL_PRUNE: &str = "DELETE FROM one_time_key \
+     WHERE user_id = ?1 AND device_id = ?2 AND algorithm = ?3 AND pos <= ?4";
+const SQL_GET_FALLBACK: &str = "SELECT key_id, key_json, digest, used FROM fallback_key \
      WHERE user_id = ?1 AND device_id = ?2 AND algorithm = ?3";
 const SQL_USE_FALLBACK: &str = "UPDATE fallback_key SET used = 1 \
      WHERE user_id = ?1 AND device_id = ?2 AND algorithm = ?3";
 
 /// One key taken by a claim, as stored. Turned into a [`ClaimedKey`] by
-/// [`RawClaim::into_outcome`], off the writer thread: parsing and checking
-/// the key JSON is a good part of a claim's work, and the writer is the one
+/// [`RawClaim::into_outcome`], off the writer thread: the writer is the one
 /// thread every write of the store goes through.
 #[derive(Debug)]
 pub(crate) struct RawKey {
     target: usize,
     key_id: String,
     key_json: String,
+    digest: Vec<u8>,
     fallback: bool,
 }
 
@@ -237,10 +309,12 @@ pub(crate) struct RawClaim {
 }
 
 impl RawClaim {
-    /// The claim's answer, given the targets it was run with.
+    /// The claim's answer, given the targets it was run with. The key JSON
+    /// is the canonical text and digest this store wrote at upload, taken
+    /// as they are ([`KeyJson::from_stored`]).
     ///
     /// # Errors
-    /// [`Error::Corrupt`] when a stored key ID or key JSON is invalid (the
+    /// [`Error::Corrupt`] when a stored key ID or digest is invalid (the
     /// claim has been committed: such a key was unusable anyway).
     pub(crate) fn into_outcome(self, targets: &[ClaimTarget]) -> Result<ClaimOutcome> {
         let device = |i: usize| {
@@ -254,7 +328,7 @@ impl RawClaim {
             keys.push(ClaimedKey {
                 device: device(raw.target)?,
                 key_id: parse_key_id(raw.key_id)?,
-                key_json: parse_key_json(&raw.key_json)?,
+                key_json: KeyJson::from_stored(raw.key_json, parse_digest(&raw.digest)?),
                 fallback: raw.fallback,
             });
         }
@@ -277,9 +351,9 @@ impl RawClaim {
 }
 
 /// Claims keys for every target, in order, inside the caller's write
-/// transaction (section 4): the oldest OTKs first, removed as they are
-/// returned and remembered as issued (by their stored digest); else the
-/// fallback key, marked used.
+/// transaction (section 4): the oldest OTKs first, by moving the queue's
+/// head past them (which leaves them behind as remembered issued keys,
+/// R3.4); else the fallback key, marked used.
 pub(crate) fn claim(
     conn: &Connection,
     targets: &[ClaimTarget],
@@ -288,11 +362,8 @@ pub(crate) fn claim(
     const OP: &str = "claim";
     let keep = sql_int(limits.remembered_issued_keys);
     let mut out = RawClaim::default();
-    let mut oldest = conn.prepare_cached(SQL_OLDEST_OTKS).ctx(OP)?;
-    let mut delete = conn.prepare_cached(SQL_DELETE_OTK).ctx(OP)?;
-    let mut max_issued = conn.prepare_cached(SQL_MAX_ISSUED).ctx(OP)?;
-    let mut insert_issued = conn.prepare_cached(SQL_INSERT_ISSUED).ctx(OP)?;
-    let mut prune = conn.prepare_cached(SQL_PRUNE_ISSUED).ctx(OP)?;
+    let mut oldest = conn.prepare_cached(SQL_HEAD_KEYS).ctx(OP)?;
+    let mut set_queue = conn.prepare_cached(SQL_QUEUE_SET).ctx(OP)?;
     let mut get_fallback = conn.prepare_cached(SQL_GET_FALLBACK).ctx(OP)?;
     let mut use_fallback = conn.prepare_cached(SQL_USE_FALLBACK).ctx(OP)?;
 
@@ -307,45 +378,50 @@ pub(crate) fn claim(
             device.device_id.as_str(),
             target.algorithm.as_str(),
         );
-        // The oldest keys in claim order (R4.2), then removed by row ID; the
-        // writer holds the write lock, so nobody else can take them between.
-        let taken: Vec<(i64, String, String, Vec<u8>)> = oldest
-            .query_map(params![user, dev, alg, i64::from(count)], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-            })
-            .ctx(OP)?
-            .collect::<rusqlite::Result<_>>()
-            .ctx(OP)?;
-        if !taken.is_empty() {
-            let mut n: i64 = max_issued
-                .query_row(params![user, dev, alg], |r| r.get(0))
+        if let Some(mut q) = queue(conn, user, dev, alg, OP)?.filter(|q| q.stored > 0) {
+            // The oldest keys in claim order (R4.2); the writer holds the
+            // write lock, so nobody else can take them in between.
+            let rows = oldest
+                .query_map(params![user, dev, alg, q.head, i64::from(count)], |r| {
+                    Ok((r.get::<_, i64>(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                })
                 .ctx(OP)?;
-            for (id, key_id, key_json, digest) in taken {
-                delete.execute([id]).ctx(OP)?;
-                let inserted = insert_issued
-                    .execute(params![user, dev, alg, n + 1, key_id, digest])
-                    .ctx(OP)?;
-                n += i64::try_from(inserted).unwrap_or(0);
+            let mut taken = 0;
+            for row in rows {
+                let (pos, key_id, key_json, digest) = row.ctx(OP)?;
+                q.head = pos.saturating_add(1);
+                taken += 1;
                 out.keys.push(RawKey {
                     target: index,
                     key_id,
                     key_json,
+                    digest,
                     fallback: false,
                 });
             }
-            if n > keep {
-                prune.execute(params![user, dev, alg, n - keep]).ctx(OP)?;
+            if taken > 0 {
+                q.stored = (q.stored - taken).max(0);
+                q.issued = q.issued.saturating_add(taken);
+                if q.issued > keep.saturating_add(PRUNE_SLACK) {
+                    q.issued -= prune_issued(conn, (user, dev, alg), q.head, keep)?;
+                }
+                set_queue
+                    .execute(params![user, dev, alg, q.head, q.stored, q.issued])
+                    .ctx(OP)?;
+                out.changed.push(index);
+                continue;
             }
-            out.changed.push(index);
-            continue;
+            // The counter said keys were stored but none is: fall through
+            // to the fallback key rather than answer nothing.
+            tracing::warn!(%device, "keyclaim-sqlite: queue count without keys");
         }
-        let fallback: Option<(String, String, bool)> = get_fallback
+        let fallback: Option<(String, String, Vec<u8>, bool)> = get_fallback
             .query_row(params![user, dev, alg], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
             })
             .optional()
             .ctx(OP)?;
-        if let Some((key_id, key_json, used)) = fallback {
+        if let Some((key_id, key_json, digest, used)) = fallback {
             if !used {
                 use_fallback.execute(params![user, dev, alg]).ctx(OP)?;
                 out.changed.push(index);
@@ -354,6 +430,7 @@ pub(crate) fn claim(
                 target: index,
                 key_id,
                 key_json,
+                digest,
                 fallback: true,
             });
         }
@@ -361,33 +438,61 @@ pub(crate) fn claim(
     Ok(out)
 }
 
+/// Forgets all but the newest `keep` remembered issued keys (those below
+/// `head`) of one (device, algorithm); returns how many it forgot.
+fn prune_issued(
+    conn: &Connection,
+    (user, dev, alg): (&str, &str, &str),
+    head: i64,
+    keep: i64,
+) -> Result<i64> {
+    const OP: &str = "claim";
+    let newest_dropped: Option<i64> = conn
+        .prepare_cached(SQL_PRUNE_NEWEST_DROPPED)
+        .ctx(OP)?
+        .query_row(params![user, dev, alg, head, keep], |r| r.get(0))
+        .optional()
+        .ctx(OP)?;
+    let Some(newest_dropped) = newest_dropped else {
+        return Ok(0);
+    };
+    let removed = conn
+        .prepare_cached(SQL_PRUNE)
+        .ctx(OP)?
+        .execute(params![user, dev, alg, newest_dropped])
+        .ctx(OP)?;
+    Ok(sql_int(removed))
+}
+
 // ---------------------------------------------------------------------------
 // Deletion and import
 
-const SQL_DELETE_DEVICE_OTKS: &str = "DELETE FROM otk WHERE user_id = ?1 AND device_id = ?2";
+const SQL_DELETE_DEVICE_KEYS: &str =
+    "DELETE FROM one_time_key WHERE user_id = ?1 AND device_id = ?2";
 const SQL_DELETE_DEVICE_FALLBACKS: &str =
     "DELETE FROM fallback_key WHERE user_id = ?1 AND device_id = ?2";
-const SQL_DELETE_DEVICE_ISSUED: &str =
-    "DELETE FROM issued_key WHERE user_id = ?1 AND device_id = ?2";
-const SQL_USER_DEVICES: &str = "SELECT device_id FROM otk WHERE user_id = ?1 \
-     UNION SELECT device_id FROM fallback_key WHERE user_id = ?1 \
-     UNION SELECT device_id FROM issued_key WHERE user_id = ?1";
-const SQL_DELETE_USER_OTKS: &str = "DELETE FROM otk WHERE user_id = ?1";
+const SQL_DELETE_DEVICE_QUEUES: &str =
+    "DELETE FROM otk_queue WHERE user_id = ?1 AND device_id = ?2";
+const SQL_USER_DEVICES: &str = "SELECT device_id FROM otk_queue \
+     WHERE user_id = ?1 AND (stored > 0 OR issued > 0) \
+     UNION SELECT device_id FROM fallback_key WHERE user_id = ?1";
+const SQL_DELETE_USER_KEYS: &str = "DELETE FROM one_time_key WHERE user_id = ?1";
 const SQL_DELETE_USER_FALLBACKS: &str = "DELETE FROM fallback_key WHERE user_id = ?1";
-const SQL_DELETE_USER_ISSUED: &str = "DELETE FROM issued_key WHERE user_id = ?1";
+const SQL_DELETE_USER_QUEUES: &str = "DELETE FROM otk_queue WHERE user_id = ?1";
 const SQL_RAISE_SEQ: &str = "UPDATE store_meta SET next_seq = max(next_seq, ?1) WHERE id = 1";
 
-/// Removes everything of one device; returns the number of rows removed.
+/// Removes everything of one device; returns the number of keys (stored,
+/// remembered and fallback) removed.
 fn clear_device(conn: &Connection, device: &Device, op: &'static str) -> Result<usize> {
     let p = params![device.user_id.as_str(), device.device_id.as_str()];
     let mut removed = 0;
-    for sql in [
-        SQL_DELETE_DEVICE_OTKS,
-        SQL_DELETE_DEVICE_FALLBACKS,
-        SQL_DELETE_DEVICE_ISSUED,
-    ] {
+    for sql in [SQL_DELETE_DEVICE_KEYS, SQL_DELETE_DEVICE_FALLBACKS] {
         removed += conn.prepare_cached(sql).ctx(op)?.execute(p).ctx(op)?;
     }
+    conn.prepare_cached(SQL_DELETE_DEVICE_QUEUES)
+        .ctx(op)?
+        .execute(p)
+        .ctx(op)?;
     Ok(removed)
 }
 
@@ -412,9 +517,9 @@ pub(crate) fn delete_user(conn: &Connection, user: &UserId) -> Result<Changes> {
         .collect::<rusqlite::Result<_>>()
         .ctx(OP)?;
     for sql in [
-        SQL_DELETE_USER_OTKS,
+        SQL_DELETE_USER_KEYS,
         SQL_DELETE_USER_FALLBACKS,
-        SQL_DELETE_USER_ISSUED,
+        SQL_DELETE_USER_QUEUES,
     ] {
         conn.prepare_cached(sql)
             .ctx(OP)?
@@ -432,6 +537,13 @@ pub(crate) fn delete_user(conn: &Connection, user: &UserId) -> Result<Changes> {
     Ok(Changes::from_devices(devices))
 }
 
+/// One algorithm's part of an imported snapshot.
+#[derive(Default)]
+struct ImportQueue<'a> {
+    issued: Vec<&'a IssuedKey>,
+    stored: Vec<(i64, &'a StoredOtk)>,
+}
+
 /// Replaces a device's whole state with a snapshot. OTKs keep their relative
 /// order; the store's sequence counter is raised past them so that later
 /// uploads sort after every imported key.
@@ -447,44 +559,90 @@ pub(crate) fn import_device(conn: &Connection, snapshot: &DeviceSnapshot) -> Res
         .one_time_keys
         .iter()
         .all(|k| i64::try_from(k.seq).is_ok_and(|s| s < i64::MAX - 1));
-    let mut otks: Vec<(i64, &StoredOtk)> = Vec::with_capacity(snapshot.one_time_keys.len());
-    if fits {
-        otks.extend(
-            snapshot
-                .one_time_keys
-                .iter()
-                .map(|k| (i64::try_from(k.seq).unwrap_or(0), k)),
-        );
-    } else {
-        let mut sorted: Vec<&StoredOtk> = snapshot.one_time_keys.iter().collect();
-        sorted.sort_by(|a, b| (a.seq, &a.key_id).cmp(&(b.seq, &b.key_id)));
-        let mut seq = next_seq(conn, OP)?;
-        let mut last = None;
-        for (i, k) in sorted.into_iter().enumerate() {
-            if i > 0 && last != Some(k.seq) {
-                seq = next_seq(conn, OP)?;
-            }
-            last = Some(k.seq);
-            otks.push((seq, k));
-        }
-    }
-    let mut insert = conn.prepare_cached(SQL_INSERT_OTK).ctx(OP)?;
+    let mut sorted: Vec<&StoredOtk> = snapshot.one_time_keys.iter().collect();
+    sorted.sort_by(|a, b| (a.seq, &a.key_id).cmp(&(b.seq, &b.key_id)));
+    let mut queues: BTreeMap<Algorithm, ImportQueue<'_>> = BTreeMap::new();
     let mut max_seq = 0;
-    for (seq, k) in &otks {
-        max_seq = max_seq.max(*seq);
-        insert
+    let mut renumbered: Option<(u64, i64)> = None;
+    for k in sorted {
+        let seq = if fits {
+            i64::try_from(k.seq).unwrap_or(0)
+        } else {
+            match renumbered {
+                Some((last, seq)) if last == k.seq => seq,
+                _ => {
+                    let (seq, _) = reserve(conn, 1, 0, OP)?;
+                    renumbered = Some((k.seq, seq));
+                    seq
+                }
+            }
+        };
+        max_seq = max_seq.max(seq);
+        queues
+            .entry(k.key_id.algorithm())
+            .or_default()
+            .stored
+            .push((seq, k));
+    }
+    for (alg, keys) in &snapshot.issued {
+        let mut seen = HashSet::new();
+        let q = queues.entry(alg.clone()).or_default();
+        q.issued
+            .extend(keys.iter().filter(|k| seen.insert((&k.key_id, k.digest))));
+    }
+    let total: usize = queues
+        .values()
+        .map(|q| q.issued.len() + q.stored.len())
+        .sum();
+    let (_, mut pos) = reserve(conn, 0, sql_int(total), OP)?;
+    let mut insert = conn.prepare_cached(SQL_INSERT_KEY).ctx(OP)?;
+    let mut queue_add = conn.prepare_cached(SQL_QUEUE_ADD).ctx(OP)?;
+    for (alg, q) in &queues {
+        let alg = alg.as_str();
+        for key in &q.issued {
+            // A remembered key needs its ID and digest only.
+            insert
+                .execute(params![
+                    user,
+                    dev,
+                    alg,
+                    pos,
+                    0,
+                    key.key_id.as_str(),
+                    &key.digest.0[..],
+                    ""
+                ])
+                .ctx(OP)?;
+            pos += 1;
+        }
+        let head = pos;
+        for (seq, k) in &q.stored {
+            insert
+                .execute(params![
+                    user,
+                    dev,
+                    alg,
+                    pos,
+                    seq,
+                    k.key_id.as_str(),
+                    &k.key_json.digest().0[..],
+                    k.key_json.canonical()
+                ])
+                .ctx(OP)?;
+            pos += 1;
+        }
+        queue_add
             .execute(params![
                 user,
                 dev,
-                k.key_id.algorithm_str(),
-                k.key_id.as_str(),
-                seq,
-                &k.key_json.digest().0[..],
-                k.key_json.canonical()
+                alg,
+                head,
+                sql_int(q.stored.len()),
+                sql_int(q.issued.len())
             ])
             .ctx(OP)?;
     }
-    if !otks.is_empty() {
+    if !snapshot.one_time_keys.is_empty() {
         conn.prepare_cached(SQL_RAISE_SEQ)
             .ctx(OP)?
             .execute([max_seq.saturating_add(1)])
@@ -504,35 +662,18 @@ pub(crate) fn import_device(conn: &Connection, snapshot: &DeviceSnapshot) -> Res
             ])
             .ctx(OP)?;
     }
-    let mut insert_issued = conn.prepare_cached(SQL_INSERT_ISSUED).ctx(OP)?;
-    for (alg, keys) in &snapshot.issued {
-        let mut n = 0i64;
-        for key in keys {
-            let inserted = insert_issued
-                .execute(params![
-                    user,
-                    dev,
-                    alg.as_str(),
-                    n + 1,
-                    key.key_id.as_str(),
-                    &key.digest.0[..]
-                ])
-                .ctx(OP)?;
-            n += i64::try_from(inserted).unwrap_or(0);
-        }
-    }
     Ok(Changes::from_devices([device.clone()]))
 }
 
 // ---------------------------------------------------------------------------
 // Reads
 
-const SQL_COUNTS: &str = "SELECT algorithm, count(*) FROM otk \
-     WHERE user_id = ?1 AND device_id = ?2 GROUP BY algorithm";
+const SQL_COUNTS: &str = "SELECT algorithm, stored FROM otk_queue \
+     WHERE user_id = ?1 AND device_id = ?2 AND stored > 0";
 const SQL_UNUSED_FALLBACKS: &str = "SELECT algorithm FROM fallback_key \
      WHERE user_id = ?1 AND device_id = ?2 AND used = 0 ORDER BY algorithm";
 
-/// The device's OTK counts (R6.1), from the `otk_claim_order` index alone.
+/// The device's OTK counts (R6.1), from its `otk_queue` rows alone.
 pub(crate) fn otk_counts(conn: &Connection, device: &Device) -> Result<OtkCounts> {
     const OP: &str = "otk_counts";
     let mut stmt = conn.prepare_cached(SQL_COUNTS).ctx(OP)?;
@@ -545,9 +686,7 @@ pub(crate) fn otk_counts(conn: &Connection, device: &Device) -> Result<OtkCounts
     let mut counts = BTreeMap::new();
     for row in rows {
         let (alg, n) = row.ctx(OP)?;
-        if n > 0 {
-            counts.insert(parse_algorithm(alg)?, count_u64(n));
-        }
+        counts.insert(parse_algorithm(alg)?, count_u64(n));
     }
     Ok(OtkCounts(counts))
 }
@@ -581,20 +720,19 @@ pub(crate) fn sync_state(conn: &Connection, device: &Device) -> Result<SyncState
     Ok(state)
 }
 
-const SQL_DEVICES_AFTER: [&str; 3] = [
-    "SELECT DISTINCT user_id, device_id FROM otk \
-     WHERE (user_id, device_id) > (?1, ?2) ORDER BY user_id, device_id LIMIT ?3",
+const SQL_DEVICES_AFTER: [&str; 2] = [
+    "SELECT DISTINCT user_id, device_id FROM otk_queue \
+     WHERE (user_id, device_id) > (?1, ?2) AND (stored > 0 OR issued > 0) \
+     ORDER BY user_id, device_id LIMIT ?3",
     "SELECT DISTINCT user_id, device_id FROM fallback_key \
      WHERE (user_id, device_id) > (?1, ?2) ORDER BY user_id, device_id LIMIT ?3",
-    "SELECT DISTINCT user_id, device_id FROM issued_key \
-     WHERE (user_id, device_id) > (?1, ?2) ORDER BY user_id, device_id LIMIT ?3",
 ];
-const SQL_EXPORT_OTKS: &str = "SELECT key_id, key_json, seq FROM otk \
-     WHERE user_id = ?1 AND device_id = ?2 ORDER BY seq, key_id";
+const SQL_EXPORT_HEADS: &str =
+    "SELECT algorithm, head FROM otk_queue WHERE user_id = ?1 AND device_id = ?2";
+const SQL_EXPORT_KEYS: &str = "SELECT algorithm, pos, seq, key_id, digest, key_json \
+     FROM one_time_key WHERE user_id = ?1 AND device_id = ?2 ORDER BY algorithm, pos";
 const SQL_EXPORT_FALLBACKS: &str = "SELECT algorithm, key_id, key_json, used FROM fallback_key \
      WHERE user_id = ?1 AND device_id = ?2 ORDER BY algorithm";
-const SQL_EXPORT_ISSUED: &str = "SELECT algorithm, key_id, digest FROM issued_key \
-     WHERE user_id = ?1 AND device_id = ?2 ORDER BY algorithm, n";
 
 /// Up to `limit` device snapshots after `after`, in (user ID, device ID)
 /// byte order, all read in one read transaction.
@@ -638,25 +776,52 @@ fn snapshot(conn: &Connection, device: Device) -> Result<DeviceSnapshot> {
     let p = params![device.user_id.as_str(), device.device_id.as_str()];
     let mut snap = DeviceSnapshot::empty(device.clone());
 
-    let mut stmt = conn.prepare_cached(SQL_EXPORT_OTKS).ctx(OP)?;
+    let heads: HashMap<String, i64> = conn
+        .prepare_cached(SQL_EXPORT_HEADS)
+        .ctx(OP)?
+        .query_map(p, |r| Ok((r.get(0)?, r.get(1)?)))
+        .ctx(OP)?
+        .collect::<rusqlite::Result<_>>()
+        .ctx(OP)?;
+    let mut stmt = conn.prepare_cached(SQL_EXPORT_KEYS).ctx(OP)?;
     let rows = stmt
         .query_map(p, |r| {
             Ok((
                 r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
+                r.get::<_, i64>(1)?,
                 r.get::<_, i64>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, Vec<u8>>(4)?,
+                r.get::<_, String>(5)?,
             ))
         })
         .ctx(OP)?;
     for row in rows {
-        let (key_id, json, seq) = row.ctx(OP)?;
-        snap.one_time_keys.push(StoredOtk {
-            key_id: parse_key_id(key_id)?,
-            key_json: parse_key_json(&json)?,
-            seq: count_u64(seq),
-        });
+        let (alg, pos, seq, key_id, digest, json) = row.ctx(OP)?;
+        let head = heads
+            .get(&alg)
+            .copied()
+            .ok_or_else(|| Error::corrupt("a stored key has no queue row"))?;
+        if pos >= head {
+            snap.one_time_keys.push(StoredOtk {
+                key_id: parse_key_id(key_id)?,
+                key_json: parse_key_json(&json)?,
+                seq: count_u64(seq),
+            });
+        } else {
+            // Rows come in position order: issue order (R3.4).
+            snap.issued
+                .entry(parse_algorithm(alg)?)
+                .or_default()
+                .push(IssuedKey {
+                    key_id: parse_key_id(key_id)?,
+                    digest: parse_digest(&digest)?,
+                });
+        }
     }
-    // SQL sorted by (seq, key_id) already; BINARY collation is byte order.
+    // Upload order across algorithms; key ID bytes break ties (R4.2).
+    snap.one_time_keys
+        .sort_by(|a, b| (a.seq, &a.key_id).cmp(&(b.seq, &b.key_id)));
 
     let mut stmt = conn.prepare_cached(SQL_EXPORT_FALLBACKS).ctx(OP)?;
     let rows = stmt
@@ -680,26 +845,90 @@ fn snapshot(conn: &Connection, device: Device) -> Result<DeviceSnapshot> {
             },
         );
     }
-
-    let mut stmt = conn.prepare_cached(SQL_EXPORT_ISSUED).ctx(OP)?;
-    let rows = stmt
-        .query_map(p, |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, Vec<u8>>(2)?,
-            ))
-        })
-        .ctx(OP)?;
-    for row in rows {
-        let (alg, key_id, digest) = row.ctx(OP)?;
-        snap.issued
-            .entry(parse_algorithm(alg)?)
-            .or_default()
-            .push(IssuedKey {
-                key_id: parse_key_id(key_id)?,
-                digest: parse_digest(&digest)?,
-            });
-    }
     Ok(snap)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use crate::SqliteOptions;
+    use crate::schema::{self, Role};
+
+    fn json(k: &str) -> KeyJson {
+        KeyJson::from_value(&serde_json::json!({"key": k, "signatures": {}})).unwrap()
+    }
+
+    fn id(n: usize) -> KeyId {
+        KeyId::parse(format!("alg:{n:04}")).unwrap()
+    }
+
+    /// Remembered issued keys are pruned in chunks, the oldest first, and
+    /// never below `remembered_issued_keys` (R3.4 asks for at least that
+    /// many).
+    #[test]
+    fn remembered_keys_are_pruned_oldest_first_and_never_below_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = SqliteOptions::default();
+        let conn =
+            schema::open_connection(&dir.path().join("db.sqlite"), &options, Role::Writer).unwrap();
+        schema::migrate(&conn, options.busy_timeout).unwrap();
+        let mut limits = Limits::default();
+        limits.remembered_issued_keys = 3;
+        let device = Device::parse("@alice:example.org", "D").unwrap();
+        let total = 3 + usize::try_from(PRUNE_SLACK).unwrap() + 5;
+        let up = Upload::from_keys(
+            device.clone(),
+            (0..total).map(|n| (id(n), json(&n.to_string()))),
+            [],
+        )
+        .unwrap();
+        let mut big = limits.clone();
+        big.max_otks_per_device_algorithm = 10_000;
+        upload(&conn, &up, &big).unwrap();
+        let target = ClaimTarget::one(device.clone(), "alg".parse().unwrap());
+        let remembered = |conn: &Connection| -> Vec<String> {
+            export_devices(conn, None, 1).unwrap()[0]
+                .issued
+                .values()
+                .flatten()
+                .map(|k| k.key_id.as_str().to_owned())
+                .collect()
+        };
+        for n in 0..total {
+            let raw = claim(&conn, std::slice::from_ref(&target), &limits).unwrap();
+            let out = raw.into_outcome(std::slice::from_ref(&target)).unwrap();
+            assert_eq!(out.keys[0].key_id, id(n), "claim order");
+            let kept = remembered(&conn);
+            assert!(kept.len() >= (n + 1).min(3), "{n}: {kept:?}");
+            assert!(
+                kept.len() <= 3 + usize::try_from(PRUNE_SLACK).unwrap(),
+                "{n}"
+            );
+            assert_eq!(kept.last().map(String::as_str), Some(id(n).as_str()));
+        }
+        // The pruning happened once, after 3 + slack + 1 claims, leaving the
+        // newest three; four claims later, seven are remembered.
+        let kept = remembered(&conn);
+        let expected: Vec<String> = (total - 7..total)
+            .map(|n| id(n).as_str().to_owned())
+            .collect();
+        assert_eq!(kept, expected);
+        // A pruned key may be uploaded again (it is forgotten); a remembered
+        // one is not stored.
+        let again = Upload::from_keys(
+            device.clone(),
+            [
+                (id(0), json("0")),
+                (id(total - 1), json(&(total - 1).to_string())),
+            ],
+            [],
+        )
+        .unwrap();
+        let outcome = upload(&conn, &again, &big).unwrap();
+        assert_eq!(outcome.counts.total(), 1);
+        let raw = claim(&conn, std::slice::from_ref(&target), &limits).unwrap();
+        let out = raw.into_outcome(std::slice::from_ref(&target)).unwrap();
+        assert_eq!(out.keys[0].key_id, id(0));
+    }
 }

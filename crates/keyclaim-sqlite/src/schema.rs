@@ -1,22 +1,34 @@
 //! The file's layout, its migrations (`PRAGMA user_version`), and how a
 //! connection is opened and tuned.
 //!
-//! # Tables
+//! # Tables (schema version 2)
 //!
-//! - `otk`: one row per stored one-time key, with its upload sequence number
-//!   (R3.5). The index `otk_claim_order` on (user, device, algorithm, seq,
-//!   key ID) is the claim order (R4.2) and also answers the per-device counts
-//!   without touching the table (R6.4); `otk_key_id` finds a stored key by ID
-//!   for the retry and conflict checks (R3.2).
+//! - `one_time_key`: one row per one-time key of a (device, algorithm), in
+//!   claim order by `pos`, a store-wide position counter taken in (upload
+//!   sequence, key ID) order (R3.5, R4.2). The key at the queue's head and
+//!   every later one is stored; the keys before the head were issued and are
+//!   the remembered issued keys (R3.4). The table is clustered by (user,
+//!   device, algorithm, pos) (`WITHOUT ROWID`), so a claim's read is one
+//!   B-tree seek. `one_time_key_id` on (user, device, key ID, digest) finds
+//!   the rows of a key ID for the retry, conflict and remembered-key checks
+//!   (R3.2, R3.4).
+//! - `otk_queue`: one small row per (device, algorithm): `head` (the position
+//!   of the oldest stored key), `stored` (how many keys are stored) and
+//!   `issued` (how many remembered keys lie before the head). A claim rewrites
+//!   this row only, one page of the file, instead of deleting a key from a
+//!   table and two indexes and inserting it into two more; counts are read
+//!   from it alone (R6.4).
 //! - `fallback_key`: at most one row per (device, algorithm), with its `used`
 //!   flag (R4.4, R5.1); `fallback_unused` answers the unused fallback types
 //!   from the index alone (R6.3, R6.4).
-//! - `issued_key`: the remembered issued OTKs (R3.4), numbered per (device,
-//!   algorithm) in issue order `n` so that pruning to the newest
-//!   [`Limits::remembered_issued_keys`](keyclaim::Limits) is one range delete.
-//! - `store_meta`: the store-wide upload sequence counter. It lives in the
-//!   file, is read and incremented inside the write transaction, and so stays
-//!   monotonic across processes and restarts (R3.5: never a wall clock).
+//! - `store_meta`: the store-wide upload sequence and position counters. They
+//!   live in the file, are read and incremented inside the write transaction,
+//!   and so stay monotonic across processes and restarts (R3.5: never a wall
+//!   clock).
+//!
+//! Version 1 kept stored keys in `otk` (deleted on claim) and the remembered
+//! issued keys in `issued_key`; migration 2 moves both into the version 2
+//! tables, issued keys before the stored ones of their queue.
 //!
 //! Every text column uses SQLite's `BINARY` collation (memcmp of the UTF-8
 //! bytes), which is the byte order the contract asks for (R2.7).
@@ -33,7 +45,7 @@ use crate::{SqliteOptions, Synchronous};
 
 /// The newest schema version this build knows. A file with a higher
 /// `PRAGMA user_version` is refused with [`Error::UnsupportedVersion`].
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// `PRAGMA application_id` of a keyclaim file ("kclm"), so that a file of
 /// another application is not taken for an empty store.
@@ -88,6 +100,61 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (user_id, device_id, algorithm, n)
     ) WITHOUT ROWID;
     CREATE UNIQUE INDEX issued_key_id ON issued_key (user_id, device_id, algorithm, key_id, digest);
+    ",
+    // Version 2: keys stay in one table after a claim; a per-(device,
+    // algorithm) queue row says which are stored and which were issued.
+    "
+    CREATE TABLE one_time_key (
+        user_id   TEXT    NOT NULL COLLATE BINARY,
+        device_id TEXT    NOT NULL COLLATE BINARY,
+        algorithm TEXT    NOT NULL COLLATE BINARY,
+        pos       INTEGER NOT NULL,
+        seq       INTEGER NOT NULL,
+        key_id    TEXT    NOT NULL COLLATE BINARY,
+        digest    BLOB    NOT NULL,
+        key_json  TEXT    NOT NULL,
+        PRIMARY KEY (user_id, device_id, algorithm, pos)
+    ) WITHOUT ROWID;
+    CREATE INDEX one_time_key_id ON one_time_key (user_id, device_id, key_id, digest);
+
+    CREATE TABLE otk_queue (
+        user_id   TEXT    NOT NULL COLLATE BINARY,
+        device_id TEXT    NOT NULL COLLATE BINARY,
+        algorithm TEXT    NOT NULL COLLATE BINARY,
+        head      INTEGER NOT NULL,
+        stored    INTEGER NOT NULL,
+        issued    INTEGER NOT NULL,
+        PRIMARY KEY (user_id, device_id, algorithm)
+    ) WITHOUT ROWID;
+
+    ALTER TABLE store_meta ADD COLUMN next_pos INTEGER NOT NULL DEFAULT 1;
+
+    -- Remembered issued keys (kind 0, in issue order) before the stored ones
+    -- (kind 1, in claim order) of each queue.
+    CREATE TEMP TABLE v1_keys AS
+    SELECT user_id, device_id, algorithm, kind, seq, key_id, digest, key_json,
+           ROW_NUMBER() OVER (
+               ORDER BY user_id, device_id, algorithm, kind, ord, key_id
+           ) AS pos
+    FROM (
+        SELECT user_id, device_id, algorithm, 0 AS kind, n AS ord, 0 AS seq,
+               key_id, digest, '' AS key_json
+        FROM issued_key
+        UNION ALL
+        SELECT user_id, device_id, algorithm, 1, seq, seq, key_id, digest, key_json
+        FROM otk
+    );
+    INSERT INTO one_time_key (user_id, device_id, algorithm, pos, seq, key_id, digest, key_json)
+    SELECT user_id, device_id, algorithm, pos, seq, key_id, digest, key_json FROM v1_keys;
+    INSERT INTO otk_queue (user_id, device_id, algorithm, head, stored, issued)
+    SELECT user_id, device_id, algorithm,
+           coalesce(min(CASE WHEN kind = 1 THEN pos END), max(pos) + 1),
+           sum(kind = 1), sum(kind = 0)
+    FROM v1_keys GROUP BY user_id, device_id, algorithm;
+    UPDATE store_meta SET next_pos = (SELECT coalesce(max(pos), 0) + 1 FROM v1_keys);
+    DROP TABLE v1_keys;
+    DROP TABLE otk;
+    DROP TABLE issued_key;
     ",
 ];
 
@@ -234,5 +301,129 @@ fn set_wal(conn: &Connection, busy_timeout: Duration) -> Result<()> {
             }
             Err(e) => return Err(crate::ops::sql_error("open", e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use keyclaim::{ClaimTarget, Device, KeyId, KeyJson, Limits, Upload};
+    use rusqlite::params;
+
+    use crate::ops;
+
+    fn json(k: &str) -> KeyJson {
+        KeyJson::from_value(&serde_json::json!({"key": k, "signatures": {}})).unwrap()
+    }
+
+    fn device(d: &str) -> Device {
+        Device::parse("@alice:example.org", d).unwrap()
+    }
+
+    /// A version 1 file with stored and remembered keys keeps every rule's
+    /// state through migration 2: counts, claim order, remembered keys,
+    /// fallback keys, and the counters.
+    #[test]
+    fn version_1_files_are_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v1.sqlite");
+        let options = SqliteOptions::default();
+        let conn = open_connection(&path, &options, Role::Writer).unwrap();
+        conn.execute_batch(MIGRATIONS[0]).unwrap();
+        conn.pragma_update(None, "user_version", 1).unwrap();
+        conn.pragma_update(None, "application_id", APPLICATION_ID)
+            .unwrap();
+        conn.execute("UPDATE store_meta SET next_seq = 10", [])
+            .unwrap();
+        let alg = "signed_curve25519";
+        let otk =
+            |d: &str, id: &str, seq: i64| {
+                let j = json(id);
+                conn.execute(
+                "INSERT INTO otk (user_id, device_id, algorithm, key_id, seq, digest, key_json) \
+                 VALUES ('@alice:example.org', ?1, ?2, ?3, ?4, ?5, ?6)",
+                params![d, alg, format!("{alg}:{id}"), seq, &j.digest().0[..], j.canonical()],
+            )
+            .unwrap();
+            };
+        let issued = |d: &str, id: &str, n: i64| {
+            conn.execute(
+                "INSERT INTO issued_key (user_id, device_id, algorithm, n, key_id, digest) \
+                 VALUES ('@alice:example.org', ?1, ?2, ?3, ?4, ?5)",
+                params![d, alg, n, format!("{alg}:{id}"), &json(id).digest().0[..]],
+            )
+            .unwrap();
+        };
+        otk("A", "k3", 5);
+        otk("A", "k1", 7);
+        otk("A", "k2", 5);
+        issued("A", "x1", 1);
+        issued("A", "x2", 2);
+        issued("B", "y1", 1);
+        let f = json("fb");
+        conn.execute(
+            "INSERT INTO fallback_key (user_id, device_id, algorithm, key_id, digest, key_json, used) \
+             VALUES ('@alice:example.org', 'C', ?1, ?2, ?3, ?4, 1)",
+            params![alg, format!("{alg}:fb"), &f.digest().0[..], f.canonical()],
+        )
+        .unwrap();
+
+        migrate(&conn, options.busy_timeout).unwrap();
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+
+        let limits = Limits::default();
+        assert_eq!(ops::otk_counts(&conn, &device("A")).unwrap().total(), 3);
+        assert_eq!(ops::otk_counts(&conn, &device("B")).unwrap().total(), 0);
+        let snaps = ops::export_devices(&conn, None, 10).unwrap();
+        let names: Vec<&str> = snaps.iter().map(|s| s.device.device_id.as_str()).collect();
+        assert_eq!(names, ["A", "B", "C"]);
+        let a = &snaps[0];
+        let order: Vec<&str> = a.one_time_keys.iter().map(|k| k.key_id.as_str()).collect();
+        assert_eq!(
+            order,
+            [
+                "signed_curve25519:k2",
+                "signed_curve25519:k3",
+                "signed_curve25519:k1"
+            ]
+        );
+        let remembered: Vec<&str> = a
+            .issued
+            .values()
+            .flatten()
+            .map(|k| k.key_id.as_str())
+            .collect();
+        assert_eq!(remembered, ["signed_curve25519:x1", "signed_curve25519:x2"]);
+        assert!(snaps[2].fallback_keys.values().all(|f| f.used));
+
+        // Claim order survives: (sequence, key ID).
+        let target = ClaimTarget::one(device("A"), alg.parse().unwrap());
+        conn.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let raw = ops::claim(&conn, std::slice::from_ref(&target), &limits).unwrap();
+        let out = raw.into_outcome(&[target]).unwrap();
+        assert_eq!(out.keys[0].key_id.as_str(), "signed_curve25519:k2");
+        assert_eq!(out.keys[0].key_json, json("k2"));
+        // A remembered key is still refused on re-upload (R3.4); a new key
+        // gets a sequence number past the migrated ones.
+        let up = Upload::from_keys(
+            device("A"),
+            [
+                (KeyId::parse("signed_curve25519:x1").unwrap(), json("x1")),
+                (KeyId::parse("signed_curve25519:new").unwrap(), json("new")),
+            ],
+            [],
+        )
+        .unwrap();
+        let outcome = ops::upload(&conn, &up, &limits).unwrap();
+        assert_eq!(outcome.counts.total(), 3, "k3, k1 and new; not x1");
+        conn.execute_batch("COMMIT").unwrap();
+        let snap = ops::export_devices(&conn, None, 1).unwrap().remove(0);
+        let last = snap.one_time_keys.last().unwrap();
+        assert_eq!(last.key_id.as_str(), "signed_curve25519:new");
+        assert_eq!(last.seq, 10);
     }
 }

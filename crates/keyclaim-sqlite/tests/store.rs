@@ -108,8 +108,9 @@ async fn a_busy_file_is_a_retryable_error_never_no_keys() {
     assert_eq!(out.keys.len(), 1);
 }
 
-/// R6.4: counts and unused fallback types are answered from an index alone,
-/// limited to the one device.
+/// R6.4: counts and unused fallback types are answered from a primary key or
+/// an index alone, limited to the one device; a claim's read and an upload's
+/// key ID check are single seeks.
 #[test]
 fn per_device_reads_use_covering_indexes() {
     let dir = tempfile::tempdir().unwrap();
@@ -119,19 +120,43 @@ fn per_device_reads_use_covering_indexes() {
     let conn = rusqlite::Connection::open(&path).unwrap();
     let plan = |sql: &str| -> String {
         let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+        let n = stmt.parameter_count();
+        let params: Vec<&str> = ["@u:x", "D", "alg", "1", "1"][..n].to_vec();
         let rows = stmt
-            .query_map(["@u:x", "D"], |r| r.get::<_, String>(3))
+            .query_map(rusqlite::params_from_iter(params), |r| {
+                r.get::<_, String>(3)
+            })
             .unwrap()
             .collect::<Result<Vec<_>, _>>()
             .unwrap();
         rows.join("; ")
     };
     let counts = plan(
-        "SELECT algorithm, count(*) FROM otk WHERE user_id = ?1 AND device_id = ?2 GROUP BY algorithm",
+        "SELECT algorithm, stored FROM otk_queue WHERE user_id = ?1 AND device_id = ?2 AND stored > 0",
     );
     assert!(
-        counts.contains("USING COVERING INDEX otk_claim_order (user_id=? AND device_id=?)"),
+        counts.contains("SEARCH otk_queue USING PRIMARY KEY (user_id=? AND device_id=?)"),
         "{counts}"
+    );
+    let head = plan(
+        "SELECT pos, key_id, key_json, digest FROM one_time_key \
+         WHERE user_id = ?1 AND device_id = ?2 AND algorithm = ?3 AND pos >= ?4 ORDER BY pos LIMIT ?5",
+    );
+    assert!(
+        head.contains(
+            "SEARCH one_time_key USING PRIMARY KEY (user_id=? AND device_id=? AND algorithm=? AND pos>?)"
+        ),
+        "{head}"
+    );
+    assert!(!head.contains("TEMP B-TREE"), "{head}");
+    let by_id = plan(
+        "SELECT pos, digest FROM one_time_key WHERE user_id = ?1 AND device_id = ?2 AND key_id = ?3",
+    );
+    assert!(
+        by_id.contains(
+            "USING COVERING INDEX one_time_key_id (user_id=? AND device_id=? AND key_id=?)"
+        ),
+        "{by_id}"
     );
     let unused = plan(
         "SELECT algorithm FROM fallback_key WHERE user_id = ?1 AND device_id = ?2 AND used = 0 ORDER BY algorithm",
