@@ -251,9 +251,9 @@ impl SqliteStore {
     async fn write<T, F>(&self, op: &'static str, f: F) -> Result<T>
     where
         T: Send + 'static,
-        F: FnOnce(&rusqlite::Connection, &Limits) -> Result<T> + Send + 'static,
+        F: Fn(&rusqlite::Connection, &Limits) -> Result<T> + Send + 'static,
     {
-        self.writer.submit(op, f).await
+        self.writer.submit(op, writer::Fallible::OnInput, f).await
     }
 }
 
@@ -303,10 +303,15 @@ impl KeyStore for SqliteStore {
         async {
             self.options.limits.check_claim(targets)?;
             let owned = targets.to_vec();
+            // The targets were checked above: a claim fails only when
+            // storage does, and runs without a savepoint of its own.
             let raw = self
-                .write("claim", move |conn, limits| {
-                    ops::claim(conn, &owned, limits)
-                })
+                .writer
+                .submit(
+                    "claim",
+                    writer::Fallible::OnStorageOnly,
+                    move |conn, limits| ops::claim(conn, &owned, limits),
+                )
                 .await?;
             // Committed: the changes happened even if a stored key turns out
             // unreadable, so notify first.

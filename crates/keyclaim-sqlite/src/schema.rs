@@ -197,6 +197,10 @@ pub(crate) fn open_connection(
         .ctx("open")?;
     conn.pragma_update(None, "foreign_keys", false)
         .ctx("open")?;
+    // Savepoints' journals (the writer's batches) stay in memory; they hold
+    // at most a batch's worth of pages.
+    conn.pragma_update(None, "temp_store", "MEMORY")
+        .ctx("open")?;
     match role {
         Role::Reader => conn.pragma_update(None, "query_only", true).ctx("open")?,
         Role::Writer if options.checkpoint_interval.is_some() => {

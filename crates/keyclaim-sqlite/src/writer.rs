@@ -6,6 +6,15 @@
 //! into one `BEGIN IMMEDIATE` transaction, runs each operation inside its own
 //! `SAVEPOINT`, so that a failing operation (a conflict, a limit) rolls back
 //! only itself, then commits once: one sync of the WAL for the whole batch.
+//!
+//! Operations that can fail only when storage fails (claims: their input was
+//! checked before they were queued) run without a savepoint of their own,
+//! which saves the savepoint's statements and its copies of the pages it
+//! touches. If one of them fails after all, the whole transaction is rolled
+//! back and the batch runs again, this time every operation in its own
+//! savepoint: the outcome is the same as if savepoints had been used from the
+//! start. Operations run more than once this way are pure functions of the
+//! store's state, and only the answer of the last run is kept.
 //! Answers are sent only after `COMMIT` succeeded; if the transaction fails as
 //! a whole, every operation of the batch gets the error and nothing of it was
 //! applied.
@@ -68,11 +77,26 @@ impl BatchFailure {
     }
 }
 
+/// Whether an operation can fail for reasons of its own, and so needs a
+/// savepoint in a batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Fallible {
+    /// It can fail on its input or the store's state (a conflict, a limit):
+    /// always run in its own savepoint.
+    OnInput,
+    /// It fails only when storage fails: run without a savepoint unless the
+    /// batch is being run again after such a failure.
+    OnStorageOnly,
+}
+
 /// One queued mutating operation, type-erased.
 pub(crate) trait Job: Send {
-    /// Runs the operation inside the open transaction (and its savepoint);
-    /// keeps the result; returns whether it succeeded.
+    /// Runs the operation inside the open transaction (and its savepoint,
+    /// if any); keeps the result, replacing that of an earlier run; returns
+    /// whether it succeeded. May be called again when the batch is rerun.
     fn run(&mut self, conn: &Connection, limits: &Limits) -> bool;
+    /// Whether the operation needs a savepoint on the batch's first run.
+    fn fallible(&self) -> Fallible;
     /// Sends the answer: the kept result if the transaction committed (or if
     /// the operation failed on its own), else the batch's failure.
     fn reply(self: Box<Self>, batch: Result<(), BatchFailure>);
@@ -81,8 +105,9 @@ pub(crate) trait Job: Send {
 /// A [`Job`] running `f` and answering over a oneshot.
 struct TypedJob<T, F> {
     op: &'static str,
+    fallible: Fallible,
     span: tracing::Span,
-    f: Option<F>,
+    f: F,
     result: Option<Result<T>>,
     reply: oneshot::Sender<Result<T>>,
 }
@@ -90,13 +115,15 @@ struct TypedJob<T, F> {
 impl<T, F> Job for TypedJob<T, F>
 where
     T: Send,
-    F: FnOnce(&Connection, &Limits) -> Result<T> + Send,
+    F: Fn(&Connection, &Limits) -> Result<T> + Send,
 {
+    fn fallible(&self) -> Fallible {
+        self.fallible
+    }
+
     fn run(&mut self, conn: &Connection, limits: &Limits) -> bool {
-        let Some(f) = self.f.take() else {
-            return false;
-        };
         let _entered = self.span.enter();
+        let f = &self.f;
         let result = catch_unwind(AssertUnwindSafe(|| f(conn, limits))).unwrap_or_else(|_| {
             tracing::error!(
                 op = self.op,
@@ -176,17 +203,19 @@ impl Writer {
     }
 
     /// Queues an operation and waits for its answer, which comes after its
-    /// transaction committed.
-    pub(crate) async fn submit<T, F>(&self, op: &'static str, f: F) -> Result<T>
+    /// transaction committed. `f` may run more than once (see the module
+    /// documentation); only its last result counts.
+    pub(crate) async fn submit<T, F>(&self, op: &'static str, fallible: Fallible, f: F) -> Result<T>
     where
         T: Send + 'static,
-        F: FnOnce(&Connection, &Limits) -> Result<T> + Send + 'static,
+        F: Fn(&Connection, &Limits) -> Result<T> + Send + 'static,
     {
         let (reply, answer) = oneshot::channel();
         let job = Box::new(TypedJob {
             op,
+            fallible,
             span: tracing::Span::current(),
-            f: Some(f),
+            f,
             result: None,
             reply,
         });
@@ -255,12 +284,26 @@ fn run_transaction(
     let start = Instant::now();
     exec(conn, "BEGIN IMMEDIATE").map_err(BatchFailure::from_sql)?;
     let locked = Instant::now();
-    let body = run_jobs(conn, batch, limits);
+    let mut body = run_jobs(conn, batch, limits, Savepoints::WhereFallible);
+    let mut rerun = false;
+    if matches!(body, Err(Rerun::WithSavepoints)) {
+        // An operation without a savepoint failed: start over, every
+        // operation in its own savepoint.
+        rerun = true;
+        if !conn.is_autocommit() {
+            exec(conn, "ROLLBACK").map_err(BatchFailure::from_sql)?;
+        }
+        exec(conn, "BEGIN IMMEDIATE").map_err(BatchFailure::from_sql)?;
+        body = run_jobs(conn, batch, limits, Savepoints::Everywhere);
+    }
     let ran = Instant::now();
-    let body = body.and_then(|()| exec(conn, "COMMIT").map_err(BatchFailure::from_sql));
+    let body = body
+        .map_err(Rerun::into_failure)
+        .and_then(|()| exec(conn, "COMMIT").map_err(BatchFailure::from_sql));
     let committed = Instant::now();
     tracing::debug!(
         size = batch.len(),
+        rerun,
         lock_us = micros(locked - start),
         run_us = micros(ran - locked),
         commit_us = micros(committed - ran),
@@ -279,27 +322,68 @@ fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
+/// Which operations of a batch get a savepoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Savepoints {
+    /// Those that can fail on their input ([`Fallible::OnInput`]).
+    WhereFallible,
+    /// All of them (the rerun after a failure).
+    Everywhere,
+}
+
+/// Why running a batch's operations stopped.
+#[derive(Debug)]
+enum Rerun {
+    /// An operation without a savepoint failed: rerun with savepoints.
+    WithSavepoints,
+    /// The transaction failed as a whole.
+    Failed(BatchFailure),
+}
+
+impl Rerun {
+    fn into_failure(self) -> BatchFailure {
+        match self {
+            Self::Failed(failure) => failure,
+            // Not reached: the rerun uses savepoints everywhere.
+            Self::WithSavepoints => BatchFailure::aborted_by_batch_mate(),
+        }
+    }
+}
+
+impl From<BatchFailure> for Rerun {
+    fn from(failure: BatchFailure) -> Self {
+        Self::Failed(failure)
+    }
+}
+
 fn run_jobs(
     conn: &Connection,
     batch: &mut [Box<dyn Job>],
     limits: &Limits,
-) -> Result<(), BatchFailure> {
+    savepoints: Savepoints,
+) -> Result<(), Rerun> {
     if let [job] = batch {
         // Alone in its transaction: no batch-mate to protect, so no
         // savepoint; if it fails, the whole transaction is rolled back.
         return if job.run(conn, limits) {
             Ok(())
         } else {
-            Err(BatchFailure::sole_operation_failed())
+            Err(BatchFailure::sole_operation_failed().into())
         };
     }
     for job in batch.iter_mut() {
+        if savepoints == Savepoints::WhereFallible && job.fallible() == Fallible::OnStorageOnly {
+            if !job.run(conn, limits) {
+                return Err(Rerun::WithSavepoints);
+            }
+            continue;
+        }
         exec(conn, "SAVEPOINT op").map_err(BatchFailure::from_sql)?;
         let ok = job.run(conn, limits);
         if conn.is_autocommit() {
             // SQLite ended the whole transaction on this operation's error
             // (I/O error, disk full, ...): the batch-mates' work is gone.
-            return Err(BatchFailure::aborted_by_batch_mate());
+            return Err(BatchFailure::aborted_by_batch_mate().into());
         }
         if !ok {
             exec(conn, "ROLLBACK TO op").map_err(BatchFailure::from_sql)?;
@@ -331,13 +415,21 @@ mod tests {
     }
 
     fn job<T: Send + 'static>(
-        f: impl FnOnce(&Connection, &Limits) -> Result<T> + Send + 'static,
+        f: impl Fn(&Connection, &Limits) -> Result<T> + Send + 'static,
+    ) -> (Box<dyn Job>, oneshot::Receiver<Result<T>>) {
+        job_of(Fallible::OnInput, f)
+    }
+
+    fn job_of<T: Send + 'static>(
+        fallible: Fallible,
+        f: impl Fn(&Connection, &Limits) -> Result<T> + Send + 'static,
     ) -> (Box<dyn Job>, oneshot::Receiver<Result<T>>) {
         let (reply, rx) = oneshot::channel();
         let job = Box::new(TypedJob {
             op: "test",
+            fallible,
             span: tracing::Span::none(),
-            f: Some(f),
+            f,
             result: None,
             reply,
         });
@@ -398,6 +490,47 @@ mod tests {
             "the failed operation's write was rolled back"
         );
         assert!(conn.is_autocommit(), "the transaction is closed");
+    }
+
+    /// An operation without a savepoint that fails makes the batch run
+    /// again with savepoints: its batch-mates still succeed, once, and its
+    /// own writes are undone.
+    #[test]
+    fn a_failing_operation_without_savepoint_reruns_the_batch_with_savepoints() {
+        let (_dir, conn) = open();
+        let limits = Limits::default();
+        let a = upload("A", &[("alg:1", "one"), ("alg:2", "two")]);
+        let (j1, r1) = job(move |c, l| crate::ops::upload(c, &a, l));
+        let claim_a = || ClaimTarget::one(device("A"), "alg".parse().unwrap());
+        let (j2, r2) = job_of(Fallible::OnStorageOnly, move |c, l| {
+            crate::ops::claim(c, &[claim_a()], l)
+        });
+        let runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = Arc::clone(&runs);
+        let (j3, r3) = job_of(Fallible::OnStorageOnly, move |c, l| {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            crate::ops::upload(c, &upload("C", &[("alg:1", "c")]), l)?;
+            Err::<(), _>(Error::Closed)
+        });
+        let b = upload("B", &[("alg:1", "b")]);
+        let (j4, r4) = job(move |c, l| crate::ops::upload(c, &b, l));
+        let mut batch = vec![j1, j2, j3, j4];
+        run_batch(&conn, &mut batch, &limits);
+
+        assert!(r1.blocking_recv().unwrap().is_ok());
+        let claimed = r2.blocking_recv().unwrap().unwrap();
+        assert_eq!(claimed.len(), 1, "the claim's answer is its last run's");
+        assert!(matches!(r3.blocking_recv().unwrap(), Err(Error::Closed)));
+        assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 2);
+        assert!(r4.blocking_recv().unwrap().is_ok());
+        assert_eq!(count(&conn, "A"), 1, "one key claimed, once");
+        assert_eq!(count(&conn, "B"), 1);
+        assert_eq!(
+            count(&conn, "C"),
+            0,
+            "the failed operation's write was undone"
+        );
+        assert!(conn.is_autocommit());
     }
 
     #[test]

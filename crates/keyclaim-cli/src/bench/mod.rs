@@ -115,8 +115,7 @@ pub(crate) async fn open_backend(
                     .await
                     .map_err(err)?,
             );
-            let baseline =
-                (!args.no_baseline).then(|| baselines::sqlite(&store, &path, args.clients));
+            let baseline = (!args.no_baseline).then(|| baselines::sqlite(&store, &path));
             Ok(BackendUnderTest {
                 name: name.into(),
                 store,
