@@ -275,8 +275,14 @@ fn reserve(conn: &Connection, seqs: i64, positions: i64, op: &'static str) -> Re
 // ---------------------------------------------------------------------------
 // Claim
 
-const SQL_HEAD_KEYS: &str = "SELECT pos, key_id, key_json, digest FROM one_time_key \
-     WHERE user_id = ?1 AND device_id = ?2 AND algorithm = ?3 AND pos >= ?4 ORDER BY pos LIMIT ?5";
+/// The queue's counters and its oldest keys, in one statement: a seek into
+/// `otk_queue`'s primary key, then a range of `one_time_key`'s from the head.
+pub(crate) const SQL_HEAD_KEYS: &str = "SELECT q.stored, q.issued, k.pos, k.key_id, k.key_json, k.digest \
+     FROM otk_queue AS q JOIN one_time_key AS k \
+     ON k.user_id = q.user_id AND k.device_id = q.device_id AND k.algorithm = q.algorithm \
+     AND k.pos >= q.head \
+     WHERE q.user_id = ?1 AND q.device_id = ?2 AND q.algorithm = ?3 AND q.stored > 0 \
+     ORDER BY k.pos LIMIT ?4";
 const SQL_QUEUE_SET: &str = "UPDATE otk_queue SET head = ?4, stored = ?5, issued = ?6 \
      WHERE user_id = ?1 AND device_id = ?2 AND algorithm = ?3";
 const SQL_PRUNE_NEWEST_DROPPED: &str = "SELECT pos FROM one_time_key \
@@ -378,42 +384,48 @@ pub(crate) fn claim(
             device.device_id.as_str(),
             target.algorithm.as_str(),
         );
-        if let Some(mut q) = queue(conn, user, dev, alg, OP)?.filter(|q| q.stored > 0) {
-            // The oldest keys in claim order (R4.2); the writer holds the
-            // write lock, so nobody else can take them in between.
-            let rows = oldest
-                .query_map(params![user, dev, alg, q.head, i64::from(count)], |r| {
-                    Ok((r.get::<_, i64>(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-                })
+        // The oldest keys in claim order (R4.2); the writer holds the write
+        // lock, so nobody else can take them in between.
+        let rows = oldest
+            .query_map(params![user, dev, alg, i64::from(count)], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                ))
+            })
+            .ctx(OP)?;
+        let mut q: Option<Queue> = None;
+        for row in rows {
+            let (stored, issued, pos, key_id, key_json, digest) = row.ctx(OP)?;
+            let q = q.get_or_insert(Queue {
+                head: pos,
+                stored,
+                issued,
+            });
+            q.head = pos.saturating_add(1);
+            q.stored = (q.stored - 1).max(0);
+            q.issued = q.issued.saturating_add(1);
+            out.keys.push(RawKey {
+                target: index,
+                key_id,
+                key_json,
+                digest,
+                fallback: false,
+            });
+        }
+        if let Some(mut q) = q {
+            if q.issued > keep.saturating_add(PRUNE_SLACK) {
+                q.issued -= prune_issued(conn, (user, dev, alg), q.head, keep)?;
+            }
+            set_queue
+                .execute(params![user, dev, alg, q.head, q.stored, q.issued])
                 .ctx(OP)?;
-            let mut taken = 0;
-            for row in rows {
-                let (pos, key_id, key_json, digest) = row.ctx(OP)?;
-                q.head = pos.saturating_add(1);
-                taken += 1;
-                out.keys.push(RawKey {
-                    target: index,
-                    key_id,
-                    key_json,
-                    digest,
-                    fallback: false,
-                });
-            }
-            if taken > 0 {
-                q.stored = (q.stored - taken).max(0);
-                q.issued = q.issued.saturating_add(taken);
-                if q.issued > keep.saturating_add(PRUNE_SLACK) {
-                    q.issued -= prune_issued(conn, (user, dev, alg), q.head, keep)?;
-                }
-                set_queue
-                    .execute(params![user, dev, alg, q.head, q.stored, q.issued])
-                    .ctx(OP)?;
-                out.changed.push(index);
-                continue;
-            }
-            // The counter said keys were stored but none is: fall through
-            // to the fallback key rather than answer nothing.
-            tracing::warn!(%device, "keyclaim-sqlite: queue count without keys");
+            out.changed.push(index);
+            continue;
         }
         let fallback: Option<(String, String, Vec<u8>, bool)> = get_fallback
             .query_row(params![user, dev, alg], |r| {

@@ -139,12 +139,20 @@ fn per_device_reads_use_covering_indexes() {
         "{counts}"
     );
     let head = plan(
-        "SELECT pos, key_id, key_json, digest FROM one_time_key \
-         WHERE user_id = ?1 AND device_id = ?2 AND algorithm = ?3 AND pos >= ?4 ORDER BY pos LIMIT ?5",
+        "SELECT q.stored, q.issued, k.pos, k.key_id, k.key_json, k.digest \
+         FROM otk_queue AS q JOIN one_time_key AS k \
+         ON k.user_id = q.user_id AND k.device_id = q.device_id AND k.algorithm = q.algorithm \
+         AND k.pos >= q.head \
+         WHERE q.user_id = ?1 AND q.device_id = ?2 AND q.algorithm = ?3 AND q.stored > 0 \
+         ORDER BY k.pos LIMIT ?4",
+    );
+    assert!(
+        head.contains("SEARCH q USING PRIMARY KEY (user_id=? AND device_id=? AND algorithm=?)"),
+        "{head}"
     );
     assert!(
         head.contains(
-            "SEARCH one_time_key USING PRIMARY KEY (user_id=? AND device_id=? AND algorithm=? AND pos>?)"
+            "SEARCH k USING PRIMARY KEY (user_id=? AND device_id=? AND algorithm=? AND pos>?)"
         ),
         "{head}"
     );
