@@ -370,8 +370,6 @@ pub(crate) fn claim(
     let mut out = RawClaim::default();
     let mut oldest = conn.prepare_cached(SQL_HEAD_KEYS).ctx(OP)?;
     let mut set_queue = conn.prepare_cached(SQL_QUEUE_SET).ctx(OP)?;
-    let mut get_fallback = conn.prepare_cached(SQL_GET_FALLBACK).ctx(OP)?;
-    let mut use_fallback = conn.prepare_cached(SQL_USE_FALLBACK).ctx(OP)?;
 
     for (index, target) in targets.iter().enumerate() {
         let count = limits.clamp_count(target.count);
@@ -427,7 +425,10 @@ pub(crate) fn claim(
             out.changed.push(index);
             continue;
         }
-        let fallback: Option<(String, String, Vec<u8>, bool)> = get_fallback
+        // Prepared (looked up in the statement cache) only when needed.
+        let fallback: Option<(String, String, Vec<u8>, bool)> = conn
+            .prepare_cached(SQL_GET_FALLBACK)
+            .ctx(OP)?
             .query_row(params![user, dev, alg], |r| {
                 Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
             })
@@ -435,7 +436,10 @@ pub(crate) fn claim(
             .ctx(OP)?;
         if let Some((key_id, key_json, digest, used)) = fallback {
             if !used {
-                use_fallback.execute(params![user, dev, alg]).ctx(OP)?;
+                conn.prepare_cached(SQL_USE_FALLBACK)
+                    .ctx(OP)?
+                    .execute(params![user, dev, alg])
+                    .ctx(OP)?;
                 out.changed.push(index);
             }
             out.keys.push(RawKey {
