@@ -66,6 +66,7 @@ pub struct SqliteOptions {
     read_connections: usize,
     max_batch: usize,
     checkpoint_interval: Option<Duration>,
+    wal_size_limit: u64,
 }
 
 impl Default for SqliteOptions {
@@ -77,6 +78,7 @@ impl Default for SqliteOptions {
             read_connections: 4,
             max_batch: 256,
             checkpoint_interval: Some(Duration::from_millis(100)),
+            wal_size_limit: 64 << 20,
         }
     }
 }
@@ -135,6 +137,21 @@ impl SqliteOptions {
     pub fn checkpoint_interval(mut self, interval: Option<Duration>) -> Self {
         self.checkpoint_interval = interval;
         self
+    }
+
+    /// The size in bytes the WAL file is cut back to whenever SQLite starts
+    /// it over after a complete checkpoint (default 64 MiB;
+    /// `PRAGMA journal_size_limit`). Without it, the WAL file keeps the size
+    /// of the largest burst of writes between two checkpoints forever.
+    #[must_use]
+    pub fn wal_size_limit(mut self, bytes: u64) -> Self {
+        self.wal_size_limit = bytes;
+        self
+    }
+
+    /// The configured WAL size limit in bytes.
+    pub fn get_wal_size_limit(&self) -> u64 {
+        self.wal_size_limit
     }
 
     /// The configured checkpoint interval.

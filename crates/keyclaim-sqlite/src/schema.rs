@@ -201,6 +201,12 @@ pub(crate) fn open_connection(
     // at most a batch's worth of pages.
     conn.pragma_update(None, "temp_store", "MEMORY")
         .ctx("open")?;
+    conn.pragma_update(
+        None,
+        "journal_size_limit",
+        i64::try_from(options.wal_size_limit).unwrap_or(i64::MAX),
+    )
+    .ctx("open")?;
     match role {
         Role::Reader => conn.pragma_update(None, "query_only", true).ctx("open")?,
         Role::Writer if options.checkpoint_interval.is_some() => {

@@ -290,3 +290,50 @@ async fn works_without_the_background_checkpointer() {
     let store = SqliteStore::open_with(&path, options).await.unwrap();
     assert_eq!(store.otk_counts(&d).await.unwrap().total(), 200);
 }
+
+/// The WAL file is cut back to `wal_size_limit` when SQLite starts it over
+/// after a complete checkpoint; without a limit it keeps its largest size.
+#[tokio::test]
+async fn the_wal_file_shrinks_to_its_limit_after_a_checkpoint() {
+    async fn wal_after_burst(limit: u64) -> u64 {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("wal.sqlite");
+        let options = SqliteOptions::new()
+            .checkpoint_interval(None)
+            .wal_size_limit(limit);
+        let store = SqliteStore::open_with(&path, options).await.unwrap();
+        // About 8 MiB of writes: the automatic checkpoint (1000 pages) runs
+        // several times, and the WAL reaches about 4 MiB in between.
+        for i in 0..40 {
+            let keys: Vec<_> = (0..100).map(|k| key(&format!("k{i}x{k}"))).collect();
+            store
+                .upload(&Upload::from_keys(device(i), keys, []).unwrap())
+                .await
+                .unwrap();
+        }
+        // A complete checkpoint, then one more write: SQLite starts the WAL
+        // over and, with a limit, truncates it.
+        let other = rusqlite::Connection::open(&path).unwrap();
+        other
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+            .unwrap();
+        drop(other);
+        store
+            .upload(&Upload::from_keys(device(99), [key("last")], []).unwrap())
+            .await
+            .unwrap();
+        let wal = std::fs::metadata(dir.path().join("wal.sqlite-wal"))
+            .unwrap()
+            .len();
+        drop(store);
+        wal
+    }
+    let limit = 256 << 10;
+    let limited = wal_after_burst(limit).await;
+    let unlimited = wal_after_burst(u64::MAX >> 1).await;
+    assert!(limited <= limit, "WAL {limited} bytes, limit {limit}");
+    assert!(
+        unlimited > 1 << 20,
+        "without a limit the WAL keeps its size: {unlimited}"
+    );
+}
