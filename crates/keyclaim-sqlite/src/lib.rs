@@ -406,8 +406,9 @@ impl KeyStore for SqliteStore {
     ) -> Result<Vec<DeviceSnapshot>> {
         let span = tracing::debug_span!("keyclaim_sqlite.export_devices", limit);
         let after = after.cloned();
+        let limits = self.options.limits.clone();
         self.readers
-            .run(move |conn| ops::export_devices(conn, after.as_ref(), limit))
+            .run(move |conn| ops::export_devices(conn, after.as_ref(), limit, &limits))
             .instrument(span)
             .await
     }

@@ -88,13 +88,16 @@ fn count_u64(n: i64) -> u64 {
 // key below the head was issued: a claim moves the head past the keys it
 // takes and leaves the rows where they are, so that it rewrites one small row
 // (one page) and the taken keys stay behind as the remembered issued keys.
-// Remembered keys past `Limits::remembered_issued_keys` are pruned in
-// chunks of [`PRUNE_SLACK`], the oldest first.
+// A (device, algorithm) remembers its newest `Limits::remembered_issued_keys`
+// issued keys (R3.4), exactly, as the reference model does: an older issued
+// row that is still in the table (it waits to be pruned) counts as
+// forgotten, for uploads and for exports alike. The rows themselves are
+// pruned in chunks of [`PRUNE_SLACK`], the oldest first.
 
-/// How many remembered issued keys beyond `Limits::remembered_issued_keys`
-/// a (device, algorithm) may hold before the oldest are pruned: pruning then
-/// happens once per this many claims, as one range delete. The contract asks
-/// for "at least" the limit (R3.4), so remembering a few more is within it.
+/// How many issued rows beyond `Limits::remembered_issued_keys` a (device,
+/// algorithm) may keep in its table before the oldest are deleted: pruning
+/// then happens once per this many claims, as one range delete, instead of
+/// one delete per claim. The rows beyond the limit are already forgotten.
 pub(crate) const PRUNE_SLACK: i64 = 64;
 
 // ---------------------------------------------------------------------------
@@ -104,6 +107,8 @@ const SQL_QUEUE_GET: &str = "SELECT head, stored, issued FROM otk_queue \
      WHERE user_id = ?1 AND device_id = ?2 AND algorithm = ?3";
 const SQL_KEYS_BY_ID: &str = "SELECT pos, digest FROM one_time_key \
      WHERE user_id = ?1 AND device_id = ?2 AND key_id = ?3";
+const SQL_ISSUED_SINCE: &str = "SELECT count(*) FROM one_time_key \
+     WHERE user_id = ?1 AND device_id = ?2 AND algorithm = ?3 AND pos > ?4 AND pos < ?5";
 const SQL_FALLBACK_DIGEST: &str =
     "SELECT digest FROM fallback_key WHERE user_id = ?1 AND device_id = ?2 AND algorithm = ?3";
 const SQL_RESERVE: &str = "UPDATE store_meta SET next_seq = next_seq + ?1, next_pos = next_pos + ?2 \
@@ -156,6 +161,7 @@ pub(crate) fn upload(conn: &Connection, upload: &Upload, limits: &Limits) -> Res
     let device = &upload.device;
     let (user, dev) = (device.user_id.as_str(), device.device_id.as_str());
 
+    let keep = sql_int(limits.remembered_issued_keys);
     let mut facts = DeviceFacts::default();
     let mut heads: HashMap<Algorithm, i64> = HashMap::new();
     {
@@ -185,7 +191,8 @@ pub(crate) fn upload(conn: &Connection, upload: &Upload, limits: &Limits) -> Res
                 let digest = parse_digest(&bytes)?;
                 if pos >= head {
                     facts.stored_otks.insert(id.clone(), digest);
-                } else {
+                } else if issued_since(conn, (user, dev, id.algorithm_str()), pos, head)? < keep {
+                    // Among the newest `keep` issued keys: remembered.
                     facts.issued.insert((id.clone(), digest));
                 }
             }
@@ -260,6 +267,20 @@ pub(crate) fn upload(conn: &Connection, upload: &Upload, limits: &Limits) -> Res
         Changes::from_devices([device.clone()])
     };
     Ok(UploadOutcome { counts, changes })
+}
+
+/// How many keys of a (device, algorithm) were issued after the one at
+/// `pos` (all rows between it and the queue's head).
+fn issued_since(
+    conn: &Connection,
+    (user, dev, alg): (&str, &str, &str),
+    pos: i64,
+    head: i64,
+) -> Result<i64> {
+    conn.prepare_cached(SQL_ISSUED_SINCE)
+        .ctx("upload")?
+        .query_row(params![user, dev, alg, pos, head], |r| r.get(0))
+        .ctx("upload")
 }
 
 /// Takes `seqs` values of the store-wide sequence counter (R3.5) and
@@ -756,38 +777,62 @@ pub(crate) fn export_devices(
     conn: &Connection,
     after: Option<&Device>,
     limit: usize,
+    limits: &Limits,
 ) -> Result<Vec<DeviceSnapshot>> {
     const OP: &str = "export_devices";
     if limit == 0 {
         return Ok(Vec::new());
     }
     let tx = conn.unchecked_transaction().ctx(OP)?;
-    // Every valid user ID starts with '@', so ("", "") is before them all.
-    let (after_user, after_device) =
-        after.map_or(("", ""), |d| (d.user_id.as_str(), d.device_id.as_str()));
-    let mut found: BTreeSet<(String, String)> = BTreeSet::new();
-    for sql in SQL_DEVICES_AFTER {
-        let mut stmt = tx.prepare_cached(sql).ctx(OP)?;
-        let rows = stmt
-            .query_map(params![after_user, after_device, sql_int(limit)], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
-            })
-            .ctx(OP)?;
-        for row in rows {
-            found.insert(row.ctx(OP)?);
-        }
-    }
     let mut out = Vec::new();
-    // (String, String) orders by bytes, like Device.
-    for (user, dev) in found.into_iter().take(limit) {
-        let device = Device::parse(&user, &dev).map_err(|e| corrupt("device", &e))?;
-        out.push(snapshot(&tx, device)?);
+    // Every valid user ID starts with '@', so ("", "") is before them all.
+    let mut cursor: (String, String) = after.map_or_else(Default::default, |d| {
+        (
+            d.user_id.as_str().to_owned(),
+            d.device_id.as_str().to_owned(),
+        )
+    });
+    // Usually one round. A device whose rows are all forgotten issued keys
+    // (waiting to be pruned) has no state and is left out; another round
+    // fills the page, so that a short page still means the end.
+    while out.len() < limit {
+        let want = limit - out.len();
+        let mut found: BTreeSet<(String, String)> = BTreeSet::new();
+        for sql in SQL_DEVICES_AFTER {
+            let mut stmt = tx.prepare_cached(sql).ctx(OP)?;
+            let rows = stmt
+                .query_map(params![cursor.0, cursor.1, sql_int(want)], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+                })
+                .ctx(OP)?;
+            for row in rows {
+                found.insert(row.ctx(OP)?);
+            }
+        }
+        // (String, String) orders by bytes, like Device.
+        let batch: Vec<(String, String)> = found.into_iter().take(want).collect();
+        let Some(last) = batch.last().cloned() else {
+            break;
+        };
+        for (user, dev) in batch {
+            let device = Device::parse(&user, &dev).map_err(|e| corrupt("device", &e))?;
+            let snap = snapshot(&tx, device, limits.remembered_issued_keys)?;
+            if !(snap.one_time_keys.is_empty()
+                && snap.fallback_keys.is_empty()
+                && snap.issued.is_empty())
+            {
+                out.push(snap);
+            }
+        }
+        cursor = last;
     }
     tx.commit().ctx(OP)?;
     Ok(out)
 }
 
-fn snapshot(conn: &Connection, device: Device) -> Result<DeviceSnapshot> {
+/// One device's state. Of its issued rows, only the newest `keep` per
+/// algorithm are remembered; older ones wait to be pruned and are left out.
+fn snapshot(conn: &Connection, device: Device, keep: usize) -> Result<DeviceSnapshot> {
     const OP: &str = "export_devices";
     let p = params![device.user_id.as_str(), device.device_id.as_str()];
     let mut snap = DeviceSnapshot::empty(device.clone());
@@ -835,6 +880,11 @@ fn snapshot(conn: &Connection, device: Device) -> Result<DeviceSnapshot> {
                 });
         }
     }
+    for issued in snap.issued.values_mut() {
+        let forgotten = issued.len().saturating_sub(keep);
+        issued.drain(..forgotten);
+    }
+    snap.issued.retain(|_, issued| !issued.is_empty());
     // Upload order across algorithms; key ID bytes break ties (R4.2).
     snap.one_time_keys
         .sort_by(|a, b| (a.seq, &a.key_id).cmp(&(b.seq, &b.key_id)));
@@ -879,11 +929,12 @@ mod tests {
         KeyId::parse(format!("alg:{n:04}")).unwrap()
     }
 
-    /// Remembered issued keys are pruned in chunks, the oldest first, and
-    /// never below `remembered_issued_keys` (R3.4 asks for at least that
-    /// many).
+    /// A (device, algorithm) remembers exactly its newest
+    /// `remembered_issued_keys` issued keys (R3.4), as the reference model
+    /// does, for uploads and exports alike; the rows of older ones are
+    /// deleted in chunks of `PRUNE_SLACK`, oldest first.
     #[test]
-    fn remembered_keys_are_pruned_oldest_first_and_never_below_the_limit() {
+    fn exactly_the_newest_issued_keys_are_remembered_and_rows_are_pruned_in_chunks() {
         let dir = tempfile::tempdir().unwrap();
         let options = SqliteOptions::default();
         let conn =
@@ -891,58 +942,57 @@ mod tests {
         schema::migrate(&conn, options.busy_timeout).unwrap();
         let mut limits = Limits::default();
         limits.remembered_issued_keys = 3;
+        limits.max_otks_per_device_algorithm = 10_000;
+        let slack = usize::try_from(PRUNE_SLACK).unwrap();
         let device = Device::parse("@alice:example.org", "D").unwrap();
-        let total = 3 + usize::try_from(PRUNE_SLACK).unwrap() + 5;
+        let total = 3 + slack + 5;
         let up = Upload::from_keys(
             device.clone(),
             (0..total).map(|n| (id(n), json(&n.to_string()))),
             [],
         )
         .unwrap();
-        let mut big = limits.clone();
-        big.max_otks_per_device_algorithm = 10_000;
-        upload(&conn, &up, &big).unwrap();
+        upload(&conn, &up, &limits).unwrap();
         let target = ClaimTarget::one(device.clone(), "alg".parse().unwrap());
         let remembered = |conn: &Connection| -> Vec<String> {
-            export_devices(conn, None, 1).unwrap()[0]
+            export_devices(conn, None, 1, &limits).unwrap()[0]
                 .issued
                 .values()
                 .flatten()
                 .map(|k| k.key_id.as_str().to_owned())
                 .collect()
         };
+        let rows = |conn: &Connection| -> i64 {
+            conn.query_row("SELECT count(*) FROM one_time_key", [], |r| r.get(0))
+                .unwrap()
+        };
         for n in 0..total {
             let raw = claim(&conn, std::slice::from_ref(&target), &limits).unwrap();
             let out = raw.into_outcome(std::slice::from_ref(&target)).unwrap();
             assert_eq!(out.keys[0].key_id, id(n), "claim order");
-            let kept = remembered(&conn);
-            assert!(kept.len() >= (n + 1).min(3), "{n}: {kept:?}");
-            assert!(
-                kept.len() <= 3 + usize::try_from(PRUNE_SLACK).unwrap(),
-                "{n}"
-            );
-            assert_eq!(kept.last().map(String::as_str), Some(id(n).as_str()));
+            let expected: Vec<String> = (n.saturating_sub(2)..=n)
+                .map(|k| id(k).as_str().to_owned())
+                .collect();
+            assert_eq!(remembered(&conn), expected, "after claim {n}");
         }
-        // The pruning happened once, after 3 + slack + 1 claims, leaving the
-        // newest three; four claims later, seven are remembered.
-        let kept = remembered(&conn);
-        let expected: Vec<String> = (total - 7..total)
-            .map(|n| id(n).as_str().to_owned())
-            .collect();
-        assert_eq!(kept, expected);
-        // A pruned key may be uploaded again (it is forgotten); a remembered
-        // one is not stored.
+        // The rows were pruned once, after 3 + slack + 1 claims, down to the
+        // newest three; four claims later, seven issued rows are left.
+        assert_eq!(rows(&conn), 7);
+        // Forgotten keys may be uploaded again and are stored: one whose row
+        // is gone, and one whose row waits to be pruned. A remembered one is
+        // not stored.
         let again = Upload::from_keys(
             device.clone(),
             [
                 (id(0), json("0")),
+                (id(total - 4), json(&(total - 4).to_string())),
                 (id(total - 1), json(&(total - 1).to_string())),
             ],
             [],
         )
         .unwrap();
-        let outcome = upload(&conn, &again, &big).unwrap();
-        assert_eq!(outcome.counts.total(), 1);
+        let outcome = upload(&conn, &again, &limits).unwrap();
+        assert_eq!(outcome.counts.total(), 2);
         let raw = claim(&conn, std::slice::from_ref(&target), &limits).unwrap();
         let out = raw.into_outcome(std::slice::from_ref(&target)).unwrap();
         assert_eq!(out.keys[0].key_id, id(0));

@@ -388,7 +388,7 @@ mod tests {
         let limits = Limits::default();
         assert_eq!(ops::otk_counts(&conn, &device("A")).unwrap().total(), 3);
         assert_eq!(ops::otk_counts(&conn, &device("B")).unwrap().total(), 0);
-        let snaps = ops::export_devices(&conn, None, 10).unwrap();
+        let snaps = ops::export_devices(&conn, None, 10, &limits).unwrap();
         let names: Vec<&str> = snaps.iter().map(|s| s.device.device_id.as_str()).collect();
         assert_eq!(names, ["A", "B", "C"]);
         let a = &snaps[0];
@@ -431,7 +431,9 @@ mod tests {
         let outcome = ops::upload(&conn, &up, &limits).unwrap();
         assert_eq!(outcome.counts.total(), 3, "k3, k1 and new; not x1");
         conn.execute_batch("COMMIT").unwrap();
-        let snap = ops::export_devices(&conn, None, 1).unwrap().remove(0);
+        let snap = ops::export_devices(&conn, None, 1, &limits)
+            .unwrap()
+            .remove(0);
         let last = snap.one_time_keys.last().unwrap();
         assert_eq!(last.key_id.as_str(), "signed_curve25519:new");
         assert_eq!(last.seq, 10);
