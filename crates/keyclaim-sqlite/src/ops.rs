@@ -219,18 +219,14 @@ pub(crate) fn upload(conn: &Connection, upload: &Upload, limits: &Limits) -> Res
         let mut insert = conn.prepare_cached(SQL_INSERT_KEY).ctx(OP)?;
         for (id, json) in &plan.insert_otks {
             let alg = id.algorithm_str();
-            insert
-                .execute(params![
-                    user,
-                    dev,
-                    alg,
-                    pos,
-                    seq,
-                    id.as_str(),
-                    &json.digest().0[..],
-                    json.canonical()
-                ])
-                .ctx(OP)?;
+            insert_key(
+                &mut insert,
+                [user, dev, alg],
+                (pos, seq),
+                id,
+                json.digest(),
+                json.canonical(),
+            )?;
             added.entry(alg).or_insert((pos, 0)).1 += 1;
             pos += 1;
         }
@@ -281,6 +277,30 @@ fn issued_since(
         .ctx("upload")?
         .query_row(params![user, dev, alg, pos, head], |r| r.get(0))
         .ctx("upload")
+}
+
+/// Inserts one `one_time_key` row with [`SQL_INSERT_KEY`].
+fn insert_key(
+    insert: &mut rusqlite::CachedStatement<'_>,
+    [user, dev, alg]: [&str; 3],
+    (pos, seq): (i64, i64),
+    key_id: &KeyId,
+    digest: KeyDigest,
+    key_json: &str,
+) -> Result<()> {
+    insert
+        .execute(params![
+            user,
+            dev,
+            alg,
+            pos,
+            seq,
+            key_id.as_str(),
+            &digest.0[..],
+            key_json
+        ])
+        .ctx("insert_key")?;
+    Ok(())
 }
 
 /// Takes `seqs` values of the store-wide sequence counter (R3.5) and
@@ -638,34 +658,26 @@ pub(crate) fn import_device(conn: &Connection, snapshot: &DeviceSnapshot) -> Res
         let alg = alg.as_str();
         for key in &q.issued {
             // A remembered key needs its ID and digest only.
-            insert
-                .execute(params![
-                    user,
-                    dev,
-                    alg,
-                    pos,
-                    0,
-                    key.key_id.as_str(),
-                    &key.digest.0[..],
-                    ""
-                ])
-                .ctx(OP)?;
+            insert_key(
+                &mut insert,
+                [user, dev, alg],
+                (pos, 0),
+                &key.key_id,
+                key.digest,
+                "",
+            )?;
             pos += 1;
         }
         let head = pos;
         for (seq, k) in &q.stored {
-            insert
-                .execute(params![
-                    user,
-                    dev,
-                    alg,
-                    pos,
-                    seq,
-                    k.key_id.as_str(),
-                    &k.key_json.digest().0[..],
-                    k.key_json.canonical()
-                ])
-                .ctx(OP)?;
+            insert_key(
+                &mut insert,
+                [user, dev, alg],
+                (pos, *seq),
+                &k.key_id,
+                k.key_json.digest(),
+                k.key_json.canonical(),
+            )?;
             pos += 1;
         }
         queue_add
