@@ -464,7 +464,7 @@ impl KeyStore for RedbStore {
         let span = tracing::trace_span!("keyclaim_redb.otk_counts", device = %device);
         let device = device.clone();
         read(&self.slot, "otk_counts", move |txn| {
-            let table = txn.open_table(schema::ALG_COUNTS)?;
+            let table = txn.open_table(schema::OTK_QUEUE)?;
             ops::counts(&table, device.user_id.as_str(), device.device_id.as_str())
         })
         .instrument(span)
