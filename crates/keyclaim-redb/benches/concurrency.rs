@@ -16,10 +16,14 @@
 //!
 //! Environment: `KEYCLAIM_BENCH_DIR` (where the files go; default the
 //! system temp dir: put it on the disk you care about), `KEYCLAIM_BENCH_POOL`
-//! (OTKs uploaded to each store before each cell, default 200000), `KEYCLAIM_BENCH_C` (claimer counts,
+//! (OTKs uploaded to each store before each cell; default 200000, and
+//! 600000 for C >= 64, whose group commit store claims more than 200000 in
+//! its 3 x 2 s), `KEYCLAIM_BENCH_C` (claimer counts,
 //! default `1,8,64`), `KEYCLAIM_BENCH_DEVICES` (`distinct`, `hot` or
 //! `both`, the default), `KEYCLAIM_BENCH_STORES` (`group`, `baseline` or
-//! `both`, the default; a skipped store shows as 0).
+//! `both`, the default; a skipped store shows as 0), `KEYCLAIM_BENCH_LINGER_US`
+//! (the group commit store's `RedbOptions::linger` in microseconds, default
+//! 0, its default).
 //!
 //! Each claimer loops `claim([one target])` until the time is up. Every
 //! claim must return exactly one OTK (the pool must not run dry); the
@@ -150,6 +154,7 @@ async fn cell(
 ) -> Cell {
     let devices = if hot { 1 } else { c };
     let tag = format!("{}-{c}", if hot { "hot" } else { "distinct" });
+    let linger = Duration::from_micros(env_num("KEYCLAIM_BENCH_LINGER_US", 0));
     let options = RedbOptions::new().limits(limits());
     let group_path = dir.join(format!("group-{tag}.redb"));
     let base_path = dir.join(format!("baseline-{tag}.redb"));
@@ -159,7 +164,7 @@ async fn cell(
         None
     } else {
         let store = Arc::new(
-            RedbStore::open_with(&group_path, options.clone())
+            RedbStore::open_with(&group_path, options.clone().linger(linger))
                 .await
                 .unwrap(),
         );
@@ -220,7 +225,9 @@ async fn cell(
 
 fn main() {
     let secs = env_num("KEYCLAIM_BENCH_SECS", 2);
-    let pool = env_num("KEYCLAIM_BENCH_POOL", 200_000);
+    let pool = std::env::var("KEYCLAIM_BENCH_POOL")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok());
     let rounds = env_num("KEYCLAIM_BENCH_ROUNDS", 3).max(1) as usize;
     let tmp;
     let dir = match std::env::var_os("KEYCLAIM_BENCH_DIR") {
@@ -258,6 +265,7 @@ fn main() {
     };
     for hot in hots {
         for &c in &cs {
+            let pool = pool.unwrap_or(if c >= 64 { 600_000 } else { 200_000 });
             let r = runtime.block_on(cell(&dir, c, hot, secs, pool, rounds, &stores));
             println!(
                 "| {c} | {} | {:.0} | {:.0} | {:.1}x |",

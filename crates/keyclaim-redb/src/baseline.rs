@@ -192,7 +192,7 @@ impl KeyStore for BaselineStore {
     async fn otk_counts(&self, device: &Device) -> Result<OtkCounts> {
         let device = device.clone();
         read(&self.slot, "otk_counts", move |txn| {
-            let table = txn.open_table(schema::ALG_COUNTS)?;
+            let table = txn.open_table(schema::OTK_QUEUE)?;
             ops::counts(&table, device.user_id.as_str(), device.device_id.as_str())
         })
         .await

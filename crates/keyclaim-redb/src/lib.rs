@@ -2,6 +2,7 @@
 
 pub mod baseline;
 mod ops;
+mod queue;
 mod schema;
 mod slot;
 mod writer;
@@ -84,8 +85,10 @@ pub struct RedbOptions {
     pub cache_size: Option<usize>,
     /// How long the writer may wait for more operations before it starts a
     /// batch, when fewer are queued than the previous batch held (the
-    /// callers of the previous batch are sending their next operation just
-    /// then). A lone caller never waits. Default 1 ms; zero disables it.
+    /// callers of the previous batch may be sending their next operation
+    /// just then). Default zero, off: a batch is what queued up while the
+    /// previous one ran, and an operation that finds the writer idle is
+    /// committed at once.
     pub linger: Duration,
 }
 
@@ -96,7 +99,7 @@ impl Default for RedbOptions {
             durability: RedbDurability::Immediate,
             max_batch: 256,
             cache_size: None,
-            linger: Duration::from_millis(1),
+            linger: Duration::ZERO,
         }
     }
 }
@@ -125,7 +128,7 @@ impl RedbOptions {
         self
     }
 
-    /// Sets how long the writer may wait to fill a batch.
+    /// Sets how long the writer may wait to fill a batch (default zero).
     pub fn linger(mut self, linger: Duration) -> Self {
         self.linger = linger;
         self
@@ -464,7 +467,7 @@ impl KeyStore for RedbStore {
         let span = tracing::trace_span!("keyclaim_redb.otk_counts", device = %device);
         let device = device.clone();
         read(&self.slot, "otk_counts", move |txn| {
-            let table = txn.open_table(schema::ALG_COUNTS)?;
+            let table = txn.open_table(schema::OTK_QUEUE)?;
             ops::counts(&table, device.user_id.as_str(), device.device_id.as_str())
         })
         .instrument(span)

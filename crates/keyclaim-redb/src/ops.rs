@@ -11,7 +11,7 @@
 //! serves read transactions and the write transaction (an upload answers
 //! the counts after itself, R3.8).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use keyclaim::{
     Algorithm, Changes, ClaimOutcome, ClaimTarget, ClaimedKey, Device, DeviceFacts, DeviceId,
@@ -22,9 +22,8 @@ use redb::{ReadTransaction, ReadableTable, Table, WriteTransaction};
 
 use crate::BACKEND;
 use crate::schema::{
-    ALG_COUNTS, AlgCounts, DeviceAlgKey, Digest, FALLBACKS, FallbackValue, ISSUED, ISSUED_INDEX,
-    IssuedIndexKey, IssuedKey as IssuedRowKey, META, META_NEXT_SEQ, OTK_INDEX, OTKS, OtkIndexKey,
-    OtkKey, succ,
+    DeviceAlgKey, Digest, FALLBACKS, FallbackValue, META, META_NEXT_SEQ, OTK_IDS, OTK_KEYS,
+    OTK_QUEUE, OtkIdKey, OtkKey, OtkValue, PRUNE_CHUNK, Queue, succ,
 };
 
 /// A failure that leaves the transaction unusable: a storage error, or data
@@ -79,20 +78,14 @@ fn parse_key_id(s: &str) -> Result<KeyId, Fatal> {
     KeyId::parse(s).map_err(corrupt("stored key ID"))
 }
 
-fn parse_json(s: &str) -> Result<KeyJson, Fatal> {
-    KeyJson::from_json_str(s).map_err(corrupt("stored key JSON"))
-}
-
 /// Every table of one write transaction, opened once, and the sequence
 /// counter (R3.5) cached until [`WriteTables::finish`].
 pub(crate) struct WriteTables<'txn> {
     meta: Table<'txn, &'static str, u64>,
-    otks: Table<'txn, OtkKey<'static>, &'static str>,
-    otk_index: Table<'txn, OtkIndexKey<'static>, (u64, Digest)>,
-    alg_counts: Table<'txn, DeviceAlgKey<'static>, AlgCounts>,
+    queue: Table<'txn, DeviceAlgKey<'static>, Queue>,
+    keys: Table<'txn, OtkKey<'static>, OtkValue<'static>>,
+    ids: Table<'txn, OtkIdKey<'static>, Digest>,
     fallbacks: Table<'txn, DeviceAlgKey<'static>, FallbackValue<'static>>,
-    issued: Table<'txn, IssuedRowKey<'static>, (&'static str, Digest)>,
-    issued_index: Table<'txn, IssuedIndexKey<'static>, u64>,
     next_seq: u64,
     seq_dirty: bool,
 }
@@ -111,12 +104,10 @@ impl<'txn> WriteTables<'txn> {
         };
         Ok(Self {
             meta,
-            otks: txn.open_table(OTKS)?,
-            otk_index: txn.open_table(OTK_INDEX)?,
-            alg_counts: txn.open_table(ALG_COUNTS)?,
+            queue: txn.open_table(OTK_QUEUE)?,
+            keys: txn.open_table(OTK_KEYS)?,
+            ids: txn.open_table(OTK_IDS)?,
             fallbacks: txn.open_table(FALLBACKS)?,
-            issued: txn.open_table(ISSUED)?,
-            issued_index: txn.open_table(ISSUED_INDEX)?,
             next_seq,
             seq_dirty: false,
         })
@@ -147,29 +138,64 @@ impl<'txn> WriteTables<'txn> {
         }
     }
 
-    /// The (stored OTKs, remembered issued keys) of a (device, algorithm).
-    fn alg_counts(&self, key: DeviceAlgKey<'_>) -> Result<AlgCounts, Fatal> {
-        Ok(self.alg_counts.get(key)?.map_or((0, 0), |v| v.value()))
+    /// The queue `(first, head, end)` of a (device, algorithm); all 0 when
+    /// it has none.
+    fn queue(&self, key: DeviceAlgKey<'_>) -> Result<Queue, Fatal> {
+        let q = self.queue.get(key)?.map_or((0, 0, 0), |v| v.value());
+        check_queue(q)?;
+        Ok(q)
     }
 
-    /// Writes the counts of a (device, algorithm); no row when both are 0.
-    fn set_alg_counts(&mut self, key: DeviceAlgKey<'_>, counts: AlgCounts) -> Result<(), Fatal> {
-        if counts == (0, 0) {
-            self.alg_counts.remove(key)?;
+    /// Writes the queue of a (device, algorithm); no row when it is empty.
+    fn set_queue(&mut self, key: DeviceAlgKey<'_>, q: Queue) -> Result<(), Fatal> {
+        if q.0 == q.2 {
+            self.queue.remove(key)?;
         } else {
-            self.alg_counts.insert(key, counts)?;
+            self.queue.insert(key, q)?;
         }
+        Ok(())
+    }
+
+    /// Appends one key at the end of a queue (the caller writes the queue
+    /// back with [`WriteTables::set_queue`]).
+    fn append(
+        &mut self,
+        (u, d, a): DeviceAlgKey<'_>,
+        q: &mut Queue,
+        seq: u64,
+        key_id: &str,
+        digest: Digest,
+        json: &str,
+    ) -> Result<(), Fatal> {
+        let pos = q.2;
+        q.2 = q.2.saturating_add(1);
+        self.keys
+            .insert((u, d, a, pos), (seq, key_id, digest, json))?;
+        self.ids.insert((u, d, key_id, pos), digest)?;
         Ok(())
     }
 }
 
-/// Removes every row of `table` in `[lo, hi)` and calls `seen` with each
-/// removed key; returns how many were removed.
+/// A queue whose positions are out of order breaks an invariant.
+fn check_queue((first, head, end): Queue) -> Result<(), Fatal> {
+    if first <= head && head <= end {
+        Ok(())
+    } else {
+        Err(Fatal::Other(Error::corrupt(format!(
+            "one-time key queue with positions {first}, {head}, {end} out of order"
+        ))))
+    }
+}
+
+/// Removes every row of `table` in `[lo, hi)`, calling `seen` with each
+/// removed key and `seen_row` with each removed row; returns how many were
+/// removed.
 fn remove_range<'a, K, V>(
     table: &mut Table<'_, K, V>,
     lo: K::SelfType<'a>,
     hi: K::SelfType<'a>,
     mut seen: impl FnMut(K::SelfType<'_>),
+    mut seen_row: impl FnMut(K::SelfType<'_>, V::SelfType<'_>),
 ) -> Result<u64, Fatal>
 where
     K: redb::Key + 'static,
@@ -178,8 +204,9 @@ where
     let mut removed = 0;
     let mut it = table.extract_from_if(lo..hi, |_, _| true)?;
     for row in &mut it {
-        let (k, _) = row?;
+        let (k, v) = row?;
         seen(k.value());
+        seen_row(k.value(), v.value());
         removed += 1;
     }
     it.close()?;
@@ -188,19 +215,21 @@ where
 
 // ---------------------------------------------------------------- reads
 
-/// The OTK counts of a device (R6.1): one short range over `alg_counts`,
-/// one row per algorithm the device has keys of.
+/// The OTK counts of a device (R6.1): one short range over `otk_queue`, one
+/// row per algorithm the device has keys of.
 pub(crate) fn counts<T>(table: &T, user: &str, device: &str) -> Result<OtkCounts, Fatal>
 where
-    T: ReadableTable<DeviceAlgKey<'static>, AlgCounts>,
+    T: ReadableTable<DeviceAlgKey<'static>, Queue>,
 {
     let hi = succ(device);
     let mut out = BTreeMap::new();
     for row in table.range((user, device, "")..(user, hi.as_str(), ""))? {
         let (k, v) = row?;
-        let (otks, _) = v.value();
-        if otks > 0 {
-            out.insert(parse_alg(k.value().2)?, otks);
+        let q = v.value();
+        check_queue(q)?;
+        let stored = q.2 - q.1;
+        if stored > 0 {
+            out.insert(parse_alg(k.value().2)?, stored);
         }
     }
     Ok(OtkCounts(out))
@@ -231,16 +260,16 @@ where
 pub(crate) fn sync_state(txn: &ReadTransaction, device: &Device) -> Result<SyncState, Fatal> {
     let (u, d) = (device.user_id.as_str(), device.device_id.as_str());
     Ok(SyncState {
-        one_time_key_counts: counts(&txn.open_table(ALG_COUNTS)?, u, d)?,
+        one_time_key_counts: counts(&txn.open_table(OTK_QUEUE)?, u, d)?,
         unused_fallback_key_types: unused_fallback_types(&txn.open_table(FALLBACKS)?, u, d)?,
     })
 }
 
 /// Up to `limit` devices with state, after `after`, in (user, device) byte
-/// order. A device has state iff it has a row in `alg_counts` (which has
-/// none for a (device, algorithm) without OTKs and without remembered issued
-/// keys) or in `fallbacks`; each of the two is read for at most `limit`
-/// distinct devices, and the union's first `limit` are the answer.
+/// order. A device has state iff it has a row in `otk_queue` (which has none
+/// for a (device, algorithm) without stored and remembered keys) or in
+/// `fallbacks`; each of the two is read for at most `limit` distinct
+/// devices, and the union's first `limit` are the answer.
 pub(crate) fn export_devices(
     txn: &ReadTransaction,
     after: Option<&Device>,
@@ -283,7 +312,7 @@ pub(crate) fn export_devices(
         }
         Ok(())
     }
-    scan(&txn.open_table(ALG_COUNTS)?, lo, limit, &mut devices)?;
+    scan(&txn.open_table(OTK_QUEUE)?, lo, limit, &mut devices)?;
     scan(&txn.open_table(FALLBACKS)?, lo, limit, &mut devices)?;
     let mut out = Vec::new();
     for (u, d) in devices.into_iter().take(limit) {
@@ -301,42 +330,60 @@ fn snapshot(txn: &ReadTransaction, device: Device) -> Result<DeviceSnapshot, Fat
     let (u, d) = (device.user_id.as_str(), device.device_id.as_str());
     let hi = succ(d);
     let mut snap = DeviceSnapshot::empty(device.clone());
-    let otks = txn.open_table(OTKS)?;
-    for row in otks.range((u, d, "", 0, "")..(u, hi.as_str(), "", 0, ""))? {
+    let mut queues: BTreeMap<String, Queue> = BTreeMap::new();
+    for row in txn
+        .open_table(OTK_QUEUE)?
+        .range((u, d, "")..(u, hi.as_str(), ""))?
+    {
         let (k, v) = row?;
-        let (_, _, _, seq, key_id) = k.value();
-        snap.one_time_keys.push(StoredOtk {
-            key_id: parse_key_id(key_id)?,
-            key_json: parse_json(v.value())?,
-            seq,
-        });
+        let q = v.value();
+        check_queue(q)?;
+        queues.insert(k.value().2.to_owned(), q);
+    }
+    let keys = txn.open_table(OTK_KEYS)?;
+    for row in keys.range((u, d, "", 0)..(u, hi.as_str(), "", 0))? {
+        let (k, v) = row?;
+        let (_, _, alg, pos) = k.value();
+        let (seq, key_id, digest, json) = v.value();
+        let (first, head, _) = queues.get(alg).copied().ok_or_else(|| {
+            Fatal::Other(Error::corrupt(format!(
+                "one-time key {key_id} of {device} has no queue"
+            )))
+        })?;
+        if pos >= head {
+            snap.one_time_keys.push(StoredOtk {
+                key_id: parse_key_id(key_id)?,
+                key_json: stored_json(json, digest)?,
+                seq,
+            });
+        } else if pos >= first {
+            snap.issued
+                .entry(parse_alg(alg)?)
+                .or_default()
+                .push(IssuedKey {
+                    key_id: parse_key_id(key_id)?,
+                    digest: KeyDigest(digest),
+                });
+        } else {
+            return Err(Fatal::Other(Error::corrupt(format!(
+                "one-time key {key_id} of {device} lies before its queue"
+            ))));
+        }
     }
     snap.one_time_keys
-        .sort_by(|a, b| (a.seq, &a.key_id).cmp(&(b.seq, &b.key_id)));
+        .sort_by(|a, b| (a.seq, a.key_id.as_str()).cmp(&(b.seq, b.key_id.as_str())));
     let fallbacks = txn.open_table(FALLBACKS)?;
     for row in fallbacks.range((u, d, "")..(u, hi.as_str(), ""))? {
         let (k, v) = row?;
-        let (key_id, json, used, _) = v.value();
+        let (key_id, json, used, digest) = v.value();
         snap.fallback_keys.insert(
             parse_alg(k.value().2)?,
             StoredFallback {
                 key_id: parse_key_id(key_id)?,
-                key_json: parse_json(json)?,
+                key_json: stored_json(json, digest)?,
                 used,
             },
         );
-    }
-    let issued = txn.open_table(ISSUED)?;
-    for row in issued.range((u, d, "", 0)..(u, hi.as_str(), "", 0))? {
-        let (k, v) = row?;
-        let (key_id, digest) = v.value();
-        snap.issued
-            .entry(parse_alg(k.value().2)?)
-            .or_default()
-            .push(IssuedKey {
-                key_id: parse_key_id(key_id)?,
-                digest: KeyDigest(digest),
-            });
     }
     Ok(snap)
 }
@@ -355,18 +402,35 @@ pub(crate) fn upload(
         upload.device.device_id.as_str(),
     );
     let mut facts = DeviceFacts::default();
-    for (id, json) in &upload.one_time_keys {
-        if let Some(v) = t.otk_index.get((u, d, id.as_str()))? {
-            facts.stored_otks.insert(id.clone(), KeyDigest(v.value().1));
-        }
-        let digest = json.digest();
-        if t.issued_index.get((u, d, id.as_str(), digest.0))?.is_some() {
-            facts.issued.insert((id.clone(), digest));
-        }
-        if let std::collections::hash_map::Entry::Vacant(slot) =
-            facts.otk_counts.entry(id.algorithm())
-        {
-            slot.insert(t.alg_counts((u, d, id.algorithm_str()))?.0);
+    let mut queues: BTreeMap<&str, Queue> = BTreeMap::new();
+    for id in upload.one_time_keys.keys() {
+        let alg = id.algorithm_str();
+        let (_, head, end) = match queues.get(alg) {
+            Some(q) => *q,
+            None => {
+                let q = t.queue((u, d, alg))?;
+                queues.insert(alg, q);
+                facts.otk_counts.insert(id.algorithm(), q.2 - q.1);
+                q
+            }
+        };
+        let key_id = id.as_str();
+        for row in t.ids.range((u, d, key_id, 0)..=(u, d, key_id, u64::MAX))? {
+            let (k, v) = row?;
+            let pos = k.value().3;
+            let digest = KeyDigest(v.value());
+            if pos >= end {
+                return Err(Fatal::Other(Error::corrupt(format!(
+                    "one-time key {key_id} of {} lies after its queue",
+                    upload.device
+                ))));
+            } else if pos >= head {
+                facts.stored_otks.insert(id.clone(), digest);
+            } else {
+                // Remembered: issued earlier (R3.4). One that was pruned
+                // from the queue has no row here any more.
+                facts.issued.insert((id.clone(), digest));
+            }
         }
     }
     for alg in upload.fallback_keys.keys() {
@@ -383,19 +447,27 @@ pub(crate) fn upload(
     };
     let changed = !plan.is_noop();
     if !plan.insert_otks.is_empty() {
+        // One sequence number for the upload; inside a queue, key ID order
+        // (the plan's), so positions follow (seq, key ID) (R3.5).
         let seq = t.take_seq();
-        let mut added: BTreeMap<&str, u64> = BTreeMap::new();
         for (id, json) in plan.insert_otks {
             let alg = id.algorithm_str();
-            t.otks
-                .insert((u, d, alg, seq, id.as_str()), json.canonical())?;
-            t.otk_index
-                .insert((u, d, id.as_str()), (seq, json.digest().0))?;
-            *added.entry(alg).or_insert(0) += 1;
+            let mut q = match queues.get(alg) {
+                Some(q) => *q,
+                None => t.queue((u, d, alg))?,
+            };
+            t.append(
+                (u, d, alg),
+                &mut q,
+                seq,
+                id.as_str(),
+                json.digest().0,
+                json.canonical(),
+            )?;
+            queues.insert(alg, q);
         }
-        for (alg, n) in added {
-            let (otks, issued) = t.alg_counts((u, d, alg))?;
-            t.set_alg_counts((u, d, alg), (otks.saturating_add(n), issued))?;
+        for (alg, q) in &queues {
+            t.set_queue((u, d, alg), *q)?;
         }
     }
     for (alg, id, json) in plan.replace_fallbacks {
@@ -404,7 +476,7 @@ pub(crate) fn upload(
             (id.as_str(), json.canonical(), false, json.digest().0),
         )?;
     }
-    let counts = counts(&t.alg_counts, u, d)?;
+    let counts = counts(&t.queue, u, d)?;
     let changes = if changed {
         Changes::from_devices([upload.device.clone()])
     } else {
@@ -413,18 +485,30 @@ pub(crate) fn upload(
     Ok(Ok(UploadOutcome { counts, changes }))
 }
 
-/// One key a claim handed out, as stored: parsed by the caller, off the
-/// writer thread.
+/// Key JSON the store wrote itself, rebuilt without parsing it into a value,
+/// canonicalizing or hashing again ([`KeyJson::from_stored`]). The text is
+/// still checked to be JSON (a cheap scan), so that a damaged row is an
+/// error rather than a wrong answer (R10.4).
+fn stored_json(text: &str, digest: Digest) -> Result<KeyJson, Fatal> {
+    if text.is_empty() || serde_json::from_str::<serde::de::IgnoredAny>(text).is_err() {
+        return Err(Fatal::Other(Error::corrupt("stored key JSON: not JSON")));
+    }
+    Ok(KeyJson::from_stored(text, KeyDigest(digest)))
+}
+
+/// One key a claim handed out, as stored: turned into key JSON by the
+/// caller, off the writer thread.
 #[derive(Debug)]
 pub(crate) struct RawKey {
     /// The index of its target in the claim.
     target: usize,
     key_id: String,
     json: String,
+    digest: Digest,
     fallback: bool,
 }
 
-/// A committed claim, its keys not yet parsed.
+/// A committed claim, its keys not yet turned into key JSON.
 #[derive(Debug)]
 pub(crate) struct RawClaim {
     keys: Vec<RawKey>,
@@ -433,10 +517,10 @@ pub(crate) struct RawClaim {
 }
 
 impl RawClaim {
-    /// Parses the keys into the answer.
+    /// Builds the answer.
     ///
     /// # Errors
-    /// [`Error::Corrupt`] when a stored key does not parse back (the claim
+    /// [`Error::Corrupt`] when a stored key does not read back (the claim
     /// has committed: such a key is gone, it could not be used anyway).
     pub(crate) fn into_outcome(self, targets: &[ClaimTarget]) -> Result<ClaimOutcome> {
         let mut keys = Vec::with_capacity(self.keys.len());
@@ -447,7 +531,7 @@ impl RawClaim {
             keys.push(ClaimedKey {
                 device: target.device.clone(),
                 key_id: parse_key_id(&raw.key_id).map_err(|f| f.into_error("claim"))?,
-                key_json: parse_json(&raw.json).map_err(|f| f.into_error("claim"))?,
+                key_json: stored_json(&raw.json, raw.digest).map_err(|f| f.into_error("claim"))?,
                 fallback: raw.fallback,
             });
         }
@@ -458,11 +542,11 @@ impl RawClaim {
     }
 }
 
-/// A claim (section 4): per target, the oldest OTKs of the (device,
-/// algorithm) range, removed as they are read; else the fallback key,
-/// marked used. The keys' JSON is parsed by the caller
-/// ([`RawClaim::into_outcome`]), so that the writer thread does only
-/// storage work.
+/// A claim (section 4): per target, the keys at the head of the (device,
+/// algorithm) queue, which moves past them (they stay behind it as the
+/// remembered issued keys, R3.4); else the fallback key, marked used. The
+/// keys' JSON is rebuilt by the caller ([`RawClaim::into_outcome`]), so
+/// that the writer thread does only storage work.
 pub(crate) fn claim(
     t: &mut WriteTables<'_>,
     targets: &[ClaimTarget],
@@ -471,7 +555,7 @@ pub(crate) fn claim(
     let mut keys = Vec::new();
     let mut changed = Vec::new();
     for (index, target) in targets.iter().enumerate() {
-        let count = limits.clamp_count(target.count) as usize;
+        let count = limits.clamp_count(target.count);
         if count == 0 {
             continue;
         }
@@ -481,41 +565,34 @@ pub(crate) fn claim(
             device.device_id.as_str(),
             target.algorithm.as_str(),
         );
-        let hi = succ(a);
-        let mut taken: Vec<(String, String)> = Vec::new();
-        {
-            let mut it = t
-                .otks
-                .extract_from_if((u, d, a, 0, "")..(u, d, hi.as_str(), 0, ""), |_, _| true)?;
-            while taken.len() < count {
-                let Some(row) = it.next() else { break };
+        let mut q = t.queue((u, d, a))?;
+        let (_, head, end) = q;
+        if head < end {
+            let n = u64::from(count).min(end - head);
+            let mut next = head;
+            for row in t.keys.range((u, d, a, head)..(u, d, a, head + n))? {
                 let (k, v) = row?;
-                taken.push((k.value().4.to_owned(), v.value().to_owned()));
-            }
-            it.close()?;
-        }
-        if !taken.is_empty() {
-            let (otks, mut issued) = t.alg_counts((u, d, a))?;
-            let otks = otks.saturating_sub(taken.len() as u64);
-            for (key_id, json) in taken {
-                let digest = t
-                    .otk_index
-                    .remove((u, d, key_id.as_str()))?
-                    .map(|v| v.value().1)
-                    .ok_or_else(|| {
-                        Fatal::Other(Error::corrupt(format!(
-                            "one-time key {key_id} of {device} is missing from the key index"
-                        )))
-                    })?;
-                remember_issued(t, (u, d, a), &key_id, digest, limits, &mut issued)?;
+                let (_, key_id, digest, json) = v.value();
+                if k.value().3 != next {
+                    break;
+                }
+                next += 1;
                 keys.push(RawKey {
                     target: index,
-                    key_id,
-                    json,
+                    key_id: key_id.to_owned(),
+                    json: json.to_owned(),
+                    digest,
                     fallback: false,
                 });
             }
-            t.set_alg_counts((u, d, a), (otks, issued))?;
+            if next != head + n {
+                return Err(Fatal::Other(Error::corrupt(format!(
+                    "one-time key at position {next} of {device} is missing from its queue"
+                ))));
+            }
+            q.1 = next;
+            prune(t, (u, d, a), &mut q, limits)?;
+            t.set_queue((u, d, a), q)?;
             changed.push(device.clone());
             continue;
         }
@@ -533,6 +610,7 @@ pub(crate) fn claim(
                 target: index,
                 key_id,
                 json,
+                digest,
                 fallback: true,
             });
         }
@@ -543,66 +621,35 @@ pub(crate) fn claim(
     })
 }
 
-/// Remembers an issued OTK (R3.4), keeping the newest
-/// `limits.remembered_issued_keys` of the (device, algorithm); `issued` is
-/// the (device, algorithm)'s count of remembered keys, kept up to date here
-/// and written back by the caller.
-fn remember_issued(
+/// Forgets the oldest remembered issued keys of a queue (R3.4) once more
+/// than `limits.remembered_issued_keys` + [`PRUNE_CHUNK`] are remembered,
+/// down to the limit: one contiguous range of `otk_keys` and the keys'
+/// `otk_ids` rows, once every [`PRUNE_CHUNK`] claims of a busy queue.
+fn prune(
     t: &mut WriteTables<'_>,
     (u, d, a): DeviceAlgKey<'_>,
-    key_id: &str,
-    digest: Digest,
+    q: &mut Queue,
     limits: &Limits,
-    issued: &mut u64,
 ) -> Result<(), Fatal> {
     let keep = u64::try_from(limits.remembered_issued_keys).unwrap_or(u64::MAX);
-    if keep == 0 {
+    let (first, head, _) = *q;
+    if head - first <= keep.saturating_add(PRUNE_CHUNK) {
         return Ok(());
     }
-    let seq = t.take_seq();
-    let previous = t
-        .issued_index
-        .insert((u, d, key_id, digest), seq)?
-        .map(|v| v.value());
-    if let Some(previous) = previous {
-        // Already remembered (only an import can lead here): it keeps its
-        // place, as in the reference store.
-        t.issued_index.insert((u, d, key_id, digest), previous)?;
-        return Ok(());
+    let new_first = head - keep;
+    let mut forgotten: Vec<(String, u64)> = Vec::new();
+    remove_range(
+        &mut t.keys,
+        (u, d, a, first),
+        (u, d, a, new_first),
+        |_| {},
+        |k, v| forgotten.push((v.1.to_owned(), k.3)),
+    )?;
+    for (key_id, pos) in &forgotten {
+        t.ids.remove((u, d, key_id.as_str(), *pos))?;
     }
-    t.issued.insert((u, d, a, seq), (key_id, digest))?;
-    *issued += 1;
-    if *issued > keep {
-        *issued -= prune_issued(t, (u, d, a), *issued - keep)?;
-    }
+    q.0 = new_first;
     Ok(())
-}
-
-/// Forgets the `excess` oldest remembered issued keys of a (device,
-/// algorithm); returns how many it forgot.
-fn prune_issued(
-    t: &mut WriteTables<'_>,
-    (u, d, a): DeviceAlgKey<'_>,
-    excess: u64,
-) -> Result<u64, Fatal> {
-    let hi = succ(a);
-    let mut forgotten: Vec<(String, Digest)> = Vec::new();
-    {
-        let mut it = t
-            .issued
-            .extract_from_if((u, d, a, 0)..(u, d, hi.as_str(), 0), |_, _| true)?;
-        while (forgotten.len() as u64) < excess {
-            let Some(row) = it.next() else { break };
-            let (_, v) = row?;
-            let (key_id, digest) = v.value();
-            forgotten.push((key_id.to_owned(), digest));
-        }
-        it.close()?;
-    }
-    for (key_id, digest) in &forgotten {
-        t.issued_index.remove((u, d, key_id.as_str(), *digest))?;
-    }
-    Ok(forgotten.len() as u64)
 }
 
 /// Removes every row of one device from every table; returns whether it had
@@ -611,17 +658,16 @@ fn delete_device_rows(t: &mut WriteTables<'_>, u: &str, d: &str) -> Result<bool,
     let hi = succ(d);
     let hi = hi.as_str();
     let mut n = 0;
-    n += remove_range(&mut t.otks, (u, d, "", 0, ""), (u, hi, "", 0, ""), |_| {})?;
-    n += remove_range(&mut t.otk_index, (u, d, ""), (u, hi, ""), |_| {})?;
-    n += remove_range(&mut t.alg_counts, (u, d, ""), (u, hi, ""), |_| {})?;
-    n += remove_range(&mut t.fallbacks, (u, d, ""), (u, hi, ""), |_| {})?;
-    n += remove_range(&mut t.issued, (u, d, "", 0), (u, hi, "", 0), |_| {})?;
+    n += remove_range(&mut t.queue, (u, d, ""), (u, hi, ""), |_| {}, |_, _| {})?;
     n += remove_range(
-        &mut t.issued_index,
-        (u, d, "", [0; 32]),
-        (u, hi, "", [0; 32]),
+        &mut t.keys,
+        (u, d, "", 0),
+        (u, hi, "", 0),
         |_| {},
+        |_, _| {},
     )?;
+    n += remove_range(&mut t.ids, (u, d, "", 0), (u, hi, "", 0), |_| {}, |_, _| {})?;
+    n += remove_range(&mut t.fallbacks, (u, d, ""), (u, hi, ""), |_| {}, |_, _| {})?;
     Ok(n > 0)
 }
 
@@ -646,17 +692,34 @@ pub(crate) fn delete_user(t: &mut WriteTables<'_>, user: &UserId) -> Result<Chan
             devices.insert(d.to_owned());
         }
     };
-    // Every device with state has a row in `alg_counts` or `fallbacks`.
-    remove_range(&mut t.alg_counts, (u, "", ""), (hi, "", ""), |k| note(k.1))?;
-    remove_range(&mut t.fallbacks, (u, "", ""), (hi, "", ""), |k| note(k.1))?;
-    remove_range(&mut t.otks, (u, "", "", 0, ""), (hi, "", "", 0, ""), |_| {})?;
-    remove_range(&mut t.otk_index, (u, "", ""), (hi, "", ""), |_| {})?;
-    remove_range(&mut t.issued, (u, "", "", 0), (hi, "", "", 0), |_| {})?;
+    // Every device with state has a row in `otk_queue` or `fallbacks`.
     remove_range(
-        &mut t.issued_index,
-        (u, "", "", [0; 32]),
-        (hi, "", "", [0; 32]),
+        &mut t.queue,
+        (u, "", ""),
+        (hi, "", ""),
+        |k| note(k.1),
+        |_, _| {},
+    )?;
+    remove_range(
+        &mut t.fallbacks,
+        (u, "", ""),
+        (hi, "", ""),
+        |k| note(k.1),
+        |_, _| {},
+    )?;
+    remove_range(
+        &mut t.keys,
+        (u, "", "", 0),
+        (hi, "", "", 0),
         |_| {},
+        |_, _| {},
+    )?;
+    remove_range(
+        &mut t.ids,
+        (u, "", "", 0),
+        (hi, "", "", 0),
+        |_| {},
+        |_, _| {},
     )?;
     let mut out = Vec::with_capacity(devices.len());
     for d in devices {
@@ -668,9 +731,11 @@ pub(crate) fn delete_user(t: &mut WriteTables<'_>, user: &UserId) -> Result<Chan
     Ok(Changes::from_devices(out))
 }
 
-/// Replaces a device's state with a snapshot. OTKs keep the snapshot's
-/// sequence numbers and the counter moves past them, so that later uploads
-/// sort after every imported key.
+/// Replaces a device's state with a snapshot. Per algorithm, the remembered
+/// issued keys (oldest first) go before the head of the queue, the OTKs
+/// after it in (seq, key ID) order; OTKs keep the snapshot's sequence
+/// numbers and the counter moves past them, so that later uploads sort
+/// after every imported key.
 pub(crate) fn import_device(
     t: &mut WriteTables<'_>,
     snapshot: &DeviceSnapshot,
@@ -680,21 +745,53 @@ pub(crate) fn import_device(
         snapshot.device.device_id.as_str(),
     );
     delete_device_rows(t, u, d)?;
+    type Pending<'s> = (Vec<&'s IssuedKey>, Vec<&'s StoredOtk>);
+    let mut per_alg: BTreeMap<&str, Pending<'_>> = BTreeMap::new();
+    let mut seen_otks: HashSet<&str> = HashSet::new();
+    let mut seen_issued: HashSet<(&str, Digest)> = HashSet::new();
     let mut max_seq = 0;
-    let mut counts: BTreeMap<&str, AlgCounts> = BTreeMap::new();
-    for otk in &snapshot.one_time_keys {
-        let id = otk.key_id.as_str();
-        if t.otk_index.get((u, d, id))?.is_some() {
-            // A key ID given twice: the first one counts.
-            continue;
+    for keys in snapshot.issued.values() {
+        for key in keys {
+            // Filed under its key ID's algorithm, where uploads look for it.
+            if seen_issued.insert((key.key_id.as_str(), key.digest.0)) {
+                let alg = key.key_id.algorithm_str();
+                per_alg.entry(alg).or_default().0.push(key);
+            }
         }
-        let alg = otk.key_id.algorithm_str();
-        t.otks
-            .insert((u, d, alg, otk.seq, id), otk.key_json.canonical())?;
-        t.otk_index
-            .insert((u, d, id), (otk.seq, otk.key_json.digest().0))?;
-        counts.entry(alg).or_insert((0, 0)).0 += 1;
-        max_seq = max_seq.max(otk.seq);
+    }
+    for otk in &snapshot.one_time_keys {
+        // A key ID given twice: the first one counts.
+        if seen_otks.insert(otk.key_id.as_str()) {
+            let alg = otk.key_id.algorithm_str();
+            per_alg.entry(alg).or_default().1.push(otk);
+            max_seq = max_seq.max(otk.seq);
+        }
+    }
+    for (alg, (issued, mut otks)) in per_alg {
+        otks.sort_by(|a, b| (a.seq, a.key_id.as_str()).cmp(&(b.seq, b.key_id.as_str())));
+        let mut q: Queue = (0, 0, 0);
+        for key in issued {
+            t.append(
+                (u, d, alg),
+                &mut q,
+                0,
+                key.key_id.as_str(),
+                key.digest.0,
+                "",
+            )?;
+        }
+        q.1 = q.2;
+        for otk in otks {
+            t.append(
+                (u, d, alg),
+                &mut q,
+                otk.seq,
+                otk.key_id.as_str(),
+                otk.key_json.digest().0,
+                otk.key_json.canonical(),
+            )?;
+        }
+        t.set_queue((u, d, alg), q)?;
     }
     for (alg, fb) in &snapshot.fallback_keys {
         t.fallbacks.insert(
@@ -706,23 +803,6 @@ pub(crate) fn import_device(
                 fb.key_json.digest().0,
             ),
         )?;
-    }
-    for (alg, keys) in &snapshot.issued {
-        let a = alg.as_str();
-        let n = &mut counts.entry(a).or_insert((0, 0)).1;
-        for key in keys {
-            let id = key.key_id.as_str();
-            if t.issued_index.get((u, d, id, key.digest.0))?.is_some() {
-                continue;
-            }
-            let seq = t.take_seq();
-            t.issued.insert((u, d, a, seq), (id, key.digest.0))?;
-            t.issued_index.insert((u, d, id, key.digest.0), seq)?;
-            *n += 1;
-        }
-    }
-    for (alg, alg_counts) in counts {
-        t.set_alg_counts((u, d, alg), alg_counts)?;
     }
     t.raise_seq_to(max_seq.saturating_add(1));
     Ok(Changes::from_devices([snapshot.device.clone()]))

@@ -20,16 +20,15 @@
 //!   and makes the writer reopen the file ([`crate::slot`]).
 //!
 //! A batch that wrote nothing is dropped instead of committed (no fsync).
-//! When fewer operations are queued than the previous batch held, the
-//! writer waits up to `linger` for the rest of those callers, whose next
-//! operations are on their way.
+//! A batch is what queued up while the previous one ran: a lone operation
+//! is committed at once, the writer never waits for company unless
+//! `linger` is set (off by default).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use keyclaim::{
     ChangeNotifier, Changes, ClaimTarget, Device, DeviceSnapshot, Error, Limits, Result, Upload,
     UploadOutcome, UserId,
@@ -38,6 +37,7 @@ use redb::{Database, WriteTransaction};
 use tokio::sync::oneshot;
 
 use crate::ops::{self, Fatal, RawClaim, WriteTables};
+use crate::queue::{JobQueue, Taken};
 use crate::slot::{DbSlot, needs_reopen};
 use crate::{BACKEND, RedbDurability, WriterStats};
 
@@ -102,7 +102,7 @@ pub(crate) struct WriterConfig {
 /// thread finish what was queued, and joins it.
 #[derive(Debug)]
 pub(crate) struct Writer {
-    tx: Option<Sender<Job>>,
+    queue: Arc<JobQueue<Job>>,
     thread: Option<JoinHandle<()>>,
     counters: Arc<Counters>,
 }
@@ -135,15 +135,16 @@ impl Writer {
         config: WriterConfig,
         notifier: ChangeNotifier,
     ) -> Result<Self> {
-        let (tx, rx) = crossbeam_channel::unbounded::<Job>();
+        let queue = Arc::new(JobQueue::new());
         let counters = Arc::new(Counters::default());
         let thread_counters = Arc::clone(&counters);
+        let thread_queue = Arc::clone(&queue);
         let thread = std::thread::Builder::new()
             .name("keyclaim-redb-writer".into())
-            .spawn(move || run(&slot, &rx, &config, &notifier, &thread_counters))
+            .spawn(move || run(&slot, &thread_queue, &config, &notifier, &thread_counters))
             .map_err(|e| Error::storage(BACKEND, "open", false, e))?;
         Ok(Self {
-            tx: Some(tx),
+            queue,
             thread: Some(thread),
             counters,
         })
@@ -168,17 +169,13 @@ impl Writer {
             reply,
             span: tracing::Span::current(),
         };
-        self.tx
-            .as_ref()
-            .ok_or(Error::Closed)?
-            .send(job)
-            .map_err(|_| Error::Closed)?;
+        self.queue.push(job).map_err(|_| Error::Closed)?;
         rx.await.map_err(|_| Error::Closed)?
     }
 
     /// Closes the queue and waits for the thread to finish it.
     pub(crate) fn shutdown(&mut self) {
-        self.tx = None;
+        self.queue.close();
         if let Some(thread) = self.thread.take() {
             // A panicked writer has already failed its callers (their reply
             // senders were dropped); nothing more to report here.
@@ -196,7 +193,7 @@ impl Drop for Writer {
 /// The writer loop: take a batch, run it, answer; flush relaxed commits.
 fn run(
     slot: &DbSlot,
-    rx: &Receiver<Job>,
+    queue: &JobQueue<Job>,
     config: &WriterConfig,
     notifier: &ChangeNotifier,
     counters: &Counters,
@@ -211,27 +208,25 @@ fn run(
     // on the writer at a time.
     let mut last_batch = 1;
     loop {
-        let first = match (flush_every, unflushed_since) {
-            (Some(every), Some(since)) => {
-                let wait = every.saturating_sub(since.elapsed());
-                match rx.recv_timeout(wait) {
-                    Ok(job) => Some(job),
-                    Err(RecvTimeoutError::Timeout) => None,
-                    Err(RecvTimeoutError::Disconnected) => break,
+        let deadline = match (flush_every, unflushed_since) {
+            (Some(every), Some(since)) => Some(since + every),
+            _ => None,
+        };
+        let mut batch = match queue.take(config.max_batch, deadline) {
+            Taken::Items(batch) => batch,
+            Taken::TimedOut => {
+                if flush(slot).is_ok() {
+                    unflushed_since = None;
                 }
+                continue;
             }
-            _ => match rx.recv() {
-                Ok(job) => Some(job),
-                Err(_) => break,
-            },
+            Taken::Closed => break,
         };
-        let Some(first) = first else {
-            if flush(slot).is_ok() {
-                unflushed_since = None;
-            }
-            continue;
-        };
-        let batch = gather(rx, first, config, last_batch);
+        if !config.linger.is_zero() && batch.len() < last_batch {
+            // Opt-in: wait a little for the rest of the previous batch's
+            // callers, whose next operations are on their way.
+            queue.top_up(&mut batch, config.max_batch, last_batch, config.linger);
+        }
         last_batch = batch.len();
         let durable = match (flush_every, unflushed_since) {
             (Some(every), Some(since)) => since.elapsed() >= every,
@@ -271,32 +266,6 @@ fn run(
     if unflushed_since.is_some() {
         let _ = flush(slot);
     }
-}
-
-/// Collects a batch: everything already queued, then, when the previous
-/// batch was bigger than what is queued now, up to `config.linger` more for
-/// the callers of the previous batch, who are sending their next operation
-/// just now. Without that wait, the writer would start a transaction for the
-/// first one or two callers back and make the rest wait a whole commit.
-fn gather(rx: &Receiver<Job>, first: Job, config: &WriterConfig, last_batch: usize) -> Vec<Job> {
-    let mut batch = vec![first];
-    while batch.len() < config.max_batch {
-        match rx.try_recv() {
-            Ok(job) => batch.push(job),
-            Err(_) => break,
-        }
-    }
-    let want = last_batch.min(config.max_batch);
-    if batch.len() < want && !config.linger.is_zero() {
-        let deadline = Instant::now() + config.linger;
-        while batch.len() < want {
-            match rx.recv_deadline(deadline) {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
-            }
-        }
-    }
-    batch
 }
 
 /// An empty durable commit, which makes every earlier non-durable commit

@@ -125,12 +125,14 @@ fn rejected_operation_does_not_fail_its_batch_mates() {
     });
 }
 
-const OTKS_DEF: redb::TableDefinition<'_, (&str, &str, &str, u64, &str), &str> =
-    redb::TableDefinition::new("otks");
-const OTK_INDEX_DEF: redb::TableDefinition<'_, (&str, &str, &str), (u64, [u8; 32])> =
-    redb::TableDefinition::new("otk_index");
-const COUNTS_DEF: redb::TableDefinition<'_, (&str, &str, &str), (u64, u64)> =
-    redb::TableDefinition::new("alg_counts");
+// The tables of format version 2 (see `schema.rs`).
+type OtkRow<'a> = (u64, &'a str, [u8; 32], &'a str);
+const KEYS_DEF: redb::TableDefinition<'_, (&str, &str, &str, u64), OtkRow<'_>> =
+    redb::TableDefinition::new("otk_keys");
+const IDS_DEF: redb::TableDefinition<'_, (&str, &str, &str, u64), [u8; 32]> =
+    redb::TableDefinition::new("otk_ids");
+const QUEUE_DEF: redb::TableDefinition<'_, (&str, &str, &str), (u64, u64, u64)> =
+    redb::TableDefinition::new("otk_queue");
 
 /// Writes rows into a closed store's file behind its back.
 fn tamper(path: &std::path::Path, f: impl FnOnce(&redb::WriteTransaction)) {
@@ -154,8 +156,8 @@ fn failing_operation_is_retried_alone() {
         tamper(&path, |txn| {
             // An algorithm with a colon cannot be valid: reading the
             // device's counts fails with Error::Corrupt.
-            let mut c = txn.open_table(COUNTS_DEF).unwrap();
-            c.insert(("@bad:example.org", "BAD", "bad:alg"), (1, 0))
+            let mut c = txn.open_table(QUEUE_DEF).unwrap();
+            c.insert(("@bad:example.org", "BAD", "bad:alg"), (0, 0, 1))
                 .unwrap();
         });
         let store = Arc::new(RedbStore::open(&path).await.unwrap());
@@ -216,21 +218,21 @@ fn corrupt_stored_key_is_an_error() {
         let path = dir.path().join("k.redb");
         RedbStore::open(&path).await.unwrap().close().await.unwrap();
         tamper(&path, |txn| {
-            let key = ("@bad:example.org", "BAD", SC, 0, "signed_curve25519:X");
-            txn.open_table(OTKS_DEF)
-                .unwrap()
-                .insert(key, "{not json")
-                .unwrap();
-            txn.open_table(OTK_INDEX_DEF)
+            let id = "signed_curve25519:X";
+            txn.open_table(KEYS_DEF)
                 .unwrap()
                 .insert(
-                    ("@bad:example.org", "BAD", "signed_curve25519:X"),
-                    (0, [0; 32]),
+                    ("@bad:example.org", "BAD", SC, 0),
+                    (1, id, [0; 32], "{not json"),
                 )
                 .unwrap();
-            txn.open_table(COUNTS_DEF)
+            txn.open_table(IDS_DEF)
                 .unwrap()
-                .insert(("@bad:example.org", "BAD", SC), (1, 0))
+                .insert(("@bad:example.org", "BAD", id, 0), [0; 32])
+                .unwrap();
+            txn.open_table(QUEUE_DEF)
+                .unwrap()
+                .insert(("@bad:example.org", "BAD", SC), (0, 0, 1))
                 .unwrap();
         });
         let store = RedbStore::open(&path).await.unwrap();

@@ -15,3 +15,4 @@ mod conformance;
 mod crash;
 mod faults;
 mod open;
+mod remembered;
