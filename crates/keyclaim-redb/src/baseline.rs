@@ -243,8 +243,9 @@ impl KeyStore for BaselineStore {
         limit: usize,
     ) -> Result<Vec<DeviceSnapshot>> {
         let after = after.cloned();
+        let limits = self.limits.clone();
         read(&self.slot, "export_devices", move |txn| {
-            ops::export_devices(txn, after.as_ref(), limit)
+            ops::export_devices(txn, after.as_ref(), limit, &limits)
         })
         .await
     }

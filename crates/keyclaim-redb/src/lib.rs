@@ -533,8 +533,9 @@ impl KeyStore for RedbStore {
     ) -> Result<Vec<DeviceSnapshot>> {
         let span = tracing::debug_span!("keyclaim_redb.export_devices", limit);
         let after = after.cloned();
+        let limits = self.limits.clone();
         read(&self.slot, "export_devices", move |txn| {
-            ops::export_devices(txn, after.as_ref(), limit)
+            ops::export_devices(txn, after.as_ref(), limit, &limits)
         })
         .instrument(span)
         .await

@@ -266,24 +266,19 @@ pub(crate) fn sync_state(txn: &ReadTransaction, device: &Device) -> Result<SyncS
 }
 
 /// Up to `limit` devices with state, after `after`, in (user, device) byte
-/// order. A device has state iff it has a row in `otk_queue` (which has none
-/// for a (device, algorithm) without stored and remembered keys) or in
-/// `fallbacks`; each of the two is read for at most `limit` distinct
-/// devices, and the union's first `limit` are the answer.
+/// order. A device has a row in `otk_queue` (which has none for a (device,
+/// algorithm) without stored and remembered keys) or in `fallbacks`; each of
+/// the two is read for at most `limit` distinct devices, and the union's
+/// first `limit` are the candidates. A candidate whose only rows are
+/// forgotten issued keys waiting to be pruned has no state and is left out;
+/// another round then fills the page, so that a short page still means the
+/// end of the store.
 pub(crate) fn export_devices(
     txn: &ReadTransaction,
     after: Option<&Device>,
     limit: usize,
+    limits: &Limits,
 ) -> Result<Vec<DeviceSnapshot>, Fatal> {
-    if limit == 0 {
-        return Ok(Vec::new());
-    }
-    let lo_device = after.map(|a| (a.user_id.as_str(), succ(a.device_id.as_str())));
-    let lo: DeviceAlgKey<'_> = match &lo_device {
-        Some((u, d)) => (u, d.as_str(), ""),
-        None => ("", "", ""),
-    };
-    let mut devices: BTreeSet<(String, String)> = BTreeSet::new();
     fn scan<T, V>(
         table: &T,
         lo: DeviceAlgKey<'_>,
@@ -312,21 +307,60 @@ pub(crate) fn export_devices(
         }
         Ok(())
     }
-    scan(&txn.open_table(OTK_QUEUE)?, lo, limit, &mut devices)?;
-    scan(&txn.open_table(FALLBACKS)?, lo, limit, &mut devices)?;
+    let keep = remembered_limit(limits);
+    let queues = txn.open_table(OTK_QUEUE)?;
+    let fallbacks = txn.open_table(FALLBACKS)?;
     let mut out = Vec::new();
-    for (u, d) in devices.into_iter().take(limit) {
-        let device = Device::new(
-            UserId::parse(u).map_err(corrupt("stored user ID"))?,
-            DeviceId::parse(d).map_err(corrupt("stored device ID"))?,
-        );
-        out.push(snapshot(txn, device)?);
+    let mut cursor: Option<(String, String)> = after.map(|a| {
+        (
+            a.user_id.as_str().to_owned(),
+            a.device_id.as_str().to_owned(),
+        )
+    });
+    while out.len() < limit {
+        let want = limit - out.len();
+        let lo_device = cursor.as_ref().map(|(u, d)| (u.as_str(), succ(d)));
+        let lo: DeviceAlgKey<'_> = match &lo_device {
+            Some((u, d)) => (u, d.as_str(), ""),
+            None => ("", "", ""),
+        };
+        let mut devices: BTreeSet<(String, String)> = BTreeSet::new();
+        scan(&queues, lo, want, &mut devices)?;
+        scan(&fallbacks, lo, want, &mut devices)?;
+        let batch: Vec<(String, String)> = devices.into_iter().take(want).collect();
+        let Some(last) = batch.last().cloned() else {
+            break;
+        };
+        for (u, d) in batch {
+            let device = Device::new(
+                UserId::parse(u).map_err(corrupt("stored user ID"))?,
+                DeviceId::parse(d).map_err(corrupt("stored device ID"))?,
+            );
+            let snap = snapshot(txn, device, keep)?;
+            if !(snap.one_time_keys.is_empty()
+                && snap.fallback_keys.is_empty()
+                && snap.issued.is_empty())
+            {
+                out.push(snap);
+            }
+        }
+        cursor = Some(last);
     }
     Ok(out)
 }
 
-/// The whole state of one device.
-fn snapshot(txn: &ReadTransaction, device: Device) -> Result<DeviceSnapshot, Fatal> {
+/// `limits.remembered_issued_keys` as a queue distance: a key issued at
+/// position `pos` of a queue whose head is `head` is remembered while
+/// `head - pos <= keep` (R3.4), exactly the newest `keep`, as the reference
+/// model does. Older rows wait to be pruned ([`prune`]) and count as
+/// forgotten.
+fn remembered_limit(limits: &Limits) -> u64 {
+    u64::try_from(limits.remembered_issued_keys).unwrap_or(u64::MAX)
+}
+
+/// The whole state of one device; of its issued keys, the remembered ones
+/// (the newest `keep` per algorithm).
+fn snapshot(txn: &ReadTransaction, device: Device, keep: u64) -> Result<DeviceSnapshot, Fatal> {
     let (u, d) = (device.user_id.as_str(), device.device_id.as_str());
     let hi = succ(d);
     let mut snap = DeviceSnapshot::empty(device.clone());
@@ -357,6 +391,10 @@ fn snapshot(txn: &ReadTransaction, device: Device) -> Result<DeviceSnapshot, Fat
                 seq,
             });
         } else if pos >= first {
+            if head - pos > keep {
+                // Forgotten; the row waits to be pruned.
+                continue;
+            }
             snap.issued
                 .entry(parse_alg(alg)?)
                 .or_default()
@@ -401,6 +439,7 @@ pub(crate) fn upload(
         upload.device.user_id.as_str(),
         upload.device.device_id.as_str(),
     );
+    let keep = remembered_limit(limits);
     let mut facts = DeviceFacts::default();
     let mut queues: BTreeMap<&str, Queue> = BTreeMap::new();
     for id in upload.one_time_keys.keys() {
@@ -426,9 +465,10 @@ pub(crate) fn upload(
                 ))));
             } else if pos >= head {
                 facts.stored_otks.insert(id.clone(), digest);
-            } else {
-                // Remembered: issued earlier (R3.4). One that was pruned
-                // from the queue has no row here any more.
+            } else if head - pos <= keep {
+                // Remembered: among the newest `keep` issued (R3.4). Older
+                // ones are forgotten, whether their rows were pruned yet or
+                // not.
                 facts.issued.insert((id.clone(), digest));
             }
         }
@@ -631,7 +671,7 @@ fn prune(
     q: &mut Queue,
     limits: &Limits,
 ) -> Result<(), Fatal> {
-    let keep = u64::try_from(limits.remembered_issued_keys).unwrap_or(u64::MAX);
+    let keep = remembered_limit(limits);
     let (first, head, _) = *q;
     if head - first <= keep.saturating_add(PRUNE_CHUNK) {
         return Ok(());

@@ -1,5 +1,7 @@
 //! Remembered issued keys (R3.4) in format 2: claimed keys stay behind the
-//! queue's head and the oldest are pruned in chunks, never below the limit.
+//! queue's head; exactly the newest `remembered_issued_keys` are remembered,
+//! as the reference model does, and the rows of older ones are pruned in
+//! chunks.
 
 use keyclaim::{ClaimTarget, KeyStore, Limits, Upload};
 use keyclaim_conformance::fixtures::{SC, alg, alice, kid, numbered_otks, signed};
@@ -14,7 +16,7 @@ fn rt() -> tokio::runtime::Runtime {
 }
 
 #[test]
-fn oldest_issued_keys_are_pruned_but_never_below_the_limit() {
+fn exactly_the_newest_issued_keys_are_remembered() {
     rt().block_on(async {
         let dir = tempfile::tempdir().unwrap();
         let mut limits = Limits::default();
@@ -39,9 +41,10 @@ fn oldest_issued_keys_are_pruned_but_never_below_the_limit() {
             claimed.extend(out.keys.into_iter().map(|k| k.key_id));
             let snap = store.export_devices(None, 1).await.unwrap();
             let issued = snap[0].issued.get(&alg(SC)).map_or(0, Vec::len);
-            assert!(
-                issued >= claimed.len().min(3) && issued <= 3 + 64,
-                "{issued} remembered after {} claimed",
+            assert_eq!(
+                issued,
+                claimed.len().min(3),
+                "remembered after {} claimed",
                 claimed.len()
             );
             // The remembered ones are the most recently issued, in order.
@@ -64,7 +67,19 @@ fn oldest_issued_keys_are_pruned_but_never_below_the_limit() {
             .await
             .unwrap();
         assert_eq!(out.counts.get_str(SC), 50);
-        // The oldest was forgotten: it is a new key again.
+        // The fourth newest is forgotten (its row may still wait to be
+        // pruned): it is a new key again.
+        let fourth = claimed[246].name().to_owned();
+        let again = vec![(
+            kid(&format!("{SC}:{fourth}")),
+            signed(&format!("k-{fourth}"), "x"),
+        )];
+        let out = store
+            .upload(&Upload::from_keys(a.clone(), again, []).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(out.counts.get_str(SC), 51);
+        // The oldest was forgotten long ago: it is a new key again.
         let first = claimed[0].name().to_owned();
         let again = vec![(
             kid(&format!("{SC}:{first}")),
@@ -74,8 +89,8 @@ fn oldest_issued_keys_are_pruned_but_never_below_the_limit() {
             .upload(&Upload::from_keys(a.clone(), again, []).unwrap())
             .await
             .unwrap();
-        assert_eq!(out.counts.get_str(SC), 51);
-        // It is handed out after the older stored keys.
+        assert_eq!(out.counts.get_str(SC), 52);
+        // Both are handed out after the older stored keys, in upload order.
         let mut rest = Vec::new();
         loop {
             let out = store.claim(std::slice::from_ref(&target)).await.unwrap();
@@ -84,8 +99,9 @@ fn oldest_issued_keys_are_pruned_but_never_below_the_limit() {
             }
             rest.extend(out.keys.into_iter().map(|k| k.key_id));
         }
-        assert_eq!(rest.len(), 51);
-        assert_eq!(rest[50], claimed[0]);
+        assert_eq!(rest.len(), 52);
+        assert_eq!(rest[50], claimed[246]);
+        assert_eq!(rest[51], claimed[0]);
         assert_eq!(rest[0], keys[250].0);
     });
 }
