@@ -190,7 +190,9 @@ pub(crate) const NOTIFY: &str = "SELECT pg_notify($1, p) FROM unnest($2::text[])
 /// an OTK, whose target is found by its user, device and algorithm, unique
 /// in a round; -1 for the notification row), `fallback`, `seq`, `key_id`,
 /// `key_json`, `changed` (this row changed its device: an OTK removed or a
-/// fallback newly marked used), `user_id`, `device_id`, `algorithm` (OTKs).
+/// fallback newly marked used), `user_id`, `device_id`, `algorithm` (OTKs),
+/// `digest` (of the key JSON, stored next to it: the key JSON is rebuilt
+/// from both without parsing it again).
 ///
 /// No step joins two intermediate results on a condition the planner could
 /// misjudge: a prepared statement's generic plan does not know how many
@@ -263,7 +265,7 @@ pruned AS (
     DELETE FROM issued i WHERE i.ctid = ANY (ARRAY(SELECT row_ctid FROM prune_locked))
 ),
 fb_seen AS MATERIALIZED (
-    SELECT p.ord, f.user_id, f.device_id, f.algorithm, f.key_id, f.key_json, f.used
+    SELECT p.ord, f.user_id, f.device_id, f.algorithm, f.key_id, f.key_json, f.digest, f.used
     FROM picked p CROSS JOIN LATERAL (
         SELECT * FROM fallback f
         WHERE f.user_id = p.user_id AND f.device_id = p.device_id
@@ -273,13 +275,13 @@ fb_seen AS MATERIALIZED (
     WHERE p.row_ctid IS NULL
 ),
 fb_locked AS MATERIALIZED (
-    SELECT s.ord, f.row_ctid, f.user_id, f.device_id, f.key_id, f.key_json, f.used
+    SELECT s.ord, f.row_ctid, f.user_id, f.device_id, f.key_id, f.key_json, f.digest, f.used
     FROM (
         SELECT * FROM fb_seen WHERE NOT used
         ORDER BY user_id, device_id, algorithm
     ) s
     CROSS JOIN LATERAL (
-        SELECT f.ctid AS row_ctid, f.user_id, f.device_id, f.key_id, f.key_json, f.used
+        SELECT f.ctid AS row_ctid, f.user_id, f.device_id, f.key_id, f.key_json, f.digest, f.used
         FROM fallback f
         WHERE f.user_id = s.user_id AND f.device_id = s.device_id
           AND f.algorithm = s.algorithm
@@ -314,16 +316,16 @@ notified AS (
     WHERE $8::bool
 )
 SELECT 0::int8 AS ord, false AS fallback, c.seq, c.key_id, c.key_json, true AS changed,
-       c.user_id, c.device_id, c.algorithm
+       c.user_id, c.device_id, c.algorithm, c.digest
   FROM claimed c
 UNION ALL
-SELECT s.ord, true, 0::int8, s.key_id, s.key_json, false, NULL, NULL, NULL
+SELECT s.ord, true, 0::int8, s.key_id, s.key_json, false, NULL, NULL, NULL, s.digest
   FROM fb_seen s WHERE s.used
 UNION ALL
-SELECT l.ord, true, 0::int8, l.key_id, l.key_json, NOT l.used, NULL, NULL, NULL
+SELECT l.ord, true, 0::int8, l.key_id, l.key_json, NOT l.used, NULL, NULL, NULL, l.digest
   FROM fb_locked l
 UNION ALL
-SELECT -1::int8, false, n, NULL, NULL, false, NULL, NULL, NULL FROM notified
+SELECT -1::int8, false, n, NULL, NULL, false, NULL, NULL, NULL, NULL FROM notified
 "#;
 
 const DELETE_DEVICE_OTKS: &str = "DELETE FROM otk WHERE user_id = $1 AND device_id = $2";
@@ -765,7 +767,13 @@ fn decode_claim(
         let fallback: bool = row.try_get(1).map_err(pg(op))?;
         let seq: i64 = row.try_get(2).map_err(pg(op))?;
         let key_id = parse_key_id(row.try_get(3).map_err(pg(op))?)?;
-        let key_json = parse_key_json(row.try_get(4).map_err(pg(op))?)?;
+        // The store wrote this text itself, canonical, with its digest
+        // (upload and import store `KeyJson::canonical` and `digest`): no
+        // need to parse, canonicalize and hash it again for every key.
+        let key_json = KeyJson::from_stored(
+            row.try_get::<_, &str>(4).map_err(pg(op))?,
+            parse_digest(row.try_get(9).map_err(pg(op))?)?,
+        );
         if row.try_get::<_, bool>(5).map_err(pg(op))? {
             changed.push(target.device.clone());
         }
