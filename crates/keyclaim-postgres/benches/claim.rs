@@ -23,7 +23,9 @@
 //! through its own pool: keyclaim's store with its defaults, the baseline
 //! through a second store on the same schema with
 //! `PostgresOptions::pinned_plans(false)`, i.e. the server's own planner
-//! settings, as the reference homeserver runs its statement.
+//! settings, as the reference homeserver runs its statement
+//! (`KEYCLAIM_BENCH_BASELINE_PINNED=1` gives it keyclaim's pinned generic
+//! plans instead, to check that the choice does not flatter keyclaim).
 #![allow(
     clippy::print_stdout,
     clippy::unwrap_used,
@@ -216,21 +218,28 @@ fn main() {
         let keyclaim = PostgresStore::connect_with(&url, options.clone())
             .await
             .expect("connect");
+        let baseline_pinned =
+            std::env::var("KEYCLAIM_BENCH_BASELINE_PINNED").is_ok_and(|v| v == "1");
         let baseline = PostgresStore::connect_with(
             &url,
-            options.pinned_plans(false).notifications(false),
+            options.pinned_plans(baseline_pinned).notifications(false),
         )
         .await
         .expect("connect the baseline's store");
         let stores = Arc::new(Stores { keyclaim, baseline });
         println!(
-            "keyclaim-postgres claim benchmark: {claims} single-key claims per run, server {} ({}), load average {}",
+            "keyclaim-postgres claim benchmark: {claims} single-key claims per run, server {} ({}), baseline plans {}, load average {}",
             if _cluster.is_some() {
                 "throwaway cluster"
             } else {
                 "KEYCLAIM_BENCH_POSTGRES_URL"
             },
             server_settings(&url).await,
+            if baseline_pinned {
+                "pinned (keyclaim's)"
+            } else {
+                "the server's"
+            },
             load_average(),
         );
         println!();

@@ -34,9 +34,12 @@
 //!   Finding what to prune walks the device's remembered keys, up to the
 //!   configured number, so only one claim statement in eight does it (by
 //!   its `issued_seq` value): a device keeps at least the configured number
-//!   of issued keys, and a few claims' worth more between two prunes.
-//!   Pruning locks with `SKIP LOCKED` (rows another claim is pruning are
-//!   left to it), so it never waits.
+//!   of issued keys, and a few claims' worth more between two prunes. The
+//!   walk reads only `issued_order` (an index-only scan where the table's
+//!   pages are all-visible) to find the newest key that must go; the keys
+//!   from there on back (`(issued_txn, issued_pos)` is unique) are then
+//!   locked through the same index. Pruning locks with `SKIP LOCKED` (rows
+//!   another claim is pruning are left to it), so it never waits.
 //! - Duplicate targets (the same device and algorithm twice in one request)
 //!   cannot share one statement (a transaction does not skip its own locks),
 //!   so they go to further "rounds": statements in one explicit transaction,
@@ -239,27 +242,33 @@ remembered AS (
     WHERE r.from_newest <= $5::int8
     ON CONFLICT DO NOTHING
 ),
-prunable AS MATERIALIZED (
-    SELECT old.row_ctid
+prune_from AS MATERIALIZED (
+    SELECT g.user_id, g.device_id, g.algorithm, c.issued_txn, c.issued_pos
     FROM (
         SELECT user_id, device_id, algorithm, count(*) AS added
         FROM claimed GROUP BY user_id, device_id, algorithm
     ) g
     CROSS JOIN LATERAL (
-        SELECT i.ctid AS row_ctid
+        SELECT i.issued_txn, i.issued_pos
         FROM issued i
         WHERE i.user_id = g.user_id AND i.device_id = g.device_id
           AND i.algorithm = g.algorithm
         ORDER BY i.issued_txn DESC, i.issued_pos DESC
         OFFSET GREATEST($5::int8 - g.added, 0)
-    ) old
+        LIMIT 1
+    ) c
     WHERE (SELECT v FROM issue_txn) % 8 = 0
 ),
 prune_locked AS MATERIALIZED (
-    SELECT i.ctid AS row_ctid
-    FROM issued i
-    WHERE i.ctid = ANY (ARRAY(SELECT row_ctid FROM prunable))
-    FOR UPDATE SKIP LOCKED
+    SELECT old.row_ctid
+    FROM prune_from p CROSS JOIN LATERAL (
+        SELECT i.ctid AS row_ctid
+        FROM issued i
+        WHERE i.user_id = p.user_id AND i.device_id = p.device_id
+          AND i.algorithm = p.algorithm
+          AND (i.issued_txn, i.issued_pos) <= (p.issued_txn, p.issued_pos)
+        FOR UPDATE SKIP LOCKED
+    ) old
 ),
 pruned AS (
     DELETE FROM issued i WHERE i.ctid = ANY (ARRAY(SELECT row_ctid FROM prune_locked))

@@ -207,6 +207,66 @@ fn baseline_statement_claims_oldest_keys() {
 }
 
 #[test]
+fn pinned_and_unpinned_plans_claim_alike() {
+    let Some(url) = testing::require_server("postgres::pinned_and_unpinned_plans_claim_alike")
+    else {
+        return;
+    };
+    runtime().block_on(async {
+        // Two handles on one schema: keyclaim's pinned generic plans, and the
+        // server's own planner settings (as the benchmark's baseline runs).
+        let schema = testing::unique_schema("kc_plans");
+        let pinned = PostgresStore::connect_with(&url, options(&schema))
+            .await
+            .expect("connect pinned");
+        let unpinned = PostgresStore::connect_with(&url, options(&schema).pinned_plans(false))
+            .await
+            .expect("connect unpinned");
+        assert!(format!("{unpinned:?}").contains("pinned_plans: false"));
+        let a = dev("@a:x", "A");
+        let b = dev("@b:x", "B");
+        put(&pinned, &a, numbered_otks(SC, "A", 3), vec![]).await;
+        put(&pinned, &a, numbered_otks(SC, "B", 3), vec![]).await;
+        put(&pinned, &b, numbered_otks(SC, "C", 2), vec![]).await;
+        let targets = [
+            ClaimTarget {
+                device: a.clone(),
+                algorithm: alg(SC),
+                count: 4,
+            },
+            ClaimTarget::one(b.clone(), alg(SC)),
+        ];
+        // Several calls, so that both plan modes run past PostgreSQL's first
+        // five custom plans of a prepared statement.
+        let mut got = Vec::new();
+        for round in 0..8 {
+            let store = if round % 2 == 0 { &pinned } else { &unpinned };
+            let outcome = store.claim(&targets).await.expect("claim");
+            got.extend(outcome.keys.iter().map(|k| k.key_id.to_string()));
+            if round == 0 {
+                let ids: Vec<String> = outcome.keys.iter().map(|k| k.key_id.to_string()).collect();
+                assert_eq!(ids.len(), 5, "{ids:?}");
+                assert_eq!(
+                    ids.iter().filter(|id| id.contains(":A")).count(),
+                    3,
+                    "{ids:?}"
+                );
+                assert_eq!(
+                    ids.iter().filter(|id| id.contains(":C")).count(),
+                    1,
+                    "{ids:?}"
+                );
+            }
+        }
+        got.sort();
+        let before = got.len();
+        got.dedup();
+        assert_eq!(before, got.len(), "no key twice: {got:?}");
+        assert_eq!(got.len(), 8, "every key once: {got:?}");
+    });
+}
+
+#[test]
 fn debug_shows_no_secrets() {
     let Some(url) = testing::require_server("postgres::debug_shows_no_secrets") else {
         return;
