@@ -35,10 +35,13 @@
 //!   configured number, so only one claim statement in eight does it (by
 //!   its `issued_seq` value): a device keeps at least the configured number
 //!   of issued keys, and a few claims' worth more between two prunes. The
-//!   walk reads only `issued_order` (an index-only scan where the table's
-//!   pages are all-visible) to find the newest key that must go; the keys
-//!   from there on back (`(issued_txn, issued_pos)` is unique) are then
-//!   locked through the same index. Pruning locks with `SKIP LOCKED` (rows
+//!   walk reads only the primary key `(user_id, device_id, algorithm,
+//!   issued_txn, issued_pos)` (an index-only scan where the table's pages
+//!   are all-visible) to find the newest key that must go; the keys from
+//!   there on back are then locked through the same index. The remembered
+//!   keys are inserted without a conflict check: the statement's
+//!   `issued_seq` value and each key's position in the statement make the
+//!   primary key unique. Pruning locks with `SKIP LOCKED` (rows
 //!   another claim is pruning are left to it), so it never waits.
 //! - Duplicate targets (the same device and algorithm twice in one request)
 //!   cannot share one statement (a transaction does not skip its own locks),
@@ -240,7 +243,6 @@ remembered AS (
            (SELECT v FROM issue_txn), r.pos
     FROM ranked r
     WHERE r.from_newest <= $5::int8
-    ON CONFLICT DO NOTHING
 ),
 prune_from AS MATERIALIZED (
     SELECT g.user_id, g.device_id, g.algorithm, c.issued_txn, c.issued_pos

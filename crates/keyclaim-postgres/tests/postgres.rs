@@ -89,6 +89,81 @@ fn newer_schema_is_refused() {
 }
 
 #[test]
+fn version_1_schema_migrates_keeping_the_issued_memory() {
+    let Some(url) = testing::require_server("postgres::version_1_schema_migrates") else {
+        return;
+    };
+    runtime().block_on(async {
+        let schema = testing::unique_schema("kc_v1");
+        let a = dev("@a:x", "A");
+        let keys = numbered_otks(SC, "K", 10);
+        {
+            let store = PostgresStore::connect_with(&url, options(&schema))
+                .await
+                .expect("connect");
+            put(&store, &a, keys.clone(), vec![]).await;
+            for _ in 0..3 {
+                store
+                    .claim(&[ClaimTarget::one(a.clone(), alg(SC))])
+                    .await
+                    .expect("claim");
+            }
+        }
+        // Put the issued memory back into its version-1 layout.
+        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .expect("raw connection");
+        tokio::spawn(connection);
+        client
+            .batch_execute(&format!(
+                "SET search_path = {schema};
+                 ALTER TABLE issued DROP CONSTRAINT issued_pkey;
+                 ALTER TABLE issued ADD PRIMARY KEY (user_id, device_id, key_id, digest);
+                 CREATE INDEX issued_order ON issued (user_id, device_id, algorithm, issued_txn, issued_pos);
+                 UPDATE keyclaim_meta SET version = 1;"
+            ))
+            .await
+            .expect("back to version 1");
+
+        let store = PostgresStore::connect_with(&url, options(&schema))
+            .await
+            .expect("connect migrates");
+        let version: i64 = client
+            .query_one(&format!("SELECT version FROM {schema}.keyclaim_meta"), &[])
+            .await
+            .expect("version")
+            .get(0);
+        assert_eq!(version, SCHEMA_VERSION);
+        let indexes: Vec<String> = client
+            .query(
+                "SELECT indexdef FROM pg_indexes WHERE schemaname = $1 AND tablename = 'issued'",
+                &[&schema],
+            )
+            .await
+            .expect("indexes")
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        assert_eq!(indexes.len(), 1, "{indexes:?}");
+        assert!(
+            indexes[0].contains("(user_id, device_id, algorithm, issued_txn, issued_pos)"),
+            "{indexes:?}"
+        );
+        // R3.4 across the migration: the three issued keys are not stored again.
+        let out = put(&store, &a, keys[..3].to_vec(), vec![]).await;
+        assert_eq!(out.counts.get_str(SC), 7);
+        // Claims go on in order, and their keys are remembered too.
+        let next = store
+            .claim(&[ClaimTarget::one(a.clone(), alg(SC))])
+            .await
+            .expect("claim after migrating");
+        assert_eq!(next.keys[0].key_id, keys[3].0);
+        let out = put(&store, &a, keys[3..4].to_vec(), vec![]).await;
+        assert_eq!(out.counts.get_str(SC), 6);
+    });
+}
+
+#[test]
 fn changes_reach_other_workers() {
     changes_reach_other_workers_with(false);
 }
