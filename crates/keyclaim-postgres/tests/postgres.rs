@@ -288,8 +288,8 @@ fn pinned_and_unpinned_plans_claim_alike() {
         return;
     };
     runtime().block_on(async {
-        // Two handles on one schema: keyclaim's pinned generic plans, and the
-        // server's own planner settings (as the benchmark's baseline runs).
+        // Two handles on one schema: keyclaim's pinned generic plans, and
+        // PostgreSQL's own choice of plans (as the benchmark's baseline runs).
         let schema = testing::unique_schema("kc_plans");
         let pinned = PostgresStore::connect_with(&url, options(&schema))
             .await
