@@ -3,8 +3,10 @@
 //! ([`keyclaim_postgres::baseline`]), side by side on the same server.
 //!
 //! Run: `cargo bench -p keyclaim-postgres --bench claim`. Uses
-//! `KEYCLAIM_BENCH_POSTGRES_URL` if set, else starts a throwaway cluster
-//! (`KEYCLAIM_BENCH_DURABLE=1` for `fsync=on`; default off). Knobs:
+//! `KEYCLAIM_BENCH_POSTGRES_URL` if set (give it a server with durable
+//! settings: `fsync=on`, `synchronous_commit=on`; the header shows what the
+//! server runs with), else starts a throwaway cluster, durable unless
+//! `KEYCLAIM_BENCH_DURABLE=0` (`fsync=off`). Knobs:
 //! `KEYCLAIM_BENCH_CLAIMS` (claims per run, default 4000),
 //! `KEYCLAIM_BENCH_BULK_RUNS` (1,000-device claims, default 25),
 //! `KEYCLAIM_BENCH_ONLY` (`hot`, `distinct` or `bulk`: one part only),
@@ -16,6 +18,16 @@
 //! and concurrency C in 1, 8, 64: the device(s) hold more keys than the run
 //! claims, so every single-key claim should get one; a claim that gets none
 //! came away short (under-issue).
+//!
+//! Both approaches claim from the same tables on the same server, each
+//! through its own pool: keyclaim's store with its defaults, the baseline
+//! through a second store on the same schema with
+//! `PostgresOptions::pinned_plans(false)`: PostgreSQL chooses between custom
+//! and generic plans for it, with `enable_seqscan=off` as before (with the
+//! server's plain defaults it sometimes chose plans that cut its
+//! throughput several-fold, which would flatter keyclaim).
+//! `KEYCLAIM_BENCH_BASELINE_PINNED=1` gives it keyclaim's pinned generic
+//! plans instead.
 #![allow(
     clippy::print_stdout,
     clippy::unwrap_used,
@@ -47,9 +59,10 @@ impl Approach {
         }
     }
 
-    async fn claim(self, store: &PostgresStore, targets: &[ClaimTarget]) -> usize {
+    async fn claim(self, stores: &Stores, targets: &[ClaimTarget]) -> usize {
         match self {
-            Self::Keyclaim => store
+            Self::Keyclaim => stores
+                .keyclaim
                 .claim(targets)
                 .await
                 .expect("claim")
@@ -57,12 +70,18 @@ impl Approach {
                 .iter()
                 .filter(|k| !k.fallback)
                 .count(),
-            Self::Baseline => baseline::claim(store, targets)
+            Self::Baseline => baseline::claim(&stores.baseline, targets)
                 .await
                 .expect("baseline claim")
                 .len(),
         }
     }
+}
+
+/// The two handles on one schema (see the module docs).
+struct Stores {
+    keyclaim: PostgresStore,
+    baseline: PostgresStore,
 }
 
 fn env_usize(name: &str, default: usize) -> usize {
@@ -102,7 +121,7 @@ struct RunResult {
 }
 
 async fn run(
-    store: &Arc<PostgresStore>,
+    stores: &Arc<Stores>,
     approach: Approach,
     hot: bool,
     concurrency: usize,
@@ -120,12 +139,12 @@ async fn run(
     let per_device = if hot { claims } else { per_claimer };
     for d in &devices {
         // More than will be claimed: a claim that gets nothing is short.
-        fill(store, d, per_device + per_device / 4 + 10).await;
+        fill(&stores.keyclaim, d, per_device + per_device / 4 + 10).await;
     }
     let start = Instant::now();
     let mut tasks = Vec::new();
     for i in 0..concurrency {
-        let store = store.clone();
+        let stores = stores.clone();
         let target = vec![ClaimTarget::one(
             devices[if hot { 0 } else { i }].clone(),
             keyclaim::Algorithm::signed_curve25519(),
@@ -133,7 +152,7 @@ async fn run(
         tasks.push(tokio::spawn(async move {
             let mut short = 0;
             for _ in 0..per_claimer {
-                if approach.claim(&store, &target).await == 0 {
+                if approach.claim(&stores, &target).await == 0 {
                     short += 1;
                 }
             }
@@ -151,17 +170,12 @@ async fn run(
     }
 }
 
-async fn bulk(
-    store: &PostgresStore,
-    approach: Approach,
-    runs: usize,
-    tag: &str,
-) -> (Duration, Duration) {
+async fn bulk(stores: &Stores, approach: Approach, runs: usize, tag: &str) -> (Duration, Duration) {
     let devices: Vec<Device> = (0..1000)
         .map(|i| device(&format!("bulk{i}-{tag}")))
         .collect();
     for d in &devices {
-        fill(store, d, runs + 2).await;
+        fill(&stores.keyclaim, d, runs + 2).await;
     }
     let targets: Vec<ClaimTarget> = devices
         .iter()
@@ -170,7 +184,7 @@ async fn bulk(
     let mut times = Vec::with_capacity(runs);
     for _ in 0..runs {
         let start = Instant::now();
-        let got = approach.claim(store, &targets).await;
+        let got = approach.claim(stores, &targets).await;
         times.push(start.elapsed());
         assert_eq!(got, 1000, "a lone bulk claim gets a key from every device");
     }
@@ -182,7 +196,7 @@ fn main() {
     let claims = env_usize("KEYCLAIM_BENCH_CLAIMS", 4000);
     let bulk_runs = env_usize("KEYCLAIM_BENCH_BULK_RUNS", 25);
     let repeat = env_usize("KEYCLAIM_BENCH_REPEAT", 3).max(1);
-    let durable = std::env::var("KEYCLAIM_BENCH_DURABLE").is_ok_and(|v| v == "1");
+    let durable = std::env::var("KEYCLAIM_BENCH_DURABLE").map_or(true, |v| v != "0");
     let (url, _cluster) = match std::env::var("KEYCLAIM_BENCH_POSTGRES_URL") {
         Ok(url) => (url, None),
         Err(_) => {
@@ -198,28 +212,37 @@ fn main() {
     runtime.block_on(async {
         let mut limits = Limits::default();
         limits.max_otks_per_device_algorithm = 10_000_000;
-        let store = Arc::new(
-            PostgresStore::connect_with(
-                &url,
-                PostgresOptions::new()
-                    .schema(testing::unique_schema("kc_bench"))
-                    .pool_size(72)
-                    .limits(limits),
-            )
+        let schema = testing::unique_schema("kc_bench");
+        let options = PostgresOptions::new()
+            .schema(schema)
+            .pool_size(72)
+            .limits(limits);
+        let keyclaim = PostgresStore::connect_with(&url, options.clone())
             .await
-            .expect("connect"),
-        );
+            .expect("connect");
+        let baseline_pinned =
+            std::env::var("KEYCLAIM_BENCH_BASELINE_PINNED").is_ok_and(|v| v == "1");
+        let baseline = PostgresStore::connect_with(
+            &url,
+            options.pinned_plans(baseline_pinned).notifications(false),
+        )
+        .await
+        .expect("connect the baseline's store");
+        let stores = Arc::new(Stores { keyclaim, baseline });
         println!(
-            "keyclaim-postgres claim benchmark: {claims} single-key claims per run, server {}",
+            "keyclaim-postgres claim benchmark: {claims} single-key claims per run, server {} ({}), baseline plans {}, load average {}",
             if _cluster.is_some() {
-                if durable {
-                    "throwaway cluster, fsync=on"
-                } else {
-                    "throwaway cluster, fsync=off"
-                }
+                "throwaway cluster"
             } else {
                 "KEYCLAIM_BENCH_POSTGRES_URL"
-            }
+            },
+            server_settings(&url).await,
+            if baseline_pinned {
+                "pinned generic"
+            } else {
+                "PostgreSQL's choice"
+            },
+            load_average(),
         );
         println!();
         println!("| scenario | C | approach | claims/s (median of {repeat}) | short claims |");
@@ -239,7 +262,7 @@ fn main() {
                     for i in order {
                         n += 1;
                         let r = run(
-                            &store,
+                            &stores,
                             APPROACHES[i],
                             hot,
                             concurrency,
@@ -276,7 +299,7 @@ fn main() {
                 continue;
             }
             n += 1;
-            let (p50, p90) = bulk(&store, approach, bulk_runs, &format!("b{n}")).await;
+            let (p50, p90) = bulk(&stores, approach, bulk_runs, &format!("b{n}")).await;
             println!(
                 "| {} | {:.1} ms | {:.1} ms |",
                 approach.name(),
@@ -284,5 +307,36 @@ fn main() {
                 p90.as_secs_f64() * 1e3
             );
         }
+        println!();
+        println!("load average at the end: {}", load_average());
     });
+}
+
+/// The server's durability settings, for the header.
+async fn server_settings(url: &str) -> String {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("connect for settings");
+    tokio::spawn(connection);
+    let mut out = Vec::new();
+    for name in [
+        "server_version",
+        "fsync",
+        "synchronous_commit",
+        "full_page_writes",
+    ] {
+        let row = client
+            .query_one(&format!("SHOW {name}"), &[])
+            .await
+            .expect("SHOW");
+        out.push(format!("{name}={}", row.get::<_, String>(0)));
+    }
+    out.join(" ")
+}
+
+/// The 1, 5 and 15 minute load averages (Linux), or `?`.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".to_owned())
 }

@@ -34,9 +34,15 @@
 //!   Finding what to prune walks the device's remembered keys, up to the
 //!   configured number, so only one claim statement in eight does it (by
 //!   its `issued_seq` value): a device keeps at least the configured number
-//!   of issued keys, and a few claims' worth more between two prunes.
-//!   Pruning locks with `SKIP LOCKED` (rows another claim is pruning are
-//!   left to it), so it never waits.
+//!   of issued keys, and a few claims' worth more between two prunes. The
+//!   walk reads only the primary key `(user_id, device_id, algorithm,
+//!   issued_txn, issued_pos)` (an index-only scan where the table's pages
+//!   are all-visible) to find the newest key that must go; the keys from
+//!   there on back are then locked through the same index. The remembered
+//!   keys are inserted without a conflict check: the statement's
+//!   `issued_seq` value and each key's position in the statement make the
+//!   primary key unique. Pruning locks with `SKIP LOCKED` (rows
+//!   another claim is pruning are left to it), so it never waits.
 //! - Duplicate targets (the same device and algorithm twice in one request)
 //!   cannot share one statement (a transaction does not skip its own locks),
 //!   so they go to further "rounds": statements in one explicit transaction,
@@ -190,7 +196,9 @@ pub(crate) const NOTIFY: &str = "SELECT pg_notify($1, p) FROM unnest($2::text[])
 /// an OTK, whose target is found by its user, device and algorithm, unique
 /// in a round; -1 for the notification row), `fallback`, `seq`, `key_id`,
 /// `key_json`, `changed` (this row changed its device: an OTK removed or a
-/// fallback newly marked used), `user_id`, `device_id`, `algorithm` (OTKs).
+/// fallback newly marked used), `user_id`, `device_id`, `algorithm` (OTKs),
+/// `digest` (of the key JSON, stored next to it: the key JSON is rebuilt
+/// from both without parsing it again).
 ///
 /// No step joins two intermediate results on a condition the planner could
 /// misjudge: a prepared statement's generic plan does not know how many
@@ -235,35 +243,40 @@ remembered AS (
            (SELECT v FROM issue_txn), r.pos
     FROM ranked r
     WHERE r.from_newest <= $5::int8
-    ON CONFLICT DO NOTHING
 ),
-prunable AS MATERIALIZED (
-    SELECT old.row_ctid
+prune_from AS MATERIALIZED (
+    SELECT g.user_id, g.device_id, g.algorithm, c.issued_txn, c.issued_pos
     FROM (
         SELECT user_id, device_id, algorithm, count(*) AS added
         FROM claimed GROUP BY user_id, device_id, algorithm
     ) g
     CROSS JOIN LATERAL (
-        SELECT i.ctid AS row_ctid
+        SELECT i.issued_txn, i.issued_pos
         FROM issued i
         WHERE i.user_id = g.user_id AND i.device_id = g.device_id
           AND i.algorithm = g.algorithm
         ORDER BY i.issued_txn DESC, i.issued_pos DESC
         OFFSET GREATEST($5::int8 - g.added, 0)
-    ) old
+        LIMIT 1
+    ) c
     WHERE (SELECT v FROM issue_txn) % 8 = 0
 ),
 prune_locked AS MATERIALIZED (
-    SELECT i.ctid AS row_ctid
-    FROM issued i
-    WHERE i.ctid = ANY (ARRAY(SELECT row_ctid FROM prunable))
-    FOR UPDATE SKIP LOCKED
+    SELECT old.row_ctid
+    FROM prune_from p CROSS JOIN LATERAL (
+        SELECT i.ctid AS row_ctid
+        FROM issued i
+        WHERE i.user_id = p.user_id AND i.device_id = p.device_id
+          AND i.algorithm = p.algorithm
+          AND (i.issued_txn, i.issued_pos) <= (p.issued_txn, p.issued_pos)
+        FOR UPDATE SKIP LOCKED
+    ) old
 ),
 pruned AS (
     DELETE FROM issued i WHERE i.ctid = ANY (ARRAY(SELECT row_ctid FROM prune_locked))
 ),
 fb_seen AS MATERIALIZED (
-    SELECT p.ord, f.user_id, f.device_id, f.algorithm, f.key_id, f.key_json, f.used
+    SELECT p.ord, f.user_id, f.device_id, f.algorithm, f.key_id, f.key_json, f.digest, f.used
     FROM picked p CROSS JOIN LATERAL (
         SELECT * FROM fallback f
         WHERE f.user_id = p.user_id AND f.device_id = p.device_id
@@ -273,13 +286,13 @@ fb_seen AS MATERIALIZED (
     WHERE p.row_ctid IS NULL
 ),
 fb_locked AS MATERIALIZED (
-    SELECT s.ord, f.row_ctid, f.user_id, f.device_id, f.key_id, f.key_json, f.used
+    SELECT s.ord, f.row_ctid, f.user_id, f.device_id, f.key_id, f.key_json, f.digest, f.used
     FROM (
         SELECT * FROM fb_seen WHERE NOT used
         ORDER BY user_id, device_id, algorithm
     ) s
     CROSS JOIN LATERAL (
-        SELECT f.ctid AS row_ctid, f.user_id, f.device_id, f.key_id, f.key_json, f.used
+        SELECT f.ctid AS row_ctid, f.user_id, f.device_id, f.key_id, f.key_json, f.digest, f.used
         FROM fallback f
         WHERE f.user_id = s.user_id AND f.device_id = s.device_id
           AND f.algorithm = s.algorithm
@@ -314,16 +327,16 @@ notified AS (
     WHERE $8::bool
 )
 SELECT 0::int8 AS ord, false AS fallback, c.seq, c.key_id, c.key_json, true AS changed,
-       c.user_id, c.device_id, c.algorithm
+       c.user_id, c.device_id, c.algorithm, c.digest
   FROM claimed c
 UNION ALL
-SELECT s.ord, true, 0::int8, s.key_id, s.key_json, false, NULL, NULL, NULL
+SELECT s.ord, true, 0::int8, s.key_id, s.key_json, false, NULL, NULL, NULL, s.digest
   FROM fb_seen s WHERE s.used
 UNION ALL
-SELECT l.ord, true, 0::int8, l.key_id, l.key_json, NOT l.used, NULL, NULL, NULL
+SELECT l.ord, true, 0::int8, l.key_id, l.key_json, NOT l.used, NULL, NULL, NULL, l.digest
   FROM fb_locked l
 UNION ALL
-SELECT -1::int8, false, n, NULL, NULL, false, NULL, NULL, NULL FROM notified
+SELECT -1::int8, false, n, NULL, NULL, false, NULL, NULL, NULL, NULL FROM notified
 "#;
 
 const DELETE_DEVICE_OTKS: &str = "DELETE FROM otk WHERE user_id = $1 AND device_id = $2";
@@ -765,7 +778,13 @@ fn decode_claim(
         let fallback: bool = row.try_get(1).map_err(pg(op))?;
         let seq: i64 = row.try_get(2).map_err(pg(op))?;
         let key_id = parse_key_id(row.try_get(3).map_err(pg(op))?)?;
-        let key_json = parse_key_json(row.try_get(4).map_err(pg(op))?)?;
+        // The store wrote this text itself, canonical, with its digest
+        // (upload and import store `KeyJson::canonical` and `digest`): no
+        // need to parse, canonicalize and hash it again for every key.
+        let key_json = KeyJson::from_stored(
+            row.try_get::<_, &str>(4).map_err(pg(op))?,
+            parse_digest(row.try_get(9).map_err(pg(op))?)?,
+        );
         if row.try_get::<_, bool>(5).map_err(pg(op))? {
             changed.push(target.device.clone());
         }

@@ -18,7 +18,7 @@ use crate::BACKEND;
 use crate::errors::pg;
 
 /// The newest schema version this build knows (and creates).
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// Version 1: one-time keys, fallback keys, remembered issued keys.
 const V1: &str = r#"
@@ -68,8 +68,35 @@ CREATE TABLE issued (
 CREATE INDEX issued_order ON issued (user_id, device_id, algorithm, issued_txn, issued_pos);
 "#;
 
+/// Version 2: the issued memory keeps one index instead of two.
+///
+/// Every claimed key is remembered with one `INSERT` into `issued`; with a
+/// primary key on `(user_id, device_id, key_id, digest)` plus the
+/// `issued_order` index, and `ON CONFLICT DO NOTHING` for the primary key,
+/// that insert was half the server time of a 1,000-device claim (measured
+/// for 1,000 rows: 23 ms as it was, 10 ms as a plain insert with one
+/// index). Now the claim order is the primary key: `(issued_txn,
+/// issued_pos)` is unique (one `issued_seq` value per claim or import
+/// statement, and a distinct position inside it), so claims insert without
+/// a conflict check. Looking up uploaded key IDs among the remembered keys
+/// walks the device's remembered keys through the key's prefix instead of
+/// probing by key ID: about the same time at 1,000 remembered keys (0.4
+/// ms), and an upload is rare next to the claims that feed the memory. The
+/// same key remembered twice (never written by keyclaim; harmless) is no
+/// longer refused. Duplicate claim positions cannot exist (see above); any
+/// are dropped first all the same, so that the new key can be built.
+const V2: &str = r#"
+DELETE FROM issued a USING issued b
+ WHERE a.user_id = b.user_id AND a.device_id = b.device_id AND a.algorithm = b.algorithm
+   AND a.issued_txn = b.issued_txn AND a.issued_pos = b.issued_pos AND a.ctid < b.ctid;
+ALTER TABLE issued DROP CONSTRAINT issued_pkey;
+DROP INDEX issued_order;
+ALTER TABLE issued ADD CONSTRAINT issued_pkey
+    PRIMARY KEY (user_id, device_id, algorithm, issued_txn, issued_pos);
+"#;
+
 /// Every migration, in order: (the version it leads to, its SQL).
-const MIGRATIONS: &[(i64, &str)] = &[(1, V1)];
+const MIGRATIONS: &[(i64, &str)] = &[(1, V1), (2, V2)];
 
 const MIGRATE_LOCK: &str =
     "SELECT pg_advisory_xact_lock(hashtextextended('keyclaim/migrate/' || $1::text, 0))";

@@ -89,6 +89,81 @@ fn newer_schema_is_refused() {
 }
 
 #[test]
+fn version_1_schema_migrates_keeping_the_issued_memory() {
+    let Some(url) = testing::require_server("postgres::version_1_schema_migrates") else {
+        return;
+    };
+    runtime().block_on(async {
+        let schema = testing::unique_schema("kc_v1");
+        let a = dev("@a:x", "A");
+        let keys = numbered_otks(SC, "K", 10);
+        {
+            let store = PostgresStore::connect_with(&url, options(&schema))
+                .await
+                .expect("connect");
+            put(&store, &a, keys.clone(), vec![]).await;
+            for _ in 0..3 {
+                store
+                    .claim(&[ClaimTarget::one(a.clone(), alg(SC))])
+                    .await
+                    .expect("claim");
+            }
+        }
+        // Put the issued memory back into its version-1 layout.
+        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .expect("raw connection");
+        tokio::spawn(connection);
+        client
+            .batch_execute(&format!(
+                "SET search_path = {schema};
+                 ALTER TABLE issued DROP CONSTRAINT issued_pkey;
+                 ALTER TABLE issued ADD PRIMARY KEY (user_id, device_id, key_id, digest);
+                 CREATE INDEX issued_order ON issued (user_id, device_id, algorithm, issued_txn, issued_pos);
+                 UPDATE keyclaim_meta SET version = 1;"
+            ))
+            .await
+            .expect("back to version 1");
+
+        let store = PostgresStore::connect_with(&url, options(&schema))
+            .await
+            .expect("connect migrates");
+        let version: i64 = client
+            .query_one(&format!("SELECT version FROM {schema}.keyclaim_meta"), &[])
+            .await
+            .expect("version")
+            .get(0);
+        assert_eq!(version, SCHEMA_VERSION);
+        let indexes: Vec<String> = client
+            .query(
+                "SELECT indexdef FROM pg_indexes WHERE schemaname = $1 AND tablename = 'issued'",
+                &[&schema],
+            )
+            .await
+            .expect("indexes")
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        assert_eq!(indexes.len(), 1, "{indexes:?}");
+        assert!(
+            indexes[0].contains("(user_id, device_id, algorithm, issued_txn, issued_pos)"),
+            "{indexes:?}"
+        );
+        // R3.4 across the migration: the three issued keys are not stored again.
+        let out = put(&store, &a, keys[..3].to_vec(), vec![]).await;
+        assert_eq!(out.counts.get_str(SC), 7);
+        // Claims go on in order, and their keys are remembered too.
+        let next = store
+            .claim(&[ClaimTarget::one(a.clone(), alg(SC))])
+            .await
+            .expect("claim after migrating");
+        assert_eq!(next.keys[0].key_id, keys[3].0);
+        let out = put(&store, &a, keys[3..4].to_vec(), vec![]).await;
+        assert_eq!(out.counts.get_str(SC), 6);
+    });
+}
+
+#[test]
 fn changes_reach_other_workers() {
     changes_reach_other_workers_with(false);
 }
@@ -203,6 +278,66 @@ fn baseline_statement_claims_oldest_keys() {
             "{ids:?}"
         );
         assert_eq!(store.otk_counts(&a).await.expect("counts").get_str(SC), 2);
+    });
+}
+
+#[test]
+fn pinned_and_unpinned_plans_claim_alike() {
+    let Some(url) = testing::require_server("postgres::pinned_and_unpinned_plans_claim_alike")
+    else {
+        return;
+    };
+    runtime().block_on(async {
+        // Two handles on one schema: keyclaim's pinned generic plans, and
+        // PostgreSQL's own choice of plans (as the benchmark's baseline runs).
+        let schema = testing::unique_schema("kc_plans");
+        let pinned = PostgresStore::connect_with(&url, options(&schema))
+            .await
+            .expect("connect pinned");
+        let unpinned = PostgresStore::connect_with(&url, options(&schema).pinned_plans(false))
+            .await
+            .expect("connect unpinned");
+        assert!(format!("{unpinned:?}").contains("pinned_plans: false"));
+        let a = dev("@a:x", "A");
+        let b = dev("@b:x", "B");
+        put(&pinned, &a, numbered_otks(SC, "A", 3), vec![]).await;
+        put(&pinned, &a, numbered_otks(SC, "B", 3), vec![]).await;
+        put(&pinned, &b, numbered_otks(SC, "C", 2), vec![]).await;
+        let targets = [
+            ClaimTarget {
+                device: a.clone(),
+                algorithm: alg(SC),
+                count: 4,
+            },
+            ClaimTarget::one(b.clone(), alg(SC)),
+        ];
+        // Several calls, so that both plan modes run past PostgreSQL's first
+        // five custom plans of a prepared statement.
+        let mut got = Vec::new();
+        for round in 0..8 {
+            let store = if round % 2 == 0 { &pinned } else { &unpinned };
+            let outcome = store.claim(&targets).await.expect("claim");
+            got.extend(outcome.keys.iter().map(|k| k.key_id.to_string()));
+            if round == 0 {
+                let ids: Vec<String> = outcome.keys.iter().map(|k| k.key_id.to_string()).collect();
+                assert_eq!(ids.len(), 5, "{ids:?}");
+                assert_eq!(
+                    ids.iter().filter(|id| id.contains(":A")).count(),
+                    3,
+                    "{ids:?}"
+                );
+                assert_eq!(
+                    ids.iter().filter(|id| id.contains(":C")).count(),
+                    1,
+                    "{ids:?}"
+                );
+            }
+        }
+        got.sort();
+        let before = got.len();
+        got.dedup();
+        assert_eq!(before, got.len(), "no key twice: {got:?}");
+        assert_eq!(got.len(), 8, "every key once: {got:?}");
     });
 }
 
