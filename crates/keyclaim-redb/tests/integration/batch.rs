@@ -9,11 +9,7 @@ use keyclaim_conformance::fixtures::{SC, alg, dev, otks, signed};
 use keyclaim_redb::{RedbOptions, RedbStore};
 
 fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(4)
-        .enable_all()
-        .build()
-        .expect("runtime")
+    crate::runtime(4)
 }
 
 fn small_limits() -> Limits {

@@ -35,13 +35,7 @@ const ITERATIONS_ENV: &str = "KEYCLAIM_CRASH_ITERATIONS";
 const TASKS: usize = 4;
 const USER: &str = "@crash:example.org";
 
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
+use crate::rt;
 
 /// splitmix64: enough randomness for timings and operation mixes.
 struct Rng(u64);

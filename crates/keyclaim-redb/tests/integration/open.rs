@@ -8,13 +8,7 @@ use keyclaim::{Error, KeyStore};
 use keyclaim_conformance::fixtures::{SC, alice, otks};
 use keyclaim_redb::{AlreadyOpen, FORMAT_VERSION, RedbStore};
 
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
+use crate::rt;
 
 #[test]
 fn second_open_in_this_process_fails_clearly() {

@@ -7,13 +7,7 @@ use keyclaim::{ClaimTarget, KeyStore, Limits, Upload};
 use keyclaim_conformance::fixtures::{SC, alg, alice, kid, numbered_otks, signed};
 use keyclaim_redb::{RedbOptions, RedbStore};
 
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
+use crate::rt;
 
 #[test]
 fn exactly_the_newest_issued_keys_are_remembered() {
