@@ -92,14 +92,17 @@ fn count_u64(n: i64) -> u64 {
 // issued keys (R3.4), exactly, as the reference model does: an older issued
 // row that is still in the table (it waits to be pruned) counts as
 // forgotten, for uploads and for exports alike. The rows themselves are
-// pruned in chunks of [`PRUNE_SLACK`], the oldest first.
+// pruned in chunks of [`PRUNE_SLACK`], the oldest first, by uploads: a claim
+// never adds a row (it moves the head over existing ones), so a queue holds
+// at most `remembered_issued_keys` + [`PRUNE_SLACK`] + the keys stored at
+// its last upload, and claims stay one-row writes.
 
 /// How many issued rows beyond `Limits::remembered_issued_keys` a (device,
-/// algorithm) may keep in its table before the oldest are deleted: pruning
-/// then happens once per this many claims, as one range delete, instead of
-/// one delete per claim. The rows beyond the limit are already forgotten.
-/// (With 64, pruning cost a claim-heavy device about 40% of its claim
-/// throughput in the concurrency benchmark; with 256, a few percent.)
+/// algorithm) may keep in its table before an upload deletes the oldest:
+/// one range delete per this many issued keys at most. The rows beyond the
+/// limit are already forgotten. (Pruning in claims, in chunks of 64, had
+/// cost a claim-heavy device about 40% of its claim throughput in the
+/// concurrency benchmark.)
 pub(crate) const PRUNE_SLACK: i64 = 256;
 
 // ---------------------------------------------------------------------------
@@ -165,19 +168,19 @@ pub(crate) fn upload(conn: &Connection, upload: &Upload, limits: &Limits) -> Res
 
     let keep = sql_int(limits.remembered_issued_keys);
     let mut facts = DeviceFacts::default();
-    let mut heads: HashMap<Algorithm, i64> = HashMap::new();
+    let mut queues: HashMap<Algorithm, Queue> = HashMap::new();
     {
         let mut by_id = conn.prepare_cached(SQL_KEYS_BY_ID).ctx(OP)?;
         for id in upload.one_time_keys.keys() {
             let alg = id.algorithm();
-            let head = match heads.entry(alg) {
-                Entry::Occupied(e) => *e.get(),
+            let head = match queues.entry(alg) {
+                Entry::Occupied(e) => e.get().head,
                 Entry::Vacant(slot) => {
                     let q = queue(conn, user, dev, slot.key().as_str(), OP)?.unwrap_or_default();
                     facts
                         .otk_counts
                         .insert(slot.key().clone(), count_u64(q.stored));
-                    *slot.insert(q.head)
+                    slot.insert(q).head
                 }
             };
             // Every row with this ID: the stored key (at or past the head),
@@ -240,6 +243,20 @@ pub(crate) fn upload(conn: &Connection, upload: &Upload, limits: &Limits) -> Res
             queue_add
                 .execute(params![user, dev, alg, first, n, 0])
                 .ctx(OP)?;
+            // The only place rows are added, so the place to prune the
+            // rows of forgotten issued keys: claims never add rows, and
+            // stay one-row writes.
+            let q = Algorithm::parse(alg)
+                .ok()
+                .and_then(|a| queues.get(&a).copied())
+                .unwrap_or_default();
+            if q.issued > keep.saturating_add(PRUNE_SLACK) {
+                let removed = prune_issued(conn, (user, dev, alg), (q.head, q.issued), keep)?;
+                conn.prepare_cached(SQL_QUEUE_SET_ISSUED)
+                    .ctx(OP)?
+                    .execute(params![user, dev, alg, q.issued - removed])
+                    .ctx(OP)?;
+            }
         }
     }
     if !plan.replace_fallbacks.is_empty() {
@@ -328,6 +345,8 @@ pub(crate) const SQL_HEAD_KEYS: &str = "SELECT q.stored, q.issued, k.pos, k.key_
      ORDER BY k.pos LIMIT ?4";
 const SQL_QUEUE_SET: &str = "UPDATE otk_queue SET head = ?4, stored = ?5, issued = ?6 \
      WHERE user_id = ?1 AND device_id = ?2 AND algorithm = ?3";
+const SQL_QUEUE_SET_ISSUED: &str = "UPDATE otk_queue SET issued = ?4 \
+     WHERE user_id = ?1 AND device_id = ?2 AND algorithm = ?3";
 const SQL_PRUNE_NEWEST_DROPPED: &str = "SELECT pos FROM one_time_key \
      WHERE user_id = ?1 AND device_id = ?2 AND algorithm = ?3 AND pos < ?4 \
      ORDER BY pos LIMIT 1 OFFSET ?5";
@@ -402,14 +421,14 @@ impl RawClaim {
 /// Claims keys for every target, in order, inside the caller's write
 /// transaction (section 4): the oldest OTKs first, by moving the queue's
 /// head past them (which leaves them behind as remembered issued keys,
-/// R3.4); else the fallback key, marked used.
+/// R3.4); else the fallback key, marked used. It writes the queue row (and
+/// a fallback key's flag) and nothing else; uploads prune.
 pub(crate) fn claim(
     conn: &Connection,
     targets: &[ClaimTarget],
     limits: &Limits,
 ) -> Result<RawClaim> {
     const OP: &str = "claim";
-    let keep = sql_int(limits.remembered_issued_keys);
     let mut out = RawClaim::default();
     let mut oldest = conn.prepare_cached(SQL_HEAD_KEYS).ctx(OP)?;
     let mut set_queue = conn.prepare_cached(SQL_QUEUE_SET).ctx(OP)?;
@@ -458,10 +477,7 @@ pub(crate) fn claim(
                 fallback: false,
             });
         }
-        if let Some(mut q) = q {
-            if q.issued > keep.saturating_add(PRUNE_SLACK) {
-                q.issued -= prune_issued(conn, (user, dev, alg), (q.head, q.issued), keep)?;
-            }
+        if let Some(q) = q {
             set_queue
                 .execute(params![user, dev, alg, q.head, q.stored, q.issued])
                 .ctx(OP)?;
@@ -952,10 +968,10 @@ mod tests {
 
     /// A (device, algorithm) remembers exactly its newest
     /// `remembered_issued_keys` issued keys (R3.4), as the reference model
-    /// does, for uploads and exports alike; the rows of older ones are
-    /// deleted in chunks of `PRUNE_SLACK`, oldest first.
+    /// does, for uploads and exports alike; claims never delete rows, and
+    /// the next upload deletes the rows of forgotten keys, oldest first.
     #[test]
-    fn exactly_the_newest_issued_keys_are_remembered_and_rows_are_pruned_in_chunks() {
+    fn exactly_the_newest_issued_keys_are_remembered_and_uploads_prune() {
         let dir = tempfile::tempdir().unwrap();
         let options = SqliteOptions::default();
         let conn =
@@ -996,12 +1012,12 @@ mod tests {
                 .collect();
             assert_eq!(remembered(&conn), expected, "after claim {n}");
         }
-        // The rows were pruned once, after 3 + slack + 1 claims, down to the
-        // newest three; four claims later, seven issued rows are left.
-        assert_eq!(rows(&conn), 7);
-        // Forgotten keys may be uploaded again and are stored: one whose row
-        // is gone, and one whose row waits to be pruned. A remembered one is
-        // not stored.
+        // Claims moved the head and deleted nothing.
+        assert_eq!(rows(&conn), i64::try_from(total).unwrap());
+        // Forgotten keys may be uploaded again and are stored: the oldest,
+        // and the fourth newest, whose row is still there. A remembered one
+        // is not stored. The upload then deletes the forgotten rows, down to
+        // the three remembered, beside the two new keys.
         let again = Upload::from_keys(
             device.clone(),
             [
@@ -1014,6 +1030,11 @@ mod tests {
         .unwrap();
         let outcome = upload(&conn, &again, &limits).unwrap();
         assert_eq!(outcome.counts.total(), 2);
+        assert_eq!(rows(&conn), 3 + 2);
+        assert_eq!(
+            remembered(&conn),
+            [id(total - 3), id(total - 2), id(total - 1)].map(|k| k.as_str().to_owned())
+        );
         let raw = claim(&conn, std::slice::from_ref(&target), &limits).unwrap();
         let out = raw.into_outcome(std::slice::from_ref(&target)).unwrap();
         assert_eq!(out.keys[0].key_id, id(0));
