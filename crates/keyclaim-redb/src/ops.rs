@@ -506,7 +506,13 @@ pub(crate) fn upload(
             )?;
             queues.insert(alg, q);
         }
-        for (alg, q) in &queues {
+        for (alg, q) in &mut queues {
+            // Uploads are where rows are added, so where the rows of
+            // forgotten issued keys are pruned: a claim adds no row (it
+            // moves the head), so a queue holds at most the remembered limit
+            // + PRUNE_CHUNK + the keys stored at its last upload, and claims
+            // rewrite the queue record only.
+            prune(t, (u, d, alg), q, limits)?;
             t.set_queue((u, d, alg), *q)?;
         }
     }
@@ -631,7 +637,6 @@ pub(crate) fn claim(
                 ))));
             }
             q.1 = next;
-            prune(t, (u, d, a), &mut q, limits)?;
             t.set_queue((u, d, a), q)?;
             changed.push(device.clone());
             continue;
@@ -661,10 +666,10 @@ pub(crate) fn claim(
     })
 }
 
-/// Forgets the oldest remembered issued keys of a queue (R3.4) once more
-/// than `limits.remembered_issued_keys` + [`PRUNE_CHUNK`] are remembered,
-/// down to the limit: one contiguous range of `otk_keys` and the keys'
-/// `otk_ids` rows, once every [`PRUNE_CHUNK`] claims of a busy queue.
+/// Deletes the rows of a queue's forgotten issued keys (R3.4: only the
+/// newest `limits.remembered_issued_keys` are remembered) once more than
+/// [`PRUNE_CHUNK`] of them wait: one contiguous range of `otk_keys` and the
+/// keys' `otk_ids` rows. Called by uploads, never by claims.
 fn prune(
     t: &mut WriteTables<'_>,
     (u, d, a): DeviceAlgKey<'_>,

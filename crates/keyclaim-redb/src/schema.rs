@@ -26,9 +26,10 @@
 //! modified leaf and its path to the root on each commit, so a claim that
 //! removed the key from two tables and inserted it into two more dirtied
 //! four leaves of its own per device; now the claims of a batch share the
-//! few leaves of `otk_queue`. Once more than `remembered_issued_keys` plus
-//! [`PRUNE_CHUNK`] keys are remembered, the oldest are removed in one
-//! contiguous range (R3.4 asks for *at least* the most recent 1000). A
+//! few leaves of `otk_queue`. Exactly the newest `remembered_issued_keys`
+//! issued keys are remembered (R3.4); the rows of older ones are removed in
+//! one contiguous range by the next upload once more than [`PRUNE_CHUNK`]
+//! wait (a claim adds no row, so claims never prune). A
 //! remembered key imported or migrated without its JSON has an empty JSON
 //! text; it is never handed out again.
 //!
@@ -59,8 +60,8 @@ pub(crate) const META_VERSION: &str = "format_version";
 /// `meta` key of the next sequence number (upload positions, R3.5).
 pub(crate) const META_NEXT_SEQ: &str = "next_seq";
 
-/// How many remembered issued keys beyond the limit a queue may hold before
-/// the oldest are removed, in one range, down to the limit.
+/// How many rows of forgotten issued keys a queue may hold before an upload
+/// removes them, in one range, down to the remembered limit.
 pub(crate) const PRUNE_CHUNK: u64 = 64;
 
 /// A digest of key JSON without signatures, as stored.
