@@ -337,10 +337,7 @@ pub(crate) fn export_devices(
                 DeviceId::parse(d).map_err(corrupt("stored device ID"))?,
             );
             let snap = snapshot(txn, device, keep)?;
-            if !(snap.one_time_keys.is_empty()
-                && snap.fallback_keys.is_empty()
-                && snap.issued.is_empty())
-            {
+            if !snap.is_empty() {
                 out.push(snap);
             }
         }

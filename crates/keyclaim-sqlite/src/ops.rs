@@ -168,18 +168,15 @@ pub(crate) fn upload(conn: &Connection, upload: &Upload, limits: &Limits) -> Res
 
     let keep = sql_int(limits.remembered_issued_keys);
     let mut facts = DeviceFacts::default();
-    let mut queues: HashMap<Algorithm, Queue> = HashMap::new();
+    let mut queues: HashMap<&str, Queue> = HashMap::new();
     {
         let mut by_id = conn.prepare_cached(SQL_KEYS_BY_ID).ctx(OP)?;
         for id in upload.one_time_keys.keys() {
-            let alg = id.algorithm();
-            let head = match queues.entry(alg) {
+            let head = match queues.entry(id.algorithm_str()) {
                 Entry::Occupied(e) => e.get().head,
                 Entry::Vacant(slot) => {
-                    let q = queue(conn, user, dev, slot.key().as_str(), OP)?.unwrap_or_default();
-                    facts
-                        .otk_counts
-                        .insert(slot.key().clone(), count_u64(q.stored));
+                    let q = queue(conn, user, dev, slot.key(), OP)?.unwrap_or_default();
+                    facts.otk_counts.insert(id.algorithm(), count_u64(q.stored));
                     slot.insert(q).head
                 }
             };
@@ -246,10 +243,7 @@ pub(crate) fn upload(conn: &Connection, upload: &Upload, limits: &Limits) -> Res
             // The only place rows are added, so the place to prune the
             // rows of forgotten issued keys: claims never add rows, and
             // stay one-row writes.
-            let q = Algorithm::parse(alg)
-                .ok()
-                .and_then(|a| queues.get(&a).copied())
-                .unwrap_or_default();
+            let q = queues.get(alg).copied().unwrap_or_default();
             if q.issued > keep.saturating_add(PRUNE_SLACK) {
                 let removed = prune_issued(conn, (user, dev, alg), (q.head, q.issued), keep)?;
                 conn.prepare_cached(SQL_QUEUE_SET_ISSUED)
@@ -854,10 +848,7 @@ pub(crate) fn export_devices(
         for (user, dev) in batch {
             let device = Device::parse(&user, &dev).map_err(|e| corrupt("device", &e))?;
             let snap = snapshot(&tx, device, limits.remembered_issued_keys)?;
-            if !(snap.one_time_keys.is_empty()
-                && snap.fallback_keys.is_empty()
-                && snap.issued.is_empty())
-            {
+            if !snap.is_empty() {
                 out.push(snap);
             }
         }
