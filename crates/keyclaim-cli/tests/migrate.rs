@@ -182,7 +182,7 @@ async fn migrate_resumes_from_its_checkpoint_and_check_finds_nothing_wrong() {
         let src = keyclaim_sqlite::SqliteStore::open(&a).await.unwrap();
         let dst = keyclaim_sqlite::SqliteStore::open(&b).await.unwrap();
         let mut copied = 0;
-        let mut exporter = keyclaim::Exporter::new(20);
+        let mut exporter = keyclaim::transfer::Exporter::new(20);
         let batch = exporter.next_batch(&src).await.unwrap().unwrap();
         for s in &batch {
             dst.import_device(s).await.unwrap();

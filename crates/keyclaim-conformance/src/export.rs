@@ -98,18 +98,18 @@ pub async fn copy_diff_and_check<F: StoreFactory>(f: &F) {
     populate(&src).await;
     let dst = fresh(f).await;
     let mut batches = 0;
-    let report = keyclaim::copy_store(&src, &dst, 8, None, |_, _| batches += 1)
+    let report = keyclaim::transfer::copy_store(&src, &dst, 8, None, |_, _| batches += 1)
         .await
         .expect("copy");
     assert_eq!(report.devices, 30);
     assert_eq!(batches, 4);
     assert!(
-        keyclaim::diff_stores(&src, &dst, 7, 100)
+        keyclaim::transfer::diff_stores(&src, &dst, 7, 100)
             .await
             .expect("diff")
             .is_empty()
     );
-    let check = keyclaim::check_store(&dst, 9).await.expect("check");
+    let check = keyclaim::transfer::check_store(&dst, 9).await.expect("check");
     assert_eq!(
         (check.devices, check.problems.len()),
         (30, 0),
@@ -119,14 +119,14 @@ pub async fn copy_diff_and_check<F: StoreFactory>(f: &F) {
     let d = full_state(&src).await[3].device.clone();
     claim_one(&src, &d, SC).await;
     assert_eq!(
-        keyclaim::diff_stores(&src, &dst, 7, 100)
+        keyclaim::transfer::diff_stores(&src, &dst, 7, 100)
             .await
             .expect("diff"),
         [d]
     );
     // Resuming after the last device copies nothing more.
     let last = full_state(&src).await.last().map(|s| s.device.clone());
-    let again = keyclaim::copy_store(&src, &dst, 8, last, |_, _| {})
+    let again = keyclaim::transfer::copy_store(&src, &dst, 8, last, |_, _| {})
         .await
         .expect("copy");
     assert_eq!(again.devices, 0);

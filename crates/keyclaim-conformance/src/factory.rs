@@ -143,12 +143,12 @@ impl<S: KeyStore> KeyStore for DynStore<S> {
         &self,
         after: Option<&keyclaim::Device>,
         limit: usize,
-    ) -> Result<Vec<keyclaim::DeviceSnapshot>> {
+    ) -> Result<Vec<keyclaim::transfer::DeviceSnapshot>> {
         self.inner.export_devices(after, limit).await
     }
     async fn import_device(
         &self,
-        snapshot: &keyclaim::DeviceSnapshot,
+        snapshot: &keyclaim::transfer::DeviceSnapshot,
     ) -> Result<keyclaim::Changes> {
         self.inner.import_device(snapshot).await
     }

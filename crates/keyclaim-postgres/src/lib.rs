@@ -14,10 +14,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use keyclaim::{
-    Algorithm, ChangeNotifier, Changes, ClaimOutcome, ClaimTarget, Device, DeviceSnapshot, Error,
-    KeyStore, Limits, OtkCounts, Result, SyncState, Upload, UploadOutcome, UserId, broadcast,
-};
+use keyclaim::{Algorithm, Changes, ClaimOutcome, ClaimTarget, Device, Error, KeyStore, Limits, OtkCounts, Result, SyncState, Upload, UploadOutcome, UserId, broadcast};
+use keyclaim::transfer::DeviceSnapshot;
+use keyclaim::backend::ChangeNotifier;
 use tokio_postgres::NoTls;
 
 pub use schema::SCHEMA_VERSION;

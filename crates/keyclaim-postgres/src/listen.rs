@@ -35,7 +35,8 @@
 use std::time::Duration;
 
 use futures::StreamExt as _;
-use keyclaim::{ChangeNotifier, Changes, Device, Error, Result};
+use keyclaim::{Changes, Device, Error, Result};
+use keyclaim::backend::ChangeNotifier;
 use std::collections::BTreeSet;
 
 use deadpool_postgres::Pool;

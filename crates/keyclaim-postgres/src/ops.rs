@@ -65,7 +65,7 @@
 //! An upload takes a transaction-scoped advisory lock on its device (and a
 //! shared one on its user, which [`delete_user`] takes exclusively), so
 //! uploads of one device, and deletions and imports of it, run one after
-//! another; then reads everything [`keyclaim::plan_upload`] needs in one
+//! another; then reads everything [`keyclaim::backend::plan_upload`] needs in one
 //! statement (one snapshot: a concurrent claim is seen either before or
 //! after, never half), plans, and applies the plan in the same transaction,
 //! pipelined. The primary key `(user_id, device_id, key_id)` backs the
@@ -88,11 +88,9 @@
 use std::collections::{BTreeMap, HashMap};
 
 use deadpool_postgres::Object;
-use keyclaim::{
-    Algorithm, Changes, ClaimOutcome, ClaimTarget, ClaimedKey, Device, DeviceFacts, DeviceSnapshot,
-    IssuedKey, KeyDigest, KeyId, KeyJson, Limits, OtkCounts, Result, StoredFallback, StoredOtk,
-    SyncState, Upload, UploadOutcome, UserId, plan_upload,
-};
+use keyclaim::{Algorithm, Changes, ClaimOutcome, ClaimTarget, ClaimedKey, Device, KeyId, KeyJson, Limits, OtkCounts, Result, SyncState, Upload, UploadOutcome, UserId};
+use keyclaim::transfer::{DeviceSnapshot, IssuedKey, KeyDigest, StoredFallback, StoredOtk};
+use keyclaim::backend::{DeviceFacts, plan_upload};
 use tokio_postgres::IsolationLevel;
 use tokio_postgres::types::ToSql;
 

@@ -13,10 +13,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use keyclaim::{
-    Algorithm, ChangeNotifier, Changes, ClaimOutcome, ClaimTarget, Device, DeviceSnapshot, Error,
-    KeyStore, Limits, OtkCounts, Result, SyncState, Upload, UploadOutcome, UserId, broadcast,
-};
+use keyclaim::{Algorithm, Changes, ClaimOutcome, ClaimTarget, Device, Error, KeyStore, Limits, OtkCounts, Result, SyncState, Upload, UploadOutcome, UserId, broadcast};
+use keyclaim::transfer::DeviceSnapshot;
+use keyclaim::backend::ChangeNotifier;
 use redb::{Database, ReadTransaction, ReadableDatabase};
 use slot::DbSlot;
 use tracing::Instrument as _;

@@ -13,11 +13,9 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
-use keyclaim::{
-    Algorithm, Changes, ClaimOutcome, ClaimTarget, ClaimedKey, Device, DeviceFacts, DeviceId,
-    DeviceSnapshot, Error, IssuedKey, KeyDigest, KeyId, KeyJson, Limits, OtkCounts, Result,
-    StoredFallback, StoredOtk, SyncState, Upload, UploadOutcome, UserId, plan_upload,
-};
+use keyclaim::{Algorithm, Changes, ClaimOutcome, ClaimTarget, ClaimedKey, Device, DeviceId, Error, KeyId, KeyJson, Limits, OtkCounts, Result, SyncState, Upload, UploadOutcome, UserId};
+use keyclaim::transfer::{DeviceSnapshot, IssuedKey, KeyDigest, StoredFallback, StoredOtk};
+use keyclaim::backend::{DeviceFacts, plan_upload};
 use redb::{ReadTransaction, ReadableTable, Table, WriteTransaction};
 
 use crate::BACKEND;

@@ -29,10 +29,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use keyclaim::{
-    ChangeNotifier, Changes, ClaimTarget, Device, DeviceSnapshot, Error, Limits, Result, Upload,
-    UploadOutcome, UserId,
-};
+use keyclaim::{Changes, ClaimTarget, Device, Error, Limits, Result, Upload, UploadOutcome, UserId};
+use keyclaim::transfer::DeviceSnapshot;
+use keyclaim::backend::ChangeNotifier;
 use redb::{Database, WriteTransaction};
 use tokio::sync::oneshot;
 

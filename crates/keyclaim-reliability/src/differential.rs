@@ -14,7 +14,7 @@
 //! claim answers (the keys, in order, with their JSON and fallback flag) and
 //! their change sets, reads, deletions' change sets. At the end: every
 //! subject's whole normalized state (OTKs in claim order, fallback keys with
-//! used flags, remembered issued keys) is the same, [`keyclaim::check_store`]
+//! used flags, remembered issued keys) is the same, [`keyclaim::transfer::check_store`]
 //! is clean for each, and draining every (device, algorithm) with claims
 //! gives the same keys from every subject and from the model.
 
@@ -23,10 +23,8 @@ use std::future::Future;
 use std::pin::Pin;
 
 use arbitrary::{Arbitrary, Unstructured};
-use keyclaim::{
-    Algorithm, ClaimTarget, ClaimedKey, Device, Error, KeyId, KeyJson, KeyStore, Limits, Upload,
-    UserId, check_store,
-};
+use keyclaim::{Algorithm, ClaimTarget, ClaimedKey, Device, Error, KeyId, KeyJson, KeyStore, Limits, Upload, UserId};
+use keyclaim::transfer::check_store;
 use keyclaim_conformance::model::Model;
 use keyclaim_memory::MemoryStore;
 use serde_json::{Value, json};

@@ -32,7 +32,8 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use keyclaim::{KeyStore, Limits, check_store};
+use keyclaim::{KeyStore, Limits};
+use keyclaim::transfer::check_store;
 use keyclaim_memory::MemoryStore;
 
 use crate::backends::Backend;

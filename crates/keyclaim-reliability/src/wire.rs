@@ -19,15 +19,13 @@
 //!   out was stored for that device and is gone (OTK) or marked used
 //!   (fallback), nothing else changed, and every target that had a key to
 //!   hand out got one (R4.3, R4.6);
-//! - [`keyclaim::check_store`] finds no problem afterwards.
+//! - [`keyclaim::transfer::check_store`] finds no problem afterwards.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use keyclaim::{
-    Algorithm, ApiError, ClaimTarget, Device, DeviceSnapshot, KeyId, KeyJson, KeyStore, KeysApi,
-    Upload, check_store,
-};
+use keyclaim::{Algorithm, ApiError, ClaimTarget, Device, KeyId, KeyJson, KeyStore, KeysApi, Upload};
+use keyclaim::transfer::{DeviceSnapshot, check_store};
 use keyclaim_memory::MemoryStore;
 use serde_json::{Map, Value, json};
 
@@ -404,7 +402,7 @@ fn check_claim_answer(
                 s.issued
                     .entry(id.algorithm())
                     .or_default()
-                    .push(keyclaim::IssuedKey {
+                    .push(keyclaim::transfer::IssuedKey {
                         key_id: otk.key_id,
                         digest: otk.key_json.digest(),
                     });

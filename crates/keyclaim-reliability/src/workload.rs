@@ -268,6 +268,6 @@ pub async fn clone_memory(
     from: &keyclaim_memory::MemoryStore,
 ) -> keyclaim::Result<keyclaim_memory::MemoryStore> {
     let to = keyclaim_memory::MemoryStore::with_limits(from.limits().clone());
-    keyclaim::copy_store(from, &to, 256, None, |_, _| {}).await?;
+    keyclaim::transfer::copy_store(from, &to, 256, None, |_, _| {}).await?;
     Ok(to)
 }

@@ -35,9 +35,8 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use keyclaim::{
-    Algorithm, ClaimTarget, ClaimedKey, Device, Error, KeyDigest, KeyId, KeyJson, Result,
-};
+use keyclaim::{Algorithm, ClaimTarget, ClaimedKey, Device, Error, KeyId, KeyJson, Result};
+use keyclaim::transfer::KeyDigest;
 use parking_lot::{Condvar, Mutex};
 use rusqlite::{Connection, OptionalExtension as _, params};
 

@@ -12,10 +12,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use keyclaim::{
-    Algorithm, ChangeNotifier, Changes, ClaimOutcome, ClaimTarget, Device, DeviceSnapshot,
-    KeyStore, Limits, OtkCounts, Result, SyncState, Upload, UploadOutcome, UserId, broadcast,
-};
+use keyclaim::{Algorithm, Changes, ClaimOutcome, ClaimTarget, Device, KeyStore, Limits, OtkCounts, Result, SyncState, Upload, UploadOutcome, UserId, broadcast};
+use keyclaim::transfer::DeviceSnapshot;
+use keyclaim::backend::ChangeNotifier;
 use tracing::Instrument as _;
 
 pub use schema::{APPLICATION_ID, SCHEMA_VERSION};

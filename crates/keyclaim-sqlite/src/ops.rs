@@ -11,11 +11,9 @@
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
-use keyclaim::{
-    Algorithm, Changes, ClaimOutcome, ClaimTarget, ClaimedKey, Device, DeviceFacts, DeviceId,
-    DeviceSnapshot, Error, IssuedKey, KeyDigest, KeyId, KeyJson, Limits, OtkCounts, Result,
-    StoredFallback, StoredOtk, SyncState, Upload, UploadOutcome, UserId, plan_upload,
-};
+use keyclaim::{Algorithm, Changes, ClaimOutcome, ClaimTarget, ClaimedKey, Device, DeviceId, Error, KeyId, KeyJson, Limits, OtkCounts, Result, SyncState, Upload, UploadOutcome, UserId};
+use keyclaim::transfer::{DeviceSnapshot, IssuedKey, KeyDigest, StoredFallback, StoredOtk};
+use keyclaim::backend::{DeviceFacts, plan_upload};
 use rusqlite::{Connection, ErrorCode, OptionalExtension as _, params};
 
 /// The backend name used in errors and logs.

@@ -122,6 +122,13 @@ pub enum Error {
     /// The stored data violates an invariant (a bug or outside tampering).
     #[error("corrupt store: {0}")]
     Corrupt(String),
+    /// A store's configuration is invalid (a bad URL, option or schema
+    /// name), found when the store is opened.
+    #[error("invalid configuration: {reason}")]
+    InvalidConfig {
+        /// What is wrong, naming the option.
+        reason: String,
+    },
     /// The store was closed or its worker thread is gone.
     #[error("store is closed")]
     Closed,
@@ -140,6 +147,13 @@ impl Error {
             op,
             retryable,
             source: source.into(),
+        }
+    }
+
+    /// Builds a [`Error::InvalidConfig`].
+    pub fn invalid_config(reason: impl Into<String>) -> Self {
+        Self::InvalidConfig {
+            reason: reason.into(),
         }
     }
 

@@ -7,7 +7,8 @@ use std::collections::{BTreeMap, HashSet};
 use crate::error::Result;
 use crate::ids::Device;
 use crate::store::KeyStore;
-use crate::types::DeviceSnapshot;
+pub use crate::key_json::KeyDigest;
+pub use crate::types::{DeviceSnapshot, IssuedKey, StoredFallback, StoredOtk};
 
 /// Pages through a store's devices in (user ID, device ID) byte order.
 ///

@@ -4,10 +4,9 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use keyclaim::{
-    Algorithm, ChangeNotifier, Changes, ClaimOutcome, ClaimTarget, Device, DeviceSnapshot, Error,
-    KeyStore, KeysApi, Limits, OtkCounts, Result, Upload, UploadOutcome, UserId, broadcast,
-};
+use keyclaim::{Algorithm, Changes, ClaimOutcome, ClaimTarget, Device, Error, KeyStore, KeysApi, Limits, OtkCounts, Result, Upload, UploadOutcome, UserId, broadcast};
+use keyclaim::transfer::DeviceSnapshot;
+use keyclaim::backend::ChangeNotifier;
 
 #[derive(Debug, Default)]
 struct FailingStore {
