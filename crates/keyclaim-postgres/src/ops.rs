@@ -548,7 +548,7 @@ pub(crate) async fn upload(
         .iter()
         .map(|(_, j)| j.canonical())
         .collect();
-    let otk_digests: Vec<[u8; 32]> = plan.insert_otks.iter().map(|(_, j)| j.digest().0).collect();
+    let otk_digests: Vec<[u8; 32]> = plan.insert_otks.iter().map(|(_, j)| *j.digest().as_bytes()).collect();
     let otk_digest_refs: Vec<&[u8]> = otk_digests.iter().map(|d| d.as_slice()).collect();
 
     let fb_algs: Vec<&str> = plan
@@ -569,7 +569,7 @@ pub(crate) async fn upload(
     let fb_digests: Vec<[u8; 32]> = plan
         .replace_fallbacks
         .iter()
-        .map(|(_, _, j)| j.digest().0)
+        .map(|(_, _, j)| *j.digest().as_bytes())
         .collect();
     let fb_digest_refs: Vec<&[u8]> = fb_digests.iter().map(|d| d.as_slice()).collect();
     let fb_used: Vec<bool> = vec![false; fb_algs.len()];
@@ -1080,7 +1080,7 @@ pub(crate) async fn import_device(
     let otk_digests: Vec<[u8; 32]> = snapshot
         .one_time_keys
         .iter()
-        .map(|k| k.key_json.digest().0)
+        .map(|k| *k.key_json.digest().as_bytes())
         .collect();
     let otk_digest_refs: Vec<&[u8]> = otk_digests.iter().map(|d| d.as_slice()).collect();
 
@@ -1102,7 +1102,7 @@ pub(crate) async fn import_device(
     let fb_digests: Vec<[u8; 32]> = snapshot
         .fallback_keys
         .values()
-        .map(|f| f.key_json.digest().0)
+        .map(|f| *f.key_json.digest().as_bytes())
         .collect();
     let fb_digest_refs: Vec<&[u8]> = fb_digests.iter().map(|d| d.as_slice()).collect();
     let fb_used: Vec<bool> = snapshot.fallback_keys.values().map(|f| f.used).collect();
@@ -1114,7 +1114,7 @@ pub(crate) async fn import_device(
         .collect();
     let iss_algs: Vec<&str> = issued.iter().map(|(a, _)| a.as_str()).collect();
     let iss_ids: Vec<&str> = issued.iter().map(|(_, k)| k.key_id.as_str()).collect();
-    let iss_digests: Vec<&[u8]> = issued.iter().map(|(_, k)| k.digest.0.as_slice()).collect();
+    let iss_digests: Vec<&[u8]> = issued.iter().map(|(_, k)| k.digest.as_bytes().as_slice()).collect();
 
     let payloads = if sql.transactional_notify {
         notify_payloads(&sql.instance, std::slice::from_ref(device))

@@ -496,7 +496,7 @@ pub(crate) fn upload(
                 &mut q,
                 seq,
                 id.as_str(),
-                json.digest().0,
+                *json.digest().as_bytes(),
                 json.canonical(),
             )?;
             queues.insert(alg, q);
@@ -514,7 +514,7 @@ pub(crate) fn upload(
     for (alg, id, json) in plan.replace_fallbacks {
         t.fallbacks.insert(
             (u, d, alg.as_str()),
-            (id.as_str(), json.canonical(), false, json.digest().0),
+            (id.as_str(), json.canonical(), false, *json.digest().as_bytes()),
         )?;
     }
     let counts = counts(&t.queue, u, d)?;
@@ -793,7 +793,7 @@ pub(crate) fn import_device(
     for keys in snapshot.issued.values() {
         for key in keys {
             // Filed under its key ID's algorithm, where uploads look for it.
-            if seen_issued.insert((key.key_id.as_str(), key.digest.0)) {
+            if seen_issued.insert((key.key_id.as_str(), *key.digest.as_bytes())) {
                 let alg = key.key_id.algorithm_str();
                 per_alg.entry(alg).or_default().0.push(key);
             }
@@ -816,7 +816,7 @@ pub(crate) fn import_device(
                 &mut q,
                 0,
                 key.key_id.as_str(),
-                key.digest.0,
+                *key.digest.as_bytes(),
                 "",
             )?;
         }
@@ -827,7 +827,7 @@ pub(crate) fn import_device(
                 &mut q,
                 otk.seq,
                 otk.key_id.as_str(),
-                otk.key_json.digest().0,
+                *otk.key_json.digest().as_bytes(),
                 otk.key_json.canonical(),
             )?;
         }
@@ -840,7 +840,7 @@ pub(crate) fn import_device(
                 fb.key_id.as_str(),
                 fb.key_json.canonical(),
                 fb.used,
-                fb.key_json.digest().0,
+                *fb.key_json.digest().as_bytes(),
             ),
         )?;
     }

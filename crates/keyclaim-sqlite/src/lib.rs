@@ -11,10 +11,12 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use async_trait::async_trait;
-use keyclaim::{Algorithm, Changes, ClaimOutcome, ClaimTarget, Device, KeyStore, Limits, OtkCounts, Result, SyncState, Upload, UploadOutcome, UserId, broadcast};
+use keyclaim::backend::{Backend, StoreCore, async_trait};
 use keyclaim::transfer::DeviceSnapshot;
-use keyclaim::backend::ChangeNotifier;
+use keyclaim::{
+    Algorithm, Changes, ClaimOutcome, ClaimTarget, Device, Limits, OtkCounts, Result, SyncState,
+    Upload, UploadOutcome, UserId,
+};
 use tracing::Instrument as _;
 
 pub use schema::{APPLICATION_ID, SCHEMA_VERSION};
@@ -197,7 +199,7 @@ impl SqliteOptions {
 pub struct SqliteStore {
     path: PathBuf,
     options: SqliteOptions,
-    notifier: ChangeNotifier,
+    core: StoreCore,
     // Declared before `writer`, so readers close before the writer does; the
     // last connection to close checkpoints the WAL.
     readers: ReadPool,
@@ -243,8 +245,8 @@ impl SqliteStore {
                 .transpose()?;
             Ok(SqliteStore {
                 path,
+                core: StoreCore::new(options.limits.clone()),
                 options,
-                notifier: ChangeNotifier::new(),
                 readers,
                 _checkpointer: checkpointer,
                 writer,
@@ -274,128 +276,69 @@ impl SqliteStore {
 }
 
 #[async_trait]
-impl KeyStore for SqliteStore {
-    fn backend_name(&self) -> &'static str {
+impl Backend for SqliteStore {
+    fn name(&self) -> &'static str {
         ops::BACKEND
     }
 
-    fn limits(&self) -> &Limits {
-        &self.options.limits
-    }
-
-    fn subscribe(&self) -> broadcast::Receiver<Changes> {
-        self.notifier.subscribe()
+    fn core(&self) -> &StoreCore {
+        &self.core
     }
 
     async fn upload(&self, upload: &Upload) -> Result<UploadOutcome> {
-        let span = tracing::debug_span!(
-            "keyclaim_sqlite.upload",
-            device = %upload.device,
-            otks = upload.one_time_keys.len(),
-            fallbacks = upload.fallback_keys.len(),
-        );
-        async {
-            self.options.limits.check_upload(upload)?;
-            let owned = upload.clone();
-            let outcome = self
-                .write("upload", move |conn, limits| {
-                    ops::upload(conn, &owned, limits)
-                })
-                .await?;
-            self.notifier.notify(&outcome.changes);
-            tracing::debug!(
-                changed = !outcome.changes.is_empty(),
-                stored = outcome.counts.total(),
-                "upload done"
-            );
-            Ok(outcome)
-        }
-        .instrument(span)
-        .await
+        let owned = upload.clone();
+        self.write("upload", move |conn, limits| ops::upload(conn, &owned, limits))
+            .await
     }
 
     async fn claim(&self, targets: &[ClaimTarget]) -> Result<ClaimOutcome> {
-        let span = tracing::debug_span!("keyclaim_sqlite.claim", targets = targets.len());
-        async {
-            self.options.limits.check_claim(targets)?;
-            let owned = targets.to_vec();
-            // The targets were checked above: a claim fails only when
-            // storage does, and runs without a savepoint of its own.
-            let raw = self
-                .writer
-                .submit(
-                    "claim",
-                    writer::Fallible::OnStorageOnly,
-                    move |conn, limits| ops::claim(conn, &owned, limits),
-                )
-                .await?;
-            // Committed: the changes happened even if a stored key turns out
-            // unreadable, so notify first.
-            let outcome = raw.into_outcome(targets);
-            if let Ok(outcome) = &outcome {
-                self.notifier.notify(&outcome.changes);
-            }
-            let outcome = outcome?;
-            tracing::debug!(
-                issued = outcome.keys.len(),
-                devices_changed = outcome.changes.devices().len(),
-                "claim done"
-            );
-            Ok(outcome)
-        }
-        .instrument(span)
-        .await
+        let owned = targets.to_vec();
+        // Core checked the targets: a claim fails only when storage does,
+        // and runs without a savepoint of its own.
+        let raw = self
+            .writer
+            .submit(
+                "claim",
+                writer::Fallible::OnStorageOnly,
+                move |conn, _| ops::claim(conn, &owned),
+            )
+            .await?;
+        raw.decode(targets)
     }
 
     async fn otk_counts(&self, device: &Device) -> Result<OtkCounts> {
-        let span = tracing::trace_span!("keyclaim_sqlite.otk_counts", %device);
         let device = device.clone();
         self.readers
             .run(move |conn| ops::otk_counts(conn, &device))
-            .instrument(span)
             .await
     }
 
     async fn unused_fallback_types(&self, device: &Device) -> Result<Vec<Algorithm>> {
-        let span = tracing::trace_span!("keyclaim_sqlite.unused_fallback_types", %device);
         let device = device.clone();
         self.readers
             .run(move |conn| ops::unused_fallback_types(conn, &device))
-            .instrument(span)
             .await
     }
 
     async fn sync_state(&self, device: &Device) -> Result<SyncState> {
-        let span = tracing::trace_span!("keyclaim_sqlite.sync_state", %device);
         let device = device.clone();
         self.readers
             .run(move |conn| ops::sync_state(conn, &device))
-            .instrument(span)
             .await
     }
 
     async fn delete_device(&self, device: &Device) -> Result<Changes> {
-        let span = tracing::debug_span!("keyclaim_sqlite.delete_device", %device);
         let owned = device.clone();
-        let changes = self
-            .write("delete_device", move |conn, _| {
-                ops::delete_device(conn, &owned)
-            })
-            .instrument(span)
-            .await?;
-        self.notifier.notify(&changes);
-        Ok(changes)
+        self.write("delete_device", move |conn, _| {
+            ops::delete_device(conn, &owned)
+        })
+        .await
     }
 
     async fn delete_user(&self, user: &UserId) -> Result<Changes> {
-        let span = tracing::debug_span!("keyclaim_sqlite.delete_user", %user);
         let owned = user.clone();
-        let changes = self
-            .write("delete_user", move |conn, _| ops::delete_user(conn, &owned))
-            .instrument(span)
-            .await?;
-        self.notifier.notify(&changes);
-        Ok(changes)
+        self.write("delete_user", move |conn, _| ops::delete_user(conn, &owned))
+            .await
     }
 
     async fn export_devices(
@@ -403,29 +346,18 @@ impl KeyStore for SqliteStore {
         after: Option<&Device>,
         limit: usize,
     ) -> Result<Vec<DeviceSnapshot>> {
-        let span = tracing::debug_span!("keyclaim_sqlite.export_devices", limit);
         let after = after.cloned();
         let limits = self.options.limits.clone();
         self.readers
             .run(move |conn| ops::export_devices(conn, after.as_ref(), limit, &limits))
-            .instrument(span)
             .await
     }
 
     async fn import_device(&self, snapshot: &DeviceSnapshot) -> Result<Changes> {
-        let span = tracing::debug_span!(
-            "keyclaim_sqlite.import_device",
-            device = %snapshot.device,
-            otks = snapshot.one_time_keys.len(),
-        );
         let owned = snapshot.clone();
-        let changes = self
-            .write("import_device", move |conn, _| {
-                ops::import_device(conn, &owned)
-            })
-            .instrument(span)
-            .await?;
-        self.notifier.notify(&changes);
-        Ok(changes)
+        self.write("import_device", move |conn, _| {
+            ops::import_device(conn, &owned)
+        })
+        .await
     }
 }

@@ -11,9 +11,11 @@
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
-use keyclaim::{Algorithm, Changes, ClaimOutcome, ClaimTarget, ClaimedKey, Device, DeviceId, Error, KeyId, KeyJson, Limits, OtkCounts, Result, SyncState, Upload, UploadOutcome, UserId};
+use keyclaim::{Algorithm, Changes, ClaimTarget, Device, Error, KeyId, KeyJson, Limits, OtkCounts, Result, SyncState, Upload, UploadOutcome, UserId};
 use keyclaim::transfer::{DeviceSnapshot, IssuedKey, KeyDigest, StoredFallback, StoredOtk};
-use keyclaim::backend::{DeviceFacts, plan_upload};
+use keyclaim::backend::{
+    DeviceFacts, RawClaim, RawClaimedKey, decode, plan_upload, remembered_window,
+};
 use rusqlite::{Connection, ErrorCode, OptionalExtension as _, params};
 
 /// The backend name used in errors and logs.
@@ -46,24 +48,20 @@ impl<T> SqlContext<T> for rusqlite::Result<T> {
     }
 }
 
-fn corrupt(what: &str, e: &Error) -> Error {
-    Error::corrupt(format!("stored {what} is invalid: {e}"))
-}
-
 fn parse_key_id(text: String) -> Result<KeyId> {
-    KeyId::parse(text).map_err(|e| corrupt("key ID", &e))
+    decode::key_id(text)
 }
 
 fn parse_algorithm(text: String) -> Result<Algorithm> {
-    Algorithm::parse(text).map_err(|e| corrupt("algorithm", &e))
+    decode::algorithm(text)
 }
 
 fn parse_key_json(text: &str) -> Result<KeyJson> {
-    KeyJson::from_json_str(text).map_err(|e| corrupt("key JSON", &e))
+    decode::key_json(text)
 }
 
 fn parse_digest(bytes: &[u8]) -> Result<KeyDigest> {
-    KeyDigest::from_slice(bytes)
+    decode::digest(bytes)
 }
 
 /// An `i64` for SQLite from a count or limit, saturating.
@@ -161,7 +159,7 @@ fn queue(
 /// gathers the [`DeviceFacts`], asks [`plan_upload`], writes the plan.
 pub(crate) fn upload(conn: &Connection, upload: &Upload, limits: &Limits) -> Result<UploadOutcome> {
     const OP: &str = "upload";
-    let device = &upload.device;
+    let device = upload.device();
     let (user, dev) = (device.user_id.as_str(), device.device_id.as_str());
 
     let keep = sql_int(limits.remembered_issued_keys);
@@ -169,7 +167,7 @@ pub(crate) fn upload(conn: &Connection, upload: &Upload, limits: &Limits) -> Res
     let mut queues: HashMap<&str, Queue> = HashMap::new();
     {
         let mut by_id = conn.prepare_cached(SQL_KEYS_BY_ID).ctx(OP)?;
-        for id in upload.one_time_keys.keys() {
+        for id in upload.one_time_keys().keys() {
             let head = match queues.entry(id.algorithm_str()) {
                 Entry::Occupied(e) => e.get().head,
                 Entry::Vacant(slot) => {
@@ -198,7 +196,7 @@ pub(crate) fn upload(conn: &Connection, upload: &Upload, limits: &Limits) -> Res
             }
         }
         let mut fallback = conn.prepare_cached(SQL_FALLBACK_DIGEST).ctx(OP)?;
-        for alg in upload.fallback_keys.keys() {
+        for alg in upload.fallback_keys().keys() {
             let found: Option<Vec<u8>> = fallback
                 .query_row(params![user, dev, alg.as_str()], |r| r.get(0))
                 .optional()
@@ -260,7 +258,7 @@ pub(crate) fn upload(conn: &Connection, upload: &Upload, limits: &Limits) -> Res
                     dev,
                     alg.as_str(),
                     id.as_str(),
-                    &json.digest().0[..],
+                    &json.digest().as_bytes()[..],
                     json.canonical(),
                     false
                 ])
@@ -307,7 +305,7 @@ fn insert_key(
             pos,
             seq,
             key_id.as_str(),
-            &digest.0[..],
+            &digest.as_bytes()[..],
             key_json
         ])
         .ctx("insert_key")?;
@@ -349,87 +347,20 @@ const SQL_GET_FALLBACK: &str = "SELECT key_id, key_json, digest, used FROM fallb
 const SQL_USE_FALLBACK: &str = "UPDATE fallback_key SET used = 1 \
      WHERE user_id = ?1 AND device_id = ?2 AND algorithm = ?3";
 
-/// One key taken by a claim, as stored. Turned into a [`ClaimedKey`] by
-/// [`RawClaim::into_outcome`], off the writer thread: the writer is the one
-/// thread every write of the store goes through.
-#[derive(Debug)]
-pub(crate) struct RawKey {
-    target: usize,
-    key_id: String,
-    key_json: String,
-    digest: Vec<u8>,
-    fallback: bool,
-}
-
-/// What a claim took, by target index.
-#[derive(Debug, Default)]
-pub(crate) struct RawClaim {
-    keys: Vec<RawKey>,
-    changed: Vec<usize>,
-}
-
-impl RawClaim {
-    /// The claim's answer, given the targets it was run with. The key JSON
-    /// is the canonical text and digest this store wrote at upload, taken
-    /// as they are ([`KeyJson::from_stored`]).
-    ///
-    /// # Errors
-    /// [`Error::Corrupt`] when a stored key ID or digest is invalid (the
-    /// claim has been committed: such a key was unusable anyway).
-    pub(crate) fn into_outcome(self, targets: &[ClaimTarget]) -> Result<ClaimOutcome> {
-        let device = |i: usize| {
-            targets
-                .get(i)
-                .map(|t| t.device.clone())
-                .ok_or_else(|| Error::corrupt("claim answer names an unknown target"))
-        };
-        let mut keys = Vec::with_capacity(self.keys.len());
-        for raw in self.keys {
-            keys.push(ClaimedKey {
-                device: device(raw.target)?,
-                key_id: parse_key_id(raw.key_id)?,
-                key_json: KeyJson::from_stored(raw.key_json, parse_digest(&raw.digest)?),
-                fallback: raw.fallback,
-            });
-        }
-        let changed = self
-            .changed
-            .into_iter()
-            .map(device)
-            .collect::<Result<Vec<_>>>()?;
-        Ok(ClaimOutcome {
-            keys,
-            changes: Changes::from_devices(changed),
-        })
-    }
-
-    /// How many keys the claim took.
-    #[cfg(test)]
-    pub(crate) fn len(&self) -> usize {
-        self.keys.len()
-    }
-}
-
 /// Claims keys for every target, in order, inside the caller's write
 /// transaction (section 4): the oldest OTKs first, by moving the queue's
 /// head past them (which leaves them behind as remembered issued keys,
 /// R3.4); else the fallback key, marked used. It writes the queue row (and
 /// a fallback key's flag) and nothing else; uploads prune.
-pub(crate) fn claim(
-    conn: &Connection,
-    targets: &[ClaimTarget],
-    limits: &Limits,
-) -> Result<RawClaim> {
+pub(crate) fn claim(conn: &Connection, targets: &[ClaimTarget]) -> Result<RawClaim> {
     const OP: &str = "claim";
-    let mut out = RawClaim::default();
+    let mut out = RawClaim::new();
     let mut oldest = conn.prepare_cached(SQL_HEAD_KEYS).ctx(OP)?;
     let mut set_queue = conn.prepare_cached(SQL_QUEUE_SET).ctx(OP)?;
 
     for (index, target) in targets.iter().enumerate() {
-        let count = limits.clamp_count(target.count);
-        if count == 0 {
-            continue;
-        }
+        // Core clamped the count (R8.3) and left out targets of 0.
+        let count = target.count;
         let device = &target.device;
         let (user, dev, alg) = (
             device.user_id.as_str(),
@@ -461,7 +392,7 @@ pub(crate) fn claim(
             q.head = pos.saturating_add(1);
             q.stored = (q.stored - 1).max(0);
             q.issued = q.issued.saturating_add(1);
-            out.keys.push(RawKey {
+            out.push(RawClaimedKey {
                 target: index,
                 key_id,
                 key_json,
@@ -473,7 +404,7 @@ pub(crate) fn claim(
             set_queue
                 .execute(params![user, dev, alg, q.head, q.stored, q.issued])
                 .ctx(OP)?;
-            out.changed.push(index);
+            out.changed(index);
             continue;
         }
         // Prepared (looked up in the statement cache) only when needed.
@@ -491,9 +422,9 @@ pub(crate) fn claim(
                     .ctx(OP)?
                     .execute(params![user, dev, alg])
                     .ctx(OP)?;
-                out.changed.push(index);
+                out.changed(index);
             }
-            out.keys.push(RawKey {
+            out.push(RawClaimedKey {
                 target: index,
                 key_id,
                 key_json,
@@ -603,9 +534,7 @@ pub(crate) fn delete_user(conn: &Connection, user: &UserId) -> Result<Changes> {
     let devices = device_ids
         .into_iter()
         .map(|d| {
-            DeviceId::parse(d)
-                .map(|d| Device::new(user.clone(), d))
-                .map_err(|e| corrupt("device ID", &e))
+            decode::device_id(d).map(|d| Device::new(user.clone(), d))
         })
         .collect::<Result<Vec<_>>>()?;
     Ok(Changes::from_devices(devices))
@@ -722,7 +651,7 @@ pub(crate) fn import_device(conn: &Connection, snapshot: &DeviceSnapshot) -> Res
                 dev,
                 alg.as_str(),
                 f.key_id.as_str(),
-                &f.key_json.digest().0[..],
+                &f.key_json.digest().as_bytes()[..],
                 f.key_json.canonical(),
                 f.used
             ])
@@ -754,7 +683,7 @@ pub(crate) fn otk_counts(conn: &Connection, device: &Device) -> Result<OtkCounts
         let (alg, n) = row.ctx(OP)?;
         counts.insert(parse_algorithm(alg)?, count_u64(n));
     }
-    Ok(OtkCounts(counts))
+    Ok(counts.into_iter().collect())
 }
 
 /// The device's unused fallback key types, sorted by bytes (R6.3), from the
@@ -844,7 +773,7 @@ pub(crate) fn export_devices(
             break;
         };
         for (user, dev) in batch {
-            let device = Device::parse(&user, &dev).map_err(|e| corrupt("device", &e))?;
+            let device = decode::device(user, dev)?;
             let snap = snapshot(&tx, device, limits.remembered_issued_keys)?;
             if !snap.is_empty() {
                 out.push(snap);
@@ -907,8 +836,7 @@ fn snapshot(conn: &Connection, device: Device, keep: usize) -> Result<DeviceSnap
         }
     }
     for issued in snap.issued.values_mut() {
-        let forgotten = issued.len().saturating_sub(keep);
-        issued.drain(..forgotten);
+        *issued = remembered_window(issued, keep).to_vec();
     }
     snap.issued.retain(|_, issued| !issued.is_empty());
     // Upload order across algorithms; key ID bytes break ties (R4.2).
@@ -993,8 +921,8 @@ mod tests {
                 .unwrap()
         };
         for n in 0..total {
-            let raw = claim(&conn, std::slice::from_ref(&target), &limits).unwrap();
-            let out = raw.into_outcome(std::slice::from_ref(&target)).unwrap();
+            let raw = claim(&conn, std::slice::from_ref(&target)).unwrap();
+            let out = raw.decode(std::slice::from_ref(&target)).unwrap();
             assert_eq!(out.keys[0].key_id, id(n), "claim order");
             let expected: Vec<String> = (n.saturating_sub(2)..=n)
                 .map(|k| id(k).as_str().to_owned())
@@ -1024,8 +952,8 @@ mod tests {
             remembered(&conn),
             [id(total - 3), id(total - 2), id(total - 1)].map(|k| k.as_str().to_owned())
         );
-        let raw = claim(&conn, std::slice::from_ref(&target), &limits).unwrap();
-        let out = raw.into_outcome(std::slice::from_ref(&target)).unwrap();
+        let raw = claim(&conn, std::slice::from_ref(&target)).unwrap();
+        let out = raw.decode(std::slice::from_ref(&target)).unwrap();
         assert_eq!(out.keys[0].key_id, id(0));
     }
 }

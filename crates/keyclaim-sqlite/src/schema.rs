@@ -353,7 +353,7 @@ mod tests {
                 conn.execute(
                 "INSERT INTO otk (user_id, device_id, algorithm, key_id, seq, digest, key_json) \
                  VALUES ('@alice:example.org', ?1, ?2, ?3, ?4, ?5, ?6)",
-                params![d, alg, format!("{alg}:{id}"), seq, &j.digest().0[..], j.canonical()],
+                params![d, alg, format!("{alg}:{id}"), seq, &j.digest().as_bytes()[..], j.canonical()],
             )
             .unwrap();
             };
@@ -361,7 +361,7 @@ mod tests {
             conn.execute(
                 "INSERT INTO issued_key (user_id, device_id, algorithm, n, key_id, digest) \
                  VALUES ('@alice:example.org', ?1, ?2, ?3, ?4, ?5)",
-                params![d, alg, n, format!("{alg}:{id}"), &json(id).digest().0[..]],
+                params![d, alg, n, format!("{alg}:{id}"), &json(id).digest().as_bytes()[..]],
             )
             .unwrap();
         };
@@ -375,7 +375,7 @@ mod tests {
         conn.execute(
             "INSERT INTO fallback_key (user_id, device_id, algorithm, key_id, digest, key_json, used) \
              VALUES ('@alice:example.org', 'C', ?1, ?2, ?3, ?4, 1)",
-            params![alg, format!("{alg}:fb"), &f.digest().0[..], f.canonical()],
+            params![alg, format!("{alg}:fb"), &f.digest().as_bytes()[..], f.canonical()],
         )
         .unwrap();
 
@@ -413,8 +413,8 @@ mod tests {
         // Claim order survives: (sequence, key ID).
         let target = ClaimTarget::one(device("A"), alg.parse().unwrap());
         conn.execute_batch("BEGIN IMMEDIATE").unwrap();
-        let raw = ops::claim(&conn, std::slice::from_ref(&target), &limits).unwrap();
-        let out = raw.into_outcome(&[target]).unwrap();
+        let raw = ops::claim(&conn, std::slice::from_ref(&target)).unwrap();
+        let out = raw.decode(&[target]).unwrap();
         assert_eq!(out.keys[0].key_id.as_str(), "signed_curve25519:k2");
         assert_eq!(out.keys[0].key_json, json("k2"));
         // A remembered key is still refused on re-upload (R3.4); a new key

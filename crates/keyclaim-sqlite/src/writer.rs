@@ -466,7 +466,7 @@ mod tests {
             Err::<(), _>(Error::Closed)
         });
         let (j5, r5) =
-            job(|c, l| crate::ops::claim(c, &[ClaimTarget::one(device("B"), "alg".parse()?)], l));
+            job(|c, _| crate::ops::claim(c, &[ClaimTarget::one(device("B"), "alg".parse()?)]));
         let mut batch = vec![j1, j2, j4, j3, j5];
         run_batch(&conn, &mut batch, &limits);
 
@@ -502,8 +502,8 @@ mod tests {
         let a = upload("A", &[("alg:1", "one"), ("alg:2", "two")]);
         let (j1, r1) = job(move |c, l| crate::ops::upload(c, &a, l));
         let claim_a = || ClaimTarget::one(device("A"), "alg".parse().unwrap());
-        let (j2, r2) = job_of(Fallible::OnStorageOnly, move |c, l| {
-            crate::ops::claim(c, &[claim_a()], l)
+        let (j2, r2) = job_of(Fallible::OnStorageOnly, move |c, _| {
+            crate::ops::claim(c, &[claim_a()])
         });
         let runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let counted = Arc::clone(&runs);

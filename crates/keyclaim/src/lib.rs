@@ -15,6 +15,7 @@ pub mod transfer;
 mod types;
 
 pub use api::{ApiError, KeysApi};
+pub use async_trait::async_trait;
 pub use error::{BoxError, Error, LimitKind, Result};
 pub use ids::{Algorithm, Device, DeviceId, KeyId, MAX_ID_BYTES, SIGNED_CURVE25519, UserId};
 pub use key_json::KeyJson;

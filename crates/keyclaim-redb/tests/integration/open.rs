@@ -216,7 +216,7 @@ fn write_v1_file(path: &std::path::Path) {
             otks.insert((u, d, alg, seq, id.as_str()), json.canonical())
                 .unwrap();
             index
-                .insert((u, d, id.as_str()), (seq, json.digest().0))
+                .insert((u, d, id.as_str()), (seq, *json.digest().as_bytes()))
                 .unwrap();
         }
         let mut counts = txn.open_table(v1::ALG_COUNTS).unwrap();
@@ -239,14 +239,14 @@ fn write_v1_file(path: &std::path::Path) {
         fallbacks
             .insert(
                 (u, d, SC),
-                ("signed_curve25519:F", fb.canonical(), false, fb.digest().0),
+                ("signed_curve25519:F", fb.canonical(), false, *fb.digest().as_bytes()),
             )
             .unwrap();
         let fb = signed_fallback("fb-bob", "sig");
         fallbacks
             .insert(
                 ("@bob:example.org", "BOBDEV", SC),
-                ("signed_curve25519:G", fb.canonical(), true, fb.digest().0),
+                ("signed_curve25519:G", fb.canonical(), true, *fb.digest().as_bytes()),
             )
             .unwrap();
     }
