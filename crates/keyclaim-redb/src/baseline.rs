@@ -171,13 +171,16 @@ impl KeyStore for BaselineStore {
             if self.limits.clamp_count(target.count) == 0 {
                 continue;
             }
-            let owned = target.clone();
+            let owned = ClaimTarget {
+                count: self.limits.clamp_count(target.count),
+                ..target.clone()
+            };
             let raw = self
-                .write("claim", move |t, limits| {
-                    Ok(Ok(ops::claim(t, std::slice::from_ref(&owned), limits)?))
+                .write("claim", move |t, _| {
+                    Ok(Ok(ops::claim(t, std::slice::from_ref(&owned))?))
                 })
                 .await?;
-            let outcome = raw.into_outcome(std::slice::from_ref(target))?;
+            let outcome = raw.decode(std::slice::from_ref(target))?;
             self.notifier.notify(&outcome.changes);
             keys.extend(outcome.keys);
             changed.extend(outcome.changes.devices().iter().cloned());

@@ -12,13 +12,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
-use keyclaim::{Algorithm, Changes, ClaimOutcome, ClaimTarget, Device, Error, KeyStore, Limits, OtkCounts, Result, SyncState, Upload, UploadOutcome, UserId, broadcast};
+use keyclaim::backend::{Backend, StoreCore, async_trait};
 use keyclaim::transfer::DeviceSnapshot;
-use keyclaim::backend::ChangeNotifier;
+use keyclaim::{
+    Algorithm, Changes, ClaimOutcome, ClaimTarget, Device, Error, Limits, OtkCounts, Result,
+    SyncState, Upload, UploadOutcome, UserId,
+};
 use redb::{Database, ReadTransaction, ReadableDatabase};
 use slot::DbSlot;
-use tracing::Instrument as _;
 
 pub use schema::FORMAT_VERSION;
 
@@ -296,8 +297,7 @@ pub struct RedbStore {
     // Declared first: dropped (joined) before the database closes.
     writer: Writer,
     slot: Arc<DbSlot>,
-    limits: Limits,
-    notifier: ChangeNotifier,
+    core: StoreCore,
     path: PathBuf,
     options: RedbOptions,
 }
@@ -308,7 +308,7 @@ impl fmt::Debug for RedbStore {
             .field("path", &self.path)
             .field("durability", &self.options.durability)
             .field("max_batch", &self.options.max_batch)
-            .field("limits", &self.limits)
+            .field("limits", self.core.limits())
             .finish_non_exhaustive()
     }
 }
@@ -339,7 +339,6 @@ impl RedbStore {
     fn open_blocking(path: PathBuf, options: RedbOptions) -> Result<RedbStore> {
         let db = open_database(&path, &options)?;
         let slot = Arc::new(DbSlot::new(path.clone(), options.clone(), db));
-        let notifier = ChangeNotifier::new();
         let writer = Writer::start(
             Arc::clone(&slot),
             WriterConfig {
@@ -348,14 +347,12 @@ impl RedbStore {
                 max_batch: options.max_batch.max(1),
                 linger: options.linger,
             },
-            notifier.clone(),
         )?;
         tracing::debug!(path = %path.display(), "opened redb store");
         Ok(RedbStore {
             writer,
             slot,
-            limits: options.limits.clone(),
-            notifier,
+            core: StoreCore::new(options.limits.clone()),
             path,
             options,
         })
@@ -397,132 +394,69 @@ fn wrong_reply(op: &'static str) -> Error {
 }
 
 #[async_trait]
-impl KeyStore for RedbStore {
-    fn backend_name(&self) -> &'static str {
+impl Backend for RedbStore {
+    fn name(&self) -> &'static str {
         BACKEND
     }
 
-    fn limits(&self) -> &Limits {
-        &self.limits
-    }
-
-    fn subscribe(&self) -> broadcast::Receiver<Changes> {
-        self.notifier.subscribe()
+    fn core(&self) -> &StoreCore {
+        &self.core
     }
 
     async fn upload(&self, upload: &Upload) -> Result<UploadOutcome> {
-        let span = tracing::debug_span!(
-            "keyclaim_redb.upload",
-            device = %upload.device,
-            otks = upload.one_time_keys.len(),
-            fallbacks = upload.fallback_keys.len(),
-            changed = tracing::field::Empty,
-        );
-        async {
-            self.limits.check_upload(upload)?;
-            match self.submit(Op::Upload(upload.clone())).await? {
-                Reply::Upload(outcome) => {
-                    tracing::Span::current().record("changed", !outcome.changes.is_empty());
-                    Ok(outcome)
-                }
-                _ => Err(wrong_reply("upload")),
-            }
+        match self.submit(Op::Upload(upload.clone())).await? {
+            Reply::Upload(outcome) => Ok(outcome),
+            _ => Err(wrong_reply("upload")),
         }
-        .instrument(span)
-        .await
     }
 
     async fn claim(&self, targets: &[ClaimTarget]) -> Result<ClaimOutcome> {
-        let span = tracing::debug_span!(
-            "keyclaim_redb.claim",
-            targets = targets.len(),
-            issued = tracing::field::Empty,
-        );
-        async {
-            self.limits.check_claim(targets)?;
-            // Shared with the writer: no second copy of a big claim.
-            let targets: Arc<[ClaimTarget]> = targets
-                .iter()
-                .filter(|t| self.limits.clamp_count(t.count) > 0)
-                .cloned()
-                .collect();
-            if targets.is_empty() {
-                return Ok(ClaimOutcome::default());
-            }
-            match self.submit(Op::Claim(Arc::clone(&targets))).await? {
-                Reply::Claim(raw) => {
-                    let outcome = raw.into_outcome(&targets)?;
-                    tracing::Span::current().record("issued", outcome.keys.len());
-                    Ok(outcome)
-                }
-                _ => Err(wrong_reply("claim")),
-            }
+        // Shared with the writer: no second copy of a big claim.
+        let targets: Arc<[ClaimTarget]> = targets.into();
+        match self.submit(Op::Claim(Arc::clone(&targets))).await? {
+            Reply::Claim(raw) => raw.decode(&targets),
+            _ => Err(wrong_reply("claim")),
         }
-        .instrument(span)
-        .await
     }
 
     async fn otk_counts(&self, device: &Device) -> Result<OtkCounts> {
-        let span = tracing::trace_span!("keyclaim_redb.otk_counts", device = %device);
         let device = device.clone();
         read(&self.slot, "otk_counts", move |txn| {
             let table = txn.open_table(schema::OTK_QUEUE)?;
             ops::counts(&table, device.user_id.as_str(), device.device_id.as_str())
         })
-        .instrument(span)
         .await
     }
 
     async fn unused_fallback_types(&self, device: &Device) -> Result<Vec<Algorithm>> {
-        let span = tracing::trace_span!("keyclaim_redb.unused_fallback_types", device = %device);
         let device = device.clone();
         read(&self.slot, "unused_fallback_types", move |txn| {
             let table = txn.open_table(schema::FALLBACKS)?;
             ops::unused_fallback_types(&table, device.user_id.as_str(), device.device_id.as_str())
         })
-        .instrument(span)
         .await
     }
 
     async fn sync_state(&self, device: &Device) -> Result<SyncState> {
-        let span = tracing::trace_span!("keyclaim_redb.sync_state", device = %device);
         let device = device.clone();
         read(&self.slot, "sync_state", move |txn| {
             ops::sync_state(txn, &device)
         })
-        .instrument(span)
         .await
     }
 
     async fn delete_device(&self, device: &Device) -> Result<Changes> {
-        let span = tracing::debug_span!("keyclaim_redb.delete_device", device = %device);
-        async {
-            match self.submit(Op::DeleteDevice(device.clone())).await? {
-                Reply::Changes(changes) => Ok(changes),
-                _ => Err(wrong_reply("delete_device")),
-            }
+        match self.submit(Op::DeleteDevice(device.clone())).await? {
+            Reply::Changes(changes) => Ok(changes),
+            _ => Err(wrong_reply("delete_device")),
         }
-        .instrument(span)
-        .await
     }
 
     async fn delete_user(&self, user: &UserId) -> Result<Changes> {
-        let span = tracing::debug_span!(
-            "keyclaim_redb.delete_user",
-            user = %user,
-            devices = tracing::field::Empty,
-        );
-        async {
-            match self.submit(Op::DeleteUser(user.clone())).await? {
-                Reply::Changes(changes) => {
-                    tracing::Span::current().record("devices", changes.devices().len());
-                    Ok(changes)
-                }
-                _ => Err(wrong_reply("delete_user")),
-            }
+        match self.submit(Op::DeleteUser(user.clone())).await? {
+            Reply::Changes(changes) => Ok(changes),
+            _ => Err(wrong_reply("delete_user")),
         }
-        .instrument(span)
-        .await
     }
 
     async fn export_devices(
@@ -530,31 +464,19 @@ impl KeyStore for RedbStore {
         after: Option<&Device>,
         limit: usize,
     ) -> Result<Vec<DeviceSnapshot>> {
-        let span = tracing::debug_span!("keyclaim_redb.export_devices", limit);
         let after = after.cloned();
-        let limits = self.limits.clone();
+        let limits = self.core.limits().clone();
         read(&self.slot, "export_devices", move |txn| {
             ops::export_devices(txn, after.as_ref(), limit, &limits)
         })
-        .instrument(span)
         .await
     }
 
     async fn import_device(&self, snapshot: &DeviceSnapshot) -> Result<Changes> {
-        let span = tracing::debug_span!(
-            "keyclaim_redb.import_device",
-            device = %snapshot.device,
-            otks = snapshot.one_time_keys.len(),
-            fallbacks = snapshot.fallback_keys.len(),
-        );
-        async {
-            match self.submit(Op::Import(snapshot.clone())).await? {
-                Reply::Changes(changes) => Ok(changes),
-                _ => Err(wrong_reply("import_device")),
-            }
+        match self.submit(Op::Import(snapshot.clone())).await? {
+            Reply::Changes(changes) => Ok(changes),
+            _ => Err(wrong_reply("import_device")),
         }
-        .instrument(span)
-        .await
     }
 }
 

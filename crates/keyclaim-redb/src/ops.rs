@@ -13,9 +13,9 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
-use keyclaim::{Algorithm, Changes, ClaimOutcome, ClaimTarget, ClaimedKey, Device, DeviceId, Error, KeyId, KeyJson, Limits, OtkCounts, Result, SyncState, Upload, UploadOutcome, UserId};
+use keyclaim::{Algorithm, Changes, ClaimTarget, Device, DeviceId, Error, KeyId, KeyJson, Limits, OtkCounts, Result, SyncState, Upload, UploadOutcome, UserId};
 use keyclaim::transfer::{DeviceSnapshot, IssuedKey, KeyDigest, StoredFallback, StoredOtk};
-use keyclaim::backend::{DeviceFacts, plan_upload};
+use keyclaim::backend::{DeviceFacts, RawClaim, RawClaimedKey, decode, plan_upload};
 use redb::{ReadTransaction, ReadableTable, Table, WriteTransaction};
 
 use crate::BACKEND;
@@ -230,7 +230,7 @@ where
             out.insert(parse_alg(k.value().2)?, stored);
         }
     }
-    Ok(OtkCounts(out))
+    Ok(out.into_iter().collect())
 }
 
 /// The algorithms with an unused fallback key, in byte order (R6.3).
@@ -395,7 +395,7 @@ fn snapshot(txn: &ReadTransaction, device: Device, keep: u64) -> Result<DeviceSn
                 .or_default()
                 .push(IssuedKey {
                     key_id: parse_key_id(key_id)?,
-                    digest: KeyDigest(digest),
+                    digest: KeyDigest::from_bytes(digest),
                 });
         } else {
             return Err(Fatal::Other(Error::corrupt(format!(
@@ -431,13 +431,13 @@ pub(crate) fn upload(
     limits: &Limits,
 ) -> Result<Result<UploadOutcome>, Fatal> {
     let (u, d) = (
-        upload.device.user_id.as_str(),
-        upload.device.device_id.as_str(),
+        upload.device().user_id.as_str(),
+        upload.device().device_id.as_str(),
     );
     let keep = remembered_limit(limits);
     let mut facts = DeviceFacts::default();
     let mut queues: BTreeMap<&str, Queue> = BTreeMap::new();
-    for id in upload.one_time_keys.keys() {
+    for id in upload.one_time_keys().keys() {
         let alg = id.algorithm_str();
         let (_, head, end) = match queues.get(alg) {
             Some(q) => *q,
@@ -452,11 +452,11 @@ pub(crate) fn upload(
         for row in t.ids.range((u, d, key_id, 0)..=(u, d, key_id, u64::MAX))? {
             let (k, v) = row?;
             let pos = k.value().3;
-            let digest = KeyDigest(v.value());
+            let digest = KeyDigest::from_bytes(v.value());
             if pos >= end {
                 return Err(Fatal::Other(Error::corrupt(format!(
                     "one-time key {key_id} of {} lies after its queue",
-                    upload.device
+                    upload.device()
                 ))));
             } else if pos >= head {
                 facts.stored_otks.insert(id.clone(), digest);
@@ -468,11 +468,11 @@ pub(crate) fn upload(
             }
         }
     }
-    for alg in upload.fallback_keys.keys() {
+    for alg in upload.fallback_keys().keys() {
         if let Some(v) = t.fallbacks.get((u, d, alg.as_str()))? {
             facts
                 .fallback_digests
-                .insert(alg.clone(), KeyDigest(v.value().3));
+                .insert(alg.clone(), KeyDigest::from_bytes(v.value().3));
         }
     }
     let plan = match plan_upload(upload, &facts, limits) {
@@ -519,87 +519,28 @@ pub(crate) fn upload(
     }
     let counts = counts(&t.queue, u, d)?;
     let changes = if changed {
-        Changes::from_devices([upload.device.clone()])
+        Changes::from_devices([upload.device().clone()])
     } else {
         Changes::none()
     };
     Ok(Ok(UploadOutcome { counts, changes }))
 }
 
-/// Key JSON the store wrote itself, rebuilt without parsing it into a value,
-/// canonicalizing or hashing again ([`KeyJson::from_stored`]). The text is
-/// still checked to be JSON (a cheap scan), so that a damaged row is an
-/// error rather than a wrong answer (R10.4).
+/// Key JSON the store wrote itself ([`decode::key_json_with_digest`]).
 fn stored_json(text: &str, digest: Digest) -> Result<KeyJson, Fatal> {
-    if text.is_empty() || serde_json::from_str::<serde::de::IgnoredAny>(text).is_err() {
-        return Err(Fatal::Other(Error::corrupt("stored key JSON: not JSON")));
-    }
-    Ok(KeyJson::from_stored(text, KeyDigest(digest)))
-}
-
-/// One key a claim handed out, as stored: turned into key JSON by the
-/// caller, off the writer thread.
-#[derive(Debug)]
-pub(crate) struct RawKey {
-    /// The index of its target in the claim.
-    target: usize,
-    key_id: String,
-    json: String,
-    digest: Digest,
-    fallback: bool,
-}
-
-/// A committed claim, its keys not yet turned into key JSON.
-#[derive(Debug)]
-pub(crate) struct RawClaim {
-    keys: Vec<RawKey>,
-    /// The devices changed (R11.1).
-    pub(crate) changes: Changes,
-}
-
-impl RawClaim {
-    /// Builds the answer.
-    ///
-    /// # Errors
-    /// [`Error::Corrupt`] when a stored key does not read back (the claim
-    /// has committed: such a key is gone, it could not be used anyway).
-    pub(crate) fn into_outcome(self, targets: &[ClaimTarget]) -> Result<ClaimOutcome> {
-        let mut keys = Vec::with_capacity(self.keys.len());
-        for raw in self.keys {
-            let target = targets
-                .get(raw.target)
-                .ok_or_else(|| Error::corrupt("claim answer names an unknown target"))?;
-            keys.push(ClaimedKey {
-                device: target.device.clone(),
-                key_id: parse_key_id(&raw.key_id).map_err(|f| f.into_error("claim"))?,
-                key_json: stored_json(&raw.json, raw.digest).map_err(|f| f.into_error("claim"))?,
-                fallback: raw.fallback,
-            });
-        }
-        Ok(ClaimOutcome {
-            keys,
-            changes: self.changes,
-        })
-    }
+    decode::key_json_with_digest(text, KeyDigest::from_bytes(digest)).map_err(Fatal::Other)
 }
 
 /// A claim (section 4): per target, the keys at the head of the (device,
 /// algorithm) queue, which moves past them (they stay behind it as the
 /// remembered issued keys, R3.4); else the fallback key, marked used. The
-/// keys' JSON is rebuilt by the caller ([`RawClaim::into_outcome`]), so
-/// that the writer thread does only storage work.
-pub(crate) fn claim(
-    t: &mut WriteTables<'_>,
-    targets: &[ClaimTarget],
-    limits: &Limits,
-) -> Result<RawClaim, Fatal> {
-    let mut keys = Vec::new();
-    let mut changed = Vec::new();
+/// keys' JSON is rebuilt by the caller ([`RawClaim::decode`]), so
+/// that the writer thread does only storage work. Core clamped the counts
+/// (R8.3) and left out targets of 0.
+pub(crate) fn claim(t: &mut WriteTables<'_>, targets: &[ClaimTarget]) -> Result<RawClaim, Fatal> {
+    let mut out = RawClaim::new();
     for (index, target) in targets.iter().enumerate() {
-        let count = limits.clamp_count(target.count);
-        if count == 0 {
-            continue;
-        }
+        let count = target.count;
         let device = &target.device;
         let (u, d, a) = (
             device.user_id.as_str(),
@@ -618,11 +559,11 @@ pub(crate) fn claim(
                     break;
                 }
                 next += 1;
-                keys.push(RawKey {
+                out.push(RawClaimedKey {
                     target: index,
                     key_id: key_id.to_owned(),
-                    json: json.to_owned(),
-                    digest,
+                    key_json: json.to_owned(),
+                    digest: digest.to_vec(),
                     fallback: false,
                 });
             }
@@ -633,7 +574,7 @@ pub(crate) fn claim(
             }
             q.1 = next;
             t.set_queue((u, d, a), q)?;
-            changed.push(device.clone());
+            out.changed(index);
             continue;
         }
         let fallback = t.fallbacks.get((u, d, a))?.map(|v| {
@@ -644,21 +585,18 @@ pub(crate) fn claim(
             if !used {
                 t.fallbacks
                     .insert((u, d, a), (key_id.as_str(), json.as_str(), true, digest))?;
-                changed.push(device.clone());
+                out.changed(index);
             }
-            keys.push(RawKey {
+            out.push(RawClaimedKey {
                 target: index,
                 key_id,
-                json,
-                digest,
+                key_json: json,
+                digest: digest.to_vec(),
                 fallback: true,
             });
         }
     }
-    Ok(RawClaim {
-        keys,
-        changes: Changes::from_devices(changed),
-    })
+    Ok(out)
 }
 
 /// Deletes the rows of a queue's forgotten issued keys (R3.4: only the

@@ -31,11 +31,12 @@ use std::time::{Duration, Instant};
 
 use keyclaim::{Changes, ClaimTarget, Device, Error, Limits, Result, Upload, UploadOutcome, UserId};
 use keyclaim::transfer::DeviceSnapshot;
-use keyclaim::backend::ChangeNotifier;
 use redb::{Database, WriteTransaction};
 use tokio::sync::oneshot;
 
-use crate::ops::{self, Fatal, RawClaim, WriteTables};
+use keyclaim::backend::RawClaim;
+
+use crate::ops::{self, Fatal, WriteTables};
 use crate::queue::{JobQueue, Taken};
 use crate::slot::{DbSlot, needs_reopen};
 use crate::{BACKEND, RedbDurability, WriterStats};
@@ -71,11 +72,12 @@ pub(crate) enum Reply {
 }
 
 impl Reply {
-    fn changes(&self) -> &Changes {
+    /// Whether the operation wrote anything.
+    fn wrote(&self) -> bool {
         match self {
-            Self::Upload(o) => &o.changes,
-            Self::Claim(o) => &o.changes,
-            Self::Changes(c) => c,
+            Self::Upload(o) => !o.changes.is_empty(),
+            Self::Claim(o) => o.changed_any(),
+            Self::Changes(c) => !c.is_empty(),
         }
     }
 }
@@ -132,7 +134,6 @@ impl Writer {
     pub(crate) fn start(
         slot: Arc<DbSlot>,
         config: WriterConfig,
-        notifier: ChangeNotifier,
     ) -> Result<Self> {
         let queue = Arc::new(JobQueue::new());
         let counters = Arc::new(Counters::default());
@@ -140,7 +141,7 @@ impl Writer {
         let thread_queue = Arc::clone(&queue);
         let thread = std::thread::Builder::new()
             .name("keyclaim-redb-writer".into())
-            .spawn(move || run(&slot, &thread_queue, &config, &notifier, &thread_counters))
+            .spawn(move || run(&slot, &thread_queue, &config, &thread_counters))
             .map_err(|e| Error::storage(BACKEND, "open", false, e))?;
         Ok(Self {
             queue,
@@ -194,7 +195,6 @@ fn run(
     slot: &DbSlot,
     queue: &JobQueue<Job>,
     config: &WriterConfig,
-    notifier: &ChangeNotifier,
     counters: &Counters,
 ) {
     let flush_every = match config.durability {
@@ -243,7 +243,7 @@ fn run(
                 continue;
             }
         };
-        let ran = run_batch(&db, batch, config, notifier, counters, durable);
+        let ran = run_batch(&db, batch, config, counters, durable);
         drop(db);
         if ran.committed {
             if durable {
@@ -290,7 +290,6 @@ fn run_batch(
     db: &Database,
     batch: Vec<Job>,
     config: &WriterConfig,
-    notifier: &ChangeNotifier,
     counters: &Counters,
     durable: bool,
 ) -> Ran {
@@ -300,7 +299,7 @@ fn run_batch(
     match execute(db, &ops, config, durable) {
         Ok(results) => {
             counters.committed(batch.len());
-            answer(batch, results, notifier);
+            answer(batch, results);
             Ran {
                 committed: true,
                 needs_reopen: false,
@@ -339,7 +338,7 @@ fn run_batch(
                 match execute(db, &[&job], config, durable) {
                     Ok(results) => {
                         counters.committed(1);
-                        answer(vec![job], results, notifier);
+                        answer(vec![job], results);
                         ran.committed = true;
                     }
                     Err(BatchError::Commit(e) | BatchError::Op(e)) => {
@@ -396,7 +395,7 @@ fn execute(
         let wrote = tables.finish().map_err(commit_err)?
             || results
                 .iter()
-                .any(|r| r.as_ref().is_ok_and(|reply| !reply.changes().is_empty()));
+                .any(|r| r.as_ref().is_ok_and(Reply::wrote));
         if !wrote {
             // Only reads, retries and rejections: nothing to make durable,
             // so no commit and no fsync.
@@ -417,20 +416,16 @@ fn apply(
 ) -> std::result::Result<Result<Reply>, Fatal> {
     Ok(match op {
         Op::Upload(upload) => ops::upload(tables, upload, limits)?.map(Reply::Upload),
-        Op::Claim(targets) => Ok(Reply::Claim(ops::claim(tables, targets, limits)?)),
+        Op::Claim(targets) => Ok(Reply::Claim(ops::claim(tables, targets)?)),
         Op::DeleteDevice(device) => Ok(Reply::Changes(ops::delete_device(tables, device)?)),
         Op::DeleteUser(user) => Ok(Reply::Changes(ops::delete_user(tables, user)?)),
         Op::Import(snapshot) => Ok(Reply::Changes(ops::import_device(tables, snapshot)?)),
     })
 }
 
-/// Sends committed results: change notifications first, so that a caller
-/// that subscribed before its call sees the event when the call returns.
-fn answer(batch: Vec<Job>, results: Vec<Result<Reply>>, notifier: &ChangeNotifier) {
+/// Sends committed results. (Core reports the changes, R11.1.)
+fn answer(batch: Vec<Job>, results: Vec<Result<Reply>>) {
     for (job, result) in batch.into_iter().zip(results) {
-        if let Ok(reply) = &result {
-            notifier.notify(reply.changes());
-        }
         // The caller may have gone away (its future was dropped); the
         // operation is committed all the same.
         let _ = job.reply.send(result);

@@ -226,7 +226,7 @@ fn write_v1_file(path: &std::path::Path) {
         let mut issued_index = txn.open_table(v1::ISSUED_INDEX).unwrap();
         for (seq, name) in [(4, "Z1"), (5, "Z2")] {
             let id = format!("{SC}:{name}");
-            let digest = signed(&format!("k-{name}"), "sig").digest().0;
+            let digest = *signed(&format!("k-{name}"), "sig").digest().as_bytes();
             issued
                 .insert((u, d, SC, seq), (id.as_str(), digest))
                 .unwrap();

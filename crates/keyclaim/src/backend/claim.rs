@@ -51,6 +51,12 @@ impl RawClaim {
         self.keys.len()
     }
 
+    /// Whether the claim changed any device (took a one-time key or marked
+    /// a fallback key used): whether it wrote anything.
+    pub fn changed_any(&self) -> bool {
+        !self.changed.is_empty()
+    }
+
     /// Whether the claim took nothing.
     pub fn is_empty(&self) -> bool {
         self.keys.is_empty()

@@ -16,13 +16,46 @@ use crate::types::{
     Changes, ClaimOutcome, ClaimTarget, DeviceSnapshot, OtkCounts, SyncState, Upload, UploadOutcome,
 };
 
-/// Runs a mutating operation in its span and reports its changes (R11.1).
-async fn mutate<B, T, F>(backend: &B, span: tracing::Span, op: F, changes: fn(&T) -> &Changes) -> Result<T>
+/// Reports the devices an operation may have changed if its future is
+/// dropped before it answered: the backend may have committed it all the
+/// same (a writer thread finishing the work), and a change must never go
+/// unreported (R11.1). A spurious report only wakes a `/sync` that then
+/// finds nothing new.
+struct ReportIfDropped<'a, P: Fn() -> Changes> {
+    core: &'a super::StoreCore,
+    possible: Option<P>,
+}
+
+impl<P: Fn() -> Changes> Drop for ReportIfDropped<'_, P> {
+    fn drop(&mut self) {
+        if let Some(possible) = self.possible.take() {
+            self.core.notifier().notify(&possible());
+        }
+    }
+}
+
+/// Runs a mutating operation in its span and reports its changes (R11.1):
+/// those it answers, or, when the caller drops the future first, every
+/// device it may have changed.
+async fn mutate<B, T, F, P>(
+    backend: &B,
+    span: tracing::Span,
+    op: F,
+    changes: fn(&T) -> &Changes,
+    possible: P,
+) -> Result<T>
 where
     B: Backend + ?Sized,
     F: std::future::Future<Output = Result<T>>,
+    P: Fn() -> Changes,
 {
-    let out = op.instrument(span).await?;
+    let mut guard = ReportIfDropped {
+        core: backend.core(),
+        possible: Some(possible),
+    };
+    let out = op.instrument(span).await;
+    guard.possible = None;
+    let out = out?;
     backend.core().notifier().notify(changes(&out));
     Ok(out)
 }
@@ -69,7 +102,8 @@ impl<B: Backend> KeyStore for B {
             fallbacks = upload.fallback_keys().len(),
         );
         self.core().limits().check_upload(upload)?;
-        mutate(self, span, Backend::upload(self, upload), |o: &UploadOutcome| &o.changes).await
+        let possible = || Changes::from_devices([upload.device().clone()]);
+        mutate(self, span, Backend::upload(self, upload), |o: &UploadOutcome| &o.changes, possible).await
     }
 
     async fn claim(&self, targets: &[ClaimTarget]) -> Result<ClaimOutcome> {
@@ -80,7 +114,8 @@ impl<B: Backend> KeyStore for B {
         if targets.is_empty() {
             return Ok(ClaimOutcome::default());
         }
-        mutate(self, span, Backend::claim(self, &targets), |o: &ClaimOutcome| &o.changes).await
+        let possible = || Changes::from_devices(targets.iter().map(|t| t.device.clone()));
+        mutate(self, span, Backend::claim(self, &targets), |o: &ClaimOutcome| &o.changes, possible).await
     }
 
     async fn otk_counts(&self, device: &Device) -> Result<OtkCounts> {
@@ -103,12 +138,15 @@ impl<B: Backend> KeyStore for B {
 
     async fn delete_device(&self, device: &Device) -> Result<Changes> {
         let span = tracing::debug_span!("keyclaim.delete_device", backend = self.name(), %device);
-        mutate(self, span, Backend::delete_device(self, device), |c: &Changes| c).await
+        let possible = || Changes::from_devices([device.clone()]);
+        mutate(self, span, Backend::delete_device(self, device), |c: &Changes| c, possible).await
     }
 
     async fn delete_user(&self, user: &UserId) -> Result<Changes> {
         let span = tracing::debug_span!("keyclaim.delete_user", backend = self.name(), %user);
-        mutate(self, span, Backend::delete_user(self, user), |c: &Changes| c).await
+        // Which devices a user had is known only to the storage: a deletion
+        // abandoned by its caller is not reported.
+        mutate(self, span, Backend::delete_user(self, user), |c: &Changes| c, Changes::none).await
     }
 
     async fn export_devices(
@@ -129,6 +167,7 @@ impl<B: Backend> KeyStore for B {
             device = %snapshot.device,
             otks = snapshot.one_time_keys.len(),
         );
-        mutate(self, span, Backend::import_device(self, snapshot), |c: &Changes| c).await
+        let possible = || Changes::from_devices([snapshot.device.clone()]);
+        mutate(self, span, Backend::import_device(self, snapshot), |c: &Changes| c, possible).await
     }
 }
