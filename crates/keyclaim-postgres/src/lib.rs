@@ -12,11 +12,13 @@ use std::fmt;
 use std::hash::{BuildHasher, Hasher};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use keyclaim::{Algorithm, Changes, ClaimOutcome, ClaimTarget, Device, Error, KeyStore, Limits, OtkCounts, Result, SyncState, Upload, UploadOutcome, UserId, broadcast};
+use keyclaim::backend::{Backend, StoreCore, async_trait};
+use keyclaim::{
+    Algorithm, Changes, ClaimOutcome, ClaimTarget, Device, Error, Limits, OtkCounts, Result,
+    SyncState, Upload, UploadOutcome, UserId,
+};
 use keyclaim::transfer::DeviceSnapshot;
-use keyclaim::backend::ChangeNotifier;
 use tokio_postgres::NoTls;
 
 pub use schema::SCHEMA_VERSION;
@@ -199,9 +201,8 @@ pub struct PoolStatus {
 pub struct PostgresStore {
     pool: Pool,
     sql: ops::Sql,
-    limits: Limits,
+    core: StoreCore,
     pinned_plans: bool,
-    notifier: ChangeNotifier,
     announcer: Option<listen::Announcer>,
     _listener: Option<listen::Listener>,
 }
@@ -218,7 +219,7 @@ impl fmt::Debug for PostgresStore {
             .field("listening", &self._listener.is_some())
             .field("transactional_notify", &self.sql.transactional_notify)
             .field("pinned_plans", &self.pinned_plans)
-            .field("limits", &self.limits)
+            .field("limits", self.core.limits())
             .finish()
     }
 }
@@ -303,14 +304,14 @@ impl PostgresStore {
         let announcer = (!options.transactional_notify).then(|| {
             listen::Announcer::start(pool.clone(), sql.channel.clone(), sql.instance.clone())
         });
-        let notifier = ChangeNotifier::new();
+        let core = StoreCore::new(options.limits);
         let listener = if options.notifications {
             Some(
                 listen::Listener::start(
                     listen_config,
                     sql.channel.clone(),
                     sql.instance.clone(),
-                    notifier.clone(),
+                    core.clone(),
                     options.connect_timeout,
                 )
                 .await?,
@@ -322,9 +323,8 @@ impl PostgresStore {
         Ok(PostgresStore {
             pool,
             sql,
-            limits: options.limits,
+            core,
             pinned_plans: options.pinned_plans,
-            notifier,
             announcer,
             _listener: listener,
         })
@@ -346,10 +346,10 @@ impl PostgresStore {
         }
     }
 
-    /// Tells this handle's subscribers about a committed change, and the
-    /// other workers unless the transaction already did.
+    /// Tells the other workers about a committed change, unless the
+    /// transaction already did (R11.2). (Core tells this handle's
+    /// subscribers, R11.1.)
     fn changed(&self, changes: &Changes) {
-        self.notifier.notify(changes);
         if let Some(announcer) = &self.announcer {
             announcer.announce(changes);
         }
@@ -374,15 +374,10 @@ fn validate_schema(schema: &str) -> Result<()> {
     if ok {
         Ok(())
     } else {
-        Err(Error::storage(
-            BACKEND,
-            "connect",
-            false,
-            format!(
-                "invalid schema name {schema:?}: use 1 to {MAX_SCHEMA_LEN} lowercase ASCII letters, \
-                 digits or '_', not starting with a digit or 'pg_'"
-            ),
-        ))
+        Err(Error::invalid_config(format!(
+            "invalid schema name {schema:?}: use 1 to {MAX_SCHEMA_LEN} lowercase ASCII letters, \
+             digits or '_', not starting with a digit or 'pg_'"
+        )))
     }
 }
 
@@ -399,42 +394,31 @@ fn instance_id() -> String {
 }
 
 #[async_trait]
-impl KeyStore for PostgresStore {
-    fn backend_name(&self) -> &'static str {
+impl Backend for PostgresStore {
+    fn name(&self) -> &'static str {
         BACKEND
     }
 
-    fn limits(&self) -> &Limits {
-        &self.limits
+    fn core(&self) -> &StoreCore {
+        &self.core
     }
 
-    fn subscribe(&self) -> broadcast::Receiver<Changes> {
-        self.notifier.subscribe()
-    }
-
-    #[tracing::instrument(name = "keyclaim_postgres::upload", skip_all, fields(device = %upload.device, keys = upload.key_count()))]
     async fn upload(&self, upload: &Upload) -> Result<UploadOutcome> {
-        self.limits.check_upload(upload)?;
         let mut client = self.client("upload").await?;
-        let outcome = ops::upload(&mut client, &self.sql, &self.limits, upload).await?;
+        let outcome = ops::upload(&mut client, &self.sql, self.core.limits(), upload).await?;
         self.changed(&outcome.changes);
         Ok(outcome)
     }
 
-    #[tracing::instrument(name = "keyclaim_postgres::claim", skip_all, fields(targets = targets.len()))]
     async fn claim(&self, targets: &[ClaimTarget]) -> Result<ClaimOutcome> {
-        self.limits.check_claim(targets)?;
-        let rounds = ops::ClaimRounds::new(targets, &self.limits);
-        if rounds.is_empty() {
-            return Ok(ClaimOutcome::default());
-        }
+        let rounds = ops::ClaimRounds::new(targets);
         let mut client = self.client("claim").await?;
-        let outcome = ops::claim(&mut client, &self.sql, &self.limits, targets, &rounds).await?;
+        let outcome =
+            ops::claim(&mut client, &self.sql, self.core.limits(), targets, &rounds).await?;
         self.changed(&outcome.changes);
         Ok(outcome)
     }
 
-    #[tracing::instrument(name = "keyclaim_postgres::otk_counts", skip_all, fields(%device))]
     async fn otk_counts(&self, device: &Device) -> Result<OtkCounts> {
         let client = self.client("otk_counts").await?;
         Ok(ops::sync_state(&client, &self.sql, device, "otk_counts")
@@ -442,7 +426,6 @@ impl KeyStore for PostgresStore {
             .one_time_key_counts)
     }
 
-    #[tracing::instrument(name = "keyclaim_postgres::unused_fallback_types", skip_all, fields(%device))]
     async fn unused_fallback_types(&self, device: &Device) -> Result<Vec<Algorithm>> {
         let client = self.client("unused_fallback_types").await?;
         Ok(
@@ -452,13 +435,11 @@ impl KeyStore for PostgresStore {
         )
     }
 
-    #[tracing::instrument(name = "keyclaim_postgres::sync_state", skip_all, fields(%device))]
     async fn sync_state(&self, device: &Device) -> Result<SyncState> {
         let client = self.client("sync_state").await?;
         ops::sync_state(&client, &self.sql, device, "sync_state").await
     }
 
-    #[tracing::instrument(name = "keyclaim_postgres::delete_device", skip_all, fields(%device))]
     async fn delete_device(&self, device: &Device) -> Result<Changes> {
         let mut client = self.client("delete_device").await?;
         let changes = ops::delete_device(&mut client, &self.sql, device).await?;
@@ -466,7 +447,6 @@ impl KeyStore for PostgresStore {
         Ok(changes)
     }
 
-    #[tracing::instrument(name = "keyclaim_postgres::delete_user", skip_all, fields(%user))]
     async fn delete_user(&self, user: &UserId) -> Result<Changes> {
         let mut client = self.client("delete_user").await?;
         let changes = ops::delete_user(&mut client, &self.sql, user).await?;
@@ -474,7 +454,6 @@ impl KeyStore for PostgresStore {
         Ok(changes)
     }
 
-    #[tracing::instrument(name = "keyclaim_postgres::export_devices", skip_all, fields(limit))]
     async fn export_devices(
         &self,
         after: Option<&Device>,
@@ -487,7 +466,6 @@ impl KeyStore for PostgresStore {
         ops::export_devices(&mut client, after, limit).await
     }
 
-    #[tracing::instrument(name = "keyclaim_postgres::import_device", skip_all, fields(device = %snapshot.device))]
     async fn import_device(&self, snapshot: &DeviceSnapshot) -> Result<Changes> {
         let mut client = self.client("import_device").await?;
         let changes = ops::import_device(&mut client, &self.sql, snapshot).await?;

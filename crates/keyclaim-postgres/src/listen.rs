@@ -3,7 +3,7 @@
 //! Every change is announced with `pg_notify(<channel>, '<instance>
 //! <devices>')` on its schema's channel, and each store handle keeps one
 //! dedicated connection that `LISTEN`s there ([`Listener`]) and forwards
-//! other handles' events into its [`ChangeNotifier`].
+//! other handles' events to its subscribers ([`StoreCore::announce_remote`]).
 //!
 //! **When announcements are sent.** PostgreSQL serializes the commits of
 //! all transactions that `NOTIFY` in a database (they take one
@@ -36,7 +36,7 @@ use std::time::Duration;
 
 use futures::StreamExt as _;
 use keyclaim::{Changes, Device, Error, Result};
-use keyclaim::backend::ChangeNotifier;
+use keyclaim::backend::StoreCore;
 use std::collections::BTreeSet;
 
 use deadpool_postgres::Pool;
@@ -140,7 +140,7 @@ impl Listener {
         mut config: tokio_postgres::Config,
         channel: String,
         instance: String,
-        notifier: ChangeNotifier,
+        core: StoreCore,
         timeout: Duration,
     ) -> Result<Self> {
         // Detect a silently dead TCP peer within about a minute.
@@ -152,7 +152,7 @@ impl Listener {
         // Built once per store from a validated schema name.
         let listen_sql = format!("LISTEN {channel}");
         let (ready_tx, ready_rx) = oneshot::channel();
-        let task = tokio::spawn(run(config, listen_sql, instance, notifier, ready_tx));
+        let task = tokio::spawn(run(config, listen_sql, instance, core, ready_tx));
         let listener = Self { task };
         match tokio::time::timeout(timeout, ready_rx).await {
             Ok(Ok(Ok(()))) => Ok(listener),
@@ -177,13 +177,13 @@ async fn run(
     config: tokio_postgres::Config,
     listen_sql: String,
     instance: String,
-    notifier: ChangeNotifier,
+    core: StoreCore,
     ready: oneshot::Sender<Result<()>>,
 ) {
     let mut ready = Some(ready);
     let mut backoff = Duration::from_millis(50);
     loop {
-        let outcome = listen_once(&config, &listen_sql, &instance, &notifier, &mut ready).await;
+        let outcome = listen_once(&config, &listen_sql, &instance, &core, &mut ready).await;
         match outcome {
             Ok(()) => tracing::warn!("keyclaim notification connection closed; reconnecting"),
             Err(error) => {
@@ -208,7 +208,7 @@ async fn listen_once(
     config: &tokio_postgres::Config,
     listen_sql: &str,
     instance: &str,
-    notifier: &ChangeNotifier,
+    core: &StoreCore,
     ready: &mut Option<oneshot::Sender<Result<()>>>,
 ) -> Result<()> {
     let (client, mut connection) = config.connect(NoTls).await.map_err(pg("listen"))?;
@@ -227,7 +227,7 @@ async fn listen_once(
                 tracing::debug!("keyclaim notification listener ready");
             }
             message = messages.next() => match message {
-                Some(Ok(AsyncMessage::Notification(n))) => forward(&n, instance, notifier),
+                Some(Ok(AsyncMessage::Notification(n))) => forward(&n, instance, core),
                 Some(Ok(_)) => {}
                 Some(Err(e)) => return Err(pg("listen")(e)),
                 None => return Ok(()),
@@ -237,7 +237,7 @@ async fn listen_once(
 }
 
 /// Forwards one notification of another handle to the subscribers.
-fn forward(notification: &Notification, instance: &str, notifier: &ChangeNotifier) {
+fn forward(notification: &Notification, instance: &str, core: &StoreCore) {
     let payload = notification.payload();
     if payload
         .split_once(' ')
@@ -246,7 +246,7 @@ fn forward(notification: &Notification, instance: &str, notifier: &ChangeNotifie
         return; // our own: already told our subscribers
     }
     match parse_payload(payload) {
-        Some((_, devices)) => notifier.notify(&Changes::from_devices(devices)),
+        Some((_, devices)) => core.announce_remote(&Changes::from_devices(devices)),
         None => tracing::warn!("ignoring a malformed keyclaim notification"),
     }
 }

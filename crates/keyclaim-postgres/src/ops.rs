@@ -88,9 +88,9 @@
 use std::collections::{BTreeMap, HashMap};
 
 use deadpool_postgres::Object;
-use keyclaim::{Algorithm, Changes, ClaimOutcome, ClaimTarget, ClaimedKey, Device, KeyId, KeyJson, Limits, OtkCounts, Result, SyncState, Upload, UploadOutcome, UserId};
+use keyclaim::{Algorithm, Changes, ClaimOutcome, ClaimTarget, ClaimedKey, Device, KeyId, KeyJson, Limits, Result, SyncState, Upload, UploadOutcome, UserId};
 use keyclaim::transfer::{DeviceSnapshot, IssuedKey, KeyDigest, StoredFallback, StoredOtk};
-use keyclaim::backend::{DeviceFacts, plan_upload};
+use keyclaim::backend::{DeviceFacts, plan_upload, decode};
 use tokio_postgres::IsolationLevel;
 use tokio_postgres::types::ToSql;
 
@@ -434,23 +434,23 @@ pub(crate) fn notify_payloads(instance: &str, devices: &[Device]) -> Vec<String>
 }
 
 fn parse_key_id(text: &str) -> Result<KeyId> {
-    KeyId::parse(text).map_err(|e| corrupt("stored key ID", e))
+    decode::key_id(text)
 }
 
 fn parse_key_json(text: &str) -> Result<KeyJson> {
-    KeyJson::from_json_str(text).map_err(|e| corrupt("stored key JSON", e))
+    decode::key_json(text)
 }
 
 fn parse_digest(bytes: &[u8]) -> Result<KeyDigest> {
-    KeyDigest::from_slice(bytes).map_err(|e| corrupt("stored key digest", e))
+    decode::digest(bytes)
 }
 
 fn parse_algorithm(text: &str) -> Result<Algorithm> {
-    Algorithm::parse(text).map_err(|e| corrupt("stored algorithm", e))
+    decode::algorithm(text)
 }
 
 fn parse_device(user: &str, device: &str) -> Result<Device> {
-    Device::parse(user, device).map_err(|e| corrupt("stored device", e))
+    decode::device(user, device)
 }
 
 fn count_to_u64(n: i64) -> u64 {
@@ -465,7 +465,7 @@ pub(crate) async fn upload(
     upload: &Upload,
 ) -> Result<UploadOutcome> {
     let op = "upload";
-    let device = &upload.device;
+    let device = upload.device();
     let user_id = device.user_id.as_str();
     let device_id = device.device_id.as_str();
     let tx = client.transaction().await.map_err(pg(op))?;
@@ -475,15 +475,15 @@ pub(crate) async fn upload(
     )
     .map_err(pg(op))?;
 
-    let key_ids: Vec<&str> = upload.one_time_keys.keys().map(KeyId::as_str).collect();
+    let key_ids: Vec<&str> = upload.one_time_keys().keys().map(KeyId::as_str).collect();
     let mut algorithms: Vec<&str> = upload
-        .one_time_keys
+        .one_time_keys()
         .keys()
         .map(KeyId::algorithm_str)
         .collect();
     algorithms.dedup();
     let fallback_algorithms: Vec<&str> =
-        upload.fallback_keys.keys().map(Algorithm::as_str).collect();
+        upload.fallback_keys().keys().map(Algorithm::as_str).collect();
     let device_params: [&(dyn ToSql + Sync); 2] = [&user_id, &device_id];
     let facts_params: [&(dyn ToSql + Sync); 5] = [
         &user_id,
@@ -654,14 +654,13 @@ struct Round<'a> {
 }
 
 impl<'a> ClaimRounds<'a> {
-    pub(crate) fn new(targets: &'a [ClaimTarget], limits: &Limits) -> Self {
+    /// Rounds of the targets (core clamped their counts, R8.3, and left out
+    /// those of 0).
+    pub(crate) fn new(targets: &'a [ClaimTarget]) -> Self {
         let mut rounds: Vec<Round<'a>> = Vec::new();
         let mut seen: HashMap<(&Device, &Algorithm), usize> = HashMap::new();
         for (i, target) in targets.iter().enumerate() {
-            let count = limits.clamp_count(target.count);
-            if count == 0 {
-                continue;
-            }
+            let count = target.count;
             let occurrence = seen.entry((&target.device, &target.algorithm)).or_insert(0);
             let r = *occurrence;
             *occurrence += 1;
@@ -676,10 +675,6 @@ impl<'a> ClaimRounds<'a> {
             round.counts.push(i32::try_from(count).unwrap_or(i32::MAX));
         }
         Self { rounds }
-    }
-
-    pub(crate) fn is_empty(&self) -> bool {
-        self.rounds.is_empty()
     }
 }
 
@@ -779,10 +774,10 @@ fn decode_claim(
         // The store wrote this text itself, canonical, with its digest
         // (upload and import store `KeyJson::canonical` and `digest`): no
         // need to parse, canonicalize and hash it again for every key.
-        let key_json = KeyJson::from_stored(
+        let key_json = decode::key_json_with_digest(
             row.try_get::<_, &str>(4).map_err(pg(op))?,
             parse_digest(row.try_get(9).map_err(pg(op))?)?,
-        );
+        )?;
         if row.try_get::<_, bool>(5).map_err(pg(op))? {
             changed.push(target.device.clone());
         }
@@ -837,7 +832,7 @@ fn decode_sync_state(op: &'static str, rows: Vec<tokio_postgres::Row>) -> Result
     // Byte order (R2.7, R6.3), whatever order the rows came in.
     unused.sort();
     Ok(SyncState {
-        one_time_key_counts: OtkCounts(counts),
+        one_time_key_counts: counts.into_iter().collect(),
         unused_fallback_key_types: unused,
     })
 }
