@@ -4,8 +4,8 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use keyclaim::{Device, DeviceId, UserId};
 use keyclaim::transfer::Exporter;
+use keyclaim::{Device, DeviceId, UserId};
 
 use crate::stores::StoreUrl;
 

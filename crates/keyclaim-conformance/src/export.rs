@@ -109,7 +109,9 @@ pub async fn copy_diff_and_check<F: StoreFactory>(f: &F) {
             .expect("diff")
             .is_empty()
     );
-    let check = keyclaim::transfer::check_store(&dst, 9).await.expect("check");
+    let check = keyclaim::transfer::check_store(&dst, 9)
+        .await
+        .expect("check");
     assert_eq!(
         (check.devices, check.problems.len()),
         (30, 0),

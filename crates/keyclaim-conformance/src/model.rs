@@ -6,8 +6,11 @@
 
 use std::collections::BTreeMap;
 
-use keyclaim::{Algorithm, ClaimTarget, ClaimedKey, Device, Error, KeyId, KeyJson, LimitKind, Limits, OtkCounts, Upload, UserId};
 use keyclaim::transfer::KeyDigest;
+use keyclaim::{
+    Algorithm, ClaimTarget, ClaimedKey, Device, Error, KeyId, KeyJson, LimitKind, Limits,
+    OtkCounts, Upload, UserId,
+};
 
 #[derive(Clone, Debug, Default)]
 struct ModelDevice {
@@ -44,7 +47,7 @@ impl Model {
         self.limits.check_upload(upload)?;
         let mut state = self
             .devices
-            .get(&upload.device())
+            .get(upload.device())
             .cloned()
             .unwrap_or_default();
         let mut new_keys = Vec::new();

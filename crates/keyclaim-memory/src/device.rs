@@ -4,9 +4,7 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 use keyclaim::backend::{DeviceFacts, plan_upload};
 use keyclaim::transfer::{DeviceSnapshot, IssuedKey, KeyDigest, StoredFallback, StoredOtk};
-use keyclaim::{
-    Algorithm, ClaimedKey, Device, KeyId, KeyJson, Limits, OtkCounts, Result, Upload,
-};
+use keyclaim::{Algorithm, ClaimedKey, Device, KeyId, KeyJson, Limits, OtkCounts, Result, Upload};
 
 /// Everything stored for one device.
 #[derive(Debug, Default)]

@@ -208,12 +208,9 @@ impl Backend for MemoryStore {
 
     async fn delete_user(&self, user: &UserId) -> Result<Changes> {
         let removed = self.shard(user).lock().remove(user);
-        Ok(Changes::from_devices(
-            removed
-                .into_iter()
-                .flatten()
-                .map(|(device_id, _)| Device::new(user.clone(), device_id)),
-        ))
+        Ok(Changes::from_devices(removed.into_iter().flatten().map(
+            |(device_id, _)| Device::new(user.clone(), device_id),
+        )))
     }
 
     async fn export_devices(
@@ -300,9 +297,12 @@ mod tests {
                     keyclaim::KeyId::parse(format!("alg:{u}-{d}")).unwrap(),
                     keyclaim::KeyJson::from_json_str("\"k\"").unwrap(),
                 );
-                KeyStore::upload(&store, &Upload::from_keys(device.clone(), [key], []).unwrap())
-                    .await
-                    .unwrap();
+                KeyStore::upload(
+                    &store,
+                    &Upload::from_keys(device.clone(), [key], []).unwrap(),
+                )
+                .await
+                .unwrap();
                 expected.push(device);
             }
         }

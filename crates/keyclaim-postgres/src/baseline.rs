@@ -59,7 +59,10 @@ pub async fn claim(store: &PostgresStore, targets: &[ClaimTarget]) -> Result<Vec
     let algorithms: Vec<&str> = targets.iter().map(|t| t.algorithm.as_str()).collect();
     let counts: Vec<i32> = targets
         .iter()
-        .map(|t| i32::try_from(keyclaim::KeyStore::limits(store).clamp_count(t.count)).unwrap_or(i32::MAX))
+        .map(|t| {
+            i32::try_from(keyclaim::KeyStore::limits(store).clamp_count(t.count))
+                .unwrap_or(i32::MAX)
+        })
         .collect();
     let client = store.client(op).await?;
     let stmt = client

@@ -14,11 +14,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use keyclaim::backend::{Backend, StoreCore, async_trait};
+use keyclaim::transfer::DeviceSnapshot;
 use keyclaim::{
     Algorithm, Changes, ClaimOutcome, ClaimTarget, Device, Error, Limits, OtkCounts, Result,
     SyncState, Upload, UploadOutcome, UserId,
 };
-use keyclaim::transfer::DeviceSnapshot;
 use tokio_postgres::NoTls;
 
 pub use schema::SCHEMA_VERSION;

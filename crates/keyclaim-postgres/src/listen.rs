@@ -35,8 +35,8 @@
 use std::time::Duration;
 
 use futures::StreamExt as _;
-use keyclaim::{Changes, Device, Error, Result};
 use keyclaim::backend::StoreCore;
+use keyclaim::{Changes, Device, Error, Result};
 use std::collections::BTreeSet;
 
 use deadpool_postgres::Pool;

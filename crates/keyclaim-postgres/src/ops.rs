@@ -88,9 +88,12 @@
 use std::collections::{BTreeMap, HashMap};
 
 use deadpool_postgres::Object;
-use keyclaim::{Algorithm, Changes, ClaimOutcome, ClaimTarget, ClaimedKey, Device, KeyId, KeyJson, Limits, Result, SyncState, Upload, UploadOutcome, UserId};
+use keyclaim::backend::{DeviceFacts, decode, plan_upload};
 use keyclaim::transfer::{DeviceSnapshot, IssuedKey, KeyDigest, StoredFallback, StoredOtk};
-use keyclaim::backend::{DeviceFacts, plan_upload, decode};
+use keyclaim::{
+    Algorithm, Changes, ClaimOutcome, ClaimTarget, ClaimedKey, Device, KeyId, KeyJson, Limits,
+    Result, SyncState, Upload, UploadOutcome, UserId,
+};
 use tokio_postgres::IsolationLevel;
 use tokio_postgres::types::ToSql;
 
@@ -482,8 +485,11 @@ pub(crate) async fn upload(
         .map(KeyId::algorithm_str)
         .collect();
     algorithms.dedup();
-    let fallback_algorithms: Vec<&str> =
-        upload.fallback_keys().keys().map(Algorithm::as_str).collect();
+    let fallback_algorithms: Vec<&str> = upload
+        .fallback_keys()
+        .keys()
+        .map(Algorithm::as_str)
+        .collect();
     let device_params: [&(dyn ToSql + Sync); 2] = [&user_id, &device_id];
     let facts_params: [&(dyn ToSql + Sync); 5] = [
         &user_id,
@@ -548,7 +554,11 @@ pub(crate) async fn upload(
         .iter()
         .map(|(_, j)| j.canonical())
         .collect();
-    let otk_digests: Vec<[u8; 32]> = plan.insert_otks.iter().map(|(_, j)| *j.digest().as_bytes()).collect();
+    let otk_digests: Vec<[u8; 32]> = plan
+        .insert_otks
+        .iter()
+        .map(|(_, j)| *j.digest().as_bytes())
+        .collect();
     let otk_digest_refs: Vec<&[u8]> = otk_digests.iter().map(|d| d.as_slice()).collect();
 
     let fb_algs: Vec<&str> = plan
@@ -1109,7 +1119,10 @@ pub(crate) async fn import_device(
         .collect();
     let iss_algs: Vec<&str> = issued.iter().map(|(a, _)| a.as_str()).collect();
     let iss_ids: Vec<&str> = issued.iter().map(|(_, k)| k.key_id.as_str()).collect();
-    let iss_digests: Vec<&[u8]> = issued.iter().map(|(_, k)| k.digest.as_bytes().as_slice()).collect();
+    let iss_digests: Vec<&[u8]> = issued
+        .iter()
+        .map(|(_, k)| k.digest.as_bytes().as_slice())
+        .collect();
 
     let payloads = if sql.transactional_notify {
         notify_payloads(&sql.instance, std::slice::from_ref(device))

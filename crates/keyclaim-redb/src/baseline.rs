@@ -21,9 +21,12 @@ use crate::ops::{self, Fatal, WriteTables};
 use crate::slot::DbSlot;
 use crate::{BACKEND, RedbDurability, RedbOptions, open_database, read, schema};
 use async_trait::async_trait;
-use keyclaim::{Algorithm, Changes, ClaimOutcome, ClaimTarget, Device, Error, KeyStore, Limits, OtkCounts, Result, SyncState, Upload, UploadOutcome, UserId, broadcast};
-use keyclaim::transfer::DeviceSnapshot;
 use keyclaim::backend::ChangeNotifier;
+use keyclaim::transfer::DeviceSnapshot;
+use keyclaim::{
+    Algorithm, Changes, ClaimOutcome, ClaimTarget, Device, Error, KeyStore, Limits, OtkCounts,
+    Result, SyncState, Upload, UploadOutcome, UserId, broadcast,
+};
 
 /// The one-transaction-per-claim-target store (see the module docs).
 pub struct BaselineStore {

@@ -13,9 +13,12 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
-use keyclaim::{Algorithm, Changes, ClaimTarget, Device, DeviceId, Error, KeyId, KeyJson, Limits, OtkCounts, Result, SyncState, Upload, UploadOutcome, UserId};
-use keyclaim::transfer::{DeviceSnapshot, IssuedKey, KeyDigest, StoredFallback, StoredOtk};
 use keyclaim::backend::{DeviceFacts, RawClaim, RawClaimedKey, decode, plan_upload};
+use keyclaim::transfer::{DeviceSnapshot, IssuedKey, KeyDigest, StoredFallback, StoredOtk};
+use keyclaim::{
+    Algorithm, Changes, ClaimTarget, Device, DeviceId, Error, KeyId, KeyJson, Limits, OtkCounts,
+    Result, SyncState, Upload, UploadOutcome, UserId,
+};
 use redb::{ReadTransaction, ReadableTable, Table, WriteTransaction};
 
 use crate::BACKEND;
@@ -514,7 +517,12 @@ pub(crate) fn upload(
     for (alg, id, json) in plan.replace_fallbacks {
         t.fallbacks.insert(
             (u, d, alg.as_str()),
-            (id.as_str(), json.canonical(), false, *json.digest().as_bytes()),
+            (
+                id.as_str(),
+                json.canonical(),
+                false,
+                *json.digest().as_bytes(),
+            ),
         )?;
     }
     let counts = counts(&t.queue, u, d)?;

@@ -29,8 +29,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use keyclaim::{Changes, ClaimTarget, Device, Error, Limits, Result, Upload, UploadOutcome, UserId};
 use keyclaim::transfer::DeviceSnapshot;
+use keyclaim::{
+    Changes, ClaimTarget, Device, Error, Limits, Result, Upload, UploadOutcome, UserId,
+};
 use redb::{Database, WriteTransaction};
 use tokio::sync::oneshot;
 
@@ -131,10 +133,7 @@ impl Writer {
     ///
     /// # Errors
     /// [`Error::Storage`] when the thread cannot be spawned.
-    pub(crate) fn start(
-        slot: Arc<DbSlot>,
-        config: WriterConfig,
-    ) -> Result<Self> {
+    pub(crate) fn start(slot: Arc<DbSlot>, config: WriterConfig) -> Result<Self> {
         let queue = Arc::new(JobQueue::new());
         let counters = Arc::new(Counters::default());
         let thread_counters = Arc::clone(&counters);
@@ -191,12 +190,7 @@ impl Drop for Writer {
 }
 
 /// The writer loop: take a batch, run it, answer; flush relaxed commits.
-fn run(
-    slot: &DbSlot,
-    queue: &JobQueue<Job>,
-    config: &WriterConfig,
-    counters: &Counters,
-) {
+fn run(slot: &DbSlot, queue: &JobQueue<Job>, config: &WriterConfig, counters: &Counters) {
     let flush_every = match config.durability {
         RedbDurability::Immediate => None,
         RedbDurability::Relaxed { flush_every } => Some(flush_every),
@@ -393,9 +387,7 @@ fn execute(
             }
         }
         let wrote = tables.finish().map_err(commit_err)?
-            || results
-                .iter()
-                .any(|r| r.as_ref().is_ok_and(Reply::wrote));
+            || results.iter().any(|r| r.as_ref().is_ok_and(Reply::wrote));
         if !wrote {
             // Only reads, retries and rejections: nothing to make durable,
             // so no commit and no fsync.

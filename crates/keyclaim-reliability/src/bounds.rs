@@ -219,12 +219,10 @@ async fn run_case_async(case: &str) -> Result<BoundsReport, Violation> {
         "million_keys_store_api" => {
             let dev = Device::parse(u, d)?;
             let json = KeyJson::from_value(&json!(""))?;
-            let mut upload = Upload::new(dev);
-            for i in 0..1_000_000 {
-                upload
-                    .one_time_keys
-                    .insert(KeyId::parse(format!("a:{i}"))?, json.clone());
-            }
+            let keys = (0..1_000_000)
+                .map(|i| Ok((KeyId::parse(format!("a:{i}"))?, json.clone())))
+                .collect::<keyclaim::Result<Vec<_>>>()?;
+            let upload = Upload::from_keys(dev, keys, [])?;
             let store = store.clone();
             Prepared {
                 name: "million_keys_store_api",

@@ -23,8 +23,11 @@ use std::future::Future;
 use std::pin::Pin;
 
 use arbitrary::{Arbitrary, Unstructured};
-use keyclaim::{Algorithm, ClaimTarget, ClaimedKey, Device, Error, KeyId, KeyJson, KeyStore, Limits, Upload, UserId};
 use keyclaim::transfer::check_store;
+use keyclaim::{
+    Algorithm, ClaimTarget, ClaimedKey, Device, Error, KeyId, KeyJson, KeyStore, Limits, Upload,
+    UserId,
+};
 use keyclaim_conformance::model::Model;
 use keyclaim_memory::MemoryStore;
 use serde_json::{Value, json};
@@ -215,7 +218,7 @@ fn error_kind(e: &Error) -> Answer {
 }
 
 fn counts_answer(c: &keyclaim::OtkCounts) -> Answer {
-    Answer::Counts(c.0.iter().map(|(a, n)| (a.to_string(), *n)).collect())
+    Answer::Counts(c.iter().map(|(a, n)| (a.to_string(), n)).collect())
 }
 
 fn keys_answer(keys: &[ClaimedKey]) -> Answer {

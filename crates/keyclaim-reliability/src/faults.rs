@@ -32,8 +32,8 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use keyclaim::{KeyStore, Limits};
 use keyclaim::transfer::check_store;
+use keyclaim::{KeyStore, Limits};
 use keyclaim_memory::MemoryStore;
 
 use crate::backends::Backend;
@@ -454,8 +454,8 @@ pub async fn verify(
             counts == snap.counts(),
             "{when}: counts of {} are {:?}, stored keys say {:?}",
             snap.device,
-            counts.0,
-            snap.counts().0
+            counts,
+            snap.counts()
         );
     }
     let report = check_store(store, 64).await?;

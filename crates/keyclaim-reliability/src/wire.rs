@@ -24,8 +24,10 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use keyclaim::{Algorithm, ApiError, ClaimTarget, Device, KeyId, KeyJson, KeyStore, KeysApi, Upload};
 use keyclaim::transfer::{DeviceSnapshot, check_store};
+use keyclaim::{
+    Algorithm, ApiError, ClaimTarget, Device, KeyId, KeyJson, KeyStore, KeysApi, Upload,
+};
 use keyclaim_memory::MemoryStore;
 use serde_json::{Map, Value, json};
 

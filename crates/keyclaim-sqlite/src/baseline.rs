@@ -35,8 +35,8 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use keyclaim::{Algorithm, ClaimTarget, ClaimedKey, Device, Error, KeyId, Result};
 use keyclaim::transfer::KeyDigest;
+use keyclaim::{Algorithm, ClaimTarget, ClaimedKey, Device, Error, KeyId, Result};
 use parking_lot::{Condvar, Mutex};
 use rusqlite::{Connection, OptionalExtension as _, params};
 
@@ -224,7 +224,10 @@ fn claim_in_transaction(
             Some(ClaimedKey {
                 device: device.clone(),
                 key_id: KeyId::parse(key_id)?,
-                key_json: keyclaim::backend::decode::key_json_with_digest(json, KeyDigest::from_slice(&digest)?)?,
+                key_json: keyclaim::backend::decode::key_json_with_digest(
+                    json,
+                    KeyDigest::from_slice(&digest)?,
+                )?,
                 fallback: false,
             })
         }

@@ -287,8 +287,10 @@ impl Backend for SqliteStore {
 
     async fn upload(&self, upload: &Upload) -> Result<UploadOutcome> {
         let owned = upload.clone();
-        self.write("upload", move |conn, limits| ops::upload(conn, &owned, limits))
-            .await
+        self.write("upload", move |conn, limits| {
+            ops::upload(conn, &owned, limits)
+        })
+        .await
     }
 
     async fn claim(&self, targets: &[ClaimTarget]) -> Result<ClaimOutcome> {
@@ -297,11 +299,9 @@ impl Backend for SqliteStore {
         // and runs without a savepoint of its own.
         let raw = self
             .writer
-            .submit(
-                "claim",
-                writer::Fallible::OnStorageOnly,
-                move |conn, _| ops::claim(conn, &owned),
-            )
+            .submit("claim", writer::Fallible::OnStorageOnly, move |conn, _| {
+                ops::claim(conn, &owned)
+            })
             .await?;
         raw.decode(targets)
     }

@@ -11,10 +11,13 @@
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
-use keyclaim::{Algorithm, Changes, ClaimTarget, Device, Error, KeyId, KeyJson, Limits, OtkCounts, Result, SyncState, Upload, UploadOutcome, UserId};
-use keyclaim::transfer::{DeviceSnapshot, IssuedKey, KeyDigest, StoredFallback, StoredOtk};
 use keyclaim::backend::{
     DeviceFacts, RawClaim, RawClaimedKey, decode, plan_upload, remembered_window,
+};
+use keyclaim::transfer::{DeviceSnapshot, IssuedKey, KeyDigest, StoredFallback, StoredOtk};
+use keyclaim::{
+    Algorithm, Changes, ClaimTarget, Device, Error, KeyId, KeyJson, Limits, OtkCounts, Result,
+    SyncState, Upload, UploadOutcome, UserId,
 };
 use rusqlite::{Connection, ErrorCode, OptionalExtension as _, params};
 
@@ -533,9 +536,7 @@ pub(crate) fn delete_user(conn: &Connection, user: &UserId) -> Result<Changes> {
     }
     let devices = device_ids
         .into_iter()
-        .map(|d| {
-            decode::device_id(d).map(|d| Device::new(user.clone(), d))
-        })
+        .map(|d| decode::device_id(d).map(|d| Device::new(user.clone(), d)))
         .collect::<Result<Vec<_>>>()?;
     Ok(Changes::from_devices(devices))
 }

@@ -347,21 +347,33 @@ mod tests {
         conn.execute("UPDATE store_meta SET next_seq = 10", [])
             .unwrap();
         let alg = "signed_curve25519";
-        let otk =
-            |d: &str, id: &str, seq: i64| {
-                let j = json(id);
-                conn.execute(
+        let otk = |d: &str, id: &str, seq: i64| {
+            let j = json(id);
+            conn.execute(
                 "INSERT INTO otk (user_id, device_id, algorithm, key_id, seq, digest, key_json) \
                  VALUES ('@alice:example.org', ?1, ?2, ?3, ?4, ?5, ?6)",
-                params![d, alg, format!("{alg}:{id}"), seq, &j.digest().as_bytes()[..], j.canonical()],
+                params![
+                    d,
+                    alg,
+                    format!("{alg}:{id}"),
+                    seq,
+                    &j.digest().as_bytes()[..],
+                    j.canonical()
+                ],
             )
             .unwrap();
-            };
+        };
         let issued = |d: &str, id: &str, n: i64| {
             conn.execute(
                 "INSERT INTO issued_key (user_id, device_id, algorithm, n, key_id, digest) \
                  VALUES ('@alice:example.org', ?1, ?2, ?3, ?4, ?5)",
-                params![d, alg, n, format!("{alg}:{id}"), &json(id).digest().as_bytes()[..]],
+                params![
+                    d,
+                    alg,
+                    n,
+                    format!("{alg}:{id}"),
+                    &json(id).digest().as_bytes()[..]
+                ],
             )
             .unwrap();
         };

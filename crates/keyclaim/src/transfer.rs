@@ -6,8 +6,8 @@ use std::collections::{BTreeMap, HashSet};
 
 use crate::error::Result;
 use crate::ids::Device;
-use crate::store::KeyStore;
 pub use crate::key_json::KeyDigest;
+use crate::store::KeyStore;
 pub use crate::types::{DeviceSnapshot, IssuedKey, StoredFallback, StoredOtk};
 
 /// Pages through a store's devices in (user ID, device ID) byte order.

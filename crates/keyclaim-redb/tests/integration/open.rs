@@ -239,14 +239,24 @@ fn write_v1_file(path: &std::path::Path) {
         fallbacks
             .insert(
                 (u, d, SC),
-                ("signed_curve25519:F", fb.canonical(), false, *fb.digest().as_bytes()),
+                (
+                    "signed_curve25519:F",
+                    fb.canonical(),
+                    false,
+                    *fb.digest().as_bytes(),
+                ),
             )
             .unwrap();
         let fb = signed_fallback("fb-bob", "sig");
         fallbacks
             .insert(
                 ("@bob:example.org", "BOBDEV", SC),
-                ("signed_curve25519:G", fb.canonical(), true, *fb.digest().as_bytes()),
+                (
+                    "signed_curve25519:G",
+                    fb.canonical(),
+                    true,
+                    *fb.digest().as_bytes(),
+                ),
             )
             .unwrap();
     }

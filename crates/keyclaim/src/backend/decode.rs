@@ -79,7 +79,10 @@ pub fn key_json(text: &str) -> Result<KeyJson> {
 ///
 /// # Errors
 /// [`Error::Corrupt`].
-pub fn key_json_with_digest(text: impl Into<std::sync::Arc<str>>, digest: KeyDigest) -> Result<KeyJson> {
+pub fn key_json_with_digest(
+    text: impl Into<std::sync::Arc<str>>,
+    digest: KeyDigest,
+) -> Result<KeyJson> {
     let text = text.into();
     if serde_json::from_str::<serde::de::IgnoredAny>(&text).is_err() {
         return Err(Error::corrupt("stored key JSON is invalid: not JSON"));

@@ -103,11 +103,22 @@ impl<B: Backend> KeyStore for B {
         );
         self.core().limits().check_upload(upload)?;
         let possible = || Changes::from_devices([upload.device().clone()]);
-        mutate(self, span, Backend::upload(self, upload), |o: &UploadOutcome| &o.changes, possible).await
+        mutate(
+            self,
+            span,
+            Backend::upload(self, upload),
+            |o: &UploadOutcome| &o.changes,
+            possible,
+        )
+        .await
     }
 
     async fn claim(&self, targets: &[ClaimTarget]) -> Result<ClaimOutcome> {
-        let span = tracing::debug_span!("keyclaim.claim", backend = self.name(), targets = targets.len());
+        let span = tracing::debug_span!(
+            "keyclaim.claim",
+            backend = self.name(),
+            targets = targets.len()
+        );
         let limits = self.core().limits();
         limits.check_claim(targets)?;
         let targets = clamp(limits, targets);
@@ -115,7 +126,14 @@ impl<B: Backend> KeyStore for B {
             return Ok(ClaimOutcome::default());
         }
         let possible = || Changes::from_devices(targets.iter().map(|t| t.device.clone()));
-        mutate(self, span, Backend::claim(self, &targets), |o: &ClaimOutcome| &o.changes, possible).await
+        mutate(
+            self,
+            span,
+            Backend::claim(self, &targets),
+            |o: &ClaimOutcome| &o.changes,
+            possible,
+        )
+        .await
     }
 
     async fn otk_counts(&self, device: &Device) -> Result<OtkCounts> {
@@ -139,14 +157,28 @@ impl<B: Backend> KeyStore for B {
     async fn delete_device(&self, device: &Device) -> Result<Changes> {
         let span = tracing::debug_span!("keyclaim.delete_device", backend = self.name(), %device);
         let possible = || Changes::from_devices([device.clone()]);
-        mutate(self, span, Backend::delete_device(self, device), |c: &Changes| c, possible).await
+        mutate(
+            self,
+            span,
+            Backend::delete_device(self, device),
+            |c: &Changes| c,
+            possible,
+        )
+        .await
     }
 
     async fn delete_user(&self, user: &UserId) -> Result<Changes> {
         let span = tracing::debug_span!("keyclaim.delete_user", backend = self.name(), %user);
         // Which devices a user had is known only to the storage: a deletion
         // abandoned by its caller is not reported.
-        mutate(self, span, Backend::delete_user(self, user), |c: &Changes| c, Changes::none).await
+        mutate(
+            self,
+            span,
+            Backend::delete_user(self, user),
+            |c: &Changes| c,
+            Changes::none,
+        )
+        .await
     }
 
     async fn export_devices(
@@ -168,6 +200,13 @@ impl<B: Backend> KeyStore for B {
             otks = snapshot.one_time_keys.len(),
         );
         let possible = || Changes::from_devices([snapshot.device.clone()]);
-        mutate(self, span, Backend::import_device(self, snapshot), |c: &Changes| c, possible).await
+        mutate(
+            self,
+            span,
+            Backend::import_device(self, snapshot),
+            |c: &Changes| c,
+            possible,
+        )
+        .await
     }
 }
