@@ -210,3 +210,190 @@ impl<B: Backend> KeyStore for B {
         .await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::backend::StoreCore;
+    use crate::ids::KeyId;
+    use crate::key_json::KeyJson;
+    use crate::transfer::DeviceSnapshot;
+
+    /// A backend that records what core hands it and answers with every
+    /// target's device as changed; `pending` makes its claims never finish.
+    #[derive(Debug)]
+    struct Recorder {
+        core: StoreCore,
+        claims: Mutex<Vec<Vec<ClaimTarget>>>,
+        uploads: AtomicUsize,
+        pending: bool,
+    }
+
+    impl Recorder {
+        fn new(limits: Limits, pending: bool) -> Self {
+            Self {
+                core: StoreCore::new(limits),
+                claims: Mutex::new(Vec::new()),
+                uploads: AtomicUsize::new(0),
+                pending,
+            }
+        }
+    }
+
+    #[async_trait]
+    impl Backend for Recorder {
+        fn name(&self) -> &'static str {
+            "recorder"
+        }
+        fn core(&self) -> &StoreCore {
+            &self.core
+        }
+        async fn upload(&self, upload: &Upload) -> Result<UploadOutcome> {
+            self.uploads.fetch_add(1, Ordering::SeqCst);
+            Ok(UploadOutcome {
+                counts: OtkCounts::default(),
+                changes: Changes::from_devices([upload.device().clone()]),
+            })
+        }
+        async fn claim(&self, targets: &[ClaimTarget]) -> Result<ClaimOutcome> {
+            self.claims.lock().unwrap().push(targets.to_vec());
+            if self.pending {
+                std::future::pending::<()>().await;
+            }
+            Ok(ClaimOutcome {
+                keys: Vec::new(),
+                changes: Changes::from_devices(targets.iter().map(|t| t.device.clone())),
+            })
+        }
+        async fn otk_counts(&self, _: &Device) -> Result<OtkCounts> {
+            Ok(OtkCounts::default())
+        }
+        async fn unused_fallback_types(&self, _: &Device) -> Result<Vec<Algorithm>> {
+            Ok(Vec::new())
+        }
+        async fn sync_state(&self, _: &Device) -> Result<SyncState> {
+            Ok(SyncState::default())
+        }
+        async fn delete_device(&self, _: &Device) -> Result<Changes> {
+            Ok(Changes::none())
+        }
+        async fn delete_user(&self, _: &UserId) -> Result<Changes> {
+            Ok(Changes::none())
+        }
+        async fn export_devices(
+            &self,
+            _: Option<&Device>,
+            _: usize,
+        ) -> Result<Vec<DeviceSnapshot>> {
+            Ok(Vec::new())
+        }
+        async fn import_device(&self, _: &DeviceSnapshot) -> Result<Changes> {
+            Ok(Changes::none())
+        }
+    }
+
+    fn device(d: &str) -> Device {
+        Device::parse("@u:x", d).unwrap()
+    }
+
+    fn target(d: &str, count: u32) -> ClaimTarget {
+        ClaimTarget {
+            count,
+            ..ClaimTarget::one(device(d), Algorithm::signed_curve25519())
+        }
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    /// R8.3 and R8.2 are applied by core, once, before the backend sees a
+    /// claim: counts clamped, zero counts dropped, too many targets refused.
+    #[test]
+    fn r8_3_core_clamps_and_drops_zero_counts_before_the_backend() {
+        let mut limits = Limits::default();
+        limits.max_claim_targets = 3;
+        let store = Recorder::new(limits, false);
+        runtime().block_on(async {
+            KeyStore::claim(&store, &[target("A", 9), target("B", 0), target("C", 2)])
+                .await
+                .unwrap();
+            let err = KeyStore::claim(&store, &vec![target("A", 1); 4])
+                .await
+                .unwrap_err();
+            assert!(matches!(err, crate::Error::TooLarge { .. }), "{err:?}");
+            // Nothing to claim: the backend is not called at all.
+            KeyStore::claim(&store, &[target("B", 0)]).await.unwrap();
+        });
+        let seen = store.claims.lock().unwrap().clone();
+        assert_eq!(seen, vec![vec![target("A", 5), target("C", 2)]]);
+    }
+
+    /// R8.2: core refuses an oversized upload before the backend sees it.
+    #[test]
+    fn r8_2_core_checks_uploads_before_the_backend() {
+        let mut limits = Limits::default();
+        limits.max_keys_per_upload = 1;
+        let store = Recorder::new(limits, false);
+        let json = KeyJson::from_json_str("\"k\"").unwrap();
+        let keys = ["a:1", "a:2"].map(|id| (KeyId::parse(id).unwrap(), json.clone()));
+        let upload = Upload::from_keys(device("A"), keys, []).unwrap();
+        let err = runtime()
+            .block_on(KeyStore::upload(&store, &upload))
+            .unwrap_err();
+        assert!(matches!(err, crate::Error::TooLarge { .. }), "{err:?}");
+        assert_eq!(store.uploads.load(Ordering::SeqCst), 0);
+    }
+
+    /// R11.1: core reports what a mutation answers as changed, after it
+    /// returned.
+    #[test]
+    fn r11_1_core_reports_answered_changes() {
+        let store = Recorder::new(Limits::default(), false);
+        let mut rx = KeyStore::subscribe(&store);
+        runtime().block_on(async {
+            KeyStore::claim(&store, &[target("A", 1)]).await.unwrap();
+        });
+        assert_eq!(rx.try_recv().unwrap().devices(), [device("A")]);
+        assert!(rx.try_recv().is_err(), "one report per mutation");
+    }
+
+    /// R11.1: a mutation whose caller dropped its future may still commit in
+    /// the backend; core then reports every device it may have changed.
+    #[test]
+    fn r11_1_a_dropped_mutation_reports_its_possible_changes() {
+        let store = Recorder::new(Limits::default(), true);
+        let mut rx = KeyStore::subscribe(&store);
+        runtime().block_on(async {
+            let targets = [target("A", 1), target("B", 1)];
+            let claim = KeyStore::claim(&store, &targets);
+            let timed_out = tokio::time::timeout(std::time::Duration::from_millis(10), claim).await;
+            assert!(timed_out.is_err(), "the backend's claim never finishes");
+        });
+        assert_eq!(
+            store.claims.lock().unwrap().len(),
+            1,
+            "the backend was called"
+        );
+        assert_eq!(rx.try_recv().unwrap().devices(), [device("A"), device("B")]);
+    }
+
+    /// The `Arc` forwarding reaches the backend through `dyn KeyStore`.
+    #[test]
+    fn arc_dyn_key_store_forwards_to_the_backend() {
+        let store: std::sync::Arc<dyn KeyStore> =
+            std::sync::Arc::new(Recorder::new(Limits::default(), false));
+        assert_eq!(store.backend_name(), "recorder");
+        runtime().block_on(async {
+            store.claim(&[target("A", 1)]).await.unwrap();
+        });
+    }
+}
