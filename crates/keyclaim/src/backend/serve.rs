@@ -319,8 +319,10 @@ mod tests {
     /// claim: counts clamped, zero counts dropped, too many targets refused.
     #[test]
     fn r8_3_core_clamps_and_drops_zero_counts_before_the_backend() {
-        let mut limits = Limits::default();
-        limits.max_claim_targets = 3;
+        let limits = Limits {
+            max_claim_targets: 3,
+            ..Limits::default()
+        };
         let store = Recorder::new(limits, false);
         runtime().block_on(async {
             KeyStore::claim(&store, &[target("A", 9), target("B", 0), target("C", 2)])
@@ -340,8 +342,10 @@ mod tests {
     /// R8.2: core refuses an oversized upload before the backend sees it.
     #[test]
     fn r8_2_core_checks_uploads_before_the_backend() {
-        let mut limits = Limits::default();
-        limits.max_keys_per_upload = 1;
+        let limits = Limits {
+            max_keys_per_upload: 1,
+            ..Limits::default()
+        };
         let store = Recorder::new(limits, false);
         let json = KeyJson::from_json_str("\"k\"").unwrap();
         let keys = ["a:1", "a:2"].map(|id| (KeyId::parse(id).unwrap(), json.clone()));
