@@ -40,9 +40,9 @@ use keyclaim::{Algorithm, ClaimTarget, ClaimedKey, Device, Error, KeyId, Result}
 use parking_lot::{Condvar, Mutex};
 use rusqlite::{Connection, OptionalExtension as _, params};
 
-use crate::SqliteOptions;
-use crate::ops::{BACKEND, SqlContext as _};
+use crate::error::SqlContext as _;
 use crate::schema::{self, Role};
+use crate::{BACKEND, SqliteOptions};
 
 const SQL_SELECT_OLDEST: &str = "SELECT k.pos, k.key_id, k.key_json, k.digest \
      FROM otk_queue AS q JOIN one_time_key AS k \

@@ -1,15 +1,21 @@
 #![doc = include_str!("../README.md")]
 
+// The same file roles as every backend crate: this file holds the store and
+// its `Backend` impl; `options` its settings and URL parsing; `error` every
+// mapping to `keyclaim::Error`; `schema` the layout and migrations; `ops` the
+// operations, one file per kind; `writer` the group-commit writer thread;
+// `reader` the read pool; `checkpoint` the background WAL checkpoints.
 pub mod baseline;
 mod checkpoint;
+mod error;
 mod ops;
+mod options;
 mod reader;
 mod schema;
 mod writer;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use keyclaim::backend::{Backend, StoreCore, async_trait};
 use keyclaim::transfer::DeviceSnapshot;
@@ -19,172 +25,15 @@ use keyclaim::{
 };
 use tracing::Instrument as _;
 
+pub use options::{SqliteOptions, Synchronous};
 pub use schema::{APPLICATION_ID, SCHEMA_VERSION};
 
 use checkpoint::Checkpointer;
 use reader::ReadPool;
 use writer::Writer;
 
-/// How hard SQLite works to make a commit durable (`PRAGMA synchronous`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum Synchronous {
-    /// `synchronous = FULL` (the default): every commit syncs the WAL to the
-    /// disk before the operation returns, so a returned write survives a
-    /// crash of the process and of the machine (R10.1). Group commit shares
-    /// one sync among every operation of a batch.
-    #[default]
-    Full,
-    /// `synchronous = NORMAL`: commits do not wait for the disk; the WAL is
-    /// synced at checkpoints. Faster. A returned write still survives a crash
-    /// of the process (SIGKILL), but the last commits before a power loss or
-    /// an OS crash may be lost (the file stays consistent). **Not durable
-    /// across machine crashes**: pick it only if losing a few just-returned
-    /// claims or uploads after a power loss is acceptable (a lost claim may
-    /// then hand the same key out again).
-    Normal,
-}
-
-/// Tuning of a [`SqliteStore`]. Build with [`SqliteOptions::new`] (or
-/// `default()`) and the setters:
-///
-/// ```
-/// use std::time::Duration;
-/// use keyclaim_sqlite::{SqliteOptions, Synchronous};
-///
-/// let options = SqliteOptions::new()
-///     .synchronous(Synchronous::Full)
-///     .busy_timeout(Duration::from_secs(10))
-///     .read_connections(4)
-///     .max_batch(256);
-/// assert_eq!(options.get_synchronous(), Synchronous::Full);
-/// ```
-#[derive(Clone, Debug)]
-pub struct SqliteOptions {
-    limits: Limits,
-    synchronous: Synchronous,
-    busy_timeout: Duration,
-    read_connections: usize,
-    max_batch: usize,
-    checkpoint_interval: Option<Duration>,
-    wal_size_limit: u64,
-}
-
-impl Default for SqliteOptions {
-    fn default() -> Self {
-        Self {
-            limits: Limits::default(),
-            synchronous: Synchronous::Full,
-            busy_timeout: Duration::from_secs(10),
-            read_connections: 4,
-            max_batch: 256,
-            checkpoint_interval: Some(Duration::from_millis(100)),
-            wal_size_limit: 64 << 20,
-        }
-    }
-}
-
-impl SqliteOptions {
-    /// The defaults: [`Limits::default`], [`Synchronous::Full`], a 10 s busy
-    /// timeout, 4 read connections, batches of at most 256 operations.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// The limits the store enforces (SPEC section 8). They are not stored
-    /// in the file: every process opening it should pass the same.
-    #[must_use]
-    pub fn limits(mut self, limits: Limits) -> Self {
-        self.limits = limits;
-        self
-    }
-
-    /// Durability of commits; see [`Synchronous`].
-    #[must_use]
-    pub fn synchronous(mut self, synchronous: Synchronous) -> Self {
-        self.synchronous = synchronous;
-        self
-    }
-
-    /// How long a connection waits for another process's lock before the
-    /// operation fails with a retryable [`keyclaim::Error::Storage`].
-    #[must_use]
-    pub fn busy_timeout(mut self, timeout: Duration) -> Self {
-        self.busy_timeout = timeout;
-        self
-    }
-
-    /// How many read connections (and read threads) the store keeps; at
-    /// least one.
-    #[must_use]
-    pub fn read_connections(mut self, n: usize) -> Self {
-        self.read_connections = n.max(1);
-        self
-    }
-
-    /// The most operations one group-commit transaction takes; at least one.
-    /// One operation per transaction (1) turns group commit off.
-    #[must_use]
-    pub fn max_batch(mut self, n: usize) -> Self {
-        self.max_batch = n.max(1);
-        self
-    }
-
-    /// Checkpoint the WAL from a background thread at this interval
-    /// (default 100 ms), so that commits never wait for a checkpoint; `None`
-    /// leaves checkpoints to SQLite's automatic ones, run by the commit that
-    /// fills the WAL past 1000 pages.
-    #[must_use]
-    pub fn checkpoint_interval(mut self, interval: Option<Duration>) -> Self {
-        self.checkpoint_interval = interval;
-        self
-    }
-
-    /// The size in bytes the WAL file is cut back to whenever SQLite starts
-    /// it over after a complete checkpoint (default 64 MiB;
-    /// `PRAGMA journal_size_limit`). Without it, the WAL file keeps the size
-    /// of the largest burst of writes between two checkpoints forever.
-    #[must_use]
-    pub fn wal_size_limit(mut self, bytes: u64) -> Self {
-        self.wal_size_limit = bytes;
-        self
-    }
-
-    /// The configured WAL size limit in bytes.
-    pub fn get_wal_size_limit(&self) -> u64 {
-        self.wal_size_limit
-    }
-
-    /// The configured checkpoint interval.
-    pub fn get_checkpoint_interval(&self) -> Option<Duration> {
-        self.checkpoint_interval
-    }
-
-    /// The configured limits.
-    pub fn get_limits(&self) -> &Limits {
-        &self.limits
-    }
-
-    /// The configured durability.
-    pub fn get_synchronous(&self) -> Synchronous {
-        self.synchronous
-    }
-
-    /// The configured busy timeout.
-    pub fn get_busy_timeout(&self) -> Duration {
-        self.busy_timeout
-    }
-
-    /// The configured number of read connections.
-    pub fn get_read_connections(&self) -> usize {
-        self.read_connections
-    }
-
-    /// The configured largest batch.
-    pub fn get_max_batch(&self) -> usize {
-        self.max_batch
-    }
-}
+/// The backend name used in errors and logs.
+pub(crate) const BACKEND: &str = "sqlite";
 
 /// The SQLite key store: one file, shareable by several processes.
 ///
@@ -235,17 +84,17 @@ impl SqliteStore {
     /// As [`Self::open`].
     pub async fn open_with(path: impl AsRef<Path>, options: SqliteOptions) -> Result<SqliteStore> {
         let path = path.as_ref().to_owned();
-        let span = tracing::debug_span!("keyclaim_sqlite.open", path = %path.display());
+        let span = tracing::debug_span!("keyclaim.sqlite.open", path = %path.display());
         async {
             let writer = Writer::start(path.clone(), options.clone()).await?;
             let readers = ReadPool::start(&path, &options).await?;
             let checkpointer = options
-                .checkpoint_interval
+                .get_checkpoint_interval()
                 .map(|every| Checkpointer::start(&path, &options, every))
                 .transpose()?;
             Ok(SqliteStore {
                 path,
-                core: StoreCore::new(options.limits.clone()),
+                core: StoreCore::new(options.get_limits().clone()),
                 options,
                 readers,
                 _checkpointer: checkpointer,
@@ -278,7 +127,7 @@ impl SqliteStore {
 #[async_trait]
 impl Backend for SqliteStore {
     fn name(&self) -> &'static str {
-        ops::BACKEND
+        BACKEND
     }
 
     fn core(&self) -> &StoreCore {
@@ -347,7 +196,7 @@ impl Backend for SqliteStore {
         limit: usize,
     ) -> Result<Vec<DeviceSnapshot>> {
         let after = after.cloned();
-        let limits = self.options.limits.clone();
+        let limits = self.options.get_limits().clone();
         self.readers
             .run(move |conn| ops::export_devices(conn, after.as_ref(), limit, &limits))
             .await
