@@ -19,7 +19,7 @@
 use keyclaim::{ClaimTarget, ClaimedKey, Result};
 
 use crate::PostgresStore;
-use crate::errors::pg;
+use crate::error::pg;
 
 /// The statement: the reference homeserver's shape (its `VALUES` list of
 /// targets written here as `unnest` arrays; claim order by upload sequence
@@ -81,11 +81,11 @@ pub async fn claim(store: &PostgresStore, targets: &[ClaimTarget]) -> Result<Vec
         let key_json: &str = row.try_get(3).map_err(pg(op))?;
         keys.push(ClaimedKey {
             device: keyclaim::Device::parse(user, device)
-                .map_err(|e| crate::errors::corrupt("stored device", e))?,
+                .map_err(|e| crate::error::corrupt("stored device", e))?,
             key_id: keyclaim::KeyId::parse(key_id)
-                .map_err(|e| crate::errors::corrupt("stored key ID", e))?,
+                .map_err(|e| crate::error::corrupt("stored key ID", e))?,
             key_json: keyclaim::KeyJson::from_json_str(key_json)
-                .map_err(|e| crate::errors::corrupt("stored key JSON", e))?,
+                .map_err(|e| crate::error::corrupt("stored key JSON", e))?,
             fallback: false,
         });
     }

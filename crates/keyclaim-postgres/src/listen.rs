@@ -34,18 +34,18 @@
 
 use std::time::Duration;
 
-use futures::StreamExt as _;
-use keyclaim::backend::StoreCore;
-use keyclaim::{Changes, Device, Error, Result};
 use std::collections::BTreeSet;
 
 use deadpool_postgres::Pool;
+use futures::StreamExt as _;
+use keyclaim::backend::StoreCore;
+use keyclaim::{Changes, Device, Error, Result};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_postgres::{AsyncMessage, NoTls, Notification};
+use tracing::Instrument as _;
 
-use crate::BACKEND;
-use crate::errors::pg;
+use crate::error::{self, pg};
 use crate::ops::{NOTIFY, notify_payloads};
 
 /// How long the announcer gathers changes before it sends them.
@@ -65,7 +65,8 @@ impl Announcer {
     /// Starts the sending task on the store's pool.
     pub(crate) fn start(pool: Pool, channel: String, instance: String) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(announce(pool, channel, instance, rx));
+        let span = tracing::debug_span!("keyclaim.postgres.announcer", %channel);
+        tokio::spawn(announce(pool, channel, instance, rx).instrument(span));
         Self { tx }
     }
 
@@ -98,10 +99,7 @@ async fn announce(
         let devices: Vec<Device> = devices.into_iter().collect();
         let payloads = notify_payloads(&instance, &devices);
         let sent = async {
-            let client = pool
-                .get()
-                .await
-                .map_err(|e| crate::errors::pool("announce", e))?;
+            let client = pool.get().await.map_err(|e| error::pool("announce", e))?;
             let stmt = client
                 .prepare_cached(NOTIFY)
                 .await
@@ -152,21 +150,14 @@ impl Listener {
         // Built once per store from a validated schema name.
         let listen_sql = format!("LISTEN {channel}");
         let (ready_tx, ready_rx) = oneshot::channel();
-        let task = tokio::spawn(run(config, listen_sql, instance, core, ready_tx));
+        let span = tracing::debug_span!("keyclaim.postgres.listener", %channel);
+        let task = tokio::spawn(run(config, listen_sql, instance, core, ready_tx).instrument(span));
         let listener = Self { task };
         match tokio::time::timeout(timeout, ready_rx).await {
             Ok(Ok(Ok(()))) => Ok(listener),
             Ok(Ok(Err(e))) => Err(e),
-            Ok(Err(_)) => Err(Error::storage(
-                BACKEND,
-                "listen",
-                true,
-                "listener task ended",
-            )),
-            Err(_) => Err(Error::storage(
-                BACKEND,
-                "listen",
-                true,
+            Ok(Err(_)) => Err(error::listener("listener task ended")),
+            Err(_) => Err(error::listener(
                 "timed out starting the notification listener",
             )),
         }

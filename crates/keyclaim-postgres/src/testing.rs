@@ -334,6 +334,6 @@ pub fn unique_schema(prefix: &str) -> String {
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.subsec_nanos());
     let mut name = format!("{prefix}_{}_{n}_{nanos:x}", std::process::id());
-    name.truncate(crate::MAX_SCHEMA_LEN);
+    name.truncate(crate::PostgresOptions::MAX_SCHEMA_LEN);
     name
 }

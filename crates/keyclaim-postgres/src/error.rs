@@ -1,7 +1,9 @@
-//! Mapping PostgreSQL and pool failures to [`keyclaim::Error`], with the
-//! retryable ones told apart (SPEC R10.4, the core's `Error::is_retryable`).
+//! Every mapping of a tokio-postgres or deadpool failure to
+//! [`keyclaim::Error`], with the retryable ones told apart (R10.4, the
+//! core's `Error::is_retryable`). Nothing else in the crate builds an
+//! [`Error::Storage`].
 
-use deadpool_postgres::PoolError;
+use deadpool_postgres::{BuildError, PoolError};
 use keyclaim::Error;
 use tokio_postgres::error::SqlState;
 
@@ -72,6 +74,22 @@ pub(crate) fn pool(op: &'static str, error: PoolError) -> Error {
     };
     tracing::debug!(op, retryable, %error, "postgres pool failed");
     Error::storage(BACKEND, op, retryable, error)
+}
+
+/// A connection string tokio-postgres does not accept (not retryable).
+pub(crate) fn bad_url(error: tokio_postgres::Error) -> Error {
+    Error::storage(BACKEND, "connect", false, error)
+}
+
+/// A pool that cannot be built from the options (not retryable).
+pub(crate) fn pool_build(error: BuildError) -> Error {
+    Error::storage(BACKEND, "connect", false, error)
+}
+
+/// The notification listener did not start: its task ended or it timed
+/// out (retryable, like a connection that cannot be made).
+pub(crate) fn listener(reason: &'static str) -> Error {
+    Error::storage(BACKEND, "listen", true, reason)
 }
 
 /// A stored value that does not decode (a bug or outside tampering).
