@@ -1,5 +1,5 @@
-//! Resource-bound cases (issue 7, item 3): hostile requests that SPEC
-//! section 8's limits must refuse quickly and with bounded memory.
+//! Resource-bound cases: hostile requests that the limits of contract
+//! section 8 (R8.1 to R8.4) must refuse quickly and with bounded memory.
 //!
 //! Each case builds its input first, then resets the process's peak-RSS mark
 //! (`/proc/self/clear_refs`, value 5) and serves the request through

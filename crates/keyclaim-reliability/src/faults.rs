@@ -1,5 +1,5 @@
-//! Storage faults (issue 7, item 2): a persistent store is run over storage
-//! that fails, and must fail cleanly.
+//! Storage faults: a persistent store is run over storage that fails, and
+//! must fail cleanly (R10.4: an error, never a panic or a wrong answer).
 //!
 //! # Mechanism: a full disk
 //!

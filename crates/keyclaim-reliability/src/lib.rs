@@ -1,4 +1,4 @@
-//! keyclaim's reliability campaign (issue 7), as a library so that the fuzz
+//! keyclaim's reliability tools, as a library so that the fuzz
 //! targets in `fuzz/`, this crate's tests and its binaries share one
 //! implementation:
 //!

@@ -1,4 +1,4 @@
-//! The soak (issue 7, item 4): a long mixed workload against a persistent
+//! The soak: a long mixed workload against a persistent
 //! backend, run by a child process that is killed with SIGKILL at random
 //! moments and started again, with every invariant checked after each crash.
 //!
