@@ -2,9 +2,9 @@
 //! `#[must_use]` setters, `get_<option>` getters, and parsing from a store
 //! URL. (Over 500 lines: half of it is the unit tests of `from_url`.)
 
-use std::str::FromStr;
 use std::time::Duration;
 
+use keyclaim::backend::url::UrlOptions;
 use keyclaim::{Error, Limits, Result};
 
 /// The prefix of keyclaim's own parameters in a store URL.
@@ -277,26 +277,12 @@ impl PostgresOptions {
         let Some(query_start) = query_start else {
             return Ok((url.to_owned(), PostgresOptions::new()));
         };
+        let (query, kept) = UrlOptions::parse_filtered("postgres", &url[query_start + 1..], |p| {
+            p.starts_with(URL_PREFIX)
+        })?;
         let mut options = PostgresOptions::new();
-        let mut seen: Vec<&str> = Vec::new();
-        let mut kept: Vec<&str> = Vec::new();
-        for pair in url[query_start + 1..].split('&') {
-            if !pair.starts_with(URL_PREFIX) {
-                if !pair.is_empty() {
-                    kept.push(pair);
-                }
-                continue;
-            }
-            let (name, value) = pair.split_once('=').ok_or_else(|| {
-                Error::invalid_config(format!("postgres URL parameter {pair:?} has no `=VALUE`"))
-            })?;
-            if seen.contains(&name) {
-                return Err(Error::invalid_config(format!(
-                    "postgres URL parameter `{name}` is given twice"
-                )));
-            }
-            seen.push(name);
-            options = options.with_url_option(name, value)?;
+        for (name, value) in query.iter() {
+            options = options.with_url_option(&query, name, value)?;
         }
         validate_schema(&options.schema)?;
         let mut connection = url[..query_start].to_owned();
@@ -308,30 +294,36 @@ impl PostgresOptions {
     }
 
     /// Applies one `keyclaim_NAME=VALUE` parameter of a store URL.
-    fn with_url_option(self, name: &str, value: &str) -> Result<Self> {
+    fn with_url_option(self, query: &UrlOptions<'_>, name: &str, value: &str) -> Result<Self> {
         Ok(match &name[URL_PREFIX.len()..] {
             "schema" => self.schema(value),
-            "pool_size" => self.pool_size(positive(name, value)?),
+            "pool_size" => self.pool_size(query.positive(name, value)?),
             "connect_timeout_ms" => {
-                self.connect_timeout(Duration::from_millis(positive(name, value)?))
+                self.connect_timeout(Duration::from_millis(query.positive(name, value)?))
             }
             "pool_wait_timeout_ms" => {
-                self.pool_wait_timeout(Duration::from_millis(number(name, value)?))
+                self.pool_wait_timeout(Duration::from_millis(query.number(name, value)?))
             }
             "statement_timeout_ms" => self.statement_timeout(
-                Some(Duration::from_millis(number(name, value)?)).filter(|t| !t.is_zero()),
+                Some(Duration::from_millis(query.number(name, value)?)).filter(|t| !t.is_zero()),
             ),
-            "notifications" => self.notifications(on_off(name, value)?),
-            "transactional_notify" => self.transactional_notify(on_off(name, value)?),
-            "pinned_plans" => self.pinned_plans(on_off(name, value)?),
+            "notifications" => self.notifications(query.on_off(name, value)?),
+            "transactional_notify" => self.transactional_notify(query.on_off(name, value)?),
+            "pinned_plans" => self.pinned_plans(query.on_off(name, value)?),
             _ => {
-                return Err(Error::invalid_config(format!(
-                    "unknown postgres URL parameter `{name}` (known: keyclaim_schema, \
-                     keyclaim_pool_size, keyclaim_connect_timeout_ms, \
-                     keyclaim_pool_wait_timeout_ms, keyclaim_statement_timeout_ms, \
-                     keyclaim_notifications, keyclaim_transactional_notify, \
-                     keyclaim_pinned_plans)"
-                )));
+                return Err(query.unknown(
+                    name,
+                    &[
+                        "keyclaim_schema",
+                        "keyclaim_pool_size",
+                        "keyclaim_connect_timeout_ms",
+                        "keyclaim_pool_wait_timeout_ms",
+                        "keyclaim_statement_timeout_ms",
+                        "keyclaim_notifications",
+                        "keyclaim_transactional_notify",
+                        "keyclaim_pinned_plans",
+                    ],
+                ));
             }
         })
     }
@@ -356,40 +348,6 @@ pub(crate) fn validate_schema(schema: &str) -> Result<()> {
              digits or '_', not starting with a digit or 'pg_'"
         )))
     }
-}
-
-/// An unsigned integer parameter value: digits only.
-fn number<T: FromStr>(name: &str, value: &str) -> Result<T> {
-    // `parse` would accept a leading `+`.
-    let digits = !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit());
-    match value.parse() {
-        Ok(n) if digits => Ok(n),
-        _ => Err(bad_value(name, value, "an unsigned integer")),
-    }
-}
-
-/// An unsigned integer parameter value of at least 1.
-fn positive<T: FromStr + Default + PartialEq>(name: &str, value: &str) -> Result<T> {
-    let n: T = number(name, value)?;
-    if n == T::default() {
-        return Err(bad_value(name, value, "at least 1"));
-    }
-    Ok(n)
-}
-
-/// A switch parameter value: `on` or `off`.
-fn on_off(name: &str, value: &str) -> Result<bool> {
-    match value {
-        "on" => Ok(true),
-        "off" => Ok(false),
-        _ => Err(bad_value(name, value, "`on` or `off`")),
-    }
-}
-
-fn bad_value(name: &str, value: &str, want: &str) -> Error {
-    Error::invalid_config(format!(
-        "postgres URL parameter `{name}` has the value {value:?}; it takes {want}"
-    ))
 }
 
 #[cfg(test)]

