@@ -1,19 +1,11 @@
 #![doc = include_str!("../README.md")]
-//!
-//! # Source layout
-//!
-//! - `lib.rs`: [`RedbStore`] and its [`Backend`] implementation;
-//! - `options.rs`: [`RedbOptions`] (builder and store URL) and
-//!   [`RedbDurability`];
-//! - `error.rs`: every failure as a [`keyclaim::Error`] (which are retryable),
-//!   and [`AlreadyOpen`];
-//! - `schema.rs`: the tables, the format version ([`FORMAT_VERSION`]) and the
-//!   migration from older formats;
-//! - `slot.rs`: opening the file, and reopening it after an I/O error;
-//! - `ops/`: the operations on open tables, one file per kind;
-//! - `writer.rs` and `queue.rs`: the writer thread (group commit) and its
-//!   queue, and [`WriterStats`].
 
+// The same file roles as every backend crate: this file holds the store and
+// its `Backend` impl; `options` its settings and URL parsing; `error` every
+// mapping to `keyclaim::Error`; `schema` the layout, the format version and
+// migrations; `ops` the operations, one file per kind; `writer` the
+// group-commit writer thread and `queue` its queue; `slot` opening the file
+// and reopening it after an I/O error.
 pub mod baseline;
 mod error;
 mod ops;

@@ -156,9 +156,10 @@ impl RedbOptions {
     /// redb:PATH?OPTION=VALUE&OPTION=VALUE...
     /// ```
     ///
-    /// `PATH` is taken as written up to the first `?` (no percent-decoding,
-    /// so it cannot contain `?`); `redb:///abs/path` is also accepted, for
-    /// `/abs/path`. The options, each at most once, in any order:
+    /// `PATH` is relative or absolute, taken as written up to the first `?`
+    /// (no percent-decoding, so it cannot contain `?`); `redb:///abs/path`
+    /// is also accepted, for `/abs/path`. The options, each at most once, in
+    /// any order:
     ///
     /// | option | value | setter |
     /// | --- | --- | --- |
@@ -185,27 +186,9 @@ impl RedbOptions {
     /// [`Error::InvalidConfig`] for another scheme, an empty path, an
     /// unknown or repeated option, or a value that does not parse.
     pub fn from_url(url: &str) -> Result<(PathBuf, RedbOptions)> {
-        let rest = url
-            .strip_prefix("redb:")
-            .ok_or_else(|| Error::invalid_config(format!("{url:?} is not a redb: URL")))?;
-        let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
-        let path = match path.strip_prefix("//") {
-            // An empty authority: `redb:///abs/path`.
-            Some(abs) if abs.starts_with('/') => abs,
-            Some(_) => {
-                return Err(Error::invalid_config(format!(
-                    "{url:?}: a redb URL has no host; write redb:PATH or redb:///ABSOLUTE/PATH"
-                )));
-            }
-            None => path,
-        };
-        if path.is_empty() {
-            return Err(Error::invalid_config(format!("{url:?} names no file")));
-        }
+        let (path, query) = split_url(url)?;
         let mut options = RedbOptions::new();
         let mut seen: Vec<&str> = Vec::new();
-        let mut relaxed = false;
-        let mut flush_every = None;
         for pair in query.split('&').filter(|_| !query.is_empty()) {
             let (name, value) = pair.split_once('=').ok_or_else(|| {
                 Error::invalid_config(format!("redb URL option {pair:?} has no `=VALUE`"))
@@ -216,60 +199,86 @@ impl RedbOptions {
                 )));
             }
             seen.push(name);
-            match name {
-                "durability" => {
-                    relaxed = match value {
-                        "immediate" => false,
-                        "relaxed" => true,
-                        _ => return Err(bad_value(name, value, "`immediate` or `relaxed`")),
-                    };
-                }
-                "flush_every_ms" => {
-                    flush_every = Some(Duration::from_millis(number(name, value)?));
-                }
-                "max_batch" => {
-                    let n: usize = number(name, value)?;
-                    if n == 0 {
-                        return Err(bad_value(name, value, "at least 1"));
-                    }
-                    options = options.max_batch(n);
-                }
-                "linger_us" => {
-                    options = options.linger(Duration::from_micros(number(name, value)?))
-                }
-                "cache_size" => options = options.cache_size(number(name, value)?),
-                _ => {
-                    return Err(Error::invalid_config(format!(
-                        "unknown redb URL option `{name}` (known: durability, flush_every_ms, \
-                         max_batch, linger_us, cache_size)"
-                    )));
-                }
-            }
+            options = options.with_url_option(name, value)?;
         }
-        options = match (relaxed, flush_every) {
-            (false, None) => options,
-            (false, Some(_)) => {
-                return Err(Error::invalid_config(
-                    "redb URL option `flush_every_ms` needs `durability=relaxed`",
-                ));
-            }
-            (true, None) => options.durability(RedbDurability::relaxed()),
-            (true, Some(flush_every)) => {
-                options.durability(RedbDurability::Relaxed { flush_every })
-            }
-        };
+        let relaxed = query.split('&').any(|pair| pair == "durability=relaxed");
+        if seen.contains(&"flush_every_ms") && !relaxed {
+            return Err(Error::invalid_config(
+                "redb URL option `flush_every_ms` needs `durability=relaxed`",
+            ));
+        }
         Ok((PathBuf::from(path), options))
+    }
+
+    /// Applies one `name=value` option of a store URL.
+    fn with_url_option(self, name: &str, value: &str) -> Result<Self> {
+        Ok(match name {
+            "durability" => {
+                let durability = match (value, self.durability) {
+                    ("immediate", _) => RedbDurability::Immediate,
+                    // Keeps a `flush_every_ms` given before.
+                    ("relaxed", relaxed @ RedbDurability::Relaxed { .. }) => relaxed,
+                    ("relaxed", _) => RedbDurability::relaxed(),
+                    _ => return Err(bad_value(name, value, "`immediate` or `relaxed`")),
+                };
+                self.durability(durability)
+            }
+            // Checked against `durability` once every option is read.
+            "flush_every_ms" => self.durability(RedbDurability::Relaxed {
+                flush_every: Duration::from_millis(number(name, value)?),
+            }),
+            "max_batch" => self.max_batch(positive(name, value)?),
+            "linger_us" => self.linger(Duration::from_micros(number(name, value)?)),
+            "cache_size" => self.cache_size(number(name, value)?),
+            _ => {
+                return Err(Error::invalid_config(format!(
+                    "unknown redb URL option `{name}` (known: durability, flush_every_ms, \
+                     max_batch, linger_us, cache_size)"
+                )));
+            }
+        })
     }
 }
 
-/// An unsigned integer option value.
+/// The path and the query (empty when there is none) of a `redb:` URL.
+fn split_url(url: &str) -> Result<(&str, &str)> {
+    let rest = url
+        .strip_prefix("redb:")
+        .ok_or_else(|| Error::invalid_config(format!("{url:?} is not a redb: URL")))?;
+    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let path = match path.strip_prefix("//") {
+        // An empty authority: `redb:///abs/path`.
+        Some(abs) if abs.starts_with('/') => abs,
+        Some(_) => {
+            return Err(Error::invalid_config(format!(
+                "{url:?}: a redb URL has no host; write redb:PATH or redb:///ABSOLUTE/PATH"
+            )));
+        }
+        None => path,
+    };
+    if path.is_empty() {
+        return Err(Error::invalid_config(format!("{url:?} names no file")));
+    }
+    Ok((path, query))
+}
+
+/// An unsigned integer option value: digits only.
 fn number<T: FromStr>(name: &str, value: &str) -> Result<T> {
-    // `parse` accepts a leading `+`; an option value is digits only.
+    // `parse` would accept a leading `+`.
     let digits = !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit());
     match value.parse() {
         Ok(n) if digits => Ok(n),
         _ => Err(bad_value(name, value, "an unsigned integer")),
     }
+}
+
+/// An unsigned integer option value of at least 1.
+fn positive<T: FromStr + Default + PartialEq>(name: &str, value: &str) -> Result<T> {
+    let n: T = number(name, value)?;
+    if n == T::default() {
+        return Err(bad_value(name, value, "at least 1"));
+    }
+    Ok(n)
 }
 
 fn bad_value(name: &str, value: &str, want: &str) -> Error {
@@ -377,6 +386,7 @@ mod tests {
         assert!(invalid("redb:k?max_batch=3&").contains("="));
         assert!(invalid("redb:k?flush_every_ms=10").contains("relaxed"));
         assert!(invalid("redb:k?durability=immediate&flush_every_ms=10").contains("relaxed"));
+        assert!(invalid("redb:k?flush_every_ms=10&durability=immediate").contains("relaxed"));
     }
 
     #[test]
