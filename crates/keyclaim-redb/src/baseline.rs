@@ -17,9 +17,10 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::ops::{self, Fatal, WriteTables};
-use crate::slot::DbSlot;
-use crate::{BACKEND, RedbDurability, RedbOptions, open_database, read, schema};
+use crate::error::Fatal;
+use crate::ops::{self, WriteTables, read_txn as read};
+use crate::slot::{DbSlot, open_database};
+use crate::{BACKEND, RedbDurability, RedbOptions, schema};
 use async_trait::async_trait;
 use keyclaim::backend::ChangeNotifier;
 use keyclaim::transfer::DeviceSnapshot;
@@ -67,8 +68,8 @@ impl BaselineStore {
             let db = open_database(&path, &options)?;
             Ok(Self {
                 slot: Arc::new(DbSlot::new(path.clone(), options.clone(), db)),
-                limits: options.limits,
-                durability: options.durability,
+                limits: options.get_limits().clone(),
+                durability: options.get_durability(),
                 notifier: ChangeNotifier::new(),
                 path,
             })
@@ -86,8 +87,8 @@ impl BaselineStore {
     pub fn sharing(store: &crate::RedbStore) -> Self {
         Self {
             slot: Arc::clone(&store.slot),
-            limits: store.options.limits.clone(),
-            durability: store.options.durability,
+            limits: store.options.get_limits().clone(),
+            durability: store.options.get_durability(),
             notifier: ChangeNotifier::new(),
             path: store.path.clone(),
         }

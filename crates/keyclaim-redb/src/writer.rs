@@ -38,10 +38,11 @@ use tokio::sync::oneshot;
 
 use keyclaim::backend::RawClaim;
 
-use crate::ops::{self, Fatal, WriteTables};
+use crate::RedbDurability;
+use crate::error::{self, Fatal, needs_reopen};
+use crate::ops::{self, WriteTables};
 use crate::queue::{JobQueue, Taken};
-use crate::slot::{DbSlot, needs_reopen};
-use crate::{BACKEND, RedbDurability, WriterStats};
+use crate::slot::DbSlot;
 
 /// One mutating operation.
 #[derive(Debug)]
@@ -101,6 +102,25 @@ pub(crate) struct WriterConfig {
     pub(crate) linger: Duration,
 }
 
+/// What the writer thread has done since the store was opened: how well
+/// group commit is batching.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct WriterStats {
+    /// Batches run to the end: write transactions committed, or dropped
+    /// because none of their operations wrote anything (retried uploads,
+    /// claims that found nothing, rejections).
+    pub batches: u64,
+    /// Operations in those batches (rejected ones included).
+    pub operations: u64,
+    /// The most operations one batch held.
+    pub largest_batch: u64,
+    /// Transactions abandoned or whose commit failed (a batch whose
+    /// operations were then retried one by one counts once, and each
+    /// failing retry once more).
+    pub failed_batches: u64,
+}
+
 /// The handle of the writer thread. Dropping it closes the queue, lets the
 /// thread finish what was queued, and joins it.
 #[derive(Debug)]
@@ -141,7 +161,7 @@ impl Writer {
         let thread = std::thread::Builder::new()
             .name("keyclaim-redb-writer".into())
             .spawn(move || run(&slot, &thread_queue, &config, &thread_counters))
-            .map_err(|e| Error::storage(BACKEND, "open", false, e))?;
+            .map_err(|e| error::task_failed("open", e))?;
         Ok(Self {
             queue,
             thread: Some(thread),
@@ -264,6 +284,8 @@ fn run(slot: &DbSlot, queue: &JobQueue<Job>, config: &WriterConfig, counters: &C
 /// An empty durable commit, which makes every earlier non-durable commit
 /// durable.
 fn flush(slot: &DbSlot) -> Result<(), Fatal> {
+    let span = tracing::debug_span!("keyclaim.redb.flush");
+    let _enter = span.enter();
     let db = slot.get("flush").map_err(Fatal::Other)?;
     let txn = db.begin_write()?;
     txn.commit()?;
@@ -287,7 +309,7 @@ fn run_batch(
     counters: &Counters,
     durable: bool,
 ) -> Ran {
-    let span = tracing::debug_span!("keyclaim_redb.batch", ops = batch.len());
+    let span = tracing::debug_span!("keyclaim.redb.batch", ops = batch.len());
     let _enter = span.enter();
     let ops: Vec<&Job> = batch.iter().collect();
     match execute(db, &ops, config, durable) {
@@ -424,52 +446,10 @@ fn answer(batch: Vec<Job>, results: Vec<Result<Reply>>) {
     }
 }
 
-fn fail_all(batch: Vec<Job>, error: &Arc<Error>) {
+fn fail_all(batch: Vec<Job>, cause: &Arc<Error>) {
     for job in batch {
-        let _ = job.reply.send(Err(clone_error(error, job.op.name())));
+        let _ = job
+            .reply
+            .send(Err(error::for_batch_mate(cause, job.op.name())));
     }
 }
-
-/// Every caller of a failed batch gets its own error value, with the shared
-/// cause as its source.
-fn clone_error(error: &Arc<Error>, op: &'static str) -> Error {
-    match &**error {
-        Error::Corrupt(what) => Error::Corrupt(what.clone()),
-        Error::UnsupportedVersion {
-            backend,
-            found,
-            supported,
-        } => Error::UnsupportedVersion {
-            backend,
-            found: *found,
-            supported: *supported,
-        },
-        Error::Closed => Error::Closed,
-        other => Error::storage(
-            BACKEND,
-            op,
-            other.is_retryable(),
-            SharedError(Arc::clone(error)),
-        ),
-    }
-}
-
-/// A shared error as a source.
-#[derive(Debug)]
-struct SharedError(Arc<Error>);
-
-impl std::fmt::Display for SharedError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        std::fmt::Display::fmt(&self.0, f)
-    }
-}
-
-impl std::error::Error for SharedError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        Some(&*self.0)
-    }
-}
-
-/// How long relaxed mode waits at most before making commits durable, by
-/// default.
-pub(crate) const DEFAULT_FLUSH_EVERY: Duration = Duration::from_millis(100);
