@@ -1,5 +1,5 @@
 //! Model-based checking: random operation sequences run against the store
-//! and the reference [`Model`](crate::model::Model), every answer compared.
+//! and the reference [`Model`], every answer compared.
 
 use keyclaim::{ClaimTarget, Device, Error, KeyId, KeyJson, KeyStore, Limits, Upload, UserId};
 use proptest::prelude::*;

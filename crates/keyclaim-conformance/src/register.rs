@@ -48,13 +48,14 @@ impl Case {
 /// inside one invocation, after a `$` and the area's name:
 ///
 /// ```text
-/// cases! { $ claim;
-///     /// R4.1: the store API takes a count per target.
-///     pub async fn r4_1_count_per_target<F: StoreFactory>(f: &F) { ... }
-///
-///     /// R10.1: ...
+/// cases! { $ durability;
+///     /// R10.1: every acknowledged write survives closing and reopening.
 ///     #[needs(Persistent)]
 ///     pub async fn r10_1_writes_survive_reopen<F: StoreFactory>(f: &F) { ... }
+///
+///     /// R10.3: two handles on one store never hand out one key twice.
+///     #[needs(Shared)]
+///     pub async fn r10_3_shared_handles_never_double_issue<F: StoreFactory>(f: &F) { ... }
 /// }
 /// ```
 ///
@@ -64,6 +65,10 @@ impl Case {
 /// per case; [`conformance_tests!`](crate::conformance_tests) calls it.
 /// The `$` is handed in because a macro cannot write one itself, and the
 /// macro it defines needs one for its own argument.
+///
+/// rustfmt does not reach inside a macro's braces: keep the cases as it
+/// would write them (renaming `cases! { $ area;` to `mod area {` for a
+/// moment and running rustfmt on the file does it).
 macro_rules! cases {
     (@need) => { None };
     (@need $need:ident) => { Some($crate::Capability::$need) };
