@@ -1,16 +1,14 @@
-//! SPEC section 6: counts and sync fields.
+//! Contract section 6: counts and sync fields.
 
 use keyclaim::{KeyStore, KeysApi};
 use serde_json::json;
 
+use crate::StoreFactory;
 use crate::fixtures::*;
-use crate::{StoreFactory, require_shared};
 
-/// The cases of this area that need [`crate::Capabilities::shared`].
-pub const SHARED_CASES: &[&str] = &["counts::r6_2_counts_are_current_across_handles"];
-
-/// R6.1: zero counts are left out, except `signed_curve25519`.
-pub async fn r6_1_counts_leave_out_zero_but_signed_curve25519<F: StoreFactory>(f: &F) {
+cases! { $ counts;
+    /// R6.1: zero counts are left out, except `signed_curve25519`.
+    pub async fn r6_1_counts_leave_out_zero_but_signed_curve25519<F: StoreFactory>(f: &F) {
     let api = KeysApi::new(fresh(f).await);
     let s = api.sync("@a:b", "D").await.expect("sync");
     assert_eq!(
@@ -40,10 +38,10 @@ pub async fn r6_1_counts_leave_out_zero_but_signed_curve25519<F: StoreFactory>(f
         counts.iter().all(|(_, n)| n > 0),
         "the store API leaves out zeros: {counts:?}"
     );
-}
+    }
 
-/// R6.2: after each upload, claim and deletion, counts are exact.
-pub async fn r6_2_counts_are_exact_after_every_operation<F: StoreFactory>(f: &F) {
+    /// R6.2: after each upload, claim and deletion, counts are exact.
+    pub async fn r6_2_counts_are_exact_after_every_operation<F: StoreFactory>(f: &F) {
     let store = fresh(f).await;
     let a = alice();
     let mut want = 0;
@@ -63,13 +61,11 @@ pub async fn r6_2_counts_are_exact_after_every_operation<F: StoreFactory>(f: &F)
     }
     store.delete_device(&a).await.expect("delete");
     assert_eq!(count(&store, &a, SC).await, 0);
-}
-
-/// R6.2 across handles: what one handle (process) wrote, the other reads at once.
-pub async fn r6_2_counts_are_current_across_handles<F: StoreFactory>(f: &F) {
-    if !require_shared(f, "counts::r6_2_counts_are_current_across_handles") {
-        return;
     }
+
+    /// R6.2 across handles: what one handle (process) wrote, the other reads at once.
+    #[needs(Shared)]
+    pub async fn r6_2_counts_are_current_across_handles<F: StoreFactory>(f: &F) {
     let one = fresh(f).await;
     let two = f.open_shared(&one).await.expect("second handle");
     let a = alice();
@@ -82,10 +78,10 @@ pub async fn r6_2_counts_are_current_across_handles<F: StoreFactory>(f: &F) {
     assert!(unused(&two, &a).await.is_empty());
     two.delete_device(&a).await.expect("delete");
     assert!(claim_one(&one, &a, SC).await.is_none());
-}
+    }
 
-/// R6.3: unused fallback types are sorted and always present on sync.
-pub async fn r6_3_unused_fallback_types_sorted_and_present<F: StoreFactory>(f: &F) {
+    /// R6.3: unused fallback types are sorted and always present on sync.
+    pub async fn r6_3_unused_fallback_types_sorted_and_present<F: StoreFactory>(f: &F) {
     let api = KeysApi::new(fresh(f).await);
     let s = api.sync("@a:b", "D").await.expect("sync");
     assert_eq!(
@@ -108,12 +104,12 @@ pub async fn r6_3_unused_fallback_types_sorted_and_present<F: StoreFactory>(f: &
         .await
         .expect("sync state");
     assert_eq!(state.unused_fallback_key_types.len(), 3);
-}
+    }
 
-/// R6.4: a device's counts are its own, however many other devices and
-/// keys the store holds (that reading them is cheap is a matter for the
-/// benchmarks, not for a timed test).
-pub async fn r6_4_counts_do_not_depend_on_other_devices<F: StoreFactory>(f: &F) {
+    /// R6.4: a device's counts are its own, however many other devices and
+    /// keys the store holds (that reading them is cheap is a matter for the
+    /// benchmarks, not for a timed test).
+    pub async fn r6_4_counts_do_not_depend_on_other_devices<F: StoreFactory>(f: &F) {
     let store = fresh(f).await;
     for i in 0..50 {
         let d = dev(&format!("@u{i}:example.org"), &format!("D{i}"));
@@ -126,4 +122,5 @@ pub async fn r6_4_counts_do_not_depend_on_other_devices<F: StoreFactory>(f: &F) 
     put(&store, &a, otks(SC, &["X"]), vec![]).await;
     assert_eq!(count(&store, &a, SC).await, 1);
     assert_eq!(count(&store, &dev("@u2:example.org", "D2"), SC).await, 20);
+    }
 }

@@ -17,9 +17,10 @@ async fn populate<S: KeyStore>(store: &S) {
     }
 }
 
-/// Exporting a store and importing it into a fresh one gives the same state,
-/// and the copy answers claims exactly like the original.
-pub async fn export_import_round_trip<F: StoreFactory>(f: &F) {
+cases! { $ export;
+    /// Exporting a store and importing it into a fresh one gives the same state,
+    /// and the copy answers claims exactly like the original.
+    pub async fn export_import_round_trip<F: StoreFactory>(f: &F) {
     let src = fresh(f).await;
     populate(&src).await;
     let state = full_state(&src).await;
@@ -56,10 +57,10 @@ pub async fn export_import_round_trip<F: StoreFactory>(f: &F) {
             assert_eq!(a.keys, b.keys);
         }
     }
-}
+    }
 
-/// Export pages through devices in (user, device) byte order, each once.
-pub async fn export_pages_in_device_order<F: StoreFactory>(f: &F) {
+    /// Export pages through devices in (user, device) byte order, each once.
+    pub async fn export_pages_in_device_order<F: StoreFactory>(f: &F) {
     let store = fresh(f).await;
     populate(&store).await;
     let mut seen = Vec::new();
@@ -88,12 +89,12 @@ pub async fn export_pages_in_device_order<F: StoreFactory>(f: &F) {
     sorted.dedup();
     assert_eq!(seen, sorted, "pages in order, no repeats");
     assert_eq!(seen.len(), 30);
-}
+    }
 
-/// The library's copy, diff and check (what `keyclaim migrate` and
-/// `keyclaim check` run): a copy has no differences and no problems; a
-/// change on one side shows up in the diff.
-pub async fn copy_diff_and_check<F: StoreFactory>(f: &F) {
+    /// The library's copy, diff and check (what `keyclaim migrate` and
+    /// `keyclaim check` run): a copy has no differences and no problems; a
+    /// change on one side shows up in the diff.
+    pub async fn copy_diff_and_check<F: StoreFactory>(f: &F) {
     let src = fresh(f).await;
     populate(&src).await;
     let dst = fresh(f).await;
@@ -132,4 +133,5 @@ pub async fn copy_diff_and_check<F: StoreFactory>(f: &F) {
         .await
         .expect("copy");
     assert_eq!(again.devices, 0);
+    }
 }

@@ -5,6 +5,8 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use keyclaim::{Error, KeyStore, Limits, Result};
 
+use crate::Capability;
+
 /// What a backend can do beyond the basic contract; cases that need a
 /// capability the backend lacks are skipped, and every skip is printed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -41,6 +43,14 @@ impl Capabilities {
         Self {
             persistent: true,
             shared: true,
+        }
+    }
+
+    /// Whether these capabilities include `capability`.
+    pub const fn has(self, capability: Capability) -> bool {
+        match capability {
+            Capability::Persistent => self.persistent,
+            Capability::Shared => self.shared,
         }
     }
 }
