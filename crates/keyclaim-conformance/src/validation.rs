@@ -47,6 +47,42 @@ cases! { $ validation;
         assert_empty(&api).await;
     }
 
+    /// R2.8: U+0000 in any identifier is refused alike on every backend:
+    /// user and device IDs `M_INVALID_PARAM`, key IDs `M_BAD_JSON`; a claim
+    /// naming such a device is a 400, never a 500 from the storage.
+    pub async fn r2_8_u0000_is_refused_in_every_identifier<F: StoreFactory>(f: &F) {
+        let api = KeysApi::new(fresh(f).await);
+        let good = body(json!({"one_time_keys": {"signed_curve25519:A": wire_key("a")}}));
+        for (user, device) in [("@a\u{0}:b", "DEV"), ("@a:b", "D\u{0}")] {
+            assert_api_err(
+                api.upload(user, device, &good).await,
+                400,
+                "M_INVALID_PARAM",
+                device,
+            );
+            assert_api_err(api.sync(user, device).await, 400, "M_INVALID_PARAM", device);
+            let claim = body(json!({"one_time_keys": {user: {device: "signed_curve25519"}}}));
+            assert_api_err(api.claim(&claim).await, 400, "M_INVALID_PARAM", "claim");
+        }
+        for key_id in ["signed_curve25519:A\u{0}", "signed\u{0}:A"] {
+            let otk = body(json!({"one_time_keys": {key_id: wire_key("a")}}));
+            assert_api_err(
+                api.upload("@a:b", "DEV", &otk).await,
+                400,
+                "M_BAD_JSON",
+                key_id,
+            );
+            let fallback = body(json!({"fallback_keys": {key_id: wire_key("a")}}));
+            assert_api_err(
+                api.upload("@a:b", "DEV", &fallback).await,
+                400,
+                "M_BAD_JSON",
+                key_id,
+            );
+        }
+        assert_empty(&api).await;
+    }
+
     /// R2.2: bad device IDs are `M_INVALID_PARAM`.
     pub async fn r2_2_invalid_device_ids_are_rejected<F: StoreFactory>(f: &F) {
         let api = KeysApi::new(fresh(f).await);

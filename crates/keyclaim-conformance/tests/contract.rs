@@ -16,7 +16,6 @@ use std::path::{Path, PathBuf};
 /// it, and the test below fails until it does.
 #[rustfmt::skip]
 const NO_CASE_YET: &[(&str, &str)] = &[
-    ("R2.8", "no case yet: refusing U+0000 in user IDs, device IDs, algorithms and key IDs"),
     ("R8.4", "not implemented yet: the per-device cap option of Limits"),
     ("R10.4", "needs a failing store: keyclaim's tests/facade_faults.rs and the backends' fault tests"),
     ("R10.5", "not implemented yet: PostgreSQL session settings checked at start"),
