@@ -1,6 +1,5 @@
 #![doc = include_str!("../README.md")]
 
-pub mod baseline;
 mod errors;
 mod listen;
 mod ops;
@@ -151,8 +150,7 @@ impl PostgresOptions {
     /// against 0.28 ms per claim).
     ///
     /// Off leaves the choice between custom and generic plans to
-    /// PostgreSQL; the benchmark runs the reference homeserver's statement
-    /// ([`baseline`]) that way. Either way connections run with
+    /// PostgreSQL. Either way connections run with
     /// `enable_seqscan=off`, so that a generic plan made while a table was
     /// small does not keep scanning it whole once it has grown.
     pub fn pinned_plans(mut self, on: bool) -> Self {

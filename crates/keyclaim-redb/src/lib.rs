@@ -1,6 +1,5 @@
 #![doc = include_str!("../README.md")]
 
-pub mod baseline;
 mod ops;
 mod queue;
 mod schema;
@@ -568,6 +567,5 @@ mod tests {
     #[test]
     fn store_is_send_and_sync() {
         assert_send_sync::<RedbStore>();
-        assert_send_sync::<baseline::BaselineStore>();
     }
 }

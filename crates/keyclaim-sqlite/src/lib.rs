@@ -1,6 +1,5 @@
 #![doc = include_str!("../README.md")]
 
-pub mod baseline;
 mod checkpoint;
 mod ops;
 mod reader;
