@@ -1,6 +1,5 @@
 #![doc = include_str!("../README.md")]
 
-pub mod baseline;
 mod error;
 mod listen;
 mod ops;

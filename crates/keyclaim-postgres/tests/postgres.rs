@@ -1,6 +1,6 @@
 //! PostgreSQL-specific behaviour beyond the conformance suite: migrations
 //! with several workers starting at once, refusing a newer schema, change
-//! notifications across workers, schema isolation, the baseline statement.
+//! notifications across workers, schema isolation.
 
 // Tests report failures by panicking.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use keyclaim::{Changes, ClaimTarget, Error, KeyStore, broadcast};
 use keyclaim_conformance::fixtures::{alg, dev, numbered_otks, otks, put};
-use keyclaim_postgres::{PostgresOptions, PostgresStore, SCHEMA_VERSION, baseline, testing};
+use keyclaim_postgres::{PostgresOptions, PostgresStore, SCHEMA_VERSION, testing};
 
 const SC: &str = "signed_curve25519";
 
@@ -248,40 +248,6 @@ fn changes_reach_other_workers_with(transactional: bool) {
 }
 
 #[test]
-fn baseline_statement_claims_oldest_keys() {
-    let Some(url) = testing::require_server("postgres::baseline_statement_claims_oldest_keys")
-    else {
-        return;
-    };
-    runtime().block_on(async {
-        let store = PostgresStore::connect_with(&url, options(&testing::unique_schema("kc_base")))
-            .await
-            .expect("connect");
-        let a = dev("@a:x", "A");
-        put(&store, &a, numbered_otks(SC, "B", 3), vec![]).await;
-        put(&store, &a, numbered_otks(SC, "A", 3), vec![]).await;
-        let keys = baseline::claim(
-            &store,
-            &[ClaimTarget {
-                device: a.clone(),
-                algorithm: alg(SC),
-                count: 4,
-            }],
-        )
-        .await
-        .expect("baseline claim");
-        let mut ids: Vec<String> = keys.iter().map(|k| k.key_id.to_string()).collect();
-        ids.sort();
-        assert_eq!(ids.len(), 4);
-        assert!(
-            ids.iter().filter(|id| id.contains(":B")).count() == 3,
-            "{ids:?}"
-        );
-        assert_eq!(store.otk_counts(&a).await.expect("counts").get_str(SC), 2);
-    });
-}
-
-#[test]
 fn pinned_and_unpinned_plans_claim_alike() {
     let Some(url) = testing::require_server("postgres::pinned_and_unpinned_plans_claim_alike")
     else {
@@ -289,7 +255,7 @@ fn pinned_and_unpinned_plans_claim_alike() {
     };
     runtime().block_on(async {
         // Two handles on one schema: keyclaim's pinned generic plans, and
-        // PostgreSQL's own choice of plans (as the benchmark's baseline runs).
+        // PostgreSQL's own choice of plans.
         let schema = testing::unique_schema("kc_plans");
         let pinned = PostgresStore::connect_with(&url, options(&schema))
             .await

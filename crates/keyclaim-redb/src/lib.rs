@@ -6,7 +6,6 @@
 // migrations; `ops` the operations, one file per kind; `writer` the
 // group-commit writer thread and `queue` its queue; `slot` opening the file
 // and reopening it after an I/O error.
-pub mod baseline;
 mod error;
 mod ops;
 mod options;
@@ -244,6 +243,5 @@ mod tests {
     #[test]
     fn store_is_send_and_sync() {
         assert_send_sync::<RedbStore>();
-        assert_send_sync::<baseline::BaselineStore>();
     }
 }

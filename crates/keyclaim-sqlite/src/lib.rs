@@ -5,7 +5,6 @@
 // mapping to `keyclaim::Error`; `schema` the layout and migrations; `ops` the
 // operations, one file per kind; `writer` the group-commit writer thread;
 // `reader` the read pool; `checkpoint` the background WAL checkpoints.
-pub mod baseline;
 mod checkpoint;
 mod error;
 mod ops;

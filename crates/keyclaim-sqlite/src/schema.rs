@@ -161,8 +161,8 @@ const MIGRATIONS: &[&str] = &[
 /// Which job a connection has; decides its flags and pragmas.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Role {
-    /// The one connection that writes (the writer thread, or a baseline
-    /// connection); may create the file.
+    /// The one connection that writes (the writer thread's); may create
+    /// the file.
     Writer,
     /// A read-pool connection; never writes (`query_only`).
     Reader,

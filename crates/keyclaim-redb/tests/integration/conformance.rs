@@ -5,7 +5,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use keyclaim::{KeyStore, Limits, Result, async_trait};
 use keyclaim_conformance::{Capabilities, StoreFactory};
-use keyclaim_redb::baseline::BaselineStore;
 use keyclaim_redb::{RedbOptions, RedbStore};
 
 /// Fresh stores in files of a temp dir the factory owns; `reopen` closes
@@ -55,40 +54,4 @@ mod as_dyn {
     keyclaim_conformance::conformance_tests!(keyclaim_conformance::DynFactory(
         crate::conformance::RedbFactory::new()
     ));
-}
-
-/// The baseline keeps the contract too (it is only slower): the same
-/// suite against [`BaselineStore`].
-pub(crate) struct BaselineFactory(RedbFactory);
-
-impl BaselineFactory {
-    pub(crate) fn new() -> Self {
-        Self(RedbFactory::new())
-    }
-}
-
-#[async_trait]
-impl StoreFactory for BaselineFactory {
-    type Store = BaselineStore;
-
-    fn capabilities(&self) -> Capabilities {
-        Capabilities::persistent()
-    }
-
-    async fn create(&self, limits: Limits) -> Result<BaselineStore> {
-        let n = self.0.next.fetch_add(1, Ordering::Relaxed);
-        let path = self.0.dir.path().join(format!("baseline-{n}.redb"));
-        BaselineStore::open_with(path, RedbOptions::new().limits(limits)).await
-    }
-
-    async fn reopen(&self, store: BaselineStore) -> Result<BaselineStore> {
-        let path = store.path().to_owned();
-        let limits = store.limits().clone();
-        store.close().await?;
-        BaselineStore::open_with(path, RedbOptions::new().limits(limits)).await
-    }
-}
-
-mod baseline {
-    keyclaim_conformance::conformance_tests!(crate::conformance::BaselineFactory::new());
 }

@@ -154,25 +154,6 @@ fn reopen_keeps_data_and_format() {
     });
 }
 
-#[test]
-fn baseline_shares_the_open_file() {
-    rt().block_on(async {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("k.redb");
-        let store = RedbStore::open(&path).await.unwrap();
-        let baseline = keyclaim_redb::baseline::BaselineStore::sharing(&store);
-        let upload = keyclaim::Upload::from_keys(alice(), otks(SC, &["A", "B"]), []).unwrap();
-        baseline.upload(&upload).await.unwrap();
-        assert_eq!(store.otk_counts(&alice()).await.unwrap().get_str(SC), 2);
-        let target = keyclaim::ClaimTarget::one(alice(), keyclaim_conformance::fixtures::alg(SC));
-        let a = store.claim(std::slice::from_ref(&target)).await.unwrap();
-        let b = baseline.claim(std::slice::from_ref(&target)).await.unwrap();
-        assert_eq!(a.keys[0].key_id.name(), "A");
-        assert_eq!(b.keys[0].key_id.name(), "B");
-        assert_eq!(baseline.otk_counts(&alice()).await.unwrap().get_str(SC), 0);
-    });
-}
-
 /// The tables of format version 1, as that format wrote them.
 mod v1 {
     use redb::TableDefinition;

@@ -3,7 +3,7 @@
 //! sync state.
 //!
 //! ```text
-//! cargo bench -p keyclaim-sqlite --bench sqlite
+//! cargo bench -p keyclaim-benches --bench sqlite
 //! ```
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]

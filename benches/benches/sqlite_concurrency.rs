@@ -1,16 +1,18 @@
 //! Concurrency benchmark: C concurrent claimers (C = 1, 8, 64), on distinct
 //! devices and on one hot device, durable settings (`synchronous = FULL`),
 //! `SqliteStore` (group commit) side by side with the baseline that does one
-//! transaction per claim target (`keyclaim_sqlite::baseline`), on the same
-//! file. Prints a table of claims per second, p50 latency and the ratios.
+//! transaction per claim (`keyclaim_benches::baseline::SqliteBaseline`), each
+//! on a file of its own in the same directory. Prints a table of claims per
+//! second, p50 latency and the ratios.
 //!
 //! ```text
-//! cargo bench -p keyclaim-sqlite --bench concurrency
-//! KEYCLAIM_BENCH_ROUNDS=5 KEYCLAIM_BENCH_DIR=/var/tmp cargo bench -p keyclaim-sqlite --bench concurrency
+//! cargo bench -p keyclaim-benches --bench sqlite_concurrency
+//! KEYCLAIM_BENCH_ROUNDS=5 KEYCLAIM_BENCH_DIR=/var/tmp cargo bench -p keyclaim-benches --bench sqlite_concurrency
 //! ```
 //!
-//! Each (scenario, C) gets one file; every round runs both claimers on it
-//! (alternating which goes first) and the table shows the median over rounds.
+//! Each (scenario, C) gets a pair of files, filled alike; every round runs
+//! both claimers (alternating which goes first) and the table shows the
+//! median over rounds.
 //! A round is 256 baseline claims and 8,192 keyclaim claims (256 at C = 1),
 //! long enough that the start and the tail of a round (when fewer than C
 //! claimers are still running) weigh little in keyclaim's rate.
@@ -21,7 +23,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use keyclaim::{Algorithm, ClaimTarget, Device, KeyId, KeyJson, KeyStore, Limits, Upload};
-use keyclaim_sqlite::baseline::BaselineClaimer;
+use keyclaim_benches::baseline::{Baseline, SqliteBaseline};
+use keyclaim_benches::{env_or, load_average, median};
 use keyclaim_sqlite::{SqliteOptions, SqliteStore, Synchronous};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -78,16 +81,20 @@ fn options() -> SqliteOptions {
         .synchronous(Synchronous::Full)
 }
 
-async fn populate(store: &SqliteStore, device: &Device, from: usize, n: usize) {
-    let mut next = from;
-    while next < from + n {
-        let chunk = (from + n - next).min(1000);
-        let keys = (next..next + chunk).map(|i| {
-            (
-                KeyId::parse(format!("signed_curve25519:K{i:08}")).unwrap(),
-                key_json(i),
-            )
-        });
+/// Uploads the same `n` keys to the store and to the baseline.
+async fn populate(store: &SqliteStore, baseline: &SqliteBaseline, device: &Device, n: usize) {
+    let mut next = 0;
+    while next < n {
+        let chunk = (n - next).min(1000);
+        let keys: Vec<(KeyId, KeyJson)> = (next..next + chunk)
+            .map(|i| {
+                (
+                    KeyId::parse(format!("signed_curve25519:K{i:08}")).unwrap(),
+                    key_json(i),
+                )
+            })
+            .collect();
+        baseline.upload(device, &keys).await.unwrap();
         store
             .upload(&Upload::from_keys(device.clone(), keys, []).unwrap())
             .await
@@ -103,7 +110,7 @@ async fn run(
     c: usize,
     per_task: usize,
     store: &Arc<SqliteStore>,
-    baseline: &BaselineClaimer,
+    baseline: &SqliteBaseline,
 ) -> Run {
     let alg = Algorithm::signed_curve25519();
     let start = Instant::now();
@@ -144,25 +151,6 @@ async fn run(
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-/// The machine's load average (benchmarks on a shared machine are noisy).
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "unknown".into())
-}
-
 fn ms(d: f64) -> String {
     format!("{:.2} ms", d * 1e3)
 }
@@ -171,26 +159,17 @@ fn main() {
     // `cargo bench` passes `--bench`; `cargo test --benches` passes nothing
     // like it: then run a tiny smoke version.
     let smoke = !std::env::args().any(|a| a == "--bench");
-    let rounds = if smoke {
-        1
-    } else {
-        env_usize("KEYCLAIM_BENCH_ROUNDS", 9)
+    let knob = |name, default: usize, in_smoke| {
+        if smoke {
+            in_smoke
+        } else {
+            env_or(name, default)
+        }
     };
-    let baseline_claims = if smoke {
-        16
-    } else {
-        env_usize("KEYCLAIM_BENCH_BASELINE_CLAIMS", 256)
-    };
-    let keyclaim_claims = if smoke {
-        64
-    } else {
-        env_usize("KEYCLAIM_BENCH_CLAIMS", 8192)
-    };
-    let warmup = if smoke {
-        8
-    } else {
-        env_usize("KEYCLAIM_BENCH_WARMUP", 512)
-    };
+    let rounds = knob("KEYCLAIM_BENCH_ROUNDS", 9, 1);
+    let baseline_claims = knob("KEYCLAIM_BENCH_BASELINE_CLAIMS", 256, 16);
+    let keyclaim_claims = knob("KEYCLAIM_BENCH_CLAIMS", 8192, 64);
+    let warmup = knob("KEYCLAIM_BENCH_WARMUP", 512, 8);
     let dir = match std::env::var("KEYCLAIM_BENCH_DIR") {
         Ok(d) => tempfile::tempdir_in(d).unwrap(),
         Err(_) => tempfile::tempdir().unwrap(),
@@ -206,7 +185,7 @@ fn main() {
          {baseline_claims} claims, keyclaim {keyclaim_claims} claims (C=1: {baseline_claims}); \
          medians over rounds"
     );
-    println!("load average before: {}", loadavg());
+    println!("load average before: {}", load_average());
     println!(
         "{:<17} {:>3} | {:>14} {:>10} {:>10} | {:>14} {:>10} {:>10} | {:>7} {:>9}",
         "scenario",
@@ -229,18 +208,21 @@ fn main() {
                 keyclaim_claims
             };
             let per_task_kc = kc_total.div_ceil(c);
-            let path = dir.path().join(format!(
-                "bench-{}-{c}.sqlite",
+            let tag = format!(
+                "{}-{c}",
                 if scenario == Scenario::Hot {
                     "hot"
                 } else {
                     "distinct"
                 }
-            ));
+            );
+            let path = dir.path().join(format!("bench-{tag}.sqlite"));
+            let base_path = dir.path().join(format!("baseline-{tag}.sqlite"));
             let (mut base_runs, mut kc_runs) = (Vec::new(), Vec::new());
             rt.block_on(async {
                 let store = Arc::new(SqliteStore::open_with(&path, options()).await.unwrap());
-                let baseline = BaselineClaimer::open(&path, options());
+                // synchronous = FULL, as the store's options.
+                let baseline = SqliteBaseline::open(&base_path, true).await.unwrap();
                 // Enough keys for the warm-up and every round of both claimers.
                 let warm_per_task = warmup.div_ceil(c);
                 let per_device = rounds * (per_task_base + per_task_kc) + 2 * warm_per_task;
@@ -251,7 +233,7 @@ fn main() {
                     per_device
                 };
                 for d in 0..devices {
-                    populate(&store, &scenario.device_of(d), 0, per_device).await;
+                    populate(&store, &baseline, &scenario.device_of(d), per_device).await;
                 }
                 // Warm-up, not measured: caches, and the WAL grown to its
                 // steady-state size (it is reused, never shrunk, afterwards),
@@ -321,7 +303,7 @@ fn main() {
             );
         }
     }
-    println!("load average after: {}", loadavg());
+    println!("load average after: {}", load_average());
     println!(
         "ratio = keyclaim claims/s / baseline claims/s, p50 ratio = keyclaim p50 / baseline p50 \
          (lower is better); both the median over rounds of the ratio within each round"

@@ -1,8 +1,9 @@
 //! Claim throughput and bulk-claim latency: keyclaim's `SKIP LOCKED` claim
 //! against the reference homeserver's statement shape
-//! ([`keyclaim_postgres::baseline`]), side by side on the same server.
+//! ([`keyclaim_benches::baseline::PostgresBaseline`]), side by side on the
+//! same server.
 //!
-//! Run: `cargo bench -p keyclaim-postgres --bench claim`. Uses
+//! Run: `cargo bench -p keyclaim-benches --bench postgres_claim`. Uses
 //! `KEYCLAIM_BENCH_POSTGRES_URL` if set (give it a server with durable
 //! settings: `fsync=on`, `synchronous_commit=on`; the header shows what the
 //! server runs with), else starts a throwaway cluster, durable unless
@@ -19,12 +20,11 @@
 //! claims, so every single-key claim should get one; a claim that gets none
 //! came away short (under-issue).
 //!
-//! Both approaches claim from the same tables on the same server, each
-//! through its own pool: keyclaim's store with its defaults, the baseline
-//! through a second store on the same schema with
-//! `PostgresOptions::pinned_plans(false)`: PostgreSQL chooses between custom
-//! and generic plans for it, with `enable_seqscan=off` as before (with the
-//! server's plain defaults it sometimes chose plans that cut its
+//! Both approaches run on the same server, each on tables of its own in a
+//! schema of its own, filled alike, each through its own pool: keyclaim's
+//! store with its defaults, the baseline with PostgreSQL choosing between
+//! custom and generic plans, with `enable_seqscan=off` as keyclaim (with
+//! the server's plain defaults it sometimes chose plans that cut its
 //! throughput several-fold, which would flatter keyclaim).
 //! `KEYCLAIM_BENCH_BASELINE_PINNED=1` gives it keyclaim's pinned generic
 //! plans instead.
@@ -39,7 +39,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use keyclaim::{ClaimTarget, Device, KeyId, KeyJson, KeyStore, Limits, Upload};
-use keyclaim_postgres::{PostgresOptions, PostgresStore, baseline, testing};
+use keyclaim_benches::baseline::{Baseline, PostgresBaseline};
+use keyclaim_benches::{env_or, load_average};
+use keyclaim_postgres::{PostgresOptions, PostgresStore, testing};
 
 const SC: &str = "signed_curve25519";
 
@@ -70,25 +72,43 @@ impl Approach {
                 .iter()
                 .filter(|k| !k.fallback)
                 .count(),
-            Self::Baseline => baseline::claim(&stores.baseline, targets)
+            Self::Baseline => stores
+                .baseline
+                .claim(targets)
                 .await
                 .expect("baseline claim")
                 .len(),
         }
     }
+
+    /// Uploads `n` keys to `device`, 1000 per upload.
+    async fn fill(self, stores: &Stores, device: &Device, n: usize) {
+        let mut i = 0;
+        while i < n {
+            let end = (i + 1000).min(n);
+            let keys: Vec<_> = (i..end).map(key).collect();
+            match self {
+                Self::Keyclaim => {
+                    let upload = Upload::from_keys(device.clone(), keys, []).expect("upload");
+                    stores.keyclaim.upload(&upload).await.expect("fill upload");
+                }
+                Self::Baseline => {
+                    stores
+                        .baseline
+                        .upload(device, &keys)
+                        .await
+                        .expect("fill baseline upload");
+                }
+            }
+            i = end;
+        }
+    }
 }
 
-/// The two handles on one schema (see the module docs).
+/// The two approaches' handles (see the module docs).
 struct Stores {
     keyclaim: PostgresStore,
-    baseline: PostgresStore,
-}
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+    baseline: PostgresBaseline,
 }
 
 fn device(name: &str) -> Device {
@@ -103,16 +123,6 @@ fn key(i: usize) -> (KeyId, KeyJson) {
     }))
     .expect("key json");
     (id, json)
-}
-
-async fn fill(store: &PostgresStore, device: &Device, n: usize) {
-    let mut i = 0;
-    while i < n {
-        let end = (i + 1000).min(n);
-        let upload = Upload::from_keys(device.clone(), (i..end).map(key), []).expect("upload");
-        store.upload(&upload).await.expect("fill upload");
-        i = end;
-    }
 }
 
 struct RunResult {
@@ -139,7 +149,9 @@ async fn run(
     let per_device = if hot { claims } else { per_claimer };
     for d in &devices {
         // More than will be claimed: a claim that gets nothing is short.
-        fill(&stores.keyclaim, d, per_device + per_device / 4 + 10).await;
+        approach
+            .fill(stores, d, per_device + per_device / 4 + 10)
+            .await;
     }
     let start = Instant::now();
     let mut tasks = Vec::new();
@@ -175,7 +187,7 @@ async fn bulk(stores: &Stores, approach: Approach, runs: usize, tag: &str) -> (D
         .map(|i| device(&format!("bulk{i}-{tag}")))
         .collect();
     for d in &devices {
-        fill(&stores.keyclaim, d, runs + 2).await;
+        approach.fill(stores, d, runs + 2).await;
     }
     let targets: Vec<ClaimTarget> = devices
         .iter()
@@ -193,9 +205,9 @@ async fn bulk(stores: &Stores, approach: Approach, runs: usize, tag: &str) -> (D
 }
 
 fn main() {
-    let claims = env_usize("KEYCLAIM_BENCH_CLAIMS", 4000);
-    let bulk_runs = env_usize("KEYCLAIM_BENCH_BULK_RUNS", 25);
-    let repeat = env_usize("KEYCLAIM_BENCH_REPEAT", 3).max(1);
+    let claims = env_or::<usize>("KEYCLAIM_BENCH_CLAIMS", 4000);
+    let bulk_runs = env_or::<usize>("KEYCLAIM_BENCH_BULK_RUNS", 25);
+    let repeat = env_or::<usize>("KEYCLAIM_BENCH_REPEAT", 3).max(1);
     let durable = std::env::var("KEYCLAIM_BENCH_DURABLE").map_or(true, |v| v != "0");
     let (url, _cluster) = match std::env::var("KEYCLAIM_BENCH_POSTGRES_URL") {
         Ok(url) => (url, None),
@@ -217,17 +229,19 @@ fn main() {
             .schema(schema)
             .pool_size(72)
             .limits(limits);
-        let keyclaim = PostgresStore::connect_with(&url, options.clone())
+        let keyclaim = PostgresStore::connect_with(&url, options)
             .await
             .expect("connect");
         let baseline_pinned =
             std::env::var("KEYCLAIM_BENCH_BASELINE_PINNED").is_ok_and(|v| v == "1");
-        let baseline = PostgresStore::connect_with(
+        let baseline = PostgresBaseline::connect(
             &url,
-            options.pinned_plans(baseline_pinned).notifications(false),
+            &testing::unique_schema("kc_bench_base"),
+            72,
+            baseline_pinned,
         )
         .await
-        .expect("connect the baseline's store");
+        .expect("connect the baseline");
         let stores = Arc::new(Stores { keyclaim, baseline });
         println!(
             "keyclaim-postgres claim benchmark: {claims} single-key claims per run, server {} ({}), baseline plans {}, load average {}",
@@ -332,11 +346,4 @@ async fn server_settings(url: &str) -> String {
         out.push(format!("{name}={}", row.get::<_, String>(0)));
     }
     out.join(" ")
-}
-
-/// The 1, 5 and 15 minute load averages (Linux), or `?`.
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "?".to_owned())
 }

@@ -2,7 +2,7 @@
 //! commits (the default): claim one key, upload 50 keys, read counts.
 //!
 //! ```text
-//! cargo bench -p keyclaim-redb --bench micro
+//! cargo bench -p keyclaim-benches --bench redb
 //! ```
 //!
 //! One call at a time means one batch per call, so claim and upload pay a

@@ -1,11 +1,11 @@
 //! Concurrency benchmark: claims per second with C = 1, 8, 64 concurrent
 //! claimers, on distinct devices and on one hot device, for the group-commit
-//! [`RedbStore`] and the one-transaction-per-claim-target
-//! [`BaselineStore`], side by side on the same settings (durable commits,
-//! a fresh file per cell in the same directory).
+//! [`RedbStore`] and the one-write-transaction-per-claim
+//! [`RedbBaseline`], side by side on the same settings (durable commits,
+//! a fresh file each per cell in the same directory).
 //!
 //! ```text
-//! cargo bench -p keyclaim-redb --bench concurrency
+//! cargo bench -p keyclaim-benches --bench redb_concurrency
 //! ```
 //!
 //! Each cell fills both stores alike, then runs `KEYCLAIM_BENCH_ROUNDS`
@@ -25,9 +25,9 @@
 //! (the group commit store's `RedbOptions::linger` in microseconds, default
 //! 0, its default).
 //!
-//! Each claimer loops `claim([one target])` until the time is up. Every
-//! claim must return exactly one OTK (the pool must not run dry); the
-//! benchmark fails otherwise.
+//! Each claimer loops claims of one key until the time is up. Every claim
+//! must return exactly one OTK (the pool must not run dry); the benchmark
+//! fails otherwise.
 
 #![allow(clippy::print_stdout, clippy::unwrap_used, clippy::expect_used)]
 
@@ -36,18 +36,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use keyclaim::{ClaimTarget, Device, KeyId, KeyJson, KeyStore, Limits, Upload};
-use keyclaim_redb::baseline::BaselineStore;
+use keyclaim::{Algorithm, ClaimTarget, Device, KeyId, KeyJson, KeyStore, Limits, Upload};
+use keyclaim_benches::baseline::{Baseline, RedbBaseline};
+use keyclaim_benches::{env_or, median};
 use keyclaim_redb::{RedbOptions, RedbStore};
 
 const SC: &str = "signed_curve25519";
-
-fn env_num(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(default)
-}
 
 fn limits() -> Limits {
     // The pool of one hot device is far beyond the default 500 per device.
@@ -70,41 +64,68 @@ fn key(n: u64) -> (KeyId, KeyJson) {
     (id, json)
 }
 
-/// Uploads `pool` OTKs spread over `devices` devices, 1000 per upload.
-async fn fill(store: &dyn KeyStore, devices: usize, pool: u64) {
-    let per = pool / devices as u64 + 1;
-    let mut n = 0;
-    for d in 0..devices {
-        let mut left = per;
-        while left > 0 {
-            let chunk = left.min(1000);
-            let first = n;
-            let keys = (0..chunk).map(|i| key(first + i));
-            n += chunk;
-            left -= chunk;
-            let upload = Upload::from_keys(device(d), keys, []).unwrap();
-            store.upload(&upload).await.unwrap();
+/// The group commit store or the baseline.
+#[derive(Clone)]
+enum Claimer {
+    Group(Arc<RedbStore>),
+    Baseline(RedbBaseline),
+}
+
+impl Claimer {
+    /// Uploads `pool` OTKs spread over `devices` devices, 1000 per upload.
+    async fn fill(&self, devices: usize, pool: u64) {
+        let per = pool / devices as u64 + 1;
+        let mut n = 0;
+        for d in 0..devices {
+            let mut left = per;
+            while left > 0 {
+                let chunk = left.min(1000);
+                let first = n;
+                let keys: Vec<_> = (0..chunk).map(|i| key(first + i)).collect();
+                n += chunk;
+                left -= chunk;
+                match self {
+                    Self::Group(store) => {
+                        let upload = Upload::from_keys(device(d), keys, []).unwrap();
+                        store.upload(&upload).await.unwrap();
+                    }
+                    Self::Baseline(baseline) => baseline.upload(&device(d), &keys).await.unwrap(),
+                }
+            }
+        }
+    }
+
+    /// Claims one key; whether it got an OTK.
+    async fn claim_one(&self, device: &Device, algorithm: &Algorithm) -> bool {
+        match self {
+            Self::Group(store) => {
+                let target = ClaimTarget::one(device.clone(), algorithm.clone());
+                let out = store.claim(&[target]).await.unwrap();
+                out.keys.len() == 1 && !out.keys[0].fallback
+            }
+            Self::Baseline(baseline) => baseline
+                .claim_one(device, algorithm)
+                .await
+                .unwrap()
+                .is_some(),
         }
     }
 }
 
 /// Runs `c` claimers for `secs`; returns claims per second.
-async fn claimers(store: Arc<dyn KeyStore>, c: usize, hot: bool, secs: u64) -> f64 {
+async fn claimers(claimer: Claimer, c: usize, hot: bool, secs: u64) -> f64 {
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
     let mut tasks = Vec::new();
     for i in 0..c {
-        let (store, stop, done) = (Arc::clone(&store), Arc::clone(&stop), Arc::clone(&done));
-        let target = ClaimTarget::one(
-            device(if hot { 0 } else { i }),
-            keyclaim::Algorithm::parse(SC).unwrap(),
-        );
+        let (claimer, stop, done) = (claimer.clone(), Arc::clone(&stop), Arc::clone(&done));
+        let device = device(if hot { 0 } else { i });
+        let algorithm = Algorithm::parse(SC).unwrap();
         tasks.push(tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
-                let out = store.claim(std::slice::from_ref(&target)).await.unwrap();
                 assert!(
-                    out.keys.len() == 1 && !out.keys[0].fallback,
+                    claimer.claim_one(&device, &algorithm).await,
                     "the key pool ran dry: raise KEYCLAIM_BENCH_POOL"
                 );
                 done.fetch_add(1, Ordering::Relaxed);
@@ -117,18 +138,6 @@ async fn claimers(store: Arc<dyn KeyStore>, c: usize, hot: bool, secs: u64) -> f
         t.await.unwrap();
     }
     done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n == 0 {
-        0.0
-    } else if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
 }
 
 /// The medians of one cell: group commit claims/s, baseline claims/s, and
@@ -154,7 +163,7 @@ async fn cell(
 ) -> Cell {
     let devices = if hot { 1 } else { c };
     let tag = format!("{}-{c}", if hot { "hot" } else { "distinct" });
-    let linger = Duration::from_micros(env_num("KEYCLAIM_BENCH_LINGER_US", 0));
+    let linger = Duration::from_micros(env_or::<u64>("KEYCLAIM_BENCH_LINGER_US", 0));
     let options = RedbOptions::new().limits(limits());
     let group_path = dir.join(format!("group-{tag}.redb"));
     let base_path = dir.join(format!("baseline-{tag}.redb"));
@@ -164,19 +173,21 @@ async fn cell(
         None
     } else {
         let store = Arc::new(
-            RedbStore::open_with(&group_path, options.clone().linger(linger))
+            RedbStore::open_with(&group_path, options.linger(linger))
                 .await
                 .unwrap(),
         );
-        fill(&*store, devices, pool).await;
+        Claimer::Group(Arc::clone(&store)).fill(devices, pool).await;
         Some(store)
     };
     let base = if which == "group" {
         None
     } else {
-        let store = Arc::new(BaselineStore::open_with(&base_path, options).await.unwrap());
-        fill(&*store, devices, pool).await;
-        Some(store)
+        let baseline = RedbBaseline::open(&base_path).await.unwrap();
+        Claimer::Baseline(baseline.clone())
+            .fill(devices, pool)
+            .await;
+        Some(baseline)
     };
     let before = group.as_ref().map(|g| g.writer_stats()).unwrap_or_default();
     let (mut g_rates, mut b_rates, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
@@ -186,10 +197,10 @@ async fn cell(
         for turn in 0..2 {
             if (round + turn) % 2 == 0 {
                 if let Some(g) = &group {
-                    g_rate = claimers(g.clone() as Arc<dyn KeyStore>, c, hot, secs).await;
+                    g_rate = claimers(Claimer::Group(Arc::clone(g)), c, hot, secs).await;
                 }
             } else if let Some(b) = &base {
-                b_rate = claimers(b.clone() as Arc<dyn KeyStore>, c, hot, secs).await;
+                b_rate = claimers(Claimer::Baseline(b.clone()), c, hot, secs).await;
             }
         }
         g_rates.push(g_rate);
@@ -211,9 +222,7 @@ async fn cell(
         );
         Arc::try_unwrap(g).unwrap().close().await.unwrap();
     }
-    if let Some(b) = base {
-        Arc::try_unwrap(b).unwrap().close().await.unwrap();
-    }
+    drop(base);
     let _ = std::fs::remove_file(&group_path);
     let _ = std::fs::remove_file(&base_path);
     Cell {
@@ -224,11 +233,11 @@ async fn cell(
 }
 
 fn main() {
-    let secs = env_num("KEYCLAIM_BENCH_SECS", 2);
+    let secs = env_or::<u64>("KEYCLAIM_BENCH_SECS", 2);
     let pool = std::env::var("KEYCLAIM_BENCH_POOL")
         .ok()
         .and_then(|s| s.parse::<u64>().ok());
-    let rounds = env_num("KEYCLAIM_BENCH_ROUNDS", 3).max(1) as usize;
+    let rounds = env_or::<u64>("KEYCLAIM_BENCH_ROUNDS", 3).max(1) as usize;
     let tmp;
     let dir = match std::env::var_os("KEYCLAIM_BENCH_DIR") {
         Some(d) => std::path::PathBuf::from(d),
