@@ -132,12 +132,9 @@ async fn migrate_round_trip_sqlite_redb_postgres_sqlite() {
     let last_source = match pg {
         Some(url) => {
             let schema = keyclaim_postgres::testing::unique_schema("cli_migrate");
-            // A URL, or a key=value connection string (the throwaway cluster's socket).
-            let url_p = if url.starts_with("postgres") {
-                format!("{url}#schema={schema}")
-            } else {
-                format!("postgres:{url}#schema={schema}")
-            };
+            // keyclaim's own options ride in the URL's query string.
+            let sep = if url.contains('?') { '&' } else { '?' };
+            let url_p = format!("{url}{sep}keyclaim_schema={schema}");
             let out = ok(&keyclaim(&[
                 "migrate", &url_b, &url_p, "--batch", "11", "--quiet",
             ]));
