@@ -128,10 +128,10 @@ async fn migrate_round_trip_sqlite_redb_postgres_sqlite() {
         out.contains("40 devices") && out.contains("verified"),
         "{out}"
     );
-    let pg = keyclaim_postgres::testing::require_server("cli migrate through postgres");
+    let pg = keyclaim_testing::postgres::require_server("cli migrate through postgres");
     let last_source = match pg {
         Some(url) => {
-            let schema = keyclaim_postgres::testing::unique_schema("cli_migrate");
+            let schema = keyclaim_testing::postgres::unique_schema("cli_migrate");
             // A URL, or a key=value connection string (the throwaway cluster's socket).
             let url_p = if url.starts_with("postgres") {
                 format!("{url}#schema={schema}")

@@ -39,7 +39,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use keyclaim::{ClaimTarget, Device, KeyId, KeyJson, KeyStore, Limits, Upload};
-use keyclaim_postgres::{PostgresOptions, PostgresStore, baseline, testing};
+use keyclaim_postgres::{PostgresOptions, PostgresStore, baseline};
+use keyclaim_testing::postgres::{Cluster, unique_schema};
 
 const SC: &str = "signed_curve25519";
 
@@ -200,8 +201,7 @@ fn main() {
     let (url, _cluster) = match std::env::var("KEYCLAIM_BENCH_POSTGRES_URL") {
         Ok(url) => (url, None),
         Err(_) => {
-            let cluster =
-                testing::Cluster::start(durable).expect("start a throwaway PostgreSQL cluster");
+            let cluster = Cluster::start(durable).expect("start a throwaway PostgreSQL cluster");
             (cluster.url(), Some(cluster))
         }
     };
@@ -212,7 +212,7 @@ fn main() {
     runtime.block_on(async {
         let mut limits = Limits::default();
         limits.max_otks_per_device_algorithm = 10_000_000;
-        let schema = testing::unique_schema("kc_bench");
+        let schema = unique_schema("kc_bench");
         let options = PostgresOptions::new()
             .schema(schema)
             .pool_size(72)

@@ -9,17 +9,10 @@ use std::time::Duration;
 
 use keyclaim::{Changes, ClaimTarget, Error, KeyStore, broadcast};
 use keyclaim_conformance::fixtures::{alg, dev, numbered_otks, otks, put};
-use keyclaim_postgres::{PostgresOptions, PostgresStore, SCHEMA_VERSION, baseline, testing};
+use keyclaim_postgres::{PostgresOptions, PostgresStore, SCHEMA_VERSION, baseline};
+use keyclaim_testing::postgres::{require_server, unique_schema};
 
 const SC: &str = "signed_curve25519";
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(4)
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
 
 fn options(schema: &str) -> PostgresOptions {
     PostgresOptions::new().schema(schema).pool_size(4)
@@ -32,14 +25,22 @@ async fn next_event(rx: &mut broadcast::Receiver<Changes>) -> Changes {
         .expect("channel open")
 }
 
+/// The test harness's schema names fit this crate's limit.
+#[test]
+fn test_schema_names_fit_the_limit() {
+    assert_eq!(
+        keyclaim_testing::postgres::MAX_SCHEMA_LEN,
+        keyclaim_postgres::MAX_SCHEMA_LEN
+    );
+}
+
 #[test]
 fn workers_starting_at_once_migrate_once() {
-    let Some(url) = testing::require_server("postgres::workers_starting_at_once_migrate_once")
-    else {
+    let Some(url) = require_server("postgres::workers_starting_at_once_migrate_once") else {
         return;
     };
-    runtime().block_on(async {
-        let schema = testing::unique_schema("kc_mig");
+    keyclaim_testing::runtime(4).block_on(async {
+        let schema = unique_schema("kc_mig");
         let connects = (0..8).map(|_| PostgresStore::connect_with(&url, options(&schema)));
         let stores = futures::future::join_all(connects).await;
         let stores: Vec<PostgresStore> = stores
@@ -57,11 +58,11 @@ fn workers_starting_at_once_migrate_once() {
 
 #[test]
 fn newer_schema_is_refused() {
-    let Some(url) = testing::require_server("postgres::newer_schema_is_refused") else {
+    let Some(url) = require_server("postgres::newer_schema_is_refused") else {
         return;
     };
-    runtime().block_on(async {
-        let schema = testing::unique_schema("kc_new");
+    keyclaim_testing::runtime(4).block_on(async {
+        let schema = unique_schema("kc_new");
         let store = PostgresStore::connect_with(&url, options(&schema))
             .await
             .expect("connect");
@@ -90,11 +91,11 @@ fn newer_schema_is_refused() {
 
 #[test]
 fn version_1_schema_migrates_keeping_the_issued_memory() {
-    let Some(url) = testing::require_server("postgres::version_1_schema_migrates") else {
+    let Some(url) = require_server("postgres::version_1_schema_migrates") else {
         return;
     };
-    runtime().block_on(async {
-        let schema = testing::unique_schema("kc_v1");
+    keyclaim_testing::runtime(4).block_on(async {
+        let schema = unique_schema("kc_v1");
         let a = dev("@a:x", "A");
         let keys = numbered_otks(SC, "K", 10);
         {
@@ -174,11 +175,11 @@ fn changes_reach_other_workers_transactional_notify() {
 }
 
 fn changes_reach_other_workers_with(transactional: bool) {
-    let Some(url) = testing::require_server("postgres::changes_reach_other_workers") else {
+    let Some(url) = require_server("postgres::changes_reach_other_workers") else {
         return;
     };
-    runtime().block_on(async {
-        let schema = testing::unique_schema("kc_note");
+    keyclaim_testing::runtime(4).block_on(async {
+        let schema = unique_schema("kc_note");
         let opts = || options(&schema).transactional_notify(transactional);
         let one = PostgresStore::connect_with(&url, opts())
             .await
@@ -188,7 +189,7 @@ fn changes_reach_other_workers_with(transactional: bool) {
             .expect("two");
         let elsewhere = PostgresStore::connect_with(
             &url,
-            options(&testing::unique_schema("kc_other")).transactional_notify(transactional),
+            options(&unique_schema("kc_other")).transactional_notify(transactional),
         )
         .await
         .expect("a store in another schema");
@@ -249,12 +250,11 @@ fn changes_reach_other_workers_with(transactional: bool) {
 
 #[test]
 fn baseline_statement_claims_oldest_keys() {
-    let Some(url) = testing::require_server("postgres::baseline_statement_claims_oldest_keys")
-    else {
+    let Some(url) = require_server("postgres::baseline_statement_claims_oldest_keys") else {
         return;
     };
-    runtime().block_on(async {
-        let store = PostgresStore::connect_with(&url, options(&testing::unique_schema("kc_base")))
+    keyclaim_testing::runtime(4).block_on(async {
+        let store = PostgresStore::connect_with(&url, options(&unique_schema("kc_base")))
             .await
             .expect("connect");
         let a = dev("@a:x", "A");
@@ -283,14 +283,13 @@ fn baseline_statement_claims_oldest_keys() {
 
 #[test]
 fn pinned_and_unpinned_plans_claim_alike() {
-    let Some(url) = testing::require_server("postgres::pinned_and_unpinned_plans_claim_alike")
-    else {
+    let Some(url) = require_server("postgres::pinned_and_unpinned_plans_claim_alike") else {
         return;
     };
-    runtime().block_on(async {
+    keyclaim_testing::runtime(4).block_on(async {
         // Two handles on one schema: keyclaim's pinned generic plans, and
         // PostgreSQL's own choice of plans (as the benchmark's baseline runs).
-        let schema = testing::unique_schema("kc_plans");
+        let schema = unique_schema("kc_plans");
         let pinned = PostgresStore::connect_with(&url, options(&schema))
             .await
             .expect("connect pinned");
@@ -343,17 +342,17 @@ fn pinned_and_unpinned_plans_claim_alike() {
 
 #[test]
 fn debug_shows_no_secrets() {
-    let Some(url) = testing::require_server("postgres::debug_shows_no_secrets") else {
+    let Some(url) = require_server("postgres::debug_shows_no_secrets") else {
         return;
     };
-    runtime().block_on(async {
+    keyclaim_testing::runtime(4).block_on(async {
         let url = if url.contains("://") {
             let sep = if url.contains('?') { '&' } else { '?' };
             format!("{url}{sep}password=hunter2-secret")
         } else {
             format!("{url} password=hunter2-secret")
         };
-        let store = PostgresStore::connect_with(&url, options(&testing::unique_schema("kc_dbg")))
+        let store = PostgresStore::connect_with(&url, options(&unique_schema("kc_dbg")))
             .await
             .expect("connect (trust auth ignores the password)");
         let shown = format!("{store:?}");
@@ -364,7 +363,7 @@ fn debug_shows_no_secrets() {
 
 #[test]
 fn unreachable_server_is_a_retryable_error() {
-    runtime().block_on(async {
+    keyclaim_testing::runtime(4).block_on(async {
         let dir = tempfile::tempdir().expect("temp dir");
         let url = format!(
             "host={} port=1 user=nobody dbname=nothing",
@@ -390,18 +389,16 @@ fn unreachable_server_is_a_retryable_error() {
 
 #[test]
 fn issued_memory_is_pruned_but_keeps_the_configured_number() {
-    let Some(url) = testing::require_server("postgres::issued_memory_is_pruned") else {
+    let Some(url) = require_server("postgres::issued_memory_is_pruned") else {
         return;
     };
-    runtime().block_on(async {
+    keyclaim_testing::runtime(4).block_on(async {
         let mut limits = keyclaim::Limits::default();
         limits.remembered_issued_keys = 5;
-        let store = PostgresStore::connect_with(
-            &url,
-            options(&testing::unique_schema("kc_prune")).limits(limits),
-        )
-        .await
-        .expect("connect");
+        let store =
+            PostgresStore::connect_with(&url, options(&unique_schema("kc_prune")).limits(limits))
+                .await
+                .expect("connect");
         let a = dev("@a:x", "A");
         let keys = numbered_otks(SC, "K", 100);
         put(&store, &a, keys.clone(), vec![]).await;

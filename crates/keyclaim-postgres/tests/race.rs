@@ -10,7 +10,8 @@ use std::sync::Arc;
 
 use keyclaim::{ClaimTarget, ClaimedKey, Device, KeyStore, Limits};
 use keyclaim_conformance::fixtures::{alg, dev, numbered_otks, otks, put};
-use keyclaim_postgres::{PostgresOptions, PostgresStore, testing};
+use keyclaim_postgres::{PostgresOptions, PostgresStore};
+use keyclaim_testing::postgres::{require_server, unique_schema};
 use tokio::sync::Barrier;
 
 const SC: &str = "signed_curve25519";
@@ -19,20 +20,12 @@ const CLAIMERS: usize = 64;
 /// Connections per worker's pool: 2 x 32 = all 64 claimers at once.
 const POOL: usize = 32;
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(4)
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
-
 /// Two independent stores (own pools, own listeners) on one fresh schema.
 async fn two_workers(url: &str) -> (Arc<PostgresStore>, Arc<PostgresStore>) {
     let mut limits = Limits::default();
     limits.max_otks_per_device_algorithm = 10_000;
     let options = PostgresOptions::new()
-        .schema(testing::unique_schema("kc_race"))
+        .schema(unique_schema("kc_race"))
         .pool_size(POOL)
         .limits(limits);
     let one = PostgresStore::connect_with(url, options.clone())
@@ -126,10 +119,10 @@ fn check_exact(
 
 #[test]
 fn hot_device_claims_across_two_pools() {
-    let Some(url) = testing::require_server("race::hot_device_claims_across_two_pools") else {
+    let Some(url) = require_server("race::hot_device_claims_across_two_pools") else {
         return;
     };
-    runtime().block_on(async {
+    keyclaim_testing::runtime(4).block_on(async {
         let (one, two) = two_workers(&url).await;
         let hot = dev("@hot:example.org", "HOT");
         for round in 0..3 {
@@ -158,12 +151,10 @@ fn hot_device_claims_across_two_pools() {
 
 #[test]
 fn hot_device_claims_with_counts_and_other_targets() {
-    let Some(url) =
-        testing::require_server("race::hot_device_claims_with_counts_and_other_targets")
-    else {
+    let Some(url) = require_server("race::hot_device_claims_with_counts_and_other_targets") else {
         return;
     };
-    runtime().block_on(async {
+    keyclaim_testing::runtime(4).block_on(async {
         let (one, two) = two_workers(&url).await;
         let hot = dev("@hot:example.org", "HOT");
         // Counts 1..=5 that add up to exactly the stored number, each claim
