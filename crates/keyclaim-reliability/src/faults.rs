@@ -223,20 +223,12 @@ pub async fn run_scenario(
     fault
         .clear()
         .map_err(|e| Violation(format!("cannot clear {}: {e}", fault.name())))?;
-    // The probe is an upload of new keys: idempotent, so it can be tried on
-    // the old handle and again after a reopen.
+    // The same handle first, then (if it fails) a reopened store: the probe,
+    // then the outcome of the operation whose read failed during the fault.
     let probe = probe_upload()?;
-    let same_handle_ok = match &unresolved {
-        Some(_) => false,
-        None => match apply(store.store(), &probe).await {
-            Ok(_) => true,
-            Err(e) => {
-                report.same_handle_error = Some(chain(&e));
-                false
-            }
-        },
-    };
-    if !same_handle_ok {
+    apply(&mirror, &probe).await?;
+    if let Err(e) = recover(store.store(), &mut mirror, &probe, unresolved.as_ref()).await? {
+        report.same_handle_error = Some(chain(&e));
         report.needed_reopen = true;
         let _ = store.close().await;
         store = backend.open(&path, limits.clone()).await.map_err(|e| {
@@ -244,18 +236,15 @@ pub async fn run_scenario(
                 "after the fault cleared, the store does not open: {e}"
             ))
         })?;
-        if let Some(op) = unresolved.take() {
-            resolve(store.store(), &mut mirror, &op, "after the fault cleared")
-                .await?
-                .map_err(|e| Violation(format!("reads fail after recovery: {e}")))?;
-        }
-        apply(store.store(), &probe).await.map_err(|e| {
-            Violation(format!(
-                "after the fault cleared and a reopen, an upload fails: {e}"
-            ))
-        })?;
+        recover(store.store(), &mut mirror, &probe, unresolved.as_ref())
+            .await?
+            .map_err(|e| {
+                Violation(format!(
+                    "after the fault cleared and a reopen, the store fails: {}",
+                    chain(&e)
+                ))
+            })?;
     }
-    apply(&mirror, &probe).await?;
     report.recovered_ops += 1;
     for _ in 0..100 {
         let op = work.next_op()?;
@@ -283,6 +272,28 @@ pub async fn run_scenario(
     verify(store.store(), &mirror, "after reopen").await?;
     store.close().await?;
     Ok(report)
+}
+
+/// Brings `store` up to date after the fault cleared: the probe (an upload
+/// of new keys on a device of its own: idempotent, so it can be tried on the
+/// old handle and again after a reopen; `mirror` already holds it), then the
+/// outcome of `unresolved`, the operation whose state a failed read left
+/// unknown. `Ok(Err(_))` when the store fails: the handle is unusable.
+async fn recover(
+    store: &dyn KeyStore,
+    mirror: &mut MemoryStore,
+    probe: &WorkOp,
+    unresolved: Option<&WorkOp>,
+) -> Result<Result<(), keyclaim::Error>, Violation> {
+    if let Err(e) = apply(store, probe).await {
+        return Ok(Err(e));
+    }
+    match unresolved {
+        Some(op) => Ok(resolve(store, mirror, op, "after the fault cleared")
+            .await?
+            .map(drop)),
+        None => Ok(Ok(())),
+    }
 }
 
 /// `df` and `ls` of the store's directory, for messages.
