@@ -6,17 +6,14 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
-use std::process::{Command, Output};
+mod common;
+
+use std::process::Output;
+
+use common::keyclaim;
 
 use keyclaim::{Algorithm, ClaimTarget, Device, KeyId, KeyJson, KeyStore, Upload};
 use serde_json::json;
-
-fn keyclaim(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_keyclaim"))
-        .args(args)
-        .output()
-        .expect("run keyclaim")
-}
 
 fn ok(o: &Output) -> String {
     let out = String::from_utf8_lossy(&o.stdout).into_owned();

@@ -9,9 +9,10 @@
 //! test process exits, however it exits, so no postmaster outlives the run.
 //!
 //! [`require_server`] turns "no server" into a loud skip, or into a
-//! failure when `CI=true`. [`unique_schema`] gives each test case its own
+//! failure when `CI=true`; [`with_server`] runs a test with it. [`unique_schema`] gives each test case its own
 //! schema.
 
+use std::future::Future;
 use std::io::{self, Write as _};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -313,6 +314,17 @@ pub fn require_server(what: &str) -> Option<String> {
             )
         }),
     )
+}
+
+/// Runs the test `what` on a 4-worker runtime with the shared server's URL,
+/// or skips it (see [`require_server`]).
+///
+/// # Panics
+/// When there is no server and `CI=true`, and when the test panics.
+pub fn with_server<F: Future<Output = ()>>(what: &str, test: impl FnOnce(String) -> F) {
+    if let Some(url) = require_server(what) {
+        crate::runtime(4).block_on(test(url));
+    }
 }
 
 /// The longest schema name keyclaim-postgres accepts

@@ -2,7 +2,8 @@
 //!
 //! The parent test builds the child's command with [`child_command`]: the
 //! same binary, running only the named test, with [`ROLE_VAR`] set to the
-//! role and the parent's process ID. The test begins with [`child_role`]:
+//! role and the parent's process ID. The test begins with [`is_child`] (one
+//! role) or [`child_role`] (several):
 //! in the child it returns the role and the test acts it out; in every
 //! other run it returns `None` and the test is the parent, which spawns its
 //! children and asserts. No test exists that passes merely because a role
@@ -28,6 +29,19 @@ pub fn child_command(test: &str, role: &str) -> Command {
         .env(ROLE_VAR, format!("{role}@{}", std::process::id()))
         .stdin(Stdio::null());
     cmd
+}
+
+/// Whether this process is the child [`child_command`] started with `role`
+/// (the test then acts the role out and returns).
+///
+/// # Panics
+/// As [`child_role`], and when the role is another one.
+pub fn is_child(role: &str) -> bool {
+    match child_role() {
+        None => false,
+        Some(found) if found == role => true,
+        Some(found) => panic!("started with the child role {found:?}, expected {role:?}"),
+    }
 }
 
 /// The role this process was started with by [`child_command`], or `None`
