@@ -41,7 +41,8 @@ use std::time::{Duration, Instant};
 use keyclaim::{ClaimTarget, Device, KeyId, KeyJson, KeyStore, Limits, Upload};
 use keyclaim_benches::baseline::{Baseline, PostgresBaseline};
 use keyclaim_benches::{env_or, load_average};
-use keyclaim_postgres::{PostgresOptions, PostgresStore, testing};
+use keyclaim_postgres::{PostgresOptions, PostgresStore};
+use keyclaim_testing::postgres as testing;
 
 const SC: &str = "signed_curve25519";
 

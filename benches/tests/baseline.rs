@@ -232,7 +232,7 @@ mod redb {
 
 mod postgres {
     use keyclaim_benches::baseline::PostgresBaseline;
-    use keyclaim_postgres::testing;
+    use keyclaim_testing::postgres as testing;
 
     async fn open(test: &str) -> Option<(Arc<dyn Baseline>, ())> {
         let url =

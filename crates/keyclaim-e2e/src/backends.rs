@@ -4,7 +4,7 @@
 //! once per backend by the `per_backend!` macro in the tests, so a failure
 //! names the backend. SQLite and redb live in a temporary directory that is
 //! removed when the [`TestBackend`] is dropped; PostgreSQL gets a schema of
-//! its own on the shared test server of `keyclaim_postgres::testing` (its
+//! its own on the shared test server of `keyclaim_testing::postgres` (its
 //! cases are skipped loudly without a server, and fail under `CI=true`).
 
 use std::sync::Arc;
@@ -77,10 +77,10 @@ impl TestBackend {
     /// # Panics
     /// Under `CI=true` without a server (a skip there is a failure).
     pub async fn postgres() -> keyclaim::Result<Option<Self>> {
-        let Some(url) = keyclaim_postgres::testing::require_server("keyclaim-e2e") else {
+        let Some(url) = keyclaim_testing::postgres::require_server("keyclaim-e2e") else {
             return Ok(None);
         };
-        let schema = keyclaim_postgres::testing::unique_schema("e2e");
+        let schema = keyclaim_testing::postgres::unique_schema("e2e");
         let store =
             PostgresStore::connect_with(&url, PostgresOptions::new().schema(schema)).await?;
         Ok(Some(Self::new("postgres", Arc::new(store), None)))

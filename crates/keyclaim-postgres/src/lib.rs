@@ -5,8 +5,6 @@ mod listen;
 mod ops;
 mod options;
 mod schema;
-#[cfg(feature = "testing")]
-pub mod testing;
 
 use std::fmt;
 use std::hash::{BuildHasher, Hasher};

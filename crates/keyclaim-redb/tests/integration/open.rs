@@ -2,7 +2,7 @@
 //! processes), format version checks, files that are not redb files.
 
 use std::io::{BufRead, BufReader, Write};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
 use keyclaim::{Error, KeyStore};
 use keyclaim_conformance::fixtures::{SC, alice, otks};
@@ -44,11 +44,8 @@ const HOLD_ENV: &str = "KEYCLAIM_REDB_HOLD_PATH";
 
 /// The child role of `open_held_by_another_process_fails_clearly`: opens
 /// the file, says so, and holds it until its stdin closes.
-#[test]
 fn hold_child() {
-    let Ok(path) = std::env::var(HOLD_ENV) else {
-        return;
-    };
+    let path = std::env::var(HOLD_ENV).unwrap();
     rt().block_on(async {
         let store = RedbStore::open(&path).await.unwrap();
         println!("@@ held");
@@ -59,29 +56,31 @@ fn hold_child() {
     });
 }
 
+/// Another process holds the file (a child role of
+/// `keyclaim_testing::process`: this test, started with the role `hold`).
 #[test]
 fn open_held_by_another_process_fails_clearly() {
-    let dir = tempfile::tempdir().unwrap();
+    if keyclaim_testing::process::is_child("hold") {
+        return hold_child();
+    }
+    let dir = keyclaim_testing::temp_dir();
     let path = dir.path().join("k.redb");
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "open::hold_child",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(HOLD_ENV, &path)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = keyclaim_testing::process::child_command(
+        "open::open_held_by_another_process_fails_clearly",
+        "hold",
+    )
+    .env(HOLD_ENV, &path)
+    .stdin(Stdio::piped())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
     let mut out = BufReader::new(child.stdout.take().unwrap());
     let mut line = String::new();
     loop {
         line.clear();
         assert!(out.read_line(&mut line).unwrap() > 0, "child ended early");
-        // libtest may print "test open::hold_child ... " before it.
+        // libtest may print "test open::open_held_... " before it.
         if line.contains("@@ held") {
             break;
         }

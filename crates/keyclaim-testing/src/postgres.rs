@@ -1,4 +1,4 @@
-//! A PostgreSQL server for tests and benchmarks (feature `testing`).
+//! A PostgreSQL server for tests and benchmarks.
 //!
 //! [`server_url`] gives the URL of `KEYCLAIM_TEST_POSTGRES_URL` when it is
 //! set, else of a throwaway cluster that this process starts once from the
@@ -9,10 +9,10 @@
 //! test process exits, however it exits, so no postmaster outlives the run.
 //!
 //! [`require_server`] turns "no server" into a loud skip, or into a
-//! failure when `CI=true`. [`unique_schema`] gives each test case its own
+//! failure when `CI=true`; [`with_server`] runs a test with it. [`unique_schema`] gives each test case its own
 //! schema.
-#![allow(clippy::print_stderr)]
 
+use std::future::Future;
 use std::io::{self, Write as _};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -299,34 +299,40 @@ pub fn server_url() -> Result<String, String> {
         .map_err(Clone::clone)
 }
 
-/// Whether this run is under CI (`CI=true`), where skipping is failing.
-pub fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
-}
-
-/// The shared server's URL, or `None` after a loud message on stderr (past
-/// the test harness's capture) when there is none.
+/// The shared server's URL, or `None` after a loud skip (see
+/// [`crate::skip`]) when there is none.
 ///
 /// # Panics
 /// When there is no server and `CI=true`: under CI a skip is a failure.
 pub fn require_server(what: &str) -> Option<String> {
-    match server_url() {
-        Ok(url) => Some(url),
-        Err(reason) if in_ci() => {
-            panic!("{what}: no PostgreSQL server under CI=true: {reason}")
-        }
-        Err(reason) => {
-            let _ = writeln!(
-                io::stderr(),
-                "\n!!!!!!!! keyclaim-postgres: SKIPPED {what}: no PostgreSQL server: {reason}\n\
-                 !!!!!!!! set {URL_ENV} or install PostgreSQL (initdb, pg_ctl) to run it\n"
-            );
-            None
-        }
+    crate::require(
+        what,
+        server_url().map_err(|reason| {
+            format!(
+                "no PostgreSQL server: {reason}; set {URL_ENV} or install PostgreSQL \
+                 (initdb, pg_ctl) to run it"
+            )
+        }),
+    )
+}
+
+/// Runs the test `what` on a 4-worker runtime with the shared server's URL,
+/// or skips it (see [`require_server`]).
+///
+/// # Panics
+/// When there is no server and `CI=true`, and when the test panics.
+pub fn with_server<F: Future<Output = ()>>(what: &str, test: impl FnOnce(String) -> F) {
+    if let Some(url) = require_server(what) {
+        crate::runtime(4).block_on(test(url));
     }
 }
 
-/// A schema name no other test case in any process uses.
+/// The longest schema name keyclaim-postgres accepts
+/// (`keyclaim_postgres::PostgresOptions::MAX_SCHEMA_LEN`; its tests check that the two agree).
+pub const MAX_SCHEMA_LEN: usize = 40;
+
+/// A schema name no other test case in any process uses, at most
+/// [`MAX_SCHEMA_LEN`] bytes.
 pub fn unique_schema(prefix: &str) -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
@@ -334,6 +340,6 @@ pub fn unique_schema(prefix: &str) -> String {
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.subsec_nanos());
     let mut name = format!("{prefix}_{}_{n}_{nanos:x}", std::process::id());
-    name.truncate(crate::PostgresOptions::MAX_SCHEMA_LEN);
+    name.truncate(MAX_SCHEMA_LEN);
     name
 }
