@@ -11,9 +11,6 @@ use std::sync::Arc;
 
 use keyclaim::{KeyStore, KeysApi};
 use keyclaim_memory::MemoryStore;
-use keyclaim_postgres::{PostgresOptions, PostgresStore};
-use keyclaim_redb::RedbStore;
-use keyclaim_sqlite::SqliteStore;
 
 /// A fresh, empty store behind the wire facade, plus whatever keeps its files
 /// alive.
@@ -54,8 +51,12 @@ impl TestBackend {
     /// When the directory or the database cannot be created.
     pub async fn sqlite() -> keyclaim::Result<Self> {
         let dir = temp_dir()?;
-        let store = SqliteStore::open(dir.path().join("keys.sqlite3")).await?;
-        Ok(Self::new("sqlite", Arc::new(store), Some(dir)))
+        let url = format!("sqlite:{}", dir.path().join("keys.sqlite3").display());
+        Ok(Self::new(
+            "sqlite",
+            keyclaim_open::open(&url).await?,
+            Some(dir),
+        ))
     }
 
     /// redb on a file in a fresh temporary directory (durable defaults).
@@ -64,8 +65,12 @@ impl TestBackend {
     /// When the directory or the database cannot be created.
     pub async fn redb() -> keyclaim::Result<Self> {
         let dir = temp_dir()?;
-        let store = RedbStore::open(dir.path().join("keys.redb")).await?;
-        Ok(Self::new("redb", Arc::new(store), Some(dir)))
+        let url = format!("redb:{}", dir.path().join("keys.redb").display());
+        Ok(Self::new(
+            "redb",
+            keyclaim_open::open(&url).await?,
+            Some(dir),
+        ))
     }
 
     /// PostgreSQL in a schema of its own on the shared test server, or
@@ -81,8 +86,15 @@ impl TestBackend {
             return Ok(None);
         };
         let schema = keyclaim_testing::postgres::unique_schema("e2e");
-        let store =
-            PostgresStore::connect_with(&url, PostgresOptions::new().schema(schema)).await?;
-        Ok(Some(Self::new("postgres", Arc::new(store), None)))
+        // keyclaim's options ride in a URL's query, or as `keyclaim_` keys of
+        // a key=value connection string (the throwaway cluster's socket).
+        let url = if url.starts_with("postgres") {
+            let sep = if url.contains('?') { '&' } else { '?' };
+            format!("{url}{sep}keyclaim_schema={schema}")
+        } else {
+            format!("postgres:{url} keyclaim_schema={schema}")
+        };
+        let store = keyclaim_open::open(&url).await?;
+        Ok(Some(Self::new("postgres", store, None)))
     }
 }

@@ -9,9 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 
 use keyclaim::{KeyStore, KeysApi};
-use keyclaim_axum_example::{
-    Backend, MAX_SYNC_TIMEOUT_MS, STAND_IN_AUTH_HEADER, open_store, router,
-};
+use keyclaim_axum_example::{MAX_SYNC_TIMEOUT_MS, STAND_IN_AUTH_HEADER, open_store, router};
 use keyclaim_e2e::client::{OlmDevice, SIGNED_CURVE25519, claimed_keys};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -87,21 +85,31 @@ impl Http {
 /// Real Olm over HTTP, for every backend the server offers.
 #[tokio::test]
 async fn real_keys_over_http_memory() {
-    real_keys_over_http(open_store(Backend::Memory, None).await.unwrap()).await;
+    real_keys_over_http(open_store("memory:").await.unwrap()).await;
 }
 
 #[tokio::test]
 async fn real_keys_over_http_sqlite() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("keys.sqlite3");
-    real_keys_over_http(open_store(Backend::Sqlite, Some(&path)).await.unwrap()).await;
+    real_keys_over_http(
+        open_store(&format!("sqlite:{}", path.display()))
+            .await
+            .unwrap(),
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn real_keys_over_http_redb() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("keys.redb");
-    real_keys_over_http(open_store(Backend::Redb, Some(&path)).await.unwrap()).await;
+    real_keys_over_http(
+        open_store(&format!("redb:{}", path.display()))
+            .await
+            .unwrap(),
+    )
+    .await;
 }
 
 /// Alice uploads signed vodozemac keys, Bob claims them, verifies them and
@@ -166,7 +174,7 @@ async fn real_keys_over_http(store: Arc<dyn KeyStore>) {
 /// Errors come back as Matrix errors with the facade's status codes.
 #[tokio::test]
 async fn errors_are_matrix_errors() {
-    let http = Http::new(serve(open_store(Backend::Memory, None).await.unwrap()).await);
+    let http = Http::new(serve(open_store("memory:").await.unwrap()).await);
     let who = "@alice:example.org ALICEDEV";
 
     let (status, body) = http.post("keys/upload", None, b"{}".to_vec()).await;
@@ -228,9 +236,7 @@ async fn errors_are_matrix_errors() {
 async fn long_poll_sync_sees_the_claim() {
     // Enough keys to go on claiming past the bound.
     const KEYS: u64 = 300;
-    let http = Arc::new(Http::new(
-        serve(open_store(Backend::Memory, None).await.unwrap()).await,
-    ));
+    let http = Arc::new(Http::new(serve(open_store("memory:").await.unwrap()).await));
     let who = "@alice:example.org ALICEDEV";
     let keys: serde_json::Map<String, Value> = (0..KEYS)
         .map(|i| (format!("signed_curve25519:K{i:03}"), json!("k")))
@@ -285,12 +291,12 @@ impl Drop for ChildGuard {
     }
 }
 
-/// The built binary, started with `--listen 127.0.0.1:0 --backend memory`,
+/// The built binary, started with `--listen 127.0.0.1:0 --store memory:`,
 /// serves over HTTP at the address it prints.
 #[tokio::test]
 async fn the_binary_serves_http() {
     let child = Command::new(env!("CARGO_BIN_EXE_keyclaim-axum-example"))
-        .args(["--listen", "127.0.0.1:0", "--backend", "memory"])
+        .args(["--listen", "127.0.0.1:0", "--store", "memory:"])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
