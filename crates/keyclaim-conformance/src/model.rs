@@ -1,4 +1,4 @@
-//! The reference model: SPEC's rules written as plainly as possible over
+//! The reference model: the contract's rules written as plainly as possible over
 //! `BTreeMap`s and `Vec`s, with no concern for speed. Model-based cases run
 //! the same operations against a store and the model and compare every
 //! answer. It is written apart from `keyclaim::backend::plan_upload` on purpose, so

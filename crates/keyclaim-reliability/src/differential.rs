@@ -1,3 +1,6 @@
+// Over 500 lines: the operation encoding, its decoding from fuzz bytes and the
+// runner belong together (one fuzz target); split them when a second target
+// needs the encoding.
 //! The logic of the `differential` fuzz target: one [`arbitrary`] sequence of
 //! operations applied at once to every backend ([`Subject`]) and to the
 //! conformance suite's reference [`Model`]; every answer and the final states

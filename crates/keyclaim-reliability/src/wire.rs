@@ -6,7 +6,7 @@
 //! retries, conflicts, R3.4 re-uploads and claims all have something to hit).
 //!
 //! Whatever the bytes, the facade must answer `Ok` or one of the errors of
-//! SPEC section 9's table (never a panic, never 500 from a store that cannot
+//! contract section 9's table (never a panic, never 500 from a store that cannot
 //! fail), and:
 //!
 //! - after an error, the store's full state is exactly what it was before
@@ -38,7 +38,7 @@ pub const UPLOAD_USER: &str = "@alice:example.org";
 /// The device every `wire_upload` input uploads for.
 pub const UPLOAD_DEVICE: &str = "ALICEDEV";
 
-/// The (status, errcode) pairs of SPEC section 9's table that a client
+/// The (status, errcode) pairs of contract section 9's table that a client
 /// request can earn from a store that cannot fail.
 const CLIENT_ERRORS: [(u16, &str); 4] = [
     (400, "M_NOT_JSON"),
@@ -144,7 +144,7 @@ fn check_error(
 ) -> Result<(), Violation> {
     ensure!(
         CLIENT_ERRORS.contains(&(err.status(), err.errcode())),
-        "({}, {}) is not in SPEC section 9's table for a client error: {err}",
+        "({}, {}) is not in contract section 9's table for a client error: {err}",
         err.status(),
         err.errcode()
     );

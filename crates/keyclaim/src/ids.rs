@@ -1,4 +1,4 @@
-//! Validated identifiers (SPEC section 2: R2.1 to R2.3).
+//! Validated identifiers (contract section 2: R2.1 to R2.3).
 //!
 //! Every identifier is checked once, when it is built, so that the rest of the
 //! crate and every backend can take it as valid. The types are thin wrappers

@@ -46,7 +46,7 @@ pub trait KeyStore: Debug + Send + Sync + 'static {
     /// logs and error messages.
     fn backend_name(&self) -> &'static str;
 
-    /// The limits this store enforces (SPEC section 8).
+    /// The limits this store enforces (contract section 8).
     fn limits(&self) -> &Limits;
 
     /// Subscribes to change events (R11.1): one event per successful
