@@ -4,7 +4,8 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use keyclaim::{Device, DeviceId, Exporter, UserId};
+use keyclaim::transfer::Exporter;
+use keyclaim::{Device, DeviceId, UserId};
 
 use crate::stores::StoreUrl;
 
@@ -76,7 +77,7 @@ pub(crate) async fn stats(url: &StoreUrl) -> Result<String, String> {
 /// Invariant check; `Ok(false)` when problems were found.
 pub(crate) async fn check(url: &StoreUrl) -> Result<(bool, String), String> {
     let store = url.open().await.map_err(|e| e.to_string())?;
-    let report = keyclaim::check_store(&*store, 500)
+    let report = keyclaim::transfer::check_store(&*store, 500)
         .await
         .map_err(|e| e.to_string())?;
     let mut out = format!(
@@ -122,7 +123,7 @@ pub(crate) async fn migrate(
             .unwrap_or_else(|_| ProgressStyle::default_spinner()),
     );
     let mut save_err = None;
-    let report = keyclaim::copy_store(&*src, &*dst, batch, resume.clone(), |r, last| {
+    let report = keyclaim::transfer::copy_store(&*src, &*dst, batch, resume.clone(), |r, last| {
         pb.set_message(format!(
             "{} devices, {} one-time keys copied",
             r.devices, r.one_time_keys
@@ -141,7 +142,7 @@ pub(crate) async fn migrate(
     if let Some(e) = save_err {
         return Err(format!("could not write the checkpoint: {e}"));
     }
-    let diff = keyclaim::diff_stores(&*src, &*dst, batch, 20)
+    let diff = keyclaim::transfer::diff_stores(&*src, &*dst, batch, 20)
         .await
         .map_err(|e| e.to_string())?;
     let mut out = format!(

@@ -2,14 +2,11 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
-use std::process::{Command, Output};
+mod common;
 
-fn keyclaim(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_keyclaim"))
-        .args(args)
-        .output()
-        .expect("run keyclaim")
-}
+use std::process::Output;
+
+use common::keyclaim;
 
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()

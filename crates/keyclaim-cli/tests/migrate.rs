@@ -6,17 +6,14 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
-use std::process::{Command, Output};
+mod common;
+
+use std::process::Output;
+
+use common::keyclaim;
 
 use keyclaim::{Algorithm, ClaimTarget, Device, KeyId, KeyJson, KeyStore, Upload};
 use serde_json::json;
-
-fn keyclaim(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_keyclaim"))
-        .args(args)
-        .output()
-        .expect("run keyclaim")
-}
 
 fn ok(o: &Output) -> String {
     let out = String::from_utf8_lossy(&o.stdout).into_owned();
@@ -128,15 +125,18 @@ async fn migrate_round_trip_sqlite_redb_postgres_sqlite() {
         out.contains("40 devices") && out.contains("verified"),
         "{out}"
     );
-    let pg = keyclaim_postgres::testing::require_server("cli migrate through postgres");
+    let pg = keyclaim_testing::postgres::require_server("cli migrate through postgres");
     let last_source = match pg {
         Some(url) => {
-            let schema = keyclaim_postgres::testing::unique_schema("cli_migrate");
-            // A URL, or a key=value connection string (the throwaway cluster's socket).
+            let schema = keyclaim_testing::postgres::unique_schema("cli_migrate");
+            // keyclaim's own options ride in the URL's query string, or as
+            // `keyclaim_` keys of a key=value connection string (the
+            // throwaway cluster's socket).
             let url_p = if url.starts_with("postgres") {
-                format!("{url}#schema={schema}")
+                let sep = if url.contains('?') { '&' } else { '?' };
+                format!("{url}{sep}keyclaim_schema={schema}")
             } else {
-                format!("postgres:{url}#schema={schema}")
+                format!("postgres:{url} keyclaim_schema={schema}")
             };
             let out = ok(&keyclaim(&[
                 "migrate", &url_b, &url_p, "--batch", "11", "--quiet",
@@ -182,7 +182,7 @@ async fn migrate_resumes_from_its_checkpoint_and_check_finds_nothing_wrong() {
         let src = keyclaim_sqlite::SqliteStore::open(&a).await.unwrap();
         let dst = keyclaim_sqlite::SqliteStore::open(&b).await.unwrap();
         let mut copied = 0;
-        let mut exporter = keyclaim::Exporter::new(20);
+        let mut exporter = keyclaim::transfer::Exporter::new(20);
         let batch = exporter.next_batch(&src).await.unwrap().unwrap();
         for s in &batch {
             dst.import_device(s).await.unwrap();

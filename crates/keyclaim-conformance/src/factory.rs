@@ -5,6 +5,8 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use keyclaim::{Error, KeyStore, Limits, Result};
 
+use crate::Capability;
+
 /// What a backend can do beyond the basic contract; cases that need a
 /// capability the backend lacks are skipped, and every skip is printed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -41,6 +43,14 @@ impl Capabilities {
         Self {
             persistent: true,
             shared: true,
+        }
+    }
+
+    /// Whether these capabilities include `capability`.
+    pub const fn has(self, capability: Capability) -> bool {
+        match capability {
+            Capability::Persistent => self.persistent,
+            Capability::Shared => self.shared,
         }
     }
 }
@@ -143,12 +153,12 @@ impl<S: KeyStore> KeyStore for DynStore<S> {
         &self,
         after: Option<&keyclaim::Device>,
         limit: usize,
-    ) -> Result<Vec<keyclaim::DeviceSnapshot>> {
+    ) -> Result<Vec<keyclaim::transfer::DeviceSnapshot>> {
         self.inner.export_devices(after, limit).await
     }
     async fn import_device(
         &self,
-        snapshot: &keyclaim::DeviceSnapshot,
+        snapshot: &keyclaim::transfer::DeviceSnapshot,
     ) -> Result<keyclaim::Changes> {
         self.inner.import_device(snapshot).await
     }

@@ -175,7 +175,9 @@ pub async fn unused<S: KeyStore + ?Sized>(store: &S, device: &Device) -> Vec<Str
 
 /// The whole state of the store, every device, with sequence numbers
 /// normalized, for before/after comparisons.
-pub async fn full_state<S: KeyStore + ?Sized>(store: &S) -> Vec<keyclaim::DeviceSnapshot> {
+pub async fn full_state<S: KeyStore + ?Sized>(
+    store: &S,
+) -> Vec<keyclaim::transfer::DeviceSnapshot> {
     let mut out = Vec::new();
     let mut after: Option<Device> = None;
     loop {
@@ -185,7 +187,10 @@ pub async fn full_state<S: KeyStore + ?Sized>(store: &S) -> Vec<keyclaim::Device
             .expect("export succeeds");
         let Some(last) = page.last() else { break };
         after = Some(last.device.clone());
-        out.extend(page.iter().map(keyclaim::DeviceSnapshot::normalized));
+        out.extend(
+            page.iter()
+                .map(keyclaim::transfer::DeviceSnapshot::normalized),
+        );
     }
     out
 }

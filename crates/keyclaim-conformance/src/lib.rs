@@ -2,10 +2,14 @@
 // A test suite: a failed assertion is how it reports, so panics are its job.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+#[macro_use]
+mod register;
 mod factory;
 pub mod fixtures;
 pub mod model;
 
+// The areas, each a file of cases registered with `cases!`; every one of
+// them is also named in `conformance_tests!` below.
 pub mod claim;
 pub mod concurrency;
 pub mod counts;
@@ -25,6 +29,7 @@ use std::io::Write as _;
 
 pub use factory::{Capabilities, DynFactory, DynStore, StoreFactory, unsupported};
 pub use keyclaim;
+pub use register::{Capability, Case};
 
 /// Runs one case: builds a multi-threaded tokio runtime (so that concurrency
 /// cases really run in parallel), gives the case the factory, and waits.
@@ -54,51 +59,23 @@ pub fn report_skip(case: &str, reason: &str) {
     );
 }
 
-/// Whether the factory is persistent; reports the skip when it is not.
-pub fn require_persistent<F: StoreFactory>(f: &F, case: &str) -> bool {
-    let ok = f.capabilities().persistent;
+/// Whether the factory has `capability`; reports `case` as skipped when
+/// it has not. Cases registered with `#[needs(..)]` call it first.
+pub fn require<F: StoreFactory>(f: &F, capability: Capability, case: &str) -> bool {
+    let ok = f.capabilities().has(capability);
     if !ok {
-        report_skip(
-            case,
-            "the backend is not persistent (Capabilities::persistent)",
-        );
+        report_skip(case, capability.missing());
     }
     ok
-}
-
-/// Whether the factory gives shared handles; reports the skip when not.
-pub fn require_shared<F: StoreFactory>(f: &F, case: &str) -> bool {
-    let ok = f.capabilities().shared;
-    if !ok {
-        report_skip(
-            case,
-            "the backend has no shared handles (Capabilities::shared)",
-        );
-    }
-    ok
-}
-
-/// The names of the cases that need a capability `caps` lacks, as
-/// `area::case`, so that a backend's run can list what it skipped.
-pub fn skipped_cases(caps: Capabilities) -> Vec<&'static str> {
-    let mut out = Vec::new();
-    if !caps.persistent {
-        out.extend_from_slice(durability::PERSISTENT_CASES);
-    }
-    if !caps.shared {
-        out.extend_from_slice(durability::SHARED_CASES);
-        out.extend_from_slice(counts::SHARED_CASES);
-        out.extend_from_slice(concurrency::SHARED_CASES);
-    }
-    out
 }
 
 /// Stamps the whole conformance suite into one `#[test]` per case.
 ///
 /// Give it an expression that builds a [`StoreFactory`]; it is evaluated once
 /// per case, inside a module the macro generates, so name your items by
-/// absolute paths (`crate::...`). Invoke it inside a `#[cfg(test)]` module of your backend crate
-/// (with `keyclaim-conformance` as a dev-dependency, nothing else needed):
+/// absolute paths (`crate::...`). Invoke it inside a `#[cfg(test)]` module of
+/// your backend crate (with `keyclaim-conformance` as a dev-dependency,
+/// nothing else needed):
 ///
 /// ```ignore
 /// #[cfg(test)]
@@ -107,132 +84,51 @@ pub fn skipped_cases(caps: Capabilities) -> Vec<&'static str> {
 /// }
 /// ```
 ///
-/// Each case becomes `<area>::<case>`, named after the SPEC rule it checks,
+/// Each case becomes `<area>::<case>`, named after the contract rule it checks,
 /// e.g. `claim::r4_3_concurrent_claims_never_under_issue`. Cases whose
 /// capability the backend lacks print `SKIPPED` on stderr and pass; the test
 /// `skipped_cases_report` lists them all.
 #[macro_export]
 macro_rules! conformance_tests {
-    ($factory:expr) => {
-        $crate::conformance_tests!(@cases ($factory)
-            validation {
-                r2_1_invalid_user_ids_are_rejected
-                r2_2_invalid_device_ids_are_rejected
-                r2_3_invalid_key_ids_are_rejected
-                r2_4_invalid_key_json_is_rejected
-                r2_5_key_json_is_returned_unchanged
-                r2_6_invalid_upload_stores_nothing
-                r2_6_invalid_claim_consumes_nothing
-                r2_7_orders_are_byte_orders
-            }
-            upload {
-                r3_1_upload_is_applied_whole
-                r3_2_retried_upload_is_accepted_and_keeps_original
-                r3_2_conflicting_reupload_is_rejected_whole
-                r3_3_algorithms_and_namespaces_do_not_collide
-                r3_4_issued_key_is_not_stored_again
-                r3_4_issued_key_with_new_content_is_stored
-                r3_4_conflict_check_comes_before_issued_check
-                r3_4_remembers_at_least_1000_issued_keys
-                r3_5_oldest_upload_is_issued_first
-                r3_5_ties_inside_an_upload_break_by_key_id
-                r3_6_two_fallback_keys_for_one_algorithm_are_rejected
-                r3_7_fallback_only_upload_is_applied
-                r3_8_upload_answers_counts
-            }
-            claim {
-                r4_1_count_per_target
-                r4_2_claimed_keys_are_removed
-                r4_3_concurrent_claims_never_under_issue
-                r4_3_concurrent_claims_with_fallback
-                r4_4_fallback_when_no_otk_and_marked_used
-                r4_5_count_beyond_available
-                r4_6_nothing_to_hand_out_is_left_out
-                r4_7_many_devices_in_one_claim
-            }
-            fallback {
-                r5_1_new_fallback_replaces_and_is_unused
-                r5_2_same_fallback_keeps_used_flag
-                r5_2_same_key_under_other_id_is_kept
-                r5_3_fallback_state_is_per_algorithm
-                r5_4_otk_operations_leave_fallback_alone
-            }
-            counts {
-                r6_1_counts_leave_out_zero_but_signed_curve25519
-                r6_2_counts_are_exact_after_every_operation
-                r6_2_counts_are_current_across_handles
-                r6_3_unused_fallback_types_sorted_and_present
-                r6_4_counts_do_not_depend_on_other_devices
-            }
-            deletion {
-                r7_1_delete_device_removes_everything_of_it
-                r7_2_delete_user_removes_all_devices
-            }
-            limits {
-                r8_1_otks_per_device_algorithm
-                r8_2_key_json_size
-                r8_2_keys_per_upload
-                r8_2_claim_targets
-                r8_3_count_is_clamped
-            }
-            wire {
-                r9_upload_fields
-                r9_upload_answers_counts
-                r9_claim_shape
-                r9_claim_ignores_invalid_algorithm_strings
-                r9_sync_fields
-                r9_delete_device
-                r9_error_table_stores_nothing
-                r9_errors_never_contain_key_material
-                r9_large_bodies_are_refused
-            }
-            durability {
-                r10_1_writes_survive_reopen
-                r10_2_invariants_hold_after_reopen
-                r10_3_shared_handles_never_double_issue
-            }
-            concurrency {
-                r4_2_concurrent_claims_never_double_issue
-                concurrent_uploads_and_claims_on_one_device
-                concurrent_claims_across_many_devices
-                concurrent_claims_across_handles
-            }
-            notify {
-                r11_1_mutations_report_changed_devices
-                r11_1_subscribers_are_woken
-            }
-            export {
-                export_import_round_trip
-                export_pages_in_device_order
-                copy_diff_and_check
-            }
-            model_based {
-                model_random_operation_sequences
-            }
-        );
+    // The one list of areas (each registers its cases beside their
+    // functions, see `register.rs`), handed to the arm named after `@areas`.
+    (@areas $($then:tt)*) => {
+        $crate::conformance_tests! {
+            $($then)* [
+                validation upload claim fallback counts deletion limits wire
+                durability concurrency notify export model_based
+            ]
+        }
+    };
+    (@stamp ($factory:expr) [$($area:ident)*]) => {
+        $( $crate::$area!(@stamp ($factory)); )*
 
         #[test]
         fn skipped_cases_report() {
             let caps = $crate::StoreFactory::capabilities(&$factory);
-            for case in $crate::skipped_cases(caps) {
-                $crate::report_skip(case, "capability missing");
+            for case in $crate::conformance_tests!(@cases [$($area)*]) {
+                if let Some(need) = case.needs
+                    && !caps.has(need)
+                {
+                    $crate::report_skip(&case.path(), need.missing());
+                }
             }
         }
     };
-    (@cases ($factory:expr) $($area:ident { $($case:ident)* })*) => {
-        $(
-            mod $area {
-                #[allow(unused_imports)]
-                use super::*;
-                $(
-                    #[test]
-                    fn $case() {
-                        $crate::run_case($factory, |f| async move {
-                            $crate::$area::$case(&f).await
-                        });
-                    }
-                )*
-            }
-        )*
+    (@cases [$($area:ident)*]) => {
+        [$( $crate::$area::CASES ),*].concat()
+    };
+    ($factory:expr) => {
+        $crate::conformance_tests!(@areas @stamp ($factory));
+    };
+}
+
+/// Every registered case, in the order [`conformance_tests!`] stamps them,
+/// as a `Vec<`[`Case`]`>`; the suite's own tests compare it with the case
+/// functions in the source and with the contract's rules.
+#[macro_export]
+macro_rules! registered_cases {
+    () => {
+        $crate::conformance_tests!(@areas @cases)
     };
 }

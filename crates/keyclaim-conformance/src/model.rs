@@ -1,14 +1,15 @@
-//! The reference model: SPEC's rules written as plainly as possible over
+//! The reference model: the contract's rules written as plainly as possible over
 //! `BTreeMap`s and `Vec`s, with no concern for speed. Model-based cases run
 //! the same operations against a store and the model and compare every
-//! answer. It is written apart from `keyclaim::plan_upload` on purpose, so
+//! answer. It is written apart from `keyclaim::backend::plan_upload` on purpose, so
 //! that a bug there shows up as a difference.
 
 use std::collections::BTreeMap;
 
+use keyclaim::transfer::KeyDigest;
 use keyclaim::{
-    Algorithm, ClaimTarget, ClaimedKey, Device, Error, KeyDigest, KeyId, KeyJson, LimitKind,
-    Limits, OtkCounts, Upload, UserId,
+    Algorithm, ClaimTarget, ClaimedKey, Device, Error, KeyId, KeyJson, LimitKind, Limits,
+    OtkCounts, Upload, UserId,
 };
 
 #[derive(Clone, Debug, Default)]
@@ -46,17 +47,17 @@ impl Model {
         self.limits.check_upload(upload)?;
         let mut state = self
             .devices
-            .get(&upload.device)
+            .get(upload.device())
             .cloned()
             .unwrap_or_default();
         let mut new_keys = Vec::new();
-        for (id, json) in &upload.one_time_keys {
+        for (id, json) in upload.one_time_keys() {
             if let Some((_, _, stored)) = state.otks.iter().find(|(_, k, _)| k == id) {
                 if stored.digest() == json.digest() {
                     continue;
                 }
                 return Err(Error::Conflict {
-                    device: upload.device.clone(),
+                    device: upload.device().clone(),
                     key_id: id.clone(),
                 });
             }
@@ -90,7 +91,7 @@ impl Model {
         for (id, json) in new_keys {
             state.otks.push((self.seq, id, json));
         }
-        for (alg, (id, json)) in &upload.fallback_keys {
+        for (alg, (id, json)) in upload.fallback_keys() {
             let same = state
                 .fallbacks
                 .get(alg)
@@ -102,7 +103,7 @@ impl Model {
             }
         }
         let counts = counts_of(&state);
-        self.devices.insert(upload.device.clone(), state);
+        self.devices.insert(upload.device().clone(), state);
         Ok(counts)
     }
 
@@ -186,9 +187,9 @@ impl Model {
 }
 
 fn counts_of(state: &ModelDevice) -> OtkCounts {
-    let mut map = BTreeMap::new();
-    for (_, id, _) in &state.otks {
-        *map.entry(id.algorithm()).or_insert(0) += 1;
-    }
-    OtkCounts(map)
+    state
+        .otks
+        .iter()
+        .map(|(_, id, _)| (id.algorithm(), 1))
+        .collect()
 }

@@ -1,5 +1,5 @@
 //! Model-based checking: random operation sequences run against the store
-//! and the reference [`Model`](crate::model::Model), every answer compared.
+//! and the reference [`Model`], every answer compared.
 
 use keyclaim::{ClaimTarget, Device, Error, KeyId, KeyJson, KeyStore, Limits, Upload, UserId};
 use proptest::prelude::*;
@@ -176,27 +176,29 @@ async fn run_sequence<F: StoreFactory>(f: &F, ops: Vec<Op>) -> Result<(), TestCa
     Ok(())
 }
 
-/// Random sequences of uploads (colliding IDs and contents), claims with
-/// counts and several targets, reads, deletions and reopens: the store
-/// answers exactly as the model at every step. 48 sequences per run by
-/// default; set `KEYCLAIM_MODEL_CASES` for more.
-pub async fn model_random_operation_sequences<F: StoreFactory>(f: &F) {
-    let cases = std::env::var("KEYCLAIM_MODEL_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(48);
-    let mut runner = TestRunner::new(Config {
-        cases,
-        failure_persistence: None,
-        ..Config::default()
-    });
-    let handle = tokio::runtime::Handle::current();
-    let result = tokio::task::block_in_place(|| {
-        runner.run(&prop::collection::vec(op(), 1..40), |ops| {
-            handle.block_on(run_sequence(f, ops))
-        })
-    });
-    if let Err(e) = result {
-        panic!("model-based check failed: {e}");
+cases! { $ model_based;
+    /// Random sequences of uploads (colliding IDs and contents), claims with
+    /// counts and several targets, reads, deletions and reopens: the store
+    /// answers exactly as the model at every step. 48 sequences per run by
+    /// default; set `KEYCLAIM_MODEL_CASES` for more.
+    pub async fn model_random_operation_sequences<F: StoreFactory>(f: &F) {
+        let cases = std::env::var("KEYCLAIM_MODEL_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(48);
+        let mut runner = TestRunner::new(Config {
+            cases,
+            failure_persistence: None,
+            ..Config::default()
+        });
+        let handle = tokio::runtime::Handle::current();
+        let result = tokio::task::block_in_place(|| {
+            runner.run(&prop::collection::vec(op(), 1..40), |ops| {
+                handle.block_on(run_sequence(f, ops))
+            })
+        });
+        if let Err(e) = result {
+            panic!("model-based check failed: {e}");
+        }
     }
 }

@@ -1,4 +1,4 @@
-//! SPEC section 11: change notifications.
+//! Contract section 11: change notifications.
 
 use std::time::Duration;
 
@@ -7,35 +7,52 @@ use keyclaim::{Changes, KeyStore};
 use crate::StoreFactory;
 use crate::fixtures::*;
 
-/// R11.1: every mutation reports the devices whose counts or fallback state
-/// it changed; one that changed nothing reports nothing.
-pub async fn r11_1_mutations_report_changed_devices<F: StoreFactory>(f: &F) {
-    let store = fresh(f).await;
-    let (a, b) = (alice(), bob());
-    let out = put(&store, &a, otks(SC, &["A"]), vec![]).await;
-    assert_eq!(out.changes.devices(), std::slice::from_ref(&a));
-    let out = put(&store, &a, otks(SC, &["A"]), vec![]).await;
-    assert!(out.changes.is_empty(), "a retry changes nothing");
-    put(&store, &b, vec![], otks(SC, &["F"])).await;
-    let out = store
-        .claim(&[
-            keyclaim::ClaimTarget::one(a.clone(), alg(SC)),
-            keyclaim::ClaimTarget::one(b.clone(), alg(SC)),
-        ])
-        .await
-        .expect("claim");
-    assert_eq!(out.changes.devices(), [a.clone(), b.clone()]);
-    let out = claim_n(&store, &b, SC, 1).await;
-    assert!(
-        out.changes.is_empty(),
-        "handing out an already used fallback changes nothing"
-    );
-    let out = claim_n(&store, &a, SC, 1).await;
-    assert!(out.changes.is_empty() && out.keys.is_empty());
-    assert_eq!(
-        store.delete_device(&b).await.expect("delete").devices(),
-        std::slice::from_ref(&b)
-    );
+cases! { $ notify;
+    /// R11.1: every mutation reports the devices whose counts or fallback state
+    /// it changed; one that changed nothing reports nothing.
+    pub async fn r11_1_mutations_report_changed_devices<F: StoreFactory>(f: &F) {
+        let store = fresh(f).await;
+        let (a, b) = (alice(), bob());
+        let out = put(&store, &a, otks(SC, &["A"]), vec![]).await;
+        assert_eq!(out.changes.devices(), std::slice::from_ref(&a));
+        let out = put(&store, &a, otks(SC, &["A"]), vec![]).await;
+        assert!(out.changes.is_empty(), "a retry changes nothing");
+        put(&store, &b, vec![], otks(SC, &["F"])).await;
+        let out = store
+            .claim(&[
+                keyclaim::ClaimTarget::one(a.clone(), alg(SC)),
+                keyclaim::ClaimTarget::one(b.clone(), alg(SC)),
+            ])
+            .await
+            .expect("claim");
+        assert_eq!(out.changes.devices(), [a.clone(), b.clone()]);
+        let out = claim_n(&store, &b, SC, 1).await;
+        assert!(
+            out.changes.is_empty(),
+            "handing out an already used fallback changes nothing"
+        );
+        let out = claim_n(&store, &a, SC, 1).await;
+        assert!(out.changes.is_empty() && out.keys.is_empty());
+        assert_eq!(
+            store.delete_device(&b).await.expect("delete").devices(),
+            std::slice::from_ref(&b)
+        );
+    }
+
+    /// R11.1: subscribers are woken by each change, in order.
+    pub async fn r11_1_subscribers_are_woken<F: StoreFactory>(f: &F) {
+        let store = fresh(f).await;
+        let mut rx = store.subscribe();
+        let a = alice();
+        put(&store, &a, otks(SC, &["A"]), vec![]).await;
+        assert!(next(&mut rx).await.contains(&a));
+        claim_one(&store, &a, SC).await.expect("A");
+        assert!(next(&mut rx).await.contains(&a));
+        put(&store, &bob(), vec![], otks(SC, &["F"])).await;
+        assert!(next(&mut rx).await.contains(&bob()));
+        store.delete_user(&bob().user_id).await.expect("delete");
+        assert!(next(&mut rx).await.contains(&bob()));
+    }
 }
 
 async fn next(rx: &mut keyclaim::broadcast::Receiver<Changes>) -> Changes {
@@ -43,19 +60,4 @@ async fn next(rx: &mut keyclaim::broadcast::Receiver<Changes>) -> Changes {
         .await
         .expect("a change event within 10 s")
         .expect("the channel is open")
-}
-
-/// R11.1: subscribers are woken by each change, in order.
-pub async fn r11_1_subscribers_are_woken<F: StoreFactory>(f: &F) {
-    let store = fresh(f).await;
-    let mut rx = store.subscribe();
-    let a = alice();
-    put(&store, &a, otks(SC, &["A"]), vec![]).await;
-    assert!(next(&mut rx).await.contains(&a));
-    claim_one(&store, &a, SC).await.expect("A");
-    assert!(next(&mut rx).await.contains(&a));
-    put(&store, &bob(), vec![], otks(SC, &["F"])).await;
-    assert!(next(&mut rx).await.contains(&bob()));
-    store.delete_user(&bob().user_id).await.expect("delete");
-    assert!(next(&mut rx).await.contains(&bob()));
 }

@@ -4,16 +4,13 @@
 //! once per backend by the `per_backend!` macro in the tests, so a failure
 //! names the backend. SQLite and redb live in a temporary directory that is
 //! removed when the [`TestBackend`] is dropped; PostgreSQL gets a schema of
-//! its own on the shared test server of `keyclaim_postgres::testing` (its
+//! its own on the shared test server of `keyclaim_testing::postgres` (its
 //! cases are skipped loudly without a server, and fail under `CI=true`).
 
 use std::sync::Arc;
 
 use keyclaim::{KeyStore, KeysApi};
 use keyclaim_memory::MemoryStore;
-use keyclaim_postgres::{PostgresOptions, PostgresStore};
-use keyclaim_redb::RedbStore;
-use keyclaim_sqlite::SqliteStore;
 
 /// A fresh, empty store behind the wire facade, plus whatever keeps its files
 /// alive.
@@ -54,8 +51,12 @@ impl TestBackend {
     /// When the directory or the database cannot be created.
     pub async fn sqlite() -> keyclaim::Result<Self> {
         let dir = temp_dir()?;
-        let store = SqliteStore::open(dir.path().join("keys.sqlite3")).await?;
-        Ok(Self::new("sqlite", Arc::new(store), Some(dir)))
+        let url = format!("sqlite:{}", dir.path().join("keys.sqlite3").display());
+        Ok(Self::new(
+            "sqlite",
+            keyclaim_open::open(&url).await?,
+            Some(dir),
+        ))
     }
 
     /// redb on a file in a fresh temporary directory (durable defaults).
@@ -64,8 +65,12 @@ impl TestBackend {
     /// When the directory or the database cannot be created.
     pub async fn redb() -> keyclaim::Result<Self> {
         let dir = temp_dir()?;
-        let store = RedbStore::open(dir.path().join("keys.redb")).await?;
-        Ok(Self::new("redb", Arc::new(store), Some(dir)))
+        let url = format!("redb:{}", dir.path().join("keys.redb").display());
+        Ok(Self::new(
+            "redb",
+            keyclaim_open::open(&url).await?,
+            Some(dir),
+        ))
     }
 
     /// PostgreSQL in a schema of its own on the shared test server, or
@@ -77,12 +82,19 @@ impl TestBackend {
     /// # Panics
     /// Under `CI=true` without a server (a skip there is a failure).
     pub async fn postgres() -> keyclaim::Result<Option<Self>> {
-        let Some(url) = keyclaim_postgres::testing::require_server("keyclaim-e2e") else {
+        let Some(url) = keyclaim_testing::postgres::require_server("keyclaim-e2e") else {
             return Ok(None);
         };
-        let schema = keyclaim_postgres::testing::unique_schema("e2e");
-        let store =
-            PostgresStore::connect_with(&url, PostgresOptions::new().schema(schema)).await?;
-        Ok(Some(Self::new("postgres", Arc::new(store), None)))
+        let schema = keyclaim_testing::postgres::unique_schema("e2e");
+        // keyclaim's options ride in a URL's query, or as `keyclaim_` keys of
+        // a key=value connection string (the throwaway cluster's socket).
+        let url = if url.starts_with("postgres") {
+            let sep = if url.contains('?') { '&' } else { '?' };
+            format!("{url}{sep}keyclaim_schema={schema}")
+        } else {
+            format!("postgres:{url} keyclaim_schema={schema}")
+        };
+        let store = keyclaim_open::open(&url).await?;
+        Ok(Some(Self::new("postgres", store, None)))
     }
 }

@@ -2,10 +2,9 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
-use keyclaim::{
-    Algorithm, ClaimedKey, Device, DeviceFacts, DeviceSnapshot, IssuedKey, KeyDigest, KeyId,
-    KeyJson, Limits, OtkCounts, Result, StoredFallback, StoredOtk, Upload, plan_upload,
-};
+use keyclaim::backend::{DeviceFacts, plan_upload};
+use keyclaim::transfer::{DeviceSnapshot, IssuedKey, KeyDigest, StoredFallback, StoredOtk};
+use keyclaim::{Algorithm, ClaimedKey, Device, KeyId, KeyJson, Limits, OtkCounts, Result, Upload};
 
 /// Everything stored for one device.
 #[derive(Debug, Default)]
@@ -44,13 +43,10 @@ impl DeviceState {
     }
 
     pub(crate) fn counts(&self) -> OtkCounts {
-        OtkCounts(
-            self.otks
-                .iter()
-                .filter(|(_, keys)| !keys.is_empty())
-                .map(|(alg, keys)| (alg.clone(), keys.len() as u64))
-                .collect(),
-        )
+        self.otks
+            .iter()
+            .map(|(alg, keys)| (alg.clone(), keys.len() as u64))
+            .collect()
     }
 
     pub(crate) fn unused_fallback_types(&self) -> Vec<Algorithm> {
@@ -96,7 +92,7 @@ impl DeviceState {
 
     fn facts(&self, upload: &Upload) -> DeviceFacts {
         let mut facts = DeviceFacts::default();
-        for (id, json) in &upload.one_time_keys {
+        for (id, json) in upload.one_time_keys() {
             if let Some((_, digest)) = self.otk_index.get(id) {
                 facts.stored_otks.insert(id.clone(), *digest);
             }
@@ -111,7 +107,7 @@ impl DeviceState {
             let n = self.otks.get(&alg).map_or(0, |k| k.len() as u64);
             facts.otk_counts.insert(alg, n);
         }
-        for alg in upload.fallback_keys.keys() {
+        for alg in upload.fallback_keys().keys() {
             if let Some(f) = self.fallbacks.get(alg) {
                 facts
                     .fallback_digests

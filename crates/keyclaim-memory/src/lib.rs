@@ -7,10 +7,11 @@ use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use async_trait::async_trait;
+use keyclaim::backend::{Backend, StoreCore, async_trait};
+use keyclaim::transfer::DeviceSnapshot;
 use keyclaim::{
-    Algorithm, ChangeNotifier, Changes, ClaimOutcome, ClaimTarget, Device, DeviceId,
-    DeviceSnapshot, KeyStore, Limits, OtkCounts, Result, Upload, UploadOutcome, UserId, broadcast,
+    Algorithm, Changes, ClaimOutcome, ClaimTarget, Device, DeviceId, Limits, OtkCounts, Result,
+    SyncState, Upload, UploadOutcome, UserId,
 };
 use parking_lot::Mutex;
 
@@ -26,8 +27,7 @@ type UserDevices = BTreeMap<DeviceId, DeviceState>;
 pub struct MemoryStore {
     shards: Box<[Mutex<HashMap<UserId, UserDevices>>]>,
     seq: AtomicU64,
-    limits: Limits,
-    notifier: ChangeNotifier,
+    core: StoreCore,
 }
 
 impl Default for MemoryStore {
@@ -47,8 +47,7 @@ impl MemoryStore {
         Self {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             seq: AtomicU64::new(1),
-            limits,
-            notifier: ChangeNotifier::new(),
+            core: StoreCore::new(limits),
         }
     }
 
@@ -128,25 +127,21 @@ impl MemoryStore {
 }
 
 #[async_trait]
-impl KeyStore for MemoryStore {
-    fn backend_name(&self) -> &'static str {
+impl Backend for MemoryStore {
+    fn name(&self) -> &'static str {
         "memory"
     }
 
-    fn limits(&self) -> &Limits {
-        &self.limits
-    }
-
-    fn subscribe(&self) -> broadcast::Receiver<Changes> {
-        self.notifier.subscribe()
+    fn core(&self) -> &StoreCore {
+        &self.core
     }
 
     async fn upload(&self, upload: &Upload) -> Result<UploadOutcome> {
-        self.limits.check_upload(upload)?;
-        let device = &upload.device;
+        let device = upload.device();
+        let limits = self.core.limits();
         let result = self
             .with_device(device, true, |state| {
-                state.upload(upload, &self.limits, || self.next_seq())
+                state.upload(upload, limits, || self.next_seq())
             })
             .unwrap_or_else(|| Ok((OtkCounts::default(), false)));
         let (counts, changed) = result?;
@@ -155,39 +150,31 @@ impl KeyStore for MemoryStore {
         } else {
             Changes::none()
         };
-        self.notifier.notify(&changes);
-        tracing::debug!(%device, keys = upload.key_count(), changed, "upload");
         Ok(UploadOutcome { counts, changes })
     }
 
     async fn claim(&self, targets: &[ClaimTarget]) -> Result<ClaimOutcome> {
-        self.limits.check_claim(targets)?;
+        let limits = self.core.limits();
         let mut keys = Vec::new();
         let mut changed = Vec::new();
         for target in targets {
-            let count = self.limits.clamp_count(target.count);
-            if count == 0 {
-                continue;
-            }
-            let before = keys.len();
             let touched = self.with_device(&target.device, false, |state| {
                 state.claim(
                     &target.device,
                     &target.algorithm,
-                    count,
-                    &self.limits,
+                    target.count,
+                    limits,
                     &mut keys,
                 )
             });
             if touched == Some(true) {
                 changed.push(target.device.clone());
             }
-            debug_assert!(keys.len() - before <= count as usize);
         }
-        let changes = Changes::from_devices(changed);
-        self.notifier.notify(&changes);
-        tracing::debug!(targets = targets.len(), issued = keys.len(), "claim");
-        Ok(ClaimOutcome { keys, changes })
+        Ok(ClaimOutcome {
+            keys,
+            changes: Changes::from_devices(changed),
+        })
     }
 
     async fn otk_counts(&self, device: &Device) -> Result<OtkCounts> {
@@ -202,26 +189,28 @@ impl KeyStore for MemoryStore {
             .unwrap_or_default())
     }
 
+    async fn sync_state(&self, device: &Device) -> Result<SyncState> {
+        Ok(self
+            .with_device(device, false, |s| SyncState {
+                one_time_key_counts: s.counts(),
+                unused_fallback_key_types: s.unused_fallback_types(),
+            })
+            .unwrap_or_default())
+    }
+
     async fn delete_device(&self, device: &Device) -> Result<Changes> {
         let removed = self.with_device(device, false, |s| *s = DeviceState::default());
-        let changes = match removed {
+        Ok(match removed {
             Some(()) => Changes::from_devices([device.clone()]),
             None => Changes::none(),
-        };
-        self.notifier.notify(&changes);
-        Ok(changes)
+        })
     }
 
     async fn delete_user(&self, user: &UserId) -> Result<Changes> {
         let removed = self.shard(user).lock().remove(user);
-        let changes = Changes::from_devices(
-            removed
-                .into_iter()
-                .flatten()
-                .map(|(device_id, _)| Device::new(user.clone(), device_id)),
-        );
-        self.notifier.notify(&changes);
-        Ok(changes)
+        Ok(Changes::from_devices(removed.into_iter().flatten().map(
+            |(device_id, _)| Device::new(user.clone(), device_id),
+        )))
     }
 
     async fn export_devices(
@@ -261,15 +250,14 @@ impl KeyStore for MemoryStore {
         self.with_device(&snapshot.device, true, |s| {
             *s = DeviceState::from_snapshot(snapshot);
         });
-        let changes = Changes::from_devices([snapshot.device.clone()]);
-        self.notifier.notify(&changes);
-        Ok(changes)
+        Ok(Changes::from_devices([snapshot.device.clone()]))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use keyclaim::KeyStore;
     use keyclaim_conformance::{Capabilities, StoreFactory};
 
     /// Gives fresh in-memory stores; not persistent, no shared handles.
@@ -309,16 +297,18 @@ mod tests {
                     keyclaim::KeyId::parse(format!("alg:{u}-{d}")).unwrap(),
                     keyclaim::KeyJson::from_json_str("\"k\"").unwrap(),
                 );
-                store
-                    .upload(&Upload::from_keys(device.clone(), [key], []).unwrap())
-                    .await
-                    .unwrap();
+                KeyStore::upload(
+                    &store,
+                    &Upload::from_keys(device.clone(), [key], []).unwrap(),
+                )
+                .await
+                .unwrap();
                 expected.push(device);
             }
         }
         expected.sort();
         for page in [1, 7, 100, 1000] {
-            let mut exporter = keyclaim::Exporter::new(page);
+            let mut exporter = keyclaim::transfer::Exporter::new(page);
             let mut seen = Vec::new();
             while let Some(batch) = exporter.next_batch(&store).await.unwrap() {
                 assert!(batch.len() <= page);

@@ -3,7 +3,7 @@
 //! Every change is announced with `pg_notify(<channel>, '<instance>
 //! <devices>')` on its schema's channel, and each store handle keeps one
 //! dedicated connection that `LISTEN`s there ([`Listener`]) and forwards
-//! other handles' events into its [`ChangeNotifier`].
+//! other handles' events to its subscribers ([`StoreCore::announce_remote`]).
 //!
 //! **When announcements are sent.** PostgreSQL serializes the commits of
 //! all transactions that `NOTIFY` in a database (they take one
@@ -34,17 +34,18 @@
 
 use std::time::Duration;
 
-use futures::StreamExt as _;
-use keyclaim::{ChangeNotifier, Changes, Device, Error, Result};
 use std::collections::BTreeSet;
 
 use deadpool_postgres::Pool;
+use futures::StreamExt as _;
+use keyclaim::backend::StoreCore;
+use keyclaim::{Changes, Device, Error, Result};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_postgres::{AsyncMessage, NoTls, Notification};
+use tracing::Instrument as _;
 
-use crate::BACKEND;
-use crate::errors::pg;
+use crate::error::{self, pg};
 use crate::ops::{NOTIFY, notify_payloads};
 
 /// How long the announcer gathers changes before it sends them.
@@ -64,7 +65,8 @@ impl Announcer {
     /// Starts the sending task on the store's pool.
     pub(crate) fn start(pool: Pool, channel: String, instance: String) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(announce(pool, channel, instance, rx));
+        let span = tracing::debug_span!("keyclaim.postgres.announcer", %channel);
+        tokio::spawn(announce(pool, channel, instance, rx).instrument(span));
         Self { tx }
     }
 
@@ -97,10 +99,7 @@ async fn announce(
         let devices: Vec<Device> = devices.into_iter().collect();
         let payloads = notify_payloads(&instance, &devices);
         let sent = async {
-            let client = pool
-                .get()
-                .await
-                .map_err(|e| crate::errors::pool("announce", e))?;
+            let client = pool.get().await.map_err(|e| error::pool("announce", e))?;
             let stmt = client
                 .prepare_cached(NOTIFY)
                 .await
@@ -139,7 +138,7 @@ impl Listener {
         mut config: tokio_postgres::Config,
         channel: String,
         instance: String,
-        notifier: ChangeNotifier,
+        core: StoreCore,
         timeout: Duration,
     ) -> Result<Self> {
         // Detect a silently dead TCP peer within about a minute.
@@ -151,21 +150,14 @@ impl Listener {
         // Built once per store from a validated schema name.
         let listen_sql = format!("LISTEN {channel}");
         let (ready_tx, ready_rx) = oneshot::channel();
-        let task = tokio::spawn(run(config, listen_sql, instance, notifier, ready_tx));
+        let span = tracing::debug_span!("keyclaim.postgres.listener", %channel);
+        let task = tokio::spawn(run(config, listen_sql, instance, core, ready_tx).instrument(span));
         let listener = Self { task };
         match tokio::time::timeout(timeout, ready_rx).await {
             Ok(Ok(Ok(()))) => Ok(listener),
             Ok(Ok(Err(e))) => Err(e),
-            Ok(Err(_)) => Err(Error::storage(
-                BACKEND,
-                "listen",
-                true,
-                "listener task ended",
-            )),
-            Err(_) => Err(Error::storage(
-                BACKEND,
-                "listen",
-                true,
+            Ok(Err(_)) => Err(error::listener("listener task ended")),
+            Err(_) => Err(error::listener(
                 "timed out starting the notification listener",
             )),
         }
@@ -176,13 +168,13 @@ async fn run(
     config: tokio_postgres::Config,
     listen_sql: String,
     instance: String,
-    notifier: ChangeNotifier,
+    core: StoreCore,
     ready: oneshot::Sender<Result<()>>,
 ) {
     let mut ready = Some(ready);
     let mut backoff = Duration::from_millis(50);
     loop {
-        let outcome = listen_once(&config, &listen_sql, &instance, &notifier, &mut ready).await;
+        let outcome = listen_once(&config, &listen_sql, &instance, &core, &mut ready).await;
         match outcome {
             Ok(()) => tracing::warn!("keyclaim notification connection closed; reconnecting"),
             Err(error) => {
@@ -207,7 +199,7 @@ async fn listen_once(
     config: &tokio_postgres::Config,
     listen_sql: &str,
     instance: &str,
-    notifier: &ChangeNotifier,
+    core: &StoreCore,
     ready: &mut Option<oneshot::Sender<Result<()>>>,
 ) -> Result<()> {
     let (client, mut connection) = config.connect(NoTls).await.map_err(pg("listen"))?;
@@ -226,7 +218,7 @@ async fn listen_once(
                 tracing::debug!("keyclaim notification listener ready");
             }
             message = messages.next() => match message {
-                Some(Ok(AsyncMessage::Notification(n))) => forward(&n, instance, notifier),
+                Some(Ok(AsyncMessage::Notification(n))) => forward(&n, instance, core),
                 Some(Ok(_)) => {}
                 Some(Err(e)) => return Err(pg("listen")(e)),
                 None => return Ok(()),
@@ -236,7 +228,7 @@ async fn listen_once(
 }
 
 /// Forwards one notification of another handle to the subscribers.
-fn forward(notification: &Notification, instance: &str, notifier: &ChangeNotifier) {
+fn forward(notification: &Notification, instance: &str, core: &StoreCore) {
     let payload = notification.payload();
     if payload
         .split_once(' ')
@@ -245,7 +237,7 @@ fn forward(notification: &Notification, instance: &str, notifier: &ChangeNotifie
         return; // our own: already told our subscribers
     }
     match parse_payload(payload) {
-        Some((_, devices)) => notifier.notify(&Changes::from_devices(devices)),
+        Some((_, devices)) => core.announce_remote(&Changes::from_devices(devices)),
         None => tracing::warn!("ignoring a malformed keyclaim notification"),
     }
 }

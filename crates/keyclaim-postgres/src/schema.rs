@@ -15,7 +15,7 @@ use deadpool_postgres::Object;
 use keyclaim::{Error, Result};
 
 use crate::BACKEND;
-use crate::errors::pg;
+use crate::error::pg;
 
 /// The newest schema version this build knows (and creates).
 pub const SCHEMA_VERSION: i64 = 2;
@@ -111,6 +111,7 @@ const WRITE_VERSION: &str = "INSERT INTO keyclaim_meta (id, version) VALUES (1, 
 
 /// Creates the schema and tables, or upgrades them, on a connection whose
 /// `search_path` is `schema` (already validated).
+#[tracing::instrument(name = "keyclaim.postgres.migrate", skip_all, fields(schema = %schema))]
 pub(crate) async fn migrate(client: &mut Object, schema: &str) -> Result<()> {
     let op = "migrate";
     let tx = client.transaction().await.map_err(pg(op))?;

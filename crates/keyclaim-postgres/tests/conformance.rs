@@ -1,12 +1,13 @@
 //! The whole conformance suite against [`PostgresStore`], each case in its
-//! own schema of the shared test server (see `keyclaim_postgres::testing`).
+//! own schema of the shared test server (see `keyclaim_testing::postgres`).
 
 // Tests report failures by panicking.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use keyclaim::{Limits, Result};
 use keyclaim_conformance::{Capabilities, StoreFactory, keyclaim};
-use keyclaim_postgres::{PostgresOptions, PostgresStore, testing};
+use keyclaim_postgres::{PostgresOptions, PostgresStore};
+use keyclaim_testing::postgres::{require_server, unique_schema};
 
 /// Makes stores in fresh schemas of the shared test server.
 struct PgFactory {
@@ -17,7 +18,7 @@ impl PgFactory {
     /// The factory, or `None` (after a loud skip message; a failure under
     /// `CI=true`) when there is no server.
     fn new(case: &str) -> Option<Self> {
-        testing::require_server(case).map(|url| Self { url })
+        require_server(case).map(|url| Self { url })
     }
 
     fn options(schema: &str, limits: Limits) -> PostgresOptions {
@@ -37,7 +38,7 @@ impl StoreFactory for PgFactory {
     }
 
     async fn create(&self, limits: Limits) -> Result<PostgresStore> {
-        let schema = testing::unique_schema("kc_conf");
+        let schema = unique_schema("kc_conf");
         PostgresStore::connect_with(&self.url, Self::options(&schema, limits)).await
     }
 

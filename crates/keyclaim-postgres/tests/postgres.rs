@@ -1,6 +1,6 @@
 //! PostgreSQL-specific behaviour beyond the conformance suite: migrations
 //! with several workers starting at once, refusing a newer schema, change
-//! notifications across workers, schema isolation, the baseline statement.
+//! notifications across workers, schema isolation.
 
 // Tests report failures by panicking.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -9,17 +9,10 @@ use std::time::Duration;
 
 use keyclaim::{Changes, ClaimTarget, Error, KeyStore, broadcast};
 use keyclaim_conformance::fixtures::{alg, dev, numbered_otks, otks, put};
-use keyclaim_postgres::{PostgresOptions, PostgresStore, SCHEMA_VERSION, baseline, testing};
+use keyclaim_postgres::{PostgresOptions, PostgresStore, SCHEMA_VERSION};
+use keyclaim_testing::postgres::{unique_schema, with_server};
 
 const SC: &str = "signed_curve25519";
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(4)
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
 
 fn options(schema: &str) -> PostgresOptions {
     PostgresOptions::new().schema(schema).pool_size(4)
@@ -32,36 +25,41 @@ async fn next_event(rx: &mut broadcast::Receiver<Changes>) -> Changes {
         .expect("channel open")
 }
 
+/// The test harness's schema names fit this crate's limit.
+#[test]
+fn test_schema_names_fit_the_limit() {
+    assert_eq!(
+        keyclaim_testing::postgres::MAX_SCHEMA_LEN,
+        keyclaim_postgres::PostgresOptions::MAX_SCHEMA_LEN
+    );
+}
+
 #[test]
 fn workers_starting_at_once_migrate_once() {
-    let Some(url) = testing::require_server("postgres::workers_starting_at_once_migrate_once")
-    else {
-        return;
-    };
-    runtime().block_on(async {
-        let schema = testing::unique_schema("kc_mig");
-        let connects = (0..8).map(|_| PostgresStore::connect_with(&url, options(&schema)));
-        let stores = futures::future::join_all(connects).await;
-        let stores: Vec<PostgresStore> = stores
-            .into_iter()
-            .collect::<Result<_, _>>()
-            .expect("every worker connects");
-        let a = dev("@a:x", "A");
-        put(&stores[0], &a, otks(SC, &["K"]), vec![]).await;
-        assert_eq!(
-            stores[7].otk_counts(&a).await.expect("counts").get_str(SC),
-            1
-        );
-    });
+    with_server(
+        "postgres::workers_starting_at_once_migrate_once",
+        |url| async move {
+            let schema = unique_schema("kc_mig");
+            let connects = (0..8).map(|_| PostgresStore::connect_with(&url, options(&schema)));
+            let stores = futures::future::join_all(connects).await;
+            let stores: Vec<PostgresStore> = stores
+                .into_iter()
+                .collect::<Result<_, _>>()
+                .expect("every worker connects");
+            let a = dev("@a:x", "A");
+            put(&stores[0], &a, otks(SC, &["K"]), vec![]).await;
+            assert_eq!(
+                stores[7].otk_counts(&a).await.expect("counts").get_str(SC),
+                1
+            );
+        },
+    );
 }
 
 #[test]
 fn newer_schema_is_refused() {
-    let Some(url) = testing::require_server("postgres::newer_schema_is_refused") else {
-        return;
-    };
-    runtime().block_on(async {
-        let schema = testing::unique_schema("kc_new");
+    with_server("postgres::newer_schema_is_refused", |url| async move {
+        let schema = unique_schema("kc_new");
         let store = PostgresStore::connect_with(&url, options(&schema))
             .await
             .expect("connect");
@@ -90,11 +88,8 @@ fn newer_schema_is_refused() {
 
 #[test]
 fn version_1_schema_migrates_keeping_the_issued_memory() {
-    let Some(url) = testing::require_server("postgres::version_1_schema_migrates") else {
-        return;
-    };
-    runtime().block_on(async {
-        let schema = testing::unique_schema("kc_v1");
+    with_server("postgres::version_1_schema_migrates", |url| async move {
+        let schema = unique_schema("kc_v1");
         let a = dev("@a:x", "A");
         let keys = numbered_otks(SC, "K", 10);
         {
@@ -174,11 +169,8 @@ fn changes_reach_other_workers_transactional_notify() {
 }
 
 fn changes_reach_other_workers_with(transactional: bool) {
-    let Some(url) = testing::require_server("postgres::changes_reach_other_workers") else {
-        return;
-    };
-    runtime().block_on(async {
-        let schema = testing::unique_schema("kc_note");
+    with_server("postgres::changes_reach_other_workers", |url| async move {
+        let schema = unique_schema("kc_note");
         let opts = || options(&schema).transactional_notify(transactional);
         let one = PostgresStore::connect_with(&url, opts())
             .await
@@ -188,7 +180,7 @@ fn changes_reach_other_workers_with(transactional: bool) {
             .expect("two");
         let elsewhere = PostgresStore::connect_with(
             &url,
-            options(&testing::unique_schema("kc_other")).transactional_notify(transactional),
+            options(&unique_schema("kc_other")).transactional_notify(transactional),
         )
         .await
         .expect("a store in another schema");
@@ -248,112 +240,75 @@ fn changes_reach_other_workers_with(transactional: bool) {
 }
 
 #[test]
-fn baseline_statement_claims_oldest_keys() {
-    let Some(url) = testing::require_server("postgres::baseline_statement_claims_oldest_keys")
-    else {
-        return;
-    };
-    runtime().block_on(async {
-        let store = PostgresStore::connect_with(&url, options(&testing::unique_schema("kc_base")))
-            .await
-            .expect("connect");
-        let a = dev("@a:x", "A");
-        put(&store, &a, numbered_otks(SC, "B", 3), vec![]).await;
-        put(&store, &a, numbered_otks(SC, "A", 3), vec![]).await;
-        let keys = baseline::claim(
-            &store,
-            &[ClaimTarget {
-                device: a.clone(),
-                algorithm: alg(SC),
-                count: 4,
-            }],
-        )
-        .await
-        .expect("baseline claim");
-        let mut ids: Vec<String> = keys.iter().map(|k| k.key_id.to_string()).collect();
-        ids.sort();
-        assert_eq!(ids.len(), 4);
-        assert!(
-            ids.iter().filter(|id| id.contains(":B")).count() == 3,
-            "{ids:?}"
-        );
-        assert_eq!(store.otk_counts(&a).await.expect("counts").get_str(SC), 2);
-    });
-}
-
-#[test]
 fn pinned_and_unpinned_plans_claim_alike() {
-    let Some(url) = testing::require_server("postgres::pinned_and_unpinned_plans_claim_alike")
-    else {
-        return;
-    };
-    runtime().block_on(async {
-        // Two handles on one schema: keyclaim's pinned generic plans, and
-        // PostgreSQL's own choice of plans (as the benchmark's baseline runs).
-        let schema = testing::unique_schema("kc_plans");
-        let pinned = PostgresStore::connect_with(&url, options(&schema))
-            .await
-            .expect("connect pinned");
-        let unpinned = PostgresStore::connect_with(&url, options(&schema).pinned_plans(false))
-            .await
-            .expect("connect unpinned");
-        assert!(format!("{unpinned:?}").contains("pinned_plans: false"));
-        let a = dev("@a:x", "A");
-        let b = dev("@b:x", "B");
-        put(&pinned, &a, numbered_otks(SC, "A", 3), vec![]).await;
-        put(&pinned, &a, numbered_otks(SC, "B", 3), vec![]).await;
-        put(&pinned, &b, numbered_otks(SC, "C", 2), vec![]).await;
-        let targets = [
-            ClaimTarget {
-                device: a.clone(),
-                algorithm: alg(SC),
-                count: 4,
-            },
-            ClaimTarget::one(b.clone(), alg(SC)),
-        ];
-        // Several calls, so that both plan modes run past PostgreSQL's first
-        // five custom plans of a prepared statement.
-        let mut got = Vec::new();
-        for round in 0..8 {
-            let store = if round % 2 == 0 { &pinned } else { &unpinned };
-            let outcome = store.claim(&targets).await.expect("claim");
-            got.extend(outcome.keys.iter().map(|k| k.key_id.to_string()));
-            if round == 0 {
-                let ids: Vec<String> = outcome.keys.iter().map(|k| k.key_id.to_string()).collect();
-                assert_eq!(ids.len(), 5, "{ids:?}");
-                assert_eq!(
-                    ids.iter().filter(|id| id.contains(":A")).count(),
-                    3,
-                    "{ids:?}"
-                );
-                assert_eq!(
-                    ids.iter().filter(|id| id.contains(":C")).count(),
-                    1,
-                    "{ids:?}"
-                );
+    with_server(
+        "postgres::pinned_and_unpinned_plans_claim_alike",
+        |url| async move {
+            // Two handles on one schema: keyclaim's pinned generic plans, and
+            // PostgreSQL's own choice of plans (as the benchmark's baseline runs).
+            let schema = unique_schema("kc_plans");
+            let pinned = PostgresStore::connect_with(&url, options(&schema))
+                .await
+                .expect("connect pinned");
+            let unpinned = PostgresStore::connect_with(&url, options(&schema).pinned_plans(false))
+                .await
+                .expect("connect unpinned");
+            assert!(format!("{unpinned:?}").contains("pinned_plans: false"));
+            let a = dev("@a:x", "A");
+            let b = dev("@b:x", "B");
+            put(&pinned, &a, numbered_otks(SC, "A", 3), vec![]).await;
+            put(&pinned, &a, numbered_otks(SC, "B", 3), vec![]).await;
+            put(&pinned, &b, numbered_otks(SC, "C", 2), vec![]).await;
+            let targets = [
+                ClaimTarget {
+                    device: a.clone(),
+                    algorithm: alg(SC),
+                    count: 4,
+                },
+                ClaimTarget::one(b.clone(), alg(SC)),
+            ];
+            // Several calls, so that both plan modes run past PostgreSQL's first
+            // five custom plans of a prepared statement.
+            let mut got = Vec::new();
+            for round in 0..8 {
+                let store = if round % 2 == 0 { &pinned } else { &unpinned };
+                let outcome = store.claim(&targets).await.expect("claim");
+                got.extend(outcome.keys.iter().map(|k| k.key_id.to_string()));
+                if round == 0 {
+                    let ids: Vec<String> =
+                        outcome.keys.iter().map(|k| k.key_id.to_string()).collect();
+                    assert_eq!(ids.len(), 5, "{ids:?}");
+                    assert_eq!(
+                        ids.iter().filter(|id| id.contains(":A")).count(),
+                        3,
+                        "{ids:?}"
+                    );
+                    assert_eq!(
+                        ids.iter().filter(|id| id.contains(":C")).count(),
+                        1,
+                        "{ids:?}"
+                    );
+                }
             }
-        }
-        got.sort();
-        let before = got.len();
-        got.dedup();
-        assert_eq!(before, got.len(), "no key twice: {got:?}");
-        assert_eq!(got.len(), 8, "every key once: {got:?}");
-    });
+            got.sort();
+            let before = got.len();
+            got.dedup();
+            assert_eq!(before, got.len(), "no key twice: {got:?}");
+            assert_eq!(got.len(), 8, "every key once: {got:?}");
+        },
+    );
 }
 
 #[test]
 fn debug_shows_no_secrets() {
-    let Some(url) = testing::require_server("postgres::debug_shows_no_secrets") else {
-        return;
-    };
-    runtime().block_on(async {
+    with_server("postgres::debug_shows_no_secrets", |url| async move {
         let url = if url.contains("://") {
             let sep = if url.contains('?') { '&' } else { '?' };
             format!("{url}{sep}password=hunter2-secret")
         } else {
             format!("{url} password=hunter2-secret")
         };
-        let store = PostgresStore::connect_with(&url, options(&testing::unique_schema("kc_dbg")))
+        let store = PostgresStore::connect_with(&url, options(&unique_schema("kc_dbg")))
             .await
             .expect("connect (trust auth ignores the password)");
         let shown = format!("{store:?}");
@@ -364,7 +319,7 @@ fn debug_shows_no_secrets() {
 
 #[test]
 fn unreachable_server_is_a_retryable_error() {
-    runtime().block_on(async {
+    keyclaim_testing::runtime(4).block_on(async {
         let dir = tempfile::tempdir().expect("temp dir");
         let url = format!(
             "host={} port=1 user=nobody dbname=nothing",
@@ -390,18 +345,13 @@ fn unreachable_server_is_a_retryable_error() {
 
 #[test]
 fn issued_memory_is_pruned_but_keeps_the_configured_number() {
-    let Some(url) = testing::require_server("postgres::issued_memory_is_pruned") else {
-        return;
-    };
-    runtime().block_on(async {
+    with_server("postgres::issued_memory_is_pruned", |url| async move {
         let mut limits = keyclaim::Limits::default();
         limits.remembered_issued_keys = 5;
-        let store = PostgresStore::connect_with(
-            &url,
-            options(&testing::unique_schema("kc_prune")).limits(limits),
-        )
-        .await
-        .expect("connect");
+        let store =
+            PostgresStore::connect_with(&url, options(&unique_schema("kc_prune")).limits(limits))
+                .await
+                .expect("connect");
         let a = dev("@a:x", "A");
         let keys = numbered_otks(SC, "K", 100);
         put(&store, &a, keys.clone(), vec![]).await;

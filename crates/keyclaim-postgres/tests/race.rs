@@ -10,7 +10,8 @@ use std::sync::Arc;
 
 use keyclaim::{ClaimTarget, ClaimedKey, Device, KeyStore, Limits};
 use keyclaim_conformance::fixtures::{alg, dev, numbered_otks, otks, put};
-use keyclaim_postgres::{PostgresOptions, PostgresStore, testing};
+use keyclaim_postgres::{PostgresOptions, PostgresStore};
+use keyclaim_testing::postgres::{unique_schema, with_server};
 use tokio::sync::Barrier;
 
 const SC: &str = "signed_curve25519";
@@ -19,20 +20,12 @@ const CLAIMERS: usize = 64;
 /// Connections per worker's pool: 2 x 32 = all 64 claimers at once.
 const POOL: usize = 32;
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(4)
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
-
 /// Two independent stores (own pools, own listeners) on one fresh schema.
 async fn two_workers(url: &str) -> (Arc<PostgresStore>, Arc<PostgresStore>) {
     let mut limits = Limits::default();
     limits.max_otks_per_device_algorithm = 10_000;
     let options = PostgresOptions::new()
-        .schema(testing::unique_schema("kc_race"))
+        .schema(unique_schema("kc_race"))
         .pool_size(POOL)
         .limits(limits);
     let one = PostgresStore::connect_with(url, options.clone())
@@ -126,65 +119,63 @@ fn check_exact(
 
 #[test]
 fn hot_device_claims_across_two_pools() {
-    let Some(url) = testing::require_server("race::hot_device_claims_across_two_pools") else {
-        return;
-    };
-    runtime().block_on(async {
-        let (one, two) = two_workers(&url).await;
-        let hot = dev("@hot:example.org", "HOT");
-        for round in 0..3 {
-            // Exactly as many single-key claims as keys.
-            let n = CLAIMERS * 10;
-            let stored = fill(&one, &hot, round, n).await;
-            let plan = (0..CLAIMERS)
-                .map(|_| {
-                    (0..10)
-                        .map(|_| vec![ClaimTarget::one(hot.clone(), alg(SC))])
-                        .collect()
-                })
-                .collect();
-            let answers = claim_storm((&one, &two), plan).await;
-            check_exact(&hot, &stored, &answers);
-            // Now empty: the next claim gets the fallback key.
-            let after = two
-                .claim(&[ClaimTarget::one(hot.clone(), alg(SC))])
-                .await
-                .expect("claim");
-            assert!(after.keys.len() == 1 && after.keys[0].fallback);
-            assert_eq!(one.otk_counts(&hot).await.expect("counts").get_str(SC), 0);
-        }
-    });
+    with_server(
+        "race::hot_device_claims_across_two_pools",
+        |url| async move {
+            let (one, two) = two_workers(&url).await;
+            let hot = dev("@hot:example.org", "HOT");
+            for round in 0..3 {
+                // Exactly as many single-key claims as keys.
+                let n = CLAIMERS * 10;
+                let stored = fill(&one, &hot, round, n).await;
+                let plan = (0..CLAIMERS)
+                    .map(|_| {
+                        (0..10)
+                            .map(|_| vec![ClaimTarget::one(hot.clone(), alg(SC))])
+                            .collect()
+                    })
+                    .collect();
+                let answers = claim_storm((&one, &two), plan).await;
+                check_exact(&hot, &stored, &answers);
+                // Now empty: the next claim gets the fallback key.
+                let after = two
+                    .claim(&[ClaimTarget::one(hot.clone(), alg(SC))])
+                    .await
+                    .expect("claim");
+                assert!(after.keys.len() == 1 && after.keys[0].fallback);
+                assert_eq!(one.otk_counts(&hot).await.expect("counts").get_str(SC), 0);
+            }
+        },
+    );
 }
 
 #[test]
 fn hot_device_claims_with_counts_and_other_targets() {
-    let Some(url) =
-        testing::require_server("race::hot_device_claims_with_counts_and_other_targets")
-    else {
-        return;
-    };
-    runtime().block_on(async {
-        let (one, two) = two_workers(&url).await;
-        let hot = dev("@hot:example.org", "HOT");
-        // Counts 1..=5 that add up to exactly the stored number, each claim
-        // also naming a cold device of its own.
-        let mut plan: Vec<Vec<Vec<ClaimTarget>>> = vec![Vec::new(); CLAIMERS];
-        let mut total = 0usize;
-        for i in 0..CLAIMERS * 6 {
-            let count = (i % 5) as u32 + 1;
-            total += count as usize;
-            let cold = dev(&format!("@cold{i}:example.org"), "COLD");
-            plan[i % CLAIMERS].push(vec![
-                ClaimTarget::one(cold, alg(SC)),
-                ClaimTarget {
-                    device: hot.clone(),
-                    algorithm: alg(SC),
-                    count,
-                },
-            ]);
-        }
-        let stored = fill(&one, &hot, 0, total).await;
-        let answers = claim_storm((&one, &two), plan).await;
-        check_exact(&hot, &stored, &answers);
-    });
+    with_server(
+        "race::hot_device_claims_with_counts_and_other_targets",
+        |url| async move {
+            let (one, two) = two_workers(&url).await;
+            let hot = dev("@hot:example.org", "HOT");
+            // Counts 1..=5 that add up to exactly the stored number, each claim
+            // also naming a cold device of its own.
+            let mut plan: Vec<Vec<Vec<ClaimTarget>>> = vec![Vec::new(); CLAIMERS];
+            let mut total = 0usize;
+            for i in 0..CLAIMERS * 6 {
+                let count = (i % 5) as u32 + 1;
+                total += count as usize;
+                let cold = dev(&format!("@cold{i}:example.org"), "COLD");
+                plan[i % CLAIMERS].push(vec![
+                    ClaimTarget::one(cold, alg(SC)),
+                    ClaimTarget {
+                        device: hot.clone(),
+                        algorithm: alg(SC),
+                        count,
+                    },
+                ]);
+            }
+            let stored = fill(&one, &hot, 0, total).await;
+            let answers = claim_storm((&one, &two), plan).await;
+            check_exact(&hot, &stored, &answers);
+        },
+    );
 }

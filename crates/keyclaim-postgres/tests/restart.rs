@@ -15,11 +15,15 @@ use std::time::Duration;
 
 use keyclaim::{ClaimTarget, Error, KeyStore, Upload};
 use keyclaim_conformance::fixtures::{alg, dev, kid, numbered_otks, put, signed};
-use keyclaim_postgres::testing::{self, Cluster};
 use keyclaim_postgres::{PostgresOptions, PostgresStore};
+use keyclaim_testing::postgres::Cluster;
+use keyclaim_testing::wait_until;
 
 const SC: &str = "signed_curve25519";
 const PREFILL: usize = 1500;
+/// The bound on each wait for the workload to get somewhere: generous, so
+/// that only a workload that is stuck reaches it.
+const WAIT: Duration = Duration::from_secs(30);
 
 /// What a worker loop saw.
 #[derive(Debug, Default)]
@@ -38,25 +42,13 @@ fn check_error(what: &str, error: &Error, tally: &Tally) {
 
 #[test]
 fn server_restart_during_workload() {
-    let cluster = match Cluster::start(true) {
-        Ok(cluster) => cluster,
-        Err(e) if testing::in_ci() => {
-            panic!("restart test: no private PostgreSQL cluster under CI=true: {e}")
-        }
-        Err(e) => {
-            eprintln!(
-                "\n!!!!!!!! keyclaim-postgres: SKIPPED restart::server_restart_during_workload: \
-                 no private PostgreSQL cluster: {e}\n"
-            );
-            return;
-        }
+    let Some(cluster) = keyclaim_testing::require(
+        "restart::server_restart_during_workload (needs a private PostgreSQL cluster)",
+        Cluster::start(true),
+    ) else {
+        return;
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(4)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    runtime.block_on(run(&cluster));
+    keyclaim_testing::runtime(4).block_on(run(&cluster));
 }
 
 async fn run(cluster: &Cluster) {
@@ -158,51 +150,47 @@ async fn run(cluster: &Cluster) {
         })
     };
 
-    for fast in [true, false] {
-        tokio::time::sleep(Duration::from_millis(700)).await;
-        let (up_ok, cl_ok) = (
+    // Both loops succeed again after `(up_ok, cl_ok)` successes.
+    let both_succeed = |(up_ok, cl_ok): (usize, usize)| {
+        upload_tally.ok.load(Ordering::Relaxed) > up_ok
+            && claim_tally.ok.load(Ordering::Relaxed) > cl_ok
+    };
+    let oks = || {
+        (
             upload_tally.ok.load(Ordering::Relaxed),
             claim_tally.ok.load(Ordering::Relaxed),
-        );
-        assert!(up_ok > 0 && cl_ok > 0, "the workload runs before the stop");
+        )
+    };
+    for fast in [true, false] {
+        let before = oks();
+        wait_until("the workload runs before the stop", WAIT, || {
+            both_succeed(before)
+        })
+        .await;
         let (up_err, cl_err) = (
             upload_tally.retryable_errors.load(Ordering::Relaxed),
             claim_tally.retryable_errors.load(Ordering::Relaxed),
         );
         cluster.stop(fast).expect("stop the server");
         // While it is down every operation fails, retryably.
-        tokio::time::sleep(Duration::from_millis(1000)).await;
         let counts = store.otk_counts(&uploads_to).await;
         assert!(
             counts.as_ref().is_err_and(Error::is_retryable),
             "read while down: {counts:?}"
         );
-        assert!(
-            upload_tally.retryable_errors.load(Ordering::Relaxed) > up_err,
-            "uploads failed while down"
-        );
-        assert!(
-            claim_tally.retryable_errors.load(Ordering::Relaxed) > cl_err,
-            "claims failed while down"
-        );
-        let (up_ok, cl_ok) = (
-            upload_tally.ok.load(Ordering::Relaxed),
-            claim_tally.ok.load(Ordering::Relaxed),
-        );
+        wait_until("uploads and claims fail while down", WAIT, || {
+            upload_tally.retryable_errors.load(Ordering::Relaxed) > up_err
+                && claim_tally.retryable_errors.load(Ordering::Relaxed) > cl_err
+        })
+        .await;
+        let down = oks();
         cluster.start_server().expect("start the server again");
         // And succeed again once it is back, through the same pool.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        while upload_tally.ok.load(Ordering::Relaxed) <= up_ok
-            || claim_tally.ok.load(Ordering::Relaxed) <= cl_ok
-        {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the store did not recover after the restart"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_until("the store recovers after the restart", WAIT, || {
+            both_succeed(down)
+        })
+        .await;
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
     stop.store(true, Ordering::Relaxed);
     let (acked, pending) = uploader.await.expect("uploader");
     let (claimed, failed_claims) = claimer.await.expect("claimer");

@@ -12,8 +12,8 @@
 //!   not for every operation queued while it commits, and the writer takes
 //!   what is queued (up to the batch size) under one lock.
 //!
-//! It made no measurable difference to a lone caller's latency (see the
-//! README); it is simpler to reason about.
+//! It made no measurable difference to a lone caller's latency; it is
+//! simpler to reason about.
 
 use std::collections::VecDeque;
 use std::sync::{Condvar, Mutex, MutexGuard};

@@ -51,6 +51,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTran
 use keyclaim::{Error, Result};
 
 use crate::BACKEND;
+use crate::error::storage;
 
 /// The newest file format this build reads and writes.
 pub const FORMAT_VERSION: u64 = 2;
@@ -155,6 +156,8 @@ pub(crate) fn init_or_check(db: &Database) -> Result<()> {
     match found {
         Some(FORMAT_VERSION) => Ok(()),
         Some(1) => {
+            let span = tracing::info_span!("keyclaim.redb.migrate", from = 1, to = FORMAT_VERSION);
+            let _enter = span.enter();
             let txn = db.begin_write().map_err(storage("migrate"))?;
             migrate_v1(&txn)?;
             txn.commit().map_err(storage("migrate"))?;
@@ -269,22 +272,6 @@ pub(crate) fn migrate_v1(txn: &WriteTransaction) -> Result<()> {
     txn.delete_table(v1::ISSUED).map_err(&gone)?;
     txn.delete_table(v1::ISSUED_INDEX).map_err(&gone)?;
     Ok(())
-}
-
-/// Maps a redb error to [`Error::Storage`] for operation `op`.
-pub(crate) fn storage<E>(op: &'static str) -> impl Fn(E) -> Error
-where
-    E: Into<redb::Error>,
-{
-    move |e| {
-        let e: redb::Error = e.into();
-        Error::storage(BACKEND, op, false, e)
-    }
-}
-
-/// Whether a redb error means "the file is held by another handle".
-pub(crate) fn is_already_open(e: &redb::DatabaseError) -> bool {
-    matches!(e, redb::DatabaseError::DatabaseAlreadyOpen)
 }
 
 #[cfg(test)]

@@ -1,4 +1,9 @@
-//! The open database, replaceable after an I/O error.
+//! Opening the file, and the open database, replaceable after an I/O
+//! error.
+//!
+//! A new file is created under a temporary name and renamed into place
+//! ([`open_database`]), so that a crash during creation never leaves a file
+//! that cannot be opened (R10.2).
 //!
 //! After an I/O error (a full disk, say) redb refuses every later operation
 //! on that handle with "previous I/O error" until the file is closed and
@@ -7,18 +12,18 @@
 //! when a batch fails with an I/O error, empties the slot, waits for the
 //! transactions in flight to drop their clones, closes the file and opens it
 //! again. Until that succeeded, operations fail with a retryable
-//! [`Error::Storage`]; the next batch tries again. The store then works
-//! again without a restart once the disk has room.
+//! [`Error::Storage`](keyclaim::Error::Storage); the next batch tries again.
+//! The store then works again without a restart once the disk has room.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use keyclaim::{Error, Result};
+use keyclaim::Result;
 use parking_lot::{Mutex, RwLock};
 use redb::Database;
 
-use crate::{BACKEND, RedbOptions, open_database};
+use crate::{RedbOptions, error, schema};
 
 /// How long a reopen waits for transactions in flight to finish.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -30,18 +35,6 @@ pub(crate) struct DbSlot {
     db: RwLock<Option<Arc<Database>>>,
     reopening: Mutex<()>,
 }
-
-/// The error of an operation that found the slot empty.
-#[derive(Debug)]
-struct Reopening;
-
-impl std::fmt::Display for Reopening {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("the redb file is being reopened after an I/O error; try again")
-    }
-}
-
-impl std::error::Error for Reopening {}
 
 impl DbSlot {
     pub(crate) fn new(path: PathBuf, options: RedbOptions, db: Database) -> Self {
@@ -56,13 +49,10 @@ impl DbSlot {
     /// The open database, for one transaction.
     ///
     /// # Errors
-    /// A retryable [`Error::Storage`] while the file is being reopened, or
-    /// after a reopen failed.
+    /// A retryable [`Error::Storage`](keyclaim::Error::Storage) while the
+    /// file is being reopened, or after a reopen failed.
     pub(crate) fn get(&self, op: &'static str) -> Result<Arc<Database>> {
-        self.db
-            .read()
-            .clone()
-            .ok_or_else(|| Error::storage(BACKEND, op, true, Reopening))
+        self.db.read().clone().ok_or_else(|| error::reopening(op))
     }
 
     /// The open database, reopening the file first if the slot is empty.
@@ -84,11 +74,13 @@ impl DbSlot {
     /// repair. The caller must hold no clone of the handle.
     ///
     /// # Errors
-    /// [`Error::Storage`] (retryable) when the handle stays in use or the
-    /// file cannot be opened; the slot then stays empty and the next
-    /// [`DbSlot::get_or_reopen`] tries again.
+    /// [`Error::Storage`](keyclaim::Error::Storage) (retryable) when the
+    /// handle stays in use or the file cannot be opened; the slot then stays
+    /// empty and the next [`DbSlot::get_or_reopen`] tries again.
     pub(crate) fn reopen(&self) -> Result<()> {
         let _one_at_a_time = self.reopening.lock();
+        let span = tracing::debug_span!("keyclaim.redb.reopen");
+        let _enter = span.enter();
         let taken = self.db.write().take();
         if let Some(mut old) = taken {
             let deadline = Instant::now() + DRAIN_TIMEOUT;
@@ -106,40 +98,70 @@ impl DbSlot {
                     }
                     Err(still_shared) => {
                         *self.db.write() = Some(still_shared);
-                        return Err(Error::storage(
-                            BACKEND,
-                            "reopen",
-                            true,
-                            "the redb handle is still in use; not reopened",
-                        ));
+                        return Err(error::still_in_use());
                     }
                 }
             }
         }
-        let db = open_database(&self.path, &self.options).map_err(|e| match e {
-            Error::Storage { source, .. } => Error::storage(BACKEND, "reopen", true, source),
-            other => other,
-        })?;
+        let db = open_database(&self.path, &self.options).map_err(error::reopen_failed)?;
         *self.db.write() = Some(Arc::new(db));
         tracing::warn!(path = %self.path.display(), "reopened the redb file after an I/O error");
         Ok(())
     }
 }
 
-/// Whether an error means redb's handle is unusable until reopened (an I/O
-/// error, or redb's "previous I/O error").
-pub(crate) fn needs_reopen(error: &Error) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
-    while let Some(e) = source {
-        if let Some(e) = e.downcast_ref::<redb::Error>() {
-            return is_io(e);
-        }
-        source = e.source();
+/// Opens (or creates) the file and checks its format, migrating an older
+/// one; blocking.
+///
+/// # Errors
+/// As [`RedbStore::open`](crate::RedbStore::open).
+pub(crate) fn open_database(path: &Path, options: &RedbOptions) -> Result<Database> {
+    let span = tracing::debug_span!("keyclaim.redb.open", path = %path.display());
+    let _enter = span.enter();
+    if !path.exists() {
+        create_atomically(path, options)?;
     }
-    false
+    let db = builder(options)
+        .create(path)
+        .map_err(|e| error::open_failed(path, e))?;
+    schema::init_or_check(&db)?;
+    Ok(db)
 }
 
-/// Whether a redb error is an I/O failure of the storage.
-pub(crate) fn is_io(e: &redb::Error) -> bool {
-    matches!(e, redb::Error::Io(_) | redb::Error::PreviousIo)
+/// redb's builder with the options' cache size.
+fn builder(options: &RedbOptions) -> redb::Builder {
+    let mut builder = redb::Builder::new();
+    if let Some(bytes) = options.get_cache_size() {
+        builder.set_cache_size(bytes);
+    }
+    builder
+}
+
+/// Creates a new store file under a temporary name beside `path`, writes
+/// its format version and tables, and renames it into place, so that a
+/// crash (SIGKILL) during creation never leaves a file at `path` that
+/// cannot be opened (R10.2): either there is no file yet, or a complete one.
+fn create_atomically(path: &Path, options: &RedbOptions) -> Result<()> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.creating-{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    {
+        let db = builder(options)
+            .create(&tmp)
+            .map_err(error::storage("create"))?;
+        schema::init_or_check(&db)?;
+    }
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(error::create_io)?;
+    std::fs::rename(&tmp, path).map_err(error::create_io)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(error::create_io)?;
+    }
+    Ok(())
 }

@@ -29,17 +29,20 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use keyclaim::transfer::DeviceSnapshot;
 use keyclaim::{
-    ChangeNotifier, Changes, ClaimTarget, Device, DeviceSnapshot, Error, Limits, Result, Upload,
-    UploadOutcome, UserId,
+    Changes, ClaimTarget, Device, Error, Limits, Result, Upload, UploadOutcome, UserId,
 };
 use redb::{Database, WriteTransaction};
 use tokio::sync::oneshot;
 
-use crate::ops::{self, Fatal, RawClaim, WriteTables};
+use keyclaim::backend::RawClaim;
+
+use crate::RedbDurability;
+use crate::error::{self, Fatal, needs_reopen};
+use crate::ops::{self, WriteTables};
 use crate::queue::{JobQueue, Taken};
-use crate::slot::{DbSlot, needs_reopen};
-use crate::{BACKEND, RedbDurability, WriterStats};
+use crate::slot::DbSlot;
 
 /// One mutating operation.
 #[derive(Debug)]
@@ -72,11 +75,12 @@ pub(crate) enum Reply {
 }
 
 impl Reply {
-    fn changes(&self) -> &Changes {
+    /// Whether the operation wrote anything.
+    fn wrote(&self) -> bool {
         match self {
-            Self::Upload(o) => &o.changes,
-            Self::Claim(o) => &o.changes,
-            Self::Changes(c) => c,
+            Self::Upload(o) => !o.changes.is_empty(),
+            Self::Claim(o) => o.changed_any(),
+            Self::Changes(c) => !c.is_empty(),
         }
     }
 }
@@ -96,6 +100,25 @@ pub(crate) struct WriterConfig {
     pub(crate) durability: RedbDurability,
     pub(crate) max_batch: usize,
     pub(crate) linger: Duration,
+}
+
+/// What the writer thread has done since the store was opened: how well
+/// group commit is batching.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct WriterStats {
+    /// Batches run to the end: write transactions committed, or dropped
+    /// because none of their operations wrote anything (retried uploads,
+    /// claims that found nothing, rejections).
+    pub batches: u64,
+    /// Operations in those batches (rejected ones included).
+    pub operations: u64,
+    /// The most operations one batch held.
+    pub largest_batch: u64,
+    /// Transactions abandoned or whose commit failed (a batch whose
+    /// operations were then retried one by one counts once, and each
+    /// failing retry once more).
+    pub failed_batches: u64,
 }
 
 /// The handle of the writer thread. Dropping it closes the queue, lets the
@@ -130,19 +153,15 @@ impl Writer {
     ///
     /// # Errors
     /// [`Error::Storage`] when the thread cannot be spawned.
-    pub(crate) fn start(
-        slot: Arc<DbSlot>,
-        config: WriterConfig,
-        notifier: ChangeNotifier,
-    ) -> Result<Self> {
+    pub(crate) fn start(slot: Arc<DbSlot>, config: WriterConfig) -> Result<Self> {
         let queue = Arc::new(JobQueue::new());
         let counters = Arc::new(Counters::default());
         let thread_counters = Arc::clone(&counters);
         let thread_queue = Arc::clone(&queue);
         let thread = std::thread::Builder::new()
             .name("keyclaim-redb-writer".into())
-            .spawn(move || run(&slot, &thread_queue, &config, &notifier, &thread_counters))
-            .map_err(|e| Error::storage(BACKEND, "open", false, e))?;
+            .spawn(move || run(&slot, &thread_queue, &config, &thread_counters))
+            .map_err(|e| error::task_failed("open", e))?;
         Ok(Self {
             queue,
             thread: Some(thread),
@@ -191,13 +210,7 @@ impl Drop for Writer {
 }
 
 /// The writer loop: take a batch, run it, answer; flush relaxed commits.
-fn run(
-    slot: &DbSlot,
-    queue: &JobQueue<Job>,
-    config: &WriterConfig,
-    notifier: &ChangeNotifier,
-    counters: &Counters,
-) {
+fn run(slot: &DbSlot, queue: &JobQueue<Job>, config: &WriterConfig, counters: &Counters) {
     let flush_every = match config.durability {
         RedbDurability::Immediate => None,
         RedbDurability::Relaxed { flush_every } => Some(flush_every),
@@ -244,7 +257,7 @@ fn run(
                 continue;
             }
         };
-        let ran = run_batch(&db, batch, config, notifier, counters, durable);
+        let ran = run_batch(&db, batch, config, counters, durable);
         drop(db);
         if ran.committed {
             if durable {
@@ -271,6 +284,8 @@ fn run(
 /// An empty durable commit, which makes every earlier non-durable commit
 /// durable.
 fn flush(slot: &DbSlot) -> Result<(), Fatal> {
+    let span = tracing::debug_span!("keyclaim.redb.flush");
+    let _enter = span.enter();
     let db = slot.get("flush").map_err(Fatal::Other)?;
     let txn = db.begin_write()?;
     txn.commit()?;
@@ -291,17 +306,16 @@ fn run_batch(
     db: &Database,
     batch: Vec<Job>,
     config: &WriterConfig,
-    notifier: &ChangeNotifier,
     counters: &Counters,
     durable: bool,
 ) -> Ran {
-    let span = tracing::debug_span!("keyclaim_redb.batch", ops = batch.len());
+    let span = tracing::debug_span!("keyclaim.redb.batch", ops = batch.len());
     let _enter = span.enter();
     let ops: Vec<&Job> = batch.iter().collect();
     match execute(db, &ops, config, durable) {
         Ok(results) => {
             counters.committed(batch.len());
-            answer(batch, results, notifier);
+            answer(batch, results);
             Ran {
                 committed: true,
                 needs_reopen: false,
@@ -340,7 +354,7 @@ fn run_batch(
                 match execute(db, &[&job], config, durable) {
                     Ok(results) => {
                         counters.committed(1);
-                        answer(vec![job], results, notifier);
+                        answer(vec![job], results);
                         ran.committed = true;
                     }
                     Err(BatchError::Commit(e) | BatchError::Op(e)) => {
@@ -395,9 +409,7 @@ fn execute(
             }
         }
         let wrote = tables.finish().map_err(commit_err)?
-            || results
-                .iter()
-                .any(|r| r.as_ref().is_ok_and(|reply| !reply.changes().is_empty()));
+            || results.iter().any(|r| r.as_ref().is_ok_and(Reply::wrote));
         if !wrote {
             // Only reads, retries and rejections: nothing to make durable,
             // so no commit and no fsync.
@@ -418,72 +430,26 @@ fn apply(
 ) -> std::result::Result<Result<Reply>, Fatal> {
     Ok(match op {
         Op::Upload(upload) => ops::upload(tables, upload, limits)?.map(Reply::Upload),
-        Op::Claim(targets) => Ok(Reply::Claim(ops::claim(tables, targets, limits)?)),
+        Op::Claim(targets) => Ok(Reply::Claim(ops::claim(tables, targets)?)),
         Op::DeleteDevice(device) => Ok(Reply::Changes(ops::delete_device(tables, device)?)),
         Op::DeleteUser(user) => Ok(Reply::Changes(ops::delete_user(tables, user)?)),
         Op::Import(snapshot) => Ok(Reply::Changes(ops::import_device(tables, snapshot)?)),
     })
 }
 
-/// Sends committed results: change notifications first, so that a caller
-/// that subscribed before its call sees the event when the call returns.
-fn answer(batch: Vec<Job>, results: Vec<Result<Reply>>, notifier: &ChangeNotifier) {
+/// Sends committed results. (Core reports the changes, R11.1.)
+fn answer(batch: Vec<Job>, results: Vec<Result<Reply>>) {
     for (job, result) in batch.into_iter().zip(results) {
-        if let Ok(reply) = &result {
-            notifier.notify(reply.changes());
-        }
         // The caller may have gone away (its future was dropped); the
         // operation is committed all the same.
         let _ = job.reply.send(result);
     }
 }
 
-fn fail_all(batch: Vec<Job>, error: &Arc<Error>) {
+fn fail_all(batch: Vec<Job>, cause: &Arc<Error>) {
     for job in batch {
-        let _ = job.reply.send(Err(clone_error(error, job.op.name())));
+        let _ = job
+            .reply
+            .send(Err(error::for_batch_mate(cause, job.op.name())));
     }
 }
-
-/// Every caller of a failed batch gets its own error value, with the shared
-/// cause as its source.
-fn clone_error(error: &Arc<Error>, op: &'static str) -> Error {
-    match &**error {
-        Error::Corrupt(what) => Error::Corrupt(what.clone()),
-        Error::UnsupportedVersion {
-            backend,
-            found,
-            supported,
-        } => Error::UnsupportedVersion {
-            backend,
-            found: *found,
-            supported: *supported,
-        },
-        Error::Closed => Error::Closed,
-        other => Error::storage(
-            BACKEND,
-            op,
-            other.is_retryable(),
-            SharedError(Arc::clone(error)),
-        ),
-    }
-}
-
-/// A shared error as a source.
-#[derive(Debug)]
-struct SharedError(Arc<Error>);
-
-impl std::fmt::Display for SharedError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        std::fmt::Display::fmt(&self.0, f)
-    }
-}
-
-impl std::error::Error for SharedError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        Some(&*self.0)
-    }
-}
-
-/// How long relaxed mode waits at most before making commits durable, by
-/// default.
-pub(crate) const DEFAULT_FLUSH_EVERY: Duration = Duration::from_millis(100);

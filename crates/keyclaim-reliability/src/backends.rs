@@ -4,9 +4,9 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+use std::sync::Arc;
+
 use keyclaim::{KeyStore, Limits, Result};
-use keyclaim_redb::{RedbOptions, RedbStore};
-use keyclaim_sqlite::{SqliteOptions, SqliteStore};
 
 use crate::differential::{BoxFuture, Subject};
 
@@ -50,13 +50,10 @@ impl Backend {
     /// # Errors
     /// The backend's open errors.
     pub async fn open(self, path: &Path, limits: Limits) -> Result<Persistent> {
-        Ok(match self {
-            Self::Sqlite => Persistent::Sqlite(
-                SqliteStore::open_with(path, SqliteOptions::new().limits(limits)).await?,
-            ),
-            Self::Redb => Persistent::Redb(
-                RedbStore::open_with(path, RedbOptions::new().limits(limits)).await?,
-            ),
+        let url = format!("{}:{}", self.name(), path.display());
+        Ok(Persistent {
+            backend: self,
+            store: keyclaim_open::open_with(&url, limits).await?,
         })
     }
 }
@@ -69,37 +66,27 @@ impl fmt::Display for Backend {
 
 /// An open persistent store.
 #[derive(Debug)]
-pub enum Persistent {
-    /// A SQLite store.
-    Sqlite(SqliteStore),
-    /// A redb store.
-    Redb(RedbStore),
+pub struct Persistent {
+    backend: Backend,
+    store: Arc<dyn KeyStore>,
 }
 
 impl Persistent {
     /// The store.
     pub fn store(&self) -> &dyn KeyStore {
-        match self {
-            Self::Sqlite(s) => s,
-            Self::Redb(s) => s,
-        }
+        &*self.store
     }
 
-    /// Closes the store (waits for its writer, releases the file).
+    /// Closes the store: waits for its writer and releases the file (both
+    /// backends do that when dropped), off the async threads.
     ///
     /// # Errors
-    /// The backend's close errors.
+    /// When the blocking task fails.
     pub async fn close(self) -> Result<()> {
-        match self {
-            // Dropping joins the writer and closes the connections.
-            Self::Sqlite(s) => {
-                tokio::task::spawn_blocking(move || drop(s))
-                    .await
-                    .map_err(|e| keyclaim::Error::storage("sqlite", "close", false, e))?;
-                Ok(())
-            }
-            Self::Redb(s) => s.close().await,
-        }
+        let name = self.backend.name();
+        tokio::task::spawn_blocking(move || drop(self.store))
+            .await
+            .map_err(|e| keyclaim::Error::storage(name, "close", false, e))
     }
 }
 

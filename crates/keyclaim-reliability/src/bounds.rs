@@ -1,5 +1,5 @@
-//! Resource-bound cases (issue 7, item 3): hostile requests that SPEC
-//! section 8's limits must refuse quickly and with bounded memory.
+//! Resource-bound cases: hostile requests that the limits of contract
+//! section 8 (R8.1 to R8.4) must refuse quickly and with bounded memory.
 //!
 //! Each case builds its input first, then resets the process's peak-RSS mark
 //! (`/proc/self/clear_refs`, value 5) and serves the request through
@@ -219,12 +219,10 @@ async fn run_case_async(case: &str) -> Result<BoundsReport, Violation> {
         "million_keys_store_api" => {
             let dev = Device::parse(u, d)?;
             let json = KeyJson::from_value(&json!(""))?;
-            let mut upload = Upload::new(dev);
-            for i in 0..1_000_000 {
-                upload
-                    .one_time_keys
-                    .insert(KeyId::parse(format!("a:{i}"))?, json.clone());
-            }
+            let keys = (0..1_000_000)
+                .map(|i| Ok((KeyId::parse(format!("a:{i}"))?, json.clone())))
+                .collect::<keyclaim::Result<Vec<_>>>()?;
+            let upload = Upload::from_keys(dev, keys, [])?;
             let store = store.clone();
             Prepared {
                 name: "million_keys_store_api",

@@ -1,3 +1,6 @@
+// Over 500 lines: the operation encoding, its decoding from fuzz bytes and the
+// runner belong together (one fuzz target); split them when a second target
+// needs the encoding.
 //! The logic of the `differential` fuzz target: one [`arbitrary`] sequence of
 //! operations applied at once to every backend ([`Subject`]) and to the
 //! conformance suite's reference [`Model`]; every answer and the final states
@@ -14,7 +17,7 @@
 //! claim answers (the keys, in order, with their JSON and fallback flag) and
 //! their change sets, reads, deletions' change sets. At the end: every
 //! subject's whole normalized state (OTKs in claim order, fallback keys with
-//! used flags, remembered issued keys) is the same, [`keyclaim::check_store`]
+//! used flags, remembered issued keys) is the same, [`keyclaim::transfer::check_store`]
 //! is clean for each, and draining every (device, algorithm) with claims
 //! gives the same keys from every subject and from the model.
 
@@ -23,9 +26,10 @@ use std::future::Future;
 use std::pin::Pin;
 
 use arbitrary::{Arbitrary, Unstructured};
+use keyclaim::transfer::check_store;
 use keyclaim::{
     Algorithm, ClaimTarget, ClaimedKey, Device, Error, KeyId, KeyJson, KeyStore, Limits, Upload,
-    UserId, check_store,
+    UserId,
 };
 use keyclaim_conformance::model::Model;
 use keyclaim_memory::MemoryStore;
@@ -217,7 +221,7 @@ fn error_kind(e: &Error) -> Answer {
 }
 
 fn counts_answer(c: &keyclaim::OtkCounts) -> Answer {
-    Answer::Counts(c.0.iter().map(|(a, n)| (a.to_string(), *n)).collect())
+    Answer::Counts(c.iter().map(|(a, n)| (a.to_string(), n)).collect())
 }
 
 fn keys_answer(keys: &[ClaimedKey]) -> Answer {

@@ -1,14 +1,15 @@
-//! Storage faults (issue 7, item 2): a persistent store is run over storage
-//! that fails, and must fail cleanly.
+//! Storage faults: a persistent store is run over storage that fails, and
+//! must fail cleanly (R10.4: an error, never a panic or a wrong answer).
 //!
 //! # Mechanism: a full disk
 //!
-//! [`DiskFull`] mounts a small `tmpfs` (`size=`, default 8 MiB) on a temp
-//! dir and puts the store there. Injecting the fault fills the file system
-//! with a filler file until `write` fails with `ENOSPC`; clearing it deletes
-//! the filler and remounts the file system eight times larger (an operator
-//! adding space). This needs root (or `CAP_SYS_ADMIN`) and `mount`; it works
-//! in this project's sandbox and CI, which run as root.
+//! `tests/storage_faults.rs` runs the scenario with
+//! `keyclaim_testing::DiskFull` as the [`Fault`]: a small `tmpfs` (8 MiB)
+//! mounted on a temp dir holds the store. Injecting the fault fills the file
+//! system with a filler file until `write` fails with `ENOSPC`; clearing it
+//! deletes the filler and remounts the file system eight times larger (an
+//! operator adding space). This needs root (or `CAP_SYS_ADMIN`) and `mount`;
+//! CI runs as root.
 //!
 //! # The scenario ([`run_scenario`])
 //!
@@ -28,11 +29,11 @@
 //!    exact, [`check_store`] clean, and new writes must succeed.
 //! 4. Reopen: the store is closed and opened again; the state is unchanged.
 
-use std::io::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
-use keyclaim::{KeyStore, Limits, check_store};
+use keyclaim::transfer::check_store;
+use keyclaim::{KeyStore, Limits};
 use keyclaim_memory::MemoryStore;
 
 use crate::backends::Backend;
@@ -55,114 +56,6 @@ pub trait Fault {
     /// # Errors
     /// When the fault cannot be cleared.
     fn clear(&mut self) -> std::io::Result<()>;
-}
-
-/// A full disk: a size-limited `tmpfs` filled up by a filler file.
-#[derive(Debug)]
-pub struct DiskFull {
-    mount: tempfile::TempDir,
-    mounted: bool,
-    filler: PathBuf,
-    size: u64,
-}
-
-/// Why a mechanism is not available here.
-#[derive(Debug, Clone)]
-pub struct Unavailable(pub String);
-
-impl DiskFull {
-    /// Mounts a `tmpfs` of `size_bytes` on a fresh temp dir.
-    ///
-    /// # Errors
-    /// [`Unavailable`] when mounting fails (not root, no `mount`, a sandbox
-    /// that forbids it).
-    pub fn new(size_bytes: u64) -> Result<Self, Unavailable> {
-        let mount = tempfile::Builder::new()
-            .prefix("keyclaim-diskfull-")
-            .tempdir()
-            .map_err(|e| Unavailable(format!("no temp dir: {e}")))?;
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o"])
-            .arg(format!("size={size_bytes},mode=0700"))
-            .arg("keyclaim-fault")
-            .arg(mount.path())
-            .output()
-            .map_err(|e| Unavailable(format!("cannot run mount: {e}")))?;
-        if !out.status.success() {
-            return Err(Unavailable(format!(
-                "mount -t tmpfs failed ({}): {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            )));
-        }
-        let filler = mount.path().join("filler");
-        Ok(Self {
-            mount,
-            mounted: true,
-            filler,
-            size: size_bytes,
-        })
-    }
-}
-
-impl Fault for DiskFull {
-    fn name(&self) -> &str {
-        "disk full (tmpfs size=, ENOSPC)"
-    }
-
-    fn dir(&self) -> &Path {
-        self.mount.path()
-    }
-
-    fn inject(&mut self) -> std::io::Result<()> {
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.filler)?;
-        let chunk = vec![0u8; 4096];
-        loop {
-            match f.write(&chunk) {
-                Ok(0) => break,
-                Ok(_) => {}
-                Err(e) if e.raw_os_error() == Some(28) => break, // ENOSPC
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
-    }
-
-    /// Deletes the filler and grows the file system eightfold (as an
-    /// operator would add space), so that the recovery phase's own writes
-    /// do not fill it again.
-    fn clear(&mut self) -> std::io::Result<()> {
-        match std::fs::remove_file(&self.filler) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            other => other?,
-        }
-        self.size *= 8;
-        let status = Command::new("mount")
-            .args(["-o"])
-            .arg(format!("remount,size={}", self.size))
-            .arg(self.mount.path())
-            .status()?;
-        if status.success() {
-            Ok(())
-        } else {
-            Err(std::io::Error::other(format!("remount failed: {status}")))
-        }
-    }
-}
-
-impl Drop for DiskFull {
-    fn drop(&mut self) {
-        if self.mounted {
-            let _ = Command::new("umount")
-                .arg("-l")
-                .arg(self.mount.path())
-                .status();
-            self.mounted = false;
-        }
-    }
 }
 
 /// What [`run_scenario`] saw.
@@ -331,20 +224,12 @@ pub async fn run_scenario(
     fault
         .clear()
         .map_err(|e| Violation(format!("cannot clear {}: {e}", fault.name())))?;
-    // The probe is an upload of new keys: idempotent, so it can be tried on
-    // the old handle and again after a reopen.
+    // The same handle first, then (if it fails) a reopened store: the probe,
+    // then the outcome of the operation whose read failed during the fault.
     let probe = probe_upload()?;
-    let same_handle_ok = match &unresolved {
-        Some(_) => false,
-        None => match apply(store.store(), &probe).await {
-            Ok(_) => true,
-            Err(e) => {
-                report.same_handle_error = Some(chain(&e));
-                false
-            }
-        },
-    };
-    if !same_handle_ok {
+    apply(&mirror, &probe).await?;
+    if let Err(e) = recover(store.store(), &mut mirror, &probe, unresolved.as_ref()).await? {
+        report.same_handle_error = Some(chain(&e));
         report.needed_reopen = true;
         let _ = store.close().await;
         store = backend.open(&path, limits.clone()).await.map_err(|e| {
@@ -352,18 +237,15 @@ pub async fn run_scenario(
                 "after the fault cleared, the store does not open: {e}"
             ))
         })?;
-        if let Some(op) = unresolved.take() {
-            resolve(store.store(), &mut mirror, &op, "after the fault cleared")
-                .await?
-                .map_err(|e| Violation(format!("reads fail after recovery: {e}")))?;
-        }
-        apply(store.store(), &probe).await.map_err(|e| {
-            Violation(format!(
-                "after the fault cleared and a reopen, an upload fails: {e}"
-            ))
-        })?;
+        recover(store.store(), &mut mirror, &probe, unresolved.as_ref())
+            .await?
+            .map_err(|e| {
+                Violation(format!(
+                    "after the fault cleared and a reopen, the store fails: {}",
+                    chain(&e)
+                ))
+            })?;
     }
-    apply(&mirror, &probe).await?;
     report.recovered_ops += 1;
     for _ in 0..100 {
         let op = work.next_op()?;
@@ -391,6 +273,28 @@ pub async fn run_scenario(
     verify(store.store(), &mirror, "after reopen").await?;
     store.close().await?;
     Ok(report)
+}
+
+/// Brings `store` up to date after the fault cleared: the probe (an upload
+/// of new keys on a device of its own: idempotent, so it can be tried on the
+/// old handle and again after a reopen; `mirror` already holds it), then the
+/// outcome of `unresolved`, the operation whose state a failed read left
+/// unknown. `Ok(Err(_))` when the store fails: the handle is unusable.
+async fn recover(
+    store: &dyn KeyStore,
+    mirror: &mut MemoryStore,
+    probe: &WorkOp,
+    unresolved: Option<&WorkOp>,
+) -> Result<Result<(), keyclaim::Error>, Violation> {
+    if let Err(e) = apply(store, probe).await {
+        return Ok(Err(e));
+    }
+    match unresolved {
+        Some(op) => Ok(resolve(store, mirror, op, "after the fault cleared")
+            .await?
+            .map(drop)),
+        None => Ok(Ok(())),
+    }
 }
 
 /// `df` and `ls` of the store's directory, for messages.
@@ -453,8 +357,8 @@ pub async fn verify(
             counts == snap.counts(),
             "{when}: counts of {} are {:?}, stored keys say {:?}",
             snap.device,
-            counts.0,
-            snap.counts().0
+            counts,
+            snap.counts()
         );
     }
     let report = check_store(store, 64).await?;
@@ -464,10 +368,4 @@ pub async fn verify(
         report.problems
     );
     Ok(())
-}
-
-/// Whether the run is under CI (`CI=true`), where an unavailable mechanism
-/// that is expected to work is a failure rather than a skip.
-pub fn under_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
 }

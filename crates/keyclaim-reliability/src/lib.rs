@@ -1,4 +1,4 @@
-//! keyclaim's reliability campaign (issue 7), as a library so that the fuzz
+//! keyclaim's reliability tools, as a library so that the fuzz
 //! targets in `fuzz/`, this crate's tests and its binaries share one
 //! implementation:
 //!
@@ -7,7 +7,7 @@
 //!   store, with oracles for both the success and the error paths);
 //! - [`differential`]: the logic of the `differential` fuzz target (one
 //!   operation sequence against every backend and the reference model);
-//! - [`bounds`]: hostile requests that SPEC section 8's limits refuse, with
+//! - [`bounds`]: hostile requests that contract section 8's limits refuse, with
 //!   their peak memory measured (the `bounds` binary);
 //! - [`faults`]: persistent backends over storage that fails (a full disk);
 //! - [`soak`]: a long mixed workload with SIGKILLs and invariant checks

@@ -1,4 +1,4 @@
-//! The soak (issue 7, item 4): a long mixed workload against a persistent
+//! The soak: a long mixed workload against a persistent
 //! backend, run by a child process that is killed with SIGKILL at random
 //! moments and started again, with every invariant checked after each crash.
 //!
@@ -22,7 +22,7 @@
 //!    it or with all of it (never a part);
 //! 4. verifies the whole state against the reference: every acknowledged
 //!    upload present, every acknowledged claim's keys gone, counts exact,
-//!    [`keyclaim::check_store`] clean.
+//!    [`keyclaim::transfer::check_store`] clean.
 //!
 //! The store is created by the parent before the first worker starts, so
 //! kills hit a store in use; a kill during creation is tested apart
@@ -351,7 +351,7 @@ pub async fn run(
             // Resynchronize the reference with the store so that one
             // violation is not counted again after every later crash.
             mirror = MemoryStore::with_limits(limits());
-            keyclaim::copy_store(store.store(), &mirror, 256, None, |_, _| {}).await?;
+            keyclaim::transfer::copy_store(store.store(), &mirror, 256, None, |_, _| {}).await?;
         }
         store.close().await?;
         summary.crashes += 1;

@@ -5,7 +5,8 @@ use std::fmt;
 use std::future::Future;
 use std::sync::OnceLock;
 
-use keyclaim::{Device, DeviceSnapshot, KeyStore};
+use keyclaim::transfer::DeviceSnapshot;
+use keyclaim::{Device, KeyStore};
 
 /// A broken promise found by a check: what was expected and what happened.
 #[derive(Debug, Clone, PartialEq, Eq)]

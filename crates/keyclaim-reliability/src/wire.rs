@@ -6,7 +6,7 @@
 //! retries, conflicts, R3.4 re-uploads and claims all have something to hit).
 //!
 //! Whatever the bytes, the facade must answer `Ok` or one of the errors of
-//! SPEC section 9's table (never a panic, never 500 from a store that cannot
+//! contract section 9's table (never a panic, never 500 from a store that cannot
 //! fail), and:
 //!
 //! - after an error, the store's full state is exactly what it was before
@@ -19,14 +19,14 @@
 //!   out was stored for that device and is gone (OTK) or marked used
 //!   (fallback), nothing else changed, and every target that had a key to
 //!   hand out got one (R4.3, R4.6);
-//! - [`keyclaim::check_store`] finds no problem afterwards.
+//! - [`keyclaim::transfer::check_store`] finds no problem afterwards.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use keyclaim::transfer::{DeviceSnapshot, check_store};
 use keyclaim::{
-    Algorithm, ApiError, ClaimTarget, Device, DeviceSnapshot, KeyId, KeyJson, KeyStore, KeysApi,
-    Upload, check_store,
+    Algorithm, ApiError, ClaimTarget, Device, KeyId, KeyJson, KeyStore, KeysApi, Upload,
 };
 use keyclaim_memory::MemoryStore;
 use serde_json::{Map, Value, json};
@@ -38,7 +38,7 @@ pub const UPLOAD_USER: &str = "@alice:example.org";
 /// The device every `wire_upload` input uploads for.
 pub const UPLOAD_DEVICE: &str = "ALICEDEV";
 
-/// The (status, errcode) pairs of SPEC section 9's table that a client
+/// The (status, errcode) pairs of contract section 9's table that a client
 /// request can earn from a store that cannot fail.
 const CLIENT_ERRORS: [(u16, &str); 4] = [
     (400, "M_NOT_JSON"),
@@ -144,7 +144,7 @@ fn check_error(
 ) -> Result<(), Violation> {
     ensure!(
         CLIENT_ERRORS.contains(&(err.status(), err.errcode())),
-        "({}, {}) is not in SPEC section 9's table for a client error: {err}",
+        "({}, {}) is not in contract section 9's table for a client error: {err}",
         err.status(),
         err.errcode()
     );
@@ -404,7 +404,7 @@ fn check_claim_answer(
                 s.issued
                     .entry(id.algorithm())
                     .or_default()
-                    .push(keyclaim::IssuedKey {
+                    .push(keyclaim::transfer::IssuedKey {
                         key_id: otk.key_id,
                         digest: otk.key_json.digest(),
                     });

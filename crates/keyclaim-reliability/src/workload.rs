@@ -170,7 +170,7 @@ impl Workload {
                 // of an upload from before the deletion would store them as
                 // new keys: legitimate, but it would blur the "never issued
                 // twice" check. Retries never cross a deletion.
-                self.recent.retain(|u| u.device != device);
+                self.recent.retain(|u| *u.device() != device);
                 WorkOp::DeleteDevice(device)
             }
         };
@@ -221,13 +221,7 @@ impl WorkAnswer {
 pub async fn apply<S: KeyStore + ?Sized>(store: &S, op: &WorkOp) -> keyclaim::Result<WorkAnswer> {
     let result = match op {
         WorkOp::Upload(u) => store.upload(u).await.map(|o| {
-            WorkAnswer::Counts(
-                o.counts
-                    .0
-                    .iter()
-                    .map(|(a, n)| (a.to_string(), *n))
-                    .collect(),
-            )
+            WorkAnswer::Counts(o.counts.iter().map(|(a, n)| (a.to_string(), n)).collect())
         }),
         WorkOp::Claim(t) => store.claim(t).await.map(|o| {
             WorkAnswer::Keys(
@@ -268,6 +262,6 @@ pub async fn clone_memory(
     from: &keyclaim_memory::MemoryStore,
 ) -> keyclaim::Result<keyclaim_memory::MemoryStore> {
     let to = keyclaim_memory::MemoryStore::with_limits(from.limits().clone());
-    keyclaim::copy_store(from, &to, 256, None, |_, _| {}).await?;
+    keyclaim::transfer::copy_store(from, &to, 256, None, |_, _| {}).await?;
     Ok(to)
 }

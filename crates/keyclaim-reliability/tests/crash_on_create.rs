@@ -16,11 +16,8 @@ use keyclaim_reliability::backends::Backend;
 use keyclaim_reliability::chain;
 
 fn kill_during_create(backend: Backend, rounds: u64) {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let dir = keyclaim_testing::temp_dir();
+    let runtime = keyclaim_testing::current_thread_runtime();
     let mut failures = Vec::new();
     for round in 0..rounds {
         let store = dir.path().join(format!("{round}-{}", backend.file_name()));

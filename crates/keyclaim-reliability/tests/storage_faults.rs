@@ -9,87 +9,77 @@
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
 use std::io::Write as _;
+use std::path::Path;
 
 use keyclaim_reliability::backends::Backend;
-use keyclaim_reliability::faults::{DiskFull, run_scenario, under_ci};
+use keyclaim_reliability::faults::{Fault, ScenarioReport, run_scenario};
+use keyclaim_testing::DiskFull;
 
-fn disk_full_case(backend: Backend, seed: u64) {
-    let mut fault = match DiskFull::new(8 << 20) {
-        Ok(f) => f,
-        Err(why) => {
-            assert!(
-                !under_ci(),
-                "CI=true but the full-disk mechanism is unavailable: {}",
-                why.0
-            );
-            let _ = writeln!(
-                std::io::stderr(),
-                "keyclaim-reliability: SKIPPED disk-full fault test for {backend}: {} (needs root and mount)",
-                why.0
-            );
-            return;
-        }
-    };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let report = runtime
+/// A full disk as the scenario's fault.
+struct FullDisk(DiskFull);
+
+impl Fault for FullDisk {
+    fn name(&self) -> &str {
+        "disk full (tmpfs size=, ENOSPC)"
+    }
+
+    fn dir(&self) -> &Path {
+        self.0.dir()
+    }
+
+    fn inject(&mut self) -> std::io::Result<()> {
+        self.0.fill()
+    }
+
+    fn clear(&mut self) -> std::io::Result<()> {
+        self.0.clear()
+    }
+}
+
+/// Runs the scenario for `backend` over an 8 MiB disk that fills up, or
+/// `None` after a loud skip where the disk cannot be mounted.
+fn over_a_full_disk(what: &str, backend: Backend, seed: u64) -> Option<ScenarioReport> {
+    let disk = keyclaim_testing::require(what, DiskFull::mount(8 << 20))?;
+    let mut fault = FullDisk(disk);
+    let report = keyclaim_testing::runtime(2)
         .block_on(run_scenario(backend, &mut fault, seed))
         .unwrap_or_else(|v| panic!("{backend} over a full disk: {v}"));
     let _ = writeln!(std::io::stderr(), "keyclaim-reliability: {report:?}");
+    Some(report)
 }
 
 #[test]
 fn sqlite_disk_full() {
-    disk_full_case(Backend::Sqlite, 1);
+    over_a_full_disk("sqlite_disk_full", Backend::Sqlite, 1);
 }
 
 #[test]
 fn redb_disk_full() {
-    disk_full_case(Backend::Redb, 1);
+    over_a_full_disk("redb_disk_full", Backend::Redb, 1);
 }
 
 /// The stricter promise: once the fault clears, the *same handle* works
 /// again, without a reopen (a homeserver would otherwise answer 500 until it
-/// restarts). SQLite keeps it; redb does not yet (its handle keeps failing
-/// after the first I/O error), so this runs on demand:
-/// `cargo test -p keyclaim-reliability --test storage_faults -- --ignored`.
+/// restarts).
+fn same_handle_recovers(what: &str, backend: Backend) {
+    if let Some(report) = over_a_full_disk(what, backend, 2) {
+        assert!(
+            !report.needed_reopen,
+            "{backend}: after the disk-full fault cleared, the same handle still fails: {:?}",
+            report.same_handle_error
+        );
+    }
+}
+
 #[test]
-#[ignore = "redb handles stay failed after an I/O error: reported, see the README"]
 fn redb_same_handle_recovers_after_disk_full() {
-    same_handle_recovers(Backend::Redb);
+    same_handle_recovers("redb_same_handle_recovers_after_disk_full", Backend::Redb);
 }
 
 #[test]
 fn sqlite_same_handle_recovers_after_disk_full() {
-    same_handle_recovers(Backend::Sqlite);
-}
-
-fn same_handle_recovers(backend: Backend) {
-    let Ok(mut fault) = DiskFull::new(8 << 20) else {
-        assert!(
-            !under_ci(),
-            "CI=true but the full-disk mechanism is unavailable"
-        );
-        let _ = writeln!(
-            std::io::stderr(),
-            "keyclaim-reliability: SKIPPED same-handle recovery for {backend} (needs root and mount)"
-        );
-        return;
-    };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let report = runtime
-        .block_on(run_scenario(backend, &mut fault, 2))
-        .unwrap_or_else(|v| panic!("{backend} over a full disk: {v}"));
-    assert!(
-        !report.needed_reopen,
-        "{backend}: after the disk-full fault cleared, the same handle still fails: {:?}",
-        report.same_handle_error
+    same_handle_recovers(
+        "sqlite_same_handle_recovers_after_disk_full",
+        Backend::Sqlite,
     );
 }

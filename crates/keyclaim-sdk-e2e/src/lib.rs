@@ -1,3 +1,5 @@
+// Over 500 lines: one scenario harness around two OlmMachines; its parts
+// (the HTTP-free transport, the machines, the checks) only make sense together.
 //! End-to-end checks of keyclaim against a real client state machine:
 //! matrix-sdk-crypto's `OlmMachine`.
 //!

@@ -12,10 +12,10 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crossbeam_channel::{RecvTimeoutError, Sender};
-use keyclaim::{Error, Result};
+use keyclaim::Result;
 
 use crate::SqliteOptions;
-use crate::ops::BACKEND;
+use crate::error;
 use crate::schema::{self, Role};
 
 /// The handle on the checkpoint thread; dropping it stops and joins it.
@@ -42,6 +42,7 @@ impl Checkpointer {
                     }
                 };
                 while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(interval) {
+                    let _span = tracing::trace_span!("keyclaim.sqlite.checkpoint").entered();
                     let result = conn
                         .prepare_cached("PRAGMA wal_checkpoint(PASSIVE)")
                         .and_then(|mut s| {
@@ -55,7 +56,7 @@ impl Checkpointer {
                     }
                 }
             })
-            .map_err(|e| Error::storage(BACKEND, "open", false, e))?;
+            .map_err(error::spawn_failed)?;
         Ok(Self {
             stop: Some(stop),
             thread: Some(thread),

@@ -15,7 +15,7 @@ use rusqlite::Connection;
 use tokio::sync::oneshot;
 
 use crate::SqliteOptions;
-use crate::ops::BACKEND;
+use crate::error;
 use crate::schema::{self, Role};
 
 type ReadJob = Box<dyn FnOnce(&Connection) + Send>;
@@ -38,7 +38,7 @@ impl ReadPool {
             threads: Vec::new(),
         };
         let mut ready = Vec::new();
-        for i in 0..options.read_connections.max(1) {
+        for i in 0..options.get_read_connections().max(1) {
             let (ready_tx, ready_rx) = oneshot::channel::<Result<()>>();
             let rx = rx.clone();
             let path = path.to_owned();
@@ -59,7 +59,7 @@ impl ReadPool {
                         }
                     },
                 )
-                .map_err(|e| Error::storage(BACKEND, "open", false, e))?;
+                .map_err(error::spawn_failed)?;
             pool.threads.push(thread);
             ready.push(ready_rx);
         }
@@ -79,14 +79,8 @@ impl ReadPool {
         let span = tracing::Span::current();
         let job: ReadJob = Box::new(move |conn| {
             let _entered = span.enter();
-            let result = catch_unwind(AssertUnwindSafe(|| f(conn))).unwrap_or_else(|_| {
-                Err(Error::storage(
-                    BACKEND,
-                    "read",
-                    false,
-                    "the read operation panicked",
-                ))
-            });
+            let result = catch_unwind(AssertUnwindSafe(|| f(conn)))
+                .unwrap_or_else(|_| Err(error::panicked("read")));
             let _ = reply.send(result);
         });
         self.tx

@@ -40,8 +40,8 @@ use keyclaim::{Error, Result};
 use rusqlite::config::DbConfig;
 use rusqlite::{Connection, OpenFlags};
 
-use crate::ops::{BACKEND, SqlContext as _};
-use crate::{SqliteOptions, Synchronous};
+use crate::error::{self, SqlContext as _};
+use crate::{BACKEND, SqliteOptions, Synchronous};
 
 /// The newest schema version this build knows. A file with a higher
 /// `PRAGMA user_version` is refused with [`Error::UnsupportedVersion`].
@@ -161,8 +161,8 @@ const MIGRATIONS: &[&str] = &[
 /// Which job a connection has; decides its flags and pragmas.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Role {
-    /// The one connection that writes (the writer thread, or a baseline
-    /// connection); may create the file.
+    /// The one connection that writes (the writer thread's); may create
+    /// the file.
     Writer,
     /// A read-pool connection; never writes (`query_only`).
     Reader,
@@ -181,7 +181,7 @@ pub(crate) fn open_connection(
         flags |= OpenFlags::SQLITE_OPEN_CREATE;
     }
     let conn = Connection::open_with_flags(path, flags).ctx("open")?;
-    conn.busy_timeout(options.busy_timeout).ctx("open")?;
+    conn.busy_timeout(options.get_busy_timeout()).ctx("open")?;
     conn.set_prepared_statement_cache_capacity(64);
     // Every statement is prepared once and cached. Without the query planner
     // stability guarantee, SQLite (built with STAT4) re-prepares a cached
@@ -189,7 +189,7 @@ pub(crate) fn open_connection(
     // constraint (`n <= ?`, `LIMIT ?`), which cost more than running it.
     conn.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)
         .ctx("open")?;
-    let synchronous = match options.synchronous {
+    let synchronous = match options.get_synchronous() {
         Synchronous::Full => "FULL",
         Synchronous::Normal => "NORMAL",
     };
@@ -204,12 +204,12 @@ pub(crate) fn open_connection(
     conn.pragma_update(
         None,
         "journal_size_limit",
-        i64::try_from(options.wal_size_limit).unwrap_or(i64::MAX),
+        i64::try_from(options.get_wal_size_limit()).unwrap_or(i64::MAX),
     )
     .ctx("open")?;
     match role {
         Role::Reader => conn.pragma_update(None, "query_only", true).ctx("open")?,
-        Role::Writer if options.checkpoint_interval.is_some() => {
+        Role::Writer if options.get_checkpoint_interval().is_some() => {
             // The background checkpointer does the work; this is a backstop.
             conn.pragma_update(None, "wal_autocheckpoint", BACKSTOP_CHECKPOINT_PAGES)
                 .ctx("open")?;
@@ -228,6 +228,7 @@ pub(crate) fn open_connection(
 /// [`Error::Corrupt`] for a file of another application,
 /// [`Error::Storage`] otherwise.
 pub(crate) fn migrate(conn: &Connection, busy_timeout: Duration) -> Result<()> {
+    let _span = tracing::debug_span!("keyclaim.sqlite.migrate").entered();
     set_wal(conn, busy_timeout)?;
     conn.execute_batch("BEGIN IMMEDIATE").ctx("migrate")?;
     let outcome = migrate_in_transaction(conn);
@@ -298,18 +299,11 @@ fn set_wal(conn: &Connection, busy_timeout: Duration) -> Result<()> {
             conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get::<_, String>(0));
         match mode {
             Ok(mode) if mode.eq_ignore_ascii_case("wal") => return Ok(()),
-            Ok(mode) => {
-                return Err(Error::storage(
-                    BACKEND,
-                    "open",
-                    false,
-                    format!("the file refuses WAL mode (journal_mode is {mode})"),
-                ));
-            }
-            Err(e) if crate::ops::is_busy(&e) && std::time::Instant::now() < deadline => {
+            Ok(mode) => return Err(error::wal_refused(&mode)),
+            Err(e) if error::is_busy(&e) && std::time::Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(5));
             }
-            Err(e) => return Err(crate::ops::sql_error("open", e)),
+            Err(e) => return Err(error::sql_error("open", e)),
         }
     }
 }
@@ -347,21 +341,33 @@ mod tests {
         conn.execute("UPDATE store_meta SET next_seq = 10", [])
             .unwrap();
         let alg = "signed_curve25519";
-        let otk =
-            |d: &str, id: &str, seq: i64| {
-                let j = json(id);
-                conn.execute(
+        let otk = |d: &str, id: &str, seq: i64| {
+            let j = json(id);
+            conn.execute(
                 "INSERT INTO otk (user_id, device_id, algorithm, key_id, seq, digest, key_json) \
                  VALUES ('@alice:example.org', ?1, ?2, ?3, ?4, ?5, ?6)",
-                params![d, alg, format!("{alg}:{id}"), seq, &j.digest().0[..], j.canonical()],
+                params![
+                    d,
+                    alg,
+                    format!("{alg}:{id}"),
+                    seq,
+                    &j.digest().as_bytes()[..],
+                    j.canonical()
+                ],
             )
             .unwrap();
-            };
+        };
         let issued = |d: &str, id: &str, n: i64| {
             conn.execute(
                 "INSERT INTO issued_key (user_id, device_id, algorithm, n, key_id, digest) \
                  VALUES ('@alice:example.org', ?1, ?2, ?3, ?4, ?5)",
-                params![d, alg, n, format!("{alg}:{id}"), &json(id).digest().0[..]],
+                params![
+                    d,
+                    alg,
+                    n,
+                    format!("{alg}:{id}"),
+                    &json(id).digest().as_bytes()[..]
+                ],
             )
             .unwrap();
         };
@@ -375,11 +381,11 @@ mod tests {
         conn.execute(
             "INSERT INTO fallback_key (user_id, device_id, algorithm, key_id, digest, key_json, used) \
              VALUES ('@alice:example.org', 'C', ?1, ?2, ?3, ?4, 1)",
-            params![alg, format!("{alg}:fb"), &f.digest().0[..], f.canonical()],
+            params![alg, format!("{alg}:fb"), &f.digest().as_bytes()[..], f.canonical()],
         )
         .unwrap();
 
-        migrate(&conn, options.busy_timeout).unwrap();
+        migrate(&conn, options.get_busy_timeout()).unwrap();
         let version: i64 = conn
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .unwrap();
@@ -413,8 +419,8 @@ mod tests {
         // Claim order survives: (sequence, key ID).
         let target = ClaimTarget::one(device("A"), alg.parse().unwrap());
         conn.execute_batch("BEGIN IMMEDIATE").unwrap();
-        let raw = ops::claim(&conn, std::slice::from_ref(&target), &limits).unwrap();
-        let out = raw.into_outcome(&[target]).unwrap();
+        let raw = ops::claim(&conn, std::slice::from_ref(&target)).unwrap();
+        let out = raw.decode(&[target]).unwrap();
         assert_eq!(out.keys[0].key_id.as_str(), "signed_curve25519:k2");
         assert_eq!(out.keys[0].key_json, json("k2"));
         // A remembered key is still refused on re-upload (R3.4); a new key

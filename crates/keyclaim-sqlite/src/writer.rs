@@ -1,3 +1,4 @@
+// Over 500 lines: about 190 are the unit tests of group commit, kept beside it.
 //! The writer thread and its group commit.
 //!
 //! One thread owns the write connection. Mutating operations arrive over a
@@ -21,7 +22,6 @@
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -31,51 +31,8 @@ use rusqlite::Connection;
 use tokio::sync::oneshot;
 
 use crate::SqliteOptions;
-use crate::ops::{BACKEND, is_busy};
+use crate::error::{self, BatchFailure};
 use crate::schema::{self, Role};
-
-/// Why a whole batch failed: a shared source error, given to every
-/// operation of the batch.
-#[derive(Clone, Debug)]
-pub(crate) struct BatchFailure {
-    retryable: bool,
-    source: Arc<rusqlite::Error>,
-}
-
-impl BatchFailure {
-    fn from_sql(e: rusqlite::Error) -> Self {
-        Self {
-            retryable: is_busy(&e),
-            source: Arc::new(e),
-        }
-    }
-
-    /// A batch-mate's failure ended the transaction (SQLite rolled it back
-    /// on its own, e.g. after an I/O error): the others did nothing wrong,
-    /// and trying again may succeed.
-    fn aborted_by_batch_mate() -> Self {
-        Self {
-            retryable: true,
-            source: Arc::new(rusqlite::Error::SqliteFailure(
-                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ABORT),
-                Some(
-                    "the transaction was rolled back by a failing operation of the same batch"
-                        .into(),
-                ),
-            )),
-        }
-    }
-
-    /// The batch's only operation failed: the transaction is rolled back,
-    /// and the operation answers with its own error (never with this one).
-    fn sole_operation_failed() -> Self {
-        Self::aborted_by_batch_mate()
-    }
-
-    fn to_error(&self, op: &'static str) -> Error {
-        Error::storage(BACKEND, op, self.retryable, Arc::clone(&self.source))
-    }
-}
 
 /// Whether an operation can fail for reasons of its own, and so needs a
 /// savepoint in a batch.
@@ -129,12 +86,7 @@ where
                 op = self.op,
                 "keyclaim-sqlite: operation panicked; rolled back"
             );
-            Err(Error::storage(
-                BACKEND,
-                self.op,
-                false,
-                "the operation panicked",
-            ))
+            Err(error::panicked(self.op))
         });
         let ok = result.is_ok();
         self.result = Some(result);
@@ -147,12 +99,7 @@ where
             (Some(Err(e)), _) => Err(e),
             (Some(Ok(value)), Ok(())) => Ok(value),
             (_, Err(failure)) => Err(failure.to_error(self.op)),
-            (None, Ok(())) => Err(Error::storage(
-                BACKEND,
-                self.op,
-                true,
-                "the operation did not run",
-            )),
+            (None, Ok(())) => Err(error::did_not_run(self.op)),
         };
         // The caller may have gone away (its future was dropped): fine.
         let _ = self.reply.send(answer);
@@ -174,11 +121,17 @@ impl Writer {
     pub(crate) async fn start(path: PathBuf, options: SqliteOptions) -> Result<Self> {
         let (tx, rx) = crossbeam_channel::unbounded::<Box<dyn Job>>();
         let (ready_tx, ready_rx) = oneshot::channel::<Result<()>>();
+        // Opening and migrating belong to the caller's `keyclaim.sqlite.open`.
+        let open_span = tracing::Span::current();
         let thread = std::thread::Builder::new()
             .name("keyclaim-sqlite-writer".into())
             .spawn(move || {
-                let conn = schema::open_connection(&path, &options, Role::Writer)
-                    .and_then(|conn| schema::migrate(&conn, options.busy_timeout).map(|()| conn));
+                let conn = open_span.in_scope(|| -> Result<Connection> {
+                    let conn = schema::open_connection(&path, &options, Role::Writer)?;
+                    schema::migrate(&conn, options.get_busy_timeout())?;
+                    Ok(conn)
+                });
+                drop(open_span);
                 match conn {
                     Ok(conn) => {
                         if ready_tx.send(Ok(())).is_ok() {
@@ -190,7 +143,7 @@ impl Writer {
                     }
                 }
             })
-            .map_err(|e| Error::storage(BACKEND, "open", false, e))?;
+            .map_err(error::spawn_failed)?;
         let writer = Self {
             tx: Some(tx),
             thread: Some(thread),
@@ -240,7 +193,7 @@ impl Drop for Writer {
 /// The thread's loop: wait for one operation, take whatever else has queued
 /// up (at most `max_batch` in all), run them as one transaction.
 fn serve(conn: &Connection, rx: &Receiver<Box<dyn Job>>, options: &SqliteOptions) {
-    let max_batch = options.max_batch.max(1);
+    let max_batch = options.get_max_batch().max(1);
     let mut batch: Vec<Box<dyn Job>> = Vec::with_capacity(max_batch);
     while let Ok(first) = rx.recv() {
         batch.push(first);
@@ -250,13 +203,13 @@ fn serve(conn: &Connection, rx: &Receiver<Box<dyn Job>>, options: &SqliteOptions
                 Err(_) => break,
             }
         }
-        run_batch(conn, &mut batch, &options.limits);
+        run_batch(conn, &mut batch, options.get_limits());
     }
 }
 
 /// Runs a batch as one transaction and answers every operation in it.
 pub(crate) fn run_batch(conn: &Connection, batch: &mut Vec<Box<dyn Job>>, limits: &Limits) {
-    let span = tracing::debug_span!("keyclaim_sqlite.batch", size = batch.len());
+    let span = tracing::debug_span!("keyclaim.sqlite.batch", size = batch.len());
     let _entered = span.enter();
     let outcome = run_transaction(conn, batch, limits);
     if let Err(failure) = &outcome {
@@ -397,6 +350,8 @@ fn run_jobs(
 mod tests {
     use super::*;
 
+    use std::sync::Arc;
+
     use keyclaim::{ClaimTarget, Device, KeyId, KeyJson, Upload};
 
     fn device(d: &str) -> Device {
@@ -441,7 +396,7 @@ mod tests {
         let options = SqliteOptions::default();
         let conn =
             schema::open_connection(&dir.path().join("db.sqlite"), &options, Role::Writer).unwrap();
-        schema::migrate(&conn, options.busy_timeout).unwrap();
+        schema::migrate(&conn, options.get_busy_timeout()).unwrap();
         (dir, conn)
     }
 
@@ -466,7 +421,7 @@ mod tests {
             Err::<(), _>(Error::Closed)
         });
         let (j5, r5) =
-            job(|c, l| crate::ops::claim(c, &[ClaimTarget::one(device("B"), "alg".parse()?)], l));
+            job(|c, _| crate::ops::claim(c, &[ClaimTarget::one(device("B"), "alg".parse()?)]));
         let mut batch = vec![j1, j2, j4, j3, j5];
         run_batch(&conn, &mut batch, &limits);
 
@@ -502,8 +457,8 @@ mod tests {
         let a = upload("A", &[("alg:1", "one"), ("alg:2", "two")]);
         let (j1, r1) = job(move |c, l| crate::ops::upload(c, &a, l));
         let claim_a = || ClaimTarget::one(device("A"), "alg".parse().unwrap());
-        let (j2, r2) = job_of(Fallible::OnStorageOnly, move |c, l| {
-            crate::ops::claim(c, &[claim_a()], l)
+        let (j2, r2) = job_of(Fallible::OnStorageOnly, move |c, _| {
+            crate::ops::claim(c, &[claim_a()])
         });
         let runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let counted = Arc::clone(&runs);
@@ -547,7 +502,7 @@ mod tests {
         // Violates a deferred foreign key: COMMIT fails.
         let (j2, r2) = job(|c, _| {
             c.execute("INSERT INTO child (p) VALUES (42)", [])
-                .map_err(|e| crate::ops::sql_error("test", e))
+                .map_err(|e| error::sql_error("test", e))
         });
         let mut batch = vec![j1, j2];
         run_batch(&conn, &mut batch, &Limits::default());
@@ -571,7 +526,7 @@ mod tests {
         // Stands for SQLite rolling the transaction back on its own.
         let (j2, r2) = job(|c, _| {
             c.execute_batch("ROLLBACK")
-                .map_err(|e| crate::ops::sql_error("test", e))
+                .map_err(|e| error::sql_error("test", e))
         });
         let b = upload("B", &[("alg:1", "two")]);
         let (j3, r3) = job(move |c, l| crate::ops::upload(c, &b, l));

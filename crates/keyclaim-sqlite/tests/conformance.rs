@@ -1,9 +1,5 @@
 //! The shared conformance suite against `SqliteStore` on temp files, directly
 //! and as `Arc<dyn KeyStore>`.
-// A test: a failed expectation is how it reports.
-#![allow(clippy::expect_used)]
-
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use keyclaim::{Limits, Result};
 use keyclaim_conformance::{Capabilities, StoreFactory, keyclaim::async_trait};
@@ -13,18 +9,9 @@ use keyclaim_sqlite::{SqliteOptions, SqliteStore};
 /// Persistent (reopen drops the store, which joins its threads and closes the
 /// file, then opens the same path) and shared (a second `SqliteStore` on the
 /// same file stands for a second process).
+#[derive(Default)]
 struct SqliteFactory {
-    dir: tempfile::TempDir,
-    next: AtomicUsize,
-}
-
-impl SqliteFactory {
-    fn new() -> Self {
-        Self {
-            dir: tempfile::tempdir().expect("temp dir"),
-            next: AtomicUsize::new(0),
-        }
-    }
+    files: keyclaim_testing::TempFiles,
 }
 
 #[async_trait]
@@ -36,8 +23,7 @@ impl StoreFactory for SqliteFactory {
     }
 
     async fn create(&self, limits: Limits) -> Result<SqliteStore> {
-        let n = self.next.fetch_add(1, Ordering::Relaxed);
-        let path = self.dir.path().join(format!("store-{n}.sqlite"));
+        let path = self.files.path("store", "sqlite");
         SqliteStore::open_with(path, SqliteOptions::new().limits(limits)).await
     }
 
@@ -54,11 +40,11 @@ impl StoreFactory for SqliteFactory {
 }
 
 mod direct {
-    keyclaim_conformance::conformance_tests!(crate::SqliteFactory::new());
+    keyclaim_conformance::conformance_tests!(crate::SqliteFactory::default());
 }
 
 mod as_dyn {
     keyclaim_conformance::conformance_tests!(keyclaim_conformance::DynFactory(
-        crate::SqliteFactory::new()
+        crate::SqliteFactory::default()
     ));
 }

@@ -5,6 +5,10 @@
 //! ever issued again, that every acknowledged upload not claimed is still
 //! there, and that unacknowledged uploads are all there or not at all.
 //!
+//! The test binary runs itself again for each child
+//! (`keyclaim_testing::process`): the test below is the child when started
+//! with a child role, and the parent in every other run.
+//!
 //! `KEYCLAIM_CRASH_ITERATIONS` sets the number of kills (default 25), e.g.
 //! `KEYCLAIM_CRASH_ITERATIONS=500 cargo test -p keyclaim-sqlite --release --test crash`.
 
@@ -18,12 +22,11 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{collect_stdout, device, key, report, result_lines, runtime, spawn_child};
+use common::{collect_stdout, device, key, report, result_lines, spawn_child};
 use keyclaim::{Algorithm, ClaimTarget, KeyStore, Limits, Upload};
 use keyclaim_sqlite::{SqliteOptions, SqliteStore};
 use rand::Rng as _;
 
-const ROLE: &str = "KEYCLAIM_CRASH_ROLE";
 const DB: &str = "KEYCLAIM_CRASH_DB";
 const RUN: &str = "KEYCLAIM_CRASH_RUN";
 const DEVICES: usize = 4;
@@ -37,16 +40,11 @@ fn options() -> SqliteOptions {
     SqliteOptions::new().limits(limits)
 }
 
-/// The child's body: uploads and claims until killed. Does nothing in a
-/// normal test run.
-#[test]
+/// The child's body: uploads and claims until killed.
 fn crash_child() {
-    if std::env::var(ROLE).is_err() {
-        return;
-    }
     let db = PathBuf::from(std::env::var(DB).expect("db path"));
     let run = std::env::var(RUN).expect("run number");
-    runtime().block_on(async move {
+    keyclaim_testing::runtime(2).block_on(async move {
         let store = Arc::new(SqliteStore::open_with(&db, options()).await.expect("open"));
         let out = Arc::new(Mutex::new(()));
         report(&out, &["READY"]);
@@ -173,20 +171,20 @@ fn iterations() -> usize {
 
 #[test]
 fn sigkill_at_random_moments_loses_nothing() {
-    let dir = tempfile::tempdir().unwrap();
+    if keyclaim_testing::process::is_child("crash") {
+        return crash_child();
+    }
+    let dir = keyclaim_testing::temp_dir();
     let db = dir.path().join("crash.sqlite");
-    let rt = runtime();
+    let rt = keyclaim_testing::runtime(2);
     let mut ledger = Ledger::default();
     let mut kills_after_ready = 0;
     let mut total_claims = 0;
     for run in 0..iterations() {
         let mut child = spawn_child(
-            "crash_child",
-            &[
-                (ROLE, "child".to_owned()),
-                (DB, db.display().to_string()),
-                (RUN, run.to_string()),
-            ],
+            "sigkill_at_random_moments_loses_nothing",
+            "crash",
+            &[(DB, db.display().to_string()), (RUN, run.to_string())],
         );
         let out = collect_stdout(&mut child);
         // Mostly mid-work; sometimes while the child is still opening the file.

@@ -2,8 +2,10 @@
 //! uploader run at once; afterwards no key was issued twice, none was lost,
 //! and the counts are exact.
 //!
-//! The test binary runs itself again for each child (`multi_process_child`,
-//! a no-op unless `KEYCLAIM_MP_ROLE` is set).
+//! The test binary runs itself again for each child
+//! (`keyclaim_testing::process`): the test below is a claimer or the
+//! uploader when started with that child role, and the parent in every
+//! other run.
 
 // A test: a failed expectation is how it reports.
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
@@ -15,12 +17,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::{collect_stdout, device, key, report, result_lines, runtime, spawn_child};
+use common::{collect_stdout, device, key, report, result_lines, spawn_child};
 use keyclaim::{Algorithm, ClaimTarget, KeyStore, Limits, Upload};
 use keyclaim_sqlite::{SqliteOptions, SqliteStore};
 use rand::Rng as _;
 
-const ROLE: &str = "KEYCLAIM_MP_ROLE";
 const DB: &str = "KEYCLAIM_MP_DB";
 const DONE: &str = "KEYCLAIM_MP_DONE";
 const DEVICES: usize = 4;
@@ -34,17 +35,13 @@ fn options() -> SqliteOptions {
     SqliteOptions::new().limits(limits)
 }
 
-/// The child processes' body; does nothing in a normal test run.
-#[test]
-fn multi_process_child() {
-    let Ok(role) = std::env::var(ROLE) else {
-        return;
-    };
+/// The child processes' body: `role` is `claimer` or `uploader`.
+fn multi_process_child(role: &str) {
     let db = PathBuf::from(std::env::var(DB).expect("db path"));
     let done = PathBuf::from(std::env::var(DONE).expect("done path"));
-    runtime().block_on(async move {
+    keyclaim_testing::runtime(2).block_on(async move {
         let store = SqliteStore::open_with(&db, options()).await.expect("open");
-        match role.as_str() {
+        match role {
             "claimer" => claimer(&store, &done).await,
             "uploader" => uploader(&store).await,
             other => panic!("unknown role {other}"),
@@ -117,12 +114,17 @@ async fn uploader(store: &SqliteStore) {
     }
 }
 
+const TEST: &str = "two_claimer_processes_and_an_uploader_share_one_file";
+
 #[test]
 fn two_claimer_processes_and_an_uploader_share_one_file() {
-    let dir = tempfile::tempdir().unwrap();
+    if let Some(role) = keyclaim_testing::process::child_role() {
+        return multi_process_child(&role);
+    }
+    let dir = keyclaim_testing::temp_dir();
     let db = dir.path().join("shared.sqlite");
     let done = dir.path().join("uploader-done");
-    let rt = runtime();
+    let rt = keyclaim_testing::runtime(2);
 
     // Every key that was ever stored: (device ID, key ID).
     let mut uploaded: BTreeSet<(String, String)> = BTreeSet::new();
@@ -142,20 +144,17 @@ fn two_claimer_processes_and_an_uploader_share_one_file() {
         }
     });
 
-    let env = |role: &str| {
-        vec![
-            (ROLE, role.to_owned()),
-            (DB, db.display().to_string()),
-            (DONE, done.display().to_string()),
-        ]
-    };
+    let env = [
+        (DB, db.display().to_string()),
+        (DONE, done.display().to_string()),
+    ];
     let mut claimers = Vec::new();
     for _ in 0..2 {
-        let mut child = spawn_child("multi_process_child", &env("claimer"));
+        let mut child = spawn_child(TEST, "claimer", &env);
         let out = collect_stdout(&mut child);
         claimers.push((child, out));
     }
-    let mut up = spawn_child("multi_process_child", &env("uploader"));
+    let mut up = spawn_child(TEST, "uploader", &env);
     let up_out = collect_stdout(&mut up);
     assert!(up.wait().unwrap().success(), "uploader failed");
     std::fs::write(&done, b"done").unwrap();

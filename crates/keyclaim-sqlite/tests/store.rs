@@ -115,7 +115,7 @@ async fn a_busy_file_is_a_retryable_error_never_no_keys() {
 fn per_device_reads_use_covering_indexes() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("plan.sqlite");
-    let rt = common::runtime();
+    let rt = keyclaim_testing::runtime(2);
     drop(rt.block_on(SqliteStore::open(&path)).unwrap());
     let conn = rusqlite::Connection::open(&path).unwrap();
     let plan = |sql: &str| -> String {

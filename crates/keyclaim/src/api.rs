@@ -1,4 +1,4 @@
-//! [`KeysApi`]: the wire facade (SPEC section 9). Matrix request bodies in,
+//! [`KeysApi`]: the wire facade (contract section 9). Matrix request bodies in,
 //! Matrix response JSON out.
 
 use std::fmt;
@@ -195,7 +195,7 @@ impl<S: KeyStore> KeysApi<S> {
     /// fields. Answers `{"one_time_key_counts": {...}}` (R3.8, R6.1).
     ///
     /// # Errors
-    /// An [`ApiError`] per SPEC section 9's table; nothing is stored then.
+    /// An [`ApiError`] per contract section 9's table; nothing is stored then.
     #[tracing::instrument(name = "keys_upload", skip(self, body), fields(body_len = body.len()))]
     pub async fn upload(
         &self,
@@ -240,7 +240,7 @@ impl<S: KeyStore> KeysApi<S> {
     /// `{"one_time_keys": {user: {device: {key_id: key_json}}}, "failures": {}}`.
     ///
     /// # Errors
-    /// An [`ApiError`] per SPEC section 9's table; nothing is consumed then.
+    /// An [`ApiError`] per contract section 9's table; nothing is consumed then.
     #[tracing::instrument(name = "keys_claim", skip(self, body), fields(body_len = body.len(), targets))]
     pub async fn claim(&self, body: &[u8]) -> Result<Value, ApiError> {
         let map = self.parse_body(body)?;

@@ -8,7 +8,7 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 /// The result type of keyclaim.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Which limit of SPEC section 8 a request exceeded.
+/// Which limit of contract section 8 a request exceeded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum LimitKind {
@@ -88,7 +88,7 @@ pub enum Error {
         /// The algorithm named twice.
         algorithm: Algorithm,
     },
-    /// A limit of SPEC section 8 was exceeded (R8.1, R8.2).
+    /// A limit of contract section 8 was exceeded (R8.1, R8.2).
     #[error("too large: {kind} exceeds the limit of {limit}")]
     TooLarge {
         /// Which limit.
@@ -122,6 +122,13 @@ pub enum Error {
     /// The stored data violates an invariant (a bug or outside tampering).
     #[error("corrupt store: {0}")]
     Corrupt(String),
+    /// A store's configuration is invalid (a bad URL, option or schema
+    /// name), found when the store is opened.
+    #[error("invalid configuration: {reason}")]
+    InvalidConfig {
+        /// What is wrong, naming the option.
+        reason: String,
+    },
     /// The store was closed or its worker thread is gone.
     #[error("store is closed")]
     Closed,
@@ -140,6 +147,13 @@ impl Error {
             op,
             retryable,
             source: source.into(),
+        }
+    }
+
+    /// Builds a [`Error::InvalidConfig`].
+    pub fn invalid_config(reason: impl Into<String>) -> Self {
+        Self::InvalidConfig {
+            reason: reason.into(),
         }
     }
 

@@ -1,4 +1,4 @@
-//! Validated identifiers (SPEC section 2: R2.1 to R2.3).
+//! Validated identifiers (contract section 2: R2.1 to R2.3).
 //!
 //! Every identifier is checked once, when it is built, so that the rest of the
 //! crate and every backend can take it as valid. The types are thin wrappers
@@ -90,13 +90,19 @@ string_newtype!(
 );
 
 impl UserId {
-    /// Validates a user ID (R2.1).
+    /// Validates a user ID (R2.1, R2.8).
     ///
     /// # Errors
     /// [`Error::InvalidUserId`] when it does not start with `@`, has an empty
-    /// localpart or server name, has no `:`, or is longer than 255 bytes.
+    /// localpart or server name, has no `:`, is longer than 255 bytes or
+    /// contains U+0000.
     pub fn parse(value: impl Into<String>) -> Result<Self> {
         let value = value.into();
+        if value.contains('\0') {
+            return Err(Error::InvalidUserId {
+                reason: "contains U+0000",
+            });
+        }
         let ok = value.len() <= MAX_ID_BYTES
             && value
                 .strip_prefix('@')
@@ -117,14 +123,19 @@ impl UserId {
 }
 
 impl DeviceId {
-    /// Validates a device ID (R2.2).
+    /// Validates a device ID (R2.2, R2.8).
     ///
     /// # Errors
-    /// [`Error::InvalidDeviceId`] when it is empty or longer than 255 bytes.
+    /// [`Error::InvalidDeviceId`] when it is empty, longer than 255 bytes or
+    /// contains U+0000.
     pub fn parse(value: impl Into<String>) -> Result<Self> {
         let value = value.into();
         if value.is_empty() {
             Err(Error::InvalidDeviceId { reason: "empty" })
+        } else if value.contains('\0') {
+            Err(Error::InvalidDeviceId {
+                reason: "contains U+0000",
+            })
         } else if value.len() > MAX_ID_BYTES {
             Err(Error::InvalidDeviceId {
                 reason: "longer than 255 bytes",
@@ -136,16 +147,16 @@ impl DeviceId {
 }
 
 impl Algorithm {
-    /// Validates an algorithm name (R2.3).
+    /// Validates an algorithm name (R2.3, R2.8).
     ///
     /// # Errors
-    /// [`Error::InvalidKeyId`] when it is empty, contains `:` or is longer than
-    /// 255 bytes.
+    /// [`Error::InvalidKeyId`] when it is empty, contains `:` or U+0000, or
+    /// is longer than 255 bytes.
     pub fn parse(value: impl Into<String>) -> Result<Self> {
         let value = value.into();
-        if value.is_empty() || value.len() > MAX_ID_BYTES || value.contains(':') {
+        if value.is_empty() || value.len() > MAX_ID_BYTES || value.contains([':', '\0']) {
             Err(Error::InvalidKeyId {
-                reason: "algorithm must be 1 to 255 bytes without ':'",
+                reason: "algorithm must be 1 to 255 bytes without ':' or U+0000",
             })
         } else {
             Ok(Self(value))
@@ -169,8 +180,9 @@ pub struct KeyId {
 }
 
 impl KeyId {
-    /// Validates a key ID (R2.3): exactly one `:`, a non-empty algorithm before
-    /// it and a non-empty name after it, each at most 255 bytes.
+    /// Validates a key ID (R2.3, R2.8): exactly one `:`, a non-empty algorithm
+    /// before it and a non-empty name after it, each at most 255 bytes, and
+    /// no U+0000.
     ///
     /// # Errors
     /// [`Error::InvalidKeyId`] otherwise.
@@ -186,6 +198,11 @@ impl KeyId {
             }
         };
         let (alg, name) = (&full[..colon], &full[colon + 1..]);
+        if full.contains('\0') {
+            return Err(Error::InvalidKeyId {
+                reason: "contains U+0000",
+            });
+        }
         if alg.is_empty() || name.is_empty() {
             return Err(Error::InvalidKeyId {
                 reason: "empty algorithm or key name",
@@ -287,6 +304,31 @@ mod tests {
         assert_eq!(long.len(), 255);
         assert!(UserId::parse(long.clone()).is_ok());
         assert!(UserId::parse(format!("{long}x")).is_err());
+    }
+
+    /// R2.8: U+0000 is refused in every identifier, with the error kind of
+    /// the identifier (user and device IDs `M_INVALID_PARAM`, key IDs and
+    /// algorithms `M_BAD_JSON`).
+    #[test]
+    fn r2_8_no_identifier_holds_u0000() {
+        assert!(matches!(
+            UserId::parse("@a\0:b"),
+            Err(Error::InvalidUserId { .. })
+        ));
+        assert!(matches!(
+            DeviceId::parse("D\0"),
+            Err(Error::InvalidDeviceId { .. })
+        ));
+        assert!(matches!(
+            Algorithm::parse("alg\0"),
+            Err(Error::InvalidKeyId { .. })
+        ));
+        for bad in ["a\0:b", "a:b\0", "\0:b"] {
+            assert!(
+                matches!(KeyId::parse(bad), Err(Error::InvalidKeyId { .. })),
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]

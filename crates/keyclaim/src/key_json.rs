@@ -18,9 +18,19 @@ pub const MAX_KEY_JSON_DEPTH: usize = 32;
 /// Two uploads of "the same key" (R3.2, R5.2) have equal digests even if their
 /// signatures or field order differ.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct KeyDigest(pub [u8; 32]);
+pub struct KeyDigest(pub(crate) [u8; 32]);
 
 impl KeyDigest {
+    /// A digest from its 32 bytes.
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        Self(bytes)
+    }
+
+    /// The digest's 32 bytes.
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
     /// The digest as lowercase hex.
     pub fn to_hex(&self) -> String {
         hex::encode(self.0)
@@ -110,7 +120,7 @@ impl KeyJson {
     /// digest's key gives a value whose digest comparisons (R3.2, R3.4, R5.2)
     /// are wrong for it. A backend that cannot vouch for its storage (an
     /// import from elsewhere, a manual edit) uses [`Self::from_json_str`].
-    pub fn from_stored(canonical: impl Into<Arc<str>>, digest: KeyDigest) -> Self {
+    pub(crate) fn from_stored(canonical: impl Into<Arc<str>>, digest: KeyDigest) -> Self {
         Self {
             canonical: canonical.into(),
             digest,

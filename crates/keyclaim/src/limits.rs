@@ -1,9 +1,9 @@
-//! Limits against buggy or hostile clients (SPEC section 8).
+//! Limits against buggy or hostile clients (contract section 8).
 
 use crate::error::{Error, LimitKind, Result};
 use crate::types::{ClaimTarget, Upload};
 
-/// Configurable limits; [`Limits::default`] gives the SPEC's defaults.
+/// Configurable limits; [`Limits::default`] gives the contract's defaults.
 ///
 /// ```
 /// let mut limits = keyclaim::Limits::default();

@@ -4,7 +4,7 @@
 //! A homeserver built on ruma already has the parsed request types; it hands
 //! them to [`KeysApi::upload_ruma`], [`KeysApi::claim_ruma`] and
 //! [`KeysApi::sync_ruma`] and gets ruma response types back, with the same
-//! validation, limits and errors as the JSON facade (SPEC section 9). The
+//! validation, limits and errors as the JSON facade (contract section 9). The
 //! plain conversion functions serve those that call a [`KeyStore`] directly,
 //! and clients or tests that go the other way.
 //!
@@ -326,7 +326,7 @@ impl<S: KeyStore> KeysApi<S> {
     /// [`KeysApi::upload`].
     ///
     /// # Errors
-    /// An [`ApiError`] per SPEC section 9's table; nothing is stored then.
+    /// An [`ApiError`] per contract section 9's table; nothing is stored then.
     pub async fn upload_ruma(
         &self,
         user_id: &ruma_common::UserId,
@@ -343,7 +343,7 @@ impl<S: KeyStore> KeysApi<S> {
     /// Serves a parsed `POST /keys/claim`, like [`KeysApi::claim`].
     ///
     /// # Errors
-    /// An [`ApiError`] per SPEC section 9's table; nothing is consumed then.
+    /// An [`ApiError`] per contract section 9's table; nothing is consumed then.
     pub async fn claim_ruma(
         &self,
         request: &claim_keys::v3::Request,

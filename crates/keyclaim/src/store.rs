@@ -17,6 +17,11 @@ use crate::types::{
 ///
 /// Object safe: hold it as `Arc<dyn KeyStore>`. Every future is `Send`.
 ///
+/// Backends do not implement this trait directly: they implement
+/// [`Backend`](crate::backend::Backend), and core implements `KeyStore` for
+/// them, applying the request-level limits, clamping, spans and change
+/// reports in one place.
+///
 /// # The contract, in short
 ///
 /// - **Atomicity**: every method is one atomic step. After it returns an
@@ -41,7 +46,7 @@ pub trait KeyStore: Debug + Send + Sync + 'static {
     /// logs and error messages.
     fn backend_name(&self) -> &'static str;
 
-    /// The limits this store enforces (SPEC section 8).
+    /// The limits this store enforces (contract section 8).
     fn limits(&self) -> &Limits;
 
     /// Subscribes to change events (R11.1): one event per successful
@@ -50,7 +55,7 @@ pub trait KeyStore: Debug + Send + Sync + 'static {
 
     /// Stores one device's OTKs and fallback keys (section 3).
     ///
-    /// Applies [`plan_upload`](crate::plan_upload)'s rules: retried keys are
+    /// Applies [`plan_upload`](crate::backend::plan_upload)'s rules: retried keys are
     /// accepted unchanged (R3.2), remembered issued keys are not stored again
     /// (R3.4), all new OTKs share one new sequence number (R3.5), fallback
     /// keys replace the stored one unless they are the same key (R5.1, R5.2).
@@ -142,18 +147,19 @@ pub trait KeyStore: Debug + Send + Sync + 'static {
     async fn import_device(&self, snapshot: &DeviceSnapshot) -> Result<Changes>;
 
     /// The device's OTK counts and unused fallback types together (the E2EE
-    /// fields of `/sync`). Backends may override it to read both at once.
+    /// fields of `/sync`), from one consistent read where the storage
+    /// allows it. A read, like [`KeyStore::otk_counts`].
     ///
     /// # Errors
     /// [`Error::Storage`](crate::Error::Storage).
-    async fn sync_state(&self, device: &Device) -> Result<SyncState> {
-        Ok(SyncState {
-            one_time_key_counts: self.otk_counts(device).await?,
-            unused_fallback_key_types: self.unused_fallback_types(device).await?,
-        })
-    }
+    async fn sync_state(&self, device: &Device) -> Result<SyncState>;
 }
 
+// `KeyStore` has no provided methods, so a method added to the trait and
+// forgotten here is a compile error rather than a silent fall-back to a
+// default that skips the pointee's implementation. (`Box` is not forwarded:
+// core implements `KeyStore` for every `Backend`, and a downstream crate may
+// implement `Backend` for `Box<its own type>`.)
 macro_rules! forward_key_store {
     ($($ptr:ident),*) => {$(
         #[async_trait]
@@ -198,4 +204,4 @@ macro_rules! forward_key_store {
     )*};
 }
 
-forward_key_store!(Arc, Box);
+forward_key_store!(Arc);

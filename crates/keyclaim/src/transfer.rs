@@ -6,8 +6,9 @@ use std::collections::{BTreeMap, HashSet};
 
 use crate::error::Result;
 use crate::ids::Device;
+pub use crate::key_json::KeyDigest;
 use crate::store::KeyStore;
-use crate::types::DeviceSnapshot;
+pub use crate::types::{DeviceSnapshot, IssuedKey, StoredFallback, StoredOtk};
 
 /// Pages through a store's devices in (user ID, device ID) byte order.
 ///

@@ -16,12 +16,9 @@ use crate::key_json::{KeyDigest, KeyJson};
 /// (R3.6).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Upload {
-    /// The device the keys belong to.
-    pub device: Device,
-    /// One-time keys by key ID.
-    pub one_time_keys: BTreeMap<KeyId, KeyJson>,
-    /// Fallback keys by algorithm, each with its key ID.
-    pub fallback_keys: BTreeMap<Algorithm, (KeyId, KeyJson)>,
+    pub(crate) device: Device,
+    pub(crate) one_time_keys: BTreeMap<KeyId, KeyJson>,
+    pub(crate) fallback_keys: BTreeMap<Algorithm, (KeyId, KeyJson)>,
 }
 
 impl Upload {
@@ -87,6 +84,23 @@ impl Upload {
         }
         self.fallback_keys.insert(algorithm, (id, json));
         Ok(())
+    }
+
+    /// The device the keys belong to.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The one-time keys by key ID, in key ID order (the tie-break order
+    /// inside one upload, R3.5).
+    pub fn one_time_keys(&self) -> &BTreeMap<KeyId, KeyJson> {
+        &self.one_time_keys
+    }
+
+    /// The fallback keys by algorithm, each with its key ID (at most one per
+    /// algorithm, R3.6).
+    pub fn fallback_keys(&self) -> &BTreeMap<Algorithm, (KeyId, KeyJson)> {
+        &self.fallback_keys
     }
 
     /// The number of keys, one-time and fallback together (the figure R8.2 limits).
@@ -170,9 +184,33 @@ impl ClaimOutcome {
 /// OTK counts of one device: algorithm to number of stored OTKs (R6.1).
 /// Algorithms with no keys are absent; see [`OtkCounts::to_wire`].
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct OtkCounts(pub BTreeMap<Algorithm, u64>);
+pub struct OtkCounts(pub(crate) BTreeMap<Algorithm, u64>);
+
+impl FromIterator<(Algorithm, u64)> for OtkCounts {
+    /// Counts from (algorithm, count) pairs: counts of one algorithm given
+    /// more than once are added up, zero counts are left out (R6.1).
+    fn from_iter<I: IntoIterator<Item = (Algorithm, u64)>>(iter: I) -> Self {
+        let mut map = BTreeMap::new();
+        for (alg, n) in iter {
+            if n > 0 {
+                *map.entry(alg).or_insert(0u64) += n;
+            }
+        }
+        Self(map)
+    }
+}
 
 impl OtkCounts {
+    /// The non-zero counts, by algorithm in byte order.
+    pub fn iter(&self) -> impl Iterator<Item = (&Algorithm, u64)> + '_ {
+        self.0.iter().map(|(a, n)| (a, *n))
+    }
+
+    /// Whether no algorithm has a key.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
     /// The count of one algorithm (0 when absent).
     pub fn get(&self, algorithm: &Algorithm) -> u64 {
         self.0.get(algorithm).copied().unwrap_or(0)
@@ -327,11 +365,10 @@ impl DeviceSnapshot {
 
     /// OTK counts derived from the snapshot.
     pub fn counts(&self) -> OtkCounts {
-        let mut counts = BTreeMap::new();
-        for otk in &self.one_time_keys {
-            *counts.entry(otk.key_id.algorithm()).or_insert(0) += 1;
-        }
-        OtkCounts(counts)
+        self.one_time_keys
+            .iter()
+            .map(|otk| (otk.key_id.algorithm(), 1))
+            .collect()
     }
 
     /// Unused fallback types derived from the snapshot.

@@ -3,16 +3,24 @@
 
 use std::sync::Arc;
 
-use async_trait::async_trait;
+use keyclaim::backend::{Backend, StoreCore, async_trait};
+use keyclaim::transfer::DeviceSnapshot;
 use keyclaim::{
-    Algorithm, ChangeNotifier, Changes, ClaimOutcome, ClaimTarget, Device, DeviceSnapshot, Error,
-    KeyStore, KeysApi, Limits, OtkCounts, Result, Upload, UploadOutcome, UserId, broadcast,
+    Algorithm, Changes, ClaimOutcome, ClaimTarget, Device, Error, KeyStore, KeysApi, Limits,
+    OtkCounts, Result, SyncState, Upload, UploadOutcome, UserId,
 };
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct FailingStore {
-    limits: Limits,
-    notifier: ChangeNotifier,
+    core: StoreCore,
+}
+
+impl Default for FailingStore {
+    fn default() -> Self {
+        Self {
+            core: StoreCore::new(Limits::default()),
+        }
+    }
 }
 
 fn down(op: &'static str) -> Error {
@@ -25,15 +33,12 @@ fn down(op: &'static str) -> Error {
 }
 
 #[async_trait]
-impl KeyStore for FailingStore {
-    fn backend_name(&self) -> &'static str {
+impl Backend for FailingStore {
+    fn name(&self) -> &'static str {
         "failing"
     }
-    fn limits(&self) -> &Limits {
-        &self.limits
-    }
-    fn subscribe(&self) -> broadcast::Receiver<Changes> {
-        self.notifier.subscribe()
+    fn core(&self) -> &StoreCore {
+        &self.core
     }
     async fn upload(&self, _: &Upload) -> Result<UploadOutcome> {
         Err(down("upload"))
@@ -46,6 +51,9 @@ impl KeyStore for FailingStore {
     }
     async fn unused_fallback_types(&self, _: &Device) -> Result<Vec<Algorithm>> {
         Err(down("unused_fallback_types"))
+    }
+    async fn sync_state(&self, _: &Device) -> Result<SyncState> {
+        Err(down("sync_state"))
     }
     async fn delete_device(&self, _: &Device) -> Result<Changes> {
         Err(down("delete_device"))
@@ -93,8 +101,8 @@ fn assert_send_sync<T: Send + Sync>() {}
 #[test]
 fn public_futures_are_send() {
     assert_send_sync::<KeysApi<Arc<dyn KeyStore>>>();
-    assert_send_sync::<Box<dyn KeyStore>>();
-    let api = KeysApi::new(Box::new(FailingStore::default()) as Box<dyn KeyStore>);
+    assert_send_sync::<Arc<dyn KeyStore>>();
+    let api = KeysApi::new(Arc::new(FailingStore::default()) as Arc<dyn KeyStore>);
     assert_send(&api.upload("@a:b", "D", b"{}"));
     assert_send(&api.claim(b"{}"));
     assert_send(&api.sync("@a:b", "D"));
@@ -102,8 +110,8 @@ fn public_futures_are_send() {
     assert_send(&api.delete_user("@a:b"));
     let store = FailingStore::default();
     let device = Device::parse("@a:b", "D").unwrap();
-    assert_send(&store.claim(&[]));
-    assert_send(&store.sync_state(&device));
+    assert_send(&KeyStore::claim(&store, &[]));
+    assert_send(&KeyStore::sync_state(&store, &device));
 }
 
 #[test]

@@ -67,11 +67,11 @@ fn upload_request_keeps_key_json_as_sent() {
     let body = upload_body();
     let request: upload_keys::v3::Request = incoming("/_matrix/client/v3/keys/upload", &body);
     let upload = kr::upload_from_request(alice(), &request).unwrap();
-    assert_eq!(upload.one_time_keys.len(), 3);
-    for (id, json) in &upload.one_time_keys {
+    assert_eq!(upload.one_time_keys().len(), 3);
+    for (id, json) in upload.one_time_keys() {
         assert_eq!(json.to_value(), body["one_time_keys"][id.as_str()], "{id}");
     }
-    let (id, json) = &upload.fallback_keys[&Algorithm::signed_curve25519()];
+    let (id, json) = &upload.fallback_keys()[&Algorithm::signed_curve25519()];
     assert_eq!(id.as_str(), "signed_curve25519:AAAAAAAAAAA");
     assert_eq!(
         json.to_value(),
@@ -115,12 +115,15 @@ fn counts_always_carry_signed_curve25519() {
         empty[&OneTimeKeyAlgorithm::SignedCurve25519],
         js_int::uint!(0)
     );
-    let mut counts = OtkCounts::default();
-    counts.0.insert(Algorithm::parse("alg_a").unwrap(), 3);
-    counts.0.insert(Algorithm::parse("alg_zero").unwrap(), 0);
+    let counts: OtkCounts = [
+        (Algorithm::parse("alg_a").unwrap(), 3),
+        (Algorithm::parse("alg_zero").unwrap(), 0),
+    ]
+    .into_iter()
+    .collect();
     let ruma = kr::counts_to_ruma(&counts);
     assert_eq!(ruma.len(), 2, "zero counts left out: {ruma:?}");
-    assert_eq!(kr::counts_from_ruma(&ruma).unwrap().0.len(), 1);
+    assert_eq!(kr::counts_from_ruma(&ruma).unwrap().iter().count(), 1);
     assert_eq!(
         kr::counts_from_ruma(&ruma).unwrap().get_str("alg_a"),
         3,
@@ -155,7 +158,7 @@ fn claim_request_to_targets_and_back() {
 #[test]
 fn sync_fields_round_trip_and_fill_a_sync_response() {
     let state = SyncState {
-        one_time_key_counts: OtkCounts([(Algorithm::signed_curve25519(), 7)].into_iter().collect()),
+        one_time_key_counts: [(Algorithm::signed_curve25519(), 7)].into_iter().collect(),
         unused_fallback_key_types: vec![Algorithm::signed_curve25519()],
     };
     let fields = SyncFields::from(&state);

@@ -182,33 +182,12 @@ async fn sync(
     }))
 }
 
-/// Which store backs the server.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum Backend {
-    /// In memory: keys are gone when the server stops.
-    Memory,
-    /// SQLite, in the file `--path` names (several processes may share it).
-    Sqlite,
-    /// redb, in the file `--path` names (one process at a time).
-    Redb,
-}
-
-/// Opens the store the flags name.
+/// Opens the store a URL names (`memory:`, `sqlite:PATH`, `redb:PATH`,
+/// `postgres://...`; see `keyclaim-open`).
 ///
 /// # Errors
-/// When a file-based backend has no path or cannot open its file.
-pub async fn open_store(
-    backend: Backend,
-    path: Option<&std::path::Path>,
-) -> Result<Arc<dyn KeyStore>, keyclaim::Error> {
-    let path = || {
-        path.ok_or_else(|| {
-            keyclaim::Error::BadRequest(format!("--backend {backend:?} needs --path"))
-        })
-    };
-    Ok(match backend {
-        Backend::Memory => Arc::new(keyclaim_memory::MemoryStore::new()),
-        Backend::Sqlite => Arc::new(keyclaim_sqlite::SqliteStore::open(path()?).await?),
-        Backend::Redb => Arc::new(keyclaim_redb::RedbStore::open(path()?).await?),
-    })
+/// [`keyclaim::Error::InvalidConfig`] for a bad URL, or the backend's
+/// errors on opening.
+pub async fn open_store(url: &str) -> Result<Arc<dyn KeyStore>, keyclaim::Error> {
+    keyclaim_open::open(url).await
 }

@@ -3,11 +3,10 @@
 //! not real authentication**: see the library docs.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 
 use clap::Parser;
 use keyclaim::KeysApi;
-use keyclaim_axum_example::{Backend, open_store, router};
+use keyclaim_axum_example::{open_store, router};
 
 /// Serves the Matrix key endpoints from keyclaim (an example: the
 /// authentication is a stand-in, not real).
@@ -16,18 +15,16 @@ struct Args {
     /// The address to listen on; port 0 picks a free port.
     #[arg(long, default_value = "127.0.0.1:8008")]
     listen: SocketAddr,
-    /// The store backend.
-    #[arg(long, value_enum, default_value_t = Backend::Memory)]
-    backend: Backend,
-    /// The database file of the sqlite and redb backends.
-    #[arg(long)]
-    path: Option<PathBuf>,
+    /// The store's URL: `memory:` (keys are gone when the server stops),
+    /// `sqlite:PATH`, `redb:PATH` or `postgres://...`.
+    #[arg(long, default_value = "memory:")]
+    store: String,
 }
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
-    let store = open_store(args.backend, args.path.as_deref()).await?;
+    let store = open_store(&args.store).await?;
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     // The first line tells scripts and tests where to connect.
     #[allow(clippy::print_stdout)]

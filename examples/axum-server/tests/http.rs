@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 
 use keyclaim::{KeyStore, KeysApi};
-use keyclaim_axum_example::{Backend, STAND_IN_AUTH_HEADER, open_store, router};
+use keyclaim_axum_example::{MAX_SYNC_TIMEOUT_MS, STAND_IN_AUTH_HEADER, open_store, router};
 use keyclaim_e2e::client::{OlmDevice, SIGNED_CURVE25519, claimed_keys};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -85,21 +85,31 @@ impl Http {
 /// Real Olm over HTTP, for every backend the server offers.
 #[tokio::test]
 async fn real_keys_over_http_memory() {
-    real_keys_over_http(open_store(Backend::Memory, None).await.unwrap()).await;
+    real_keys_over_http(open_store("memory:").await.unwrap()).await;
 }
 
 #[tokio::test]
 async fn real_keys_over_http_sqlite() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("keys.sqlite3");
-    real_keys_over_http(open_store(Backend::Sqlite, Some(&path)).await.unwrap()).await;
+    real_keys_over_http(
+        open_store(&format!("sqlite:{}", path.display()))
+            .await
+            .unwrap(),
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn real_keys_over_http_redb() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("keys.redb");
-    real_keys_over_http(open_store(Backend::Redb, Some(&path)).await.unwrap()).await;
+    real_keys_over_http(
+        open_store(&format!("redb:{}", path.display()))
+            .await
+            .unwrap(),
+    )
+    .await;
 }
 
 /// Alice uploads signed vodozemac keys, Bob claims them, verifies them and
@@ -164,7 +174,7 @@ async fn real_keys_over_http(store: Arc<dyn KeyStore>) {
 /// Errors come back as Matrix errors with the facade's status codes.
 #[tokio::test]
 async fn errors_are_matrix_errors() {
-    let http = Http::new(serve(open_store(Backend::Memory, None).await.unwrap()).await);
+    let http = Http::new(serve(open_store("memory:").await.unwrap()).await);
     let who = "@alice:example.org ALICEDEV";
 
     let (status, body) = http.post("keys/upload", None, b"{}".to_vec()).await;
@@ -212,36 +222,63 @@ async fn errors_are_matrix_errors() {
     }
 }
 
-/// A long-polling `/sync` of Alice's device returns once her keys change
-/// (R11.1), showing the claim's effect. (No timing is asserted: whether it
-/// wakes early or at the timeout, the answer must show the claim.)
+/// A long-polling `/sync` of Alice's device is woken by a claim of her keys
+/// (R11.1): it answers well before its timeout, and its answer shows the
+/// claim.
+///
+/// The poll's timeout is the longest the server grants (30 s); the answer
+/// must come within half of it, a bound no working wake-up comes near and
+/// no broken one (which answers only at the timeout) can meet. The test
+/// cannot see when the server has begun to wait, so it claims one key at a
+/// time until the poll answers: the first claim after the poll began to
+/// wait wakes it.
 #[tokio::test]
 async fn long_poll_sync_sees_the_claim() {
-    let http = Arc::new(Http::new(
-        serve(open_store(Backend::Memory, None).await.unwrap()).await,
-    ));
+    // Enough keys to go on claiming past the bound.
+    const KEYS: u64 = 300;
+    let http = Arc::new(Http::new(serve(open_store("memory:").await.unwrap()).await));
     let who = "@alice:example.org ALICEDEV";
-    let (status, _) = http
-        .upload(
-            who,
-            &json!({ "one_time_keys": { "signed_curve25519:A": "k" } }),
-        )
-        .await;
+    let keys: serde_json::Map<String, Value> = (0..KEYS)
+        .map(|i| (format!("signed_curve25519:K{i:03}"), json!("k")))
+        .collect();
+    let (status, _) = http.upload(who, &json!({ "one_time_keys": keys })).await;
     assert_eq!(status, StatusCode::OK);
 
     let poller = Arc::clone(&http);
-    let poll = tokio::spawn(async move { poller.sync(who, "?since=s1&timeout=10000").await });
-    // Give the poll a head start so that it usually is waiting when the
-    // claim lands; if not, it waits out its timeout and reads after the
-    // claim all the same.
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    let (status, _) = http
-        .claim(&json!({ "one_time_keys": { ALICE: { "ALICEDEV": SIGNED_CURVE25519 } } }))
-        .await;
+    let query = format!("?since=s1&timeout={MAX_SYNC_TIMEOUT_MS}");
+    let started = tokio::time::Instant::now();
+    let mut poll = tokio::spawn(async move { poller.sync(who, &query).await });
+    let bound = started + std::time::Duration::from_millis(MAX_SYNC_TIMEOUT_MS / 2);
+    let mut claimed = 0;
+    let answer = loop {
+        assert!(claimed < KEYS, "every key claimed and the poll still waits");
+        let (status, _) = http
+            .claim(&json!({ "one_time_keys": { ALICE: { "ALICEDEV": SIGNED_CURVE25519 } } }))
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        claimed += 1;
+        let pause = tokio::time::sleep(std::time::Duration::from_millis(100));
+        tokio::select! {
+            answer = &mut poll => break answer.unwrap(),
+            () = pause => {}
+        }
+        assert!(
+            tokio::time::Instant::now() < bound,
+            "no answer within {} ms of a {MAX_SYNC_TIMEOUT_MS} ms long-poll, \
+             {claimed} claims after it began: the claims did not wake it",
+            MAX_SYNC_TIMEOUT_MS / 2
+        );
+    };
+    let (status, sync) = answer;
     assert_eq!(status, StatusCode::OK);
-    let (status, sync) = poll.await.unwrap();
-    assert_eq!(status, StatusCode::OK);
-    assert_eq!(sync["device_one_time_keys_count"][SIGNED_CURVE25519], 0);
+    // The count after one of the claims: some claimed, none since the last.
+    let count = sync["device_one_time_keys_count"][SIGNED_CURVE25519]
+        .as_u64()
+        .unwrap();
+    assert!(
+        (KEYS - claimed..KEYS).contains(&count),
+        "the answer shows {count} keys, after {claimed} claims of {KEYS} keys"
+    );
 }
 
 /// Kills the child server when the test ends, however it ends.
@@ -254,12 +291,12 @@ impl Drop for ChildGuard {
     }
 }
 
-/// The built binary, started with `--listen 127.0.0.1:0 --backend memory`,
+/// The built binary, started with `--listen 127.0.0.1:0 --store memory:`,
 /// serves over HTTP at the address it prints.
 #[tokio::test]
 async fn the_binary_serves_http() {
     let child = Command::new(env!("CARGO_BIN_EXE_keyclaim-axum-example"))
-        .args(["--listen", "127.0.0.1:0", "--backend", "memory"])
+        .args(["--listen", "127.0.0.1:0", "--store", "memory:"])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();

@@ -12,9 +12,10 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use keyclaim::KeyStore;
+use keyclaim_benches::baseline::Baseline;
 
 use report::{BackendReport, Invariants, RaceReport, RaceSide, Report};
-use workload::{Claimer, StoreClaimer, Workload};
+use workload::{Claimer, Workload};
 
 pub(crate) use workload::{device, upload_of};
 
@@ -76,21 +77,12 @@ pub(crate) struct BenchArgs {
     pub(crate) quiet: bool,
 }
 
-/// A backend under test: its store and its baseline.
+/// A backend under test: its store and the reference homeserver's claim
+/// pattern on the same kind of storage.
 pub(crate) struct BackendUnderTest {
     pub(crate) name: String,
     pub(crate) store: Arc<dyn KeyStore>,
-    pub(crate) baseline: Option<Baseline>,
-}
-
-/// The reference homeserver's claim pattern on the same backend: how it
-/// claims, and the store its race devices are filled through (the backend's
-/// own store when the baseline reads the same tables; a store of its own
-/// where the backend allows one handle only).
-pub(crate) struct Baseline {
-    pub(crate) name: String,
-    pub(crate) claimer: Arc<dyn Claimer>,
-    pub(crate) store: Arc<dyn KeyStore>,
+    pub(crate) baseline: Option<Arc<dyn Baseline>>,
 }
 
 pub(crate) async fn open_backend(
@@ -115,7 +107,12 @@ pub(crate) async fn open_backend(
                     .await
                     .map_err(err)?,
             );
-            let baseline = (!args.no_baseline).then(|| baselines::sqlite(&store, &path));
+            let baseline = if args.no_baseline {
+                None
+            } else {
+                let path = dir.join(format!("bench-{tag}-baseline.sqlite"));
+                Some(baselines::sqlite(&path).await.map_err(err)?)
+            };
             Ok(BackendUnderTest {
                 name: name.into(),
                 store,
@@ -148,15 +145,25 @@ pub(crate) async fn open_backend(
                 .as_deref()
                 .ok_or("postgres: give --postgres URL or KEYCLAIM_POSTGRES_URL")?;
             let schema = format!("keyclaim_bench_{tag}_{}", std::process::id());
+            let pool_size = args.clients.clamp(4, 64);
             let options = keyclaim_postgres::PostgresOptions::new()
-                .schema(schema)
-                .pool_size(args.clients.clamp(4, 64));
+                .schema(schema.clone())
+                .pool_size(pool_size);
             let store = Arc::new(
                 keyclaim_postgres::PostgresStore::connect_with(url, options)
                     .await
                     .map_err(err)?,
             );
-            let baseline = (!args.no_baseline).then(|| baselines::postgres(store.clone()));
+            let baseline = if args.no_baseline {
+                None
+            } else {
+                let schema = format!("{schema}_baseline");
+                Some(
+                    baselines::postgres(url, &schema, pool_size)
+                        .await
+                        .map_err(err)?,
+                )
+            };
             Ok(BackendUnderTest {
                 name: name.into(),
                 store,
@@ -326,29 +333,27 @@ async fn run_backend(
         rejected_by_limit: mixed.rejected_by_limit,
         errors: mixed.errors,
     };
-    // Claim races: keyclaim against the baseline, on fresh devices each.
+    // Claim races: keyclaim against the baseline, on fresh devices each,
+    // with the most keys the store's limit allows: races start equal.
     let race_time = Duration::from_secs_f64(args.race_duration);
+    let keys = usize::try_from(b.store.limits().max_otks_per_device_algorithm)
+        .unwrap_or(500)
+        .min(500);
     for (scenario, devices) in [("hot", 1), ("distinct", w.clients)] {
-        let ours = race_side(
-            &b.store,
-            Arc::new(StoreClaimer(b.store.clone())),
-            "keyclaim",
-            scenario,
+        let race = Race {
             devices,
-            w.clients,
-            race_time,
-        )
-        .await?;
+            keys,
+            clients: w.clients,
+            duration: race_time,
+        };
+        let ours = race_side(Claimer::Store(b.store.clone()), "keyclaim", scenario, &race).await?;
         let base = match &b.baseline {
             Some(base) => Some(
                 race_side(
-                    &base.store,
-                    base.claimer.clone(),
-                    &base.name,
+                    Claimer::Baseline(base.clone()),
+                    base.name(),
                     &format!("{scenario}b"),
-                    devices,
-                    w.clients,
-                    race_time,
+                    &race,
                 )
                 .await?,
             ),
@@ -364,25 +369,33 @@ async fn run_backend(
     Ok(out)
 }
 
+/// The shape of one claim race.
+struct Race {
+    /// Fresh devices claimed from.
+    devices: usize,
+    /// One-time keys of each device at the start.
+    keys: usize,
+    /// Concurrent claimers.
+    clients: usize,
+    /// The longest the race may take.
+    duration: Duration,
+}
+
 async fn race_side(
-    store: &Arc<dyn KeyStore>,
-    claimer: Arc<dyn Claimer>,
+    claimer: Claimer,
     name: &str,
     scenario: &str,
-    devices: usize,
-    clients: usize,
-    duration: Duration,
+    race: &Race,
 ) -> keyclaim::Result<RaceSide> {
-    // Fresh devices with the most keys the limit allows: races start equal.
     let prefix = format!("race-{scenario}-");
-    let keys = usize::try_from(store.limits().max_otks_per_device_algorithm)
-        .unwrap_or(500)
-        .min(500);
-    workload::fill(store, &prefix, devices, keys, clients.min(devices), || {}).await?;
-    let list = (0..devices)
+    let fillers = race.clients.min(race.devices);
+    claimer
+        .fill(&prefix, race.devices, race.keys, fillers)
+        .await?;
+    let list = (0..race.devices)
         .map(|i| device(&prefix, i))
         .collect::<keyclaim::Result<Vec<_>>>()?;
-    let r = workload::race(claimer, list, clients, duration).await;
+    let r = workload::race(claimer, list, race.clients, race.duration).await;
     Ok(RaceSide {
         name: name.into(),
         claims: r.samples.summary(r.elapsed),

@@ -1,49 +1,78 @@
 //! The homeserver-shaped workload: set-up uploads, a mixed phase of claims,
 //! bulk claims, refills, fallback rotations and count reads from concurrent
-//! clients, and claim races against a one-transaction-per-claim baseline.
+//! clients, and claim races against the reference homeserver's claim pattern
+//! (the baselines).
 
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
 use keyclaim::{
     Algorithm, ClaimTarget, ClaimedKey, Device, Error, KeyId, KeyJson, KeyStore, Upload,
 };
+use keyclaim_benches::baseline::Baseline;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 
 use super::stats::Samples;
 
-/// Something that claims one key at a time: keyclaim's store, or a
-/// baseline with another query pattern.
-#[async_trait]
-pub(crate) trait Claimer: Send + Sync {
+/// What claims one key at a time in a race: keyclaim's store, or a
+/// baseline with the reference homeserver's claim pattern.
+#[derive(Clone)]
+pub(crate) enum Claimer {
+    /// keyclaim's own claim.
+    Store(Arc<dyn KeyStore>),
+    /// A baseline's claim.
+    Baseline(Arc<dyn Baseline>),
+}
+
+impl Claimer {
     /// Claims one key of `algorithm` from `device`.
     async fn claim_one(
         &self,
         device: &Device,
         algorithm: &Algorithm,
-    ) -> keyclaim::Result<Option<ClaimedKey>>;
-}
-
-/// keyclaim's own claim.
-pub(crate) struct StoreClaimer(pub(crate) Arc<dyn KeyStore>);
-
-#[async_trait]
-impl Claimer for StoreClaimer {
-    async fn claim_one(
-        &self,
-        device: &Device,
-        algorithm: &Algorithm,
     ) -> keyclaim::Result<Option<ClaimedKey>> {
-        let out = self
-            .0
-            .claim(&[ClaimTarget::one(device.clone(), algorithm.clone())])
-            .await?;
-        Ok(out.keys.into_iter().next())
+        match self {
+            Self::Store(store) => {
+                let out = store
+                    .claim(&[ClaimTarget::one(device.clone(), algorithm.clone())])
+                    .await?;
+                Ok(out.keys.into_iter().next())
+            }
+            Self::Baseline(baseline) => baseline.claim_one(device, algorithm).await,
+        }
+    }
+
+    /// Fills `devices` devices with `keys` OTKs each (and, in a store, a
+    /// fallback key; a baseline keeps none).
+    pub(crate) async fn fill(
+        &self,
+        prefix: &str,
+        devices: usize,
+        keys: usize,
+        clients: usize,
+    ) -> keyclaim::Result<()> {
+        match self {
+            Self::Store(store) => fill(store, prefix, devices, keys, clients, || {}).await,
+            Self::Baseline(baseline) => {
+                let baseline = baseline.clone();
+                let prefix = prefix.to_owned();
+                parallel(devices, clients, move |i| {
+                    let baseline = baseline.clone();
+                    let device = device(&prefix, i);
+                    async move {
+                        let device = device?;
+                        baseline
+                            .upload(&device, &otks_of(&device, "S", keys)?)
+                            .await
+                    }
+                })
+                .await
+            }
+        }
     }
 }
 
@@ -78,6 +107,13 @@ fn key_json(device: &Device, name: &str, fallback: bool) -> keyclaim::Result<(Ke
     ))
 }
 
+/// `n` fresh OTKs named `<tag><j>`.
+fn otks_of(device: &Device, tag: &str, n: usize) -> keyclaim::Result<Vec<(KeyId, KeyJson)>> {
+    (0..n)
+        .map(|j| key_json(device, &format!("{tag}{j:06}"), false))
+        .collect()
+}
+
 /// An upload of `n` fresh OTKs named `<tag><j>` and optionally a fallback key.
 pub(crate) fn upload_of(
     device: &Device,
@@ -85,9 +121,7 @@ pub(crate) fn upload_of(
     n: usize,
     fallback: bool,
 ) -> keyclaim::Result<Upload> {
-    let otks = (0..n)
-        .map(|j| key_json(device, &format!("{tag}{j:06}"), false))
-        .collect::<keyclaim::Result<Vec<_>>>()?;
+    let otks = otks_of(device, tag, n)?;
     let fb = if fallback {
         vec![key_json(device, &format!("{tag}FB"), true)?]
     } else {
@@ -371,7 +405,7 @@ pub(crate) struct RaceResult {
 /// A claim that came away without an OTK while OTKs were still left (some
 /// claim that began after it ended got one) is counted as short.
 pub(crate) async fn race(
-    claimer: Arc<dyn Claimer>,
+    claimer: Claimer,
     devices: Vec<Device>,
     clients: usize,
     duration: Duration,

@@ -9,7 +9,7 @@ use keyclaim_conformance::fixtures::{SC, alg, dev, otks, signed};
 use keyclaim_redb::{RedbOptions, RedbStore};
 
 fn rt() -> tokio::runtime::Runtime {
-    crate::runtime(4)
+    keyclaim_testing::runtime(4)
 }
 
 fn small_limits() -> Limits {

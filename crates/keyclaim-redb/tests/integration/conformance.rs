@@ -1,28 +1,16 @@
 //! The shared conformance suite against [`RedbStore`], directly and as
 //! `Arc<dyn KeyStore>`.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-
 use keyclaim::{KeyStore, Limits, Result, async_trait};
 use keyclaim_conformance::{Capabilities, StoreFactory};
-use keyclaim_redb::baseline::BaselineStore;
 use keyclaim_redb::{RedbOptions, RedbStore};
 
 /// Fresh stores in files of a temp dir the factory owns; `reopen` closes
 /// the store (joining its writer, releasing the file lock) and opens the
 /// same file with the same limits.
+#[derive(Default)]
 pub(crate) struct RedbFactory {
-    dir: tempfile::TempDir,
-    next: AtomicUsize,
-}
-
-impl RedbFactory {
-    pub(crate) fn new() -> Self {
-        Self {
-            dir: tempfile::tempdir().expect("temp dir"),
-            next: AtomicUsize::new(0),
-        }
-    }
+    files: keyclaim_testing::TempFiles,
 }
 
 #[async_trait]
@@ -34,8 +22,7 @@ impl StoreFactory for RedbFactory {
     }
 
     async fn create(&self, limits: Limits) -> Result<RedbStore> {
-        let n = self.next.fetch_add(1, Ordering::Relaxed);
-        let path = self.dir.path().join(format!("store-{n}.redb"));
+        let path = self.files.path("store", "redb");
         RedbStore::open_with(path, RedbOptions::new().limits(limits)).await
     }
 
@@ -48,47 +35,11 @@ impl StoreFactory for RedbFactory {
 }
 
 mod direct {
-    keyclaim_conformance::conformance_tests!(crate::conformance::RedbFactory::new());
+    keyclaim_conformance::conformance_tests!(crate::conformance::RedbFactory::default());
 }
 
 mod as_dyn {
     keyclaim_conformance::conformance_tests!(keyclaim_conformance::DynFactory(
-        crate::conformance::RedbFactory::new()
+        crate::conformance::RedbFactory::default()
     ));
-}
-
-/// The baseline keeps the contract too (it is only slower): the same
-/// suite against [`BaselineStore`].
-pub(crate) struct BaselineFactory(RedbFactory);
-
-impl BaselineFactory {
-    pub(crate) fn new() -> Self {
-        Self(RedbFactory::new())
-    }
-}
-
-#[async_trait]
-impl StoreFactory for BaselineFactory {
-    type Store = BaselineStore;
-
-    fn capabilities(&self) -> Capabilities {
-        Capabilities::persistent()
-    }
-
-    async fn create(&self, limits: Limits) -> Result<BaselineStore> {
-        let n = self.0.next.fetch_add(1, Ordering::Relaxed);
-        let path = self.0.dir.path().join(format!("baseline-{n}.redb"));
-        BaselineStore::open_with(path, RedbOptions::new().limits(limits)).await
-    }
-
-    async fn reopen(&self, store: BaselineStore) -> Result<BaselineStore> {
-        let path = store.path().to_owned();
-        let limits = store.limits().clone();
-        store.close().await?;
-        BaselineStore::open_with(path, RedbOptions::new().limits(limits)).await
-    }
-}
-
-mod baseline {
-    keyclaim_conformance::conformance_tests!(crate::conformance::BaselineFactory::new());
 }

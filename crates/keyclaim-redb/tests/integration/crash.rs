@@ -1,6 +1,8 @@
 //! The SIGKILL crash test (R3.1, R4.2, R10.1, R10.2).
 //!
-//! The test re-executes its own binary as a child process that opens the
+//! The test re-executes its own binary as a child process (a child role of
+//! `keyclaim_testing::process`: the same test, which acts as the child when
+//! started with the role and as the parent in every other run) that opens the
 //! store and runs uploads and claims on four devices concurrently (so that
 //! group commit batches them), printing one line per step: an intent line
 //! before each operation and an acknowledgement line after it returned.
@@ -19,7 +21,7 @@
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Write};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -29,7 +31,8 @@ use keyclaim::{ClaimTarget, KeyStore, Upload};
 use keyclaim_conformance::fixtures::{SC, alg, dev, kid, signed};
 use keyclaim_redb::RedbStore;
 
-const CHILD_ENV: &str = "KEYCLAIM_CRASH_CHILD";
+const TEST: &str = "crash::sigkill_at_random_moments_loses_nothing_and_never_double_issues";
+const PATH_ENV: &str = "KEYCLAIM_CRASH_PATH";
 const ITER_ENV: &str = "KEYCLAIM_CRASH_ITER";
 const ITERATIONS_ENV: &str = "KEYCLAIM_CRASH_ITERATIONS";
 const TASKS: usize = 4;
@@ -62,11 +65,8 @@ fn emit(line: &str) {
 }
 
 /// The child role: uploads and claims until killed (or 20 s pass).
-#[test]
 fn crash_child() {
-    let Ok(path) = std::env::var(CHILD_ENV) else {
-        return;
-    };
+    let path = std::env::var(PATH_ENV).unwrap();
     let iter: u64 = std::env::var(ITER_ENV).unwrap().parse().unwrap();
     rt().block_on(async move {
         let store = Arc::new(RedbStore::open(&path).await.expect("open after crash"));
@@ -182,6 +182,9 @@ fn replay(
 
 #[test]
 fn sigkill_at_random_moments_loses_nothing_and_never_double_issues() {
+    if keyclaim_testing::process::is_child("crash") {
+        return crash_child();
+    }
     let iterations: u64 = std::env::var(ITERATIONS_ENV)
         .ok()
         .and_then(|s| s.parse().ok())
@@ -192,22 +195,15 @@ fn sigkill_at_random_moments_loses_nothing_and_never_double_issues() {
         .as_nanos() as u64;
     eprintln!("crash test: {iterations} kills, seed {seed}");
     let mut rng = Rng(seed);
-    let dir = tempfile::tempdir().unwrap();
+    let dir = keyclaim_testing::temp_dir();
     let path = dir.path().join("crash.redb");
-    let exe = std::env::current_exe().unwrap();
     let runtime = rt();
     let mut expected: Vec<BTreeSet<String>> = vec![BTreeSet::new(); TASKS];
     let mut total_acks = 0;
     let mut in_flight_seen = 0;
     for iter in 0..iterations {
-        let mut child = Command::new(&exe)
-            .args([
-                "--exact",
-                "crash::crash_child",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(CHILD_ENV, &path)
+        let mut child = keyclaim_testing::process::child_command(TEST, "crash")
+            .env(PATH_ENV, &path)
             .env(ITER_ENV, iter.to_string())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -230,8 +226,8 @@ fn sigkill_at_random_moments_loses_nothing_and_never_double_issues() {
                 if !line.ends_with('\n') {
                     break;
                 }
-                // libtest may print "test crash::crash_child ... " before
-                // the first line of the child's own output.
+                // libtest may print "test crash::sigkill_... " before the
+                // first line of the child's own output.
                 let Some(at) = line.find("@@ ") else {
                     continue;
                 };

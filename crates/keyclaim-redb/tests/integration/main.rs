@@ -17,17 +17,7 @@ mod faults;
 mod open;
 mod remembered;
 
-/// A multi-threaded runtime with `threads` workers, for the tests' blocking
-/// entry points.
-fn runtime(threads: usize) -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads)
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
-
 /// The tests' usual runtime: two workers, as on the 2-core CI machine.
 fn rt() -> tokio::runtime::Runtime {
-    runtime(2)
+    keyclaim_testing::runtime(2)
 }

@@ -2,7 +2,7 @@
 //! processes), format version checks, files that are not redb files.
 
 use std::io::{BufRead, BufReader, Write};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
 use keyclaim::{Error, KeyStore};
 use keyclaim_conformance::fixtures::{SC, alice, otks};
@@ -44,11 +44,8 @@ const HOLD_ENV: &str = "KEYCLAIM_REDB_HOLD_PATH";
 
 /// The child role of `open_held_by_another_process_fails_clearly`: opens
 /// the file, says so, and holds it until its stdin closes.
-#[test]
 fn hold_child() {
-    let Ok(path) = std::env::var(HOLD_ENV) else {
-        return;
-    };
+    let path = std::env::var(HOLD_ENV).unwrap();
     rt().block_on(async {
         let store = RedbStore::open(&path).await.unwrap();
         println!("@@ held");
@@ -59,29 +56,31 @@ fn hold_child() {
     });
 }
 
+/// Another process holds the file (a child role of
+/// `keyclaim_testing::process`: this test, started with the role `hold`).
 #[test]
 fn open_held_by_another_process_fails_clearly() {
-    let dir = tempfile::tempdir().unwrap();
+    if keyclaim_testing::process::is_child("hold") {
+        return hold_child();
+    }
+    let dir = keyclaim_testing::temp_dir();
     let path = dir.path().join("k.redb");
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "open::hold_child",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(HOLD_ENV, &path)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = keyclaim_testing::process::child_command(
+        "open::open_held_by_another_process_fails_clearly",
+        "hold",
+    )
+    .env(HOLD_ENV, &path)
+    .stdin(Stdio::piped())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
     let mut out = BufReader::new(child.stdout.take().unwrap());
     let mut line = String::new();
     loop {
         line.clear();
         assert!(out.read_line(&mut line).unwrap() > 0, "child ended early");
-        // libtest may print "test open::hold_child ... " before it.
+        // libtest may print "test open::open_held_... " before it.
         if line.contains("@@ held") {
             break;
         }
@@ -154,25 +153,6 @@ fn reopen_keeps_data_and_format() {
     });
 }
 
-#[test]
-fn baseline_shares_the_open_file() {
-    rt().block_on(async {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("k.redb");
-        let store = RedbStore::open(&path).await.unwrap();
-        let baseline = keyclaim_redb::baseline::BaselineStore::sharing(&store);
-        let upload = keyclaim::Upload::from_keys(alice(), otks(SC, &["A", "B"]), []).unwrap();
-        baseline.upload(&upload).await.unwrap();
-        assert_eq!(store.otk_counts(&alice()).await.unwrap().get_str(SC), 2);
-        let target = keyclaim::ClaimTarget::one(alice(), keyclaim_conformance::fixtures::alg(SC));
-        let a = store.claim(std::slice::from_ref(&target)).await.unwrap();
-        let b = baseline.claim(std::slice::from_ref(&target)).await.unwrap();
-        assert_eq!(a.keys[0].key_id.name(), "A");
-        assert_eq!(b.keys[0].key_id.name(), "B");
-        assert_eq!(baseline.otk_counts(&alice()).await.unwrap().get_str(SC), 0);
-    });
-}
-
 /// The tables of format version 1, as that format wrote them.
 mod v1 {
     use redb::TableDefinition;
@@ -216,7 +196,7 @@ fn write_v1_file(path: &std::path::Path) {
             otks.insert((u, d, alg, seq, id.as_str()), json.canonical())
                 .unwrap();
             index
-                .insert((u, d, id.as_str()), (seq, json.digest().0))
+                .insert((u, d, id.as_str()), (seq, *json.digest().as_bytes()))
                 .unwrap();
         }
         let mut counts = txn.open_table(v1::ALG_COUNTS).unwrap();
@@ -226,7 +206,7 @@ fn write_v1_file(path: &std::path::Path) {
         let mut issued_index = txn.open_table(v1::ISSUED_INDEX).unwrap();
         for (seq, name) in [(4, "Z1"), (5, "Z2")] {
             let id = format!("{SC}:{name}");
-            let digest = signed(&format!("k-{name}"), "sig").digest().0;
+            let digest = *signed(&format!("k-{name}"), "sig").digest().as_bytes();
             issued
                 .insert((u, d, SC, seq), (id.as_str(), digest))
                 .unwrap();
@@ -239,14 +219,24 @@ fn write_v1_file(path: &std::path::Path) {
         fallbacks
             .insert(
                 (u, d, SC),
-                ("signed_curve25519:F", fb.canonical(), false, fb.digest().0),
+                (
+                    "signed_curve25519:F",
+                    fb.canonical(),
+                    false,
+                    *fb.digest().as_bytes(),
+                ),
             )
             .unwrap();
         let fb = signed_fallback("fb-bob", "sig");
         fallbacks
             .insert(
                 ("@bob:example.org", "BOBDEV", SC),
-                ("signed_curve25519:G", fb.canonical(), true, fb.digest().0),
+                (
+                    "signed_curve25519:G",
+                    fb.canonical(),
+                    true,
+                    *fb.digest().as_bytes(),
+                ),
             )
             .unwrap();
     }

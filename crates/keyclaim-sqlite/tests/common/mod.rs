@@ -1,11 +1,11 @@
 //! Helpers for the tests that run child processes: the test binary runs
-//! itself again with an environment variable that picks the child's role.
+//! itself again as a child (see `keyclaim_testing::process`).
 
 #![allow(dead_code, unreachable_pub)]
 
 use std::io::{Read as _, Write as _};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::Mutex;
 use std::thread::JoinHandle;
 
@@ -15,15 +15,12 @@ use keyclaim::{Device, KeyId, KeyJson};
 /// of the test harness (and a harness prefix on the same line) are ignored.
 pub const MARK: &str = "@@kc ";
 
-/// Starts the test binary again, running only the test `child_test`, with
-/// the given environment; its stdout is piped.
-pub fn spawn_child(child_test: &str, env: &[(&str, String)]) -> Child {
-    let exe = std::env::current_exe().expect("the test binary's path");
-    let mut cmd = Command::new(exe);
-    cmd.args(["--exact", child_test, "--nocapture", "--test-threads=1"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
+/// Starts the test binary again as a child with `role`, running only the
+/// test `test` (which acts the role out), with the given environment; its
+/// stdout is piped.
+pub fn spawn_child(test: &str, role: &str, env: &[(&str, String)]) -> Child {
+    let mut cmd = keyclaim_testing::process::child_command(test, role);
+    cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -90,13 +87,4 @@ pub fn integrity_ok(path: &Path) -> bool {
         .query_row("PRAGMA integrity_check", [], |r| r.get(0))
         .expect("integrity_check");
     verdict == "ok"
-}
-
-/// A multi-threaded runtime for a test or a child.
-pub fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
 }

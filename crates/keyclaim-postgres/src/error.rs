@@ -1,0 +1,98 @@
+//! Every mapping of a tokio-postgres or deadpool failure to
+//! [`keyclaim::Error`], with the retryable ones told apart (R10.4, the
+//! core's `Error::is_retryable`). Nothing else in the crate builds an
+//! [`Error::Storage`].
+
+use deadpool_postgres::{BuildError, PoolError};
+use keyclaim::Error;
+use tokio_postgres::error::SqlState;
+
+use crate::BACKEND;
+
+/// Whether a failed statement may succeed when tried again: serialization
+/// failures, deadlocks, lock and statement timeouts, a server that is
+/// shutting down or starting, too many connections, and any lost or
+/// refused connection. Nothing of the failed operation was applied (its
+/// transaction rolled back), except that a connection lost during `COMMIT`
+/// leaves the outcome unknown; retrying is still safe for uploads and
+/// deletions (idempotent) and for claims (a claim that did commit only
+/// consumed keys nobody received).
+pub(crate) fn is_retryable(error: &tokio_postgres::Error) -> bool {
+    if let Some(db) = error.as_db_error() {
+        let code = db.code();
+        return [
+            SqlState::T_R_SERIALIZATION_FAILURE,
+            SqlState::T_R_DEADLOCK_DETECTED,
+            SqlState::LOCK_NOT_AVAILABLE,
+            SqlState::QUERY_CANCELED,
+            SqlState::ADMIN_SHUTDOWN,
+            SqlState::CRASH_SHUTDOWN,
+            SqlState::CANNOT_CONNECT_NOW,
+            SqlState::TOO_MANY_CONNECTIONS,
+            SqlState::IDLE_SESSION_TIMEOUT,
+            SqlState::READ_ONLY_SQL_TRANSACTION,
+        ]
+        .contains(code)
+            || code.code().starts_with("08")
+            || code.code().starts_with("53");
+    }
+    if error.is_closed() {
+        return true;
+    }
+    // Anything else without a server error is the connection failing (I/O,
+    // a timeout, an unexpected message), except encoding a parameter or
+    // decoding a column ("error serializing parameter", "error
+    // deserializing column"), which is a bug or corrupt data.
+    let mut source = std::error::Error::source(error);
+    while let Some(inner) = source {
+        if inner.is::<std::io::Error>() {
+            return true;
+        }
+        source = inner.source();
+    }
+    !error.to_string().contains("serializing")
+}
+
+/// Maps a statement's failure during `op`.
+pub(crate) fn pg(op: &'static str) -> impl Fn(tokio_postgres::Error) -> Error {
+    move |error| {
+        let retryable = is_retryable(&error);
+        tracing::debug!(op, retryable, %error, "postgres statement failed");
+        Error::storage(BACKEND, op, retryable, error)
+    }
+}
+
+/// Maps a failure to get a pooled connection during `op`: timeouts and
+/// connection failures are retryable, a closed pool is [`Error::Closed`].
+pub(crate) fn pool(op: &'static str, error: PoolError) -> Error {
+    let retryable = match &error {
+        PoolError::Timeout(_) => true,
+        PoolError::Backend(e) => is_retryable(e),
+        PoolError::Closed => return Error::Closed,
+        PoolError::PostCreateHook(_) => true,
+        PoolError::NoRuntimeSpecified => false,
+    };
+    tracing::debug!(op, retryable, %error, "postgres pool failed");
+    Error::storage(BACKEND, op, retryable, error)
+}
+
+/// A connection string tokio-postgres does not accept (not retryable).
+pub(crate) fn bad_url(error: tokio_postgres::Error) -> Error {
+    Error::storage(BACKEND, "connect", false, error)
+}
+
+/// A pool that cannot be built from the options (not retryable).
+pub(crate) fn pool_build(error: BuildError) -> Error {
+    Error::storage(BACKEND, "connect", false, error)
+}
+
+/// The notification listener did not start: its task ended or it timed
+/// out (retryable, like a connection that cannot be made).
+pub(crate) fn listener(reason: &'static str) -> Error {
+    Error::storage(BACKEND, "listen", true, reason)
+}
+
+/// A stored value that does not decode (a bug or outside tampering).
+pub(crate) fn corrupt(what: &str, error: impl std::fmt::Display) -> Error {
+    Error::corrupt(format!("{BACKEND}: {what}: {error}"))
+}

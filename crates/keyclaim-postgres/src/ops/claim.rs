@@ -1,0 +1,383 @@
+//! Claims (R4.1 to R4.7): the [`CLAIM`] statement and the code that runs
+//! it.
+//!
+//! # Why the claim is correct across connections (R4.2, R4.3)
+//!
+//! A claim is **one statement** (one round trip, one implicit transaction,
+//! see [`CLAIM`]). For each target a `LATERAL` subquery walks the device's
+//! keys in claim order through the `otk_claim_order` index and locks them
+//! with `FOR UPDATE SKIP LOCKED` under a `LIMIT`; the rows it locks are
+//! deleted by the same statement and returned with `RETURNING`.
+//!
+//! - *No key twice*: a key is returned only by the transaction that deleted
+//!   it, and only one transaction can delete a row.
+//! - *No under-issue*: the plan is `Limit -> LockRows -> Index Scan`, so the
+//!   lock node locks exactly the rows the limit passes on: a claimer locks
+//!   only keys it will delete. A row another claimer holds is therefore
+//!   always on its way out, and skipping it takes nothing away from us; we
+//!   keep walking the index to the next key. A row that a concurrent claim
+//!   deleted and committed after our snapshot is dropped by the lock node
+//!   (READ COMMITTED re-check) and the walk goes on as well. So a claimer
+//!   comes away short (and falls back) only when every remaining key is
+//!   taken by claims that commit, i.e. when the keys are really gone. No
+//!   other statement locks OTK rows (uploads read them without a lock and
+//!   insert new ones, invisible until commit); deletion and import lock them
+//!   only to delete them too.
+//! - The fallback key is read for the targets that got no OTK. An already
+//!   used fallback is returned from the snapshot without a lock (so that
+//!   claimers of an exhausted hot device do not queue on its row); an unused
+//!   one is locked (`FOR UPDATE`, in key order so that concurrent claims
+//!   cannot deadlock on it) and marked used; the lock re-reads the newest
+//!   version, so a concurrent replacement by an upload or use by another
+//!   claim is seen.
+//! - The issued memory (R3.4) is written and pruned in the same statement.
+//!   Finding what to prune walks the device's remembered keys, up to the
+//!   configured number, so only one claim statement in eight does it (by
+//!   its `issued_seq` value): a device keeps at least the configured number
+//!   of issued keys, and a few claims' worth more between two prunes. The
+//!   walk reads only the primary key `(user_id, device_id, algorithm,
+//!   issued_txn, issued_pos)` (an index-only scan where the table's pages
+//!   are all-visible) to find the newest key that must go; the keys from
+//!   there on back are then locked through the same index. The remembered
+//!   keys are inserted without a conflict check: the statement's
+//!   `issued_seq` value and each key's position in the statement make the
+//!   primary key unique. Pruning locks with `SKIP LOCKED` (rows
+//!   another claim is pruning are left to it), so it never waits.
+//! - Duplicate targets (the same device and algorithm twice in one request)
+//!   cannot share one statement (a transaction does not skip its own locks),
+//!   so they go to further "rounds": statements in one explicit transaction,
+//!   each seeing what the previous one took.
+//! - With transactional notifications the cross-process notification is
+//!   `pg_notify` inside the statement, so it is sent if and only if the
+//!   claim commits; by default it is sent after the commit, batched (see
+//!   [`crate::listen`]).
+//!
+//! Failure modes: a claim whose statement fails rolls back whole. A claim
+//! whose connection dies while the server commits may have consumed keys
+//! that nobody received (the error is retryable; retrying claims new keys).
+//! A claim that skipped a locked row of a concurrent claim *that then rolls
+//! back* can come away short while that key remains: only a failing
+//! concurrent claim causes this, and the contract's guarantee concerns
+//! claims that succeed.
+
+use std::collections::HashMap;
+
+use deadpool_postgres::Object;
+use keyclaim::backend::decode;
+use keyclaim::{Algorithm, Changes, ClaimOutcome, ClaimTarget, ClaimedKey, Device, Limits, Result};
+use tokio_postgres::types::ToSql;
+
+use super::{Sql, parse_key_id};
+use crate::error::{corrupt, pg};
+
+/// Claims for many targets in one statement; see the module docs.
+///
+/// Parameters: `$1..$4` the targets (user IDs, device IDs, algorithms,
+/// counts > 0, no (device, algorithm) twice), `$5` the number of issued
+/// keys to remember per (device, algorithm), `$6` the channel, `$7` the
+/// instance ID, `$8` whether to send the notifications in the statement. Rows: `ord` (1-based target index of a fallback key; 0 for
+/// an OTK, whose target is found by its user, device and algorithm, unique
+/// in a round; -1 for the notification row), `fallback`, `seq`, `key_id`,
+/// `key_json`, `changed` (this row changed its device: an OTK removed or a
+/// fallback newly marked used), `user_id`, `device_id`, `algorithm` (OTKs),
+/// `digest` (of the key JSON, stored next to it: the key JSON is rebuilt
+/// from both without parsing it again).
+///
+/// No step joins two intermediate results on a condition the planner could
+/// misjudge: a prepared statement's generic plan does not know how many
+/// targets a call has, and a nested loop over two 1,000-row CTEs would cost
+/// seconds. Every table access is an index scan under `LATERAL` or a TID
+/// scan.
+pub(crate) const CLAIM: &str = r#"
+WITH t AS MATERIALIZED (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int4[])
+        WITH ORDINALITY AS t(user_id, device_id, algorithm, n, ord)
+),
+picked AS MATERIALIZED (
+    SELECT t.ord, t.user_id, t.device_id, t.algorithm, k.row_ctid
+    FROM t LEFT JOIN LATERAL (
+        SELECT o.ctid AS row_ctid
+        FROM otk o
+        WHERE o.user_id = t.user_id AND o.device_id = t.device_id
+          AND o.algorithm = t.algorithm
+        ORDER BY o.seq, o.key_id
+        LIMIT t.n
+        FOR UPDATE SKIP LOCKED
+    ) k ON true
+),
+claimed AS (
+    DELETE FROM otk o
+    WHERE o.ctid = ANY (ARRAY(SELECT row_ctid FROM picked WHERE row_ctid IS NOT NULL))
+    RETURNING o.user_id, o.device_id, o.algorithm, o.key_id, o.key_json, o.digest, o.seq
+),
+ranked AS MATERIALIZED (
+    SELECT c.*,
+           row_number() OVER (ORDER BY c.user_id, c.device_id, c.algorithm, c.seq, c.key_id) AS pos,
+           row_number() OVER (PARTITION BY c.user_id, c.device_id, c.algorithm
+                              ORDER BY c.seq DESC, c.key_id DESC) AS from_newest
+    FROM claimed c
+),
+issue_txn AS MATERIALIZED (
+    SELECT nextval('issued_seq') AS v
+),
+remembered AS (
+    INSERT INTO issued (user_id, device_id, algorithm, key_id, digest, issued_txn, issued_pos)
+    SELECT r.user_id, r.device_id, r.algorithm, r.key_id, r.digest,
+           (SELECT v FROM issue_txn), r.pos
+    FROM ranked r
+    WHERE r.from_newest <= $5::int8
+),
+prune_from AS MATERIALIZED (
+    SELECT g.user_id, g.device_id, g.algorithm, c.issued_txn, c.issued_pos
+    FROM (
+        SELECT user_id, device_id, algorithm, count(*) AS added
+        FROM claimed GROUP BY user_id, device_id, algorithm
+    ) g
+    CROSS JOIN LATERAL (
+        SELECT i.issued_txn, i.issued_pos
+        FROM issued i
+        WHERE i.user_id = g.user_id AND i.device_id = g.device_id
+          AND i.algorithm = g.algorithm
+        ORDER BY i.issued_txn DESC, i.issued_pos DESC
+        OFFSET GREATEST($5::int8 - g.added, 0)
+        LIMIT 1
+    ) c
+    WHERE (SELECT v FROM issue_txn) % 8 = 0
+),
+prune_locked AS MATERIALIZED (
+    SELECT old.row_ctid
+    FROM prune_from p CROSS JOIN LATERAL (
+        SELECT i.ctid AS row_ctid
+        FROM issued i
+        WHERE i.user_id = p.user_id AND i.device_id = p.device_id
+          AND i.algorithm = p.algorithm
+          AND (i.issued_txn, i.issued_pos) <= (p.issued_txn, p.issued_pos)
+        FOR UPDATE SKIP LOCKED
+    ) old
+),
+pruned AS (
+    DELETE FROM issued i WHERE i.ctid = ANY (ARRAY(SELECT row_ctid FROM prune_locked))
+),
+fb_seen AS MATERIALIZED (
+    SELECT p.ord, f.user_id, f.device_id, f.algorithm, f.key_id, f.key_json, f.digest, f.used
+    FROM picked p CROSS JOIN LATERAL (
+        SELECT * FROM fallback f
+        WHERE f.user_id = p.user_id AND f.device_id = p.device_id
+          AND f.algorithm = p.algorithm
+        LIMIT 1
+    ) f
+    WHERE p.row_ctid IS NULL
+),
+fb_locked AS MATERIALIZED (
+    SELECT s.ord, f.row_ctid, f.user_id, f.device_id, f.key_id, f.key_json, f.digest, f.used
+    FROM (
+        SELECT * FROM fb_seen WHERE NOT used
+        ORDER BY user_id, device_id, algorithm
+    ) s
+    CROSS JOIN LATERAL (
+        SELECT f.ctid AS row_ctid, f.user_id, f.device_id, f.key_id, f.key_json, f.digest, f.used
+        FROM fallback f
+        WHERE f.user_id = s.user_id AND f.device_id = s.device_id
+          AND f.algorithm = s.algorithm
+        LIMIT 1
+        FOR UPDATE
+    ) f
+),
+fb_marked AS (
+    UPDATE fallback f SET used = true
+    WHERE f.ctid = ANY (ARRAY(SELECT row_ctid FROM fb_locked WHERE NOT used))
+),
+changed AS (
+    SELECT user_id, device_id FROM claimed
+    UNION
+    SELECT user_id, device_id FROM fb_locked WHERE NOT used
+),
+notified AS (
+    SELECT count(pg_notify($6::text, $7::text || ' ' || chunk)) AS n
+    FROM (
+        SELECT json_agg(dev ORDER BY dev_order)::text AS chunk
+        FROM (
+            SELECT dev, dev_order,
+                   sum(octet_length(dev::text) + 2) OVER (ORDER BY dev_order) / 4000 AS bucket
+            FROM (
+                SELECT json_build_array(user_id, device_id) AS dev,
+                       row_number() OVER (ORDER BY user_id, device_id) AS dev_order
+                FROM changed
+            ) c
+        ) d
+        GROUP BY bucket
+    ) chunks
+    WHERE $8::bool
+)
+SELECT 0::int8 AS ord, false AS fallback, c.seq, c.key_id, c.key_json, true AS changed,
+       c.user_id, c.device_id, c.algorithm, c.digest
+  FROM claimed c
+UNION ALL
+SELECT s.ord, true, 0::int8, s.key_id, s.key_json, false, NULL, NULL, NULL, s.digest
+  FROM fb_seen s WHERE s.used
+UNION ALL
+SELECT l.ord, true, 0::int8, l.key_id, l.key_json, NOT l.used, NULL, NULL, NULL, l.digest
+  FROM fb_locked l
+UNION ALL
+SELECT -1::int8, false, n, NULL, NULL, false, NULL, NULL, NULL, NULL FROM notified
+"#;
+
+/// The targets of a claim split into rounds in which no (device, algorithm)
+/// repeats.
+#[derive(Debug, Default)]
+struct ClaimRounds<'a> {
+    rounds: Vec<Round<'a>>,
+}
+
+#[derive(Debug, Default)]
+struct Round<'a> {
+    /// The index of each target in the request.
+    index: Vec<usize>,
+    users: Vec<&'a str>,
+    devices: Vec<&'a str>,
+    algorithms: Vec<&'a str>,
+    counts: Vec<i32>,
+}
+
+impl<'a> ClaimRounds<'a> {
+    /// Rounds of the targets (core clamped their counts, R8.3, and left out
+    /// those of 0).
+    fn new(targets: &'a [ClaimTarget]) -> Self {
+        let mut rounds: Vec<Round<'a>> = Vec::new();
+        let mut seen: HashMap<(&Device, &Algorithm), usize> = HashMap::new();
+        for (i, target) in targets.iter().enumerate() {
+            let count = target.count;
+            let occurrence = seen.entry((&target.device, &target.algorithm)).or_insert(0);
+            let r = *occurrence;
+            *occurrence += 1;
+            if rounds.len() <= r {
+                rounds.push(Round::default());
+            }
+            let round = &mut rounds[r];
+            round.index.push(i);
+            round.users.push(target.device.user_id.as_str());
+            round.devices.push(target.device.device_id.as_str());
+            round.algorithms.push(target.algorithm.as_str());
+            round.counts.push(i32::try_from(count).unwrap_or(i32::MAX));
+        }
+        Self { rounds }
+    }
+}
+
+/// One claimed key before sorting: (target index, is fallback, seq, key).
+type Claimed = (usize, bool, i64, ClaimedKey);
+
+/// Claims keys (see the module docs).
+pub(crate) async fn claim(
+    client: &mut Object,
+    sql: &Sql,
+    limits: &Limits,
+    targets: &[ClaimTarget],
+) -> Result<ClaimOutcome> {
+    let op = "claim";
+    let rounds = ClaimRounds::new(targets);
+    let remembered = i64::try_from(limits.remembered_issued_keys).unwrap_or(i64::MAX);
+    let mut claimed: Vec<Claimed> = Vec::new();
+    let mut changed: Vec<Device> = Vec::new();
+    if let [round] = rounds.rounds.as_slice() {
+        // The common case: one statement, its own transaction, one round trip.
+        let stmt = client.prepare_cached(CLAIM).await.map_err(pg(op))?;
+        let rows = client
+            .query(&stmt, &claim_params(round, &remembered, sql))
+            .await
+            .map_err(pg(op))?;
+        decode_claim(round, targets, rows, &mut claimed, &mut changed)?;
+    } else {
+        let tx = client.transaction().await.map_err(pg(op))?;
+        let stmt = tx.prepare_cached(CLAIM).await.map_err(pg(op))?;
+        for round in &rounds.rounds {
+            let rows = tx
+                .query(&stmt, &claim_params(round, &remembered, sql))
+                .await
+                .map_err(pg(op))?;
+            decode_claim(round, targets, rows, &mut claimed, &mut changed)?;
+        }
+        tx.commit().await.map_err(pg(op))?;
+    }
+    claimed.sort_by(|a, b| (a.0, a.1, a.2, &a.3.key_id).cmp(&(b.0, b.1, b.2, &b.3.key_id)));
+    let keys: Vec<ClaimedKey> = claimed.into_iter().map(|(_, _, _, key)| key).collect();
+    tracing::debug!(issued = keys.len(), changed = changed.len(), "claim done");
+    Ok(ClaimOutcome {
+        keys,
+        changes: Changes::from_devices(changed),
+    })
+}
+
+fn claim_params<'a>(
+    round: &'a Round<'_>,
+    remembered: &'a i64,
+    sql: &'a Sql,
+) -> [&'a (dyn ToSql + Sync); 8] {
+    [
+        &round.users,
+        &round.devices,
+        &round.algorithms,
+        &round.counts,
+        remembered,
+        &sql.channel,
+        &sql.instance,
+        &sql.transactional_notify,
+    ]
+}
+
+fn decode_claim(
+    round: &Round<'_>,
+    targets: &[ClaimTarget],
+    rows: Vec<tokio_postgres::Row>,
+    claimed: &mut Vec<Claimed>,
+    changed: &mut Vec<Device>,
+) -> Result<()> {
+    let op = "claim";
+    // (user, device, algorithm) -> position in the round (unique there).
+    let by_target: HashMap<(&str, &str, &str), usize> = (0..round.index.len())
+        .map(|i| ((round.users[i], round.devices[i], round.algorithms[i]), i))
+        .collect();
+    for row in &rows {
+        let ord: i64 = row.try_get(0).map_err(pg(op))?;
+        if ord < 0 {
+            continue; // the notification row
+        }
+        let position = if ord == 0 {
+            let user: &str = row.try_get(6).map_err(pg(op))?;
+            let device: &str = row.try_get(7).map_err(pg(op))?;
+            let algorithm: &str = row.try_get(8).map_err(pg(op))?;
+            by_target.get(&(user, device, algorithm)).copied()
+        } else {
+            usize::try_from(ord - 1).ok()
+        };
+        let (index, target) = position
+            .and_then(|i| round.index.get(i))
+            .and_then(|&i| targets.get(i).map(|t| (i, t)))
+            .ok_or_else(|| corrupt("claim answer", format!("no target {ord}")))?;
+        let fallback: bool = row.try_get(1).map_err(pg(op))?;
+        let seq: i64 = row.try_get(2).map_err(pg(op))?;
+        let key_id = parse_key_id(row.try_get(3).map_err(pg(op))?)?;
+        // The store wrote this text itself, canonical, with its digest
+        // (upload and import store `KeyJson::canonical` and `digest`): no
+        // need to parse, canonicalize and hash it again for every key.
+        let key_json = decode::key_json_with_digest(
+            row.try_get::<_, &str>(4).map_err(pg(op))?,
+            decode::digest(row.try_get(9).map_err(pg(op))?)?,
+        )?;
+        if row.try_get::<_, bool>(5).map_err(pg(op))? {
+            changed.push(target.device.clone());
+        }
+        claimed.push((
+            index,
+            fallback,
+            seq,
+            ClaimedKey {
+                device: target.device.clone(),
+                key_id,
+                key_json,
+                fallback,
+            },
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,113 @@
+//! Deletions (R7.1, R7.2).
+//!
+//! A deletion takes the advisory locks uploads and imports take
+//! ([`LOCK_DEVICE`]; a user deletion [`LOCK_USER`], the user's lock,
+//! exclusively), then delete the OTKs in one statement (which waits for
+//! claims holding some of them) and the fallback keys and issued memory in
+//! a later one, whose snapshot includes the issued keys those claims
+//! remembered. A claim running meanwhile skips the OTKs being deleted and
+//! waits on the fallback row, then finds it gone: it is served as if after
+//! the deletion. Lock waits between a deletion and claims of several
+//! devices of the same user can, rarely, end in a deadlock that PostgreSQL
+//! breaks by failing one of them: a retryable error, nothing applied.
+
+use deadpool_postgres::Object;
+use keyclaim::{Changes, Device, Result, UserId};
+use tokio_postgres::types::ToSql;
+
+use super::{LOCK_DEVICE, LOCK_USER, NOTIFY, Sql, notify_payloads, parse_device};
+use crate::error::pg;
+
+pub(super) const DELETE_DEVICE_OTKS: &str = "DELETE FROM otk WHERE user_id = $1 AND device_id = $2";
+
+/// Runs after [`DELETE_DEVICE_OTKS`], in a later snapshot: it also removes
+/// the issued memory written by claims that held the device's keys while
+/// the OTKs were being deleted.
+pub(super) const DELETE_DEVICE_REST: &str = "
+WITH f AS (DELETE FROM fallback WHERE user_id = $1 AND device_id = $2 RETURNING 1),
+     i AS (DELETE FROM issued WHERE user_id = $1 AND device_id = $2 RETURNING 1)
+SELECT (SELECT count(*) FROM f) + (SELECT count(*) FROM i)";
+
+const DELETE_USER_OTKS: &str = "
+WITH d AS (DELETE FROM otk WHERE user_id = $1 RETURNING device_id)
+SELECT DISTINCT device_id FROM d";
+
+const DELETE_USER_REST: &str = "
+WITH f AS (DELETE FROM fallback WHERE user_id = $1 RETURNING device_id),
+     i AS (DELETE FROM issued WHERE user_id = $1 RETURNING device_id)
+SELECT device_id FROM f UNION SELECT device_id FROM i";
+
+/// Removes a device's state (R7.1); see [`DELETE_DEVICE_REST`] for why in
+/// two statements.
+pub(crate) async fn delete_device(
+    client: &mut Object,
+    sql: &Sql,
+    device: &Device,
+) -> Result<Changes> {
+    let op = "delete_device";
+    let user_id = device.user_id.as_str();
+    let device_id = device.device_id.as_str();
+    let tx = client.transaction().await.map_err(pg(op))?;
+    let (lock, otks, rest, notify) = futures::try_join!(
+        tx.prepare_cached(LOCK_DEVICE),
+        tx.prepare_cached(DELETE_DEVICE_OTKS),
+        tx.prepare_cached(DELETE_DEVICE_REST),
+        tx.prepare_cached(NOTIFY)
+    )
+    .map_err(pg(op))?;
+    let params: [&(dyn ToSql + Sync); 2] = [&user_id, &device_id];
+    let (_, removed_otks, rest_row) = futures::try_join!(
+        tx.execute(&lock, &params),
+        tx.execute(&otks, &params),
+        tx.query_one(&rest, &params)
+    )
+    .map_err(pg(op))?;
+    let removed_rest: i64 = rest_row.try_get(0).map_err(pg(op))?;
+    let changes = if removed_otks > 0 || removed_rest > 0 {
+        Changes::from_devices([device.clone()])
+    } else {
+        Changes::none()
+    };
+    if !changes.is_empty() && sql.transactional_notify {
+        let payloads = notify_payloads(&sql.instance, changes.devices());
+        tx.query(&notify, &[&sql.channel, &payloads])
+            .await
+            .map_err(pg(op))?;
+    }
+    tx.commit().await.map_err(pg(op))?;
+    Ok(changes)
+}
+
+/// Removes the state of every device of a user (R7.2).
+pub(crate) async fn delete_user(client: &mut Object, sql: &Sql, user: &UserId) -> Result<Changes> {
+    let op = "delete_user";
+    let user_id = user.as_str();
+    let tx = client.transaction().await.map_err(pg(op))?;
+    let (lock, otks, rest, notify) = futures::try_join!(
+        tx.prepare_cached(LOCK_USER),
+        tx.prepare_cached(DELETE_USER_OTKS),
+        tx.prepare_cached(DELETE_USER_REST),
+        tx.prepare_cached(NOTIFY)
+    )
+    .map_err(pg(op))?;
+    let params: [&(dyn ToSql + Sync); 1] = [&user_id];
+    let (_, otk_rows, rest_rows) = futures::try_join!(
+        tx.execute(&lock, &params),
+        tx.query(&otks, &params),
+        tx.query(&rest, &params)
+    )
+    .map_err(pg(op))?;
+    let mut devices = Vec::new();
+    for row in otk_rows.iter().chain(&rest_rows) {
+        devices.push(parse_device(user_id, row.try_get(0).map_err(pg(op))?)?);
+    }
+    let changes = Changes::from_devices(devices);
+    if !changes.is_empty() && sql.transactional_notify {
+        let payloads = notify_payloads(&sql.instance, changes.devices());
+        tx.query(&notify, &[&sql.channel, &payloads])
+            .await
+            .map_err(pg(op))?;
+    }
+    tx.commit().await.map_err(pg(op))?;
+    Ok(changes)
+}

@@ -1,0 +1,156 @@
+//! The operations, one module per kind: SQL as constants (prepared and
+//! cached per connection with `prepare_cached`, never built per call) and
+//! the code that runs them. Each takes a pooled connection; the store
+//! ([`crate::PostgresStore`]) hands it one and announces the changes.
+//!
+//! - [`upload`](mod@upload): uploads, under the device's advisory lock.
+//! - [`claim`](mod@claim): the one-statement claim and why it is correct across
+//!   connections.
+//! - [`read`](mod@read): counts and sync state.
+//! - [`delete`](mod@delete): device and user deletion.
+//! - [`transfer`](mod@transfer): export and import of device snapshots.
+//!
+//! This module holds what several of them share: the per-store [`Sql`]
+//! values, the advisory locks, the notification statement and payloads.
+
+mod claim;
+mod delete;
+mod read;
+mod transfer;
+mod upload;
+
+pub(crate) use claim::claim;
+pub(crate) use delete::{delete_device, delete_user};
+pub(crate) use read::sync_state;
+pub(crate) use transfer::{export_devices, import_device};
+pub(crate) use upload::upload;
+
+use keyclaim::backend::decode;
+use keyclaim::{Algorithm, Device, KeyId, Result};
+
+/// Per-store values the statements take as parameters.
+#[derive(Debug, Clone)]
+pub(crate) struct Sql {
+    /// The schema (for logs; statements resolve it through `search_path`).
+    pub(crate) schema: String,
+    /// The notification channel of this schema.
+    pub(crate) channel: String,
+    /// This handle's random identifier, the first word of its notifications.
+    pub(crate) instance: String,
+    /// Whether mutations send their notifications inside their own
+    /// transaction (see [`crate::PostgresOptions::transactional_notify`]).
+    pub(crate) transactional_notify: bool,
+}
+
+impl Sql {
+    pub(crate) fn new(schema: &str, instance: String, transactional_notify: bool) -> Self {
+        Self {
+            schema: schema.to_owned(),
+            channel: channel_name(schema),
+            instance,
+            transactional_notify,
+        }
+    }
+}
+
+/// The `LISTEN`/`NOTIFY` channel of a schema.
+pub(crate) fn channel_name(schema: &str) -> String {
+    format!("keyclaim_changes_{schema}")
+}
+
+/// Serializes uploads, deletions and imports of one device: an exclusive
+/// advisory lock on the device, a shared one on its user. Its own statement,
+/// so that the statements after it take their snapshot once it is held.
+const LOCK_DEVICE: &str = "SELECT
+    pg_advisory_xact_lock_shared(hashtextextended('keyclaim/' || current_schema() || '/' || $1::text, 0)),
+    pg_advisory_xact_lock(hashtextextended('keyclaim/' || current_schema() || '/' || $1::text || '/' || $2::text, 1))";
+
+/// Serializes [`delete_user`] with every upload, deletion and import of the user.
+const LOCK_USER: &str = "SELECT
+    pg_advisory_xact_lock(hashtextextended('keyclaim/' || current_schema() || '/' || $1::text, 0))";
+
+/// Replaces (or adds) fallback keys, unused (R5.1).
+const UPSERT_FALLBACKS: &str = "
+INSERT INTO fallback (user_id, device_id, algorithm, key_id, key_json, digest, used)
+SELECT $1, $2, u.algorithm, u.key_id, u.key_json, u.digest, u.used
+  FROM unnest($3::text[], $4::text[], $5::text[], $6::bytea[], $7::bool[])
+       AS u(algorithm, key_id, key_json, digest, used)
+ON CONFLICT (user_id, device_id, algorithm) DO UPDATE
+   SET key_id = EXCLUDED.key_id, key_json = EXCLUDED.key_json,
+       digest = EXCLUDED.digest, used = EXCLUDED.used";
+
+/// Sends notification payloads: inside a mutation's transaction (so that
+/// they go out only if it commits) with transactional notifications, else
+/// from the [`crate::listen::Announcer`] in batches after commits.
+pub(crate) const NOTIFY: &str = "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p";
+
+/// The largest notification payload we build (PostgreSQL's limit is 8000).
+const MAX_PAYLOAD: usize = 7000;
+
+/// Notification payloads announcing `devices`: `<instance> <JSON array of
+/// [user ID, device ID]>`, split so that each stays under the server's
+/// limit. The same format as the [`claim::CLAIM`] statement builds in SQL.
+pub(crate) fn notify_payloads(instance: &str, devices: &[Device]) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut current: Vec<String> = Vec::new();
+    let mut len = 0;
+    for device in devices {
+        let item =
+            serde_json::json!([device.user_id.as_str(), device.device_id.as_str()]).to_string();
+        if !current.is_empty() && len + item.len() + 1 > MAX_PAYLOAD - instance.len() - 3 {
+            out.push(format!("{instance} [{}]", current.join(",")));
+            current.clear();
+            len = 0;
+        }
+        len += item.len() + 1;
+        current.push(item);
+    }
+    if !current.is_empty() {
+        out.push(format!("{instance} [{}]", current.join(",")));
+    }
+    out
+}
+
+// Typed forms of core's decoders, for columns read as `&str`.
+
+fn parse_key_id(text: &str) -> Result<KeyId> {
+    decode::key_id(text)
+}
+
+fn parse_algorithm(text: &str) -> Result<Algorithm> {
+    decode::algorithm(text)
+}
+
+fn parse_device(user: &str, device: &str) -> Result<Device> {
+    decode::device(user, device)
+}
+
+/// A count or sequence value read from the database as a `u64`.
+fn count_to_u64(n: i64) -> u64 {
+    u64::try_from(n).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payloads_stay_under_the_server_limit() {
+        let devices: Vec<Device> = (0..2000)
+            .map(|i| {
+                Device::parse(&format!("@user{i}:example.org"), &format!("DEVICE{i}")).unwrap()
+            })
+            .collect();
+        let payloads = notify_payloads("0123456789abcdef", &devices);
+        assert!(payloads.len() > 1);
+        let mut seen = 0;
+        for p in &payloads {
+            assert!(p.len() < 8000);
+            let (id, json) = p.split_once(' ').unwrap();
+            assert_eq!(id, "0123456789abcdef");
+            let list: Vec<(String, String)> = serde_json::from_str(json).unwrap();
+            seen += list.len();
+        }
+        assert_eq!(seen, devices.len());
+    }
+}

@@ -1,0 +1,234 @@
+//! Uploads (R3.1, R3.2, R3.4, R8.1).
+//!
+//! An upload takes a transaction-scoped advisory lock on its device (and a
+//! shared one on its user, which a user deletion takes exclusively; see
+//! [`LOCK_DEVICE`]), so uploads of one device, and deletions and imports of
+//! it, run one after another; then reads everything [`plan_upload`] needs
+//! in one statement (one snapshot: a concurrent claim is seen either before
+//! or after, never half), plans, and applies the plan in the same
+//! transaction, pipelined. The primary key `(user_id, device_id, key_id)` backs the
+//! conflict rule up. The per-(device, algorithm) limit holds under
+//! concurrent uploads because they are serialized and claims only lower the
+//! count.
+
+use deadpool_postgres::Object;
+use keyclaim::backend::{DeviceFacts, decode, plan_upload};
+use keyclaim::{Algorithm, Changes, KeyId, Limits, Result, Upload, UploadOutcome};
+use tokio_postgres::types::ToSql;
+
+use super::read::{SYNC_STATE, decode_sync_state};
+use super::{
+    LOCK_DEVICE, NOTIFY, Sql, UPSERT_FALLBACKS, count_to_u64, notify_payloads, parse_algorithm,
+    parse_key_id,
+};
+use crate::error::pg;
+
+/// Everything [`plan_upload`] needs, in one snapshot: stored OTKs and issued
+/// keys among the uploaded key IDs, OTK counts of the uploaded algorithms,
+/// stored fallback digests of the uploaded fallback algorithms.
+const UPLOAD_FACTS: &str = "
+SELECT 0::int2 AS kind, key_id, NULL::text AS algorithm, digest, 0::int8 AS n
+  FROM otk WHERE user_id = $1 AND device_id = $2 AND key_id = ANY($3::text[])
+UNION ALL
+SELECT 1::int2, key_id, NULL::text, digest, 0::int8
+  FROM issued WHERE user_id = $1 AND device_id = $2 AND key_id = ANY($3::text[])
+UNION ALL
+SELECT 2::int2, NULL::text, algorithm, NULL::bytea, count(*)
+  FROM otk WHERE user_id = $1 AND device_id = $2 AND algorithm = ANY($4::text[])
+  GROUP BY algorithm
+UNION ALL
+SELECT 3::int2, NULL::text, algorithm, digest, 0::int8
+  FROM fallback WHERE user_id = $1 AND device_id = $2 AND algorithm = ANY($5::text[])";
+
+/// New OTKs of one upload, all at one new sequence value (R3.5): the
+/// uncorrelated subquery is evaluated once per statement.
+const INSERT_OTKS: &str = "
+INSERT INTO otk (user_id, device_id, key_id, algorithm, seq, key_json, digest)
+SELECT $1, $2, u.key_id, u.algorithm, (SELECT nextval('otk_seq')), u.key_json, u.digest
+  FROM unnest($3::text[], $4::text[], $5::text[], $6::bytea[]) AS u(key_id, algorithm, key_json, digest)";
+
+/// Stores an upload (see the module docs).
+pub(crate) async fn upload(
+    client: &mut Object,
+    sql: &Sql,
+    limits: &Limits,
+    upload: &Upload,
+) -> Result<UploadOutcome> {
+    let op = "upload";
+    let device = upload.device();
+    let user_id = device.user_id.as_str();
+    let device_id = device.device_id.as_str();
+    let tx = client.transaction().await.map_err(pg(op))?;
+    let (lock, facts_stmt) = futures::try_join!(
+        tx.prepare_cached(LOCK_DEVICE),
+        tx.prepare_cached(UPLOAD_FACTS)
+    )
+    .map_err(pg(op))?;
+
+    let key_ids: Vec<&str> = upload.one_time_keys().keys().map(KeyId::as_str).collect();
+    let mut algorithms: Vec<&str> = upload
+        .one_time_keys()
+        .keys()
+        .map(KeyId::algorithm_str)
+        .collect();
+    algorithms.dedup();
+    let fallback_algorithms: Vec<&str> = upload
+        .fallback_keys()
+        .keys()
+        .map(Algorithm::as_str)
+        .collect();
+    let device_params: [&(dyn ToSql + Sync); 2] = [&user_id, &device_id];
+    let facts_params: [&(dyn ToSql + Sync); 5] = [
+        &user_id,
+        &device_id,
+        &key_ids,
+        &algorithms,
+        &fallback_algorithms,
+    ];
+    let (_, rows) = futures::try_join!(
+        tx.execute(&lock, &device_params),
+        tx.query(&facts_stmt, &facts_params)
+    )
+    .map_err(pg(op))?;
+
+    let mut facts = DeviceFacts::default();
+    for row in rows {
+        let kind: i16 = row.try_get(0).map_err(pg(op))?;
+        match kind {
+            0 | 1 => {
+                let key_id = parse_key_id(row.try_get(1).map_err(pg(op))?)?;
+                let digest = decode::digest(row.try_get(3).map_err(pg(op))?)?;
+                if kind == 0 {
+                    facts.stored_otks.insert(key_id, digest);
+                } else {
+                    facts.issued.insert((key_id, digest));
+                }
+            }
+            2 => {
+                let algorithm = parse_algorithm(row.try_get(2).map_err(pg(op))?)?;
+                facts
+                    .otk_counts
+                    .insert(algorithm, count_to_u64(row.try_get(4).map_err(pg(op))?));
+            }
+            _ => {
+                let algorithm = parse_algorithm(row.try_get(2).map_err(pg(op))?)?;
+                let digest = decode::digest(row.try_get(3).map_err(pg(op))?)?;
+                facts.fallback_digests.insert(algorithm, digest);
+            }
+        }
+    }
+
+    // On a rule violation the transaction is dropped: rolled back, nothing applied.
+    let plan = plan_upload(upload, &facts, limits)?;
+    let changed = !plan.is_noop();
+
+    let (insert_stmt, upsert_stmt, notify_stmt, state_stmt) = futures::try_join!(
+        tx.prepare_cached(INSERT_OTKS),
+        tx.prepare_cached(UPSERT_FALLBACKS),
+        tx.prepare_cached(NOTIFY),
+        tx.prepare_cached(SYNC_STATE)
+    )
+    .map_err(pg(op))?;
+
+    let otk_ids: Vec<&str> = plan.insert_otks.iter().map(|(id, _)| id.as_str()).collect();
+    let otk_algs: Vec<&str> = plan
+        .insert_otks
+        .iter()
+        .map(|(id, _)| id.algorithm_str())
+        .collect();
+    let otk_jsons: Vec<&str> = plan
+        .insert_otks
+        .iter()
+        .map(|(_, j)| j.canonical())
+        .collect();
+    let otk_digests: Vec<[u8; 32]> = plan
+        .insert_otks
+        .iter()
+        .map(|(_, j)| *j.digest().as_bytes())
+        .collect();
+    let otk_digest_refs: Vec<&[u8]> = otk_digests.iter().map(|d| d.as_slice()).collect();
+
+    let fb_algs: Vec<&str> = plan
+        .replace_fallbacks
+        .iter()
+        .map(|(a, _, _)| a.as_str())
+        .collect();
+    let fb_ids: Vec<&str> = plan
+        .replace_fallbacks
+        .iter()
+        .map(|(_, id, _)| id.as_str())
+        .collect();
+    let fb_jsons: Vec<&str> = plan
+        .replace_fallbacks
+        .iter()
+        .map(|(_, _, j)| j.canonical())
+        .collect();
+    let fb_digests: Vec<[u8; 32]> = plan
+        .replace_fallbacks
+        .iter()
+        .map(|(_, _, j)| *j.digest().as_bytes())
+        .collect();
+    let fb_digest_refs: Vec<&[u8]> = fb_digests.iter().map(|d| d.as_slice()).collect();
+    let fb_used: Vec<bool> = vec![false; fb_algs.len()];
+
+    let payloads = if changed && sql.transactional_notify {
+        notify_payloads(&sql.instance, std::slice::from_ref(device))
+    } else {
+        Vec::new()
+    };
+
+    let insert = async {
+        if otk_ids.is_empty() {
+            return Ok(0);
+        }
+        tx.execute(
+            &insert_stmt,
+            &[
+                &user_id,
+                &device_id,
+                &otk_ids,
+                &otk_algs,
+                &otk_jsons,
+                &otk_digest_refs,
+            ],
+        )
+        .await
+    };
+    let upsert = async {
+        if fb_algs.is_empty() {
+            return Ok(0);
+        }
+        tx.execute(
+            &upsert_stmt,
+            &[
+                &user_id,
+                &device_id,
+                &fb_algs,
+                &fb_ids,
+                &fb_jsons,
+                &fb_digest_refs,
+                &fb_used,
+            ],
+        )
+        .await
+    };
+    let notify = async {
+        if payloads.is_empty() {
+            return Ok(Vec::new());
+        }
+        tx.query(&notify_stmt, &[&sql.channel, &payloads]).await
+    };
+    let state = tx.query(&state_stmt, &device_params);
+    let (_, _, _, state_rows) =
+        futures::try_join!(insert, upsert, notify, state).map_err(pg(op))?;
+    let counts = decode_sync_state(op, state_rows)?.one_time_key_counts;
+    tx.commit().await.map_err(pg(op))?;
+
+    let changes = if changed {
+        Changes::from_devices([device.clone()])
+    } else {
+        Changes::none()
+    };
+    tracing::debug!(%device, changed, "upload stored");
+    Ok(UploadOutcome { counts, changes })
+}

@@ -1,0 +1,345 @@
+//! A PostgreSQL server for tests and benchmarks.
+//!
+//! [`server_url`] gives the URL of `KEYCLAIM_TEST_POSTGRES_URL` when it is
+//! set, else of a throwaway cluster that this process starts once from the
+//! installed PostgreSQL binaries ([`Cluster`]): in a temp dir, listening
+//! only on a unix socket inside it (no TCP port, so nothing collides), run
+//! as user `postgres` through `runuser` when the process is root. A
+//! watchdog process stops the cluster and removes its directory when the
+//! test process exits, however it exits, so no postmaster outlives the run.
+//!
+//! [`require_server`] turns "no server" into a loud skip, or into a
+//! failure when `CI=true`; [`with_server`] runs a test with it. [`unique_schema`] gives each test case its own
+//! schema.
+
+use std::future::Future;
+use std::io::{self, Write as _};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// The environment variable naming an existing server for the tests.
+pub const URL_ENV: &str = "KEYCLAIM_TEST_POSTGRES_URL";
+
+/// The environment variable naming the directory of the PostgreSQL binaries
+/// (`initdb`, `pg_ctl`); by default the newest `/usr/lib/postgresql/*/bin`.
+pub const BIN_ENV: &str = "KEYCLAIM_POSTGRES_BIN";
+
+/// The unix-socket "port" of throwaway clusters (it only names the socket
+/// file inside the cluster's private directory).
+const SOCKET_PORT: u16 = 5432;
+
+/// A throwaway PostgreSQL cluster in a temp dir, reachable only through a
+/// unix socket in that dir. Stopped and removed on drop, and by a watchdog
+/// process if this process dies first.
+#[derive(Debug)]
+pub struct Cluster {
+    dir: PathBuf,
+    bin: PathBuf,
+    as_postgres: Option<(u32, u32)>,
+}
+
+impl Cluster {
+    /// Creates (`initdb`) and starts a cluster. With `durable` false, the
+    /// server runs with `fsync=off` (faster; a crash of the machine could
+    /// lose data, a crash or stop of the server cannot).
+    ///
+    /// # Errors
+    /// When the binaries are missing or a step fails (the message says which).
+    pub fn start(durable: bool) -> io::Result<Cluster> {
+        let bin = find_bin_dir()?;
+        let as_postgres = if is_root() {
+            Some(postgres_ids()?)
+        } else {
+            None
+        };
+        let dir = tempfile::Builder::new()
+            .prefix("keyclaim-pg-")
+            .tempdir()?
+            .keep();
+        if let Some((uid, gid)) = as_postgres {
+            std::os::unix::fs::chown(&dir, Some(uid), Some(gid))?;
+        }
+        let cluster = Cluster {
+            dir,
+            bin,
+            as_postgres,
+        };
+        cluster.spawn_watchdog()?;
+        cluster.run(
+            "initdb",
+            &[
+                "-D",
+                &cluster.data_dir(),
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "-E",
+                "UTF8",
+                "--no-locale",
+                "--no-sync",
+            ],
+        )?;
+        let conf = format!(
+            "listen_addresses = ''\nunix_socket_directories = '{}'\nport = {SOCKET_PORT}\n\
+             max_connections = 300\nshared_buffers = 128MB\nfsync = {}\n\
+             full_page_writes = {}\nlog_min_messages = warning\n",
+            cluster.dir.display(),
+            if durable { "on" } else { "off" },
+            if durable { "on" } else { "off" },
+        );
+        let conf_path = Path::new(&cluster.data_dir()).join("postgresql.conf");
+        let mut file = std::fs::OpenOptions::new().append(true).open(conf_path)?;
+        file.write_all(conf.as_bytes())?;
+        cluster.start_server()?;
+        Ok(cluster)
+    }
+
+    /// The connection string of the cluster's `postgres` database.
+    pub fn url(&self) -> String {
+        format!(
+            "host={} port={SOCKET_PORT} user=postgres dbname=postgres",
+            self.dir.display()
+        )
+    }
+
+    /// Starts the server again after [`Cluster::stop`].
+    ///
+    /// # Errors
+    /// When `pg_ctl start` fails.
+    pub fn start_server(&self) -> io::Result<()> {
+        let log = format!("{}/server.log", self.dir.display());
+        self.run(
+            "pg_ctl",
+            &[
+                "-D",
+                &self.data_dir(),
+                "-l",
+                &log,
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ],
+        )
+    }
+
+    /// Stops the server: `fast` ends sessions cleanly (as an administrator's
+    /// restart does); otherwise `immediate`, which is a crash as far as the
+    /// server's clients and its recovery are concerned.
+    ///
+    /// # Errors
+    /// When `pg_ctl stop` fails.
+    pub fn stop(&self, fast: bool) -> io::Result<()> {
+        let mode = if fast { "fast" } else { "immediate" };
+        self.run(
+            "pg_ctl",
+            &["-D", &self.data_dir(), "-m", mode, "-w", "-t", "60", "stop"],
+        )
+    }
+
+    fn data_dir(&self) -> String {
+        format!("{}/data", self.dir.display())
+    }
+
+    /// Runs a PostgreSQL binary, as user `postgres` when we are root.
+    fn run(&self, tool: &str, args: &[&str]) -> io::Result<()> {
+        let program = self.bin.join(tool);
+        let mut cmd = if self.as_postgres.is_some() {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(&program);
+            c
+        } else {
+            Command::new(&program)
+        };
+        let output = cmd
+            .args(args)
+            .current_dir(&self.dir)
+            .env("LC_ALL", "C")
+            .stdin(Stdio::null())
+            .output()?;
+        if output.status.success() {
+            Ok(())
+        } else {
+            Err(io::Error::other(format!(
+                "{} {} failed ({}): {}{}",
+                program.display(),
+                args.join(" "),
+                output.status,
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            )))
+        }
+    }
+
+    /// A detached process that waits for this process to end, then stops
+    /// the server and removes the directory.
+    fn spawn_watchdog(&self) -> io::Result<()> {
+        let pg_ctl = self.bin.join("pg_ctl");
+        let stop = format!(
+            "{} '{}' -D '{}/data' -m immediate -w stop",
+            if self.as_postgres.is_some() {
+                "runuser -u postgres --"
+            } else {
+                ""
+            },
+            pg_ctl.display(),
+            self.dir.display()
+        );
+        let script = format!(
+            "while [ -d /proc/{pid} ]; do sleep 1; done; \
+             if [ -f '{dir}/data/postmaster.pid' ]; then {stop} >/dev/null 2>&1; fi; \
+             rm -rf '{dir}'",
+            pid = std::process::id(),
+            dir = self.dir.display(),
+        );
+        Command::new("setsid")
+            .args(["sh", "-c", &script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        Ok(())
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if Path::new(&self.data_dir()).join("postmaster.pid").exists() {
+            let _ = self.stop(false);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|euid| euid == "0"))
+        })
+        .unwrap_or(false)
+}
+
+fn postgres_ids() -> io::Result<(u32, u32)> {
+    let passwd = std::fs::read_to_string("/etc/passwd")?;
+    passwd
+        .lines()
+        .find_map(|line| {
+            let mut f = line.split(':');
+            (f.next() == Some("postgres")).then_some(())?;
+            let uid = f.nth(1)?.parse().ok()?;
+            let gid = f.next()?.parse().ok()?;
+            Some((uid, gid))
+        })
+        .ok_or_else(|| io::Error::other("no user `postgres` to run the server as"))
+}
+
+fn find_bin_dir() -> io::Result<PathBuf> {
+    if let Some(dir) = std::env::var_os(BIN_ENV) {
+        return Ok(PathBuf::from(dir));
+    }
+    let mut found: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .map_err(|e| {
+            io::Error::other(format!(
+                "no PostgreSQL binaries under /usr/lib/postgresql: {e}"
+            ))
+        })?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let version = e.file_name().to_str()?.parse().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("pg_ctl").exists().then_some((version, bin))
+        })
+        .collect();
+    found.sort();
+    found
+        .pop()
+        .map(|(_, bin)| bin)
+        .ok_or_else(|| io::Error::other("no PostgreSQL binaries under /usr/lib/postgresql/*/bin"))
+}
+
+/// The process-wide test server: an external URL or a throwaway cluster.
+struct Shared {
+    url: String,
+    _cluster: Option<Cluster>,
+}
+
+static SHARED: OnceLock<Result<Shared, String>> = OnceLock::new();
+
+/// The URL of the shared test server: `KEYCLAIM_TEST_POSTGRES_URL` if set,
+/// else a throwaway cluster started on first use (once per process).
+///
+/// # Errors
+/// Why no server could be had.
+pub fn server_url() -> Result<String, String> {
+    SHARED
+        .get_or_init(|| {
+            if let Ok(url) = std::env::var(URL_ENV) {
+                return Ok(Shared {
+                    url,
+                    _cluster: None,
+                });
+            }
+            let cluster = Cluster::start(false).map_err(|e| {
+                format!("{URL_ENV} is not set and no throwaway cluster could be started: {e}")
+            })?;
+            Ok(Shared {
+                url: cluster.url(),
+                _cluster: Some(cluster),
+            })
+        })
+        .as_ref()
+        .map(|s| s.url.clone())
+        .map_err(Clone::clone)
+}
+
+/// The shared server's URL, or `None` after a loud skip (see
+/// [`crate::skip`]) when there is none.
+///
+/// # Panics
+/// When there is no server and `CI=true`: under CI a skip is a failure.
+pub fn require_server(what: &str) -> Option<String> {
+    crate::require(
+        what,
+        server_url().map_err(|reason| {
+            format!(
+                "no PostgreSQL server: {reason}; set {URL_ENV} or install PostgreSQL \
+                 (initdb, pg_ctl) to run it"
+            )
+        }),
+    )
+}
+
+/// Runs the test `what` on a 4-worker runtime with the shared server's URL,
+/// or skips it (see [`require_server`]).
+///
+/// # Panics
+/// When there is no server and `CI=true`, and when the test panics.
+pub fn with_server<F: Future<Output = ()>>(what: &str, test: impl FnOnce(String) -> F) {
+    if let Some(url) = require_server(what) {
+        crate::runtime(4).block_on(test(url));
+    }
+}
+
+/// The longest schema name keyclaim-postgres accepts
+/// (`keyclaim_postgres::PostgresOptions::MAX_SCHEMA_LEN`; its tests check that the two agree).
+pub const MAX_SCHEMA_LEN: usize = 40;
+
+/// A schema name no other test case in any process uses, at most
+/// [`MAX_SCHEMA_LEN`] bytes.
+pub fn unique_schema(prefix: &str) -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let mut name = format!("{prefix}_{}_{n}_{nanos:x}", std::process::id());
+    name.truncate(MAX_SCHEMA_LEN);
+    name
+}
