@@ -159,7 +159,7 @@ pub(crate) fn open_failed(path: &Path, e: redb::DatabaseError) -> Error {
 /// with the shared cause as its source.
 pub(crate) fn for_batch_mate(error: &Arc<Error>, op: &'static str) -> Error {
     match &**error {
-        Error::Corrupt(what) => Error::Corrupt(what.clone()),
+        Error::Corrupt { what, .. } => Error::corrupt(what.clone()),
         Error::UnsupportedVersion {
             backend,
             found,

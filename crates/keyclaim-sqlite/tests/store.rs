@@ -59,7 +59,7 @@ async fn a_file_of_another_application_is_refused() {
     drop(conn);
     assert!(matches!(
         SqliteStore::open(&path).await,
-        Err(Error::Corrupt(_))
+        Err(Error::Corrupt { .. })
     ));
 }
 

@@ -93,9 +93,9 @@ impl From<Error> for ApiError {
             | Error::InvalidDeviceId { .. }
             | Error::Conflict { .. }
             | Error::DuplicateFallback { .. } => (400, "M_INVALID_PARAM"),
-            Error::InvalidKeyId { .. } | Error::InvalidKeyJson { .. } | Error::BadRequest(_) => {
-                (400, "M_BAD_JSON")
-            }
+            Error::InvalidKeyId { .. }
+            | Error::InvalidKeyJson { .. }
+            | Error::BadRequest { .. } => (400, "M_BAD_JSON"),
             Error::TooLarge { .. } => (400, "M_TOO_LARGE"),
             _ => (500, "M_UNKNOWN"),
         };

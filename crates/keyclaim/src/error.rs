@@ -72,8 +72,11 @@ pub enum Error {
     },
     /// A request was malformed in a way other than the variants above
     /// (wrong JSON types in a wire body, R2.4 / section 9).
-    #[error("bad request: {0}")]
-    BadRequest(String),
+    #[error("bad request: {reason}")]
+    BadRequest {
+        /// What is wrong with it (names fields and IDs, never key material).
+        reason: String,
+    },
     /// An OTK was re-uploaded under a stored key ID with different content (R3.2).
     #[error("one-time key {key_id} already exists for {device} with different content")]
     Conflict {
@@ -120,8 +123,14 @@ pub enum Error {
         supported: i64,
     },
     /// The stored data violates an invariant (a bug or outside tampering).
-    #[error("corrupt store: {0}")]
-    Corrupt(String),
+    #[error("corrupt store: {what}")]
+    Corrupt {
+        /// What was found, naming the kind of value and where.
+        what: String,
+        /// Why it did not read back, when known (a validation error).
+        #[source]
+        source: Option<BoxError>,
+    },
     /// A store's configuration is invalid (a bad URL, option or schema
     /// name), found when the store is opened.
     #[error("invalid configuration: {reason}")]
@@ -150,6 +159,21 @@ impl Error {
         }
     }
 
+    /// Builds a [`Error::Corrupt`] that keeps why the value did not read back.
+    pub fn corrupt_because(what: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        Self::Corrupt {
+            what: what.into(),
+            source: Some(source.into()),
+        }
+    }
+
+    /// Builds a [`Error::BadRequest`].
+    pub fn bad_request(reason: impl Into<String>) -> Self {
+        Self::BadRequest {
+            reason: reason.into(),
+        }
+    }
+
     /// Builds a [`Error::InvalidConfig`].
     pub fn invalid_config(reason: impl Into<String>) -> Self {
         Self::InvalidConfig {
@@ -159,7 +183,10 @@ impl Error {
 
     /// Builds a [`Error::Corrupt`].
     pub fn corrupt(what: impl Into<String>) -> Self {
-        Self::Corrupt(what.into())
+        Self::Corrupt {
+            what: what.into(),
+            source: None,
+        }
     }
 
     /// Whether the same operation may succeed if tried again (a busy database,
@@ -184,7 +211,7 @@ impl Error {
                 | Self::InvalidDeviceId { .. }
                 | Self::InvalidKeyId { .. }
                 | Self::InvalidKeyJson { .. }
-                | Self::BadRequest(_)
+                | Self::BadRequest { .. }
                 | Self::Conflict { .. }
                 | Self::DuplicateFallback { .. }
                 | Self::TooLarge { .. }

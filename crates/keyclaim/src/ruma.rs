@@ -62,12 +62,12 @@ fn raw_from_key_json(json: &KeyJson) -> Result<Raw<OneTimeKey>> {
 
 fn key_id_to_ruma(id: &KeyId) -> Result<OwnedOneTimeKeyId> {
     OwnedOneTimeKeyId::try_from(id.as_str())
-        .map_err(|_| Error::BadRequest(format!("key ID `{id}` is not a valid ruma key ID")))
+        .map_err(|_| Error::bad_request(format!("key ID `{id}` is not a valid ruma key ID")))
 }
 
 fn user_id_to_ruma(user: &UserId) -> Result<OwnedUserId> {
     OwnedUserId::try_from(user.as_str())
-        .map_err(|_| Error::BadRequest(format!("user ID `{user}` is not a valid ruma user ID")))
+        .map_err(|_| Error::bad_request(format!("user ID `{user}` is not a valid ruma user ID")))
 }
 
 /// The keyclaim [`Device`] of a ruma user ID and device ID (R2.1, R2.2).

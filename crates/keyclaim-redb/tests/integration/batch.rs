@@ -185,7 +185,7 @@ fn failing_operation_is_retried_alone() {
                     (true, Ok(())) => {
                         assert_eq!(store.otk_counts(&d).await.unwrap().get_str(SC), 1);
                     }
-                    (false, Err(Error::Corrupt(_))) => {}
+                    (false, Err(Error::Corrupt { .. })) => {}
                     (_, other) => panic!("unexpected result for {d}: {other:?}"),
                 }
             }
@@ -237,6 +237,6 @@ fn corrupt_stored_key_is_an_error() {
             .claim(&[ClaimTarget::one(bad, alg(SC))])
             .await
             .unwrap_err();
-        assert!(matches!(err, Error::Corrupt(_)), "{err:?}");
+        assert!(matches!(err, Error::Corrupt { .. }), "{err:?}");
     });
 }

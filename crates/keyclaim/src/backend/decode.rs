@@ -9,8 +9,8 @@ use crate::error::{Error, Result};
 use crate::ids::{Algorithm, Device, DeviceId, KeyId, UserId};
 use crate::key_json::{KeyDigest, KeyJson};
 
-fn corrupt(what: &str, error: &dyn std::fmt::Display) -> Error {
-    Error::corrupt(format!("stored {what} is invalid: {error}"))
+fn corrupt(what: &str, error: Error) -> Error {
+    Error::corrupt_because(format!("stored {what} is invalid"), error)
 }
 
 /// A stored user ID.
@@ -18,7 +18,7 @@ fn corrupt(what: &str, error: &dyn std::fmt::Display) -> Error {
 /// # Errors
 /// [`Error::Corrupt`].
 pub fn user_id(text: impl Into<String>) -> Result<UserId> {
-    UserId::parse(text).map_err(|e| corrupt("user ID", &e))
+    UserId::parse(text).map_err(|e| corrupt("user ID", e))
 }
 
 /// A stored device ID.
@@ -26,7 +26,7 @@ pub fn user_id(text: impl Into<String>) -> Result<UserId> {
 /// # Errors
 /// [`Error::Corrupt`].
 pub fn device_id(text: impl Into<String>) -> Result<DeviceId> {
-    DeviceId::parse(text).map_err(|e| corrupt("device ID", &e))
+    DeviceId::parse(text).map_err(|e| corrupt("device ID", e))
 }
 
 /// A stored device, from its user ID and device ID.
@@ -42,7 +42,7 @@ pub fn device(user: impl Into<String>, device: impl Into<String>) -> Result<Devi
 /// # Errors
 /// [`Error::Corrupt`].
 pub fn algorithm(text: impl Into<String>) -> Result<Algorithm> {
-    Algorithm::parse(text).map_err(|e| corrupt("algorithm", &e))
+    Algorithm::parse(text).map_err(|e| corrupt("algorithm", e))
 }
 
 /// A stored key ID.
@@ -50,7 +50,7 @@ pub fn algorithm(text: impl Into<String>) -> Result<Algorithm> {
 /// # Errors
 /// [`Error::Corrupt`].
 pub fn key_id(text: impl Into<String>) -> Result<KeyId> {
-    KeyId::parse(text).map_err(|e| corrupt("key ID", &e))
+    KeyId::parse(text).map_err(|e| corrupt("key ID", e))
 }
 
 /// A stored key digest, from 32 raw bytes or 64 hex characters.
@@ -58,7 +58,7 @@ pub fn key_id(text: impl Into<String>) -> Result<KeyId> {
 /// # Errors
 /// [`Error::Corrupt`].
 pub fn digest(bytes: &[u8]) -> Result<KeyDigest> {
-    KeyDigest::from_slice(bytes).map_err(|e| corrupt("key digest", &e))
+    KeyDigest::from_slice(bytes).map_err(|e| corrupt("key digest", e))
 }
 
 /// Stored key JSON, validated and canonicalized again (R2.4). For key JSON
@@ -68,7 +68,7 @@ pub fn digest(bytes: &[u8]) -> Result<KeyDigest> {
 /// # Errors
 /// [`Error::Corrupt`].
 pub fn key_json(text: &str) -> Result<KeyJson> {
-    KeyJson::from_json_str(text).map_err(|e| corrupt("key JSON", &e))
+    KeyJson::from_json_str(text).map_err(|e| corrupt("key JSON", e))
 }
 
 /// Key JSON that the backend wrote itself: the canonical text
