@@ -129,15 +129,7 @@ async fn migrate_round_trip_sqlite_redb_postgres_sqlite() {
     let last_source = match pg {
         Some(url) => {
             let schema = keyclaim_testing::postgres::unique_schema("cli_migrate");
-            // keyclaim's own options ride in the URL's query string, or as
-            // `keyclaim_` keys of a key=value connection string (the
-            // throwaway cluster's socket).
-            let url_p = if url.starts_with("postgres") {
-                let sep = if url.contains('?') { '&' } else { '?' };
-                format!("{url}{sep}keyclaim_schema={schema}")
-            } else {
-                format!("postgres:{url} keyclaim_schema={schema}")
-            };
+            let url_p = keyclaim_testing::postgres::store_url(&url, &schema);
             let out = ok(&keyclaim(&[
                 "migrate", &url_b, &url_p, "--batch", "11", "--quiet",
             ]));

@@ -86,14 +86,7 @@ impl TestBackend {
             return Ok(None);
         };
         let schema = keyclaim_testing::postgres::unique_schema("e2e");
-        // keyclaim's options ride in a URL's query, or as `keyclaim_` keys of
-        // a key=value connection string (the throwaway cluster's socket).
-        let url = if url.starts_with("postgres") {
-            let sep = if url.contains('?') { '&' } else { '?' };
-            format!("{url}{sep}keyclaim_schema={schema}")
-        } else {
-            format!("postgres:{url} keyclaim_schema={schema}")
-        };
+        let url = keyclaim_testing::postgres::store_url(&url, &schema);
         let store = keyclaim_open::open(&url).await?;
         Ok(Some(Self::new("postgres", store, None)))
     }

@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use keyclaim::backend::{Backend, StoreCore, async_trait};
 use keyclaim::transfer::DeviceSnapshot;
 use keyclaim::{
-    Algorithm, Changes, ClaimOutcome, ClaimTarget, Device, DeviceId, Limits, OtkCounts, Result,
-    SyncState, Upload, UploadOutcome, UserId,
+    Changes, ClaimOutcome, ClaimTarget, Device, DeviceId, Limits, OtkCounts, Result, SyncState,
+    Upload, UploadOutcome, UserId,
 };
 use parking_lot::Mutex;
 
@@ -175,18 +175,6 @@ impl Backend for MemoryStore {
             keys,
             changes: Changes::from_devices(changed),
         })
-    }
-
-    async fn otk_counts(&self, device: &Device) -> Result<OtkCounts> {
-        Ok(self
-            .with_device(device, false, |s| s.counts())
-            .unwrap_or_default())
-    }
-
-    async fn unused_fallback_types(&self, device: &Device) -> Result<Vec<Algorithm>> {
-        Ok(self
-            .with_device(device, false, |s| s.unused_fallback_types())
-            .unwrap_or_default())
     }
 
     async fn sync_state(&self, device: &Device) -> Result<SyncState> {

@@ -14,8 +14,7 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use keyclaim::backend::{Backend, StoreCore, async_trait};
 use keyclaim::transfer::DeviceSnapshot;
 use keyclaim::{
-    Algorithm, Changes, ClaimOutcome, ClaimTarget, Device, OtkCounts, Result, SyncState, Upload,
-    UploadOutcome, UserId,
+    Changes, ClaimOutcome, ClaimTarget, Device, Result, SyncState, Upload, UploadOutcome, UserId,
 };
 use tokio_postgres::NoTls;
 
@@ -258,20 +257,6 @@ impl Backend for PostgresStore {
         let outcome = ops::claim(&mut client, &self.sql, self.core.limits(), targets).await?;
         self.changed(&outcome.changes);
         Ok(outcome)
-    }
-
-    async fn otk_counts(&self, device: &Device) -> Result<OtkCounts> {
-        let client = self.client("otk_counts").await?;
-        Ok(ops::sync_state(&client, device, "otk_counts")
-            .await?
-            .one_time_key_counts)
-    }
-
-    async fn unused_fallback_types(&self, device: &Device) -> Result<Vec<Algorithm>> {
-        let client = self.client("unused_fallback_types").await?;
-        Ok(ops::sync_state(&client, device, "unused_fallback_types")
-            .await?
-            .unused_fallback_key_types)
     }
 
     async fn sync_state(&self, device: &Device) -> Result<SyncState> {

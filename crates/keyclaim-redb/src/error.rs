@@ -57,11 +57,6 @@ fatal_from!(
     redb::SetDurabilityError
 );
 
-/// Stored data that does not parse back: an invariant is broken.
-pub(crate) fn corrupt(what: &'static str) -> impl FnOnce(Error) -> Fatal {
-    move |e| Fatal::Other(Error::corrupt(format!("{what}: {e}")))
-}
-
 /// Maps a redb error while opening, creating or migrating the file to a
 /// non-retryable [`Error::Storage`] for operation `op`.
 pub(crate) fn storage<E>(op: &'static str) -> impl Fn(E) -> Error

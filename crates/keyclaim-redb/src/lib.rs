@@ -21,8 +21,7 @@ use std::sync::Arc;
 use keyclaim::backend::{Backend, StoreCore, async_trait};
 use keyclaim::transfer::DeviceSnapshot;
 use keyclaim::{
-    Algorithm, Changes, ClaimOutcome, ClaimTarget, Device, OtkCounts, Result, SyncState, Upload,
-    UploadOutcome, UserId,
+    Changes, ClaimOutcome, ClaimTarget, Device, Result, SyncState, Upload, UploadOutcome, UserId,
 };
 
 pub use error::AlreadyOpen;
@@ -171,24 +170,6 @@ impl Backend for RedbStore {
             Reply::Claim(raw) => raw.decode(&targets),
             _ => Err(wrong_reply("claim")),
         }
-    }
-
-    async fn otk_counts(&self, device: &Device) -> Result<OtkCounts> {
-        let device = device.clone();
-        read_txn(&self.slot, "otk_counts", move |txn| {
-            let table = txn.open_table(schema::OTK_QUEUE)?;
-            ops::counts(&table, device.user_id.as_str(), device.device_id.as_str())
-        })
-        .await
-    }
-
-    async fn unused_fallback_types(&self, device: &Device) -> Result<Vec<Algorithm>> {
-        let device = device.clone();
-        read_txn(&self.slot, "unused_fallback_types", move |txn| {
-            let table = txn.open_table(schema::FALLBACKS)?;
-            ops::unused_fallback_types(&table, device.user_id.as_str(), device.device_id.as_str())
-        })
-        .await
     }
 
     async fn sync_state(&self, device: &Device) -> Result<SyncState> {

@@ -19,8 +19,8 @@ use std::path::{Path, PathBuf};
 use keyclaim::backend::{Backend, StoreCore, async_trait};
 use keyclaim::transfer::DeviceSnapshot;
 use keyclaim::{
-    Algorithm, Changes, ClaimOutcome, ClaimTarget, Device, Limits, OtkCounts, Result, SyncState,
-    Upload, UploadOutcome, UserId,
+    Changes, ClaimOutcome, ClaimTarget, Device, Limits, Result, SyncState, Upload, UploadOutcome,
+    UserId,
 };
 use tracing::Instrument as _;
 
@@ -152,20 +152,6 @@ impl Backend for SqliteStore {
             })
             .await?;
         raw.decode(targets)
-    }
-
-    async fn otk_counts(&self, device: &Device) -> Result<OtkCounts> {
-        let device = device.clone();
-        self.readers
-            .run(move |conn| ops::otk_counts(conn, &device))
-            .await
-    }
-
-    async fn unused_fallback_types(&self, device: &Device) -> Result<Vec<Algorithm>> {
-        let device = device.clone();
-        self.readers
-            .run(move |conn| ops::unused_fallback_types(conn, &device))
-            .await
     }
 
     async fn sync_state(&self, device: &Device) -> Result<SyncState> {

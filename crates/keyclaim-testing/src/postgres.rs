@@ -343,3 +343,16 @@ pub fn unique_schema(prefix: &str) -> String {
     name.truncate(MAX_SCHEMA_LEN);
     name
 }
+
+/// A store URL (as `keyclaim-open` reads them) for the test server `server`
+/// (a URL, or the throwaway cluster's key=value connection string) and a
+/// schema of keyclaim's: the schema rides in the URL's query, or as a
+/// `keyclaim_` key of the connection string.
+pub fn store_url(server: &str, schema: &str) -> String {
+    if server.starts_with("postgres") {
+        let sep = if server.contains('?') { '&' } else { '?' };
+        format!("{server}{sep}keyclaim_schema={schema}")
+    } else {
+        format!("postgres:{server} keyclaim_schema={schema}")
+    }
+}

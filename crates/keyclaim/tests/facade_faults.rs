@@ -7,7 +7,7 @@ use keyclaim::backend::{Backend, StoreCore, async_trait};
 use keyclaim::transfer::DeviceSnapshot;
 use keyclaim::{
     Algorithm, Changes, ClaimOutcome, ClaimTarget, Device, Error, KeyStore, KeysApi, Limits,
-    OtkCounts, Result, SyncState, Upload, UploadOutcome, UserId,
+    Result, SyncState, Upload, UploadOutcome, UserId,
 };
 
 #[derive(Debug)]
@@ -45,12 +45,6 @@ impl Backend for FailingStore {
     }
     async fn claim(&self, _: &[ClaimTarget]) -> Result<ClaimOutcome> {
         Err(down("claim"))
-    }
-    async fn otk_counts(&self, _: &Device) -> Result<OtkCounts> {
-        Err(down("otk_counts"))
-    }
-    async fn unused_fallback_types(&self, _: &Device) -> Result<Vec<Algorithm>> {
-        Err(down("unused_fallback_types"))
     }
     async fn sync_state(&self, _: &Device) -> Result<SyncState> {
         Err(down("sync_state"))

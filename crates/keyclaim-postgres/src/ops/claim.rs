@@ -67,7 +67,7 @@ use keyclaim::backend::decode;
 use keyclaim::{Algorithm, Changes, ClaimOutcome, ClaimTarget, ClaimedKey, Device, Limits, Result};
 use tokio_postgres::types::ToSql;
 
-use super::{Sql, parse_key_id};
+use super::Sql;
 use crate::error::{corrupt, pg};
 
 /// Claims for many targets in one statement; see the module docs.
@@ -356,7 +356,7 @@ fn decode_claim(
             .ok_or_else(|| corrupt("claim answer", format!("no target {ord}")))?;
         let fallback: bool = row.try_get(1).map_err(pg(op))?;
         let seq: i64 = row.try_get(2).map_err(pg(op))?;
-        let key_id = parse_key_id(row.try_get(3).map_err(pg(op))?)?;
+        let key_id = decode::key_id(row.try_get::<_, &str>(3).map_err(pg(op))?)?;
         // The store wrote this text itself, canonical, with its digest
         // (upload and import store `KeyJson::canonical` and `digest`): no
         // need to parse, canonicalize and hash it again for every key.

@@ -15,8 +15,11 @@ use deadpool_postgres::Object;
 use keyclaim::{Changes, Device, Result, UserId};
 use tokio_postgres::types::ToSql;
 
-use super::{LOCK_DEVICE, LOCK_USER, NOTIFY, Sql, notify_payloads, parse_device};
+use super::{LOCK_DEVICE, LOCK_USER, NOTIFY, Sql, notify_payloads};
 use crate::error::pg;
+use deadpool_postgres::Transaction;
+use keyclaim::backend::decode;
+use tokio_postgres::Statement;
 
 pub(super) const DELETE_DEVICE_OTKS: &str = "DELETE FROM otk WHERE user_id = $1 AND device_id = $2";
 
@@ -68,13 +71,7 @@ pub(crate) async fn delete_device(
     } else {
         Changes::none()
     };
-    if !changes.is_empty() && sql.transactional_notify {
-        let payloads = notify_payloads(&sql.instance, changes.devices());
-        tx.query(&notify, &[&sql.channel, &payloads])
-            .await
-            .map_err(pg(op))?;
-    }
-    tx.commit().await.map_err(pg(op))?;
+    commit_notifying(tx, sql, &notify, &changes, op).await?;
     Ok(changes)
 }
 
@@ -99,15 +96,30 @@ pub(crate) async fn delete_user(client: &mut Object, sql: &Sql, user: &UserId) -
     .map_err(pg(op))?;
     let mut devices = Vec::new();
     for row in otk_rows.iter().chain(&rest_rows) {
-        devices.push(parse_device(user_id, row.try_get(0).map_err(pg(op))?)?);
+        devices.push(decode::device(
+            user_id,
+            row.try_get::<_, &str>(0).map_err(pg(op))?,
+        )?);
     }
     let changes = Changes::from_devices(devices);
+    commit_notifying(tx, sql, &notify, &changes, op).await?;
+    Ok(changes)
+}
+
+/// Commits a deletion, sending its notification inside the transaction
+/// first when the store notifies transactionally (R11.2).
+async fn commit_notifying(
+    tx: Transaction<'_>,
+    sql: &Sql,
+    notify: &Statement,
+    changes: &Changes,
+    op: &'static str,
+) -> Result<()> {
     if !changes.is_empty() && sql.transactional_notify {
         let payloads = notify_payloads(&sql.instance, changes.devices());
-        tx.query(&notify, &[&sql.channel, &payloads])
+        tx.query(notify, &[&sql.channel, &payloads])
             .await
             .map_err(pg(op))?;
     }
-    tx.commit().await.map_err(pg(op))?;
-    Ok(changes)
+    tx.commit().await.map_err(pg(op))
 }

@@ -25,8 +25,7 @@ pub(crate) use read::sync_state;
 pub(crate) use transfer::{export_devices, import_device};
 pub(crate) use upload::upload;
 
-use keyclaim::backend::decode;
-use keyclaim::{Algorithm, Device, KeyId, Result};
+use keyclaim::Device;
 
 /// Per-store values the statements take as parameters.
 #[derive(Debug, Clone)]
@@ -112,18 +111,6 @@ pub(crate) fn notify_payloads(instance: &str, devices: &[Device]) -> Vec<String>
 }
 
 // Typed forms of core's decoders, for columns read as `&str`.
-
-fn parse_key_id(text: &str) -> Result<KeyId> {
-    decode::key_id(text)
-}
-
-fn parse_algorithm(text: &str) -> Result<Algorithm> {
-    decode::algorithm(text)
-}
-
-fn parse_device(user: &str, device: &str) -> Result<Device> {
-    decode::device(user, device)
-}
 
 /// A count or sequence value read from the database as a `u64`.
 fn count_to_u64(n: i64) -> u64 {

@@ -5,8 +5,9 @@ use std::collections::BTreeMap;
 use deadpool_postgres::Object;
 use keyclaim::{Device, Result, SyncState};
 
-use super::{count_to_u64, parse_algorithm};
+use super::count_to_u64;
 use crate::error::pg;
+use keyclaim::backend::decode;
 
 /// A device's OTK counts and unused fallback algorithms, in one snapshot;
 /// index scans bounded by the device's own rows (R6.4).
@@ -42,7 +43,7 @@ pub(super) fn decode_sync_state(
     let mut unused = Vec::new();
     for row in rows {
         let is_fallback: bool = row.try_get(0).map_err(pg(op))?;
-        let algorithm = parse_algorithm(row.try_get(1).map_err(pg(op))?)?;
+        let algorithm = decode::algorithm(row.try_get::<_, &str>(1).map_err(pg(op))?)?;
         if is_fallback {
             unused.push(algorithm);
         } else {

@@ -13,10 +13,7 @@ use tokio_postgres::IsolationLevel;
 use tokio_postgres::types::ToSql;
 
 use super::delete::{DELETE_DEVICE_OTKS, DELETE_DEVICE_REST};
-use super::{
-    LOCK_DEVICE, NOTIFY, Sql, UPSERT_FALLBACKS, count_to_u64, notify_payloads, parse_device,
-    parse_key_id,
-};
+use super::{LOCK_DEVICE, NOTIFY, Sql, UPSERT_FALLBACKS, count_to_u64, notify_payloads};
 use crate::error::{corrupt, pg};
 
 /// One page of devices that hold any state, after a (user, device) cursor
@@ -105,7 +102,7 @@ pub(crate) async fn export_devices(
     for row in &device_rows {
         let user: String = row.try_get(0).map_err(pg(op))?;
         let device_id: String = row.try_get(1).map_err(pg(op))?;
-        snapshots.push(DeviceSnapshot::empty(parse_device(&user, &device_id)?));
+        snapshots.push(DeviceSnapshot::empty(decode::device(&user, &device_id)?));
         position.insert((user.clone(), device_id.clone()), snapshots.len() - 1);
         users.push(user);
         device_ids.push(device_id);
@@ -134,14 +131,14 @@ pub(crate) async fn export_devices(
         let i = find(row)?;
         let seq: i64 = row.try_get(4).map_err(pg(op))?;
         snapshots[i].one_time_keys.push(StoredOtk {
-            key_id: parse_key_id(row.try_get(2).map_err(pg(op))?)?,
+            key_id: decode::key_id(row.try_get::<_, &str>(2).map_err(pg(op))?)?,
             key_json: decode::key_json(row.try_get(3).map_err(pg(op))?)?,
             seq: count_to_u64(seq),
         });
     }
     for row in &fallback_rows {
         let i = find(row)?;
-        let key_id = parse_key_id(row.try_get(2).map_err(pg(op))?)?;
+        let key_id = decode::key_id(row.try_get::<_, &str>(2).map_err(pg(op))?)?;
         snapshots[i].fallback_keys.insert(
             key_id.algorithm(),
             StoredFallback {
@@ -153,7 +150,7 @@ pub(crate) async fn export_devices(
     }
     for row in &issued_rows {
         let i = find(row)?;
-        let key_id = parse_key_id(row.try_get(2).map_err(pg(op))?)?;
+        let key_id = decode::key_id(row.try_get::<_, &str>(2).map_err(pg(op))?)?;
         let digest = decode::digest(row.try_get(3).map_err(pg(op))?)?;
         snapshots[i]
             .issued

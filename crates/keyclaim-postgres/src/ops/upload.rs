@@ -17,10 +17,7 @@ use keyclaim::{Algorithm, Changes, KeyId, Limits, Result, Upload, UploadOutcome}
 use tokio_postgres::types::ToSql;
 
 use super::read::{SYNC_STATE, decode_sync_state};
-use super::{
-    LOCK_DEVICE, NOTIFY, Sql, UPSERT_FALLBACKS, count_to_u64, notify_payloads, parse_algorithm,
-    parse_key_id,
-};
+use super::{LOCK_DEVICE, NOTIFY, Sql, UPSERT_FALLBACKS, count_to_u64, notify_payloads};
 use crate::error::pg;
 
 /// Everything [`plan_upload`] needs, in one snapshot: stored OTKs and issued
@@ -96,7 +93,7 @@ pub(crate) async fn upload(
         let kind: i16 = row.try_get(0).map_err(pg(op))?;
         match kind {
             0 | 1 => {
-                let key_id = parse_key_id(row.try_get(1).map_err(pg(op))?)?;
+                let key_id = decode::key_id(row.try_get::<_, &str>(1).map_err(pg(op))?)?;
                 let digest = decode::digest(row.try_get(3).map_err(pg(op))?)?;
                 if kind == 0 {
                     facts.stored_otks.insert(key_id, digest);
@@ -105,13 +102,13 @@ pub(crate) async fn upload(
                 }
             }
             2 => {
-                let algorithm = parse_algorithm(row.try_get(2).map_err(pg(op))?)?;
+                let algorithm = decode::algorithm(row.try_get::<_, &str>(2).map_err(pg(op))?)?;
                 facts
                     .otk_counts
                     .insert(algorithm, count_to_u64(row.try_get(4).map_err(pg(op))?));
             }
             _ => {
-                let algorithm = parse_algorithm(row.try_get(2).map_err(pg(op))?)?;
+                let algorithm = decode::algorithm(row.try_get::<_, &str>(2).map_err(pg(op))?)?;
                 let digest = decode::digest(row.try_get(3).map_err(pg(op))?)?;
                 facts.fallback_digests.insert(algorithm, digest);
             }

@@ -2,11 +2,12 @@
 
 use std::collections::BTreeSet;
 
-use keyclaim::{Changes, Device, DeviceId, UserId};
+use keyclaim::{Changes, Device, UserId};
 
 use super::{WriteTables, remove_range};
-use crate::error::{Fatal, corrupt};
+use crate::error::Fatal;
 use crate::schema::succ;
+use keyclaim::backend::decode;
 
 /// Removes every row of one device from every table; returns whether it had
 /// any (R7.1).
@@ -81,7 +82,7 @@ pub(crate) fn delete_user(t: &mut WriteTables<'_>, user: &UserId) -> Result<Chan
     for d in devices {
         out.push(Device::new(
             user.clone(),
-            DeviceId::parse(d).map_err(corrupt("stored device ID"))?,
+            decode::device_id(d).map_err(Fatal::Other)?,
         ));
     }
     Ok(Changes::from_devices(out))

@@ -30,11 +30,11 @@ use redb::{ReadTransaction, ReadableDatabase, ReadableTable, Table, WriteTransac
 
 pub(crate) use claim::claim;
 pub(crate) use delete::{delete_device, delete_user};
-pub(crate) use read::{counts, sync_state, unused_fallback_types};
+pub(crate) use read::{counts, sync_state};
 pub(crate) use transfer::{export_devices, import_device};
 pub(crate) use upload::upload;
 
-use crate::error::{self, Fatal, corrupt};
+use crate::error::{self, Fatal};
 use crate::schema::{
     DeviceAlgKey, Digest, FALLBACKS, FallbackValue, META, META_NEXT_SEQ, OTK_IDS, OTK_KEYS,
     OTK_QUEUE, OtkIdKey, OtkKey, OtkValue, Queue,
@@ -62,12 +62,12 @@ where
 
 /// An algorithm the store wrote itself.
 pub(super) fn parse_alg(s: &str) -> Result<Algorithm, Fatal> {
-    Algorithm::parse(s).map_err(corrupt("stored algorithm"))
+    decode::algorithm(s).map_err(Fatal::Other)
 }
 
 /// A key ID the store wrote itself.
 pub(super) fn parse_key_id(s: &str) -> Result<KeyId, Fatal> {
-    KeyId::parse(s).map_err(corrupt("stored key ID"))
+    decode::key_id(s).map_err(Fatal::Other)
 }
 
 /// Key JSON the store wrote itself ([`decode::key_json_with_digest`]).

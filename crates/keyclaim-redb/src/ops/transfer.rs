@@ -3,13 +3,14 @@
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use keyclaim::transfer::{DeviceSnapshot, IssuedKey, KeyDigest, StoredFallback, StoredOtk};
-use keyclaim::{Changes, Device, DeviceId, Error, Limits, UserId};
+use keyclaim::{Changes, Device, Error, Limits};
 use redb::{ReadTransaction, ReadableTable};
 
 use super::delete::delete_device_rows;
 use super::{WriteTables, check_queue, parse_alg, parse_key_id, remembered_limit, stored_json};
-use crate::error::{Fatal, corrupt};
+use crate::error::Fatal;
 use crate::schema::{DeviceAlgKey, Digest, FALLBACKS, OTK_KEYS, OTK_QUEUE, Queue, succ};
+use keyclaim::backend::decode;
 
 /// Up to `limit` devices with state, after `after`, in (user, device) byte
 /// order. A device has a row in `otk_queue` (which has none for a (device,
@@ -79,8 +80,8 @@ pub(crate) fn export_devices(
         };
         for (u, d) in batch {
             let device = Device::new(
-                UserId::parse(u).map_err(corrupt("stored user ID"))?,
-                DeviceId::parse(d).map_err(corrupt("stored device ID"))?,
+                decode::user_id(u).map_err(Fatal::Other)?,
+                decode::device_id(d).map_err(Fatal::Other)?,
             );
             let snap = snapshot(txn, device, keep)?;
             if !snap.is_empty() {

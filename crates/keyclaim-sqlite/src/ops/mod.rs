@@ -38,7 +38,7 @@ mod upload;
 
 pub(crate) use claim::claim;
 pub(crate) use delete::{delete_device, delete_user};
-pub(crate) use read::{otk_counts, sync_state, unused_fallback_types};
+pub(crate) use read::{otk_counts, sync_state};
 pub(crate) use transfer::{export_devices, import_device};
 pub(crate) use upload::upload;
 

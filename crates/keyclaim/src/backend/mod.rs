@@ -38,10 +38,10 @@ pub use crate::notify::{ChangeNotifier, NOTIFY_CAPACITY};
 pub use crate::plan::{DeviceFacts, UploadPlan, plan_upload};
 
 use crate::error::Result;
-use crate::ids::{Algorithm, Device, UserId};
+use crate::ids::{Device, UserId};
 use crate::limits::Limits;
 use crate::types::{
-    Changes, ClaimOutcome, ClaimTarget, DeviceSnapshot, OtkCounts, SyncState, Upload, UploadOutcome,
+    Changes, ClaimOutcome, ClaimTarget, DeviceSnapshot, SyncState, Upload, UploadOutcome,
 };
 
 /// What core keeps for every store: its [`Limits`] and its [`ChangeNotifier`].
@@ -70,8 +70,8 @@ impl StoreCore {
         &self.limits
     }
 
-    /// The store's change notifier.
-    pub fn notifier(&self) -> &ChangeNotifier {
+    /// The store's change notifier; core reports through it.
+    pub(crate) fn notifier(&self) -> &ChangeNotifier {
         &self.notifier
     }
 
@@ -133,21 +133,9 @@ pub trait Backend: Debug + Send + Sync + 'static {
     async fn claim(&self, targets: &[ClaimTarget]) -> Result<ClaimOutcome>;
 
     /// The device's OTK counts (R6.1: algorithms with no key left out; core's
-    /// wire forms add `signed_curve25519`), cheap (R6.4).
-    ///
-    /// # Errors
-    /// [`Error::Storage`](crate::Error::Storage).
-    async fn otk_counts(&self, device: &Device) -> Result<OtkCounts>;
-
-    /// The algorithms with an unused fallback key, sorted by bytes (R6.3),
-    /// cheap (R6.4).
-    ///
-    /// # Errors
-    /// [`Error::Storage`](crate::Error::Storage).
-    async fn unused_fallback_types(&self, device: &Device) -> Result<Vec<Algorithm>>;
-
-    /// Counts and unused fallback types together, from one consistent read
-    /// where the storage allows it.
+    /// wire forms add `signed_curve25519`) and the algorithms with an unused
+    /// fallback key, sorted by bytes (R6.3), from one consistent read; cheap
+    /// (R6.4). Core serves `otk_counts` and `unused_fallback_types` from it.
     ///
     /// # Errors
     /// [`Error::Storage`](crate::Error::Storage).

@@ -138,15 +138,19 @@ impl<B: Backend> KeyStore for B {
 
     async fn otk_counts(&self, device: &Device) -> Result<OtkCounts> {
         let span = tracing::trace_span!("keyclaim.otk_counts", backend = self.name(), %device);
-        Backend::otk_counts(self, device).instrument(span).await
+        Ok(Backend::sync_state(self, device)
+            .instrument(span)
+            .await?
+            .one_time_key_counts)
     }
 
     async fn unused_fallback_types(&self, device: &Device) -> Result<Vec<Algorithm>> {
         let span =
             tracing::trace_span!("keyclaim.unused_fallback_types", backend = self.name(), %device);
-        Backend::unused_fallback_types(self, device)
+        Ok(Backend::sync_state(self, device)
             .instrument(span)
-            .await
+            .await?
+            .unused_fallback_key_types)
     }
 
     async fn sync_state(&self, device: &Device) -> Result<SyncState> {
@@ -269,12 +273,6 @@ mod tests {
                 keys: Vec::new(),
                 changes: Changes::from_devices(targets.iter().map(|t| t.device.clone())),
             })
-        }
-        async fn otk_counts(&self, _: &Device) -> Result<OtkCounts> {
-            Ok(OtkCounts::default())
-        }
-        async fn unused_fallback_types(&self, _: &Device) -> Result<Vec<Algorithm>> {
-            Ok(Vec::new())
         }
         async fn sync_state(&self, _: &Device) -> Result<SyncState> {
             Ok(SyncState::default())
