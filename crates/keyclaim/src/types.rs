@@ -367,6 +367,13 @@ impl Changes {
         }
     }
 
+    /// Changes of devices that are already sorted and without repeats.
+    pub(crate) fn from_sorted(devices: &[Device]) -> Self {
+        Self {
+            devices: devices.into(),
+        }
+    }
+
     /// The changed devices.
     pub fn devices(&self) -> &[Device] {
         &self.devices

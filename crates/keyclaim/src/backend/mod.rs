@@ -35,7 +35,7 @@ pub use async_trait::async_trait;
 pub use claim::{RawClaim, RawClaimedKey};
 
 pub use crate::key_json::{KeyDigest, MAX_KEY_JSON_DEPTH, canonical_json};
-pub use crate::notify::{ChangeNotifier, NOTIFY_CAPACITY};
+pub use crate::notify::{ChangeNotifier, MAX_DEVICES_PER_EVENT, NOTIFY_CAPACITY};
 pub use crate::plan::{DeviceFacts, UploadPlan, plan_upload};
 
 use crate::error::Result;
