@@ -1,7 +1,9 @@
 //! The operations, as plain functions on a connection, one file per kind:
-//! [`upload`](mod@upload), [`claim`](mod@claim), [`read`] (counts and sync
-//! state), [`delete`] and [`transfer`] (export and import). This file holds
-//! what several of them share.
+//! [`upload`](mod@upload) (and the device replacement, R14.1),
+//! [`claim`](mod@claim) (and the split claim's two steps, R12.1, R12.2),
+//! [`read`] (counts, sync state of one device or many, fallback keys),
+//! [`delete`] (and the key reset, R13.1) and [`transfer`] (export and
+//! import). This file holds what several of them share.
 //!
 //! Mutating functions expect to run inside a write transaction (the writer
 //! thread wraps each in a savepoint of its batch's `BEGIN IMMEDIATE`
