@@ -10,7 +10,8 @@
 //! - a redb failure while opening, creating or migrating the file
 //!   ([`redb`]) is not: the caller decides whether to open again;
 //! - a file being reopened, or a reopen that failed, is retryable;
-//! - a blocking task or thread that failed is not.
+//! - a blocking task or thread that failed is not, nor a writer that
+//!   panicked while it held the operation.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -79,6 +80,20 @@ pub(crate) fn create_io(e: std::io::Error) -> Error {
 /// cancelled, or could not be spawned).
 pub(crate) fn task_failed(op: &'static str, e: impl Into<BoxError>) -> Error {
     Error::storage(BACKEND, op, false, e)
+}
+
+/// The writer thread panicked while it held operation `op` and dropped it
+/// unanswered. Not retryable: whether the operation was applied is unknown
+/// (a panic before its commit leaves nothing, one inside redb's commit may
+/// not).
+pub(crate) fn writer_panicked(op: &'static str) -> Error {
+    Error::storage(
+        BACKEND,
+        op,
+        false,
+        "the redb writer thread panicked before answering; the operation may or may not \
+         have been applied",
+    )
 }
 
 /// The writer answered operation `op` with the reply of another.

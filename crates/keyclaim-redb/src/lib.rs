@@ -5,8 +5,12 @@
 // mapping to `keyclaim::Error`; `schema` the layout, the format version and
 // migrations; `ops` the operations, one file per kind; `writer` the
 // group-commit writer thread and `queue` its queue; `slot` opening the file
-// and reopening it after an I/O error.
+// and reopening it after an I/O error; `hooks` where the test-only `faults`
+// are injected.
 mod error;
+#[cfg(feature = "fault-injection")]
+pub mod faults;
+mod hooks;
 mod ops;
 mod options;
 mod queue;
@@ -105,6 +109,7 @@ impl RedbStore {
                 durability: options.get_durability(),
                 max_batch: options.get_max_batch().max(1),
                 linger: options.get_linger(),
+                hooks: hooks::Hooks::new(&options),
             },
         )?;
         tracing::debug!(path = %path.display(), "opened redb store");

@@ -62,6 +62,8 @@ pub struct RedbOptions {
     max_batch: usize,
     cache_size: Option<usize>,
     linger: Duration,
+    #[cfg(feature = "fault-injection")]
+    faults: Option<crate::faults::Faults>,
 }
 
 impl Default for RedbOptions {
@@ -72,6 +74,8 @@ impl Default for RedbOptions {
             max_batch: 256,
             cache_size: None,
             linger: Duration::ZERO,
+            #[cfg(feature = "fault-injection")]
+            faults: None,
         }
     }
 }
@@ -122,6 +126,21 @@ impl RedbOptions {
     pub fn cache_size(mut self, bytes: usize) -> Self {
         self.cache_size = Some(bytes);
         self
+    }
+
+    /// Test-only (feature `fault-injection`): faults to inject into the
+    /// store, see [`crate::faults`].
+    #[cfg(feature = "fault-injection")]
+    #[must_use]
+    pub fn faults(mut self, faults: crate::faults::Faults) -> Self {
+        self.faults = Some(faults);
+        self
+    }
+
+    /// Test-only (feature `fault-injection`): the faults to inject, if any.
+    #[cfg(feature = "fault-injection")]
+    pub fn get_faults(&self) -> Option<&crate::faults::Faults> {
+        self.faults.as_ref()
     }
 
     /// The configured limits.

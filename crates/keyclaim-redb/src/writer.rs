@@ -17,13 +17,21 @@
 //! - replies are sent only after the commit returned; if the commit fails,
 //!   every operation of the batch gets the error (none of them was applied);
 //! - an I/O failure (after which redb refuses the handle) fails the batch
-//!   and makes the writer reopen the file ([`crate::slot`]).
+//!   and makes the writer reopen the file ([`crate::slot`]);
+//! - a panic in the writer thread fails the batch it was running (its
+//!   callers get a non-retryable [`Error::Storage`]: whether the operation
+//!   was applied is unknown); the writer then reopens the file, since redb
+//!   may have been left half-way, and goes on with the next batch. Should the
+//!   thread end all the same, the queue is closed and every queued or later
+//!   operation fails at once: no caller ever waits for a writer that is gone.
 //!
 //! A batch that wrote nothing is dropped instead of committed (no fsync).
 //! A batch is what queued up while the previous one ran: a lone operation
 //! is committed at once, the writer never waits for company unless
 //! `linger` is set (off by default).
 
+use std::any::Any;
+use std::panic::{self, AssertUnwindSafe};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
@@ -41,6 +49,7 @@ use keyclaim::backend::RawClaim;
 
 use crate::RedbDurability;
 use crate::error::{self, Fatal, needs_reopen};
+use crate::hooks::Hooks;
 use crate::ops::{self, WriteTables};
 use crate::queue::{JobQueue, Taken};
 use crate::slot::DbSlot;
@@ -124,6 +133,7 @@ pub(crate) struct WriterConfig {
     pub(crate) durability: RedbDurability,
     pub(crate) max_batch: usize,
     pub(crate) linger: Duration,
+    pub(crate) hooks: Hooks,
 }
 
 /// What the writer thread has done since the store was opened: how well
@@ -143,6 +153,9 @@ pub struct WriterStats {
     /// operations were then retried one by one counts once, and each
     /// failing retry once more).
     pub failed_batches: u64,
+    /// Panics of the writer thread: each failed the batch it was running,
+    /// and the writer reopened the file and went on.
+    pub panics: u64,
 }
 
 /// The handle of the writer thread. Dropping it closes the queue, lets the
@@ -161,6 +174,7 @@ struct Counters {
     operations: AtomicU64,
     largest_batch: AtomicU64,
     failed_batches: AtomicU64,
+    panics: AtomicU64,
 }
 
 impl Counters {
@@ -184,7 +198,10 @@ impl Writer {
         let thread_queue = Arc::clone(&queue);
         let thread = std::thread::Builder::new()
             .name("keyclaim-redb-writer".into())
-            .spawn(move || run(&slot, &thread_queue, &config, &thread_counters))
+            .spawn(move || {
+                let _close = CloseOnExit(&thread_queue);
+                supervise(&slot, &thread_queue, &config, &thread_counters);
+            })
             .map_err(|e| error::task_failed("open", e))?;
         Ok(Self {
             queue,
@@ -200,12 +217,14 @@ impl Writer {
             operations: self.counters.operations.load(Ordering::Relaxed),
             largest_batch: self.counters.largest_batch.load(Ordering::Relaxed),
             failed_batches: self.counters.failed_batches.load(Ordering::Relaxed),
+            panics: self.counters.panics.load(Ordering::Relaxed),
         }
     }
 
     /// Queues an operation and waits for its answer. Never blocks the
     /// calling thread: the queue is unbounded and the answer is awaited.
     pub(crate) async fn submit(&self, op: Op) -> Result<Reply> {
+        let name = op.name();
         let (reply, rx) = oneshot::channel();
         let job = Job {
             op,
@@ -213,15 +232,16 @@ impl Writer {
             span: tracing::Span::current(),
         };
         self.queue.push(job).map_err(|_| Error::Closed)?;
-        rx.await.map_err(|_| Error::Closed)?
+        // The writer drops a job unanswered only when it panics.
+        rx.await.map_err(|_| error::writer_panicked(name))?
     }
 
     /// Closes the queue and waits for the thread to finish it.
     pub(crate) fn shutdown(&mut self) {
         self.queue.close();
         if let Some(thread) = self.thread.take() {
-            // A panicked writer has already failed its callers (their reply
-            // senders were dropped); nothing more to report here.
+            // The thread catches its panics; should one escape all the same,
+            // its callers have already been failed (see `CloseOnExit`).
             let _ = thread.join();
         }
     }
@@ -233,19 +253,76 @@ impl Drop for Writer {
     }
 }
 
+/// Closes the queue when the writer thread ends, however it ends, and drops
+/// what is still queued: their callers get an error at once, and so does
+/// every later operation, instead of waiting for a thread that is gone.
+/// (After a normal shutdown the queue is already closed and empty.)
+struct CloseOnExit<'a>(&'a JobQueue<Job>);
+
+impl Drop for CloseOnExit<'_> {
+    fn drop(&mut self) {
+        self.0.close();
+        while let Taken::Items(jobs) = self.0.take(usize::MAX, None) {
+            drop(jobs);
+        }
+    }
+}
+
+/// Runs the writer loop until the queue is closed, starting it again after
+/// a panic: the panicking batch's jobs were dropped unanswered (their
+/// callers get [`error::writer_panicked`]), and the file is reopened, since
+/// a panic inside redb may have left its handle half-way.
+fn supervise(slot: &DbSlot, queue: &JobQueue<Job>, config: &WriterConfig, counters: &Counters) {
+    // Relaxed mode: when the newest commit that is not yet durable was made.
+    let mut unflushed_since: Option<Instant> = None;
+    loop {
+        let ran = panic::catch_unwind(AssertUnwindSafe(|| {
+            run(slot, queue, config, counters, &mut unflushed_since);
+        }));
+        let Err(payload) = ran else {
+            return;
+        };
+        counters.panics.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(
+            panic = panic_message(payload.as_ref()),
+            "the redb writer panicked; its batch failed, reopening the file"
+        );
+        // Closing the old handle makes pending non-durable commits durable
+        // (or, after an I/O error, leaves them lost): nothing is unflushed.
+        unflushed_since = None;
+        if let Err(e) = slot.reopen() {
+            // The next batch tries again (`get_or_reopen`).
+            tracing::warn!(error = %e, "reopening the redb file after a writer panic failed");
+        }
+    }
+}
+
+/// The text of a panic, when it has one.
+fn panic_message(payload: &(dyn Any + Send)) -> &str {
+    payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
+}
+
 /// The writer loop: take a batch, run it, answer; flush relaxed commits.
-fn run(slot: &DbSlot, queue: &JobQueue<Job>, config: &WriterConfig, counters: &Counters) {
+fn run(
+    slot: &DbSlot,
+    queue: &JobQueue<Job>,
+    config: &WriterConfig,
+    counters: &Counters,
+    unflushed_since: &mut Option<Instant>,
+) {
     let flush_every = match config.durability {
         RedbDurability::Immediate => None,
         RedbDurability::Relaxed { flush_every } => Some(flush_every),
     };
-    // Relaxed mode: when the newest commit that is not yet durable was made.
-    let mut unflushed_since: Option<Instant> = None;
     // The size of the previous batch: about how many callers are waiting
     // on the writer at a time.
     let mut last_batch = 1;
     loop {
-        let deadline = match (flush_every, unflushed_since) {
+        let deadline = match (flush_every, *unflushed_since) {
             (Some(every), Some(since)) => Some(since + every),
             _ => None,
         };
@@ -253,7 +330,7 @@ fn run(slot: &DbSlot, queue: &JobQueue<Job>, config: &WriterConfig, counters: &C
             Taken::Items(batch) => batch,
             Taken::TimedOut => {
                 if flush(slot).is_ok() {
-                    unflushed_since = None;
+                    *unflushed_since = None;
                 }
                 continue;
             }
@@ -264,8 +341,9 @@ fn run(slot: &DbSlot, queue: &JobQueue<Job>, config: &WriterConfig, counters: &C
             // callers, whose next operations are on their way.
             queue.top_up(&mut batch, config.max_batch, last_batch, config.linger);
         }
+        config.hooks.batch_taken();
         last_batch = batch.len();
-        let durable = match (flush_every, unflushed_since) {
+        let durable = match (flush_every, *unflushed_since) {
             (Some(every), Some(since)) => since.elapsed() >= every,
             (Some(_), None) => false,
             (None, _) => true,
@@ -285,16 +363,16 @@ fn run(slot: &DbSlot, queue: &JobQueue<Job>, config: &WriterConfig, counters: &C
         drop(db);
         if ran.committed {
             if durable {
-                unflushed_since = None;
+                *unflushed_since = None;
             } else if unflushed_since.is_none() {
-                unflushed_since = Some(Instant::now());
+                *unflushed_since = Some(Instant::now());
             }
         }
         if ran.needs_reopen {
             // redb refuses every later operation on this handle: reopen
             // now (if it fails, the next batch tries again). Non-durable
             // commits of relaxed mode are lost with the handle.
-            unflushed_since = None;
+            *unflushed_since = None;
             if let Err(e) = slot.reopen() {
                 tracing::warn!(error = %e, "reopening the redb file failed");
             }

@@ -1,7 +1,7 @@
 //! The redb backend's tests, in one binary (to keep build times down):
 //! the conformance suite, opening rules, batch-mate isolation, the
-//! operations of sections 12 to 16 against the reference store, and the
-//! SIGKILL crash tests.
+//! operations of sections 12 to 16 against the reference store, the
+//! SIGKILL crash tests, and the writer thread under injected faults.
 
 // Tests: a failed assertion or unwrap is how they report.
 #![allow(
@@ -18,6 +18,7 @@ mod faults;
 mod open;
 mod reference;
 mod remembered;
+mod writer;
 
 /// The tests' usual runtime: two workers, as on the 2-core CI machine.
 fn rt() -> tokio::runtime::Runtime {
