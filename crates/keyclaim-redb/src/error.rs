@@ -9,7 +9,8 @@
 //!   it ([`crate::slot`]), and the same operation can then succeed;
 //! - a redb failure while opening, creating or migrating the file
 //!   ([`redb`]) is not: the caller decides whether to open again;
-//! - a file being reopened, or a reopen that failed, is retryable;
+//! - a file being reopened, or a reopen that failed, is retryable, and so
+//!   is a full writer queue;
 //! - a blocking task or thread that failed is not, nor a writer that
 //!   panicked while it held the operation.
 
@@ -81,6 +82,30 @@ pub(crate) fn create_io(e: std::io::Error) -> Error {
 pub(crate) fn task_failed(op: &'static str, e: impl Into<BoxError>) -> Error {
     Error::storage(BACKEND, op, false, e)
 }
+
+/// Operation `op` found the writer's queue full (R10.6): retryable, nothing
+/// of it was queued.
+pub(crate) fn queue_full(op: &'static str, capacity: usize) -> Error {
+    Error::storage(BACKEND, op, true, QueueFull { capacity })
+}
+
+/// The source of [`queue_full`].
+#[derive(Debug)]
+struct QueueFull {
+    capacity: usize,
+}
+
+impl fmt::Display for QueueFull {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "the redb writer's queue is full ({} operations wait); try again later",
+            self.capacity
+        )
+    }
+}
+
+impl std::error::Error for QueueFull {}
 
 /// The writer thread panicked while it held operation `op` and dropped it
 /// unanswered. Not retryable: whether the operation was applied is unknown

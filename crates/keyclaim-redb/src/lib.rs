@@ -71,6 +71,7 @@ impl fmt::Debug for RedbStore {
             .field("path", &self.path)
             .field("durability", &self.options.get_durability())
             .field("max_batch", &self.options.get_max_batch())
+            .field("max_queued", &self.options.get_max_queued())
             .field("limits", self.core.limits())
             .finish_non_exhaustive()
     }
@@ -108,6 +109,7 @@ impl RedbStore {
                 limits: options.get_limits().clone(),
                 durability: options.get_durability(),
                 max_batch: options.get_max_batch().max(1),
+                max_queued: options.get_max_queued(),
                 linger: options.get_linger(),
                 hooks: hooks::Hooks::new(&options),
             },

@@ -25,6 +25,13 @@
 //!   thread end all the same, the queue is closed and every queued or later
 //!   operation fails at once: no caller ever waits for a writer that is gone.
 //!
+//! The queue is bounded (`max_queued`): an operation that finds it full
+//! fails at once with a retryable error (R10.6). An operation whose caller
+//! has gone away (its future was dropped, say on an HTTP timeout) before
+//! the writer took it is dropped unapplied, whatever its kind: a claim
+//! never uses up keys for nobody. Once taken into a batch an operation
+//! runs to its end.
+//!
 //! A batch that wrote nothing is dropped instead of committed (no fsync).
 //! A batch is what queued up while the previous one ran: a lone operation
 //! is committed at once, the writer never waits for company unless
@@ -51,7 +58,7 @@ use crate::RedbDurability;
 use crate::error::{self, Fatal, needs_reopen};
 use crate::hooks::Hooks;
 use crate::ops::{self, WriteTables};
-use crate::queue::{JobQueue, Taken};
+use crate::queue::{JobQueue, Refused, Taken};
 use crate::slot::DbSlot;
 
 /// One mutating operation.
@@ -132,6 +139,7 @@ pub(crate) struct WriterConfig {
     pub(crate) limits: Limits,
     pub(crate) durability: RedbDurability,
     pub(crate) max_batch: usize,
+    pub(crate) max_queued: usize,
     pub(crate) linger: Duration,
     pub(crate) hooks: Hooks,
 }
@@ -156,6 +164,11 @@ pub struct WriterStats {
     /// Panics of the writer thread: each failed the batch it was running,
     /// and the writer reopened the file and went on.
     pub panics: u64,
+    /// Operations refused because the queue was full (R10.6).
+    pub refused: u64,
+    /// Operations dropped unapplied because their caller had gone away
+    /// before the writer took them (R10.6).
+    pub abandoned: u64,
 }
 
 /// The handle of the writer thread. Dropping it closes the queue, lets the
@@ -175,6 +188,8 @@ struct Counters {
     largest_batch: AtomicU64,
     failed_batches: AtomicU64,
     panics: AtomicU64,
+    refused: AtomicU64,
+    abandoned: AtomicU64,
 }
 
 impl Counters {
@@ -192,7 +207,7 @@ impl Writer {
     /// # Errors
     /// [`Error::Storage`] when the thread cannot be spawned.
     pub(crate) fn start(slot: Arc<DbSlot>, config: WriterConfig) -> Result<Self> {
-        let queue = Arc::new(JobQueue::new());
+        let queue = Arc::new(JobQueue::new(config.max_queued));
         let counters = Arc::new(Counters::default());
         let thread_counters = Arc::clone(&counters);
         let thread_queue = Arc::clone(&queue);
@@ -218,11 +233,15 @@ impl Writer {
             largest_batch: self.counters.largest_batch.load(Ordering::Relaxed),
             failed_batches: self.counters.failed_batches.load(Ordering::Relaxed),
             panics: self.counters.panics.load(Ordering::Relaxed),
+            refused: self.counters.refused.load(Ordering::Relaxed),
+            abandoned: self.counters.abandoned.load(Ordering::Relaxed),
         }
     }
 
     /// Queues an operation and waits for its answer. Never blocks the
-    /// calling thread: the queue is unbounded and the answer is awaited.
+    /// calling thread: a full queue refuses the operation at once, and the
+    /// answer is awaited. Dropping the future before the writer took the
+    /// operation leaves it unapplied.
     pub(crate) async fn submit(&self, op: Op) -> Result<Reply> {
         let name = op.name();
         let (reply, rx) = oneshot::channel();
@@ -231,7 +250,14 @@ impl Writer {
             reply,
             span: tracing::Span::current(),
         };
-        self.queue.push(job).map_err(|_| Error::Closed)?;
+        match self.queue.push(job) {
+            Ok(()) => {}
+            Err(Refused::Closed(_)) => return Err(Error::Closed),
+            Err(Refused::Full(_)) => {
+                self.counters.refused.fetch_add(1, Ordering::Relaxed);
+                return Err(error::queue_full(name, self.queue.capacity()));
+            }
+        }
         // The writer drops a job unanswered only when it panics.
         rx.await.map_err(|_| error::writer_panicked(name))?
     }
@@ -343,6 +369,10 @@ fn run(
         }
         config.hooks.batch_taken();
         last_batch = batch.len();
+        drop_abandoned(&mut batch, counters);
+        if batch.is_empty() {
+            continue;
+        }
         let durable = match (flush_every, *unflushed_since) {
             (Some(every), Some(since)) => since.elapsed() >= every,
             (Some(_), None) => false,
@@ -449,6 +479,12 @@ fn run_batch(
             counters.failed_batches.fetch_add(1, Ordering::Relaxed);
             let mut ran = Ran::default();
             for job in batch {
+                if job.reply.is_closed() {
+                    // Not applied yet (the batch's transaction was dropped),
+                    // and its caller has gone: drop it (R10.6).
+                    counters.abandoned.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
                 if ran.needs_reopen {
                     fail_all(vec![job], &e);
                     continue;
@@ -546,6 +582,18 @@ fn apply(
         Op::DeleteUser(user) => Ok(Reply::Changes(ops::delete_user(tables, user)?)),
         Op::Import(snapshot) => Ok(Reply::Changes(ops::import_device(tables, snapshot)?)),
     })
+}
+
+/// Drops, unapplied, the jobs whose caller has gone away (its future was
+/// dropped): a claim nobody waits for must not use up keys (R10.6).
+fn drop_abandoned(batch: &mut Vec<Job>, counters: &Counters) {
+    let before = batch.len();
+    batch.retain(|job| !job.reply.is_closed());
+    let dropped = (before - batch.len()) as u64;
+    if dropped > 0 {
+        counters.abandoned.fetch_add(dropped, Ordering::Relaxed);
+        tracing::debug!(dropped, "dropped operations whose callers have gone away");
+    }
 }
 
 /// Sends committed results. (Core reports the changes, R11.1.)
