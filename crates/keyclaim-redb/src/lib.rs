@@ -4,12 +4,14 @@
 // its `Backend` impl; `options` its settings and URL parsing; `error` every
 // mapping to `keyclaim::Error`; `schema` the layout, the format version and
 // migrations; `ops` the operations, one file per kind; `writer` the
-// group-commit writer thread and `queue` its queue; `slot` opening the file
+// group-commit writer thread, `queue` its queue and `flush` when it commits
+// durably; `slot` opening the file
 // and reopening it after an I/O error; `hooks` where the test-only `faults`
 // are injected.
 mod error;
 #[cfg(feature = "fault-injection")]
 pub mod faults;
+mod flush;
 mod hooks;
 mod ops;
 mod options;

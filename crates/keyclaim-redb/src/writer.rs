@@ -32,7 +32,8 @@
 //! never uses up keys for nobody. Once taken into a batch an operation
 //! runs to its end.
 //!
-//! A batch that wrote nothing is dropped instead of committed (no fsync).
+//! A batch that wrote nothing is dropped instead of committed (no fsync),
+//! unless relaxed mode's flush is due ([`crate::flush`]).
 //! A batch is what queued up while the previous one ran: a lone operation
 //! is committed at once, the writer never waits for company unless
 //! `linger` is set (off by default).
@@ -56,6 +57,7 @@ use keyclaim::backend::RawClaim;
 
 use crate::RedbDurability;
 use crate::error::{self, Fatal, needs_reopen};
+use crate::flush::{Commit, FlushClock};
 use crate::hooks::Hooks;
 use crate::ops::{self, WriteTables};
 use crate::queue::{JobQueue, Refused, Taken};
@@ -169,6 +171,13 @@ pub struct WriterStats {
     /// Operations dropped unapplied because their caller had gone away
     /// before the writer took them (R10.6).
     pub abandoned: u64,
+    /// Relaxed mode: flushes, each of which made every earlier non-durable
+    /// commit durable (an empty durable commit, or a batch committed
+    /// durably because a flush was due).
+    pub flushes: u64,
+    /// Relaxed mode: flushes that failed (each is tried again after a
+    /// back-off).
+    pub failed_flushes: u64,
 }
 
 /// The handle of the writer thread. Dropping it closes the queue, lets the
@@ -190,6 +199,8 @@ struct Counters {
     panics: AtomicU64,
     refused: AtomicU64,
     abandoned: AtomicU64,
+    flushes: AtomicU64,
+    failed_flushes: AtomicU64,
 }
 
 impl Counters {
@@ -235,6 +246,8 @@ impl Writer {
             panics: self.counters.panics.load(Ordering::Relaxed),
             refused: self.counters.refused.load(Ordering::Relaxed),
             abandoned: self.counters.abandoned.load(Ordering::Relaxed),
+            flushes: self.counters.flushes.load(Ordering::Relaxed),
+            failed_flushes: self.counters.failed_flushes.load(Ordering::Relaxed),
         }
     }
 
@@ -299,11 +312,10 @@ impl Drop for CloseOnExit<'_> {
 /// callers get [`error::writer_panicked`]), and the file is reopened, since
 /// a panic inside redb may have left its handle half-way.
 fn supervise(slot: &DbSlot, queue: &JobQueue<Job>, config: &WriterConfig, counters: &Counters) {
-    // Relaxed mode: when the newest commit that is not yet durable was made.
-    let mut unflushed_since: Option<Instant> = None;
+    let mut clock = FlushClock::new(config.durability);
     loop {
         let ran = panic::catch_unwind(AssertUnwindSafe(|| {
-            run(slot, queue, config, counters, &mut unflushed_since);
+            run(slot, queue, config, counters, &mut clock);
         }));
         let Err(payload) = ran else {
             return;
@@ -313,13 +325,7 @@ fn supervise(slot: &DbSlot, queue: &JobQueue<Job>, config: &WriterConfig, counte
             panic = panic_message(payload.as_ref()),
             "the redb writer panicked; its batch failed, reopening the file"
         );
-        // Closing the old handle makes pending non-durable commits durable
-        // (or, after an I/O error, leaves them lost): nothing is unflushed.
-        unflushed_since = None;
-        if let Err(e) = slot.reopen() {
-            // The next batch tries again (`get_or_reopen`).
-            tracing::warn!(error = %e, "reopening the redb file after a writer panic failed");
-        }
+        reopen(slot, &mut clock);
     }
 }
 
@@ -332,32 +338,35 @@ fn panic_message(payload: &(dyn Any + Send)) -> &str {
         .unwrap_or("(no message)")
 }
 
-/// The writer loop: take a batch, run it, answer; flush relaxed commits.
+/// Closes the file and opens it again (if that fails, the next batch tries
+/// again, see [`DbSlot::get_or_reopen`]). Closing the old handle made its
+/// non-durable commits durable or, after an I/O error, lost them: nothing is
+/// left to flush either way.
+fn reopen(slot: &DbSlot, clock: &mut FlushClock) {
+    clock.reopened();
+    if let Err(e) = slot.reopen() {
+        tracing::warn!(error = %e, "reopening the redb file failed");
+    }
+}
+
+/// The writer loop: take a batch, run it, answer; flush relaxed commits
+/// (see [`crate::flush`]).
 fn run(
     slot: &DbSlot,
     queue: &JobQueue<Job>,
     config: &WriterConfig,
     counters: &Counters,
-    unflushed_since: &mut Option<Instant>,
+    clock: &mut FlushClock,
 ) {
-    let flush_every = match config.durability {
-        RedbDurability::Immediate => None,
-        RedbDurability::Relaxed { flush_every } => Some(flush_every),
-    };
     // The size of the previous batch: about how many callers are waiting
     // on the writer at a time.
     let mut last_batch = 1;
     loop {
-        let deadline = match (flush_every, *unflushed_since) {
-            (Some(every), Some(since)) => Some(since + every),
-            _ => None,
-        };
-        let mut batch = match queue.take(config.max_batch, deadline) {
+        let mut batch = match queue.take(config.max_batch, clock.deadline()) {
             Taken::Items(batch) => batch,
             Taken::TimedOut => {
-                if flush(slot).is_ok() {
-                    *unflushed_since = None;
-                }
+                // Nothing came while commits waited to become durable.
+                flush(slot, counters, clock);
                 continue;
             }
             Taken::Closed => break,
@@ -373,11 +382,7 @@ fn run(
         if batch.is_empty() {
             continue;
         }
-        let durable = match (flush_every, *unflushed_since) {
-            (Some(every), Some(since)) => since.elapsed() >= every,
-            (Some(_), None) => false,
-            (None, _) => true,
-        };
+        let mode = clock.mode(Instant::now());
         let db = match slot.get_or_reopen("write") {
             Ok(db) => db,
             Err(e) => {
@@ -389,39 +394,54 @@ fn run(
                 continue;
             }
         };
-        let ran = run_batch(&db, batch, config, counters, durable);
+        let ran = run_batch(&db, batch, config, counters, mode);
         drop(db);
         if ran.committed {
-            if durable {
-                *unflushed_since = None;
-            } else if unflushed_since.is_none() {
-                *unflushed_since = Some(Instant::now());
+            if mode == Commit::Flush {
+                counters.flushes.fetch_add(1, Ordering::Relaxed);
             }
+            clock.committed(mode, Instant::now());
+        } else if mode == Commit::Flush {
+            // The flush failed with the batch (its callers got the error).
+            counters.failed_flushes.fetch_add(1, Ordering::Relaxed);
+            clock.flush_failed(Instant::now());
         }
         if ran.needs_reopen {
-            // redb refuses every later operation on this handle: reopen
-            // now (if it fails, the next batch tries again). Non-durable
-            // commits of relaxed mode are lost with the handle.
-            *unflushed_since = None;
-            if let Err(e) = slot.reopen() {
-                tracing::warn!(error = %e, "reopening the redb file failed");
-            }
+            // redb refuses every later operation on this handle.
+            reopen(slot, clock);
         }
     }
-    if unflushed_since.is_some() {
-        let _ = flush(slot);
+    if clock.unflushed() {
+        flush(slot, counters, clock);
     }
 }
 
 /// An empty durable commit, which makes every earlier non-durable commit
-/// durable.
-fn flush(slot: &DbSlot) -> Result<(), Fatal> {
+/// durable. On failure, backs off ([`FlushClock::flush_failed`]), and after
+/// an I/O failure reopens the file.
+fn flush(slot: &DbSlot, counters: &Counters, clock: &mut FlushClock) {
     let span = tracing::debug_span!("keyclaim.redb.flush");
     let _enter = span.enter();
-    let db = slot.get("flush").map_err(Fatal::Other)?;
-    let txn = db.begin_write()?;
-    txn.commit()?;
-    Ok(())
+    let flushed = slot.get("flush").and_then(|db| {
+        let txn = db
+            .begin_write()
+            .map_err(|e| Fatal::from(e).into_error("flush"))?;
+        txn.commit().map_err(|e| Fatal::from(e).into_error("flush"))
+    });
+    match flushed {
+        Ok(()) => {
+            counters.flushes.fetch_add(1, Ordering::Relaxed);
+            clock.flushed();
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "flushing relaxed commits failed");
+            counters.failed_flushes.fetch_add(1, Ordering::Relaxed);
+            clock.flush_failed(Instant::now());
+            if needs_reopen(&e) {
+                reopen(slot, clock);
+            }
+        }
+    }
 }
 
 /// What running a batch did.
@@ -433,23 +453,23 @@ struct Ran {
     needs_reopen: bool,
 }
 
-/// Runs one batch; answers every job.
+/// Runs one batch, committing in `mode`; answers every job.
 fn run_batch(
     db: &Database,
     batch: Vec<Job>,
     config: &WriterConfig,
     counters: &Counters,
-    durable: bool,
+    mode: Commit,
 ) -> Ran {
     let span = tracing::debug_span!("keyclaim.redb.batch", ops = batch.len());
     let _enter = span.enter();
     let ops: Vec<&Job> = batch.iter().collect();
-    match execute(db, &ops, config, durable) {
-        Ok(results) => {
+    match execute(db, &ops, config, mode) {
+        Ok((results, committed)) => {
             counters.committed(batch.len());
             answer(batch, results);
             Ran {
-                committed: true,
+                committed,
                 needs_reopen: false,
             }
         }
@@ -478,6 +498,7 @@ fn run_batch(
             tracing::warn!(error = %e, "operation failed inside a batch; retrying one by one");
             counters.failed_batches.fetch_add(1, Ordering::Relaxed);
             let mut ran = Ran::default();
+            let mut mode = mode;
             for job in batch {
                 if job.reply.is_closed() {
                     // Not applied yet (the batch's transaction was dropped),
@@ -489,11 +510,18 @@ fn run_batch(
                     fail_all(vec![job], &e);
                     continue;
                 }
-                match execute(db, &[&job], config, durable) {
-                    Ok(results) => {
+                match execute(db, &[&job], config, mode) {
+                    Ok((results, committed)) => {
                         counters.committed(1);
                         answer(vec![job], results);
-                        ran.committed = true;
+                        if committed {
+                            ran.committed = true;
+                            // One durable commit is the flush; the others
+                            // need to commit only what they write.
+                            if mode == Commit::Flush {
+                                mode = Commit::Durable;
+                            }
+                        }
                     }
                     Err(BatchError::Commit(e) | BatchError::Op(e)) => {
                         counters.failed_batches.fetch_add(1, Ordering::Relaxed);
@@ -515,19 +543,20 @@ enum BatchError {
     Commit(Arc<Error>),
 }
 
-/// Runs the jobs in one write transaction and commits it (or drops it when
-/// no job wrote anything: an operation writes iff it reports changes, or
-/// takes a sequence number). On `Ok`, every result is final (rejections
-/// included) and the commit has returned.
+/// Runs the jobs in one write transaction and commits it in `mode`, or
+/// drops it when no job wrote anything (an operation writes iff it reports
+/// changes, or takes a sequence number) unless `mode` is
+/// [`Commit::Flush`]. On `Ok`, every result is final (rejections included),
+/// the commit has returned, and the flag says whether there was one.
 fn execute(
     db: &Database,
     jobs: &[&Job],
     config: &WriterConfig,
-    durable: bool,
-) -> std::result::Result<Vec<Result<Reply>>, BatchError> {
+    mode: Commit,
+) -> std::result::Result<(Vec<Result<Reply>>, bool), BatchError> {
     let commit_err = |f: Fatal| BatchError::Commit(Arc::new(f.into_error("commit")));
     let mut txn: WriteTransaction = db.begin_write().map_err(|e| commit_err(e.into()))?;
-    if !durable {
+    if !mode.is_durable() {
         txn.set_durability(redb::Durability::None)
             .map_err(|e| commit_err(e.into()))?;
     }
@@ -548,16 +577,16 @@ fn execute(
         }
         let wrote = tables.finish().map_err(commit_err)?
             || results.iter().any(|r| r.as_ref().is_ok_and(Reply::wrote));
-        if !wrote {
+        if !wrote && mode != Commit::Flush {
             // Only reads, retries and rejections: nothing to make durable,
             // so no commit and no fsync.
             drop(tables);
             txn.abort().map_err(|e| commit_err(e.into()))?;
-            return Ok(results);
+            return Ok((results, false));
         }
     }
     txn.commit().map_err(|e| commit_err(e.into()))?;
-    Ok(results)
+    Ok((results, true))
 }
 
 /// One operation on the batch's tables.

@@ -9,18 +9,22 @@
 //! opens the file, and checks it against what the child reported.
 //!
 //! - [`claims`]: uploads and claims (R3.1, R4.2);
-//! - [`replace`]: dehydrated-device replacement (R14.1) among claims.
+//! - [`replace`]: dehydrated-device replacement (R14.1) among claims;
+//! - [`relaxed`]: relaxed durability keeps its promise to flush (one kill
+//!   at a chosen moment, not a random one).
 //!
 //! 20 kills per test in a normal run; set `KEYCLAIM_CRASH_ITERATIONS` for
 //! more.
 
 mod claims;
+mod relaxed;
 mod replace;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
-use std::process::Stdio;
+use std::process::{Child, Stdio};
 use std::sync::mpsc;
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use keyclaim_redb::RedbStore;
@@ -77,11 +81,35 @@ fn emit(line: &str) {
     out.flush().expect("parent gone");
 }
 
+/// A child started by [`spawn_child`].
+struct Reporting {
+    child: Child,
+    /// Receives once the child printed `@@ ready`.
+    ready: mpsc::Receiver<()>,
+    /// Answers the report lines (`@@ ...`) the child printed whole, once
+    /// its output ends.
+    lines: JoinHandle<Vec<String>>,
+}
+
+impl Reporting {
+    /// Waits until the child printed `@@ ready`.
+    fn wait_ready(&self) {
+        self.ready
+            .recv_timeout(Duration::from_secs(30))
+            .expect("child did not open the store");
+    }
+
+    /// SIGKILLs the child; answers its report lines.
+    fn kill(mut self) -> Vec<String> {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        self.lines.join().unwrap()
+    }
+}
+
 /// Runs the test `test` as a child with `role` on the store file `path`,
-/// SIGKILLs it at a random moment (every fifth iteration early, during start-up, opening or
-/// repair; otherwise 5 to 155 ms after it printed `@@ ready`), and returns
-/// the report lines (`@@ ...`) it printed whole.
-fn run_and_kill(test: &str, role: &str, path: &Path, iter: u64, rng: &mut Rng) -> Vec<String> {
+/// collecting its report lines.
+fn spawn_child(test: &str, role: &str, path: &Path, iter: u64) -> Reporting {
     let mut child = keyclaim_testing::process::child_command(test, role)
         .env(PATH_ENV, path)
         .env(ITER_ENV, iter.to_string())
@@ -90,8 +118,8 @@ fn run_and_kill(test: &str, role: &str, path: &Path, iter: u64, rng: &mut Rng) -
         .spawn()
         .unwrap();
     let stdout = child.stdout.take().unwrap();
-    let (ready_tx, ready_rx) = mpsc::channel();
-    let reader = std::thread::spawn(move || {
+    let (ready_tx, ready) = mpsc::channel();
+    let lines = std::thread::spawn(move || {
         let mut out = BufReader::new(stdout);
         let mut lines = Vec::new();
         let mut line = String::new();
@@ -119,17 +147,26 @@ fn run_and_kill(test: &str, role: &str, path: &Path, iter: u64, rng: &mut Rng) -
         }
         lines
     });
+    Reporting {
+        child,
+        ready,
+        lines,
+    }
+}
+
+/// Runs the test `test` as a child with `role` on the store file `path`,
+/// SIGKILLs it at a random moment (every fifth iteration early, during start-up, opening or
+/// repair; otherwise 5 to 155 ms after it printed `@@ ready`), and returns
+/// the report lines (`@@ ...`) it printed whole.
+fn run_and_kill(test: &str, role: &str, path: &Path, iter: u64, rng: &mut Rng) -> Vec<String> {
+    let child = spawn_child(test, role, path, iter);
     if iter % 5 == 4 {
         std::thread::sleep(Duration::from_millis(rng.below(40)));
     } else {
-        ready_rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("child did not open the store");
+        child.wait_ready();
         std::thread::sleep(Duration::from_millis(5 + rng.below(150)));
     }
-    child.kill().unwrap();
-    child.wait().unwrap();
-    reader.join().unwrap()
+    child.kill()
 }
 
 /// The parent of a crash test: [`iterations`] times, runs the child with
