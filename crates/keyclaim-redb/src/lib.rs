@@ -162,14 +162,12 @@ impl RedbStore {
         targets: &[ClaimTarget],
         fall_back: bool,
     ) -> Result<ClaimOutcome> {
-        // Shared with the writer: no second copy of a big claim.
-        let targets: Arc<[ClaimTarget]> = targets.into();
         let op = Op::Claim {
-            targets: Arc::clone(&targets),
+            targets: targets.into(),
             fall_back,
         };
         match self.submit(op).await? {
-            Reply::Claim(raw) => raw.decode(&targets),
+            Reply::Claim(outcome) => Ok(outcome),
             _ => Err(wrong_reply(if fall_back {
                 "claim"
             } else {
@@ -205,17 +203,8 @@ impl Backend for RedbStore {
     }
 
     async fn claim_fallback_keys(&self, targets: &[FallbackTarget]) -> Result<ClaimOutcome> {
-        let shared: Arc<[FallbackTarget]> = targets.into();
-        match self.submit(Op::ClaimFallbacks(shared)).await? {
-            Reply::Claim(raw) => {
-                // The answer names targets by index; decode reads only
-                // their devices.
-                let devices: Vec<ClaimTarget> = targets
-                    .iter()
-                    .map(|t| ClaimTarget::one(t.device.clone(), t.algorithm.clone()))
-                    .collect();
-                raw.decode(&devices)
-            }
+        match self.submit(Op::ClaimFallbacks(targets.into())).await? {
+            Reply::Claim(outcome) => Ok(outcome),
             _ => Err(wrong_reply("claim_fallback_keys")),
         }
     }

@@ -47,13 +47,11 @@ use std::time::{Duration, Instant};
 
 use keyclaim::transfer::DeviceSnapshot;
 use keyclaim::{
-    Changes, ClaimTarget, Device, DeviceId, Error, FallbackTarget, Limits, ResetScope, Result,
-    Upload, UploadOutcome, UserId,
+    Changes, ClaimOutcome, ClaimTarget, Device, DeviceId, Error, FallbackTarget, Limits,
+    ResetScope, Result, Upload, UploadOutcome, UserId,
 };
 use redb::{Database, WriteTransaction};
 use tokio::sync::oneshot;
-
-use keyclaim::backend::RawClaim;
 
 use crate::RedbDurability;
 use crate::error::{self, Fatal, needs_reopen};
@@ -70,11 +68,11 @@ pub(crate) enum Op {
     /// A claim (section 4), or its one-time step (R12.1) without
     /// `fall_back`.
     Claim {
-        targets: Arc<[ClaimTarget]>,
+        targets: Box<[ClaimTarget]>,
         fall_back: bool,
     },
     /// The fallback step of a split claim (R12.2).
-    ClaimFallbacks(Arc<[FallbackTarget]>),
+    ClaimFallbacks(Box<[FallbackTarget]>),
     /// A key reset (R13.1).
     Reset(Device, ResetScope),
     /// A dehydrated device's replacement (R14.1): the previous device's
@@ -112,7 +110,8 @@ impl Op {
 #[derive(Debug)]
 pub(crate) enum Reply {
     Upload(UploadOutcome),
-    Claim(RawClaim),
+    /// Decoded before the commit (R10.7).
+    Claim(ClaimOutcome),
     Changes(Changes),
 }
 
@@ -121,7 +120,7 @@ impl Reply {
     fn wrote(&self) -> bool {
         match self {
             Self::Upload(o) => !o.changes.is_empty(),
-            Self::Claim(o) => o.changed_any(),
+            Self::Claim(o) => !o.changes.is_empty(),
             Self::Changes(c) => !c.is_empty(),
         }
     }

@@ -1,42 +1,86 @@
 //! Claims (section 4), the one-time step of a split claim (R12.1) and its
 //! fallback step (R12.2).
+//!
+//! Every key a claim takes is decoded and checked here, inside the write
+//! transaction, before anything commits (R10.7): a stored value that does
+//! not decode fails the claim with [`Error::Corrupt`] and aborts its
+//! transaction, so no key is used up without being delivered (the writer
+//! then runs the batch-mates on their own, and they go on).
 
-use keyclaim::backend::{RawClaim, RawClaimedKey};
-use keyclaim::{ClaimTarget, Device, Error, FallbackTarget};
+use keyclaim::backend::decode;
+use keyclaim::transfer::KeyDigest;
+use keyclaim::{
+    Changes, ClaimOutcome, ClaimTarget, ClaimedKey, Device, Error, FallbackTarget, KeyId, KeyJson,
+};
 
 use redb::ReadableTable;
 
 use super::WriteTables;
 use crate::error::Fatal;
-use crate::schema::DeviceAlgKey;
+use crate::schema::{DeviceAlgKey, Digest};
+
+/// A claim's answer as it is collected.
+#[derive(Default)]
+struct Taken {
+    keys: Vec<ClaimedKey>,
+    changed: Vec<Device>,
+}
+
+impl Taken {
+    fn into_outcome(self) -> ClaimOutcome {
+        ClaimOutcome {
+            keys: self.keys,
+            changes: Changes::from_devices(self.changed),
+        }
+    }
+}
+
+/// A stored key, decoded (R10.7); `what` and the device name it in the
+/// error.
+fn decode_key(
+    device: &Device,
+    key_id: &str,
+    json: &str,
+    digest: Digest,
+    what: &str,
+) -> Result<(KeyId, KeyJson), Fatal> {
+    let decoded = decode::key_id(key_id).and_then(|id| {
+        let key_json = decode::key_json_with_digest(json, KeyDigest::from_bytes(digest))?;
+        Ok((id, key_json))
+    });
+    decoded.map_err(|e| {
+        Fatal::Other(Error::corrupt_because(
+            format!("{what} {key_id} of {device}"),
+            e,
+        ))
+    })
+}
 
 /// A claim (section 4): per target, the keys at the head of the (device,
 /// algorithm) queue, which moves past them (they stay behind it as the
 /// remembered issued keys, R3.4); else, when `fall_back` is set, the
 /// fallback key, marked used (R4.4). Without `fall_back` it is the
 /// one-time step of a split claim (R12.1), which never touches fallback
-/// keys. The keys' JSON is rebuilt by the caller ([`RawClaim::decode`]), so
-/// that the writer thread does only storage work. Core clamped the counts
-/// (R8.3) and left out targets of 0.
+/// keys. Core clamped the counts (R8.3) and left out targets of 0.
 pub(crate) fn claim(
     t: &mut WriteTables<'_>,
     targets: &[ClaimTarget],
     fall_back: bool,
-) -> Result<RawClaim, Fatal> {
-    let mut out = RawClaim::new();
-    for (index, target) in targets.iter().enumerate() {
+) -> Result<ClaimOutcome, Fatal> {
+    let mut out = Taken::default();
+    for target in targets {
         let device = &target.device;
         let key = (
             device.user_id.as_str(),
             device.device_id.as_str(),
             target.algorithm.as_str(),
         );
-        let took = take_one_time_keys(t, key, device, target.count, index, &mut out)?;
+        let took = take_one_time_keys(t, key, device, target.count, &mut out)?;
         if !took && fall_back {
-            take_fallback(t, key, true, index, &mut out)?;
+            take_fallback(t, key, device, true, &mut out)?;
         }
     }
-    Ok(out)
+    Ok(out.into_outcome())
 }
 
 /// The fallback step of a split claim (R12.2): per target the current
@@ -45,17 +89,18 @@ pub(crate) fn claim(
 pub(crate) fn claim_fallbacks(
     t: &mut WriteTables<'_>,
     targets: &[FallbackTarget],
-) -> Result<RawClaim, Fatal> {
-    let mut out = RawClaim::new();
-    for (index, target) in targets.iter().enumerate() {
+) -> Result<ClaimOutcome, Fatal> {
+    let mut out = Taken::default();
+    for target in targets {
+        let device = &target.device;
         let key = (
-            target.device.user_id.as_str(),
-            target.device.device_id.as_str(),
+            device.user_id.as_str(),
+            device.device_id.as_str(),
             target.algorithm.as_str(),
         );
-        take_fallback(t, key, target.mark_used, index, &mut out)?;
+        take_fallback(t, key, device, target.mark_used, &mut out)?;
     }
-    Ok(out)
+    Ok(out.into_outcome())
 }
 
 /// Takes up to `count` keys from the head of a (device, algorithm) queue
@@ -65,8 +110,7 @@ fn take_one_time_keys(
     (u, d, a): DeviceAlgKey<'_>,
     device: &Device,
     count: u32,
-    index: usize,
-    out: &mut RawClaim,
+    out: &mut Taken,
 ) -> Result<bool, Fatal> {
     let mut q = t.queue((u, d, a))?;
     let (_, head, end) = q;
@@ -82,11 +126,11 @@ fn take_one_time_keys(
             break;
         }
         next += 1;
-        out.push(RawClaimedKey {
-            target: index,
-            key_id: key_id.to_owned(),
-            key_json: json.to_owned(),
-            digest: digest.to_vec(),
+        let (key_id, key_json) = decode_key(device, key_id, json, digest, "one-time key")?;
+        out.keys.push(ClaimedKey {
+            device: device.clone(),
+            key_id,
+            key_json,
             fallback: false,
         });
     }
@@ -97,7 +141,7 @@ fn take_one_time_keys(
     }
     q.1 = next;
     t.set_queue((u, d, a), q)?;
-    out.changed(index);
+    out.changed.push(device.clone());
     Ok(true)
 }
 
@@ -106,9 +150,9 @@ fn take_one_time_keys(
 fn take_fallback(
     t: &mut WriteTables<'_>,
     key: DeviceAlgKey<'_>,
+    device: &Device,
     mark_used: bool,
-    index: usize,
-    out: &mut RawClaim,
+    out: &mut Taken,
 ) -> Result<(), Fatal> {
     let fallback = t.fallbacks.get(key)?.map(|v| {
         let (id, json, used, digest) = v.value();
@@ -117,16 +161,16 @@ fn take_fallback(
     let Some((key_id, json, used, digest)) = fallback else {
         return Ok(());
     };
+    let (key_id_parsed, key_json) = decode_key(device, &key_id, &json, digest, "fallback key")?;
     if mark_used && !used {
         t.fallbacks
             .insert(key, (key_id.as_str(), json.as_str(), true, digest))?;
-        out.changed(index);
+        out.changed.push(device.clone());
     }
-    out.push(RawClaimedKey {
-        target: index,
-        key_id,
-        key_json: json,
-        digest: digest.to_vec(),
+    out.keys.push(ClaimedKey {
+        device: device.clone(),
+        key_id: key_id_parsed,
+        key_json,
         fallback: true,
     });
     Ok(())
