@@ -2,6 +2,10 @@
 //! [`crate::faults`] (feature `fault-injection`). Without the feature these
 //! calls do nothing and compile away.
 
+use std::path::Path;
+
+use redb::{Builder, Database, DatabaseError};
+
 #[cfg(feature = "fault-injection")]
 use crate::faults::Faults;
 
@@ -29,5 +33,15 @@ impl Hooks {
         if let Some(faults) = &self.faults {
             faults.batch_taken();
         }
+    }
+
+    /// Opens (or creates) the store's file with `builder`: through the
+    /// fault-injecting storage backend when faults are configured.
+    pub(crate) fn create(&self, builder: &Builder, path: &Path) -> Result<Database, DatabaseError> {
+        #[cfg(feature = "fault-injection")]
+        if let Some(faults) = &self.faults {
+            return faults.open_file(builder, path);
+        }
+        builder.create(path)
     }
 }

@@ -177,6 +177,9 @@ pub struct WriterStats {
     /// Relaxed mode: flushes that failed (each is tried again after a
     /// back-off).
     pub failed_flushes: u64,
+    /// Times the writer closed the file and opened it again, after an I/O
+    /// error or a panic (those that succeeded).
+    pub reopens: u64,
 }
 
 /// The handle of the writer thread. Dropping it closes the queue, lets the
@@ -200,6 +203,7 @@ struct Counters {
     abandoned: AtomicU64,
     flushes: AtomicU64,
     failed_flushes: AtomicU64,
+    reopens: AtomicU64,
 }
 
 impl Counters {
@@ -247,6 +251,7 @@ impl Writer {
             abandoned: self.counters.abandoned.load(Ordering::Relaxed),
             flushes: self.counters.flushes.load(Ordering::Relaxed),
             failed_flushes: self.counters.failed_flushes.load(Ordering::Relaxed),
+            reopens: self.counters.reopens.load(Ordering::Relaxed),
         }
     }
 
@@ -324,7 +329,7 @@ fn supervise(slot: &DbSlot, queue: &JobQueue<Job>, config: &WriterConfig, counte
             panic = panic_message(payload.as_ref()),
             "the redb writer panicked; its batch failed, reopening the file"
         );
-        reopen(slot, &mut clock);
+        reopen(slot, counters, &mut clock);
     }
 }
 
@@ -341,10 +346,13 @@ fn panic_message(payload: &(dyn Any + Send)) -> &str {
 /// again, see [`DbSlot::get_or_reopen`]). Closing the old handle made its
 /// non-durable commits durable or, after an I/O error, lost them: nothing is
 /// left to flush either way.
-fn reopen(slot: &DbSlot, clock: &mut FlushClock) {
+fn reopen(slot: &DbSlot, counters: &Counters, clock: &mut FlushClock) {
     clock.reopened();
-    if let Err(e) = slot.reopen() {
-        tracing::warn!(error = %e, "reopening the redb file failed");
+    match slot.reopen() {
+        Ok(()) => {
+            counters.reopens.fetch_add(1, Ordering::Relaxed);
+        }
+        Err(e) => tracing::warn!(error = %e, "reopening the redb file failed"),
     }
 }
 
@@ -407,7 +415,7 @@ fn run(
         }
         if ran.needs_reopen {
             // redb refuses every later operation on this handle.
-            reopen(slot, clock);
+            reopen(slot, counters, clock);
         }
     }
     if clock.unflushed() {
@@ -437,7 +445,7 @@ fn flush(slot: &DbSlot, counters: &Counters, clock: &mut FlushClock) {
             counters.failed_flushes.fetch_add(1, Ordering::Relaxed);
             clock.flush_failed(Instant::now());
             if needs_reopen(&e) {
-                reopen(slot, clock);
+                reopen(slot, counters, clock);
             }
         }
     }

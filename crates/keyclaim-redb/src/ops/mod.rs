@@ -54,7 +54,9 @@ where
     let span = tracing::Span::current();
     tokio::task::spawn_blocking(move || {
         let _enter = span.enter();
-        let db = slot.get(op)?;
+        // After a failed reopen the first reader (or writer) to come
+        // along opens the file.
+        let db = slot.get_or_reopen(op)?;
         let txn = db.begin_read().map_err(|e| Fatal::from(e).into_error(op))?;
         f(&txn).map_err(|f| f.into_error(op))
     })

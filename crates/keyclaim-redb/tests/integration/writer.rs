@@ -13,31 +13,7 @@ use keyclaim_conformance::fixtures::{SC, alg, dev, otks};
 use keyclaim_redb::faults::Faults;
 use keyclaim_redb::{RedbOptions, RedbStore};
 
-/// Awaits `fut`, failing the test if it does not finish: a bound that only
-/// keeps a store that hangs from hanging the test, never a timing assertion.
-async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
-    tokio::time::timeout(Duration::from_secs(30), fut)
-        .await
-        .unwrap_or_else(|_| panic!("{what}: the store never answered"))
-}
-
-/// Calls `op` until it succeeds, as long as it fails retryably (within
-/// [`within`]'s bound).
-async fn retrying<T, F: Future<Output = keyclaim::Result<T>>>(
-    what: &str,
-    mut op: impl FnMut() -> F,
-) -> T {
-    within(what, async {
-        loop {
-            match op().await {
-                Ok(value) => return value,
-                Err(e) if e.is_retryable() => tokio::time::sleep(Duration::from_millis(5)).await,
-                Err(e) => panic!("{what}: {e:?}"),
-            }
-        }
-    })
-    .await
-}
+use crate::{retrying, within};
 
 fn upload(user: &str, device: &str, names: &[&str]) -> Upload {
     Upload::from_keys(dev(user, device), otks(SC, names), []).unwrap()
