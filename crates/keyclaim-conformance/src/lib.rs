@@ -17,6 +17,7 @@ pub mod deletion;
 pub mod durability;
 pub mod export;
 pub mod fallback;
+pub mod import;
 pub mod limits;
 pub mod model_based;
 pub mod notify;
@@ -96,7 +97,7 @@ macro_rules! conformance_tests {
         $crate::conformance_tests! {
             $($then)* [
                 validation upload claim fallback counts deletion limits wire
-                durability concurrency notify export model_based
+                durability concurrency notify export import model_based
             ]
         }
     };

@@ -35,7 +35,6 @@ const NO_CASE_YET: &[(&str, &str)] = &[
     ("R14.2", "not implemented yet: the dehydrated-device fallback option"),
     ("R15.1", "not implemented yet: fallback_keys"),
     ("R16.1", "not implemented yet: counts_many"),
-    ("R17.1", "not implemented yet: import from the reference homeserver's database"),
 ];
 
 /// A rule number, `R<section>.<n>`.

@@ -820,9 +820,11 @@ mod tests {
 
     #[test]
     fn leaves_out_keys_past_the_limit_issued_last() {
-        let mut limits = Limits::default();
-        limits.max_otks_per_device_algorithm = 2;
-        limits.max_key_json_bytes = 40;
+        let limits = Limits {
+            max_otks_per_device_algorithm: 2,
+            max_key_json_bytes: 40,
+            ..Limits::default()
+        };
         let mut big = otk("@a:x", "D", "sc:BIG", 0);
         if let SourceRow::OneTimeKey(k) = &mut big {
             k.key_json = format!(r#"{{"key":"{}","signatures":{{}}}}"#, "x".repeat(40));
