@@ -14,6 +14,7 @@ pub(crate) struct BackendReport {
     pub(crate) mixed: Vec<(String, Summary)>,
     pub(crate) invariants: Invariants,
     pub(crate) races: Vec<RaceReport>,
+    pub(crate) split: Option<super::split::SplitReport>,
 }
 
 /// What was checked at the end of the mixed phase.
@@ -141,6 +142,28 @@ impl Report {
                     bp,
                     bshort,
                     ratio
+                );
+            }
+        }
+        let _ = writeln!(
+            s,
+            "\nsplit claim (one-time keys, then every target's fallback key) vs one-step claim, one request:\n"
+        );
+        let _ = writeln!(
+            s,
+            "{:<10} {:>8} {:>16} {:>14} {:>8}",
+            "backend", "devices", "one-step p50 ms", "split p50 ms", "ratio"
+        );
+        for b in &self.backends {
+            if let Some(r) = &b.split {
+                let _ = writeln!(
+                    s,
+                    "{:<10} {:>8} {:>16.3} {:>14.3} {:>7.2}x",
+                    b.backend,
+                    r.devices,
+                    r.one_step.p50_ms,
+                    r.split.p50_ms,
+                    r.ratio()
                 );
             }
         }

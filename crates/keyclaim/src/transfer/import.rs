@@ -17,7 +17,7 @@ use async_trait::async_trait;
 use crate::error::{Error, Result};
 use crate::ids::{Algorithm, Device, DeviceId, KeyId, UserId};
 use crate::key_json::KeyJson;
-use crate::limits::Limits;
+use crate::limits::{Limits, OtkCap};
 use crate::store::KeyStore;
 use crate::types::{DeviceSnapshot, StoredFallback, StoredOtk};
 
@@ -184,7 +184,8 @@ pub enum SkipReason {
     /// algorithm) for one device; the first one is kept.
     Duplicate,
     /// One-time keys past the target's limit per device and algorithm
-    /// (R8.1): the ones that would be handed out last are left out.
+    /// (R8.1), or per device when the target caps per device (R8.4): the
+    /// ones that would be handed out last are left out.
     OverLimit,
 }
 
@@ -293,10 +294,12 @@ struct Pending {
 ///
 /// One-time keys are put in the reference homeserver's issue order: upload
 /// time (`ts_added_ms`), then key ID in byte order for keys uploaded at the
-/// same millisecond (R17.1, R3.5). Keys past the target's per device and
-/// algorithm limit are left out (the ones that would be handed out last).
+/// same millisecond (R17.1, R3.5). Keys past the target's limit (per device
+/// and algorithm, R8.1, or per device, R8.4) are left out: the ones that
+/// would be handed out last.
 pub struct DeviceAssembler {
     max_otks: u64,
+    per_device: bool,
     max_key_json_bytes: usize,
     current: Option<Pending>,
     tally: ImportTally,
@@ -322,6 +325,7 @@ impl DeviceAssembler {
     pub fn new(limits: &Limits) -> Self {
         Self {
             max_otks: limits.max_otks_per_device_algorithm,
+            per_device: limits.otk_cap == OtkCap::PerDevice,
             max_key_json_bytes: limits.max_key_json_bytes,
             current: None,
             tally: ImportTally::default(),
@@ -395,11 +399,13 @@ impl DeviceAssembler {
         };
         let mut otks = p.otks;
         otks.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
-        let mut per_algorithm: BTreeMap<Algorithm, u64> = BTreeMap::new();
+        // Stored keys per algorithm, or per device (`None`) under R8.4.
+        let mut stored: BTreeMap<Option<Algorithm>, u64> = BTreeMap::new();
         let mut one_time_keys = Vec::with_capacity(otks.len());
         let (mut seq, mut last_ts) = (0u64, None);
         for (ts, key_id, key_json) in otks {
-            let n = per_algorithm.entry(key_id.algorithm()).or_insert(0);
+            let capped = (!self.per_device).then(|| key_id.algorithm());
+            let n = stored.entry(capped).or_insert(0);
             if *n >= self.max_otks {
                 self.tally.skip(Skip {
                     user_id: p.user_id.clone(),
@@ -844,6 +850,26 @@ mod tests {
             [SkipReason::KeyJsonTooLarge, SkipReason::OverLimit]
         );
         assert_eq!(tally.skips[1].key_id.as_deref(), Some("sc:C"));
+    }
+
+    #[test]
+    fn a_per_device_cap_counts_every_algorithm() {
+        let limits = Limits {
+            max_otks_per_device_algorithm: 3,
+            otk_cap: OtkCap::PerDevice,
+            ..Limits::default()
+        };
+        let rows = vec![
+            otk("@a:x", "D", "sc:A", 1),
+            otk("@a:x", "D", "alg2:B", 2),
+            otk("@a:x", "D", "sc:C", 3),
+            otk("@a:x", "D", "alg2:D", 4),
+        ];
+        let (done, tally) = assemble(rows, &limits);
+        let s = done[0].snapshot.as_ref().unwrap();
+        assert_eq!(ids(s), [("sc:A", 1), ("alg2:B", 2), ("sc:C", 3)]);
+        assert_eq!(tally.skips[0].key_id.as_deref(), Some("alg2:D"));
+        assert_eq!(tally.skips[0].reason, SkipReason::OverLimit);
     }
 
     #[test]
