@@ -43,8 +43,11 @@ pub(crate) const BACKEND: &str = "sqlite";
 /// (async runtime's) threads. Dropping the store finishes the queued writes,
 /// then closes every connection and joins the threads.
 ///
-/// Dropping a mutating call's future after it started does not cancel the
-/// operation: it may still be applied (as when an HTTP response is lost).
+/// Dropping a call's future before the writer (or a reader) started it
+/// means it is not run (R10.6); once started, it is applied (as when an
+/// HTTP response is lost). Each queue holds at most
+/// [`SqliteOptions::max_queued`] operations; past that, calls fail at once
+/// with a retryable error.
 pub struct SqliteStore {
     path: PathBuf,
     options: SqliteOptions,

@@ -8,6 +8,9 @@ use std::time::Duration;
 use keyclaim::backend::url::{self, UrlOptions};
 use keyclaim::{Limits, Result};
 
+/// The default of [`SqliteOptions::max_queued`].
+const DEFAULT_MAX_QUEUED: usize = 1024;
+
 /// How hard SQLite works to make a commit durable (`PRAGMA synchronous`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -52,6 +55,7 @@ pub struct SqliteOptions {
     max_batch: usize,
     checkpoint_interval: Option<Duration>,
     wal_size_limit: u64,
+    max_queued: usize,
 }
 
 impl Default for SqliteOptions {
@@ -64,6 +68,7 @@ impl Default for SqliteOptions {
             max_batch: 256,
             checkpoint_interval: Some(Duration::from_millis(100)),
             wal_size_limit: 64 << 20,
+            max_queued: DEFAULT_MAX_QUEUED,
         }
     }
 }
@@ -71,7 +76,8 @@ impl Default for SqliteOptions {
 impl SqliteOptions {
     /// The defaults: [`Limits::default`], [`Synchronous::Full`], a 10 s busy
     /// timeout, 4 read connections, batches of at most 256 operations, a
-    /// checkpoint every 100 ms, a WAL cut back to 64 MiB.
+    /// checkpoint every 100 ms, a WAL cut back to 64 MiB, at most 1,024
+    /// operations waiting for the writer and 1,024 for the readers.
     pub fn new() -> Self {
         Self::default()
     }
@@ -135,6 +141,23 @@ impl SqliteOptions {
         self
     }
 
+    /// The most operations that may wait for the writer thread, and
+    /// (separately) the most reads that may wait for a read connection; at
+    /// least one. Default 1,024.
+    ///
+    /// Past it, an operation fails at once with a retryable
+    /// [`keyclaim::Error::Storage`] instead of queueing (R10.6): under
+    /// overload, or while another process holds the file's write lock, the
+    /// callers are told to come back later, and the memory the queues hold
+    /// stays bounded (by this many requests, each within the
+    /// [`Limits`]). The writer takes up to [`SqliteOptions::max_batch`]
+    /// more into the batch it is running.
+    #[must_use]
+    pub fn max_queued(mut self, n: usize) -> Self {
+        self.max_queued = n.max(1);
+        self
+    }
+
     /// The configured limits.
     pub fn get_limits(&self) -> &Limits {
         &self.limits
@@ -170,6 +193,11 @@ impl SqliteOptions {
         self.wal_size_limit
     }
 
+    /// The configured queue bound.
+    pub fn get_max_queued(&self) -> usize {
+        self.max_queued
+    }
+
     /// Parses a store URL into the file's path and the options:
     ///
     /// ```text
@@ -190,6 +218,7 @@ impl SqliteOptions {
     /// | `max_batch` | an integer, at least 1 | [`SqliteOptions::max_batch`] |
     /// | `checkpoint_interval_ms` | milliseconds, at least 1, or `off` | [`SqliteOptions::checkpoint_interval`] |
     /// | `wal_size_limit` | bytes | [`SqliteOptions::wal_size_limit`] |
+    /// | `max_queued` | an integer, at least 1 | [`SqliteOptions::max_queued`] |
     ///
     /// Options not given keep their defaults; the limits are always the
     /// defaults (set them with [`SqliteOptions::limits`] afterwards).
@@ -236,6 +265,7 @@ impl SqliteOptions {
                 _ => Some(Duration::from_millis(query.positive(name, value)?)),
             }),
             "wal_size_limit" => self.wal_size_limit(query.number(name, value)?),
+            "max_queued" => self.max_queued(query.positive(name, value)?),
             _ => {
                 return Err(query.unknown(
                     name,
@@ -246,6 +276,7 @@ impl SqliteOptions {
                         "max_batch",
                         "checkpoint_interval_ms",
                         "wal_size_limit",
+                        "max_queued",
                     ],
                 ));
             }
@@ -291,7 +322,7 @@ mod tests {
     fn every_option_is_parsed() {
         let (path, options) = parse(
             "sqlite:/tmp/k.db?synchronous=normal&busy_timeout_ms=250&read_connections=2\
-             &max_batch=32&checkpoint_interval_ms=50&wal_size_limit=1048576",
+             &max_batch=32&checkpoint_interval_ms=50&wal_size_limit=1048576&max_queued=16",
         );
         assert_eq!(path, Path::new("/tmp/k.db"));
         let want = SqliteOptions::new()
@@ -300,7 +331,8 @@ mod tests {
             .read_connections(2)
             .max_batch(32)
             .checkpoint_interval(Some(Duration::from_millis(50)))
-            .wal_size_limit(1 << 20);
+            .wal_size_limit(1 << 20)
+            .max_queued(16);
         assert_eq!(options, want);
     }
 
@@ -374,6 +406,7 @@ mod tests {
             "sqlite:k?checkpoint_interval_ms=none",
             "sqlite:k?wal_size_limit=64MiB",
             "sqlite:k?wal_size_limit=",
+            "sqlite:k?max_queued=0",
         ] {
             assert!(invalid(url).contains("value"), "{url}");
         }

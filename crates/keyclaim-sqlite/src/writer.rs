@@ -19,13 +19,23 @@
 //! Answers are sent only after `COMMIT` succeeded; if the transaction fails as
 //! a whole, every operation of the batch gets the error and nothing of it was
 //! applied.
+//!
+//! Overload and abandoned operations (R10.6): the channel holds at most
+//! [`SqliteOptions::max_queued`] operations; past that, [`Writer::submit`]
+//! fails at once with a retryable error. An operation whose caller has gone
+//! away (its future was dropped, so its answer's receiver is closed) is not
+//! run: it is dropped when the writer takes it from the channel, and, since
+//! the writer may then wait for the file's lock for a long time, checked
+//! again inside the transaction right before it would run. So a claim that
+//! timed out while it waited never uses up keys for nobody; one whose caller
+//! goes away while it runs or commits is applied (R4.2).
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::PathBuf;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::{Receiver, Sender, TrySendError};
 use keyclaim::{Error, Limits, Result};
 use rusqlite::Connection;
 use tokio::sync::oneshot;
@@ -54,6 +64,9 @@ pub(crate) trait Job: Send {
     fn run(&mut self, conn: &Connection, limits: &Limits) -> bool;
     /// Whether the operation needs a savepoint on the batch's first run.
     fn fallible(&self) -> Fallible;
+    /// Whether its caller has gone away (dropped the answer's receiver):
+    /// then it must not be applied (R10.6).
+    fn abandoned(&self) -> bool;
     /// Sends the answer: the kept result if the transaction committed (or if
     /// the operation failed on its own), else the batch's failure.
     fn reply(self: Box<Self>, batch: Result<(), BatchFailure>);
@@ -78,7 +91,17 @@ where
         self.fallible
     }
 
+    fn abandoned(&self) -> bool {
+        self.reply.is_closed()
+    }
+
     fn run(&mut self, conn: &Connection, limits: &Limits) -> bool {
+        if self.abandoned() {
+            // Nobody waits for the answer: do nothing (R10.6). Also on a
+            // rerun, whose first run was rolled back.
+            self.result = None;
+            return true;
+        }
         let _entered = self.span.enter();
         let f = &self.f;
         let result = catch_unwind(AssertUnwindSafe(|| f(conn, limits))).unwrap_or_else(|_| {
@@ -113,13 +136,15 @@ where
 pub(crate) struct Writer {
     tx: Option<Sender<Box<dyn Job>>>,
     thread: Option<JoinHandle<()>>,
+    bound: usize,
 }
 
 impl Writer {
     /// Starts the thread: it opens the file, migrates it, and then serves
     /// operations. Returns once the file is open and migrated.
     pub(crate) async fn start(path: PathBuf, options: SqliteOptions) -> Result<Self> {
-        let (tx, rx) = crossbeam_channel::unbounded::<Box<dyn Job>>();
+        let bound = options.get_max_queued();
+        let (tx, rx) = crossbeam_channel::bounded::<Box<dyn Job>>(bound);
         let (ready_tx, ready_rx) = oneshot::channel::<Result<()>>();
         // Opening and migrating belong to the caller's `keyclaim.sqlite.open`.
         let open_span = tracing::Span::current();
@@ -147,6 +172,7 @@ impl Writer {
         let writer = Self {
             tx: Some(tx),
             thread: Some(thread),
+            bound,
         };
         match ready_rx.await {
             Ok(Ok(())) => Ok(writer),
@@ -157,7 +183,9 @@ impl Writer {
 
     /// Queues an operation and waits for its answer, which comes after its
     /// transaction committed. `f` may run more than once (see the module
-    /// documentation); only its last result counts.
+    /// documentation); only its last result counts. Fails at once, with a
+    /// retryable error, when the queue is full; dropping the returned
+    /// future before the writer runs `f` means it never runs (R10.6).
     pub(crate) async fn submit<T, F>(&self, op: &'static str, fallible: Fallible, f: F) -> Result<T>
     where
         T: Send + 'static,
@@ -172,11 +200,13 @@ impl Writer {
             result: None,
             reply,
         });
-        self.tx
-            .as_ref()
-            .ok_or(Error::Closed)?
-            .send(job)
-            .map_err(|_| Error::Closed)?;
+        match self.tx.as_ref().ok_or(Error::Closed)?.try_send(job) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                return Err(error::queue_full(op, "write", self.bound));
+            }
+            Err(TrySendError::Disconnected(_)) => return Err(Error::Closed),
+        }
         answer.await.map_err(|_| Error::Closed)?
     }
 }
@@ -191,7 +221,8 @@ impl Drop for Writer {
 }
 
 /// The thread's loop: wait for one operation, take whatever else has queued
-/// up (at most `max_batch` in all), run them as one transaction.
+/// up (at most `max_batch` in all), leave out those whose caller has gone
+/// away, run the others as one transaction.
 fn serve(conn: &Connection, rx: &Receiver<Box<dyn Job>>, options: &SqliteOptions) {
     let max_batch = options.get_max_batch().max(1);
     let mut batch: Vec<Box<dyn Job>> = Vec::with_capacity(max_batch);
@@ -203,7 +234,11 @@ fn serve(conn: &Connection, rx: &Receiver<Box<dyn Job>>, options: &SqliteOptions
                 Err(_) => break,
             }
         }
-        run_batch(conn, &mut batch, options.get_limits());
+        // R10.6: nobody waits for these; they are not applied.
+        batch.retain(|job| !job.abandoned());
+        if !batch.is_empty() {
+            run_batch(conn, &mut batch, options.get_limits());
+        }
     }
 }
 
