@@ -151,10 +151,9 @@ impl SqliteStore {
         } else {
             "claim_one_time_keys"
         };
-        let raw = self
-            .write_infallible(op, move |conn, _| ops::claim(conn, &owned, fall_back))
-            .await?;
-        raw.decode(targets)
+        // Decoded inside the transaction (R10.7).
+        self.write_infallible(op, move |conn, _| ops::claim(conn, &owned, fall_back))
+            .await
     }
 }
 
@@ -230,18 +229,12 @@ impl Backend for SqliteStore {
     async fn claim_fallback_keys(&self, targets: &[FallbackTarget]) -> Result<ClaimOutcome> {
         let owned = targets.to_vec();
         // One writer job for all targets: one atomic step, group-committed
-        // with its batch-mates (R12.2, R4.7).
-        let raw = self
-            .write_infallible("claim_fallback_keys", move |conn, _| {
-                ops::claim_fallback_keys(conn, &owned)
-            })
-            .await?;
-        // The answer names targets by index; `RawClaim` reads their devices.
-        let as_claims: Vec<ClaimTarget> = targets
-            .iter()
-            .map(|t| ClaimTarget::one(t.device.clone(), t.algorithm.clone()))
-            .collect();
-        raw.decode(&as_claims)
+        // with its batch-mates (R12.2, R4.7), decoded before it commits
+        // (R10.7).
+        self.write_infallible("claim_fallback_keys", move |conn, _| {
+            ops::claim_fallback_keys(conn, &owned)
+        })
+        .await
     }
 
     async fn reset_one_time_keys(

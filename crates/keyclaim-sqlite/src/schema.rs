@@ -419,8 +419,7 @@ mod tests {
         // Claim order survives: (sequence, key ID).
         let target = ClaimTarget::one(device("A"), alg.parse().unwrap());
         conn.execute_batch("BEGIN IMMEDIATE").unwrap();
-        let raw = ops::claim(&conn, std::slice::from_ref(&target), true).unwrap();
-        let out = raw.decode(&[target]).unwrap();
+        let out = ops::claim(&conn, &[target], true).unwrap();
         assert_eq!(out.keys[0].key_id.as_str(), "signed_curve25519:k2");
         assert_eq!(out.keys[0].key_json, json("k2"));
         // A remembered key is still refused on re-upload (R3.4); a new key

@@ -468,7 +468,7 @@ mod tests {
         ));
         assert!(r3.blocking_recv().unwrap().is_ok());
         assert!(matches!(r4.blocking_recv().unwrap(), Err(Error::Closed)));
-        assert_eq!(r5.blocking_recv().unwrap().unwrap().len(), 1);
+        assert_eq!(r5.blocking_recv().unwrap().unwrap().keys.len(), 1);
         assert_eq!(
             count(&conn, "A"),
             1,
@@ -510,7 +510,11 @@ mod tests {
 
         assert!(r1.blocking_recv().unwrap().is_ok());
         let claimed = r2.blocking_recv().unwrap().unwrap();
-        assert_eq!(claimed.len(), 1, "the claim's answer is its last run's");
+        assert_eq!(
+            claimed.keys.len(),
+            1,
+            "the claim's answer is its last run's"
+        );
         assert!(matches!(r3.blocking_recv().unwrap(), Err(Error::Closed)));
         assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 2);
         assert!(r4.blocking_recv().unwrap().is_ok());
@@ -521,6 +525,46 @@ mod tests {
             0,
             "the failed operation's write was undone"
         );
+        assert!(conn.is_autocommit());
+    }
+
+    /// R10.7: a claim that meets a stored key that does not read back fails
+    /// alone, before commit, using up nothing; its batch-mates' claims (run
+    /// again, each in its own savepoint) succeed once.
+    #[test]
+    fn a_claim_meeting_a_corrupt_key_fails_alone_and_takes_nothing() {
+        let (_dir, conn) = open();
+        let limits = Limits::default();
+        for d in ["A", "B", "C"] {
+            let up = upload(d, &[("alg:1", d), ("alg:2", d)]);
+            crate::ops::upload(&conn, &up, &limits).unwrap();
+        }
+        let damaged = conn
+            .execute(
+                "UPDATE one_time_key SET key_json = '{\"key\": ' \
+                 WHERE device_id = 'A' AND key_id = 'alg:1'",
+                [],
+            )
+            .unwrap();
+        assert_eq!(damaged, 1);
+        let claim = |d: &'static str| {
+            job_of(Fallible::OnStorageOnly, move |c, _| {
+                crate::ops::claim(c, &[ClaimTarget::one(device(d), "alg".parse()?)], true)
+            })
+        };
+        let (jb, rb) = claim("B");
+        let (ja, ra) = claim("A");
+        let (jc, rc) = claim("C");
+        run_batch(&conn, &mut vec![jb, ja, jc], &limits);
+        assert!(matches!(
+            ra.blocking_recv().unwrap(),
+            Err(Error::Corrupt { .. })
+        ));
+        assert_eq!(rb.blocking_recv().unwrap().unwrap().keys.len(), 1);
+        assert_eq!(rc.blocking_recv().unwrap().unwrap().keys.len(), 1);
+        assert_eq!(count(&conn, "A"), 2, "no key of A was used up");
+        assert_eq!(count(&conn, "B"), 1);
+        assert_eq!(count(&conn, "C"), 1);
         assert!(conn.is_autocommit());
     }
 
