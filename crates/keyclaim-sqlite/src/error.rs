@@ -91,7 +91,7 @@ pub(crate) fn wal_refused(mode: &str) -> Error {
 #[derive(Clone, Debug)]
 pub(crate) struct BatchFailure {
     pub(crate) retryable: bool,
-    pub(crate) source: Arc<rusqlite::Error>,
+    pub(crate) source: Arc<dyn std::error::Error + Send + Sync>,
 }
 
 impl BatchFailure {
@@ -116,6 +116,16 @@ impl BatchFailure {
                         .into(),
                 ),
             )),
+        }
+    }
+
+    /// The writer's connection was closed (it could not end a transaction)
+    /// and could not be opened again: nothing of the batch ran, and a later
+    /// try may reopen it.
+    pub(crate) fn reopen_failed(e: Error) -> Self {
+        Self {
+            retryable: true,
+            source: Arc::new(e),
         }
     }
 

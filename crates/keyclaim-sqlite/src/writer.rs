@@ -29,6 +29,11 @@
 //! again inside the transaction right before it would run. So a claim that
 //! timed out while it waited never uses up keys for nobody; one whose caller
 //! goes away while it runs or commits is applied (R4.2).
+//!
+//! No transaction outlives its batch: if one is still open afterwards (its
+//! `ROLLBACK` failed), the writer closes the connection, which rolls it back
+//! and releases the file's write lock, and opens a new one for the next
+//! batch ([`WriteConnection`]).
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::PathBuf;
@@ -151,16 +156,12 @@ impl Writer {
         let thread = std::thread::Builder::new()
             .name("keyclaim-sqlite-writer".into())
             .spawn(move || {
-                let conn = open_span.in_scope(|| -> Result<Connection> {
-                    let conn = schema::open_connection(&path, &options, Role::Writer)?;
-                    schema::migrate(&conn, options.get_busy_timeout())?;
-                    Ok(conn)
-                });
+                let conn = open_span.in_scope(|| WriteConnection::open(path, options));
                 drop(open_span);
                 match conn {
-                    Ok(conn) => {
+                    Ok(mut conn) => {
                         if ready_tx.send(Ok(())).is_ok() {
-                            serve(&conn, &rx, &options);
+                            serve(&mut conn, &rx);
                         }
                     }
                     Err(e) => {
@@ -223,8 +224,8 @@ impl Drop for Writer {
 /// The thread's loop: wait for one operation, take whatever else has queued
 /// up (at most `max_batch` in all), leave out those whose caller has gone
 /// away, run the others as one transaction.
-fn serve(conn: &Connection, rx: &Receiver<Box<dyn Job>>, options: &SqliteOptions) {
-    let max_batch = options.get_max_batch().max(1);
+fn serve(conn: &mut WriteConnection, rx: &Receiver<Box<dyn Job>>) {
+    let max_batch = conn.options.get_max_batch().max(1);
     let mut batch: Vec<Box<dyn Job>> = Vec::with_capacity(max_batch);
     while let Ok(first) = rx.recv() {
         batch.push(first);
@@ -237,9 +238,90 @@ fn serve(conn: &Connection, rx: &Receiver<Box<dyn Job>>, options: &SqliteOptions
         // R10.6: nobody waits for these; they are not applied.
         batch.retain(|job| !job.abandoned());
         if !batch.is_empty() {
-            run_batch(conn, &mut batch, options.get_limits());
+            serve_batch(conn, &mut batch);
         }
     }
+}
+
+/// The writer thread's connection, reopened when a batch leaves it inside a
+/// transaction that it cannot end (a `ROLLBACK` that failed, for instance on
+/// an I/O error). Such a connection would keep the file's write lock, so that
+/// no other process could write, and fail every later batch's `BEGIN`;
+/// closing it rolls the transaction back and releases the lock.
+pub(crate) struct WriteConnection {
+    path: PathBuf,
+    options: SqliteOptions,
+    conn: Option<Connection>,
+}
+
+impl WriteConnection {
+    /// Opens the file (creating it if needed) and migrates it.
+    pub(crate) fn open(path: PathBuf, options: SqliteOptions) -> Result<Self> {
+        let conn = schema::open_connection(&path, &options, Role::Writer)?;
+        schema::migrate(&conn, options.get_busy_timeout())?;
+        Ok(Self {
+            path,
+            options,
+            conn: Some(conn),
+        })
+    }
+
+    /// The connection, opened again if it was closed.
+    fn get(&mut self) -> Result<&Connection, BatchFailure> {
+        if self.conn.is_none() {
+            let conn = schema::open_connection(&self.path, &self.options, Role::Writer)
+                .map_err(BatchFailure::reopen_failed)?;
+            tracing::info!("keyclaim-sqlite: reopened the write connection");
+            self.conn = Some(conn);
+        }
+        self.conn
+            .as_ref()
+            .ok_or_else(BatchFailure::aborted_by_batch_mate)
+    }
+
+    /// Makes sure no transaction outlives a batch: if one is still open
+    /// (its `ROLLBACK` failed), tries `ROLLBACK` again, and if the connection
+    /// is still inside it, closes the connection; the next batch opens a
+    /// new one.
+    fn settle(&mut self) {
+        let Some(conn) = &self.conn else {
+            return;
+        };
+        if conn.is_autocommit() {
+            return;
+        }
+        let retried = conn.execute_batch("ROLLBACK");
+        if conn.is_autocommit() {
+            return;
+        }
+        tracing::error!(
+            error = ?retried.err(),
+            "keyclaim-sqlite: the write connection cannot end its transaction; closing it"
+        );
+        if let Some(conn) = self.conn.take()
+            && let Err((conn, e)) = conn.close()
+        {
+            // Dropping it tries to close it once more.
+            tracing::error!(error = %e, "keyclaim-sqlite: closing the write connection failed");
+            drop(conn);
+        }
+    }
+}
+
+/// Runs a batch on the writer's connection (reopened first if it was
+/// closed); afterwards no transaction is left open.
+fn serve_batch(conn: &mut WriteConnection, batch: &mut Vec<Box<dyn Job>>) {
+    let limits = conn.options.get_limits().clone();
+    match conn.get() {
+        Ok(c) => run_batch(c, batch, &limits),
+        Err(failure) => {
+            tracing::warn!(error = %failure.source, "keyclaim-sqlite: no write connection");
+            for job in batch.drain(..) {
+                job.reply(Err(failure.clone()));
+            }
+        }
+    }
+    conn.settle();
 }
 
 /// Runs a batch as one transaction and answers every operation in it.
@@ -617,5 +699,45 @@ mod tests {
         assert!(r2.blocking_recv().unwrap().is_err());
         assert!(r3.blocking_recv().unwrap().unwrap_err().is_retryable());
         assert_eq!(count(&conn, "A") + count(&conn, "B"), 0);
+    }
+
+    /// A `ROLLBACK` that fails leaves no transaction open: the writer closes
+    /// its connection (which rolls back and releases the write lock, so
+    /// another process can write at once) and opens a new one for the next
+    /// batch, which succeeds; the failed batch left nothing behind.
+    #[test]
+    fn a_failed_rollback_reopens_the_connection_and_releases_the_lock() {
+        use rusqlite::hooks::{AuthAction, AuthContext, Authorization, TransactionOperation};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.sqlite");
+        let mut writer = WriteConnection::open(path.clone(), SqliteOptions::default()).unwrap();
+        // SQLite refuses every ROLLBACK on the writer's connection.
+        let conn = writer.conn.as_mut().unwrap();
+        conn.authorizer(Some(|ctx: AuthContext<'_>| match ctx.action {
+            AuthAction::Transaction {
+                operation: TransactionOperation::Rollback,
+            } => Authorization::Deny,
+            _ => Authorization::Allow,
+        }))
+        .unwrap();
+        // A batch that writes and fails, and so must be rolled back.
+        let (j1, r1) = job(|c, l| {
+            crate::ops::upload(c, &upload("A", &[("alg:1", "a")]), l)?;
+            Err::<(), _>(Error::Closed)
+        });
+        serve_batch(&mut writer, &mut vec![j1]);
+        assert!(matches!(r1.blocking_recv().unwrap(), Err(Error::Closed)));
+
+        let other = Connection::open(&path).unwrap();
+        other.busy_timeout(Duration::ZERO).unwrap();
+        other
+            .execute_batch("BEGIN IMMEDIATE; ROLLBACK")
+            .expect("the write lock was released");
+        let b = upload("B", &[("alg:1", "b")]);
+        let (j2, r2) = job(move |c, l| crate::ops::upload(c, &b, l));
+        serve_batch(&mut writer, &mut vec![j2]);
+        r2.blocking_recv().unwrap().unwrap();
+        assert_eq!(count(&other, "A"), 0, "the failed batch left nothing");
+        assert_eq!(count(&other, "B"), 1);
     }
 }
