@@ -56,6 +56,7 @@ pub struct SqliteOptions {
     checkpoint_interval: Option<Duration>,
     wal_size_limit: u64,
     max_queued: usize,
+    change_poll_interval: Option<Duration>,
 }
 
 impl Default for SqliteOptions {
@@ -69,6 +70,7 @@ impl Default for SqliteOptions {
             checkpoint_interval: Some(Duration::from_millis(100)),
             wal_size_limit: 64 << 20,
             max_queued: DEFAULT_MAX_QUEUED,
+            change_poll_interval: Some(Duration::from_millis(50)),
         }
     }
 }
@@ -77,7 +79,8 @@ impl SqliteOptions {
     /// The defaults: [`Limits::default`], [`Synchronous::Full`], a 10 s busy
     /// timeout, 4 read connections, batches of at most 256 operations, a
     /// checkpoint every 100 ms, a WAL cut back to 64 MiB, at most 1,024
-    /// operations waiting for the writer and 1,024 for the readers.
+    /// operations waiting for the writer and 1,024 for the readers, other
+    /// processes' changes looked for every 50 ms.
     pub fn new() -> Self {
         Self::default()
     }
@@ -158,6 +161,18 @@ impl SqliteOptions {
         self
     }
 
+    /// How often the store looks for changes that other processes (or
+    /// other handles) made to the file, to report them to its subscribers
+    /// (R11.2); default 50 ms, the most a `/sync` long-poll waits to hear of
+    /// them. Each look is a read of SQLite's shared memory when nothing
+    /// changed. `None` reports only this handle's own changes. Every handle
+    /// records its changes for the others whatever this is.
+    #[must_use]
+    pub fn change_poll_interval(mut self, interval: Option<Duration>) -> Self {
+        self.change_poll_interval = interval;
+        self
+    }
+
     /// The configured limits.
     pub fn get_limits(&self) -> &Limits {
         &self.limits
@@ -198,6 +213,11 @@ impl SqliteOptions {
         self.max_queued
     }
 
+    /// The configured interval of looks for other processes' changes.
+    pub fn get_change_poll_interval(&self) -> Option<Duration> {
+        self.change_poll_interval
+    }
+
     /// Parses a store URL into the file's path and the options:
     ///
     /// ```text
@@ -219,6 +239,7 @@ impl SqliteOptions {
     /// | `checkpoint_interval_ms` | milliseconds, at least 1, or `off` | [`SqliteOptions::checkpoint_interval`] |
     /// | `wal_size_limit` | bytes | [`SqliteOptions::wal_size_limit`] |
     /// | `max_queued` | an integer, at least 1 | [`SqliteOptions::max_queued`] |
+    /// | `change_poll_interval_ms` | milliseconds, at least 1, or `off` | [`SqliteOptions::change_poll_interval`] |
     ///
     /// Options not given keep their defaults; the limits are always the
     /// defaults (set them with [`SqliteOptions::limits`] afterwards).
@@ -266,6 +287,10 @@ impl SqliteOptions {
             }),
             "wal_size_limit" => self.wal_size_limit(query.number(name, value)?),
             "max_queued" => self.max_queued(query.positive(name, value)?),
+            "change_poll_interval_ms" => self.change_poll_interval(match value {
+                "off" => None,
+                _ => Some(Duration::from_millis(query.positive(name, value)?)),
+            }),
             _ => {
                 return Err(query.unknown(
                     name,
@@ -277,6 +302,7 @@ impl SqliteOptions {
                         "checkpoint_interval_ms",
                         "wal_size_limit",
                         "max_queued",
+                        "change_poll_interval_ms",
                     ],
                 ));
             }
@@ -322,7 +348,8 @@ mod tests {
     fn every_option_is_parsed() {
         let (path, options) = parse(
             "sqlite:/tmp/k.db?synchronous=normal&busy_timeout_ms=250&read_connections=2\
-             &max_batch=32&checkpoint_interval_ms=50&wal_size_limit=1048576&max_queued=16",
+             &max_batch=32&checkpoint_interval_ms=50&wal_size_limit=1048576&max_queued=16\
+             &change_poll_interval_ms=20",
         );
         assert_eq!(path, Path::new("/tmp/k.db"));
         let want = SqliteOptions::new()
@@ -332,7 +359,8 @@ mod tests {
             .max_batch(32)
             .checkpoint_interval(Some(Duration::from_millis(50)))
             .wal_size_limit(1 << 20)
-            .max_queued(16);
+            .max_queued(16)
+            .change_poll_interval(Some(Duration::from_millis(20)));
         assert_eq!(options, want);
     }
 
@@ -352,6 +380,10 @@ mod tests {
             Duration::ZERO
         );
         assert_eq!(options("sqlite:k?wal_size_limit=0").get_wal_size_limit(), 0);
+        assert_eq!(
+            options("sqlite:k?change_poll_interval_ms=off").get_change_poll_interval(),
+            None
+        );
         // The order of the options does not matter.
         assert_eq!(
             options("sqlite:k?max_batch=1&synchronous=normal"),
@@ -407,6 +439,7 @@ mod tests {
             "sqlite:k?wal_size_limit=64MiB",
             "sqlite:k?wal_size_limit=",
             "sqlite:k?max_queued=0",
+            "sqlite:k?change_poll_interval_ms=0",
         ] {
             assert!(invalid(url).contains("value"), "{url}");
         }

@@ -1,7 +1,7 @@
 //! The file's layout, its migrations (`PRAGMA user_version`), and how a
 //! connection is opened and tuned.
 //!
-//! # Tables (schema version 2)
+//! # Tables (schema version 3)
 //!
 //! - `one_time_key`: one row per one-time key of a (device, algorithm), in
 //!   claim order by `pos`, a store-wide position counter taken in (upload
@@ -25,6 +25,9 @@
 //!   live in the file, are read and incremented inside the write transaction,
 //!   and so stay monotonic across processes and restarts (R3.5: never a wall
 //!   clock).
+//! - `change_log`: one row per batch that changed devices, naming them, for
+//!   the other processes' subscribers (R11.2); pruned after a few seconds
+//!   (see the `changes` module).
 //!
 //! Version 1 kept stored keys in `otk` (deleted on claim) and the remembered
 //! issued keys in `issued_key`; migration 2 moves both into the version 2
@@ -45,7 +48,7 @@ use crate::{BACKEND, SqliteOptions, Synchronous};
 
 /// The newest schema version this build knows. A file with a higher
 /// `PRAGMA user_version` is refused with [`Error::UnsupportedVersion`].
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// `PRAGMA application_id` of a keyclaim file ("kclm"), so that a file of
 /// another application is not taken for an empty store.
@@ -155,6 +158,15 @@ const MIGRATIONS: &[&str] = &[
     DROP TABLE v1_keys;
     DROP TABLE otk;
     DROP TABLE issued_key;
+    ",
+    // Version 3: the change log read by the other processes (R11.2).
+    "
+    CREATE TABLE change_log (
+        id      INTEGER PRIMARY KEY AUTOINCREMENT,
+        origin  INTEGER NOT NULL,
+        at_ms   INTEGER NOT NULL,
+        devices TEXT    NOT NULL
+    );
     ",
 ];
 
@@ -325,19 +337,55 @@ mod tests {
         Device::parse("@alice:example.org", d).unwrap()
     }
 
+    /// A file of an older `version`, as that version left it.
+    fn file_at(path: &Path, version: usize) -> Connection {
+        let conn = open_connection(path, &SqliteOptions::default(), Role::Writer).unwrap();
+        for sql in &MIGRATIONS[..version] {
+            conn.execute_batch(sql).unwrap();
+        }
+        conn.pragma_update(None, "user_version", i64::try_from(version).unwrap())
+            .unwrap();
+        conn.pragma_update(None, "application_id", APPLICATION_ID)
+            .unwrap();
+        conn
+    }
+
+    fn user_version(conn: &Connection) -> i64 {
+        conn.pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap()
+    }
+
+    /// Migration 3 adds the change log (R11.2) to a version 2 file and
+    /// leaves its keys as they were.
+    #[test]
+    fn version_2_files_gain_the_change_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = file_at(&dir.path().join("v2.sqlite"), 2);
+        let limits = Limits::default();
+        let up = Upload::from_keys(
+            device("A"),
+            [(KeyId::parse("signed_curve25519:a").unwrap(), json("a"))],
+            [],
+        )
+        .unwrap();
+        ops::upload(&conn, &up, &limits).unwrap();
+        migrate(&conn, Duration::from_secs(1)).unwrap();
+        assert_eq!(user_version(&conn), 3);
+        let rows: i64 = conn
+            .query_row("SELECT count(*) FROM change_log", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(rows, 0);
+        assert_eq!(ops::otk_counts(&conn, &device("A")).unwrap().total(), 1);
+    }
+
     /// A version 1 file with stored and remembered keys keeps every rule's
     /// state through migration 2: counts, claim order, remembered keys,
     /// fallback keys, and the counters.
     #[test]
     fn version_1_files_are_migrated() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("v1.sqlite");
         let options = SqliteOptions::default();
-        let conn = open_connection(&path, &options, Role::Writer).unwrap();
-        conn.execute_batch(MIGRATIONS[0]).unwrap();
-        conn.pragma_update(None, "user_version", 1).unwrap();
-        conn.pragma_update(None, "application_id", APPLICATION_ID)
-            .unwrap();
+        let conn = file_at(&dir.path().join("v1.sqlite"), 1);
         conn.execute("UPDATE store_meta SET next_seq = 10", [])
             .unwrap();
         let alg = "signed_curve25519";
@@ -386,10 +434,7 @@ mod tests {
         .unwrap();
 
         migrate(&conn, options.get_busy_timeout()).unwrap();
-        let version: i64 = conn
-            .pragma_query_value(None, "user_version", |r| r.get(0))
-            .unwrap();
-        assert_eq!(version, SCHEMA_VERSION);
+        assert_eq!(user_version(&conn), SCHEMA_VERSION);
 
         let limits = Limits::default();
         assert_eq!(ops::otk_counts(&conn, &device("A")).unwrap().total(), 3);

@@ -41,11 +41,12 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
-use keyclaim::{Error, Limits, Result};
+use keyclaim::{Changes, ClaimOutcome, Device, Error, Limits, Result, UploadOutcome};
 use rusqlite::Connection;
 use tokio::sync::oneshot;
 
 use crate::SqliteOptions;
+use crate::changes::ChangeLog;
 use crate::error::{self, BatchFailure};
 use crate::schema::{self, Role};
 
@@ -61,6 +62,38 @@ pub(crate) enum Fallible {
     OnStorageOnly,
 }
 
+/// What a mutating operation answers: it names the devices it changed
+/// (R11.1), which the batch records for the other processes (R11.2).
+pub(crate) trait Answer: Send + 'static {
+    /// The devices the operation changed.
+    fn changed(&self) -> &[Device];
+}
+
+impl Answer for Changes {
+    fn changed(&self) -> &[Device] {
+        self.devices()
+    }
+}
+
+impl Answer for UploadOutcome {
+    fn changed(&self) -> &[Device] {
+        self.changes.devices()
+    }
+}
+
+impl Answer for ClaimOutcome {
+    fn changed(&self) -> &[Device] {
+        self.changes.devices()
+    }
+}
+
+/// An operation that changes nothing (tests).
+impl Answer for () {
+    fn changed(&self) -> &[Device] {
+        &[]
+    }
+}
+
 /// One queued mutating operation, type-erased.
 pub(crate) trait Job: Send {
     /// Runs the operation inside the open transaction (and its savepoint,
@@ -72,6 +105,8 @@ pub(crate) trait Job: Send {
     /// Whether its caller has gone away (dropped the answer's receiver):
     /// then it must not be applied (R10.6).
     fn abandoned(&self) -> bool;
+    /// The devices its last run changed, if it succeeded.
+    fn changed(&self) -> &[Device];
     /// Sends the answer: the kept result if the transaction committed (or if
     /// the operation failed on its own), else the batch's failure.
     fn reply(self: Box<Self>, batch: Result<(), BatchFailure>);
@@ -89,9 +124,16 @@ struct TypedJob<T, F> {
 
 impl<T, F> Job for TypedJob<T, F>
 where
-    T: Send,
+    T: Answer,
     F: Fn(&Connection, &Limits) -> Result<T> + Send,
 {
+    fn changed(&self) -> &[Device] {
+        match &self.result {
+            Some(Ok(answer)) => answer.changed(),
+            _ => &[],
+        }
+    }
+
     fn fallible(&self) -> Fallible {
         self.fallible
     }
@@ -147,7 +189,7 @@ pub(crate) struct Writer {
 impl Writer {
     /// Starts the thread: it opens the file, migrates it, and then serves
     /// operations. Returns once the file is open and migrated.
-    pub(crate) async fn start(path: PathBuf, options: SqliteOptions) -> Result<Self> {
+    pub(crate) async fn start(path: PathBuf, options: SqliteOptions, origin: i64) -> Result<Self> {
         let bound = options.get_max_queued();
         let (tx, rx) = crossbeam_channel::bounded::<Box<dyn Job>>(bound);
         let (ready_tx, ready_rx) = oneshot::channel::<Result<()>>();
@@ -156,7 +198,7 @@ impl Writer {
         let thread = std::thread::Builder::new()
             .name("keyclaim-sqlite-writer".into())
             .spawn(move || {
-                let conn = open_span.in_scope(|| WriteConnection::open(path, options));
+                let conn = open_span.in_scope(|| WriteConnection::open(path, options, origin));
                 drop(open_span);
                 match conn {
                     Ok(mut conn) => {
@@ -189,7 +231,7 @@ impl Writer {
     /// future before the writer runs `f` means it never runs (R10.6).
     pub(crate) async fn submit<T, F>(&self, op: &'static str, fallible: Fallible, f: F) -> Result<T>
     where
-        T: Send + 'static,
+        T: Answer,
         F: Fn(&Connection, &Limits) -> Result<T> + Send + 'static,
     {
         let (reply, answer) = oneshot::channel();
@@ -252,31 +294,36 @@ pub(crate) struct WriteConnection {
     path: PathBuf,
     options: SqliteOptions,
     conn: Option<Connection>,
+    log: ChangeLog,
 }
 
 impl WriteConnection {
-    /// Opens the file (creating it if needed) and migrates it.
-    pub(crate) fn open(path: PathBuf, options: SqliteOptions) -> Result<Self> {
+    /// Opens the file (creating it if needed) and migrates it; the changes
+    /// it commits are recorded as made by `origin` (R11.2).
+    pub(crate) fn open(path: PathBuf, options: SqliteOptions, origin: i64) -> Result<Self> {
         let conn = schema::open_connection(&path, &options, Role::Writer)?;
         schema::migrate(&conn, options.get_busy_timeout())?;
         Ok(Self {
             path,
             options,
             conn: Some(conn),
+            log: ChangeLog::new(origin),
         })
     }
 
     /// The connection, opened again if it was closed.
-    fn get(&mut self) -> Result<&Connection, BatchFailure> {
+    fn get(&mut self) -> Result<(&Connection, &mut ChangeLog), BatchFailure> {
         if self.conn.is_none() {
             let conn = schema::open_connection(&self.path, &self.options, Role::Writer)
                 .map_err(BatchFailure::reopen_failed)?;
             tracing::info!("keyclaim-sqlite: reopened the write connection");
             self.conn = Some(conn);
         }
-        self.conn
+        let conn = self
+            .conn
             .as_ref()
-            .ok_or_else(BatchFailure::aborted_by_batch_mate)
+            .ok_or_else(BatchFailure::aborted_by_batch_mate)?;
+        Ok((conn, &mut self.log))
     }
 
     /// Makes sure no transaction outlives a batch: if one is still open
@@ -313,7 +360,7 @@ impl WriteConnection {
 fn serve_batch(conn: &mut WriteConnection, batch: &mut Vec<Box<dyn Job>>) {
     let limits = conn.options.get_limits().clone();
     match conn.get() {
-        Ok(c) => run_batch(c, batch, &limits),
+        Ok((c, log)) => run_batch(c, batch, &limits, log),
         Err(failure) => {
             tracing::warn!(error = %failure.source, "keyclaim-sqlite: no write connection");
             for job in batch.drain(..) {
@@ -325,10 +372,15 @@ fn serve_batch(conn: &mut WriteConnection, batch: &mut Vec<Box<dyn Job>>) {
 }
 
 /// Runs a batch as one transaction and answers every operation in it.
-pub(crate) fn run_batch(conn: &Connection, batch: &mut Vec<Box<dyn Job>>, limits: &Limits) {
+pub(crate) fn run_batch(
+    conn: &Connection,
+    batch: &mut Vec<Box<dyn Job>>,
+    limits: &Limits,
+    log: &mut ChangeLog,
+) {
     let span = tracing::debug_span!("keyclaim.sqlite.batch", size = batch.len());
     let _entered = span.enter();
-    let outcome = run_transaction(conn, batch, limits);
+    let outcome = run_transaction(conn, batch, limits, log);
     if let Err(failure) = &outcome {
         tracing::warn!(
             size = batch.len(),
@@ -350,6 +402,7 @@ fn run_transaction(
     conn: &Connection,
     batch: &mut [Box<dyn Job>],
     limits: &Limits,
+    log: &mut ChangeLog,
 ) -> Result<(), BatchFailure> {
     let start = Instant::now();
     exec(conn, "BEGIN IMMEDIATE").map_err(BatchFailure::from_sql)?;
@@ -369,6 +422,12 @@ fn run_transaction(
     let ran = Instant::now();
     let body = body
         .map_err(Rerun::into_failure)
+        // In the same transaction: the other processes hear of exactly the
+        // changes that commit (R11.2).
+        .and_then(|()| {
+            log.record(conn, batch.iter().flat_map(|job| job.changed()))
+                .map_err(BatchFailure::from_sql)
+        })
         .and_then(|()| exec(conn, "COMMIT").map_err(BatchFailure::from_sql));
     let committed = Instant::now();
     tracing::debug!(
@@ -486,13 +545,13 @@ mod tests {
         Upload::from_keys(device(d), keys.iter().map(|(i, k)| key(i, k)), []).unwrap()
     }
 
-    fn job<T: Send + 'static>(
+    fn job<T: Answer>(
         f: impl Fn(&Connection, &Limits) -> Result<T> + Send + 'static,
     ) -> (Box<dyn Job>, oneshot::Receiver<Result<T>>) {
         job_of(Fallible::OnInput, f)
     }
 
-    fn job_of<T: Send + 'static>(
+    fn job_of<T: Answer>(
         fallible: Fallible,
         f: impl Fn(&Connection, &Limits) -> Result<T> + Send + 'static,
     ) -> (Box<dyn Job>, oneshot::Receiver<Result<T>>) {
@@ -541,7 +600,7 @@ mod tests {
             crate::ops::claim(c, &[ClaimTarget::one(device("B"), "alg".parse()?)], true)
         });
         let mut batch = vec![j1, j2, j4, j3, j5];
-        run_batch(&conn, &mut batch, &limits);
+        run_batch(&conn, &mut batch, &limits, &mut ChangeLog::new(0));
 
         assert!(r1.blocking_recv().unwrap().is_ok());
         assert!(matches!(
@@ -588,7 +647,7 @@ mod tests {
         let b = upload("B", &[("alg:1", "b")]);
         let (j4, r4) = job(move |c, l| crate::ops::upload(c, &b, l));
         let mut batch = vec![j1, j2, j3, j4];
-        run_batch(&conn, &mut batch, &limits);
+        run_batch(&conn, &mut batch, &limits, &mut ChangeLog::new(0));
 
         assert!(r1.blocking_recv().unwrap().is_ok());
         let claimed = r2.blocking_recv().unwrap().unwrap();
@@ -637,7 +696,12 @@ mod tests {
         let (jb, rb) = claim("B");
         let (ja, ra) = claim("A");
         let (jc, rc) = claim("C");
-        run_batch(&conn, &mut vec![jb, ja, jc], &limits);
+        run_batch(
+            &conn,
+            &mut vec![jb, ja, jc],
+            &limits,
+            &mut ChangeLog::new(0),
+        );
         assert!(matches!(
             ra.blocking_recv().unwrap(),
             Err(Error::Corrupt { .. })
@@ -664,10 +728,16 @@ mod tests {
         // Violates a deferred foreign key: COMMIT fails.
         let (j2, r2) = job(|c, _| {
             c.execute("INSERT INTO child (p) VALUES (42)", [])
+                .map(drop)
                 .map_err(|e| error::sql_error("test", e))
         });
         let mut batch = vec![j1, j2];
-        run_batch(&conn, &mut batch, &Limits::default());
+        run_batch(
+            &conn,
+            &mut batch,
+            &Limits::default(),
+            &mut ChangeLog::new(0),
+        );
         assert!(matches!(
             r1.blocking_recv().unwrap(),
             Err(Error::Storage { .. })
@@ -693,7 +763,12 @@ mod tests {
         let b = upload("B", &[("alg:1", "two")]);
         let (j3, r3) = job(move |c, l| crate::ops::upload(c, &b, l));
         let mut batch = vec![j1, j2, j3];
-        run_batch(&conn, &mut batch, &Limits::default());
+        run_batch(
+            &conn,
+            &mut batch,
+            &Limits::default(),
+            &mut ChangeLog::new(0),
+        );
         let e1 = r1.blocking_recv().unwrap().unwrap_err();
         assert!(e1.is_retryable(), "{e1}");
         assert!(r2.blocking_recv().unwrap().is_err());
@@ -710,7 +785,7 @@ mod tests {
         use rusqlite::hooks::{AuthAction, AuthContext, Authorization, TransactionOperation};
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db.sqlite");
-        let mut writer = WriteConnection::open(path.clone(), SqliteOptions::default()).unwrap();
+        let mut writer = WriteConnection::open(path.clone(), SqliteOptions::default(), 0).unwrap();
         // SQLite refuses every ROLLBACK on the writer's connection.
         let conn = writer.conn.as_mut().unwrap();
         conn.authorizer(Some(|ctx: AuthContext<'_>| match ctx.action {

@@ -218,3 +218,61 @@ fn two_claimer_processes_and_an_uploader_share_one_file() {
     });
     assert!(common::integrity_ok(&db));
 }
+
+const NOTIFY_TEST: &str = "a_claim_in_another_process_wakes_this_processs_subscribers";
+
+/// R11.2: a claim made by another process on the same file reaches this
+/// process's subscribers, naming the device.
+#[test]
+fn a_claim_in_another_process_wakes_this_processs_subscribers() {
+    if keyclaim_testing::process::is_child("remote-claimer") {
+        let db = PathBuf::from(std::env::var(DB).expect("db path"));
+        keyclaim_testing::runtime(2).block_on(async move {
+            let store = SqliteStore::open_with(&db, options()).await.expect("open");
+            let target = ClaimTarget::one(device(1), Algorithm::signed_curve25519());
+            let out = store.claim(&[target]).await.expect("claim");
+            assert_eq!(out.keys.len(), 1);
+        });
+        return;
+    }
+    let dir = keyclaim_testing::temp_dir();
+    let db = dir.path().join("notify.sqlite");
+    let rt = keyclaim_testing::runtime(2);
+    rt.block_on(async {
+        let store = SqliteStore::open_with(&db, options()).await.unwrap();
+        let keys = (0..3).map(|j| key(&format!("k{j}")));
+        store
+            .upload(&Upload::from_keys(device(1), keys, []).unwrap())
+            .await
+            .unwrap();
+        let mut changes = store.subscribe();
+
+        let mut child = spawn_child(
+            NOTIFY_TEST,
+            "remote-claimer",
+            &[(DB, db.display().to_string())],
+        );
+        let out = collect_stdout(&mut child);
+        let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+            .await
+            .unwrap();
+        assert!(status.success(), "the other process failed");
+        drop(out.join());
+        assert_eq!(store.otk_counts(&device(1)).await.unwrap().total(), 2);
+
+        let heard = tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                match changes.recv().await {
+                    Ok(event) if event.contains(&device(1)) => return,
+                    Ok(_) => {}
+                    Err(e) => panic!("subscription ended: {e}"),
+                }
+            }
+        })
+        .await;
+        assert!(
+            heard.is_ok(),
+            "the other process's claim was not reported here"
+        );
+    });
+}
