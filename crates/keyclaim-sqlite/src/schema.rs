@@ -30,8 +30,14 @@
 //!   (see the `changes` module).
 //!
 //! Version 1 kept stored keys in `otk` (deleted on claim) and the remembered
-//! issued keys in `issued_key`; migration 2 moves both into the version 2
-//! tables, issued keys before the stored ones of their queue.
+//! issued keys in `issued_key`; migration 2 ([`to_v2`]) moves both into the
+//! version 2 tables, issued keys before the stored ones of their queue.
+//!
+//! Migrations run on open, all in one `BEGIN IMMEDIATE` transaction (atomic:
+//! a crash leaves the old version, and the next open starts over), with
+//! memory that does not grow with the store (R10.9): no step sorts or
+//! collects rows, and SQLite writes dirty pages out to the WAL when its page
+//! cache fills.
 //!
 //! Every text column uses SQLite's `BINARY` collation (memcmp of the UTF-8
 //! bytes), which is the byte order the contract asks for (R2.7).
@@ -46,6 +52,8 @@ use rusqlite::{Connection, OpenFlags};
 use crate::error::{self, SqlContext as _};
 use crate::{BACKEND, SqliteOptions, Synchronous};
 
+mod to_v2;
+
 /// The newest schema version this build knows. A file with a higher
 /// `PRAGMA user_version` is refused with [`Error::UnsupportedVersion`].
 pub const SCHEMA_VERSION: i64 = 3;
@@ -58,10 +66,29 @@ pub const APPLICATION_ID: i64 = 0x6b63_6c6d;
 /// itself once the WAL holds this many pages (about 32 MiB).
 const BACKSTOP_CHECKPOINT_PAGES: i64 = 8192;
 
+/// One step of [`MIGRATIONS`], run inside the migration's transaction.
+enum Migration {
+    /// Statements run as they are.
+    Sql(&'static str),
+    /// Code: for a step that SQL alone would do with memory growing with
+    /// the store (R10.9).
+    Code(fn(&Connection) -> Result<()>),
+}
+
+impl Migration {
+    fn apply(&self, conn: &Connection) -> Result<()> {
+        match self {
+            Self::Sql(sql) => conn.execute_batch(sql).ctx("migrate"),
+            Self::Code(step) => step(conn),
+        }
+    }
+}
+
 /// Migration `i` brings a file from version `i` to version `i + 1`.
-const MIGRATIONS: &[&str] = &[
+const MIGRATIONS: &[Migration] = &[
     // Version 1: the initial layout.
-    "
+    Migration::Sql(
+        "
     CREATE TABLE store_meta (
         id       INTEGER PRIMARY KEY CHECK (id = 1),
         next_seq INTEGER NOT NULL
@@ -104,63 +131,13 @@ const MIGRATIONS: &[&str] = &[
     ) WITHOUT ROWID;
     CREATE UNIQUE INDEX issued_key_id ON issued_key (user_id, device_id, algorithm, key_id, digest);
     ",
+    ),
     // Version 2: keys stay in one table after a claim; a per-(device,
     // algorithm) queue row says which are stored and which were issued.
-    "
-    CREATE TABLE one_time_key (
-        user_id   TEXT    NOT NULL COLLATE BINARY,
-        device_id TEXT    NOT NULL COLLATE BINARY,
-        algorithm TEXT    NOT NULL COLLATE BINARY,
-        pos       INTEGER NOT NULL,
-        seq       INTEGER NOT NULL,
-        key_id    TEXT    NOT NULL COLLATE BINARY,
-        digest    BLOB    NOT NULL,
-        key_json  TEXT    NOT NULL,
-        PRIMARY KEY (user_id, device_id, algorithm, pos)
-    ) WITHOUT ROWID;
-    CREATE INDEX one_time_key_id ON one_time_key (user_id, device_id, key_id, digest);
-
-    CREATE TABLE otk_queue (
-        user_id   TEXT    NOT NULL COLLATE BINARY,
-        device_id TEXT    NOT NULL COLLATE BINARY,
-        algorithm TEXT    NOT NULL COLLATE BINARY,
-        head      INTEGER NOT NULL,
-        stored    INTEGER NOT NULL,
-        issued    INTEGER NOT NULL,
-        PRIMARY KEY (user_id, device_id, algorithm)
-    ) WITHOUT ROWID;
-
-    ALTER TABLE store_meta ADD COLUMN next_pos INTEGER NOT NULL DEFAULT 1;
-
-    -- Remembered issued keys (kind 0, in issue order) before the stored ones
-    -- (kind 1, in claim order) of each queue.
-    CREATE TEMP TABLE v1_keys AS
-    SELECT user_id, device_id, algorithm, kind, seq, key_id, digest, key_json,
-           ROW_NUMBER() OVER (
-               ORDER BY user_id, device_id, algorithm, kind, ord, key_id
-           ) AS pos
-    FROM (
-        SELECT user_id, device_id, algorithm, 0 AS kind, n AS ord, 0 AS seq,
-               key_id, digest, '' AS key_json
-        FROM issued_key
-        UNION ALL
-        SELECT user_id, device_id, algorithm, 1, seq, seq, key_id, digest, key_json
-        FROM otk
-    );
-    INSERT INTO one_time_key (user_id, device_id, algorithm, pos, seq, key_id, digest, key_json)
-    SELECT user_id, device_id, algorithm, pos, seq, key_id, digest, key_json FROM v1_keys;
-    INSERT INTO otk_queue (user_id, device_id, algorithm, head, stored, issued)
-    SELECT user_id, device_id, algorithm,
-           coalesce(min(CASE WHEN kind = 1 THEN pos END), max(pos) + 1),
-           sum(kind = 1), sum(kind = 0)
-    FROM v1_keys GROUP BY user_id, device_id, algorithm;
-    UPDATE store_meta SET next_pos = (SELECT coalesce(max(pos), 0) + 1 FROM v1_keys);
-    DROP TABLE v1_keys;
-    DROP TABLE otk;
-    DROP TABLE issued_key;
-    ",
+    Migration::Code(to_v2::migrate),
     // Version 3: the change log read by the other processes (R11.2).
-    "
+    Migration::Sql(
+        "
     CREATE TABLE change_log (
         id      INTEGER PRIMARY KEY AUTOINCREMENT,
         origin  INTEGER NOT NULL,
@@ -168,6 +145,7 @@ const MIGRATIONS: &[&str] = &[
         devices TEXT    NOT NULL
     );
     ",
+    ),
 ];
 
 /// Which job a connection has; decides its flags and pragmas.
@@ -288,8 +266,8 @@ fn migrate_in_transaction(conn: &Connection) -> Result<()> {
         }
     }
     let start = usize::try_from(version).unwrap_or(0);
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(start) {
-        conn.execute_batch(sql).ctx("migrate")?;
+    for (i, step) in MIGRATIONS.iter().enumerate().skip(start) {
+        step.apply(conn)?;
         tracing::info!(to_version = i + 1, "keyclaim-sqlite: migrated schema");
     }
     if version < SCHEMA_VERSION {
@@ -320,6 +298,29 @@ fn set_wal(conn: &Connection, busy_timeout: Duration) -> Result<()> {
     }
 }
 
+/// A file of an older `version`, as that version left it (tests).
+#[cfg(test)]
+fn file_at(path: &Path, version: usize) -> Connection {
+    #![allow(clippy::unwrap_used)]
+    let conn = open_connection(path, &SqliteOptions::default(), Role::Writer).unwrap();
+    for step in &MIGRATIONS[..version] {
+        step.apply(&conn).unwrap();
+    }
+    conn.pragma_update(None, "user_version", i64::try_from(version).unwrap())
+        .unwrap();
+    conn.pragma_update(None, "application_id", APPLICATION_ID)
+        .unwrap();
+    conn
+}
+
+/// The file's schema version (tests).
+#[cfg(test)]
+fn user_version(conn: &Connection) -> i64 {
+    #![allow(clippy::unwrap_used)]
+    conn.pragma_query_value(None, "user_version", |r| r.get(0))
+        .unwrap()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -335,24 +336,6 @@ mod tests {
 
     fn device(d: &str) -> Device {
         Device::parse("@alice:example.org", d).unwrap()
-    }
-
-    /// A file of an older `version`, as that version left it.
-    fn file_at(path: &Path, version: usize) -> Connection {
-        let conn = open_connection(path, &SqliteOptions::default(), Role::Writer).unwrap();
-        for sql in &MIGRATIONS[..version] {
-            conn.execute_batch(sql).unwrap();
-        }
-        conn.pragma_update(None, "user_version", i64::try_from(version).unwrap())
-            .unwrap();
-        conn.pragma_update(None, "application_id", APPLICATION_ID)
-            .unwrap();
-        conn
-    }
-
-    fn user_version(conn: &Connection) -> i64 {
-        conn.pragma_query_value(None, "user_version", |r| r.get(0))
-            .unwrap()
     }
 
     /// Migration 3 adds the change log (R11.2) to a version 2 file and
