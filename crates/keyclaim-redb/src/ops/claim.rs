@@ -7,17 +7,13 @@
 //! transaction, so no key is used up without being delivered (the writer
 //! then runs the batch-mates on their own, and they go on).
 
-use keyclaim::backend::decode;
-use keyclaim::transfer::KeyDigest;
-use keyclaim::{
-    Changes, ClaimOutcome, ClaimTarget, ClaimedKey, Device, Error, FallbackTarget, KeyId, KeyJson,
-};
+use keyclaim::{Changes, ClaimOutcome, ClaimTarget, ClaimedKey, Device, Error, FallbackTarget};
 
 use redb::ReadableTable;
 
-use super::WriteTables;
+use super::{WriteTables, stored_key};
 use crate::error::Fatal;
-use crate::schema::{DeviceAlgKey, Digest};
+use crate::schema::DeviceAlgKey;
 
 /// A claim's answer as it is collected.
 #[derive(Default)]
@@ -33,27 +29,6 @@ impl Taken {
             changes: Changes::from_devices(self.changed),
         }
     }
-}
-
-/// A stored key, decoded (R10.7); `what` and the device name it in the
-/// error.
-fn decode_key(
-    device: &Device,
-    key_id: &str,
-    json: &str,
-    digest: Digest,
-    what: &str,
-) -> Result<(KeyId, KeyJson), Fatal> {
-    let decoded = decode::key_id(key_id).and_then(|id| {
-        let key_json = decode::key_json_with_digest(json, KeyDigest::from_bytes(digest))?;
-        Ok((id, key_json))
-    });
-    decoded.map_err(|e| {
-        Fatal::Other(Error::corrupt_because(
-            format!("{what} {key_id} of {device}"),
-            e,
-        ))
-    })
 }
 
 /// A claim (section 4): per target, the keys at the head of the (device,
@@ -126,7 +101,7 @@ fn take_one_time_keys(
             break;
         }
         next += 1;
-        let (key_id, key_json) = decode_key(device, key_id, json, digest, "one-time key")?;
+        let (key_id, key_json) = stored_key((u, d), "one-time key", key_id, json, digest)?;
         out.keys.push(ClaimedKey {
             device: device.clone(),
             key_id,
@@ -161,7 +136,8 @@ fn take_fallback(
     let Some((key_id, json, used, digest)) = fallback else {
         return Ok(());
     };
-    let (key_id_parsed, key_json) = decode_key(device, &key_id, &json, digest, "fallback key")?;
+    let (key_id_parsed, key_json) =
+        stored_key((key.0, key.1), "fallback key", &key_id, &json, digest)?;
     if mark_used && !used {
         t.fallbacks
             .insert(key, (key_id.as_str(), json.as_str(), true, digest))?;

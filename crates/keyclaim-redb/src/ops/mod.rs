@@ -74,9 +74,28 @@ pub(super) fn parse_key_id(s: &str) -> Result<KeyId, Fatal> {
     decode::key_id(s).map_err(Fatal::Other)
 }
 
-/// Key JSON the store wrote itself ([`decode::key_json_with_digest`]).
-pub(super) fn stored_json(text: &str, digest: Digest) -> Result<KeyJson, Fatal> {
-    decode::key_json_with_digest(text, KeyDigest::from_bytes(digest)).map_err(Fatal::Other)
+/// A stored key: its key ID, and its JSON checked with the digest stored
+/// next to it ([`decode::key_json_with_digest`]). A value that does not
+/// decode is [`Error::Corrupt`] naming the key (`what`, e.g. "one-time
+/// key"), its device and user: the claim that meets it fails before its
+/// commit, the export (and so `check`) reports it (R10.7).
+pub(super) fn stored_key(
+    (user, device): (&str, &str),
+    what: &str,
+    key_id: &str,
+    json: &str,
+    digest: Digest,
+) -> Result<(KeyId, KeyJson), Fatal> {
+    let decoded = decode::key_id(key_id).and_then(|id| {
+        let json = decode::key_json_with_digest(json, KeyDigest::from_bytes(digest))?;
+        Ok((id, json))
+    });
+    decoded.map_err(|e| {
+        Fatal::Other(Error::corrupt_because(
+            format!("{what} {key_id} of {user} {device}"),
+            e,
+        ))
+    })
 }
 
 /// `limits.remembered_issued_keys` as a queue distance: a key issued at

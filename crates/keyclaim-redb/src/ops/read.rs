@@ -8,7 +8,7 @@ use keyclaim::transfer::StoredFallback;
 use keyclaim::{Algorithm, Device, OtkCounts, SyncState};
 use redb::{ReadTransaction, ReadableTable};
 
-use super::{check_queue, parse_alg, parse_key_id, stored_json};
+use super::{check_queue, parse_alg, stored_key};
 use crate::error::Fatal;
 use crate::schema::{DeviceAlgKey, FALLBACKS, FallbackValue, OTK_QUEUE, Queue, succ};
 
@@ -68,11 +68,12 @@ where
     for row in table.range((user, device, "")..(user, hi.as_str(), ""))? {
         let (k, v) = row?;
         let (key_id, json, used, digest) = v.value();
+        let (key_id, key_json) = stored_key((user, device), "fallback key", key_id, json, digest)?;
         out.insert(
             parse_alg(k.value().2)?,
             StoredFallback {
-                key_id: parse_key_id(key_id)?,
-                key_json: stored_json(json, digest)?,
+                key_id,
+                key_json,
                 used,
             },
         );

@@ -8,7 +8,7 @@ use redb::{ReadTransaction, ReadableTable};
 
 use super::delete::delete_device_rows;
 use super::read::fallback_keys;
-use super::{WriteTables, check_queue, parse_alg, parse_key_id, remembered_limit, stored_json};
+use super::{WriteTables, check_queue, parse_alg, parse_key_id, remembered_limit, stored_key};
 use crate::error::Fatal;
 use crate::schema::{DeviceAlgKey, Digest, FALLBACKS, OTK_KEYS, OTK_QUEUE, Queue, succ};
 use keyclaim::backend::decode;
@@ -121,9 +121,10 @@ fn snapshot(txn: &ReadTransaction, device: Device, keep: u64) -> Result<DeviceSn
             )))
         })?;
         if pos >= head {
+            let (key_id, key_json) = stored_key((u, d), "one-time key", key_id, json, digest)?;
             snap.one_time_keys.push(StoredOtk {
-                key_id: parse_key_id(key_id)?,
-                key_json: stored_json(json, digest)?,
+                key_id,
+                key_json,
                 seq,
             });
         } else if pos >= first {
