@@ -132,19 +132,22 @@ fn op() -> impl Strategy<Value = Op> {
             ),
         )
             .prop_map(|(u, d, ids)| Op::Reset(u, d, ids)),
-        2 => (
-            0..KNOWN,
-            prop::option::of(dev.clone()),
-            0..KNOWN,
-            keys(),
-        )
-            .prop_map(|(user, previous, device, (otks, fallbacks))| Op::Replace {
+        2 => (0..KNOWN, 0..4u8, 0..KNOWN, keys()).prop_map(
+            |(user, pick, device, (otks, fallbacks))| Op::Replace {
                 user,
-                previous,
+                // None, the new device itself, the user's other device, or
+                // one never used, alike often.
+                previous: match pick {
+                    0 => None,
+                    1 => Some(device),
+                    2 => Some(KNOWN - 1 - device),
+                    _ => Some(DEVICES.len() - 1),
+                },
                 device,
                 otks,
                 fallbacks,
-            }),
+            }
+        ),
         1 => (user.clone(), dev.clone()).prop_map(|(u, d)| Op::Read(u, d)),
         1 => (user.clone(), dev.clone()).prop_map(|(u, d)| Op::FallbackKeys(u, d)),
         1 => prop::collection::vec((user, dev), 0..9).prop_map(Op::CountsMany),
