@@ -12,6 +12,8 @@
 
 use std::collections::BTreeMap;
 
+use serde_json::{Value, json};
+
 use keyclaim::transfer::{DeviceSnapshot, IssuedKey, KeyDigest, StoredOtk};
 use keyclaim::{
     Algorithm, Changes, ClaimOutcome, ClaimTarget, ClaimedKey, Device, DeviceId, Error,
@@ -298,6 +300,53 @@ impl Model {
         })
     }
 
+    /// Applies a claim with options as the wire facade serves it (R12.4):
+    /// the store's one-time keys, then the provider's for the misses (when
+    /// there is a provider: `provided` gives its key for a miss, if any),
+    /// then fallback keys: for the targets that got a key from neither step,
+    /// marked used; with `always_include`, for every target, marked used
+    /// only where it got no one-time key. Without provider and flag, the
+    /// one-step claim. Answers the keys in the order the answer is built
+    /// from (see [`claim_answer`]): fallback keys, the store's one-time keys,
+    /// the provider's.
+    pub fn claim_with(
+        &mut self,
+        targets: &[ClaimTarget],
+        always_include: bool,
+        provided: Option<&dyn Fn(&ClaimTarget) -> Option<ClaimedKey>>,
+    ) -> Result<Vec<ClaimedKey>, Error> {
+        if !always_include && provided.is_none() {
+            return Ok(self.claim(targets)?.keys);
+        }
+        let local = self.claim_one_time_keys(targets)?;
+        let from_provider: Vec<ClaimedKey> = match provided {
+            Some(provided) => local.misses.iter().filter_map(provided).collect(),
+            None => Vec::new(),
+        };
+        let got_one = |t: &ClaimTarget| {
+            local
+                .keys
+                .iter()
+                .chain(&from_provider)
+                .any(|k| k.device == t.device && k.key_id.algorithm() == t.algorithm)
+        };
+        let fallback_targets: Vec<FallbackTarget> = targets
+            .iter()
+            .filter(|t| always_include || !got_one(t))
+            .map(|t| FallbackTarget {
+                device: t.device.clone(),
+                algorithm: t.algorithm.clone(),
+                mark_used: !got_one(t),
+            })
+            .collect();
+        let fallback = self.claim_fallback_keys(&fallback_targets)?.keys;
+        Ok(fallback
+            .into_iter()
+            .chain(local.keys)
+            .chain(from_provider)
+            .collect())
+    }
+
     /// Applies a key reset (R13.1): the stored OTKs in scope go, nothing
     /// else; the counts after it.
     pub fn reset_one_time_keys(&mut self, device: &Device, scope: &ResetScope) -> UploadOutcome {
@@ -422,6 +471,35 @@ impl Model {
         Changes::from_devices(gone)
     }
 
+    /// Replaces a device's whole state with a snapshot, as
+    /// [`KeyStore::import_device`](keyclaim::KeyStore::import_device) does:
+    /// later uploads sort after every imported key.
+    pub fn import_device(&mut self, snapshot: &DeviceSnapshot) {
+        let state = ModelDevice {
+            otks: snapshot
+                .one_time_keys
+                .iter()
+                .map(|k| (k.seq, k.key_id.clone(), k.key_json.clone()))
+                .collect(),
+            fallbacks: snapshot
+                .fallback_keys
+                .iter()
+                .map(|(alg, f)| (alg.clone(), (f.key_id.clone(), f.key_json.clone(), f.used)))
+                .collect(),
+            issued: snapshot
+                .issued
+                .iter()
+                .map(|(alg, keys)| {
+                    let keys = keys.iter().map(|k| (k.key_id.clone(), k.digest)).collect();
+                    (alg.clone(), keys)
+                })
+                .collect(),
+        };
+        let last = state.otks.iter().map(|(seq, _, _)| *seq).max().unwrap_or(0);
+        self.seq = self.seq.max(last);
+        self.put(&snapshot.device, state);
+    }
+
     /// The whole state: every device that holds anything, in device order,
     /// normalized as [`DeviceSnapshot::normalized`] does (sequence numbers
     /// replaced by their rank), so that it compares equal to a store's
@@ -459,6 +537,20 @@ impl Model {
             })
             .collect()
     }
+}
+
+/// The wire answer of a claim for keys in answer order: `{"one_time_keys":
+/// {user: {device: {key_id: key_json}}}, "failures": {}}`, a later key under
+/// the same key ID of a device replacing an earlier one (so that a one-time
+/// key wins over a fallback key of the same ID, R12.4).
+pub fn claim_answer(keys: &[ClaimedKey]) -> Value {
+    let mut users = json!({});
+    for key in keys {
+        // Indexing `null` by a string makes it an object.
+        users[key.device.user_id.as_str()][key.device.device_id.as_str()][key.key_id.as_str()] =
+            key.key_json.to_value();
+    }
+    json!({ "one_time_keys": users, "failures": {} })
 }
 
 fn counts_of(state: &ModelDevice) -> OtkCounts {

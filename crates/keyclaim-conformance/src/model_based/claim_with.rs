@@ -4,12 +4,12 @@
 
 use std::collections::BTreeMap;
 
-use keyclaim::{BoxError, ClaimTarget, ClaimedKey, Device, Error, FallbackTarget, OtkProvider};
+use keyclaim::{BoxError, ClaimTarget, ClaimedKey, Device, Error, OtkProvider};
 use serde_json::{Map, Value, json};
 
 use super::ops::{algorithm, device};
 use crate::fixtures::*;
-use crate::model::Model;
+use crate::model::{Model, claim_answer};
 
 /// The targets of a `ClaimWith` operation, one per device (a later entry for
 /// the same device replaces an earlier one, as in a JSON object).
@@ -70,69 +70,15 @@ impl OtkProvider for Provider {
     }
 }
 
-/// Applies a claim with options to the model, as R12.4 says: the store's
-/// one-time keys, then the provider's for the misses, then fallback keys
-/// (for the targets that got no key from either step, marked used; with
-/// `always_include`, for every target, marked used only where it got no
-/// one-time key). Answers the wire answer.
+/// Applies a claim with options to the model (R12.4), the test provider
+/// asked when there is one; the wire answer.
 pub(super) fn apply(
     model: &mut Model,
     targets: &[ClaimTarget],
     always_include: bool,
     provider: bool,
 ) -> Result<Value, Error> {
-    if !always_include && !provider {
-        return Ok(answer(&model.claim(targets)?.keys));
-    }
-    let local = model.claim_one_time_keys(targets)?;
-    let provided: Vec<ClaimedKey> = if provider {
-        local.misses.iter().filter_map(provided_key).collect()
-    } else {
-        Vec::new()
-    };
-    let got_one = |t: &ClaimTarget| {
-        local
-            .keys
-            .iter()
-            .chain(&provided)
-            .any(|k| k.device == t.device && k.key_id.algorithm() == t.algorithm)
-    };
-    let fallback_targets: Vec<FallbackTarget> = targets
-        .iter()
-        .filter(|t| always_include || !got_one(t))
-        .map(|t| FallbackTarget {
-            device: t.device.clone(),
-            algorithm: t.algorithm.clone(),
-            mark_used: !got_one(t),
-        })
-        .collect();
-    let fallback = if fallback_targets.is_empty() {
-        Vec::new()
-    } else {
-        model.claim_fallback_keys(&fallback_targets)?.keys
-    };
-    // A one-time key and a fallback key under the same key ID of a device:
-    // the one-time key is answered.
-    let keys: Vec<ClaimedKey> = fallback
-        .into_iter()
-        .chain(local.keys)
-        .chain(provided)
-        .collect();
-    Ok(answer(&keys))
-}
-
-/// The wire answer for keys: `{"one_time_keys": {user: {device: {key_id:
-/// key_json}}}, "failures": {}}`, a later key under the same key ID of a
-/// device replacing an earlier one.
-fn answer(keys: &[ClaimedKey]) -> Value {
-    // Indexing `null` by a string makes it an object.
-    let mut users = Value::Null;
-    for key in keys {
-        users[key.device.user_id.as_str()][key.device.device_id.as_str()][key.key_id.as_str()] =
-            key.key_json.to_value();
-    }
-    if users.is_null() {
-        users = json!({});
-    }
-    json!({ "one_time_keys": users, "failures": {} })
+    let provided: &dyn Fn(&ClaimTarget) -> Option<ClaimedKey> = &provided_key;
+    let keys = model.claim_with(targets, always_include, provider.then_some(provided))?;
+    Ok(claim_answer(&keys))
 }
