@@ -5,6 +5,9 @@
 //! - [`wire`]: the logic of the `wire_upload` and `wire_claim` fuzz targets
 //!   (arbitrary bytes into [`keyclaim::KeysApi`] over a pre-populated memory
 //!   store, with oracles for both the success and the error paths);
+//! - [`wire_more`]: the logic of the `wire_claim_with`, `wire_reset`,
+//!   `wire_replace_dehydrated` and `wire_counts_many` fuzz targets (the same
+//!   store, with the reference model as the oracle on success);
 //! - [`differential`]: the logic of the `differential` fuzz target (one
 //!   operation sequence against every backend and the reference model);
 //! - [`bounds`]: hostile requests that contract section 8's limits refuse, with
@@ -27,6 +30,7 @@ pub mod faults;
 pub mod soak;
 mod util;
 pub mod wire;
+pub mod wire_more;
 pub mod workload;
 
 pub use util::{Violation, block_on, chain, snapshot_all};

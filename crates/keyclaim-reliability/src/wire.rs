@@ -51,19 +51,19 @@ const CLIENT_ERRORS: [(u16, &str); 4] = [
 /// device names are at most a few hundred bytes each).
 const MAX_MESSAGE_BYTES: usize = 2048;
 
-fn device(user: &str, device: &str) -> Result<Device, Violation> {
+pub(crate) fn device(user: &str, device: &str) -> Result<Device, Violation> {
     Ok(Device::parse(user, device)?)
 }
 
-fn key(json: Value) -> Result<KeyJson, Violation> {
+pub(crate) fn key(json: Value) -> Result<KeyJson, Violation> {
     Ok(KeyJson::from_value(&json)?)
 }
 
-fn kid(id: &str) -> Result<KeyId, Violation> {
+pub(crate) fn kid(id: &str) -> Result<KeyId, Violation> {
     Ok(KeyId::parse(id)?)
 }
 
-fn signed(material: &str) -> Value {
+pub(crate) fn signed(material: &str) -> Value {
     json!({"key": material, "signatures": {"@alice:example.org": {"ed25519:ALICEDEV": "sig"}}})
 }
 
@@ -137,7 +137,7 @@ pub async fn populated_store() -> Result<Arc<MemoryStore>, Violation> {
     Ok(store)
 }
 
-fn check_error(
+pub(crate) fn check_error(
     err: &ApiError,
     before: &[DeviceSnapshot],
     after: &[DeviceSnapshot],
@@ -160,7 +160,7 @@ fn check_error(
     Ok(())
 }
 
-async fn check_sound(store: &MemoryStore) -> Result<(), Violation> {
+pub(crate) async fn check_sound(store: &MemoryStore) -> Result<(), Violation> {
     let report = check_store(store, 64).await?;
     ensure!(
         report.problems.is_empty(),
