@@ -419,38 +419,54 @@ fn check_claim_answer(
         "the claim changed more than the keys it handed out"
     );
     // No under-issue: every wire target that had something got something.
-    let request: Value = serde_json::from_slice(body)
-        .map_err(|e| Violation(format!("claim succeeded on a body serde_json rejects: {e}")))?;
-    if let Some(Value::Object(users)) = request.get("one_time_keys") {
-        for (user, devices) in users {
-            let Value::Object(devices) = devices else {
+    for target in claim_targets(body)? {
+        let (dev, alg) = (&target.device, &target.algorithm);
+        let had = find(before, dev).is_some_and(|s| {
+            s.fallback_keys.contains_key(alg)
+                || s.one_time_keys.iter().any(|o| &o.key_id.algorithm() == alg)
+        });
+        let got = handed
+            .get(dev)
+            .is_some_and(|(id, _)| &id.algorithm() == alg);
+        ensure!(
+            had == got,
+            "target {dev} {alg}: had a key to hand out: {had}, got one: {got}"
+        );
+    }
+    Ok(())
+}
+
+/// The targets of a claim body the facade accepted: one key per (user,
+/// device); an algorithm string that is no valid algorithm matches nothing.
+pub(crate) fn claim_targets(body: &[u8]) -> Result<Vec<ClaimTarget>, Violation> {
+    let map = match serde_json::from_slice(body) {
+        Ok(Value::Object(map)) => map,
+        _ => {
+            return Err(Violation::new(
+                "claim succeeded on a body that is no JSON object",
+            ));
+        }
+    };
+    let mut targets = Vec::new();
+    let Some(Value::Object(users)) = map.get("one_time_keys") else {
+        return Ok(targets);
+    };
+    for (user, devices) in users {
+        let Value::Object(devices) = devices else {
+            return Err(Violation::new(
+                "claim succeeded with a non-object device map",
+            ));
+        };
+        for (device, algorithm) in devices {
+            let Value::String(algorithm) = algorithm else {
                 return Err(Violation::new(
-                    "claim succeeded with a non-object device map",
+                    "claim succeeded with a non-string algorithm",
                 ));
             };
-            for (dev_id, alg) in devices {
-                let Value::String(alg) = alg else {
-                    return Err(Violation::new(
-                        "claim succeeded with a non-string algorithm",
-                    ));
-                };
-                let Ok(alg) = Algorithm::parse(alg.as_str()) else {
-                    continue;
-                };
-                let dev = device(user, dev_id)?;
-                let had = find(before, &dev).is_some_and(|s| {
-                    s.fallback_keys.contains_key(&alg)
-                        || s.one_time_keys.iter().any(|o| o.key_id.algorithm() == alg)
-                });
-                let got = handed
-                    .get(&dev)
-                    .is_some_and(|(id, _)| id.algorithm() == alg);
-                ensure!(
-                    had == got,
-                    "target {dev} {alg}: had a key to hand out: {had}, got one: {got}"
-                );
+            if let Ok(algorithm) = Algorithm::parse(algorithm.as_str()) {
+                targets.push(ClaimTarget::one(Device::parse(user, device)?, algorithm));
             }
         }
     }
-    Ok(())
+    Ok(targets)
 }

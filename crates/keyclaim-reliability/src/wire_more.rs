@@ -31,7 +31,9 @@ use keyclaim_memory::MemoryStore;
 use serde_json::{Map, Value, json};
 
 use crate::util::{Violation, block_on, ensure, snapshot_all};
-use crate::wire::{UPLOAD_DEVICE, UPLOAD_USER, check_error, check_sound, kid, populated_store};
+use crate::wire::{
+    UPLOAD_DEVICE, UPLOAD_USER, check_error, check_sound, claim_targets, kid, populated_store,
+};
 
 /// The device a dehydrated device replacement uploads to, unless the
 /// selector byte says [`UPLOAD_DEVICE`].
@@ -177,34 +179,6 @@ pub fn check_claim_with(data: &[u8]) -> Result<(), Violation> {
             agree("claim_with", answer, &claim_answer(&keys), &model, after)
         },
     ))?
-}
-
-/// The targets of a claim body the facade accepted: one key per (user,
-/// device); an algorithm string that is no valid algorithm matches nothing.
-fn claim_targets(body: &[u8]) -> Result<Vec<ClaimTarget>, Violation> {
-    let map = object_of(body, "claim")?;
-    let mut targets = Vec::new();
-    let Some(Value::Object(users)) = map.get("one_time_keys") else {
-        return Ok(targets);
-    };
-    for (user, devices) in users {
-        let Value::Object(devices) = devices else {
-            return Err(Violation::new(
-                "claim succeeded with a non-object device map",
-            ));
-        };
-        for (device, algorithm) in devices {
-            let Value::String(algorithm) = algorithm else {
-                return Err(Violation::new(
-                    "claim succeeded with a non-string algorithm",
-                ));
-            };
-            if let Ok(algorithm) = Algorithm::parse(algorithm.as_str()) {
-                targets.push(ClaimTarget::one(Device::parse(user, device)?, algorithm));
-            }
-        }
-    }
-    Ok(targets)
 }
 
 /// Checks one `wire_reset` input: the bytes as a `POST /keys/reset` body for
