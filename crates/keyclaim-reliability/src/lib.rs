@@ -12,6 +12,9 @@
 //!   operation sequence against every backend and the reference model);
 //! - [`bounds`]: hostile requests that contract section 8's limits refuse, with
 //!   their peak memory measured (the `bounds` binary);
+//! - [`hostile`]: hostile bodies for the claims with options, key resets,
+//!   dehydrated device replacements and bulk counts, each with the answer it
+//!   must get (checked by this crate's tests, measured by `bounds`);
 //! - [`faults`]: persistent backends over storage that fails (a full disk);
 //! - [`soak`]: a long mixed workload with SIGKILLs and invariant checks
 //!   (the `soak` binary);
@@ -27,6 +30,7 @@ pub mod bounds;
 pub mod corpus;
 pub mod differential;
 pub mod faults;
+pub mod hostile;
 pub mod soak;
 mod util;
 pub mod wire;
