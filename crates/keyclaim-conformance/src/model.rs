@@ -37,6 +37,10 @@ impl ModelDevice {
     }
 }
 
+/// An application service's one-time key for a target the store had none
+/// for, if it has one (R12.4).
+pub type Provided<'a> = &'a dyn Fn(&ClaimTarget) -> Option<ClaimedKey>;
+
 /// The reference model of one store.
 #[derive(Clone, Debug)]
 pub struct Model {
@@ -313,7 +317,7 @@ impl Model {
         &mut self,
         targets: &[ClaimTarget],
         always_include: bool,
-        provided: Option<&dyn Fn(&ClaimTarget) -> Option<ClaimedKey>>,
+        provided: Option<Provided<'_>>,
     ) -> Result<Vec<ClaimedKey>, Error> {
         if !always_include && provided.is_none() {
             return Ok(self.claim(targets)?.keys);

@@ -26,7 +26,7 @@ use keyclaim::{
     Algorithm, ApiError, BoxError, ClaimOptions, ClaimTarget, ClaimedKey, Device, DeviceId,
     KeyJson, KeyStore, KeysApi, OtkProvider, ResetScope, Upload, UserId,
 };
-use keyclaim_conformance::model::{Model, claim_answer};
+use keyclaim_conformance::model::{Model, Provided, claim_answer};
 use keyclaim_memory::MemoryStore;
 use serde_json::{Map, Value, json};
 
@@ -162,7 +162,7 @@ pub fn check_claim_with(data: &[u8]) -> Result<(), Violation> {
         },
         |answer, mut model, after| {
             let targets = claim_targets(body)?;
-            let provided: &dyn Fn(&ClaimTarget) -> Option<ClaimedKey> = if choice & 4 != 0 {
+            let provided: Provided<'_> = if choice & 4 != 0 {
                 &|_| None
             } else {
                 &provided_key

@@ -9,7 +9,7 @@ use serde_json::{Map, Value, json};
 
 use super::ops::{algorithm, device};
 use crate::fixtures::*;
-use crate::model::{Model, claim_answer};
+use crate::model::{Model, Provided, claim_answer};
 
 /// The targets of a `ClaimWith` operation, one per device (a later entry for
 /// the same device replaces an earlier one, as in a JSON object).
@@ -78,7 +78,7 @@ pub(super) fn apply(
     always_include: bool,
     provider: bool,
 ) -> Result<Value, Error> {
-    let provided: &dyn Fn(&ClaimTarget) -> Option<ClaimedKey> = &provided_key;
+    let provided: Provided<'_> = &provided_key;
     let keys = model.claim_with(targets, always_include, provider.then_some(provided))?;
     Ok(claim_answer(&keys))
 }
