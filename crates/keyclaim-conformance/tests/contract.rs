@@ -23,7 +23,6 @@ const NO_CASE_YET: &[(&str, &str)] = &[
     ("R10.8", "needs a failing disk: keyclaim-reliability's storage_faults and redb's faults tests"),
     ("R10.9", "backend-specific: PostgreSQL's tests/postgres.rs runs migrations from several workers"),
     ("R11.2", "needs several processes: PostgreSQL's tests/postgres.rs; not implemented for SQLite yet"),
-    ("R17.1", "not implemented yet: import from the reference homeserver's database"),
 ];
 
 /// A rule number, `R<section>.<n>`.

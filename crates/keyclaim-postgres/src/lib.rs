@@ -6,6 +6,7 @@ mod ops;
 mod options;
 mod schema;
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::hash::{BuildHasher, Hasher};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -14,7 +15,8 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use keyclaim::backend::{Backend, StoreCore, async_trait};
 use keyclaim::transfer::DeviceSnapshot;
 use keyclaim::{
-    Changes, ClaimOutcome, ClaimTarget, Device, Result, SyncState, Upload, UploadOutcome, UserId,
+    Algorithm, Changes, ClaimOutcome, ClaimTarget, Device, DeviceId, FallbackTarget, ResetScope,
+    Result, StoredFallback, SyncState, Upload, UploadOutcome, UserId,
 };
 use tokio_postgres::NoTls;
 
@@ -254,9 +256,58 @@ impl Backend for PostgresStore {
 
     async fn claim(&self, targets: &[ClaimTarget]) -> Result<ClaimOutcome> {
         let mut client = self.client("claim").await?;
-        let outcome = ops::claim(&mut client, &self.sql, self.core.limits(), targets).await?;
+        let outcome = ops::claim(&mut client, &self.sql, self.core.limits(), targets, true).await?;
         self.changed(&outcome.changes);
         Ok(outcome)
+    }
+
+    async fn claim_one_time_keys(&self, targets: &[ClaimTarget]) -> Result<ClaimOutcome> {
+        let mut client = self.client("claim_one_time_keys").await?;
+        let outcome =
+            ops::claim(&mut client, &self.sql, self.core.limits(), targets, false).await?;
+        self.changed(&outcome.changes);
+        Ok(outcome)
+    }
+
+    async fn claim_fallback_keys(&self, targets: &[FallbackTarget]) -> Result<ClaimOutcome> {
+        let client = self.client("claim_fallback_keys").await?;
+        let outcome = ops::claim_fallback_keys(&client, &self.sql, targets).await?;
+        self.changed(&outcome.changes);
+        Ok(outcome)
+    }
+
+    async fn reset_one_time_keys(
+        &self,
+        device: &Device,
+        scope: &ResetScope,
+    ) -> Result<UploadOutcome> {
+        let mut client = self.client("reset_one_time_keys").await?;
+        let outcome = ops::reset_one_time_keys(&mut client, &self.sql, device, scope).await?;
+        self.changed(&outcome.changes);
+        Ok(outcome)
+    }
+
+    async fn replace_device(
+        &self,
+        previous: Option<&DeviceId>,
+        upload: &Upload,
+    ) -> Result<UploadOutcome> {
+        let mut client = self.client("replace_device").await?;
+        let outcome =
+            ops::replace_device(&mut client, &self.sql, self.core.limits(), previous, upload)
+                .await?;
+        self.changed(&outcome.changes);
+        Ok(outcome)
+    }
+
+    async fn fallback_keys(&self, device: &Device) -> Result<BTreeMap<Algorithm, StoredFallback>> {
+        let client = self.client("fallback_keys").await?;
+        ops::fallback_keys(&client, device).await
+    }
+
+    async fn counts_many(&self, devices: &[Device]) -> Result<Vec<SyncState>> {
+        let client = self.client("counts_many").await?;
+        ops::counts_many(&client, devices).await
     }
 
     async fn sync_state(&self, device: &Device) -> Result<SyncState> {

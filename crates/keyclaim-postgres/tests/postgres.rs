@@ -7,8 +7,10 @@
 
 use std::time::Duration;
 
-use keyclaim::{Changes, ClaimTarget, Error, KeyStore, broadcast};
-use keyclaim_conformance::fixtures::{alg, dev, numbered_otks, otks, put};
+use keyclaim::{
+    Changes, ClaimTarget, Device, Error, FallbackTarget, KeyStore, ResetScope, broadcast,
+};
+use keyclaim_conformance::fixtures::{alg, dev, numbered_otks, otks, put, upload_of};
 use keyclaim_postgres::{PostgresOptions, PostgresStore, SCHEMA_VERSION};
 use keyclaim_testing::postgres::{unique_schema, with_server};
 
@@ -23,6 +25,29 @@ async fn next_event(rx: &mut broadcast::Receiver<Changes>) -> Changes {
         .await
         .expect("an event within 10 s")
         .expect("channel open")
+}
+
+/// Reads events until every one of `devices` was in one (each event within
+/// 10 s, at most 1,000 events).
+async fn events_until(rx: &mut broadcast::Receiver<Changes>, devices: &[&Device]) {
+    let mut missing: Vec<&Device> = devices.to_vec();
+    for _ in 0..1000 {
+        let event = next_event(rx).await;
+        missing.retain(|d| !event.contains(d));
+        if missing.is_empty() {
+            return;
+        }
+    }
+    panic!("no event of {missing:?}");
+}
+
+/// Uploads to a marker device (named `marker`, used once) through `by`, and
+/// reads `rx` until its event: `rx` has then consumed every earlier event
+/// of `by` and every local one.
+async fn sync(rx: &mut broadcast::Receiver<Changes>, by: &PostgresStore, marker: &str) {
+    let device = dev("@marker:x", marker);
+    put(by, &device, otks(SC, &["K"]), vec![]).await;
+    events_until(rx, &[&device]).await;
 }
 
 /// The test harness's schema names fit this crate's limit.
@@ -212,6 +237,35 @@ fn changes_reach_other_workers_with(transactional: bool) {
             "deletion seen by the first worker"
         );
 
+        // The fallback step of a split claim, a key reset and a device
+        // replacement reach the other worker too. Before each, `sync` reads
+        // a subscriber up to a fresh marker device's upload by the worker it
+        // hears from, so that older events about `b` cannot answer for it.
+        let b = dev("@b:x", "B");
+        put(&one, &b, otks(SC, &["K1", "K2"]), otks(SC, &["F"])).await;
+        sync(&mut own, &two, "M1").await;
+        let target = FallbackTarget {
+            device: b.clone(),
+            algorithm: alg(SC),
+            mark_used: true,
+        };
+        two.claim_fallback_keys(&[target])
+            .await
+            .expect("fallback claim");
+        events_until(&mut own, &[&b]).await;
+        sync(&mut other, &one, "M2").await;
+        one.reset_one_time_keys(&b, &ResetScope::All)
+            .await
+            .expect("reset");
+        events_until(&mut other, &[&b]).await;
+        sync(&mut own, &two, "M3").await;
+        let c = dev("@b:x", "C");
+        let upload = upload_of(&c, otks(SC, &["N"]), vec![]);
+        two.replace_device(Some(&b.device_id), &upload)
+            .await
+            .expect("replace");
+        events_until(&mut own, &[&b, &c]).await;
+
         // A claim changing many devices arrives complete, in several events.
         let devices: Vec<_> = (0..600)
             .map(|i| dev(&format!("@user-with-a-long-name-{i}:example.org"), "D"))
@@ -219,8 +273,12 @@ fn changes_reach_other_workers_with(transactional: bool) {
         for d in &devices {
             put(&one, d, otks(SC, &["K"]), vec![]).await;
         }
-        while let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(500), other.recv()).await {
-        }
+        // Drain the uploads' events: one per upload with transactional
+        // notifications, more than a subscriber may fall behind (R11.3), so
+        // a lag is expected here; wait for quiet.
+        while let Ok(Ok(_) | Err(broadcast::error::RecvError::Lagged(_))) =
+            tokio::time::timeout(Duration::from_millis(500), other.recv()).await
+        {}
         let targets: Vec<_> = devices
             .iter()
             .map(|d| ClaimTarget::one(d.clone(), alg(SC)))

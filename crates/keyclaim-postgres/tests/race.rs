@@ -1,15 +1,19 @@
-//! Many connections in two pools (two workers) claim one hot device at
-//! once: no key is handed out twice and nobody comes away short while keys
-//! remain (R4.2, R4.3 across connections).
+//! Races across connections in two pools (two workers): many claimers on
+//! one hot device (no key handed out twice, nobody short while keys remain:
+//! R4.2, R4.3); a device replacement racing the claims of the previous
+//! device (R14.1 with R4.2); fallback claims racing the upload that
+//! replaces the fallback key (R12.2: the key answered is the key marked).
 
 // Tests report failures by panicking.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
-use keyclaim::{ClaimTarget, ClaimedKey, Device, KeyStore, Limits};
-use keyclaim_conformance::fixtures::{alg, dev, numbered_otks, otks, put};
+use keyclaim::{ClaimTarget, ClaimedKey, Device, FallbackTarget, KeyStore, Limits};
+use keyclaim_conformance::fixtures::{alg, dev, numbered_otks, otks, put, upload_of};
 use keyclaim_postgres::{PostgresOptions, PostgresStore};
 use keyclaim_testing::postgres::{unique_schema, with_server};
 use tokio::sync::Barrier;
@@ -176,6 +180,238 @@ fn hot_device_claims_with_counts_and_other_targets() {
             let stored = fill(&one, &hot, 0, total).await;
             let answers = claim_storm((&one, &two), plan).await;
             check_exact(&hot, &stored, &answers);
+        },
+    );
+}
+
+/// Claims of one device by `claimers` tasks, single-key claims (one-step
+/// and, on odd claimers, OTK-only) until a claim answers nothing of the
+/// device's OTKs once `stop` is set; counts the OTKs handed out in `issued`.
+fn spawn_claimers(
+    workers: (&Arc<PostgresStore>, &Arc<PostgresStore>),
+    device: &Device,
+    claimers: usize,
+    issued: &Arc<AtomicUsize>,
+    stop: &Arc<AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<Vec<ClaimedKey>>> {
+    (0..claimers)
+        .map(|i| {
+            let store = if i % 2 == 0 {
+                workers.0.clone()
+            } else {
+                workers.1.clone()
+            };
+            let (device, issued, stop) = (device.clone(), issued.clone(), stop.clone());
+            tokio::spawn(async move {
+                let target = [ClaimTarget::one(device, alg(SC))];
+                let mut got = Vec::new();
+                loop {
+                    // Read before claiming: a claim that starts after the
+                    // replacement committed finds no OTK of the device.
+                    let stopping = stop.load(Ordering::SeqCst);
+                    let keys = if i % 4 == 1 {
+                        store
+                            .claim_one_time_keys(&target)
+                            .await
+                            .expect("claim")
+                            .keys
+                    } else {
+                        store.claim(&target).await.expect("claim").keys
+                    };
+                    let otks = keys.iter().filter(|k| !k.fallback).count();
+                    issued.fetch_add(otks, Ordering::SeqCst);
+                    got.extend(keys);
+                    if otks == 0 && stopping {
+                        return got;
+                    }
+                }
+            })
+        })
+        .collect()
+}
+
+/// Replaces a device (by another device of the user, or by itself) while
+/// 32 claimers claim its keys: no OTK is handed out twice, every key a
+/// claim answered is one the previous device held (or, replacing a device
+/// by itself, one of the upload), and nothing of the previous device is
+/// left afterwards (its OTKs, fallback key and remembered issued keys).
+async fn replace_racing_claims(url: String, same_device: bool) {
+    let (one, two) = two_workers(&url).await;
+    for round in 0..3 {
+        let user = format!("@dehydrated{round}:example.org");
+        let old = dev(&user, "OLD");
+        let new = if same_device {
+            old.clone()
+        } else {
+            dev(&user, "NEW")
+        };
+        let n = 3000;
+        let mut held = fill(&one, &old, round, n).await;
+        held.insert(format!("{SC}:FB"));
+        let new_otks = numbered_otks(SC, &format!("NEW{round}-"), 50);
+        let new_ids: BTreeSet<String> = new_otks.iter().map(|(id, _)| id.to_string()).collect();
+        let upload = upload_of(&new, new_otks, otks(SC, &[&format!("NEWFB{round}")]));
+
+        let issued = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let claimers = spawn_claimers((&one, &two), &old, 32, &issued, &stop);
+        // Replace once the claims are under way (a condition, with a deadline).
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while issued.load(Ordering::SeqCst) < 300 {
+            assert!(Instant::now() < deadline, "claims did not get going");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let outcome = two
+            .replace_device(Some(&old.device_id), &upload)
+            .await
+            .expect("replace");
+        assert_eq!(outcome.counts.get_str(SC), 50);
+        stop.store(true, Ordering::SeqCst);
+
+        let mut seen = BTreeSet::new();
+        let mut claimed_new = BTreeSet::new();
+        for task in claimers {
+            for key in task.await.expect("claimer") {
+                let id = key.key_id.to_string();
+                assert_eq!(key.device, old);
+                if new_ids.contains(&id) || id == format!("{SC}:NEWFB{round}") {
+                    assert!(same_device, "{id}: a key of the new device");
+                    if !key.fallback {
+                        claimed_new.insert(id.clone());
+                    }
+                } else {
+                    assert!(held.contains(&id), "{id} was never the device's");
+                }
+                if !key.fallback {
+                    assert!(seen.insert(id.clone()), "{id} handed out twice");
+                }
+            }
+        }
+        let claimed_old = seen.len() - claimed_new.len();
+        assert!(
+            claimed_old >= 300 && claimed_old < n,
+            "the replacement cut into the claims ({claimed_old} of {n} claimed)"
+        );
+
+        // Nothing of the previous device is left; the new one holds the
+        // upload (less what claims took of it when it is the same device).
+        let snapshots = one.export_devices(None, 10).await.expect("export");
+        let users: Vec<_> = snapshots
+            .iter()
+            .filter(|s| s.device.user_id == old.user_id)
+            .collect();
+        if !same_device {
+            assert!(
+                users.iter().all(|s| s.device != old),
+                "the previous device is gone"
+            );
+        }
+        let snapshot = users
+            .iter()
+            .find(|s| s.device == new)
+            .expect("the new device");
+        let stored: BTreeSet<String> = snapshot
+            .one_time_keys
+            .iter()
+            .map(|k| k.key_id.to_string())
+            .collect();
+        let expected: BTreeSet<String> = new_ids.difference(&claimed_new).cloned().collect();
+        assert_eq!(stored, expected, "the new device holds the upload");
+        let fallback = &snapshot.fallback_keys[&alg(SC)];
+        assert_eq!(fallback.key_id.to_string(), format!("{SC}:NEWFB{round}"));
+        for key in snapshot.issued.values().flatten() {
+            assert!(
+                claimed_new.contains(&key.key_id.to_string()),
+                "{}: remembered issued key of the previous device",
+                key.key_id
+            );
+        }
+        for key in &seen {
+            assert!(!stored.contains(key), "{key} claimed but still stored");
+        }
+    }
+}
+
+#[test]
+fn replace_device_racing_claims_of_the_previous_device() {
+    with_server(
+        "race::replace_device_racing_claims_of_the_previous_device",
+        |url| replace_racing_claims(url, false),
+    );
+}
+
+#[test]
+fn replace_device_by_itself_racing_its_claims() {
+    with_server("race::replace_device_by_itself_racing_its_claims", |url| {
+        replace_racing_claims(url, true)
+    });
+}
+
+/// Fallback claims that mark the key used (split and one-step claims of a
+/// device without OTKs) race the upload replacing the key, on many
+/// devices: the new key ends up used exactly when a claim answered it
+/// (R12.2, R4.4, R5.1), and every claim answers the old or the new key.
+#[test]
+fn fallback_claims_racing_a_fallback_replacement() {
+    with_server(
+        "race::fallback_claims_racing_a_fallback_replacement",
+        |url| async move {
+            let (one, two) = two_workers(&url).await;
+            let mut answered_new_somewhere = false;
+            for run in 0..40 {
+                let device = dev(&format!("@fb{run}:example.org"), "D");
+                put(&one, &device, vec![], otks(SC, &["OLDFB"])).await;
+                let barrier = Arc::new(Barrier::new(5));
+                let upload = {
+                    let (store, barrier) = (one.clone(), barrier.clone());
+                    let upload = upload_of(&device, vec![], otks(SC, &["NEWFB"]));
+                    tokio::spawn(async move {
+                        barrier.wait().await;
+                        store.upload(&upload).await.expect("upload");
+                    })
+                };
+                let claims: Vec<_> = (0..4)
+                    .map(|i| {
+                        let store = if i % 2 == 0 { two.clone() } else { one.clone() };
+                        let (barrier, device) = (barrier.clone(), device.clone());
+                        tokio::spawn(async move {
+                            barrier.wait().await;
+                            if i < 2 {
+                                let target = ClaimTarget::one(device, alg(SC));
+                                return store.claim(&[target]).await.expect("claim").keys;
+                            }
+                            let target = FallbackTarget {
+                                device,
+                                algorithm: alg(SC),
+                                mark_used: true,
+                            };
+                            store
+                                .claim_fallback_keys(&[target])
+                                .await
+                                .expect("fallback claim")
+                                .keys
+                        })
+                    })
+                    .collect();
+                upload.await.expect("uploader");
+                let mut answered_new = false;
+                for claim in claims {
+                    let keys = claim.await.expect("claimer");
+                    assert_eq!(keys.len(), 1, "one fallback key: {keys:?}");
+                    let id = keys[0].key_id.to_string();
+                    assert!(id == format!("{SC}:OLDFB") || id == format!("{SC}:NEWFB"));
+                    answered_new |= id == format!("{SC}:NEWFB");
+                }
+                let stored = one.fallback_keys(&device).await.expect("fallback keys");
+                let key = &stored[&alg(SC)];
+                assert_eq!(key.key_id.to_string(), format!("{SC}:NEWFB"));
+                assert_eq!(
+                    key.used, answered_new,
+                    "run {run}: the new key is used exactly when a claim answered it"
+                );
+                answered_new_somewhere |= answered_new;
+            }
+            assert!(answered_new_somewhere, "some claim ran after an upload");
         },
     );
 }

@@ -14,6 +14,7 @@ mod schema;
 mod slot;
 mod writer;
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -21,7 +22,8 @@ use std::sync::Arc;
 use keyclaim::backend::{Backend, StoreCore, async_trait};
 use keyclaim::transfer::DeviceSnapshot;
 use keyclaim::{
-    Changes, ClaimOutcome, ClaimTarget, Device, Result, SyncState, Upload, UploadOutcome, UserId,
+    Algorithm, Changes, ClaimOutcome, ClaimTarget, Device, DeviceId, FallbackTarget, ResetScope,
+    Result, StoredFallback, SyncState, Upload, UploadOutcome, UserId,
 };
 
 pub use error::AlreadyOpen;
@@ -144,6 +146,28 @@ impl RedbStore {
     async fn submit(&self, op: Op) -> Result<Reply> {
         self.writer.submit(op).await
     }
+
+    /// A claim with the fallback step (section 4) or without it (R12.1).
+    async fn claim_targets(
+        &self,
+        targets: &[ClaimTarget],
+        fall_back: bool,
+    ) -> Result<ClaimOutcome> {
+        // Shared with the writer: no second copy of a big claim.
+        let targets: Arc<[ClaimTarget]> = targets.into();
+        let op = Op::Claim {
+            targets: Arc::clone(&targets),
+            fall_back,
+        };
+        match self.submit(op).await? {
+            Reply::Claim(raw) => raw.decode(&targets),
+            _ => Err(wrong_reply(if fall_back {
+                "claim"
+            } else {
+                "claim_one_time_keys"
+            })),
+        }
+    }
 }
 
 #[async_trait]
@@ -164,12 +188,72 @@ impl Backend for RedbStore {
     }
 
     async fn claim(&self, targets: &[ClaimTarget]) -> Result<ClaimOutcome> {
-        // Shared with the writer: no second copy of a big claim.
-        let targets: Arc<[ClaimTarget]> = targets.into();
-        match self.submit(Op::Claim(Arc::clone(&targets))).await? {
-            Reply::Claim(raw) => raw.decode(&targets),
-            _ => Err(wrong_reply("claim")),
+        self.claim_targets(targets, true).await
+    }
+
+    async fn claim_one_time_keys(&self, targets: &[ClaimTarget]) -> Result<ClaimOutcome> {
+        self.claim_targets(targets, false).await
+    }
+
+    async fn claim_fallback_keys(&self, targets: &[FallbackTarget]) -> Result<ClaimOutcome> {
+        let shared: Arc<[FallbackTarget]> = targets.into();
+        match self.submit(Op::ClaimFallbacks(shared)).await? {
+            Reply::Claim(raw) => {
+                // The answer names targets by index; decode reads only
+                // their devices.
+                let devices: Vec<ClaimTarget> = targets
+                    .iter()
+                    .map(|t| ClaimTarget::one(t.device.clone(), t.algorithm.clone()))
+                    .collect();
+                raw.decode(&devices)
+            }
+            _ => Err(wrong_reply("claim_fallback_keys")),
         }
+    }
+
+    async fn reset_one_time_keys(
+        &self,
+        device: &Device,
+        scope: &ResetScope,
+    ) -> Result<UploadOutcome> {
+        match self
+            .submit(Op::Reset(device.clone(), scope.clone()))
+            .await?
+        {
+            Reply::Upload(outcome) => Ok(outcome),
+            _ => Err(wrong_reply("reset_one_time_keys")),
+        }
+    }
+
+    async fn replace_device(
+        &self,
+        previous: Option<&DeviceId>,
+        upload: &Upload,
+    ) -> Result<UploadOutcome> {
+        let op = Op::Replace {
+            previous: previous.cloned(),
+            upload: upload.clone(),
+        };
+        match self.submit(op).await? {
+            Reply::Upload(outcome) => Ok(outcome),
+            _ => Err(wrong_reply("replace_device")),
+        }
+    }
+
+    async fn fallback_keys(&self, device: &Device) -> Result<BTreeMap<Algorithm, StoredFallback>> {
+        let device = device.clone();
+        read_txn(&self.slot, "fallback_keys", move |txn| {
+            ops::read_fallback_keys(txn, &device)
+        })
+        .await
+    }
+
+    async fn counts_many(&self, devices: &[Device]) -> Result<Vec<SyncState>> {
+        let devices = devices.to_vec();
+        read_txn(&self.slot, "counts_many", move |txn| {
+            ops::counts_many(txn, &devices)
+        })
+        .await
     }
 
     async fn sync_state(&self, device: &Device) -> Result<SyncState> {

@@ -31,7 +31,8 @@ use std::time::{Duration, Instant};
 
 use keyclaim::transfer::DeviceSnapshot;
 use keyclaim::{
-    Changes, ClaimTarget, Device, Error, Limits, Result, Upload, UploadOutcome, UserId,
+    Changes, ClaimTarget, Device, DeviceId, Error, FallbackTarget, Limits, ResetScope, Result,
+    Upload, UploadOutcome, UserId,
 };
 use redb::{Database, WriteTransaction};
 use tokio::sync::oneshot;
@@ -48,7 +49,22 @@ use crate::slot::DbSlot;
 #[derive(Debug)]
 pub(crate) enum Op {
     Upload(Upload),
-    Claim(Arc<[ClaimTarget]>),
+    /// A claim (section 4), or its one-time step (R12.1) without
+    /// `fall_back`.
+    Claim {
+        targets: Arc<[ClaimTarget]>,
+        fall_back: bool,
+    },
+    /// The fallback step of a split claim (R12.2).
+    ClaimFallbacks(Arc<[FallbackTarget]>),
+    /// A key reset (R13.1).
+    Reset(Device, ResetScope),
+    /// A dehydrated device's replacement (R14.1): the previous device's
+    /// deletion and the upload, in the one transaction of the batch.
+    Replace {
+        previous: Option<DeviceId>,
+        upload: Upload,
+    },
     DeleteDevice(Device),
     DeleteUser(UserId),
     Import(DeviceSnapshot),
@@ -58,7 +74,15 @@ impl Op {
     fn name(&self) -> &'static str {
         match self {
             Self::Upload(_) => "upload",
-            Self::Claim(_) => "claim",
+            Self::Claim {
+                fall_back: true, ..
+            } => "claim",
+            Self::Claim {
+                fall_back: false, ..
+            } => "claim_one_time_keys",
+            Self::ClaimFallbacks(_) => "claim_fallback_keys",
+            Self::Reset(..) => "reset_one_time_keys",
+            Self::Replace { .. } => "replace_device",
             Self::DeleteDevice(_) => "delete_device",
             Self::DeleteUser(_) => "delete_user",
             Self::Import(_) => "import_device",
@@ -429,8 +453,17 @@ fn apply(
     limits: &Limits,
 ) -> std::result::Result<Result<Reply>, Fatal> {
     Ok(match op {
-        Op::Upload(upload) => ops::upload(tables, upload, limits)?.map(Reply::Upload),
-        Op::Claim(targets) => Ok(Reply::Claim(ops::claim(tables, targets)?)),
+        Op::Upload(upload) => ops::upload(tables, upload, None, limits)?.map(Reply::Upload),
+        Op::Claim { targets, fall_back } => {
+            Ok(Reply::Claim(ops::claim(tables, targets, *fall_back)?))
+        }
+        Op::ClaimFallbacks(targets) => Ok(Reply::Claim(ops::claim_fallbacks(tables, targets)?)),
+        Op::Reset(device, scope) => Ok(Reply::Upload(ops::reset_one_time_keys(
+            tables, device, scope,
+        )?)),
+        Op::Replace { previous, upload } => {
+            ops::upload(tables, upload, previous.as_ref(), limits)?.map(Reply::Upload)
+        }
         Op::DeleteDevice(device) => Ok(Reply::Changes(ops::delete_device(tables, device)?)),
         Op::DeleteUser(user) => Ok(Reply::Changes(ops::delete_user(tables, user)?)),
         Op::Import(snapshot) => Ok(Reply::Changes(ops::import_device(tables, snapshot)?)),

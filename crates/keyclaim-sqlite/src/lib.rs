@@ -13,14 +13,15 @@ mod reader;
 mod schema;
 mod writer;
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
 use keyclaim::backend::{Backend, StoreCore, async_trait};
 use keyclaim::transfer::DeviceSnapshot;
 use keyclaim::{
-    Changes, ClaimOutcome, ClaimTarget, Device, Limits, Result, SyncState, Upload, UploadOutcome,
-    UserId,
+    Algorithm, Changes, ClaimOutcome, ClaimTarget, Device, DeviceId, FallbackTarget, Limits,
+    ResetScope, Result, StoredFallback, SyncState, Upload, UploadOutcome, UserId,
 };
 use tracing::Instrument as _;
 
@@ -121,6 +122,37 @@ impl SqliteStore {
     {
         self.writer.submit(op, writer::Fallible::OnInput, f).await
     }
+
+    /// Queues a write that fails only when storage does (its input was
+    /// checked by core): it runs without a savepoint of its own in a batch.
+    async fn write_infallible<T, F>(&self, op: &'static str, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: Fn(&rusqlite::Connection, &Limits) -> Result<T> + Send + 'static,
+    {
+        self.writer
+            .submit(op, writer::Fallible::OnStorageOnly, f)
+            .await
+    }
+
+    /// A one-step claim (`fall_back`, section 4) or the one-time step of a
+    /// split claim (R12.1): the same writer job and the same code.
+    async fn claim_targets(
+        &self,
+        targets: &[ClaimTarget],
+        fall_back: bool,
+    ) -> Result<ClaimOutcome> {
+        let owned = targets.to_vec();
+        let op = if fall_back {
+            "claim"
+        } else {
+            "claim_one_time_keys"
+        };
+        let raw = self
+            .write_infallible(op, move |conn, _| ops::claim(conn, &owned, fall_back))
+            .await?;
+        raw.decode(targets)
+    }
 }
 
 #[async_trait]
@@ -142,16 +174,9 @@ impl Backend for SqliteStore {
     }
 
     async fn claim(&self, targets: &[ClaimTarget]) -> Result<ClaimOutcome> {
-        let owned = targets.to_vec();
         // Core checked the targets: a claim fails only when storage does,
         // and runs without a savepoint of its own.
-        let raw = self
-            .writer
-            .submit("claim", writer::Fallible::OnStorageOnly, move |conn, _| {
-                ops::claim(conn, &owned)
-            })
-            .await?;
-        raw.decode(targets)
+        self.claim_targets(targets, true).await
     }
 
     async fn sync_state(&self, device: &Device) -> Result<SyncState> {
@@ -193,5 +218,67 @@ impl Backend for SqliteStore {
             ops::import_device(conn, &owned)
         })
         .await
+    }
+
+    async fn claim_one_time_keys(&self, targets: &[ClaimTarget]) -> Result<ClaimOutcome> {
+        self.claim_targets(targets, false).await
+    }
+
+    async fn claim_fallback_keys(&self, targets: &[FallbackTarget]) -> Result<ClaimOutcome> {
+        let owned = targets.to_vec();
+        // One writer job for all targets: one atomic step, group-committed
+        // with its batch-mates (R12.2, R4.7).
+        let raw = self
+            .write_infallible("claim_fallback_keys", move |conn, _| {
+                ops::claim_fallback_keys(conn, &owned)
+            })
+            .await?;
+        // The answer names targets by index; `RawClaim` reads their devices.
+        let as_claims: Vec<ClaimTarget> = targets
+            .iter()
+            .map(|t| ClaimTarget::one(t.device.clone(), t.algorithm.clone()))
+            .collect();
+        raw.decode(&as_claims)
+    }
+
+    async fn reset_one_time_keys(
+        &self,
+        device: &Device,
+        scope: &ResetScope,
+    ) -> Result<UploadOutcome> {
+        let (device, scope) = (device.clone(), scope.clone());
+        self.write_infallible("reset_one_time_keys", move |conn, _| {
+            ops::reset_one_time_keys(conn, &device, &scope)
+        })
+        .await
+    }
+
+    async fn replace_device(
+        &self,
+        previous: Option<&DeviceId>,
+        upload: &Upload,
+    ) -> Result<UploadOutcome> {
+        let (previous, upload) = (previous.cloned(), upload.clone());
+        // One job: the removal and the upload share its savepoint, so a
+        // failing upload undoes the removal (R14.1).
+        self.write("replace_device", move |conn, limits| {
+            ops::replace_device(conn, previous.as_ref(), &upload, limits)
+        })
+        .await
+    }
+
+    async fn fallback_keys(&self, device: &Device) -> Result<BTreeMap<Algorithm, StoredFallback>> {
+        let device = device.clone();
+        self.readers
+            .run(move |conn| ops::fallback_keys(conn, &device, "fallback_keys"))
+            .await
+    }
+
+    async fn counts_many(&self, devices: &[Device]) -> Result<Vec<SyncState>> {
+        let devices = devices.to_vec();
+        // One job on the read pool, one read transaction (R16.1).
+        self.readers
+            .run(move |conn| ops::counts_many(conn, &devices))
+            .await
     }
 }

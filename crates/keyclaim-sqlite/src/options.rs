@@ -205,8 +205,9 @@ impl SqliteOptions {
     /// ```
     ///
     /// # Errors
-    /// [`Error::InvalidConfig`] for another scheme, an empty path, an
-    /// unknown or repeated option, or a value that does not parse.
+    /// [`Error::InvalidConfig`](keyclaim::Error::InvalidConfig) for another
+    /// scheme, an empty path, an unknown or repeated option, or a value that
+    /// does not parse.
     pub fn from_url(url: &str) -> Result<(PathBuf, SqliteOptions)> {
         let (path, query) = url::file_url("sqlite", url)?;
         let query = UrlOptions::parse("sqlite", query)?;

@@ -419,7 +419,7 @@ mod tests {
         // Claim order survives: (sequence, key ID).
         let target = ClaimTarget::one(device("A"), alg.parse().unwrap());
         conn.execute_batch("BEGIN IMMEDIATE").unwrap();
-        let raw = ops::claim(&conn, std::slice::from_ref(&target)).unwrap();
+        let raw = ops::claim(&conn, std::slice::from_ref(&target), true).unwrap();
         let out = raw.decode(&[target]).unwrap();
         assert_eq!(out.keys[0].key_id.as_str(), "signed_curve25519:k2");
         assert_eq!(out.keys[0].key_json, json("k2"));

@@ -420,8 +420,9 @@ mod tests {
             crate::ops::upload(c, &upload("C", &[("alg:1", "c")]), l)?;
             Err::<(), _>(Error::Closed)
         });
-        let (j5, r5) =
-            job(|c, _| crate::ops::claim(c, &[ClaimTarget::one(device("B"), "alg".parse()?)]));
+        let (j5, r5) = job(|c, _| {
+            crate::ops::claim(c, &[ClaimTarget::one(device("B"), "alg".parse()?)], true)
+        });
         let mut batch = vec![j1, j2, j4, j3, j5];
         run_batch(&conn, &mut batch, &limits);
 
@@ -458,7 +459,7 @@ mod tests {
         let (j1, r1) = job(move |c, l| crate::ops::upload(c, &a, l));
         let claim_a = || ClaimTarget::one(device("A"), "alg".parse().unwrap());
         let (j2, r2) = job_of(Fallible::OnStorageOnly, move |c, _| {
-            crate::ops::claim(c, &[claim_a()])
+            crate::ops::claim(c, &[claim_a()], true)
         });
         let runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let counted = Arc::clone(&runs);

@@ -23,13 +23,21 @@
 //!   other statement locks OTK rows (uploads read them without a lock and
 //!   insert new ones, invisible until commit); deletion and import lock them
 //!   only to delete them too.
-//! - The fallback key is read for the targets that got no OTK. An already
-//!   used fallback is returned from the snapshot without a lock (so that
-//!   claimers of an exhausted hot device do not queue on its row); an unused
-//!   one is locked (`FOR UPDATE`, in key order so that concurrent claims
-//!   cannot deadlock on it) and marked used; the lock re-reads the newest
-//!   version, so a concurrent replacement by an upload or use by another
-//!   claim is seen.
+//! - The fallback key is read for the targets that got no OTK, from the
+//!   statement's snapshot, and that version is the key answered. An unused
+//!   one is then locked (`FOR UPDATE`, in key order so that concurrent
+//!   claims cannot deadlock on it) and marked used through the locked row
+//!   version (its `ctid`). The lock waits for a concurrent writer of the row
+//!   and yields the row's newest version. If that is the version of the
+//!   snapshot, the row is unchanged, and we mark it. If not, the row changed
+//!   after the snapshot (another claim marked it, an upload replaced it, a
+//!   deletion removed it): the `UPDATE`, which sees rows as of the
+//!   snapshot, finds nothing at the new version's `ctid`, and the key is
+//!   answered unmarked, as if this claim had run (and marked it) just
+//!   before that change, which used, replaced or removed it since. So a
+//!   claim marks only the very key it answers (R4.4, R5.1), never a newer
+//!   key it did not see. A used key is answered without a lock (so that
+//!   claimers of an exhausted hot device do not queue on its row).
 //! - The issued memory (R3.4) is written and pruned in the same statement.
 //!   Finding what to prune walks the device's remembered keys, up to the
 //!   configured number, so only one claim statement in eight does it (by
@@ -52,6 +60,14 @@
 //!   claim commits; by default it is sent after the commit, batched (see
 //!   [`crate::listen`]).
 //!
+//! # The split claim's steps (R12.1, R12.2)
+//!
+//! Claiming one-time keys only is [`CLAIM`] with its fallback step switched
+//! off (`$9`, a one-time filter), so the argument above holds for it
+//! unchanged. Handing out fallback keys is [`CLAIM_FALLBACKS`], one
+//! statement for all targets that reads, locks and marks fallback keys with
+//! the same CTEs as [`CLAIM`], marking only where a target asks.
+//!
 //! Failure modes: a claim whose statement fails rolls back whole. A claim
 //! whose connection dies while the server commits may have consumed keys
 //! that nobody received (the error is retryable; retrying claims new keys).
@@ -64,22 +80,100 @@ use std::collections::HashMap;
 
 use deadpool_postgres::Object;
 use keyclaim::backend::decode;
-use keyclaim::{Algorithm, Changes, ClaimOutcome, ClaimTarget, ClaimedKey, Device, Limits, Result};
+use keyclaim::{
+    Algorithm, Changes, ClaimOutcome, ClaimTarget, ClaimedKey, Device, FallbackTarget, Limits,
+    Result,
+};
 use tokio_postgres::types::ToSql;
 
 use super::Sql;
 use crate::error::{corrupt, pg};
+
+/// The CTEs `fb_locked` and `fb_marked` of the claim statements: lock the
+/// rows of `fb_seen` (fallback keys read from the statement's snapshot)
+/// that are to be marked (`mark`) and were unused, in key order, and mark
+/// each through the version the lock yields, which the `UPDATE` finds only
+/// when it is still the snapshot's version (see the module docs).
+/// `fb_marked` returns the user and device ID of each key marked.
+macro_rules! lock_fallbacks_cte {
+    () => {
+        r#"
+fb_locked AS MATERIALIZED (
+    SELECT f.row_ctid
+    FROM (
+        SELECT * FROM fb_seen WHERE mark AND NOT used
+        ORDER BY user_id, device_id, algorithm
+    ) s
+    CROSS JOIN LATERAL (
+        SELECT f.ctid AS row_ctid
+        FROM fallback f
+        WHERE f.user_id = s.user_id AND f.device_id = s.device_id
+          AND f.algorithm = s.algorithm
+        LIMIT 1
+        FOR UPDATE
+    ) f
+),
+fb_marked AS (
+    UPDATE fallback f SET used = true
+    WHERE f.ctid = ANY (ARRAY(SELECT row_ctid FROM fb_locked))
+    RETURNING f.user_id, f.device_id, f.algorithm
+),
+"#
+    };
+}
+
+/// The CTE `notified` of the claim statements: sends the devices of the CTE
+/// `changed` (`user_id`, `device_id`) in `pg_notify` payloads under the
+/// server's limit, in the format of [`super::notify_payloads`], when the
+/// flag parameter is set. Arguments: the placeholders of the channel, the
+/// instance ID and the flag. Its one row (the number of payloads sent) must
+/// be selected for the CTE to run.
+macro_rules! notified_cte {
+    ($channel:literal, $instance:literal, $flag:literal) => {
+        concat!(
+            r#"
+notified AS (
+    SELECT count(pg_notify("#,
+            $channel,
+            "::text, ",
+            $instance,
+            r#"::text || ' ' || chunk)) AS n
+    FROM (
+        SELECT json_agg(dev ORDER BY dev_order)::text AS chunk
+        FROM (
+            SELECT dev, dev_order,
+                   sum(octet_length(dev::text) + 2) OVER (ORDER BY dev_order) / 4000 AS bucket
+            FROM (
+                SELECT json_build_array(user_id, device_id) AS dev,
+                       row_number() OVER (ORDER BY user_id, device_id) AS dev_order
+                FROM changed
+            ) c
+        ) d
+        GROUP BY bucket
+    ) chunks
+    WHERE "#,
+            $flag,
+            r#"::bool
+)
+"#
+        )
+    };
+}
 
 /// Claims for many targets in one statement; see the module docs.
 ///
 /// Parameters: `$1..$4` the targets (user IDs, device IDs, algorithms,
 /// counts > 0, no (device, algorithm) twice), `$5` the number of issued
 /// keys to remember per (device, algorithm), `$6` the channel, `$7` the
-/// instance ID, `$8` whether to send the notifications in the statement. Rows: `ord` (1-based target index of a fallback key; 0 for
+/// instance ID, `$8` whether to send the notifications in the statement,
+/// `$9` whether to fall back to the fallback key (R4.4; not for R12.1).
+/// Rows: `ord` (1-based target index of a fallback key; 0 for
 /// an OTK, whose target is found by its user, device and algorithm, unique
-/// in a round; -1 for the notification row), `fallback`, `seq`, `key_id`,
-/// `key_json`, `changed` (this row changed its device: an OTK removed or a
-/// fallback newly marked used), `user_id`, `device_id`, `algorithm` (OTKs),
+/// in a round; -1 for the notification row; -2 for a fallback key marked
+/// used, found by its user, device and algorithm too), `fallback`, `seq`,
+/// `key_id`, `key_json`, `changed` (this row changed its device: an OTK
+/// removed or a fallback newly marked used), `user_id`, `device_id`,
+/// `algorithm` (OTKs and marked fallback keys),
 /// `digest` (of the key JSON, stored next to it: the key JSON is rebuilt
 /// from both without parsing it again).
 ///
@@ -88,7 +182,8 @@ use crate::error::{corrupt, pg};
 /// targets a call has, and a nested loop over two 1,000-row CTEs would cost
 /// seconds. Every table access is an index scan under `LATERAL` or a TID
 /// scan.
-pub(crate) const CLAIM: &str = r#"
+pub(crate) const CLAIM: &str = concat!(
+    r#"
 WITH t AS MATERIALIZED (
     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int4[])
         WITH ORDINALITY AS t(user_id, device_id, algorithm, n, ord)
@@ -159,68 +254,94 @@ pruned AS (
     DELETE FROM issued i WHERE i.ctid = ANY (ARRAY(SELECT row_ctid FROM prune_locked))
 ),
 fb_seen AS MATERIALIZED (
-    SELECT p.ord, f.user_id, f.device_id, f.algorithm, f.key_id, f.key_json, f.digest, f.used
+    SELECT p.ord, true AS mark,
+           f.user_id, f.device_id, f.algorithm, f.key_id, f.key_json, f.digest, f.used
     FROM picked p CROSS JOIN LATERAL (
         SELECT * FROM fallback f
         WHERE f.user_id = p.user_id AND f.device_id = p.device_id
           AND f.algorithm = p.algorithm
         LIMIT 1
     ) f
-    WHERE p.row_ctid IS NULL
+    WHERE p.row_ctid IS NULL AND $9::bool
 ),
-fb_locked AS MATERIALIZED (
-    SELECT s.ord, f.row_ctid, f.user_id, f.device_id, f.key_id, f.key_json, f.digest, f.used
-    FROM (
-        SELECT * FROM fb_seen WHERE NOT used
-        ORDER BY user_id, device_id, algorithm
-    ) s
-    CROSS JOIN LATERAL (
-        SELECT f.ctid AS row_ctid, f.user_id, f.device_id, f.key_id, f.key_json, f.digest, f.used
-        FROM fallback f
-        WHERE f.user_id = s.user_id AND f.device_id = s.device_id
-          AND f.algorithm = s.algorithm
-        LIMIT 1
-        FOR UPDATE
-    ) f
-),
-fb_marked AS (
-    UPDATE fallback f SET used = true
-    WHERE f.ctid = ANY (ARRAY(SELECT row_ctid FROM fb_locked WHERE NOT used))
-),
+"#,
+    lock_fallbacks_cte!(),
+    r#"
 changed AS (
     SELECT user_id, device_id FROM claimed
     UNION
-    SELECT user_id, device_id FROM fb_locked WHERE NOT used
+    SELECT user_id, device_id FROM fb_marked
 ),
-notified AS (
-    SELECT count(pg_notify($6::text, $7::text || ' ' || chunk)) AS n
-    FROM (
-        SELECT json_agg(dev ORDER BY dev_order)::text AS chunk
-        FROM (
-            SELECT dev, dev_order,
-                   sum(octet_length(dev::text) + 2) OVER (ORDER BY dev_order) / 4000 AS bucket
-            FROM (
-                SELECT json_build_array(user_id, device_id) AS dev,
-                       row_number() OVER (ORDER BY user_id, device_id) AS dev_order
-                FROM changed
-            ) c
-        ) d
-        GROUP BY bucket
-    ) chunks
-    WHERE $8::bool
-)
+"#,
+    notified_cte!("$6", "$7", "$8"),
+    r#"
 SELECT 0::int8 AS ord, false AS fallback, c.seq, c.key_id, c.key_json, true AS changed,
        c.user_id, c.device_id, c.algorithm, c.digest
   FROM claimed c
 UNION ALL
 SELECT s.ord, true, 0::int8, s.key_id, s.key_json, false, NULL, NULL, NULL, s.digest
-  FROM fb_seen s WHERE s.used
+  FROM fb_seen s
 UNION ALL
-SELECT l.ord, true, 0::int8, l.key_id, l.key_json, NOT l.used, NULL, NULL, NULL, l.digest
-  FROM fb_locked l
+SELECT -2::int8, false, 0::int8, NULL, NULL, true, m.user_id, m.device_id, m.algorithm, NULL
+  FROM fb_marked m
 UNION ALL
 SELECT -1::int8, false, n, NULL, NULL, false, NULL, NULL, NULL, NULL FROM notified
-"#;
+"#
+);
+
+/// Hands out fallback keys for many targets in one statement (R12.2).
+///
+/// Parameters: `$1..$4` the targets (user IDs, device IDs, algorithms,
+/// whether to mark the key used; a (device, algorithm) may repeat), `$5`
+/// the channel, `$6` the instance ID, `$7` whether to send the
+/// notifications in the statement. Targets are grouped by (device,
+/// algorithm), so a key is read, locked and marked once however often it
+/// is named (marked if any of its targets says so). Rows: the answered
+/// keys, `ord` (the 1-based indexes of the group's targets), `key_id`,
+/// `key_json`, `digest`; then `user_id` and `device_id` of each key newly
+/// marked used (`ord` NULL); then the notification row (all NULL).
+///
+/// Keys are answered from the statement's snapshot and marked as in
+/// [`CLAIM`] ([`lock_fallbacks_cte`]): a key marked is the key answered.
+/// As in [`CLAIM`], every table access is an index scan under `LATERAL` or
+/// a TID scan.
+pub(crate) const CLAIM_FALLBACKS: &str = concat!(
+    r#"
+WITH t AS MATERIALIZED (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bool[])
+        WITH ORDINALITY AS t(user_id, device_id, algorithm, mark, ord)
+),
+g AS MATERIALIZED (
+    SELECT user_id, device_id, algorithm, bool_or(mark) AS mark, array_agg(ord) AS ord
+    FROM t GROUP BY user_id, device_id, algorithm
+),
+fb_seen AS MATERIALIZED (
+    SELECT g.ord, g.mark,
+           f.user_id, f.device_id, f.algorithm, f.key_id, f.key_json, f.digest, f.used
+    FROM g CROSS JOIN LATERAL (
+        SELECT * FROM fallback f
+        WHERE f.user_id = g.user_id AND f.device_id = g.device_id
+          AND f.algorithm = g.algorithm
+        LIMIT 1
+    ) f
+),
+"#,
+    lock_fallbacks_cte!(),
+    r#"
+changed AS (
+    SELECT user_id, device_id FROM fb_marked
+),
+"#,
+    notified_cte!("$5", "$6", "$7"),
+    r#"
+SELECT s.ord, s.key_id, s.key_json, s.digest, NULL AS user_id, NULL AS device_id
+  FROM fb_seen s
+UNION ALL
+SELECT NULL, NULL, NULL, NULL, m.user_id, m.device_id FROM fb_marked m
+UNION ALL
+SELECT NULL, NULL, NULL, NULL, NULL, NULL FROM notified
+"#
+);
 
 /// The targets of a claim split into rounds in which no (device, algorithm)
 /// repeats.
@@ -267,12 +388,15 @@ impl<'a> ClaimRounds<'a> {
 /// One claimed key before sorting: (target index, is fallback, seq, key).
 type Claimed = (usize, bool, i64, ClaimedKey);
 
-/// Claims keys (see the module docs).
+/// Claims keys (see the module docs), falling back to the fallback key
+/// when `fall_back` is set (R4.4) and never otherwise (R12.1). The answer
+/// lists each target's keys together, in target order.
 pub(crate) async fn claim(
     client: &mut Object,
     sql: &Sql,
     limits: &Limits,
     targets: &[ClaimTarget],
+    fall_back: bool,
 ) -> Result<ClaimOutcome> {
     let op = "claim";
     let rounds = ClaimRounds::new(targets);
@@ -283,7 +407,7 @@ pub(crate) async fn claim(
         // The common case: one statement, its own transaction, one round trip.
         let stmt = client.prepare_cached(CLAIM).await.map_err(pg(op))?;
         let rows = client
-            .query(&stmt, &claim_params(round, &remembered, sql))
+            .query(&stmt, &claim_params(round, &remembered, sql, &fall_back))
             .await
             .map_err(pg(op))?;
         decode_claim(round, targets, rows, &mut claimed, &mut changed)?;
@@ -292,7 +416,7 @@ pub(crate) async fn claim(
         let stmt = tx.prepare_cached(CLAIM).await.map_err(pg(op))?;
         for round in &rounds.rounds {
             let rows = tx
-                .query(&stmt, &claim_params(round, &remembered, sql))
+                .query(&stmt, &claim_params(round, &remembered, sql, &fall_back))
                 .await
                 .map_err(pg(op))?;
             decode_claim(round, targets, rows, &mut claimed, &mut changed)?;
@@ -312,7 +436,8 @@ fn claim_params<'a>(
     round: &'a Round<'_>,
     remembered: &'a i64,
     sql: &'a Sql,
-) -> [&'a (dyn ToSql + Sync); 8] {
+    fall_back: &'a bool,
+) -> [&'a (dyn ToSql + Sync); 9] {
     [
         &round.users,
         &round.devices,
@@ -322,6 +447,7 @@ fn claim_params<'a>(
         &sql.channel,
         &sql.instance,
         &sql.transactional_notify,
+        fall_back,
     ]
 }
 
@@ -339,10 +465,10 @@ fn decode_claim(
         .collect();
     for row in &rows {
         let ord: i64 = row.try_get(0).map_err(pg(op))?;
-        if ord < 0 {
+        if ord == -1 {
             continue; // the notification row
         }
-        let position = if ord == 0 {
+        let position = if ord == 0 || ord == -2 {
             let user: &str = row.try_get(6).map_err(pg(op))?;
             let device: &str = row.try_get(7).map_err(pg(op))?;
             let algorithm: &str = row.try_get(8).map_err(pg(op))?;
@@ -354,6 +480,11 @@ fn decode_claim(
             .and_then(|i| round.index.get(i))
             .and_then(|&i| targets.get(i).map(|t| (i, t)))
             .ok_or_else(|| corrupt("claim answer", format!("no target {ord}")))?;
+        if ord == -2 {
+            // A fallback key marked used; it is answered by its own row.
+            changed.push(target.device.clone());
+            continue;
+        }
         let fallback: bool = row.try_get(1).map_err(pg(op))?;
         let seq: i64 = row.try_get(2).map_err(pg(op))?;
         let key_id = decode::key_id(row.try_get::<_, &str>(3).map_err(pg(op))?)?;
@@ -380,4 +511,82 @@ fn decode_claim(
         ));
     }
     Ok(())
+}
+
+/// Hands out the targets' fallback keys in one statement ([`CLAIM_FALLBACKS`]),
+/// in target order.
+pub(crate) async fn claim_fallback_keys(
+    client: &Object,
+    sql: &Sql,
+    targets: &[FallbackTarget],
+) -> Result<ClaimOutcome> {
+    let op = "claim_fallback_keys";
+    let users: Vec<&str> = targets.iter().map(|t| t.device.user_id.as_str()).collect();
+    let devices: Vec<&str> = targets
+        .iter()
+        .map(|t| t.device.device_id.as_str())
+        .collect();
+    let algorithms: Vec<&str> = targets.iter().map(|t| t.algorithm.as_str()).collect();
+    let marks: Vec<bool> = targets.iter().map(|t| t.mark_used).collect();
+    let stmt = client
+        .prepare_cached(CLAIM_FALLBACKS)
+        .await
+        .map_err(pg(op))?;
+    let rows = client
+        .query(
+            &stmt,
+            &[
+                &users,
+                &devices,
+                &algorithms,
+                &marks,
+                &sql.channel,
+                &sql.instance,
+                &sql.transactional_notify,
+            ],
+        )
+        .await
+        .map_err(pg(op))?;
+    let mut keys: Vec<(usize, ClaimedKey)> = Vec::new();
+    let mut changed: Vec<Device> = Vec::new();
+    for row in &rows {
+        let Some(ords) = row.try_get::<_, Option<Vec<i64>>>(0).map_err(pg(op))? else {
+            // A key marked used, or the notification row (no user).
+            if let Some(user) = row.try_get::<_, Option<&str>>(4).map_err(pg(op))? {
+                let device = row.try_get::<_, &str>(5).map_err(pg(op))?;
+                changed.push(decode::device(user, device)?);
+            }
+            continue;
+        };
+        let key_id = decode::key_id(row.try_get::<_, &str>(1).map_err(pg(op))?)?;
+        let key_json = decode::key_json_with_digest(
+            row.try_get::<_, &str>(2).map_err(pg(op))?,
+            decode::digest(row.try_get(3).map_err(pg(op))?)?,
+        )?;
+        for ord in ords {
+            let (index, target) = usize::try_from(ord - 1)
+                .ok()
+                .and_then(|i| targets.get(i).map(|t| (i, t)))
+                .ok_or_else(|| corrupt("fallback claim answer", format!("no target {ord}")))?;
+            keys.push((
+                index,
+                ClaimedKey {
+                    device: target.device.clone(),
+                    key_id: key_id.clone(),
+                    key_json: key_json.clone(),
+                    fallback: true,
+                },
+            ));
+        }
+    }
+    keys.sort_by_key(|(index, _)| *index);
+    tracing::debug!(
+        answered = keys.len(),
+        changed = changed.len(),
+        "fallback claim done"
+    );
+    Ok(ClaimOutcome {
+        keys: keys.into_iter().map(|(_, key)| key).collect(),
+        changes: Changes::from_devices(changed),
+    })
 }

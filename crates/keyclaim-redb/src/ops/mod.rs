@@ -1,6 +1,8 @@
 //! The operations, on open tables of one transaction, one file per kind:
-//! [`mod@upload`], [`mod@claim`], [`read`] (counts and sync state), [`delete`] and
-//! [`transfer`] (export and import). This file holds what they share: the
+//! [`mod@upload`] (uploads and device replacement), [`mod@claim`] (claims and
+//! the two steps of a split claim), [`read`] (counts, sync state, fallback
+//! keys), [`delete`] (devices, users, key reset) and [`transfer`] (export and
+//! import). This file holds what they share: the
 //! tables of a write transaction, queue checks, range removal, parsing of
 //! stored values, and running a read transaction.
 //!
@@ -28,9 +30,9 @@ use keyclaim::transfer::KeyDigest;
 use keyclaim::{Algorithm, Error, KeyId, KeyJson, Limits, Result};
 use redb::{ReadTransaction, ReadableDatabase, ReadableTable, Table, WriteTransaction};
 
-pub(crate) use claim::claim;
-pub(crate) use delete::{delete_device, delete_user};
-pub(crate) use read::{counts, sync_state};
+pub(crate) use claim::{claim, claim_fallbacks};
+pub(crate) use delete::{delete_device, delete_user, reset_one_time_keys};
+pub(crate) use read::{counts, counts_many, read_fallback_keys, sync_state};
 pub(crate) use transfer::{export_devices, import_device};
 pub(crate) use upload::upload;
 

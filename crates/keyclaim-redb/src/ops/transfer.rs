@@ -2,11 +2,12 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
-use keyclaim::transfer::{DeviceSnapshot, IssuedKey, KeyDigest, StoredFallback, StoredOtk};
+use keyclaim::transfer::{DeviceSnapshot, IssuedKey, KeyDigest, StoredOtk};
 use keyclaim::{Changes, Device, Error, Limits};
 use redb::{ReadTransaction, ReadableTable};
 
 use super::delete::delete_device_rows;
+use super::read::fallback_keys;
 use super::{WriteTables, check_queue, parse_alg, parse_key_id, remembered_limit, stored_json};
 use crate::error::Fatal;
 use crate::schema::{DeviceAlgKey, Digest, FALLBACKS, OTK_KEYS, OTK_QUEUE, Queue, succ};
@@ -145,19 +146,7 @@ fn snapshot(txn: &ReadTransaction, device: Device, keep: u64) -> Result<DeviceSn
     }
     snap.one_time_keys
         .sort_by(|a, b| (a.seq, a.key_id.as_str()).cmp(&(b.seq, b.key_id.as_str())));
-    let fallbacks = txn.open_table(FALLBACKS)?;
-    for row in fallbacks.range((u, d, "")..(u, hi.as_str(), ""))? {
-        let (k, v) = row?;
-        let (key_id, json, used, digest) = v.value();
-        snap.fallback_keys.insert(
-            parse_alg(k.value().2)?,
-            StoredFallback {
-                key_id: parse_key_id(key_id)?,
-                key_json: stored_json(json, digest)?,
-                used,
-            },
-        );
-    }
+    snap.fallback_keys = fallback_keys(&txn.open_table(FALLBACKS)?, u, d)?;
     Ok(snap)
 }
 

@@ -1,6 +1,7 @@
 //! The redb backend's tests, in one binary (to keep build times down):
-//! the conformance suite, opening rules, batch-mate isolation and the
-//! SIGKILL crash test.
+//! the conformance suite, opening rules, batch-mate isolation, the
+//! operations of sections 12 to 16 against the reference store, and the
+//! SIGKILL crash tests.
 
 // Tests: a failed assertion or unwrap is how they report.
 #![allow(
@@ -15,6 +16,7 @@ mod conformance;
 mod crash;
 mod faults;
 mod open;
+mod reference;
 mod remembered;
 
 /// The tests' usual runtime: two workers, as on the 2-core CI machine.
