@@ -215,11 +215,9 @@ pub fn check_reset(body: &[u8]) -> Result<(), Violation> {
     ))?
 }
 
-/// What the selector byte of a `wire_replace_dehydrated` input chooses:
-/// bits 0-1 the previous device (none, [`UPLOAD_DEVICE`],
-/// [`DEHYDRATED_DEVICE`], or an empty, invalid ID), bit 2 the new device
-/// ([`DEHYDRATED_DEVICE`] or [`UPLOAD_DEVICE`]), bit 3 whether the facade
-/// requires a fallback key per algorithm (R14.2).
+/// What the selector byte of a `wire_replace_dehydrated` input chooses (see
+/// [`check_replace_dehydrated`]): the previous device, the new device, and
+/// whether the facade requires a fallback key per algorithm (R14.2).
 fn replace_choice(choice: u8) -> (Option<&'static str>, &'static str, bool) {
     let previous = match choice & 3 {
         0 => None,
@@ -236,7 +234,10 @@ fn replace_choice(choice: u8) -> (Option<&'static str>, &'static str, bool) {
 }
 
 /// Checks one `wire_replace_dehydrated` input: the first byte chooses the
-/// devices and the option (see [`replace_choice`]), the rest is an MSC3814
+/// devices and the option (bits 0-1 the previous device: none,
+/// [`UPLOAD_DEVICE`], [`DEHYDRATED_DEVICE`] or an empty, invalid ID; bit 2
+/// the new device: [`DEHYDRATED_DEVICE`] or [`UPLOAD_DEVICE`]; bit 3 the
+/// R14.2 option), the rest is an MSC3814
 /// `PUT /dehydrated_device` body for [`UPLOAD_USER`]. After `Ok`, the answer
 /// and the state are the model's replacement with the keys read from the
 /// body (R14.1), and with the option every algorithm with one-time keys has
