@@ -5,6 +5,7 @@ mod listen;
 mod ops;
 mod options;
 mod schema;
+mod session;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -104,9 +105,14 @@ impl PostgresStore {
     /// Safe when several processes connect at once: migrations run under an
     /// advisory lock, one process at a time.
     ///
+    /// Every pooled connection runs with synchronous commit on and READ
+    /// COMMITTED, whatever the server's, database's or role's defaults
+    /// (R10.5).
+    ///
     /// # Errors
     /// As [`PostgresStore::connect`]; also [`Error::InvalidConfig`] for an
-    /// invalid schema name.
+    /// invalid schema name, and for a server running with `fsync = off`
+    /// unless [`PostgresOptions::allow_unsafe_server`] is set.
     ///
     /// [`Error::InvalidConfig`]: keyclaim::Error::InvalidConfig
     #[tracing::instrument(
@@ -123,24 +129,8 @@ impl PostgresStore {
             config.application_name("keyclaim");
         }
         let listen_config = config.clone();
-        let mut server_options = config.get_options().unwrap_or_default().to_owned();
-        // The schema is fixed per connection, so every statement is a plain
-        // constant (prepared once per connection, never built per call).
-        server_options.push_str(&format!(" -c search_path={schema}"));
-        // Every statement is written for index and TID lookups. A cached
-        // generic plan made while a table was small could otherwise keep a
-        // sequential scan (e.g. `ctid = ANY(...)` as a filter over the whole
-        // `otk` table) long after the table has grown.
-        server_options.push_str(" -c enable_seqscan=off");
-        if options.get_pinned_plans() {
-            // One generic plan per statement and connection, made once (and
-            // again after an `ANALYZE`): see `PostgresOptions::pinned_plans`.
-            server_options.push_str(" -c plan_cache_mode=force_generic_plan");
-        }
-        if let Some(timeout) = options.get_statement_timeout() {
-            server_options.push_str(&format!(" -c statement_timeout={}", timeout.as_millis()));
-        }
-        config.options(server_options.trim());
+        let server_options = session::startup_options(&options, config.get_options());
+        config.options(&server_options);
 
         let manager = Manager::from_config(
             config,
@@ -155,11 +145,13 @@ impl PostgresStore {
             .wait_timeout(Some(options.get_pool_wait_timeout()))
             .create_timeout(Some(options.get_connect_timeout()))
             .recycle_timeout(Some(options.get_connect_timeout()))
+            .post_create(session::setup_hook())
             .build()
             .map_err(error::pool_build)?;
 
         {
             let mut client = pool.get().await.map_err(|e| error::pool("connect", e))?;
+            session::check(&client, &options).await?;
             schema::migrate(&mut client, schema).await?;
         }
 

@@ -17,7 +17,11 @@ use keyclaim_testing::postgres::{unique_schema, with_server};
 const SC: &str = "signed_curve25519";
 
 fn options(schema: &str) -> PostgresOptions {
-    PostgresOptions::new().schema(schema).pool_size(4)
+    // The test servers run with fsync = off, for speed.
+    PostgresOptions::new()
+        .schema(schema)
+        .pool_size(4)
+        .allow_unsafe_server(true)
 }
 
 async fn next_event(rx: &mut broadcast::Receiver<Changes>) -> Changes {

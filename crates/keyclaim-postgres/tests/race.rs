@@ -31,6 +31,7 @@ async fn two_workers(url: &str) -> (Arc<PostgresStore>, Arc<PostgresStore>) {
     let options = PostgresOptions::new()
         .schema(unique_schema("kc_race"))
         .pool_size(POOL)
+        .allow_unsafe_server(true)
         .limits(limits);
     let one = PostgresStore::connect_with(url, options.clone())
         .await
