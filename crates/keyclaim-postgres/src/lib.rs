@@ -330,12 +330,13 @@ impl Backend for PostgresStore {
             return Ok(Vec::new());
         }
         let mut client = self.client("export_devices").await?;
-        ops::export_devices(&mut client, after, limit).await
+        ops::export_devices(&mut client, self.core.limits(), after, limit).await
     }
 
     async fn import_device(&self, snapshot: &DeviceSnapshot) -> Result<Changes> {
         let mut client = self.client("import_device").await?;
-        let changes = ops::import_device(&mut client, &self.sql, snapshot).await?;
+        let changes =
+            ops::import_device(&mut client, &self.sql, self.core.limits(), snapshot).await?;
         self.changed(&changes);
         Ok(changes)
     }

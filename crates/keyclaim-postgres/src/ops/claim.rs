@@ -50,19 +50,15 @@
 //!   claim marks only the very key it answers (R4.4, R5.1), never a newer
 //!   key it did not see. A used key is answered without a lock (so that
 //!   claimers of an exhausted hot device do not queue on its row).
-//! - The issued memory (R3.4) is written and pruned in the same statement.
-//!   Finding what to prune walks the device's remembered keys, up to the
-//!   configured number, so only one claim statement in eight does it (by
-//!   its `issued_seq` value): a device keeps at least the configured number
-//!   of issued keys, and a few claims' worth more between two prunes. The
-//!   walk reads only the primary key `(user_id, device_id, algorithm,
-//!   issued_txn, issued_pos)` (an index-only scan where the table's pages
-//!   are all-visible) to find the newest key that must go; the keys from
-//!   there on back are then locked through the same index. The remembered
-//!   keys are inserted without a conflict check: the statement's
-//!   `issued_seq` value and each key's position in the statement make the
-//!   primary key unique. Pruning locks with `SKIP LOCKED` (rows
-//!   another claim is pruning are left to it), so it never waits.
+//! - The issued memory (R3.4) is written in the same statement: each
+//!   claimed key, at most the configured number per (device, algorithm), is
+//!   inserted without a conflict check (the statement's `issued_seq` value
+//!   and each key's position in the statement make the primary key
+//!   unique). Claims never prune it: a (device, algorithm) remembers its
+//!   newest `Limits::remembered_issued_keys` issued keys, exactly, and older
+//!   rows count as forgotten for uploads and exports alike; uploads prune
+//!   them (see [`super::upload`]). So a claim touches no older row of the
+//!   memory, and claims of one device never meet there.
 //! - Duplicate targets (the same device and algorithm twice in one request)
 //!   cannot share one statement (a transaction does not skip its own locks),
 //!   so they go to further "rounds": statements in one explicit transaction,
@@ -95,7 +91,7 @@ use keyclaim::{
 };
 use tokio_postgres::types::ToSql;
 
-use super::Sql;
+use super::{Sql, remembered};
 use crate::error::{corrupt, pg};
 
 /// The CTEs `fb_locked` and `fb_marked` of the claim statements: lock the
@@ -236,37 +232,6 @@ remembered AS (
            (SELECT v FROM issue_txn), r.pos
     FROM ranked r
     WHERE r.from_newest <= $5::int8
-),
-prune_from AS MATERIALIZED (
-    SELECT g.user_id, g.device_id, g.algorithm, c.issued_txn, c.issued_pos
-    FROM (
-        SELECT user_id, device_id, algorithm, count(*) AS added
-        FROM claimed GROUP BY user_id, device_id, algorithm
-    ) g
-    CROSS JOIN LATERAL (
-        SELECT i.issued_txn, i.issued_pos
-        FROM issued i
-        WHERE i.user_id = g.user_id AND i.device_id = g.device_id
-          AND i.algorithm = g.algorithm
-        ORDER BY i.issued_txn DESC, i.issued_pos DESC
-        OFFSET GREATEST($5::int8 - g.added, 0)
-        LIMIT 1
-    ) c
-    WHERE (SELECT v FROM issue_txn) % 8 = 0
-),
-prune_locked AS MATERIALIZED (
-    SELECT old.row_ctid
-    FROM prune_from p CROSS JOIN LATERAL (
-        SELECT i.ctid AS row_ctid
-        FROM issued i
-        WHERE i.user_id = p.user_id AND i.device_id = p.device_id
-          AND i.algorithm = p.algorithm
-          AND (i.issued_txn, i.issued_pos) <= (p.issued_txn, p.issued_pos)
-        FOR UPDATE SKIP LOCKED
-    ) old
-),
-pruned AS (
-    DELETE FROM issued i WHERE i.ctid = ANY (ARRAY(SELECT row_ctid FROM prune_locked))
 ),
 fb_seen AS MATERIALIZED (
     SELECT p.ord, true AS mark,
@@ -461,7 +426,7 @@ pub(crate) async fn claim(
     fall_back: bool,
 ) -> Result<ClaimOutcome> {
     let rounds = ClaimRounds::new(targets);
-    let remembered = i64::try_from(limits.remembered_issued_keys).unwrap_or(i64::MAX);
+    let remembered = remembered(limits);
     let run = |statement| ClaimRun {
         statement,
         rounds: &rounds,
