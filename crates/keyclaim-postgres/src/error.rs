@@ -92,6 +92,17 @@ pub(crate) fn listener(reason: &'static str) -> Error {
     Error::storage(BACKEND, "listen", true, reason)
 }
 
+/// The change announcements waiting to be sent are at their bound (R10.6):
+/// the mutation `op` is refused before it starts (retryable).
+pub(crate) fn backlog(op: &'static str) -> Error {
+    Error::storage(
+        BACKEND,
+        op,
+        true,
+        "too many change announcements waiting to be sent to the other workers",
+    )
+}
+
 /// A stored value that does not decode (a bug or outside tampering).
 pub(crate) fn corrupt(what: &str, error: impl std::fmt::Display) -> Error {
     Error::corrupt(format!("{BACKEND}: {what}: {error}"))

@@ -158,7 +158,12 @@ impl PostgresStore {
         let transactional_notify = options.get_transactional_notify();
         let sql = ops::Sql::new(schema, instance_id(), transactional_notify);
         let announcer = (!transactional_notify).then(|| {
-            listen::Announcer::start(pool.clone(), sql.channel.clone(), sql.instance.clone())
+            listen::Announcer::start(
+                pool.clone(),
+                sql.channel.clone(),
+                sql.instance.clone(),
+                listen::MAX_BACKLOG_DEVICES,
+            )
         });
         let core = StoreCore::new(options.get_limits().clone());
         let listener = if options.get_notifications() {
@@ -215,6 +220,16 @@ impl PostgresStore {
     async fn client(&self, op: &'static str) -> Result<deadpool_postgres::Object> {
         self.pool.get().await.map_err(|e| error::pool(op, e))
     }
+
+    /// A pooled connection for a mutation, or a retryable error, also when
+    /// the announcements waiting to be sent are at their bound (R10.6):
+    /// then the mutation is refused before anything is applied.
+    async fn writer(&self, op: &'static str) -> Result<deadpool_postgres::Object> {
+        if let Some(announcer) = &self.announcer {
+            announcer.room(op)?;
+        }
+        self.client(op).await
+    }
 }
 
 /// A random identifier of this store handle, put into its notifications so
@@ -240,21 +255,21 @@ impl Backend for PostgresStore {
     }
 
     async fn upload(&self, upload: &Upload) -> Result<UploadOutcome> {
-        let mut client = self.client("upload").await?;
+        let mut client = self.writer("upload").await?;
         let outcome = ops::upload(&mut client, &self.sql, self.core.limits(), upload).await?;
         self.changed(&outcome.changes);
         Ok(outcome)
     }
 
     async fn claim(&self, targets: &[ClaimTarget]) -> Result<ClaimOutcome> {
-        let mut client = self.client("claim").await?;
+        let mut client = self.writer("claim").await?;
         let outcome = ops::claim(&mut client, &self.sql, self.core.limits(), targets, true).await?;
         self.changed(&outcome.changes);
         Ok(outcome)
     }
 
     async fn claim_one_time_keys(&self, targets: &[ClaimTarget]) -> Result<ClaimOutcome> {
-        let mut client = self.client("claim_one_time_keys").await?;
+        let mut client = self.writer("claim_one_time_keys").await?;
         let outcome =
             ops::claim(&mut client, &self.sql, self.core.limits(), targets, false).await?;
         self.changed(&outcome.changes);
@@ -262,7 +277,7 @@ impl Backend for PostgresStore {
     }
 
     async fn claim_fallback_keys(&self, targets: &[FallbackTarget]) -> Result<ClaimOutcome> {
-        let client = self.client("claim_fallback_keys").await?;
+        let client = self.writer("claim_fallback_keys").await?;
         let outcome = ops::claim_fallback_keys(&client, &self.sql, targets).await?;
         self.changed(&outcome.changes);
         Ok(outcome)
@@ -273,7 +288,7 @@ impl Backend for PostgresStore {
         device: &Device,
         scope: &ResetScope,
     ) -> Result<UploadOutcome> {
-        let mut client = self.client("reset_one_time_keys").await?;
+        let mut client = self.writer("reset_one_time_keys").await?;
         let outcome = ops::reset_one_time_keys(&mut client, &self.sql, device, scope).await?;
         self.changed(&outcome.changes);
         Ok(outcome)
@@ -284,7 +299,7 @@ impl Backend for PostgresStore {
         previous: Option<&DeviceId>,
         upload: &Upload,
     ) -> Result<UploadOutcome> {
-        let mut client = self.client("replace_device").await?;
+        let mut client = self.writer("replace_device").await?;
         let outcome =
             ops::replace_device(&mut client, &self.sql, self.core.limits(), previous, upload)
                 .await?;
@@ -308,14 +323,14 @@ impl Backend for PostgresStore {
     }
 
     async fn delete_device(&self, device: &Device) -> Result<Changes> {
-        let mut client = self.client("delete_device").await?;
+        let mut client = self.writer("delete_device").await?;
         let changes = ops::delete_device(&mut client, &self.sql, device).await?;
         self.changed(&changes);
         Ok(changes)
     }
 
     async fn delete_user(&self, user: &UserId) -> Result<Changes> {
-        let mut client = self.client("delete_user").await?;
+        let mut client = self.writer("delete_user").await?;
         let changes = ops::delete_user(&mut client, &self.sql, user).await?;
         self.changed(&changes);
         Ok(changes)
@@ -334,7 +349,7 @@ impl Backend for PostgresStore {
     }
 
     async fn import_device(&self, snapshot: &DeviceSnapshot) -> Result<Changes> {
-        let mut client = self.client("import_device").await?;
+        let mut client = self.writer("import_device").await?;
         let changes =
             ops::import_device(&mut client, &self.sql, self.core.limits(), snapshot).await?;
         self.changed(&changes);
