@@ -90,11 +90,14 @@ impl PostgresStore {
     /// [`PostgresOptions::from_url`] first.
     ///
     /// # Errors
-    /// [`Error::Storage`] when the server cannot be reached (retryable) or
-    /// the URL is invalid (not retryable); [`Error::UnsupportedVersion`]
-    /// when the schema was written by a newer keyclaim.
+    /// [`Error::Storage`] when the server cannot be reached (retryable);
+    /// [`Error::InvalidConfig`] when the connection string is invalid or the
+    /// server is refused (R10.5, see [`PostgresStore::connect_with`]);
+    /// [`Error::UnsupportedVersion`] when the schema was written by a newer
+    /// keyclaim.
     ///
     /// [`Error::Storage`]: keyclaim::Error::Storage
+    /// [`Error::InvalidConfig`]: keyclaim::Error::InvalidConfig
     /// [`Error::UnsupportedVersion`]: keyclaim::Error::UnsupportedVersion
     pub async fn connect(url: &str) -> Result<PostgresStore> {
         Self::connect_with(url, PostgresOptions::default()).await

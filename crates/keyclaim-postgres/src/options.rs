@@ -278,7 +278,7 @@ impl PostgresOptions {
     /// [`Error::InvalidConfig`] for another scheme, an unknown or repeated
     /// `keyclaim_` parameter, one without `=VALUE`, a value that does not
     /// parse, or an invalid schema name. The rest of the URL is checked
-    /// when connecting.
+    /// when connecting (an invalid one is [`Error::InvalidConfig`] there too).
     pub fn from_url(url: &str) -> Result<(String, PostgresOptions)> {
         let Some(rest) = ["postgres://", "postgresql://"]
             .iter()

@@ -409,6 +409,33 @@ fn unreachable_server_is_a_retryable_error() {
 /// remembers exactly its newest 5 issued keys (re-uploads and exports
 /// agree), its rows grow only by the keys claimed since its last upload,
 /// and its next upload prunes them to exactly 5.
+/// A connection string that does not parse is a configuration error, not a
+/// storage failure, and its message shows no password.
+#[test]
+fn a_bad_connection_string_is_invalid_config() {
+    keyclaim_testing::runtime(2).block_on(async {
+        for url in [
+            "not a url ===",
+            "postgres://u:hunter2-secret@h:notaport/db",
+            "host=/tmp port=abc",
+            "host=/tmp sslmode=sometimes",
+            "postgres://u:hunter2-secret@h/db?nosuchoption=1",
+        ] {
+            let err = PostgresStore::connect_with(url, options("kc_x"))
+                .await
+                .expect_err(url);
+            match &err {
+                Error::InvalidConfig { reason } => {
+                    assert!(reason.contains("connection string"), "{url}: {reason}");
+                    assert!(!reason.contains("hunter2"), "{url}: {reason}");
+                }
+                other => panic!("{url}: expected InvalidConfig, got {other:?}"),
+            }
+            assert!(!err.is_retryable());
+        }
+    });
+}
+
 #[test]
 fn issued_memory_is_pruned_to_exactly_the_configured_number() {
     with_server("postgres::issued_memory_is_pruned", |url| async move {
