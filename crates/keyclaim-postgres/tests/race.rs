@@ -31,6 +31,7 @@ async fn two_workers(url: &str) -> (Arc<PostgresStore>, Arc<PostgresStore>) {
     let options = PostgresOptions::new()
         .schema(unique_schema("kc_race"))
         .pool_size(POOL)
+        .allow_unsafe_server(true)
         .limits(limits);
     let one = PostgresStore::connect_with(url, options.clone())
         .await
@@ -121,6 +122,27 @@ fn check_exact(
     assert_eq!(&issued, stored, "every key issued exactly once");
 }
 
+/// Fills `hot` with `per_claimer` keys per claimer, and has every claimer
+/// claim `per_claimer` single keys of it: exactly as many claims as keys
+/// (see [`check_exact`]).
+async fn drain_exactly(
+    workers: (&Arc<PostgresStore>, &Arc<PostgresStore>),
+    hot: &Device,
+    round: usize,
+    per_claimer: usize,
+) {
+    let stored = fill(workers.0, hot, round, CLAIMERS * per_claimer).await;
+    let plan = (0..CLAIMERS)
+        .map(|_| {
+            (0..per_claimer)
+                .map(|_| vec![ClaimTarget::one(hot.clone(), alg(SC))])
+                .collect()
+        })
+        .collect();
+    let answers = claim_storm(workers, plan).await;
+    check_exact(hot, &stored, &answers);
+}
+
 #[test]
 fn hot_device_claims_across_two_pools() {
     with_server(
@@ -129,18 +151,7 @@ fn hot_device_claims_across_two_pools() {
             let (one, two) = two_workers(&url).await;
             let hot = dev("@hot:example.org", "HOT");
             for round in 0..3 {
-                // Exactly as many single-key claims as keys.
-                let n = CLAIMERS * 10;
-                let stored = fill(&one, &hot, round, n).await;
-                let plan = (0..CLAIMERS)
-                    .map(|_| {
-                        (0..10)
-                            .map(|_| vec![ClaimTarget::one(hot.clone(), alg(SC))])
-                            .collect()
-                    })
-                    .collect();
-                let answers = claim_storm((&one, &two), plan).await;
-                check_exact(&hot, &stored, &answers);
+                drain_exactly((&one, &two), &hot, round, 10).await;
                 // Now empty: the next claim gets the fallback key.
                 let after = two
                     .claim(&[ClaimTarget::one(hot.clone(), alg(SC))])
@@ -412,6 +423,244 @@ fn fallback_claims_racing_a_fallback_replacement() {
                 answered_new_somewhere |= answered_new;
             }
             assert!(answered_new_somewhere, "some claim ran after an upload");
+        },
+    );
+}
+
+/// A raw connection to the server, for a transaction of the test's own.
+async fn raw(url: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio_postgres::connect(url, tokio_postgres::NoTls),
+    )
+    .await
+    .expect("raw connection within 30 s")
+    .expect("raw connection");
+    tokio::spawn(connection);
+    client
+}
+
+/// Runs `claim` while `locker` holds a lock on OTK rows (taken by
+/// `lock_sql`, in an open transaction), waits until the claim waits for
+/// `locker` (as `watcher` sees it, outside that transaction: the activity
+/// view is read once per transaction), then ends `locker`'s transaction
+/// with `end` and returns the claim's keys.
+async fn claim_while_locked<F>(
+    (locker, watcher): (&tokio_postgres::Client, &tokio_postgres::Client),
+    lock_sql: &str,
+    end: &str,
+    claim: F,
+) -> Vec<ClaimedKey>
+where
+    F: std::future::Future<Output = Vec<ClaimedKey>> + Send + 'static,
+{
+    locker.batch_execute("BEGIN").await.expect("begin");
+    let locked = locker.execute(lock_sql, &[]).await.expect("lock rows");
+    assert!(locked > 0, "{lock_sql}: nothing locked");
+    let pid: i32 = locker
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .expect("pid")
+        .get(0);
+    let task = tokio::spawn(claim);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let blocked: i64 = watcher
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY (pg_blocking_pids(pid))",
+                &[&pid],
+            )
+            .await
+            .expect("blocked sessions")
+            .get(0);
+        if blocked > 0 || task.is_finished() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the claim neither waited nor answered"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // A claim that answered while the rows were locked answered without
+    // waiting for them.
+    let answered_early = task.is_finished();
+    locker.batch_execute(end).await.expect("end the locker");
+    let keys = task.await.expect("claim task");
+    assert!(
+        !answered_early || keys.iter().all(|k| !k.fallback),
+        "the claim answered {keys:?} while a stored key was only locked"
+    );
+    keys
+}
+
+fn ids(keys: &[ClaimedKey]) -> Vec<(String, bool)> {
+    keys.iter()
+        .map(|k| (k.key_id.name().to_owned(), k.fallback))
+        .collect()
+}
+
+/// R4.3 when a concurrent transaction that locked keys rolls back (a
+/// failing claim, a cancelled deletion): a claim that finds the only keys
+/// left locked waits for them, and gets them when the locker rolls back,
+/// not the fallback key, nothing, or fewer keys; when the locker commits
+/// their deletion instead, the claim falls back.
+#[test]
+fn a_claim_gets_the_keys_of_a_locker_that_rolls_back() {
+    with_server(
+        "race::a_claim_gets_the_keys_of_a_locker_that_rolls_back",
+        |url| async move {
+            let (one, _two) = two_workers(&url).await;
+            let schema = one.schema().to_owned();
+            let (locker, watcher) = (raw(&url).await, raw(&url).await);
+            let sessions = (&locker, &watcher);
+            let lock = |user: &str, keys: &str| {
+                format!(
+                    "SELECT 1 FROM {schema}.otk WHERE user_id = '{user}' AND key_id IN ({keys}) \
+                     FOR UPDATE"
+                )
+            };
+
+            // The device's only key, locked: the claim waits, then gets it.
+            let a = dev("@a:x", "A");
+            put(&one, &a, otks(SC, &["K1"]), otks(SC, &["F"])).await;
+            let (store, target) = (one.clone(), ClaimTarget::one(a.clone(), alg(SC)));
+            let keys = claim_while_locked(
+                sessions,
+                &lock("@a:x", &format!("'{SC}:K1'")),
+                "ROLLBACK",
+                async move { store.claim(&[target]).await.expect("claim").keys },
+            )
+            .await;
+            assert_eq!(ids(&keys), [("K1".to_owned(), false)]);
+
+            // Two keys, the older locked, a claim of two: both.
+            let b = dev("@b:x", "B");
+            put(&one, &b, otks(SC, &["K1"]), otks(SC, &["F"])).await;
+            put(&one, &b, otks(SC, &["K2"]), vec![]).await;
+            let store = one.clone();
+            let target = ClaimTarget {
+                device: b.clone(),
+                algorithm: alg(SC),
+                count: 2,
+            };
+            let keys = claim_while_locked(
+                sessions,
+                &lock("@b:x", &format!("'{SC}:K1'")),
+                "ROLLBACK",
+                async move { store.claim(&[target]).await.expect("claim").keys },
+            )
+            .await;
+            assert_eq!(
+                ids(&keys),
+                [("K1".to_owned(), false), ("K2".to_owned(), false)]
+            );
+
+            // Two targets in one claim, one of them locked: both get their key.
+            let c = dev("@c:x", "C");
+            let d = dev("@d:x", "D");
+            put(&one, &c, otks(SC, &["K1"]), otks(SC, &["F"])).await;
+            put(&one, &d, otks(SC, &["K1"]), otks(SC, &["F"])).await;
+            let store = one.clone();
+            let targets = [
+                ClaimTarget::one(d.clone(), alg(SC)),
+                ClaimTarget::one(c.clone(), alg(SC)),
+            ];
+            let keys = claim_while_locked(
+                sessions,
+                &lock("@c:x", &format!("'{SC}:K1'")),
+                "ROLLBACK",
+                async move { store.claim(&targets).await.expect("claim").keys },
+            )
+            .await;
+            assert_eq!(
+                ids(&keys),
+                [("K1".to_owned(), false), ("K1".to_owned(), false)]
+            );
+            assert_eq!((&keys[0].device, &keys[1].device), (&d, &c));
+
+            // The split claim's one-time step (R12.1) waits too.
+            let e = dev("@e:x", "E");
+            put(&one, &e, otks(SC, &["K1"]), vec![]).await;
+            let (store, target) = (one.clone(), ClaimTarget::one(e.clone(), alg(SC)));
+            let keys = claim_while_locked(
+                sessions,
+                &lock("@e:x", &format!("'{SC}:K1'")),
+                "ROLLBACK",
+                async move {
+                    store
+                        .claim_one_time_keys(&[target])
+                        .await
+                        .expect("claim")
+                        .keys
+                },
+            )
+            .await;
+            assert_eq!(ids(&keys), [("K1".to_owned(), false)]);
+
+            // A locker that deletes the key and commits: the claim falls back.
+            let f = dev("@f:x", "F");
+            put(&one, &f, otks(SC, &["K1"]), otks(SC, &["F"])).await;
+            let (store, target) = (one.clone(), ClaimTarget::one(f.clone(), alg(SC)));
+            let keys = claim_while_locked(
+                sessions,
+                &format!("DELETE FROM {schema}.otk WHERE user_id = '@f:x'"),
+                "COMMIT",
+                async move { store.claim(&[target]).await.expect("claim").keys },
+            )
+            .await;
+            assert_eq!(ids(&keys), [("F".to_owned(), true)]);
+
+            // Nothing was left behind.
+            for device in [&a, &b, &c, &d, &e, &f] {
+                assert_eq!(one.otk_counts(device).await.expect("counts").get_str(SC), 0);
+            }
+        },
+    );
+}
+
+/// R4.3 under claims that roll back: while 64 claimers take exactly as many
+/// keys as a hot device holds, another session keeps locking the device's
+/// oldest free keys and rolling back (as failing claims do). Every claim
+/// still gets its key, none gets the fallback key, every key goes out once.
+#[test]
+fn hot_device_claims_racing_lockers_that_roll_back() {
+    with_server(
+        "race::hot_device_claims_racing_lockers_that_roll_back",
+        |url| async move {
+            let (one, two) = two_workers(&url).await;
+            let hot = dev("@hot:example.org", "HOT");
+            let schema = one.schema().to_owned();
+            let stop = Arc::new(AtomicBool::new(false));
+            let rollbacks = Arc::new(AtomicUsize::new(0));
+            let lockers: Vec<_> = (0..2)
+                .map(|_| {
+                    let (url, schema, stop, rollbacks) =
+                        (url.clone(), schema.clone(), stop.clone(), rollbacks.clone());
+                    tokio::spawn(async move {
+                        let locker = raw(&url).await;
+                        let lock = format!(
+                            "SELECT 1 FROM {schema}.otk WHERE user_id = '@hot:example.org' \
+                             ORDER BY seq, key_id LIMIT 3 FOR UPDATE SKIP LOCKED"
+                        );
+                        while !stop.load(Ordering::SeqCst) {
+                            locker.batch_execute("BEGIN").await.expect("begin");
+                            locker.execute(&lock, &[]).await.expect("lock");
+                            tokio::time::sleep(Duration::from_millis(2)).await;
+                            locker.batch_execute("ROLLBACK").await.expect("rollback");
+                            rollbacks.fetch_add(1, Ordering::SeqCst);
+                        }
+                    })
+                })
+                .collect();
+            for round in 0..3 {
+                drain_exactly((&one, &two), &hot, round, 5).await;
+            }
+            stop.store(true, Ordering::SeqCst);
+            for locker in lockers {
+                locker.await.expect("locker");
+            }
+            assert!(rollbacks.load(Ordering::SeqCst) > 0, "the lockers ran");
         },
     );
 }

@@ -13,16 +13,28 @@
 //!   it, and only one transaction can delete a row.
 //! - *No under-issue*: the plan is `Limit -> LockRows -> Index Scan`, so the
 //!   lock node locks exactly the rows the limit passes on: a claimer locks
-//!   only keys it will delete. A row another claimer holds is therefore
-//!   always on its way out, and skipping it takes nothing away from us; we
-//!   keep walking the index to the next key. A row that a concurrent claim
-//!   deleted and committed after our snapshot is dropped by the lock node
-//!   (READ COMMITTED re-check) and the walk goes on as well. So a claimer
-//!   comes away short (and falls back) only when every remaining key is
-//!   taken by claims that commit, i.e. when the keys are really gone. No
-//!   other statement locks OTK rows (uploads read them without a lock and
-//!   insert new ones, invisible until commit); deletion and import lock them
-//!   only to delete them too.
+//!   only keys it will delete. A row that a concurrent claim deleted and
+//!   committed after our snapshot is dropped by the lock node (READ
+//!   COMMITTED re-check, R10.5) and the walk goes on; so is a row another
+//!   transaction holds locked, which is usually on its way out too (a
+//!   claim, a deletion). But that transaction may still fail and roll back
+//!   (R4.3): then the key stays stored, and a claim that skipped it must
+//!   not come away short. So when a target comes away short and the
+//!   device still shows, in the statement's snapshot, keys the walk did not
+//!   take (the `contended` CTE, one more index probe of the short targets
+//!   only), the statement applies nothing (no deletion, no fallback) and
+//!   answers -3; the claim then runs again as [`CLAIM_WAITING`], whose walk
+//!   waits for locked rows instead of skipping them: it takes a row whose
+//!   locker rolled back, and steps past one whose locker deleted it. This
+//!   only happens on a nearly empty device, and costs one more statement.
+//!   Claims lock keys in one order (targets in byte order, keys in claim
+//!   order), and a skipping walk never waits, so waiting claims cannot
+//!   deadlock with each other; a deletion, which locks a device's keys in
+//!   an order of its own, can meet a waiting claim of the same device in a
+//!   deadlock, which PostgreSQL breaks by failing one of them (retryable,
+//!   nothing applied). No other statement locks OTK rows (uploads read them
+//!   without a lock and insert new ones, invisible until commit); deletion,
+//!   key resets and import lock them only to delete them too.
 //! - The fallback key is read for the targets that got no OTK, from the
 //!   statement's snapshot, and that version is the key answered. An unused
 //!   one is then locked (`FOR UPDATE`, in key order so that concurrent
@@ -38,23 +50,20 @@
 //!   claim marks only the very key it answers (R4.4, R5.1), never a newer
 //!   key it did not see. A used key is answered without a lock (so that
 //!   claimers of an exhausted hot device do not queue on its row).
-//! - The issued memory (R3.4) is written and pruned in the same statement.
-//!   Finding what to prune walks the device's remembered keys, up to the
-//!   configured number, so only one claim statement in eight does it (by
-//!   its `issued_seq` value): a device keeps at least the configured number
-//!   of issued keys, and a few claims' worth more between two prunes. The
-//!   walk reads only the primary key `(user_id, device_id, algorithm,
-//!   issued_txn, issued_pos)` (an index-only scan where the table's pages
-//!   are all-visible) to find the newest key that must go; the keys from
-//!   there on back are then locked through the same index. The remembered
-//!   keys are inserted without a conflict check: the statement's
-//!   `issued_seq` value and each key's position in the statement make the
-//!   primary key unique. Pruning locks with `SKIP LOCKED` (rows
-//!   another claim is pruning are left to it), so it never waits.
+//! - The issued memory (R3.4) is written in the same statement: each
+//!   claimed key, at most the configured number per (device, algorithm), is
+//!   inserted without a conflict check (the statement's `issued_seq` value
+//!   and each key's position in the statement make the primary key
+//!   unique). Claims never prune it: a (device, algorithm) remembers its
+//!   newest `Limits::remembered_issued_keys` issued keys, exactly, and older
+//!   rows count as forgotten for uploads and exports alike; uploads prune
+//!   them (see [`super::upload`]). So a claim touches no older row of the
+//!   memory, and claims of one device never meet there.
 //! - Duplicate targets (the same device and algorithm twice in one request)
 //!   cannot share one statement (a transaction does not skip its own locks),
 //!   so they go to further "rounds": statements in one explicit transaction,
-//!   each seeing what the previous one took.
+//!   each seeing what the previous one took. When one round answers -3,
+//!   the transaction rolls back and every round runs again waiting.
 //! - With transactional notifications the cross-process notification is
 //!   `pg_notify` inside the statement, so it is sent if and only if the
 //!   claim commits; by default it is sent after the commit, batched (see
@@ -71,10 +80,6 @@
 //! Failure modes: a claim whose statement fails rolls back whole. A claim
 //! whose connection dies while the server commits may have consumed keys
 //! that nobody received (the error is retryable; retrying claims new keys).
-//! A claim that skipped a locked row of a concurrent claim *that then rolls
-//! back* can come away short while that key remains: only a failing
-//! concurrent claim causes this, and the contract's guarantee concerns
-//! claims that succeed.
 
 use std::collections::HashMap;
 
@@ -86,7 +91,7 @@ use keyclaim::{
 };
 use tokio_postgres::types::ToSql;
 
-use super::Sql;
+use super::{Sql, remembered};
 use crate::error::{corrupt, pg};
 
 /// The CTEs `fb_locked` and `fb_marked` of the claim statements: lock the
@@ -160,36 +165,19 @@ notified AS (
     };
 }
 
-/// Claims for many targets in one statement; see the module docs.
-///
-/// Parameters: `$1..$4` the targets (user IDs, device IDs, algorithms,
-/// counts > 0, no (device, algorithm) twice), `$5` the number of issued
-/// keys to remember per (device, algorithm), `$6` the channel, `$7` the
-/// instance ID, `$8` whether to send the notifications in the statement,
-/// `$9` whether to fall back to the fallback key (R4.4; not for R12.1).
-/// Rows: `ord` (1-based target index of a fallback key; 0 for
-/// an OTK, whose target is found by its user, device and algorithm, unique
-/// in a round; -1 for the notification row; -2 for a fallback key marked
-/// used, found by its user, device and algorithm too), `fallback`, `seq`,
-/// `key_id`, `key_json`, `changed` (this row changed its device: an OTK
-/// removed or a fallback newly marked used), `user_id`, `device_id`,
-/// `algorithm` (OTKs and marked fallback keys),
-/// `digest` (of the key JSON, stored next to it: the key JSON is rebuilt
-/// from both without parsing it again).
-///
-/// No step joins two intermediate results on a condition the planner could
-/// misjudge: a prepared statement's generic plan does not know how many
-/// targets a call has, and a nested loop over two 1,000-row CTEs would cost
-/// seconds. Every table access is an index scan under `LATERAL` or a TID
-/// scan.
-pub(crate) const CLAIM: &str = concat!(
-    r#"
+/// The claim statement, with `$lock` the locking clause of the walk over a
+/// target's keys and `$detect` whether to look for keys that the walk
+/// skipped (see [`CLAIM`] and [`CLAIM_WAITING`]).
+macro_rules! claim_statement {
+    ($lock:literal, $detect:literal) => {
+        concat!(
+            r#"
 WITH t AS MATERIALIZED (
     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int4[])
         WITH ORDINALITY AS t(user_id, device_id, algorithm, n, ord)
 ),
 picked AS MATERIALIZED (
-    SELECT t.ord, t.user_id, t.device_id, t.algorithm, k.row_ctid
+    SELECT t.ord, t.user_id, t.device_id, t.algorithm, t.n, k.row_ctid
     FROM t LEFT JOIN LATERAL (
         SELECT o.ctid AS row_ctid
         FROM otk o
@@ -197,12 +185,35 @@ picked AS MATERIALIZED (
           AND o.algorithm = t.algorithm
         ORDER BY o.seq, o.key_id
         LIMIT t.n
-        FOR UPDATE SKIP LOCKED
+        "#,
+            $lock,
+            r#"
     ) k ON true
+),
+contended AS MATERIALIZED (
+    SELECT g.ord
+    FROM (
+        SELECT ord, user_id, device_id, algorithm, n,
+               coalesce(array_agg(row_ctid) FILTER (WHERE row_ctid IS NOT NULL), '{}') AS got
+        FROM picked
+        GROUP BY ord, user_id, device_id, algorithm, n
+    ) g
+    WHERE "#,
+            $detect,
+            r#" AND cardinality(g.got) < g.n
+      AND EXISTS (
+        SELECT 1 FROM otk o
+        WHERE o.user_id = g.user_id AND o.device_id = g.device_id
+          AND o.algorithm = g.algorithm AND o.ctid <> ALL (g.got)
+      )
+),
+go AS MATERIALIZED (
+    SELECT NOT EXISTS (SELECT 1 FROM contended) AS ok
 ),
 claimed AS (
     DELETE FROM otk o
-    WHERE o.ctid = ANY (ARRAY(SELECT row_ctid FROM picked WHERE row_ctid IS NOT NULL))
+    WHERE (SELECT ok FROM go)
+      AND o.ctid = ANY (ARRAY(SELECT row_ctid FROM picked WHERE row_ctid IS NOT NULL))
     RETURNING o.user_id, o.device_id, o.algorithm, o.key_id, o.key_json, o.digest, o.seq
 ),
 ranked AS MATERIALIZED (
@@ -222,37 +233,6 @@ remembered AS (
     FROM ranked r
     WHERE r.from_newest <= $5::int8
 ),
-prune_from AS MATERIALIZED (
-    SELECT g.user_id, g.device_id, g.algorithm, c.issued_txn, c.issued_pos
-    FROM (
-        SELECT user_id, device_id, algorithm, count(*) AS added
-        FROM claimed GROUP BY user_id, device_id, algorithm
-    ) g
-    CROSS JOIN LATERAL (
-        SELECT i.issued_txn, i.issued_pos
-        FROM issued i
-        WHERE i.user_id = g.user_id AND i.device_id = g.device_id
-          AND i.algorithm = g.algorithm
-        ORDER BY i.issued_txn DESC, i.issued_pos DESC
-        OFFSET GREATEST($5::int8 - g.added, 0)
-        LIMIT 1
-    ) c
-    WHERE (SELECT v FROM issue_txn) % 8 = 0
-),
-prune_locked AS MATERIALIZED (
-    SELECT old.row_ctid
-    FROM prune_from p CROSS JOIN LATERAL (
-        SELECT i.ctid AS row_ctid
-        FROM issued i
-        WHERE i.user_id = p.user_id AND i.device_id = p.device_id
-          AND i.algorithm = p.algorithm
-          AND (i.issued_txn, i.issued_pos) <= (p.issued_txn, p.issued_pos)
-        FOR UPDATE SKIP LOCKED
-    ) old
-),
-pruned AS (
-    DELETE FROM issued i WHERE i.ctid = ANY (ARRAY(SELECT row_ctid FROM prune_locked))
-),
 fb_seen AS MATERIALIZED (
     SELECT p.ord, true AS mark,
            f.user_id, f.device_id, f.algorithm, f.key_id, f.key_json, f.digest, f.used
@@ -262,19 +242,19 @@ fb_seen AS MATERIALIZED (
           AND f.algorithm = p.algorithm
         LIMIT 1
     ) f
-    WHERE p.row_ctid IS NULL AND $9::bool
+    WHERE p.row_ctid IS NULL AND $9::bool AND (SELECT ok FROM go)
 ),
 "#,
-    lock_fallbacks_cte!(),
-    r#"
+            lock_fallbacks_cte!(),
+            r#"
 changed AS (
     SELECT user_id, device_id FROM claimed
     UNION
     SELECT user_id, device_id FROM fb_marked
 ),
 "#,
-    notified_cte!("$6", "$7", "$8"),
-    r#"
+            notified_cte!("$6", "$7", "$8"),
+            r#"
 SELECT 0::int8 AS ord, false AS fallback, c.seq, c.key_id, c.key_json, true AS changed,
        c.user_id, c.device_id, c.algorithm, c.digest
   FROM claimed c
@@ -286,8 +266,45 @@ SELECT -2::int8, false, 0::int8, NULL, NULL, true, m.user_id, m.device_id, m.alg
   FROM fb_marked m
 UNION ALL
 SELECT -1::int8, false, n, NULL, NULL, false, NULL, NULL, NULL, NULL FROM notified
+UNION ALL
+SELECT -3::int8, false, 0::int8, NULL, NULL, false, NULL, NULL, NULL, NULL
+  FROM go WHERE NOT ok
 "#
-);
+        )
+    };
+}
+
+/// Claims for many targets in one statement; see the module docs.
+///
+/// Parameters: `$1..$4` the targets (user IDs, device IDs, algorithms,
+/// counts > 0, no (device, algorithm) twice, in byte order of user, device
+/// and algorithm), `$5` the number of issued keys to remember per (device,
+/// algorithm), `$6` the channel, `$7` the instance ID, `$8` whether to send
+/// the notifications in the statement, `$9` whether to fall back to the
+/// fallback key (R4.4; not for R12.1). Rows: `ord` (1-based target index
+/// of a fallback key; 0 for an OTK, whose target is found by its user,
+/// device and algorithm, unique in a round; -1 for the notification row;
+/// -2 for a fallback key marked used, found by its user, device and
+/// algorithm too; -3, alone, when the statement did nothing because a
+/// target came away short while keys it skipped remain: see the module
+/// docs), `fallback`, `seq`, `key_id`, `key_json`, `changed` (this row
+/// changed its device: an OTK removed or a fallback newly marked used),
+/// `user_id`, `device_id`, `algorithm` (OTKs and marked fallback keys),
+/// `digest` (of the key JSON, stored next to it: the key JSON is rebuilt
+/// from both without parsing it again).
+///
+/// No step joins two intermediate results on a condition the planner could
+/// misjudge: a prepared statement's generic plan does not know how many
+/// targets a call has, and a nested loop over two 1,000-row CTEs would cost
+/// seconds. Every table access is an index scan under `LATERAL` or a TID
+/// scan.
+pub(crate) const CLAIM: &str = claim_statement!("FOR UPDATE SKIP LOCKED", "true");
+
+/// [`CLAIM`] that waits for locked keys instead of skipping them, run when
+/// [`CLAIM`] answered -3 (see the module docs). Its walk locks the targets'
+/// keys in one order (targets in byte order, keys in claim order), so that
+/// two of them cannot deadlock on keys; it never answers -3.
+pub(crate) const CLAIM_WAITING: &str = claim_statement!("FOR UPDATE", "false");
 
 /// Hands out fallback keys for many targets in one statement (R12.2).
 ///
@@ -362,11 +379,21 @@ struct Round<'a> {
 
 impl<'a> ClaimRounds<'a> {
     /// Rounds of the targets (core clamped their counts, R8.3, and left out
-    /// those of 0).
+    /// those of 0), each in byte order of user, device and algorithm: the
+    /// order in which [`CLAIM_WAITING`] locks.
     fn new(targets: &'a [ClaimTarget]) -> Self {
         let mut rounds: Vec<Round<'a>> = Vec::new();
         let mut seen: HashMap<(&Device, &Algorithm), usize> = HashMap::new();
-        for (i, target) in targets.iter().enumerate() {
+        let mut order: Vec<(usize, &ClaimTarget)> = targets.iter().enumerate().collect();
+        // Stable: the repeats of a target keep their order across rounds.
+        order.sort_by_key(|(_, t)| {
+            (
+                t.device.user_id.as_str(),
+                t.device.device_id.as_str(),
+                t.algorithm.as_str(),
+            )
+        });
+        for (i, target) in order {
             let count = target.count;
             let occurrence = seen.entry((&target.device, &target.algorithm)).or_insert(0);
             let r = *occurrence;
@@ -398,31 +425,28 @@ pub(crate) async fn claim(
     targets: &[ClaimTarget],
     fall_back: bool,
 ) -> Result<ClaimOutcome> {
-    let op = "claim";
     let rounds = ClaimRounds::new(targets);
-    let remembered = i64::try_from(limits.remembered_issued_keys).unwrap_or(i64::MAX);
-    let mut claimed: Vec<Claimed> = Vec::new();
-    let mut changed: Vec<Device> = Vec::new();
-    if let [round] = rounds.rounds.as_slice() {
-        // The common case: one statement, its own transaction, one round trip.
-        let stmt = client.prepare_cached(CLAIM).await.map_err(pg(op))?;
-        let rows = client
-            .query(&stmt, &claim_params(round, &remembered, sql, &fall_back))
-            .await
-            .map_err(pg(op))?;
-        decode_claim(round, targets, rows, &mut claimed, &mut changed)?;
-    } else {
-        let tx = client.transaction().await.map_err(pg(op))?;
-        let stmt = tx.prepare_cached(CLAIM).await.map_err(pg(op))?;
-        for round in &rounds.rounds {
-            let rows = tx
-                .query(&stmt, &claim_params(round, &remembered, sql, &fall_back))
-                .await
-                .map_err(pg(op))?;
-            decode_claim(round, targets, rows, &mut claimed, &mut changed)?;
+    let remembered = remembered(limits);
+    let run = |statement| ClaimRun {
+        statement,
+        rounds: &rounds,
+        targets,
+        sql,
+        remembered,
+        fall_back,
+    };
+    let (mut claimed, changed) = match run(CLAIM).execute(client).await? {
+        Some(done) => done,
+        None => {
+            // A target came away short while keys it skipped were still
+            // stored: nothing was applied; wait for them (R4.3).
+            tracing::debug!("claim contended; waiting for locked keys");
+            run(CLAIM_WAITING)
+                .execute(client)
+                .await?
+                .ok_or_else(|| corrupt("claim answer", "a waiting claim did not apply"))?
         }
-        tx.commit().await.map_err(pg(op))?;
-    }
+    };
     claimed.sort_by(|a, b| (a.0, a.1, a.2, &a.3.key_id).cmp(&(b.0, b.1, b.2, &b.3.key_id)));
     let keys: Vec<ClaimedKey> = claimed.into_iter().map(|(_, _, _, key)| key).collect();
     tracing::debug!(issued = keys.len(), changed = changed.len(), "claim done");
@@ -432,32 +456,77 @@ pub(crate) async fn claim(
     })
 }
 
-fn claim_params<'a>(
-    round: &'a Round<'_>,
-    remembered: &'a i64,
+/// One run of a claim statement ([`CLAIM`] or [`CLAIM_WAITING`]) over every
+/// round of a claim.
+struct ClaimRun<'a> {
+    statement: &'static str,
+    rounds: &'a ClaimRounds<'a>,
+    targets: &'a [ClaimTarget],
     sql: &'a Sql,
-    fall_back: &'a bool,
-) -> [&'a (dyn ToSql + Sync); 9] {
-    [
-        &round.users,
-        &round.devices,
-        &round.algorithms,
-        &round.counts,
-        remembered,
-        &sql.channel,
-        &sql.instance,
-        &sql.transactional_notify,
-        fall_back,
-    ]
+    remembered: i64,
+    fall_back: bool,
 }
 
+impl ClaimRun<'_> {
+    /// Runs the rounds: one statement in its own transaction, or several
+    /// in one. `None` when a statement answered that it did nothing (-3):
+    /// then nothing of the claim was applied.
+    async fn execute(&self, client: &mut Object) -> Result<Option<(Vec<Claimed>, Vec<Device>)>> {
+        let op = "claim";
+        let mut claimed: Vec<Claimed> = Vec::new();
+        let mut changed: Vec<Device> = Vec::new();
+        if let [round] = self.rounds.rounds.as_slice() {
+            // The common case: one statement, its own transaction, one round trip.
+            let stmt = client
+                .prepare_cached(self.statement)
+                .await
+                .map_err(pg(op))?;
+            let rows = client
+                .query(&stmt, &self.params(round))
+                .await
+                .map_err(pg(op))?;
+            if !decode_claim(round, self.targets, rows, &mut claimed, &mut changed)? {
+                return Ok(None);
+            }
+        } else {
+            let tx = client.transaction().await.map_err(pg(op))?;
+            let stmt = tx.prepare_cached(self.statement).await.map_err(pg(op))?;
+            for round in &self.rounds.rounds {
+                let rows = tx.query(&stmt, &self.params(round)).await.map_err(pg(op))?;
+                if !decode_claim(round, self.targets, rows, &mut claimed, &mut changed)? {
+                    // Dropped: rolled back, with what earlier rounds took.
+                    return Ok(None);
+                }
+            }
+            tx.commit().await.map_err(pg(op))?;
+        }
+        Ok(Some((claimed, changed)))
+    }
+
+    fn params<'p>(&'p self, round: &'p Round<'_>) -> [&'p (dyn ToSql + Sync); 9] {
+        [
+            &round.users,
+            &round.devices,
+            &round.algorithms,
+            &round.counts,
+            &self.remembered,
+            &self.sql.channel,
+            &self.sql.instance,
+            &self.sql.transactional_notify,
+            &self.fall_back,
+        ]
+    }
+}
+
+/// Decodes one claim statement's rows into `claimed` and `changed`;
+/// `false` when the statement did nothing (its -3 row).
 fn decode_claim(
     round: &Round<'_>,
     targets: &[ClaimTarget],
     rows: Vec<tokio_postgres::Row>,
     claimed: &mut Vec<Claimed>,
     changed: &mut Vec<Device>,
-) -> Result<()> {
+) -> Result<bool> {
     let op = "claim";
     // (user, device, algorithm) -> position in the round (unique there).
     let by_target: HashMap<(&str, &str, &str), usize> = (0..round.index.len())
@@ -467,6 +536,9 @@ fn decode_claim(
         let ord: i64 = row.try_get(0).map_err(pg(op))?;
         if ord == -1 {
             continue; // the notification row
+        }
+        if ord == -3 {
+            return Ok(false);
         }
         let position = if ord == 0 || ord == -2 {
             let user: &str = row.try_get(6).map_err(pg(op))?;
@@ -510,7 +582,7 @@ fn decode_claim(
             },
         ));
     }
-    Ok(())
+    Ok(true)
 }
 
 /// Hands out the targets' fallback keys in one statement ([`CLAIM_FALLBACKS`]),

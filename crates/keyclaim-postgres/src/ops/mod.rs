@@ -27,7 +27,7 @@ pub(crate) use read::{counts_many, fallback_keys, sync_state};
 pub(crate) use transfer::{export_devices, import_device};
 pub(crate) use upload::{replace_device, upload};
 
-use keyclaim::Device;
+use keyclaim::{Device, Limits};
 
 /// Per-store values the statements take as parameters.
 #[derive(Debug, Clone)]
@@ -110,6 +110,11 @@ pub(crate) fn notify_payloads(instance: &str, devices: &[Device]) -> Vec<String>
         out.push(format!("{instance} [{}]", current.join(",")));
     }
     out
+}
+
+/// `Limits::remembered_issued_keys` (R3.4) as a statement parameter.
+fn remembered(limits: &Limits) -> i64 {
+    i64::try_from(limits.remembered_issued_keys).unwrap_or(i64::MAX)
 }
 
 // Typed forms of core's decoders, for columns read as `&str`.

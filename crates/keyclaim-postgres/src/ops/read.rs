@@ -204,7 +204,8 @@ mod tests {
                 &url,
                 PostgresOptions::new()
                     .schema(unique_schema("kc_cmplan"))
-                    .pool_size(1),
+                    .pool_size(1)
+                    .allow_unsafe_server(true),
             )
             .await
             .expect("connect");

@@ -1,4 +1,5 @@
-//! Uploads (R3.1, R3.2, R3.4, R8.1).
+//! Uploads (R3.1, R3.2, R3.4, R8.1), which also prune the issued memory
+//! (R3.4, see [`PRUNE_ISSUED`]).
 //!
 //! An upload takes a transaction-scoped advisory lock on its device (and a
 //! shared one on its user, which a user deletion takes exclusively; see
@@ -33,21 +34,33 @@ use tokio_postgres::types::ToSql;
 
 use super::delete::DeviceDeletion;
 use super::read::{SYNC_STATE, decode_sync_state};
-use super::{LOCK_DEVICE, NOTIFY, Sql, UPSERT_FALLBACKS, count_to_u64, notify_payloads};
+use super::{
+    LOCK_DEVICE, NOTIFY, Sql, UPSERT_FALLBACKS, count_to_u64, notify_payloads, remembered,
+};
 use crate::error::pg;
 
-/// Everything [`plan_upload`] needs, in one snapshot: stored OTKs and issued
-/// keys among the uploaded key IDs, OTK counts of the uploaded algorithms
-/// (`$4`) or, when `$6` is set, of every algorithm of the device (R8.4),
-/// stored fallback digests of the uploaded fallback algorithms. Only one of
-/// the two count branches runs (each is gated by a one-time filter on
-/// `$6`); both are index scans of the device's own keys.
+/// Everything [`plan_upload`] needs, in one snapshot: stored OTKs among the
+/// uploaded key IDs; remembered issued keys among them, i.e. among the
+/// newest `$7` issued keys of each uploaded algorithm (R3.4: older rows
+/// count as forgotten until [`PRUNE_ISSUED`] removes them); OTK counts of
+/// the uploaded algorithms (`$4`, distinct) or, when `$6` is set, of every
+/// algorithm of the device (R8.4); stored fallback digests of the uploaded
+/// fallback algorithms. Only one of the two count branches runs (each is
+/// gated by a one-time filter on `$6`); every branch is an index scan of
+/// the device's own rows.
 const UPLOAD_FACTS: &str = "
 SELECT 0::int2 AS kind, key_id, NULL::text AS algorithm, digest, 0::int8 AS n
   FROM otk WHERE user_id = $1 AND device_id = $2 AND key_id = ANY($3::text[])
 UNION ALL
-SELECT 1::int2, key_id, NULL::text, digest, 0::int8
-  FROM issued WHERE user_id = $1 AND device_id = $2 AND key_id = ANY($3::text[])
+SELECT 1::int2, i.key_id, NULL::text, i.digest, 0::int8
+  FROM unnest($4::text[]) AS a(algorithm)
+  CROSS JOIN LATERAL (
+      SELECT key_id, digest FROM issued
+       WHERE user_id = $1 AND device_id = $2 AND algorithm = a.algorithm
+       ORDER BY issued_txn DESC, issued_pos DESC
+       LIMIT $7
+  ) i
+ WHERE i.key_id = ANY($3::text[])
 UNION ALL
 SELECT 2::int2, NULL::text, algorithm, NULL::bytea, count(*)
   FROM otk WHERE user_id = $1 AND device_id = $2 AND algorithm = ANY($4::text[]) AND NOT $6::bool
@@ -59,6 +72,24 @@ SELECT 2::int2, NULL::text, algorithm, NULL::bytea, count(*)
 UNION ALL
 SELECT 3::int2, NULL::text, algorithm, digest, 0::int8
   FROM fallback WHERE user_id = $1 AND device_id = $2 AND algorithm = ANY($5::text[])";
+
+/// Removes the issued keys of the device's algorithms `$3` older than the
+/// newest `$4` (R3.4: forgotten already, see [`UPLOAD_FACTS`]). Claims add
+/// to the memory and never prune it, so uploads do: a (device, algorithm)
+/// holds at most the remembered number plus the keys issued since its last
+/// upload, which are at most the keys stored then (R8.1). Only uploads,
+/// deletions and imports of the device, serialized by its lock, delete
+/// these rows; claims only insert newer ones.
+const PRUNE_ISSUED: &str = "
+DELETE FROM issued WHERE ctid = ANY (ARRAY(
+    SELECT old.row_ctid
+      FROM unnest($3::text[]) AS a(algorithm)
+      CROSS JOIN LATERAL (
+          SELECT ctid AS row_ctid FROM issued
+           WHERE user_id = $1 AND device_id = $2 AND algorithm = a.algorithm
+           ORDER BY issued_txn DESC, issued_pos DESC
+           OFFSET $4
+      ) old))";
 
 /// New OTKs of one upload, all at one new sequence value (R3.5): the
 /// uncorrelated subquery is evaluated once per statement.
@@ -152,26 +183,22 @@ struct FactsQuery<'u> {
     algorithms: Vec<&'u str>,
     fallback_algorithms: Vec<&'u str>,
     all_counts: bool,
+    remembered: i64,
 }
 
 impl<'u> FactsQuery<'u> {
     fn new(upload: &'u Upload, limits: &Limits) -> Self {
-        let mut algorithms: Vec<&str> = upload
-            .one_time_keys()
-            .keys()
-            .map(KeyId::algorithm_str)
-            .collect();
-        algorithms.dedup();
         Self {
             device: upload.device(),
             key_ids: upload.one_time_keys().keys().map(KeyId::as_str).collect(),
-            algorithms,
+            algorithms: otk_algorithms(upload),
             fallback_algorithms: upload
                 .fallback_keys()
                 .keys()
                 .map(Algorithm::as_str)
                 .collect(),
             all_counts: DeviceFacts::needs_all_counts(limits),
+            remembered: remembered(limits),
         }
     }
 
@@ -183,13 +210,14 @@ impl<'u> FactsQuery<'u> {
         stmt: &Statement,
         op: &'static str,
     ) -> Result<DeviceFacts> {
-        let params: [&(dyn ToSql + Sync); 6] = [
+        let params: [&(dyn ToSql + Sync); 7] = [
             &self.device.user_id.as_str(),
             &self.device.device_id.as_str(),
             &self.key_ids,
             &self.algorithms,
             &self.fallback_algorithms,
             &self.all_counts,
+            &self.remembered,
         ];
         let rows = tx.query(stmt, &params).await.map_err(pg(op))?;
         let mut facts = DeviceFacts::default();
@@ -222,8 +250,22 @@ impl<'u> FactsQuery<'u> {
     }
 }
 
+/// The distinct algorithms of an upload's OTKs. The keys are in key ID
+/// order, in which the IDs of one algorithm (`<algorithm>:` and a name) are
+/// adjacent.
+fn otk_algorithms(upload: &Upload) -> Vec<&str> {
+    let mut algorithms: Vec<&str> = upload
+        .one_time_keys()
+        .keys()
+        .map(KeyId::algorithm_str)
+        .collect();
+    algorithms.dedup();
+    algorithms
+}
+
 /// Plans the upload against `facts` and applies the plan in `tx`, pipelined
-/// with the counts after it and, with transactional notifications, the
+/// with the pruning of the issued memory ([`PRUNE_ISSUED`]), the counts
+/// after it and, with transactional notifications, the
 /// notification of `changed` plus the upload's device when it stored
 /// anything. Does not commit: on a rule violation the caller drops the
 /// transaction (rolled back, nothing applied).
@@ -245,13 +287,16 @@ async fn apply(
     }
     let changes = Changes::from_devices(changed);
 
-    let (insert_stmt, upsert_stmt, notify_stmt, state_stmt) = futures::try_join!(
+    let (insert_stmt, upsert_stmt, notify_stmt, state_stmt, prune_stmt) = futures::try_join!(
         tx.prepare_cached(INSERT_OTKS),
         tx.prepare_cached(UPSERT_FALLBACKS),
         tx.prepare_cached(NOTIFY),
-        tx.prepare_cached(SYNC_STATE)
+        tx.prepare_cached(SYNC_STATE),
+        tx.prepare_cached(PRUNE_ISSUED)
     )
     .map_err(pg(op))?;
+    let prune_algs = otk_algorithms(upload);
+    let remembered = remembered(limits);
     let otk_ids: Vec<&str> = plan.insert_otks.iter().map(|(id, _)| id.as_str()).collect();
     let otk_algs: Vec<&str> = plan
         .insert_otks
@@ -340,10 +385,20 @@ async fn apply(
         }
         tx.query(&notify_stmt, &[&sql.channel, &payloads]).await
     };
+    let prune = async {
+        if prune_algs.is_empty() {
+            return Ok(0);
+        }
+        tx.execute(
+            &prune_stmt,
+            &[&user_id, &device_id, &prune_algs, &remembered],
+        )
+        .await
+    };
     let device_params: [&(dyn ToSql + Sync); 2] = [&user_id, &device_id];
     let state = tx.query(&state_stmt, &device_params);
-    let (_, _, _, state_rows) =
-        futures::try_join!(insert, upsert, notify, state).map_err(pg(op))?;
+    let (_, _, _, _, state_rows) =
+        futures::try_join!(insert, upsert, notify, prune, state).map_err(pg(op))?;
     let counts = decode_sync_state(op, state_rows)?.one_time_key_counts;
     Ok(UploadOutcome { counts, changes })
 }
