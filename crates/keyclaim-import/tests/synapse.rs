@@ -332,7 +332,10 @@ fn sqlite_fixture_into_redb() {
 fn sqlite_fixture_into_postgres() {
     keyclaim_testing::postgres::with_server("import into PostgreSQL", |server| async move {
         let schema = keyclaim_testing::postgres::unique_schema("import");
-        let options = keyclaim_postgres::PostgresOptions::new().schema(schema);
+        // The throwaway test server runs with fsync = off (R10.5).
+        let options = keyclaim_postgres::PostgresOptions::new()
+            .schema(schema)
+            .allow_unsafe_server(true);
         let store = keyclaim_postgres::PostgresStore::connect_with(&server, options)
             .await
             .unwrap();
