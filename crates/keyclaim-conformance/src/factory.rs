@@ -165,6 +165,41 @@ impl<S: KeyStore> KeyStore for DynStore<S> {
     async fn sync_state(&self, device: &keyclaim::Device) -> Result<keyclaim::SyncState> {
         self.inner.sync_state(device).await
     }
+    async fn claim_one_time_keys(
+        &self,
+        targets: &[keyclaim::ClaimTarget],
+    ) -> Result<keyclaim::OneTimeClaimOutcome> {
+        self.inner.claim_one_time_keys(targets).await
+    }
+    async fn claim_fallback_keys(
+        &self,
+        targets: &[keyclaim::FallbackTarget],
+    ) -> Result<keyclaim::ClaimOutcome> {
+        self.inner.claim_fallback_keys(targets).await
+    }
+    async fn reset_one_time_keys(
+        &self,
+        device: &keyclaim::Device,
+        scope: &keyclaim::ResetScope,
+    ) -> Result<keyclaim::UploadOutcome> {
+        self.inner.reset_one_time_keys(device, scope).await
+    }
+    async fn replace_device(
+        &self,
+        previous: Option<&keyclaim::DeviceId>,
+        upload: &keyclaim::Upload,
+    ) -> Result<keyclaim::UploadOutcome> {
+        self.inner.replace_device(previous, upload).await
+    }
+    async fn fallback_keys(
+        &self,
+        device: &keyclaim::Device,
+    ) -> Result<std::collections::BTreeMap<keyclaim::Algorithm, keyclaim::StoredFallback>> {
+        self.inner.fallback_keys(device).await
+    }
+    async fn counts_many(&self, devices: &[keyclaim::Device]) -> Result<Vec<keyclaim::SyncState>> {
+        self.inner.counts_many(devices).await
+    }
 }
 
 #[async_trait]

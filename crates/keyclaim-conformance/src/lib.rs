@@ -13,13 +13,18 @@ pub mod model;
 pub mod claim;
 pub mod concurrency;
 pub mod counts;
+pub mod dehydrated;
 pub mod deletion;
 pub mod durability;
 pub mod export;
 pub mod fallback;
+pub mod import;
 pub mod limits;
 pub mod model_based;
 pub mod notify;
+pub mod reads;
+pub mod reset;
+pub mod split;
 pub mod upload;
 pub mod validation;
 pub mod wire;
@@ -96,7 +101,8 @@ macro_rules! conformance_tests {
         $crate::conformance_tests! {
             $($then)* [
                 validation upload claim fallback counts deletion limits wire
-                durability concurrency notify export model_based
+                durability concurrency notify export split reset dehydrated reads import
+                model_based
             ]
         }
     };

@@ -131,4 +131,42 @@ cases! { $ limits;
         assert!(out.keys.is_empty(), "a count of 0 takes nothing");
         assert_eq!(count(&store, &a, SC).await, 15);
     }
+
+    /// R8.4: with the cap counted per device, keys of all algorithms count
+    /// together; re-uploads and fallback keys do not count; the default
+    /// stays per (device, algorithm).
+    pub async fn r8_4_cap_per_device_across_algorithms<F: StoreFactory>(f: &F) {
+        let mut limits = Limits::default();
+        limits.max_otks_per_device_algorithm = 3;
+        limits.otk_cap = keyclaim::OtkCap::PerDevice;
+        let store = fresh_with(f, limits).await;
+        let a = alice();
+        put(&store, &a, otks(SC, &["A", "B"]), vec![]).await;
+        put(&store, &a, otks("other", &["C"]), vec![]).await;
+        let r = store
+            .upload(&upload_of(&a, otks("third", &["D"]), vec![]))
+            .await;
+        assert!(is_too_large(&r, LimitKind::OtksPerDevice), "{r:?}");
+        // A retried upload adds nothing, and fallback keys are not one-time keys.
+        put(
+            &store,
+            &a,
+            otks(SC, &["A"]),
+            vec![(kid("third:F"), signed_fallback("f", "s"))],
+        )
+        .await;
+        assert_eq!(store.otk_counts(&a).await.expect("counts").total(), 3);
+        // Claiming one makes room for one, of any algorithm.
+        claim_one(&store, &a, "other").await.expect("C");
+        put(&store, &a, otks("third", &["D"]), vec![]).await;
+        // Other devices have their own cap.
+        put(&store, &bob(), otks(SC, &["A", "B", "C"]), vec![]).await;
+        // The default counts per (device, algorithm).
+        let mut per_alg = Limits::default();
+        per_alg.max_otks_per_device_algorithm = 3;
+        let store = fresh_with(f, per_alg).await;
+        put(&store, &a, otks(SC, &["A", "B", "C"]), vec![]).await;
+        put(&store, &a, otks("other", &["A", "B", "C"]), vec![]).await;
+        assert_eq!(store.otk_counts(&a).await.expect("counts").total(), 6);
+    }
 }

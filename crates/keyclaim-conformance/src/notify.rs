@@ -53,6 +53,51 @@ cases! { $ notify;
         store.delete_user(&bob().user_id).await.expect("delete");
         assert!(next(&mut rx).await.contains(&bob()));
     }
+
+    /// R11.3: change reports are bounded: a big claim is reported in events of
+    /// at most `MAX_DEVICES_PER_EVENT` devices that together list every
+    /// device, and a subscriber that stops reading is told that it lagged
+    /// instead of holding every event.
+    pub async fn r11_3_reports_are_bounded_and_lag_is_told<F: StoreFactory>(f: &F) {
+        use keyclaim::backend::{MAX_DEVICES_PER_EVENT, NOTIFY_CAPACITY};
+        use keyclaim::broadcast::error::TryRecvError;
+        let store = fresh(f).await;
+        let n = MAX_DEVICES_PER_EVENT * 2 + 3;
+        let devices: Vec<_> = (0..n)
+            .map(|i| dev(&format!("@u{i:04}:example.org"), "D"))
+            .collect();
+        for d in &devices {
+            put(&store, d, otks(SC, &["K"]), vec![]).await;
+        }
+        let mut rx = store.subscribe();
+        let targets: Vec<_> = devices
+            .iter()
+            .map(|d| keyclaim::ClaimTarget::one(d.clone(), alg(SC)))
+            .collect();
+        store.claim(&targets).await.expect("claim");
+        let mut seen = std::collections::BTreeSet::new();
+        while seen.len() < n {
+            let event = rx.recv().await.expect("an event");
+            assert!(
+                event.devices().len() <= MAX_DEVICES_PER_EVENT,
+                "{} devices in one event",
+                event.devices().len()
+            );
+            seen.extend(event.devices().iter().cloned());
+        }
+        assert_eq!(seen, devices.iter().cloned().collect());
+        // A subscriber that reads nothing while more events than the capacity
+        // arrive is told that it lagged.
+        let mut slow = store.subscribe();
+        for d in devices.iter().cycle().take(NOTIFY_CAPACITY + 5) {
+            store.delete_device(d).await.expect("delete");
+            put(&store, d, otks(SC, &["K2"]), vec![]).await;
+        }
+        assert!(
+            matches!(slow.try_recv(), Err(TryRecvError::Lagged(_))),
+            "told it lagged"
+        );
+    }
 }
 
 async fn next(rx: &mut keyclaim::broadcast::Receiver<Changes>) -> Changes {

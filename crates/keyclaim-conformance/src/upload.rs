@@ -179,6 +179,53 @@ cases! { $ upload;
         }
     }
 
+    /// R3.4: a device remembers exactly its newest `remembered_issued_keys`
+    /// issued keys, whatever other devices are claimed in between: a
+    /// re-upload of older issued keys stores them again, of the newest
+    /// stores nothing, and an export lists exactly the newest.
+    pub async fn r3_4_exactly_the_newest_issued_keys_are_remembered<F: StoreFactory>(f: &F) {
+        let mut limits = Limits::default();
+        limits.remembered_issued_keys = 3;
+        let store = fresh_with(f, limits).await;
+        let devices: Vec<_> = (0..8).map(|i| dev("@a:x", &format!("D{i}"))).collect();
+        let keys = numbered_otks(SC, "K", 10);
+        for d in &devices {
+            put(&store, d, keys.clone(), vec![]).await;
+        }
+        // A worker claiming the eight devices in turn.
+        for _ in 0..keys.len() {
+            for d in &devices {
+                claim_one(&store, d, SC).await.expect("a key");
+            }
+        }
+        for snapshot in full_state(&store).await {
+            let remembered: Vec<String> = snapshot.issued[&alg(SC)]
+                .iter()
+                .map(|k| k.key_id.to_string())
+                .collect();
+            let newest: Vec<String> = keys[7..].iter().map(|(id, _)| id.to_string()).collect();
+            assert_eq!(remembered, newest, "{}", snapshot.device);
+        }
+        for d in &devices {
+            let out = put(&store, d, keys.clone(), vec![]).await;
+            assert_eq!(out.counts.get_str(SC), 7, "{d}: the 7 forgotten keys are stored");
+        }
+        // Claim the 7 again and re-upload everything: now K4..K6 are the
+        // newest issued; K7..K9 are forgotten and come back with K0..K3.
+        for d in &devices {
+            for (id, _) in &keys[..7] {
+                assert_eq!(claim_one(&store, d, SC).await.expect("a key").key_id, *id);
+            }
+            put(&store, d, keys.clone(), vec![]).await;
+            let mut back = Vec::new();
+            while let Some(k) = claim_one(&store, d, SC).await {
+                back.push(k.key_id);
+            }
+            let want: Vec<_> = [0, 1, 2, 3, 7, 8, 9].map(|i| keys[i].0.clone()).into();
+            assert_eq!(back, want, "{d}");
+        }
+    }
+
     /// R3.5: the oldest upload's keys are issued first, whatever their IDs.
     pub async fn r3_5_oldest_upload_is_issued_first<F: StoreFactory>(f: &F) {
         let store = fresh(f).await;

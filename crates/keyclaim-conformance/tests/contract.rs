@@ -16,26 +16,13 @@ use std::path::{Path, PathBuf};
 /// it, and the test below fails until it does.
 #[rustfmt::skip]
 const NO_CASE_YET: &[(&str, &str)] = &[
-    ("R8.4", "not implemented yet: the per-device cap option of Limits"),
     ("R10.4", "needs a failing store: keyclaim's tests/facade_faults.rs and the backends' fault tests"),
     ("R10.5", "not implemented yet: PostgreSQL session settings checked at start"),
-    ("R10.6", "no case yet: bounded queues, and claims whose caller went away"),
-    ("R10.7", "needs corrupted storage: the SQLite and redb tests corrupt stored values"),
+    ("R10.6", "needs a stalled writer: SQLite's tests/overload.rs and redb's stalled-writer tests"),
+    ("R10.7", "needs corrupted storage: SQLite's tests/corrupt.rs and redb's corruption tests"),
     ("R10.8", "needs a failing disk: keyclaim-reliability's storage_faults and redb's faults tests"),
     ("R10.9", "backend-specific: PostgreSQL's tests/postgres.rs runs migrations from several workers"),
-    ("R11.2", "needs several processes: PostgreSQL's tests/postgres.rs; not implemented for SQLite yet"),
-    ("R11.3", "no case yet: a slow subscriber told that it lagged"),
-    ("R12.1", "not implemented yet: claim_one_time_keys"),
-    ("R12.2", "not implemented yet: claim_fallback_keys"),
-    ("R12.3", "not implemented yet: the split claim"),
-    ("R12.4", "not implemented yet: the facade's claim with options"),
-    ("R13.1", "not implemented yet: reset_one_time_keys"),
-    ("R13.2", "not implemented yet: the facade's key reset"),
-    ("R14.1", "not implemented yet: replace_device"),
-    ("R14.2", "not implemented yet: the dehydrated-device fallback option"),
-    ("R15.1", "not implemented yet: fallback_keys"),
-    ("R16.1", "not implemented yet: counts_many"),
-    ("R17.1", "not implemented yet: import from the reference homeserver's database"),
+    ("R11.2", "needs several processes: PostgreSQL's tests/postgres.rs and SQLite's tests/multiprocess.rs"),
 ];
 
 /// A rule number, `R<section>.<n>`.

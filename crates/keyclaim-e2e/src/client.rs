@@ -120,12 +120,39 @@ impl OlmDevice {
         if fallback {
             object.insert("fallback".to_owned(), Value::Bool(true));
         }
+        self.sign(object)
+    }
+
+    /// Signs `object` as matrix-rust-sdk does: the signature over the
+    /// canonical JSON of the object without `signatures`, added under
+    /// `signatures.<user>.ed25519:<device>`.
+    fn sign(&self, mut object: Map<String, Value>) -> Value {
         let signature = self.account.sign(signing_bytes(&object));
         object.insert(
             "signatures".to_owned(),
             json!({ &self.user_id: { format!("ed25519:{}", self.device_id): signature.to_base64() } }),
         );
         Value::Object(object)
+    }
+
+    /// The device's signed `device_keys` object, as clients upload it (and
+    /// as a dehydrated device's `PUT /dehydrated_device` body carries it).
+    pub fn device_keys(&self) -> Value {
+        let mut object = Map::new();
+        object.insert("user_id".to_owned(), json!(self.user_id));
+        object.insert("device_id".to_owned(), json!(self.device_id));
+        object.insert(
+            "algorithms".to_owned(),
+            json!(["m.olm.v1.curve25519-aes-sha2", "m.megolm.v1.aes-sha2"]),
+        );
+        object.insert(
+            "keys".to_owned(),
+            json!({
+                format!("curve25519:{}", self.device_id): self.identity_key().to_base64(),
+                format!("ed25519:{}", self.device_id): self.signing_key().to_base64(),
+            }),
+        );
+        self.sign(object)
     }
 
     fn key_id(id: KeyId) -> String {

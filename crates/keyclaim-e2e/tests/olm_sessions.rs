@@ -8,86 +8,17 @@
 // Scenario helpers are plain functions, not #[test]s: a panic is a test failure.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::sync::Arc;
+mod common;
 
-use keyclaim::{KeyStore, KeysApi};
+use common::{
+    Api, claim_and_verify, olm_round_trip, otk_count, per_backend, unused_fallback_types, upload,
+};
 use keyclaim_e2e::TestBackend;
-use keyclaim_e2e::client::{OlmDevice, SIGNED_CURVE25519, VerifiedKey, claimed_keys};
-use serde_json::{Value, json};
-
-type Api = KeysApi<Arc<dyn KeyStore>>;
+use keyclaim_e2e::client::{OlmDevice, SIGNED_CURVE25519, claimed_keys};
+use serde_json::json;
 
 const ALICE: &str = "@alice:example.org";
 const ALICE_DEV: &str = "ALICEDEV";
-
-async fn upload(api: &Api, device: &OlmDevice, body: &Value) -> Value {
-    api.upload(
-        &device.user_id,
-        &device.device_id,
-        body.to_string().as_bytes(),
-    )
-    .await
-    .expect("upload accepted")
-}
-
-async fn otk_count(api: &Api, device: &OlmDevice) -> u64 {
-    let sync = api
-        .sync(&device.user_id, &device.device_id)
-        .await
-        .expect("sync");
-    sync["device_one_time_keys_count"][SIGNED_CURVE25519]
-        .as_u64()
-        .expect("signed_curve25519 count always present (R6.1)")
-}
-
-async fn unused_fallback_types(api: &Api, device: &OlmDevice) -> Value {
-    let sync = api
-        .sync(&device.user_id, &device.device_id)
-        .await
-        .expect("sync");
-    sync["device_unused_fallback_key_types"].clone()
-}
-
-/// Bob claims one `signed_curve25519` key of `owner` through the wire facade
-/// and verifies it as a client does. `None` when keyclaim has nothing.
-async fn claim_and_verify(api: &Api, owner: &OlmDevice) -> Option<VerifiedKey> {
-    let body = json!({
-        "one_time_keys": { &owner.user_id: { &owner.device_id: SIGNED_CURVE25519 } },
-        "timeout": 10_000,
-    });
-    let answer = api
-        .claim(body.to_string().as_bytes())
-        .await
-        .expect("claim accepted");
-    assert_eq!(answer["failures"], json!({}));
-    let keys = claimed_keys(&answer, &owner.user_id, &owner.device_id);
-    assert!(keys.len() <= 1, "one key per target on the wire: {keys:?}");
-    let (key_id, json) = keys.into_iter().next()?;
-    let verified = OlmDevice::verify_claimed_key(
-        &owner.user_id,
-        &owner.device_id,
-        owner.signing_key(),
-        &key_id,
-        &json,
-    )
-    .unwrap_or_else(|e| panic!("claimed key fails client verification: {e}; json: {json}"));
-    Some(verified)
-}
-
-/// A new Bob device opens a session with `key` and sends `text`; Alice
-/// accepts and must read `text`. Returns Bob's device so that callers can
-/// keep talking.
-fn olm_round_trip(alice: &mut OlmDevice, key: &VerifiedKey, text: &str) -> OlmDevice {
-    let bob = OlmDevice::new("@bob:example.org", "BOBDEV");
-    let (_, message) = bob
-        .open_session(alice.identity_key(), key, text)
-        .expect("Bob opens a session");
-    let (_, plaintext) = alice
-        .accept_session(bob.identity_key(), &message)
-        .unwrap_or_else(|e| panic!("Alice cannot accept a session on {}: {e}", key.key_id));
-    assert_eq!(plaintext, text);
-    bob
-}
 
 /// Every one-time key is served once, oldest upload first and by key ID
 /// within an upload (R3.5, R4.2), and every one of them yields a working
@@ -321,53 +252,14 @@ async fn sessions_work_both_ways(api: Api) {
     assert_eq!(bob_session.session_id(), alice_session.session_id());
 }
 
-macro_rules! per_backend {
-    ($($backend:ident => $make:expr;)*) => {$(
-        mod $backend {
-            use super::*;
-
-            async fn run<F, Fut>(case: F)
-            where
-                F: FnOnce(Api) -> Fut,
-                Fut: std::future::Future<Output = ()>,
-            {
-                let backend: Option<TestBackend> = $make;
-                let Some(backend) = backend else {
-                    return; // skipped loudly by the backend's harness
-                };
-                case(backend.api.clone()).await;
-                drop(backend);
-            }
-
-            #[tokio::test]
-            async fn every_otk_in_fifo_order_then_fallback_repeatedly() {
-                run(super::every_otk_in_fifo_order_then_fallback_repeatedly).await;
-            }
-
-            #[tokio::test]
-            async fn rotated_fallback_key_is_served() {
-                run(super::rotated_fallback_key_is_served).await;
-            }
-
-            #[tokio::test]
-            async fn reuploaded_claimed_key_is_not_served_again() {
-                run(super::reuploaded_claimed_key_is_not_served_again).await;
-            }
-
-            #[tokio::test]
-            async fn one_claim_for_many_devices() {
-                run(super::one_claim_for_many_devices).await;
-            }
-
-            #[tokio::test]
-            async fn sessions_work_both_ways() {
-                run(super::sessions_work_both_ways).await;
-            }
-        }
-    )*};
-}
-
 per_backend! {
+    cases {
+        every_otk_in_fifo_order_then_fallback_repeatedly,
+        rotated_fallback_key_is_served,
+        reuploaded_claimed_key_is_not_served_again,
+        one_claim_for_many_devices,
+        sessions_work_both_ways,
+    }
     memory => Some(TestBackend::memory());
     sqlite => Some(TestBackend::sqlite().await.unwrap());
     redb => Some(TestBackend::redb().await.unwrap());

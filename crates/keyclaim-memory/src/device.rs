@@ -4,7 +4,9 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 use keyclaim::backend::{DeviceFacts, plan_upload};
 use keyclaim::transfer::{DeviceSnapshot, IssuedKey, KeyDigest, StoredFallback, StoredOtk};
-use keyclaim::{Algorithm, ClaimedKey, Device, KeyId, KeyJson, Limits, OtkCounts, Result, Upload};
+use keyclaim::{
+    Algorithm, ClaimedKey, Device, KeyId, KeyJson, Limits, OtkCounts, ResetScope, Result, Upload,
+};
 
 /// Everything stored for one device.
 #[derive(Debug, Default)]
@@ -64,7 +66,7 @@ impl DeviceState {
         limits: &Limits,
         next_seq: impl FnOnce() -> u64,
     ) -> Result<(OtkCounts, bool)> {
-        let facts = self.facts(upload);
+        let facts = self.facts(upload, limits);
         let plan = plan_upload(upload, &facts, limits)?;
         let changed = !plan.is_noop();
         if !plan.insert_otks.is_empty() {
@@ -90,8 +92,13 @@ impl DeviceState {
         Ok((self.counts(), changed))
     }
 
-    fn facts(&self, upload: &Upload) -> DeviceFacts {
+    fn facts(&self, upload: &Upload, limits: &Limits) -> DeviceFacts {
         let mut facts = DeviceFacts::default();
+        if DeviceFacts::needs_all_counts(limits) {
+            for (alg, keys) in &self.otks {
+                facts.otk_counts.insert(alg.clone(), keys.len() as u64);
+            }
+        }
         for (id, json) in upload.one_time_keys() {
             if let Some((_, digest)) = self.otk_index.get(id) {
                 facts.stored_otks.insert(id.clone(), *digest);
@@ -117,13 +124,15 @@ impl DeviceState {
         facts
     }
 
-    /// Claims up to `count` keys of `alg` into `out`; returns whether the
-    /// device's state changed.
+    /// Claims up to `count` keys of `alg` into `out`, and the fallback key
+    /// (marked used) when none was left and `fall_back` is set; returns
+    /// whether the device's state changed.
     pub(crate) fn claim(
         &mut self,
         device: &Device,
         alg: &Algorithm,
         count: u32,
+        fall_back: bool,
         limits: &Limits,
         out: &mut Vec<ClaimedKey>,
     ) -> bool {
@@ -156,10 +165,22 @@ impl DeviceState {
         if issued > 0 {
             return true;
         }
+        fall_back && self.claim_fallback(device, alg, true, out)
+    }
+
+    /// Hands out the fallback key of `alg` into `out`, marking it used when
+    /// `mark_used` is set (R12.2); returns whether the state changed.
+    pub(crate) fn claim_fallback(
+        &mut self,
+        device: &Device,
+        alg: &Algorithm,
+        mark_used: bool,
+        out: &mut Vec<ClaimedKey>,
+    ) -> bool {
         match self.fallbacks.get_mut(alg) {
             Some(fallback) => {
-                let changed = !fallback.used;
-                fallback.used = true;
+                let changed = mark_used && !fallback.used;
+                fallback.used |= mark_used;
                 out.push(ClaimedKey {
                     device: device.clone(),
                     key_id: fallback.key_id.clone(),
@@ -170,6 +191,41 @@ impl DeviceState {
             }
             None => false,
         }
+    }
+
+    /// Removes the stored OTKs in scope (R13.1), remembering none of them;
+    /// returns whether any was removed.
+    pub(crate) fn reset(&mut self, scope: &ResetScope) -> bool {
+        match scope {
+            ResetScope::All => {
+                let any = !self.otk_index.is_empty();
+                self.otks.clear();
+                self.otk_index.clear();
+                any
+            }
+            ResetScope::KeyIds(ids) => {
+                let mut any = false;
+                for id in ids {
+                    let Some((seq, _)) = self.otk_index.remove(id) else {
+                        continue;
+                    };
+                    any = true;
+                    let alg = id.algorithm();
+                    if let Some(keys) = self.otks.get_mut(&alg) {
+                        keys.remove(&(seq, id.clone()));
+                        if keys.is_empty() {
+                            self.otks.remove(&alg);
+                        }
+                    }
+                }
+                any
+            }
+        }
+    }
+
+    /// The fallback keys by algorithm (R15.1).
+    pub(crate) fn fallback_keys(&self) -> BTreeMap<Algorithm, StoredFallback> {
+        self.fallbacks.clone()
     }
 
     pub(crate) fn snapshot(&self, device: Device) -> DeviceSnapshot {

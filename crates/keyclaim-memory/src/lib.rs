@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use keyclaim::backend::{Backend, StoreCore, async_trait};
 use keyclaim::transfer::DeviceSnapshot;
 use keyclaim::{
-    Changes, ClaimOutcome, ClaimTarget, Device, DeviceId, Limits, OtkCounts, Result, SyncState,
-    Upload, UploadOutcome, UserId,
+    Algorithm, Changes, ClaimOutcome, ClaimTarget, Device, DeviceId, FallbackTarget, Limits,
+    OtkCounts, ResetScope, Result, StoredFallback, SyncState, Upload, UploadOutcome, UserId,
 };
 use parking_lot::Mutex;
 
@@ -121,6 +121,34 @@ impl MemoryStore {
         heap.into_sorted_vec()
     }
 
+    /// Claims for every target, each under its device's lock (atomic per
+    /// target, R12.3), falling back to the fallback key when `fall_back` is
+    /// set (R4.4) or never (R12.1).
+    fn claim_targets(&self, targets: &[ClaimTarget], fall_back: bool) -> ClaimOutcome {
+        let limits = self.core.limits();
+        let mut keys = Vec::new();
+        let mut changed = Vec::new();
+        for target in targets {
+            let touched = self.with_device(&target.device, false, |state| {
+                state.claim(
+                    &target.device,
+                    &target.algorithm,
+                    target.count,
+                    fall_back,
+                    limits,
+                    &mut keys,
+                )
+            });
+            if touched == Some(true) {
+                changed.push(target.device.clone());
+            }
+        }
+        ClaimOutcome {
+            keys,
+            changes: Changes::from_devices(changed),
+        }
+    }
+
     fn next_seq(&self) -> u64 {
         self.seq.fetch_add(1, Ordering::Relaxed)
     }
@@ -154,16 +182,22 @@ impl Backend for MemoryStore {
     }
 
     async fn claim(&self, targets: &[ClaimTarget]) -> Result<ClaimOutcome> {
-        let limits = self.core.limits();
+        Ok(self.claim_targets(targets, true))
+    }
+
+    async fn claim_one_time_keys(&self, targets: &[ClaimTarget]) -> Result<ClaimOutcome> {
+        Ok(self.claim_targets(targets, false))
+    }
+
+    async fn claim_fallback_keys(&self, targets: &[FallbackTarget]) -> Result<ClaimOutcome> {
         let mut keys = Vec::new();
         let mut changed = Vec::new();
         for target in targets {
             let touched = self.with_device(&target.device, false, |state| {
-                state.claim(
+                state.claim_fallback(
                     &target.device,
                     &target.algorithm,
-                    target.count,
-                    limits,
+                    target.mark_used,
                     &mut keys,
                 )
             });
@@ -175,6 +209,86 @@ impl Backend for MemoryStore {
             keys,
             changes: Changes::from_devices(changed),
         })
+    }
+
+    async fn reset_one_time_keys(
+        &self,
+        device: &Device,
+        scope: &ResetScope,
+    ) -> Result<UploadOutcome> {
+        let outcome = self.with_device(device, false, |state| (state.reset(scope), state.counts()));
+        let (changed, counts) = outcome.unwrap_or_default();
+        let changes = if changed {
+            Changes::from_devices([device.clone()])
+        } else {
+            Changes::none()
+        };
+        Ok(UploadOutcome { counts, changes })
+    }
+
+    async fn replace_device(
+        &self,
+        previous: Option<&DeviceId>,
+        upload: &Upload,
+    ) -> Result<UploadOutcome> {
+        let device = upload.device();
+        let limits = self.core.limits();
+        let mut shard = self.shard(&device.user_id).lock();
+        let devices = shard.entry(device.user_id.clone()).or_default();
+        let starts_empty = previous == Some(&device.device_id);
+        let mut fresh = DeviceState::default();
+        let state = if starts_empty {
+            &mut fresh
+        } else {
+            devices.entry(device.device_id.clone()).or_default()
+        };
+        // The upload is planned before anything changes; if it fails, the
+        // previous device is untouched too (R14.1).
+        let result = state.upload(upload, limits, || self.next_seq());
+        let (counts, stored) = match result {
+            Ok(ok) => ok,
+            Err(err) => {
+                devices.retain(|_, s| !s.is_empty());
+                if devices.is_empty() {
+                    shard.remove(&device.user_id);
+                }
+                return Err(err);
+            }
+        };
+        let mut changed = Vec::new();
+        if let Some(previous) = previous
+            && devices.remove(previous).is_some_and(|s| !s.is_empty())
+        {
+            changed.push(Device::new(device.user_id.clone(), previous.clone()));
+        }
+        if starts_empty {
+            devices.insert(device.device_id.clone(), fresh);
+        }
+        if stored {
+            changed.push(device.clone());
+        }
+        devices.retain(|_, s| !s.is_empty());
+        if devices.is_empty() {
+            shard.remove(&device.user_id);
+        }
+        Ok(UploadOutcome {
+            counts,
+            changes: Changes::from_devices(changed),
+        })
+    }
+
+    async fn fallback_keys(&self, device: &Device) -> Result<BTreeMap<Algorithm, StoredFallback>> {
+        Ok(self
+            .with_device(device, false, |s| s.fallback_keys())
+            .unwrap_or_default())
+    }
+
+    async fn counts_many(&self, devices: &[Device]) -> Result<Vec<SyncState>> {
+        let mut out = Vec::with_capacity(devices.len());
+        for device in devices {
+            out.push(Backend::sync_state(self, device).await?);
+        }
+        Ok(out)
     }
 
     async fn sync_state(&self, device: &Device) -> Result<SyncState> {

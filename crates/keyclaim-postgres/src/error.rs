@@ -1,7 +1,8 @@
 //! Every mapping of a tokio-postgres or deadpool failure to
 //! [`keyclaim::Error`], with the retryable ones told apart (R10.4, the
-//! core's `Error::is_retryable`). Nothing else in the crate builds an
-//! [`Error::Storage`].
+//! core's `Error::is_retryable`), and of a connection string or pool
+//! configuration that is refused to [`Error::InvalidConfig`]. Nothing else
+//! in the crate builds an [`Error::Storage`].
 
 use deadpool_postgres::{BuildError, PoolError};
 use keyclaim::Error;
@@ -76,20 +77,35 @@ pub(crate) fn pool(op: &'static str, error: PoolError) -> Error {
     Error::storage(BACKEND, op, retryable, error)
 }
 
-/// A connection string tokio-postgres does not accept (not retryable).
+/// A connection string tokio-postgres does not accept: a configuration
+/// error. Its parse errors name the option and the offending character,
+/// never the value of a password.
 pub(crate) fn bad_url(error: tokio_postgres::Error) -> Error {
-    Error::storage(BACKEND, "connect", false, error)
+    Error::invalid_config(format!("invalid PostgreSQL connection string: {error}"))
 }
 
-/// A pool that cannot be built from the options (not retryable).
+/// A pool that cannot be built from the options: a configuration error.
 pub(crate) fn pool_build(error: BuildError) -> Error {
-    Error::storage(BACKEND, "connect", false, error)
+    Error::invalid_config(format!(
+        "cannot build the PostgreSQL connection pool: {error}"
+    ))
 }
 
 /// The notification listener did not start: its task ended or it timed
 /// out (retryable, like a connection that cannot be made).
 pub(crate) fn listener(reason: &'static str) -> Error {
     Error::storage(BACKEND, "listen", true, reason)
+}
+
+/// The change announcements waiting to be sent are at their bound (R10.6):
+/// the mutation `op` is refused before it starts (retryable).
+pub(crate) fn backlog(op: &'static str) -> Error {
+    Error::storage(
+        BACKEND,
+        op,
+        true,
+        "too many change announcements waiting to be sent to the other workers",
+    )
 }
 
 /// A stored value that does not decode (a bug or outside tampering).

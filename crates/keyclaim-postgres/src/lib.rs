@@ -5,7 +5,9 @@ mod listen;
 mod ops;
 mod options;
 mod schema;
+mod session;
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::hash::{BuildHasher, Hasher};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -14,7 +16,8 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use keyclaim::backend::{Backend, StoreCore, async_trait};
 use keyclaim::transfer::DeviceSnapshot;
 use keyclaim::{
-    Changes, ClaimOutcome, ClaimTarget, Device, Result, SyncState, Upload, UploadOutcome, UserId,
+    Algorithm, Changes, ClaimOutcome, ClaimTarget, Device, DeviceId, FallbackTarget, ResetScope,
+    Result, StoredFallback, SyncState, Upload, UploadOutcome, UserId,
 };
 use tokio_postgres::NoTls;
 
@@ -87,11 +90,14 @@ impl PostgresStore {
     /// [`PostgresOptions::from_url`] first.
     ///
     /// # Errors
-    /// [`Error::Storage`] when the server cannot be reached (retryable) or
-    /// the URL is invalid (not retryable); [`Error::UnsupportedVersion`]
-    /// when the schema was written by a newer keyclaim.
+    /// [`Error::Storage`] when the server cannot be reached (retryable);
+    /// [`Error::InvalidConfig`] when the connection string is invalid or the
+    /// server is refused (R10.5, see [`PostgresStore::connect_with`]);
+    /// [`Error::UnsupportedVersion`] when the schema was written by a newer
+    /// keyclaim.
     ///
     /// [`Error::Storage`]: keyclaim::Error::Storage
+    /// [`Error::InvalidConfig`]: keyclaim::Error::InvalidConfig
     /// [`Error::UnsupportedVersion`]: keyclaim::Error::UnsupportedVersion
     pub async fn connect(url: &str) -> Result<PostgresStore> {
         Self::connect_with(url, PostgresOptions::default()).await
@@ -102,9 +108,14 @@ impl PostgresStore {
     /// Safe when several processes connect at once: migrations run under an
     /// advisory lock, one process at a time.
     ///
+    /// Every pooled connection runs with synchronous commit on and READ
+    /// COMMITTED, whatever the server's, database's or role's defaults
+    /// (R10.5).
+    ///
     /// # Errors
     /// As [`PostgresStore::connect`]; also [`Error::InvalidConfig`] for an
-    /// invalid schema name.
+    /// invalid schema name, and for a server running with `fsync = off`
+    /// unless [`PostgresOptions::allow_unsafe_server`] is set.
     ///
     /// [`Error::InvalidConfig`]: keyclaim::Error::InvalidConfig
     #[tracing::instrument(
@@ -121,24 +132,8 @@ impl PostgresStore {
             config.application_name("keyclaim");
         }
         let listen_config = config.clone();
-        let mut server_options = config.get_options().unwrap_or_default().to_owned();
-        // The schema is fixed per connection, so every statement is a plain
-        // constant (prepared once per connection, never built per call).
-        server_options.push_str(&format!(" -c search_path={schema}"));
-        // Every statement is written for index and TID lookups. A cached
-        // generic plan made while a table was small could otherwise keep a
-        // sequential scan (e.g. `ctid = ANY(...)` as a filter over the whole
-        // `otk` table) long after the table has grown.
-        server_options.push_str(" -c enable_seqscan=off");
-        if options.get_pinned_plans() {
-            // One generic plan per statement and connection, made once (and
-            // again after an `ANALYZE`): see `PostgresOptions::pinned_plans`.
-            server_options.push_str(" -c plan_cache_mode=force_generic_plan");
-        }
-        if let Some(timeout) = options.get_statement_timeout() {
-            server_options.push_str(&format!(" -c statement_timeout={}", timeout.as_millis()));
-        }
-        config.options(server_options.trim());
+        let server_options = session::startup_options(&options, config.get_options());
+        config.options(&server_options);
 
         let manager = Manager::from_config(
             config,
@@ -153,18 +148,25 @@ impl PostgresStore {
             .wait_timeout(Some(options.get_pool_wait_timeout()))
             .create_timeout(Some(options.get_connect_timeout()))
             .recycle_timeout(Some(options.get_connect_timeout()))
+            .post_create(session::setup_hook())
             .build()
             .map_err(error::pool_build)?;
 
         {
             let mut client = pool.get().await.map_err(|e| error::pool("connect", e))?;
+            session::check(&client, &options).await?;
             schema::migrate(&mut client, schema).await?;
         }
 
         let transactional_notify = options.get_transactional_notify();
         let sql = ops::Sql::new(schema, instance_id(), transactional_notify);
         let announcer = (!transactional_notify).then(|| {
-            listen::Announcer::start(pool.clone(), sql.channel.clone(), sql.instance.clone())
+            listen::Announcer::start(
+                pool.clone(),
+                sql.channel.clone(),
+                sql.instance.clone(),
+                listen::MAX_BACKLOG_DEVICES,
+            )
         });
         let core = StoreCore::new(options.get_limits().clone());
         let listener = if options.get_notifications() {
@@ -221,6 +223,16 @@ impl PostgresStore {
     async fn client(&self, op: &'static str) -> Result<deadpool_postgres::Object> {
         self.pool.get().await.map_err(|e| error::pool(op, e))
     }
+
+    /// A pooled connection for a mutation, or a retryable error, also when
+    /// the announcements waiting to be sent are at their bound (R10.6):
+    /// then the mutation is refused before anything is applied.
+    async fn writer(&self, op: &'static str) -> Result<deadpool_postgres::Object> {
+        if let Some(announcer) = &self.announcer {
+            announcer.room(op)?;
+        }
+        self.client(op).await
+    }
 }
 
 /// A random identifier of this store handle, put into its notifications so
@@ -246,17 +258,66 @@ impl Backend for PostgresStore {
     }
 
     async fn upload(&self, upload: &Upload) -> Result<UploadOutcome> {
-        let mut client = self.client("upload").await?;
+        let mut client = self.writer("upload").await?;
         let outcome = ops::upload(&mut client, &self.sql, self.core.limits(), upload).await?;
         self.changed(&outcome.changes);
         Ok(outcome)
     }
 
     async fn claim(&self, targets: &[ClaimTarget]) -> Result<ClaimOutcome> {
-        let mut client = self.client("claim").await?;
-        let outcome = ops::claim(&mut client, &self.sql, self.core.limits(), targets).await?;
+        let mut client = self.writer("claim").await?;
+        let outcome = ops::claim(&mut client, &self.sql, self.core.limits(), targets, true).await?;
         self.changed(&outcome.changes);
         Ok(outcome)
+    }
+
+    async fn claim_one_time_keys(&self, targets: &[ClaimTarget]) -> Result<ClaimOutcome> {
+        let mut client = self.writer("claim_one_time_keys").await?;
+        let outcome =
+            ops::claim(&mut client, &self.sql, self.core.limits(), targets, false).await?;
+        self.changed(&outcome.changes);
+        Ok(outcome)
+    }
+
+    async fn claim_fallback_keys(&self, targets: &[FallbackTarget]) -> Result<ClaimOutcome> {
+        let client = self.writer("claim_fallback_keys").await?;
+        let outcome = ops::claim_fallback_keys(&client, &self.sql, targets).await?;
+        self.changed(&outcome.changes);
+        Ok(outcome)
+    }
+
+    async fn reset_one_time_keys(
+        &self,
+        device: &Device,
+        scope: &ResetScope,
+    ) -> Result<UploadOutcome> {
+        let mut client = self.writer("reset_one_time_keys").await?;
+        let outcome = ops::reset_one_time_keys(&mut client, &self.sql, device, scope).await?;
+        self.changed(&outcome.changes);
+        Ok(outcome)
+    }
+
+    async fn replace_device(
+        &self,
+        previous: Option<&DeviceId>,
+        upload: &Upload,
+    ) -> Result<UploadOutcome> {
+        let mut client = self.writer("replace_device").await?;
+        let outcome =
+            ops::replace_device(&mut client, &self.sql, self.core.limits(), previous, upload)
+                .await?;
+        self.changed(&outcome.changes);
+        Ok(outcome)
+    }
+
+    async fn fallback_keys(&self, device: &Device) -> Result<BTreeMap<Algorithm, StoredFallback>> {
+        let client = self.client("fallback_keys").await?;
+        ops::fallback_keys(&client, device).await
+    }
+
+    async fn counts_many(&self, devices: &[Device]) -> Result<Vec<SyncState>> {
+        let client = self.client("counts_many").await?;
+        ops::counts_many(&client, devices).await
     }
 
     async fn sync_state(&self, device: &Device) -> Result<SyncState> {
@@ -265,14 +326,14 @@ impl Backend for PostgresStore {
     }
 
     async fn delete_device(&self, device: &Device) -> Result<Changes> {
-        let mut client = self.client("delete_device").await?;
+        let mut client = self.writer("delete_device").await?;
         let changes = ops::delete_device(&mut client, &self.sql, device).await?;
         self.changed(&changes);
         Ok(changes)
     }
 
     async fn delete_user(&self, user: &UserId) -> Result<Changes> {
-        let mut client = self.client("delete_user").await?;
+        let mut client = self.writer("delete_user").await?;
         let changes = ops::delete_user(&mut client, &self.sql, user).await?;
         self.changed(&changes);
         Ok(changes)
@@ -287,12 +348,13 @@ impl Backend for PostgresStore {
             return Ok(Vec::new());
         }
         let mut client = self.client("export_devices").await?;
-        ops::export_devices(&mut client, after, limit).await
+        ops::export_devices(&mut client, self.core.limits(), after, limit).await
     }
 
     async fn import_device(&self, snapshot: &DeviceSnapshot) -> Result<Changes> {
-        let mut client = self.client("import_device").await?;
-        let changes = ops::import_device(&mut client, &self.sql, snapshot).await?;
+        let mut client = self.writer("import_device").await?;
+        let changes =
+            ops::import_device(&mut client, &self.sql, self.core.limits(), snapshot).await?;
         self.changed(&changes);
         Ok(changes)
     }

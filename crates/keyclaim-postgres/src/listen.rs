@@ -19,6 +19,14 @@
 //! [`crate::PostgresOptions::transactional_notify`] restores sending inside
 //! each mutating transaction (delivered exactly when the change commits).
 //!
+//! **Bounded** (R10.6). The devices waiting to be announced are one set (a
+//! device changed many times waits once), of at most
+//! [`MAX_BACKLOG_DEVICES`]: when the announcer cannot keep up (the server
+//! is slow, the pool exhausted), mutations are refused at once with a
+//! retryable error, before anything is applied, until it has caught up. A
+//! batch whose sending fails is logged and dropped, like the announcements
+//! of a process that dies.
+//!
 //! A handle skips its own notifications: it has already told its
 //! subscribers, right after the commit, with the exact [`Changes`] of the
 //! operation. Events of other handles arrive as one [`Changes`] per
@@ -32,15 +40,16 @@
 //!
 //! [`broadcast::error::RecvError::Lagged`]: keyclaim::broadcast::error::RecvError::Lagged
 
-use std::time::Duration;
-
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
 use deadpool_postgres::Pool;
 use futures::StreamExt as _;
 use keyclaim::backend::StoreCore;
 use keyclaim::{Changes, Device, Error, Result};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, oneshot};
 use tokio::task::JoinHandle;
 use tokio_postgres::{AsyncMessage, NoTls, Notification};
 use tracing::Instrument as _;
@@ -51,53 +60,125 @@ use crate::ops::{NOTIFY, notify_payloads};
 /// How long the announcer gathers changes before it sends them.
 pub(crate) const GATHER: Duration = Duration::from_millis(10);
 
-/// The most devices one announcement batch gathers.
+/// The most devices one announcement transaction sends.
 const MAX_BATCH_DEVICES: usize = 10_000;
 
+/// The most devices waiting to be announced (R10.6): past it,
+/// [`Announcer::room`] fails, so that mutations fail at once with a
+/// retryable error instead of piling up announcements while the announcer
+/// cannot send (the server is slow, the pool is exhausted). About 10 MiB
+/// with long IDs.
+pub(crate) const MAX_BACKLOG_DEVICES: usize = 100_000;
+
 /// Sends this handle's announcements after commits, batched (see the
-/// module docs). Dropping it lets the task send what is queued and end.
+/// module docs). The devices waiting are one set, so a device changed many
+/// times waits once (coalesced). Dropping it lets the task send what is
+/// waiting and end.
 #[derive(Debug)]
 pub(crate) struct Announcer {
-    tx: mpsc::UnboundedSender<Changes>,
+    shared: Arc<Backlog>,
+}
+
+/// What the store and the announcer task share.
+#[derive(Debug)]
+struct Backlog {
+    devices: Mutex<BTreeSet<Device>>,
+    max: usize,
+    wake: Notify,
+    closed: AtomicBool,
+}
+
+impl Backlog {
+    fn devices(&self) -> MutexGuard<'_, BTreeSet<Device>> {
+        // A panic while holding the lock left a valid set behind.
+        self.devices.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 impl Announcer {
-    /// Starts the sending task on the store's pool.
-    pub(crate) fn start(pool: Pool, channel: String, instance: String) -> Self {
-        let (tx, rx) = mpsc::unbounded_channel();
+    /// Starts the sending task on the store's pool, with room for `max`
+    /// devices waiting ([`MAX_BACKLOG_DEVICES`]).
+    pub(crate) fn start(pool: Pool, channel: String, instance: String, max: usize) -> Self {
+        let shared = Arc::new(Backlog {
+            devices: Mutex::new(BTreeSet::new()),
+            max,
+            wake: Notify::new(),
+            closed: AtomicBool::new(false),
+        });
         let span = tracing::debug_span!("keyclaim.postgres.announcer", %channel);
-        tokio::spawn(announce(pool, channel, instance, rx).instrument(span));
-        Self { tx }
+        tokio::spawn(announce(pool, channel, instance, shared.clone()).instrument(span));
+        Self { shared }
+    }
+
+    /// Fails with a retryable error when the backlog is full (R10.6): the
+    /// caller, about to mutate, must not add to it. A mutation let through
+    /// adds its devices whatever their number, so the backlog holds at most
+    /// the bound plus what the mutations in flight change (at most one per
+    /// pooled connection).
+    pub(crate) fn room(&self, op: &'static str) -> Result<()> {
+        let waiting = self.shared.devices().len();
+        if waiting >= self.shared.max {
+            tracing::warn!(
+                waiting,
+                "keyclaim change announcements back up; refusing a write"
+            );
+            return Err(error::backlog(op));
+        }
+        Ok(())
     }
 
     /// Queues a committed change for the other workers. Never blocks.
     pub(crate) fn announce(&self, changes: &Changes) {
-        if !changes.is_empty() {
-            let _ = self.tx.send(changes.clone());
+        if changes.is_empty() {
+            return;
         }
+        self.shared
+            .devices()
+            .extend(changes.devices().iter().cloned());
+        self.shared.wake.notify_one();
     }
 }
 
-async fn announce(
-    pool: Pool,
-    channel: String,
-    instance: String,
-    mut rx: mpsc::UnboundedReceiver<Changes>,
-) {
-    while let Some(first) = rx.recv().await {
+#[cfg(test)]
+impl Announcer {
+    /// How many devices wait to be announced.
+    fn waiting(&self) -> usize {
+        self.shared.devices().len()
+    }
+}
+
+impl Drop for Announcer {
+    fn drop(&mut self) {
+        self.shared.closed.store(true, Ordering::SeqCst);
+        self.shared.wake.notify_one();
+    }
+}
+
+async fn announce(pool: Pool, channel: String, instance: String, shared: Arc<Backlog>) {
+    loop {
+        if shared.devices().is_empty() {
+            if shared.closed.load(Ordering::SeqCst) {
+                return;
+            }
+            shared.wake.notified().await;
+            continue;
+        }
         // Gather a little: each NOTIFY transaction costs the server a
         // commit and wakes every listener, so a busy store sends at most
         // about one per GATHER.
         tokio::time::sleep(GATHER).await;
-        let mut devices: BTreeSet<Device> = first.devices().iter().cloned().collect();
-        while devices.len() < MAX_BATCH_DEVICES {
-            match rx.try_recv() {
-                Ok(more) => devices.extend(more.devices().iter().cloned()),
-                Err(_) => break,
-            }
-        }
-        let devices: Vec<Device> = devices.into_iter().collect();
-        let payloads = notify_payloads(&instance, &devices);
+        let batch: Vec<Device> = {
+            let mut waiting = shared.devices();
+            let rest = match waiting.iter().nth(MAX_BATCH_DEVICES) {
+                Some(first_of_rest) => {
+                    let first_of_rest = first_of_rest.clone();
+                    waiting.split_off(&first_of_rest)
+                }
+                None => BTreeSet::new(),
+            };
+            std::mem::replace(&mut *waiting, rest).into_iter().collect()
+        };
+        let payloads = notify_payloads(&instance, &batch);
         let sent = async {
             let client = pool.get().await.map_err(|e| error::pool("announce", e))?;
             let stmt = client
@@ -111,7 +192,7 @@ async fn announce(
             Ok::<(), Error>(())
         };
         if let Err(error) = sent.await {
-            tracing::warn!(%error, devices = devices.len(), "could not announce keyclaim changes to other workers");
+            tracing::warn!(%error, devices = batch.len(), "could not announce keyclaim changes to other workers");
         }
     }
 }
@@ -255,7 +336,76 @@ pub(crate) fn parse_payload(payload: &str) -> Option<(&str, Vec<Device>)> {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Instant;
+
+    use deadpool_postgres::{Manager, ManagerConfig, RecyclingMethod, Runtime};
+
     use super::*;
+
+    async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !done() {
+            assert!(Instant::now() < deadline, "{what}: not within 30 s");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    fn changes(from: usize, to: usize) -> Changes {
+        Changes::from_devices((from..to).map(|i| Device::parse(&format!("@u{i}:x"), "D").unwrap()))
+    }
+
+    /// R10.6: while the announcer cannot send (its server accepts the
+    /// connection and never answers), the devices waiting stay one set
+    /// (a device changed again waits once) and, past the bound, mutations
+    /// are refused with a retryable error instead of piling up more.
+    #[tokio::test]
+    async fn the_backlog_is_bounded_while_the_announcer_cannot_send() {
+        let server = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = server.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = server.accept().await {
+                held.push(socket); // open, silent
+            }
+        });
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host("127.0.0.1")
+            .port(port)
+            .user("nobody")
+            .dbname("none");
+        let manager = Manager::from_config(
+            config,
+            tokio_postgres::NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(1)
+            .runtime(Runtime::Tokio1)
+            .build()
+            .unwrap();
+        let announcer = Announcer::start(pool, "chan".into(), "inst".into(), 100);
+        assert!(announcer.room("test").is_ok());
+
+        // The first batch is taken, and its sending hangs.
+        announcer.announce(&changes(0, 10));
+        wait_until("the first batch is taken", || announcer.waiting() == 0).await;
+
+        // Changed again and again: each device waits once.
+        for _ in 0..20 {
+            announcer.announce(&changes(0, 60));
+        }
+        assert_eq!(announcer.waiting(), 60);
+        assert!(announcer.room("test").is_ok());
+        // Past the bound, writes are refused, retryably.
+        announcer.announce(&changes(60, 130));
+        assert_eq!(announcer.waiting(), 130);
+        let err = announcer.room("claim").expect_err("backlog full");
+        assert!(err.is_retryable(), "{err:?}");
+        assert!(matches!(err, Error::Storage { op: "claim", .. }), "{err:?}");
+    }
 
     #[test]
     fn payloads_parse() {

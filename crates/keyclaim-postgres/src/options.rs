@@ -34,6 +34,7 @@ pub struct PostgresOptions {
     notifications: bool,
     transactional_notify: bool,
     pinned_plans: bool,
+    allow_unsafe_server: bool,
     limits: Limits,
 }
 
@@ -48,6 +49,7 @@ impl Default for PostgresOptions {
             notifications: true,
             transactional_notify: false,
             pinned_plans: true,
+            allow_unsafe_server: false,
             limits: Limits::default(),
         }
     }
@@ -64,8 +66,8 @@ impl PostgresOptions {
 
     /// The defaults: schema [`PostgresOptions::DEFAULT_SCHEMA`], 16
     /// connections, 10 s timeouts, no statement timeout, cross-process
-    /// notifications on and sent after the commit, pinned plans, the
-    /// contract's default [`Limits`].
+    /// notifications on and sent after the commit, pinned plans, a server
+    /// with `fsync = off` refused, the contract's default [`Limits`].
     pub fn new() -> Self {
         Self::default()
     }
@@ -158,6 +160,19 @@ impl PostgresOptions {
         self
     }
 
+    /// Whether to use a server that runs with `fsync = off`. Default off:
+    /// connecting to such a server fails with
+    /// [`Error::InvalidConfig`](keyclaim::Error::InvalidConfig), because a
+    /// crash of its machine can lose committed claims, whose keys would then
+    /// be handed out again (R10.5). On is for throwaway test servers only;
+    /// it relaxes nothing else (every connection still runs with synchronous
+    /// commit on and READ COMMITTED).
+    #[must_use]
+    pub fn allow_unsafe_server(mut self, on: bool) -> Self {
+        self.allow_unsafe_server = on;
+        self
+    }
+
     /// The limits the store enforces (R8.1 to R8.3).
     #[must_use]
     pub fn limits(mut self, limits: Limits) -> Self {
@@ -205,6 +220,11 @@ impl PostgresOptions {
         self.pinned_plans
     }
 
+    /// Whether a server running with `fsync = off` is accepted.
+    pub fn get_allow_unsafe_server(&self) -> bool {
+        self.allow_unsafe_server
+    }
+
     /// The configured limits.
     pub fn get_limits(&self) -> &Limits {
         &self.limits
@@ -236,6 +256,7 @@ impl PostgresOptions {
     /// | `keyclaim_notifications` | `on` or `off` | [`PostgresOptions::notifications`] |
     /// | `keyclaim_transactional_notify` | `on` or `off` | [`PostgresOptions::transactional_notify`] |
     /// | `keyclaim_pinned_plans` | `on` or `off` | [`PostgresOptions::pinned_plans`] |
+    /// | `keyclaim_allow_unsafe_server` | `on` or `off` | [`PostgresOptions::allow_unsafe_server`] |
     ///
     /// Options not given keep their defaults; the limits are always the
     /// defaults (set them with [`PostgresOptions::limits`] afterwards).
@@ -257,7 +278,7 @@ impl PostgresOptions {
     /// [`Error::InvalidConfig`] for another scheme, an unknown or repeated
     /// `keyclaim_` parameter, one without `=VALUE`, a value that does not
     /// parse, or an invalid schema name. The rest of the URL is checked
-    /// when connecting.
+    /// when connecting (an invalid one is [`Error::InvalidConfig`] there too).
     pub fn from_url(url: &str) -> Result<(String, PostgresOptions)> {
         let Some(rest) = ["postgres://", "postgresql://"]
             .iter()
@@ -310,6 +331,7 @@ impl PostgresOptions {
             "notifications" => self.notifications(query.on_off(name, value)?),
             "transactional_notify" => self.transactional_notify(query.on_off(name, value)?),
             "pinned_plans" => self.pinned_plans(query.on_off(name, value)?),
+            "allow_unsafe_server" => self.allow_unsafe_server(query.on_off(name, value)?),
             _ => {
                 return Err(query.unknown(
                     name,
@@ -322,6 +344,7 @@ impl PostgresOptions {
                         "keyclaim_notifications",
                         "keyclaim_transactional_notify",
                         "keyclaim_pinned_plans",
+                        "keyclaim_allow_unsafe_server",
                     ],
                 ));
             }
@@ -408,7 +431,8 @@ mod tests {
             "postgresql://h/d?keyclaim_schema=kc_1&keyclaim_pool_size=32\
              &keyclaim_connect_timeout_ms=1500&keyclaim_pool_wait_timeout_ms=0\
              &keyclaim_statement_timeout_ms=250&keyclaim_notifications=off\
-             &keyclaim_transactional_notify=on&keyclaim_pinned_plans=off",
+             &keyclaim_transactional_notify=on&keyclaim_pinned_plans=off\
+             &keyclaim_allow_unsafe_server=on",
         );
         assert_eq!(connection, "postgresql://h/d");
         let want = PostgresOptions::new()
@@ -419,7 +443,8 @@ mod tests {
             .statement_timeout(Some(Duration::from_millis(250)))
             .notifications(false)
             .transactional_notify(true)
-            .pinned_plans(false);
+            .pinned_plans(false)
+            .allow_unsafe_server(true);
         assert_eq!(options, want);
         assert_eq!(
             options.get_statement_timeout(),
@@ -428,10 +453,12 @@ mod tests {
         assert!(!options.get_notifications());
         assert!(options.get_transactional_notify());
         assert!(!options.get_pinned_plans());
+        assert!(options.get_allow_unsafe_server());
         // The other values of the switches, and a zero statement timeout.
         let (_, options) = parse(
             "postgres://h/d?keyclaim_notifications=on&keyclaim_transactional_notify=off\
-             &keyclaim_pinned_plans=on&keyclaim_statement_timeout_ms=0",
+             &keyclaim_pinned_plans=on&keyclaim_statement_timeout_ms=0\
+             &keyclaim_allow_unsafe_server=off",
         );
         assert_eq!(options, PostgresOptions::default());
     }
@@ -498,6 +525,7 @@ mod tests {
             "postgres://h/d?keyclaim_notifications=true",
             "postgres://h/d?keyclaim_transactional_notify=ON",
             "postgres://h/d?keyclaim_pinned_plans=",
+            "postgres://h/d?keyclaim_allow_unsafe_server=yes",
         ] {
             assert!(invalid(url).contains("value"), "{url}");
         }

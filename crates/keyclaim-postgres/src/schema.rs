@@ -54,7 +54,7 @@ CREATE TABLE fallback (
 
 -- Issued OTKs remembered per (device, algorithm) (R3.4), in issue order
 -- (issued_txn: one `issued_seq` value per claim statement; issued_pos: the
--- key's place in that claim). Pruned by claims to the configured number.
+-- key's place in that claim). Uploads prune it to the configured number.
 CREATE TABLE issued (
     user_id    text COLLATE "C" NOT NULL,
     device_id  text COLLATE "C" NOT NULL,

@@ -22,9 +22,11 @@ impl PgFactory {
     }
 
     fn options(schema: &str, limits: Limits) -> PostgresOptions {
+        // The test servers run with fsync = off, for speed.
         PostgresOptions::new()
             .schema(schema)
             .pool_size(8)
+            .allow_unsafe_server(true)
             .limits(limits)
     }
 }

@@ -4,7 +4,9 @@
 // its `Backend` impl; `options` its settings and URL parsing; `error` every
 // mapping to `keyclaim::Error`; `schema` the layout and migrations; `ops` the
 // operations, one file per kind; `writer` the group-commit writer thread;
-// `reader` the read pool; `checkpoint` the background WAL checkpoints.
+// `reader` the read pool; `checkpoint` the background WAL checkpoints;
+// `changes` the change reports across processes.
+mod changes;
 mod checkpoint;
 mod error;
 mod ops;
@@ -13,20 +15,22 @@ mod reader;
 mod schema;
 mod writer;
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
 use keyclaim::backend::{Backend, StoreCore, async_trait};
 use keyclaim::transfer::DeviceSnapshot;
 use keyclaim::{
-    Changes, ClaimOutcome, ClaimTarget, Device, Limits, Result, SyncState, Upload, UploadOutcome,
-    UserId,
+    Algorithm, Changes, ClaimOutcome, ClaimTarget, Device, DeviceId, FallbackTarget, Limits,
+    ResetScope, Result, StoredFallback, SyncState, Upload, UploadOutcome, UserId,
 };
 use tracing::Instrument as _;
 
 pub use options::{SqliteOptions, Synchronous};
 pub use schema::{APPLICATION_ID, SCHEMA_VERSION};
 
+use changes::Watcher;
 use checkpoint::Checkpointer;
 use reader::ReadPool;
 use writer::Writer;
@@ -42,8 +46,11 @@ pub(crate) const BACKEND: &str = "sqlite";
 /// (async runtime's) threads. Dropping the store finishes the queued writes,
 /// then closes every connection and joins the threads.
 ///
-/// Dropping a mutating call's future after it started does not cancel the
-/// operation: it may still be applied (as when an HTTP response is lost).
+/// Dropping a call's future before the writer (or a reader) started it
+/// means it is not run (R10.6); once started, it is applied (as when an
+/// HTTP response is lost). Each queue holds at most
+/// [`SqliteOptions::max_queued`] operations; past that, calls fail at once
+/// with a retryable error.
 pub struct SqliteStore {
     path: PathBuf,
     options: SqliteOptions,
@@ -52,6 +59,7 @@ pub struct SqliteStore {
     // last connection to close checkpoints the WAL.
     readers: ReadPool,
     _checkpointer: Option<Checkpointer>,
+    _watcher: Option<Watcher>,
     writer: Writer,
 }
 
@@ -85,18 +93,29 @@ impl SqliteStore {
         let path = path.as_ref().to_owned();
         let span = tracing::debug_span!("keyclaim.sqlite.open", path = %path.display());
         async {
-            let writer = Writer::start(path.clone(), options.clone()).await?;
+            // This handle's changes in `change_log` carry its origin, so that
+            // its watcher skips them (R11.2).
+            let origin = changes::new_origin();
+            let core = StoreCore::new(options.get_limits().clone());
+            let writer = Writer::start(path.clone(), options.clone(), origin).await?;
             let readers = ReadPool::start(&path, &options).await?;
             let checkpointer = options
                 .get_checkpoint_interval()
                 .map(|every| Checkpointer::start(&path, &options, every))
                 .transpose()?;
+            let watcher = match options.get_change_poll_interval() {
+                Some(every) => {
+                    Some(Watcher::start(&path, &options, every, origin, core.clone()).await?)
+                }
+                None => None,
+            };
             Ok(SqliteStore {
                 path,
-                core: StoreCore::new(options.get_limits().clone()),
+                core,
                 options,
                 readers,
                 _checkpointer: checkpointer,
+                _watcher: watcher,
                 writer,
             })
         }
@@ -116,10 +135,40 @@ impl SqliteStore {
 
     async fn write<T, F>(&self, op: &'static str, f: F) -> Result<T>
     where
-        T: Send + 'static,
+        T: writer::Answer,
         F: Fn(&rusqlite::Connection, &Limits) -> Result<T> + Send + 'static,
     {
         self.writer.submit(op, writer::Fallible::OnInput, f).await
+    }
+
+    /// Queues a write that fails only when storage does (its input was
+    /// checked by core): it runs without a savepoint of its own in a batch.
+    async fn write_infallible<T, F>(&self, op: &'static str, f: F) -> Result<T>
+    where
+        T: writer::Answer,
+        F: Fn(&rusqlite::Connection, &Limits) -> Result<T> + Send + 'static,
+    {
+        self.writer
+            .submit(op, writer::Fallible::OnStorageOnly, f)
+            .await
+    }
+
+    /// A one-step claim (`fall_back`, section 4) or the one-time step of a
+    /// split claim (R12.1): the same writer job and the same code.
+    async fn claim_targets(
+        &self,
+        targets: &[ClaimTarget],
+        fall_back: bool,
+    ) -> Result<ClaimOutcome> {
+        let owned = targets.to_vec();
+        let op = if fall_back {
+            "claim"
+        } else {
+            "claim_one_time_keys"
+        };
+        // Decoded inside the transaction (R10.7).
+        self.write_infallible(op, move |conn, _| ops::claim(conn, &owned, fall_back))
+            .await
     }
 }
 
@@ -142,16 +191,9 @@ impl Backend for SqliteStore {
     }
 
     async fn claim(&self, targets: &[ClaimTarget]) -> Result<ClaimOutcome> {
-        let owned = targets.to_vec();
         // Core checked the targets: a claim fails only when storage does,
         // and runs without a savepoint of its own.
-        let raw = self
-            .writer
-            .submit("claim", writer::Fallible::OnStorageOnly, move |conn, _| {
-                ops::claim(conn, &owned)
-            })
-            .await?;
-        raw.decode(targets)
+        self.claim_targets(targets, true).await
     }
 
     async fn sync_state(&self, device: &Device) -> Result<SyncState> {
@@ -193,5 +235,61 @@ impl Backend for SqliteStore {
             ops::import_device(conn, &owned)
         })
         .await
+    }
+
+    async fn claim_one_time_keys(&self, targets: &[ClaimTarget]) -> Result<ClaimOutcome> {
+        self.claim_targets(targets, false).await
+    }
+
+    async fn claim_fallback_keys(&self, targets: &[FallbackTarget]) -> Result<ClaimOutcome> {
+        let owned = targets.to_vec();
+        // One writer job for all targets: one atomic step, group-committed
+        // with its batch-mates (R12.2, R4.7), decoded before it commits
+        // (R10.7).
+        self.write_infallible("claim_fallback_keys", move |conn, _| {
+            ops::claim_fallback_keys(conn, &owned)
+        })
+        .await
+    }
+
+    async fn reset_one_time_keys(
+        &self,
+        device: &Device,
+        scope: &ResetScope,
+    ) -> Result<UploadOutcome> {
+        let (device, scope) = (device.clone(), scope.clone());
+        self.write_infallible("reset_one_time_keys", move |conn, _| {
+            ops::reset_one_time_keys(conn, &device, &scope)
+        })
+        .await
+    }
+
+    async fn replace_device(
+        &self,
+        previous: Option<&DeviceId>,
+        upload: &Upload,
+    ) -> Result<UploadOutcome> {
+        let (previous, upload) = (previous.cloned(), upload.clone());
+        // One job: the removal and the upload share its savepoint, so a
+        // failing upload undoes the removal (R14.1).
+        self.write("replace_device", move |conn, limits| {
+            ops::replace_device(conn, previous.as_ref(), &upload, limits)
+        })
+        .await
+    }
+
+    async fn fallback_keys(&self, device: &Device) -> Result<BTreeMap<Algorithm, StoredFallback>> {
+        let device = device.clone();
+        self.readers
+            .run(move |conn| ops::fallback_keys(conn, &device, "fallback_keys"))
+            .await
+    }
+
+    async fn counts_many(&self, devices: &[Device]) -> Result<Vec<SyncState>> {
+        let devices = devices.to_vec();
+        // One job on the read pool, one read transaction (R16.1).
+        self.readers
+            .run(move |conn| ops::counts_many(conn, &devices))
+            .await
     }
 }

@@ -22,7 +22,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{collect_stdout, device, key, report, result_lines, spawn_child};
+use common::{crash_iterations, device, key, kill_at_random_moment, report, result_lines};
 use keyclaim::{Algorithm, ClaimTarget, KeyStore, Limits, Upload};
 use keyclaim_sqlite::{SqliteOptions, SqliteStore};
 use rand::Rng as _;
@@ -162,13 +162,6 @@ impl Ledger {
     }
 }
 
-fn iterations() -> usize {
-    std::env::var("KEYCLAIM_CRASH_ITERATIONS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(25)
-}
-
 #[test]
 fn sigkill_at_random_moments_loses_nothing() {
     if keyclaim_testing::process::is_child("crash") {
@@ -180,24 +173,13 @@ fn sigkill_at_random_moments_loses_nothing() {
     let mut ledger = Ledger::default();
     let mut kills_after_ready = 0;
     let mut total_claims = 0;
-    for run in 0..iterations() {
-        let mut child = spawn_child(
+    for run in 0..crash_iterations() {
+        let output = kill_at_random_moment(
             "sigkill_at_random_moments_loses_nothing",
             "crash",
             &[(DB, db.display().to_string()), (RUN, run.to_string())],
+            run,
         );
-        let out = collect_stdout(&mut child);
-        // Mostly mid-work; sometimes while the child is still opening the file.
-        let wait_ms = if run % 5 == 0 {
-            rand::rng().random_range(0..40)
-        } else {
-            rand::rng().random_range(40..400)
-        };
-        std::thread::sleep(Duration::from_millis(wait_ms));
-        child.kill().expect("SIGKILL the child");
-        let status = child.wait().expect("reap the child");
-        assert!(!status.success(), "the child was killed, not finished");
-        let output = out.join().unwrap();
         if output.contains("READY") {
             kills_after_ready += 1;
         }
@@ -210,7 +192,7 @@ fn sigkill_at_random_moments_loses_nothing() {
     eprintln!(
         "crash test: {} kills ({kills_after_ready} after the child was ready), {} uploads \
          announced, {} acknowledged, {total_claims} keys claimed",
-        iterations(),
+        crash_iterations(),
         ledger.pending.len(),
         ledger.acked.len(),
     );

@@ -108,9 +108,11 @@ async fn a_busy_file_is_a_retryable_error_never_no_keys() {
     assert_eq!(out.keys.len(), 1);
 }
 
-/// R6.4: counts and unused fallback types are answered from a primary key or
-/// an index alone, limited to the one device; a claim's read and an upload's
-/// key ID check are single seeks.
+/// R6.4: counts and unused fallback types (also `counts_many`'s per-device
+/// reads, R16.1) are answered from a primary key or an index alone, limited
+/// to the one device; a claim's read, an upload's key ID check and a fallback
+/// read (R15.1) are single seeks; a key reset (R13.1) deletes a range of
+/// the primary key from the queue's head.
 #[test]
 fn per_device_reads_use_covering_indexes() {
     let dir = tempfile::tempdir().unwrap();
@@ -176,6 +178,33 @@ fn per_device_reads_use_covering_indexes() {
         "{unused}"
     );
     assert!(!unused.contains("TEMP B-TREE"), "{unused}");
+    let fallbacks = plan(
+        "SELECT algorithm, key_id, key_json, used FROM fallback_key \
+         WHERE user_id = ?1 AND device_id = ?2 ORDER BY algorithm",
+    );
+    assert!(
+        fallbacks.contains("SEARCH fallback_key USING INDEX sqlite_autoindex_fallback_key_1 (user_id=? AND device_id=?)"),
+        "{fallbacks}"
+    );
+    assert!(!fallbacks.contains("TEMP B-TREE"), "{fallbacks}");
+    let unstore = plan(
+        "UPDATE otk_queue SET stored = 0 \
+         WHERE user_id = ?1 AND device_id = ?2 AND stored > 0 RETURNING algorithm, head",
+    );
+    assert!(
+        unstore.contains("SEARCH otk_queue USING PRIMARY KEY (user_id=? AND device_id=?)"),
+        "{unstore}"
+    );
+    let reset = plan(
+        "DELETE FROM one_time_key \
+         WHERE user_id = ?1 AND device_id = ?2 AND algorithm = ?3 AND pos >= ?4",
+    );
+    assert!(
+        reset.contains(
+            "SEARCH one_time_key USING PRIMARY KEY (user_id=? AND device_id=? AND algorithm=? AND pos>?)"
+        ),
+        "{reset}"
+    );
 }
 
 #[tokio::test]

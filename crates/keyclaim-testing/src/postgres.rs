@@ -344,15 +344,93 @@ pub fn unique_schema(prefix: &str) -> String {
     name
 }
 
+/// The store URL parameter that lets keyclaim-postgres use a server running
+/// with `fsync = off` (R10.5): the throwaway test servers run so, for speed.
+pub const ALLOW_UNSAFE_SERVER: &str = "keyclaim_allow_unsafe_server=on";
+
 /// A store URL (as `keyclaim-open` reads them) for the test server `server`
 /// (a URL, or the throwaway cluster's key=value connection string) and a
-/// schema of keyclaim's: the schema rides in the URL's query, or as a
-/// `keyclaim_` key of the connection string.
+/// schema of keyclaim's, with [`ALLOW_UNSAFE_SERVER`]: keyclaim's options
+/// ride in the URL's query. A key=value connection string is written as a
+/// `postgresql://` URL whose query carries its keys.
 pub fn store_url(server: &str, schema: &str) -> String {
-    if server.starts_with("postgres") {
-        let sep = if server.contains('?') { '&' } else { '?' };
-        format!("{server}{sep}keyclaim_schema={schema}")
-    } else {
-        format!("postgres:{server} keyclaim_schema={schema}")
+    let server = as_url(server);
+    let sep = if server.contains('?') { '&' } else { '?' };
+    format!("{server}{sep}keyclaim_schema={schema}&{ALLOW_UNSAFE_SERVER}")
+}
+
+/// The connection string of database `dbname` on the test server `server`
+/// (a URL or a key=value connection string), for tests that need a
+/// database of their own (for instance with its own default settings).
+pub fn database_url(server: &str, dbname: &str) -> String {
+    if !is_url(server) {
+        // A later key overrides an earlier one.
+        return format!("{server} dbname={dbname}");
+    }
+    let (head, query) = match server.find('?') {
+        Some(q) => server.split_at(q),
+        None => (server, ""),
+    };
+    let scheme_end = head.find("://").map_or(0, |i| i + 3);
+    let path_start = head[scheme_end..]
+        .find('/')
+        .map_or(head.len(), |i| scheme_end + i);
+    format!("{}/{dbname}{query}", &head[..path_start])
+}
+
+fn is_url(server: &str) -> bool {
+    server.starts_with("postgres://") || server.starts_with("postgresql://")
+}
+
+/// `server` as a `postgresql://` URL: a key=value connection string (values
+/// without spaces or quotes, as [`Cluster::url`] writes them) becomes the
+/// query of a URL without a host.
+fn as_url(server: &str) -> String {
+    if is_url(server) {
+        return server.to_owned();
+    }
+    let pairs: Vec<&str> = server.split_whitespace().collect();
+    format!("postgresql://?{}", pairs.join("&"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_urls_carry_the_schema_and_the_relaxed_option() {
+        assert_eq!(
+            store_url("postgres://u@h:5/db", "kc"),
+            "postgres://u@h:5/db?keyclaim_schema=kc&keyclaim_allow_unsafe_server=on"
+        );
+        assert_eq!(
+            store_url("postgres://u@h/db?sslmode=disable", "kc"),
+            "postgres://u@h/db?sslmode=disable&keyclaim_schema=kc&keyclaim_allow_unsafe_server=on"
+        );
+        assert_eq!(
+            store_url("host=/tmp/x port=5432 user=postgres dbname=postgres", "kc"),
+            "postgresql://?host=/tmp/x&port=5432&user=postgres&dbname=postgres\
+             &keyclaim_schema=kc&keyclaim_allow_unsafe_server=on"
+        );
+    }
+
+    #[test]
+    fn database_urls_name_the_database() {
+        assert_eq!(
+            database_url("postgres://u@h:5/postgres", "other"),
+            "postgres://u@h:5/other"
+        );
+        assert_eq!(
+            database_url("postgresql://u@h/postgres?sslmode=disable", "other"),
+            "postgresql://u@h/other?sslmode=disable"
+        );
+        assert_eq!(
+            database_url("postgres://u@h", "other"),
+            "postgres://u@h/other"
+        );
+        assert_eq!(
+            database_url("host=/tmp/x dbname=postgres", "other"),
+            "host=/tmp/x dbname=postgres dbname=other"
+        );
     }
 }

@@ -22,6 +22,12 @@ pub enum LimitKind {
     RequestBytes,
     /// Targets of one claim (R8.2).
     ClaimTargets,
+    /// Stored OTKs per device across its algorithms (R8.4).
+    OtksPerDevice,
+    /// Devices in one bulk read (R16.1).
+    CountsDevices,
+    /// Key IDs in one key reset (R13.2).
+    ResetKeyIds,
 }
 
 impl std::fmt::Display for LimitKind {
@@ -32,6 +38,9 @@ impl std::fmt::Display for LimitKind {
             Self::KeysPerUpload => "keys in one upload",
             Self::RequestBytes => "bytes of one request body",
             Self::ClaimTargets => "targets of one claim",
+            Self::OtksPerDevice => "stored one-time keys per device",
+            Self::CountsDevices => "devices in one bulk read",
+            Self::ResetKeyIds => "key IDs in one key reset",
         })
     }
 }
@@ -89,6 +98,14 @@ pub enum Error {
     #[error("more than one fallback key for algorithm {algorithm} in one upload")]
     DuplicateFallback {
         /// The algorithm named twice.
+        algorithm: Algorithm,
+    },
+    /// An upload for a dehydrated device carries one-time keys of an
+    /// algorithm without a fallback key of it, while the store requires one
+    /// (R14.2).
+    #[error("the upload has one-time keys of {algorithm} but no fallback key of it")]
+    MissingFallback {
+        /// The algorithm without a fallback key.
         algorithm: Algorithm,
     },
     /// A limit of contract section 8 was exceeded (R8.1, R8.2).

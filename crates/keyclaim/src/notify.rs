@@ -1,4 +1,4 @@
-//! In-process change notifications (R11.1).
+//! In-process change notifications (R11.1), bounded in memory (R11.3).
 
 use tokio::sync::broadcast;
 
@@ -6,7 +6,13 @@ use crate::types::Changes;
 
 /// How many change events a slow subscriber may fall behind before it sees
 /// [`broadcast::error::RecvError::Lagged`] (and should then re-read state).
-pub const NOTIFY_CAPACITY: usize = 1024;
+pub const NOTIFY_CAPACITY: usize = 256;
+
+/// The most devices one change event lists; a change of more devices (a
+/// claim for a big room) is sent as several events. With
+/// [`NOTIFY_CAPACITY`], a slow subscriber pins at most 16,384 devices, about
+/// 9 MiB with the longest IDs the contract allows (R11.3).
+pub const MAX_DEVICES_PER_EVENT: usize = 64;
 
 /// A broadcast of [`Changes`], one per successful mutating operation that
 /// changed something. Backends hold one and call [`ChangeNotifier::notify`]
@@ -35,11 +41,68 @@ impl ChangeNotifier {
         self.tx.subscribe()
     }
 
-    /// Sends an event to every subscriber, unless it is empty. Never blocks
-    /// and never fails (no subscriber is fine).
+    /// Sends the changes to every subscriber, as one event or, past
+    /// [`MAX_DEVICES_PER_EVENT`] devices, as several; nothing when empty.
+    /// Never blocks and never fails (no subscriber is fine).
     pub fn notify(&self, changes: &Changes) {
-        if !changes.is_empty() {
-            let _ = self.tx.send(changes.clone());
+        if changes.devices().len() <= MAX_DEVICES_PER_EVENT {
+            if !changes.is_empty() {
+                let _ = self.tx.send(changes.clone());
+            }
+            return;
         }
+        for chunk in changes.devices().chunks(MAX_DEVICES_PER_EVENT) {
+            let _ = self.tx.send(Changes::from_sorted(chunk));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::ids::Device;
+
+    fn devices(n: usize) -> Vec<Device> {
+        (0..n)
+            .map(|i| Device::parse(&format!("@u{i:05}:x"), "D").unwrap())
+            .collect()
+    }
+
+    /// R11.3: a big change is split into events of at most
+    /// `MAX_DEVICES_PER_EVENT` devices that together list every device once.
+    #[test]
+    fn r11_3_big_changes_are_split() {
+        let notifier = ChangeNotifier::new();
+        let mut rx = notifier.subscribe();
+        let all = devices(MAX_DEVICES_PER_EVENT * 2 + 5);
+        notifier.notify(&Changes::from_devices(all.clone()));
+        let mut seen = Vec::new();
+        while let Ok(event) = rx.try_recv() {
+            assert!(event.devices().len() <= MAX_DEVICES_PER_EVENT);
+            seen.extend(event.devices().iter().cloned());
+        }
+        assert_eq!(seen, all);
+    }
+
+    /// R11.3: a subscriber that stops reading holds at most
+    /// `NOTIFY_CAPACITY` events and is then told that it lagged.
+    #[test]
+    fn r11_3_a_slow_subscriber_is_told_it_lagged() {
+        let notifier = ChangeNotifier::new();
+        let mut rx = notifier.subscribe();
+        for device in devices(NOTIFY_CAPACITY + 10) {
+            notifier.notify(&Changes::from_devices([device]));
+        }
+        assert!(matches!(
+            rx.try_recv(),
+            Err(broadcast::error::TryRecvError::Lagged(10))
+        ));
+        let mut rest = 0;
+        while rx.try_recv().is_ok() {
+            rest += 1;
+        }
+        assert_eq!(rest, NOTIFY_CAPACITY);
     }
 }

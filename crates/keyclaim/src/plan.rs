@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use crate::error::{Error, LimitKind, Result};
 use crate::ids::{Algorithm, KeyId};
 use crate::key_json::{KeyDigest, KeyJson};
-use crate::limits::{Limits, too_large};
+use crate::limits::{Limits, OtkCap, too_large};
 use crate::types::Upload;
 
 /// What the store holds that an upload depends on, for one device.
@@ -23,10 +23,20 @@ pub struct DeviceFacts {
     /// Remembered issued OTKs (R3.4) among the key IDs the upload names
     /// (others may be left out).
     pub issued: HashSet<(KeyId, KeyDigest)>,
-    /// Stored OTK counts per algorithm, for the algorithms the upload names.
+    /// Stored OTK counts per algorithm, for the algorithms the upload names;
+    /// when the store's cap counts per device ([`OtkCap::PerDevice`], R8.4),
+    /// for every algorithm the device holds (see [`DeviceFacts::needs_all_counts`]).
     pub otk_counts: HashMap<Algorithm, u64>,
     /// Digests of the stored fallback keys, for the algorithms the upload names.
     pub fallback_digests: HashMap<Algorithm, KeyDigest>,
+}
+
+impl DeviceFacts {
+    /// Whether [`DeviceFacts::otk_counts`] must cover every algorithm of the
+    /// device rather than only those the upload names (R8.4).
+    pub fn needs_all_counts(limits: &Limits) -> bool {
+        limits.otk_cap == OtkCap::PerDevice
+    }
 }
 
 /// What an upload must write.
@@ -81,17 +91,26 @@ pub fn plan_upload<'a>(
         *added.entry(id.algorithm_str()).or_insert(0) += 1;
         plan.insert_otks.push((id, json));
     }
-    for (alg, n) in added {
-        let stored = facts
-            .otk_counts
-            .iter()
-            .find(|(a, _)| a.as_str() == alg)
-            .map_or(0, |(_, c)| *c);
-        if stored.saturating_add(n) > limits.max_otks_per_device_algorithm {
-            return Err(too_large(
-                LimitKind::OtksPerDeviceAlgorithm,
-                limits.max_otks_per_device_algorithm,
-            ));
+    let cap = limits.max_otks_per_device_algorithm;
+    match limits.otk_cap {
+        OtkCap::PerDevice => {
+            let stored: u64 = facts.otk_counts.values().sum();
+            let new: u64 = added.values().sum();
+            if new > 0 && stored.saturating_add(new) > cap {
+                return Err(too_large(LimitKind::OtksPerDevice, cap));
+            }
+        }
+        OtkCap::PerAlgorithm => {
+            for (alg, n) in added {
+                let stored = facts
+                    .otk_counts
+                    .iter()
+                    .find(|(a, _)| a.as_str() == alg)
+                    .map_or(0, |(_, c)| *c);
+                if stored.saturating_add(n) > cap {
+                    return Err(too_large(LimitKind::OtksPerDeviceAlgorithm, cap));
+                }
+            }
         }
     }
     for (alg, (id, json)) in &upload.fallback_keys {

@@ -1,5 +1,6 @@
 //! The [`KeyStore`] trait: the storage contract every backend implements.
 
+use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::sync::Arc;
 
@@ -7,10 +8,11 @@ use async_trait::async_trait;
 use tokio::sync::broadcast;
 
 use crate::error::Result;
-use crate::ids::{Algorithm, Device, UserId};
+use crate::ids::{Algorithm, Device, DeviceId, UserId};
 use crate::limits::Limits;
 use crate::types::{
-    Changes, ClaimOutcome, ClaimTarget, DeviceSnapshot, OtkCounts, SyncState, Upload, UploadOutcome,
+    Changes, ClaimOutcome, ClaimTarget, DeviceSnapshot, FallbackTarget, OneTimeClaimOutcome,
+    OtkCounts, ResetScope, StoredFallback, SyncState, Upload, UploadOutcome,
 };
 
 /// Storage of one-time keys and fallback keys with atomic claim semantics.
@@ -153,6 +155,89 @@ pub trait KeyStore: Debug + Send + Sync + 'static {
     /// # Errors
     /// [`Error::Storage`](crate::Error::Storage).
     async fn sync_state(&self, device: &Device) -> Result<SyncState>;
+
+    /// Claims one-time keys only (R12.1), the first step of a split claim:
+    /// exactly as [`KeyStore::claim`] for one-time keys (R4.2, R4.3, R4.5,
+    /// R8.3), but never touches fallback keys. Answers the keys issued and
+    /// the targets that got none (the misses), in request order.
+    ///
+    /// - Atomicity and durability: as [`KeyStore::claim`]. Between this
+    ///   step and a following [`KeyStore::claim_fallback_keys`] an upload may
+    ///   land; the second step sees it (R12.3).
+    ///
+    /// # Errors
+    /// [`Error::TooLarge`](crate::Error::TooLarge) for too many targets
+    /// (R8.2), [`Error::Storage`](crate::Error::Storage),
+    /// [`Error::Corrupt`](crate::Error::Corrupt).
+    async fn claim_one_time_keys(&self, targets: &[ClaimTarget]) -> Result<OneTimeClaimOutcome>;
+
+    /// Hands out fallback keys (R12.2), the last step of a split claim: per
+    /// target the device's current fallback key of the algorithm, marked
+    /// used only where the target says so (section 5). Targets without one
+    /// are left out (R4.6). One round trip for all targets (R4.7).
+    ///
+    /// - Atomicity: all targets at once. Durability: the marks are durable
+    ///   on return.
+    ///
+    /// # Errors
+    /// [`Error::TooLarge`](crate::Error::TooLarge) for too many targets
+    /// (R8.2), [`Error::Storage`](crate::Error::Storage),
+    /// [`Error::Corrupt`](crate::Error::Corrupt).
+    async fn claim_fallback_keys(&self, targets: &[FallbackTarget]) -> Result<ClaimOutcome>;
+
+    /// Removes a device's stored one-time keys in the scope (R13.1): all of
+    /// them, or those with the listed key IDs (IDs not stored are ignored).
+    /// Fallback keys and remembered issued keys are untouched; removed keys
+    /// are not remembered, so uploading one again stores it again. Answers
+    /// the counts after the reset and the device when a key was removed.
+    ///
+    /// - Atomicity: one step. Durability: durable on return.
+    ///
+    /// # Errors
+    /// [`Error::Storage`](crate::Error::Storage).
+    async fn reset_one_time_keys(
+        &self,
+        device: &Device,
+        scope: &ResetScope,
+    ) -> Result<UploadOutcome>;
+
+    /// Replaces a user's dehydrated device (R14.1): in one atomic step,
+    /// removes everything the `previous` device of the upload's user held
+    /// (as [`KeyStore::delete_device`]; it may be absent or the upload's own
+    /// device) and applies the upload to the upload's device, with every
+    /// rule of [`KeyStore::upload`]. Answers the new device's counts and
+    /// both devices as changed.
+    ///
+    /// - Atomicity: if the upload is invalid or over a limit, nothing
+    ///   changes; after a crash either the old state or the new one is
+    ///   there, never a mix. Durability: durable on return.
+    ///
+    /// # Errors
+    /// As [`KeyStore::upload`].
+    async fn replace_device(
+        &self,
+        previous: Option<&DeviceId>,
+        upload: &Upload,
+    ) -> Result<UploadOutcome>;
+
+    /// The device's current fallback keys by algorithm (R15.1): key ID, key
+    /// JSON and used flag, without changing anything. A read, like
+    /// [`KeyStore::otk_counts`]; cheap (R6.4).
+    ///
+    /// # Errors
+    /// [`Error::Storage`](crate::Error::Storage), [`Error::Corrupt`](crate::Error::Corrupt).
+    async fn fallback_keys(&self, device: &Device) -> Result<BTreeMap<Algorithm, StoredFallback>>;
+
+    /// The sync state (counts and unused fallback types) of many devices at
+    /// once (R16.1), one answer per device in the order asked; devices
+    /// without keys answer the empty state. One round trip to the storage;
+    /// the cost grows with the number of devices, never with the store.
+    ///
+    /// # Errors
+    /// [`Error::TooLarge`](crate::Error::TooLarge) for more than
+    /// [`Limits::max_counts_devices`](crate::Limits) devices,
+    /// [`Error::Storage`](crate::Error::Storage).
+    async fn counts_many(&self, devices: &[Device]) -> Result<Vec<SyncState>>;
 }
 
 // `KeyStore` has no provided methods, so a method added to the trait and
@@ -199,6 +284,24 @@ macro_rules! forward_key_store {
             }
             async fn sync_state(&self, device: &Device) -> Result<SyncState> {
                 (**self).sync_state(device).await
+            }
+            async fn claim_one_time_keys(&self, targets: &[ClaimTarget]) -> Result<OneTimeClaimOutcome> {
+                (**self).claim_one_time_keys(targets).await
+            }
+            async fn claim_fallback_keys(&self, targets: &[FallbackTarget]) -> Result<ClaimOutcome> {
+                (**self).claim_fallback_keys(targets).await
+            }
+            async fn reset_one_time_keys(&self, device: &Device, scope: &ResetScope) -> Result<UploadOutcome> {
+                (**self).reset_one_time_keys(device, scope).await
+            }
+            async fn replace_device(&self, previous: Option<&DeviceId>, upload: &Upload) -> Result<UploadOutcome> {
+                (**self).replace_device(previous, upload).await
+            }
+            async fn fallback_keys(&self, device: &Device) -> Result<BTreeMap<Algorithm, StoredFallback>> {
+                (**self).fallback_keys(device).await
+            }
+            async fn counts_many(&self, devices: &[Device]) -> Result<Vec<SyncState>> {
+                (**self).counts_many(devices).await
             }
         }
     )*};

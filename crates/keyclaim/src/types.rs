@@ -112,6 +112,22 @@ impl Upload {
     pub fn is_empty(&self) -> bool {
         self.key_count() == 0
     }
+
+    /// Checks that the upload carries a fallback key for every algorithm it
+    /// carries one-time keys of (R14.2: a dehydrated device cannot refill
+    /// its keys, so its fallback key is what keeps it reachable).
+    ///
+    /// # Errors
+    /// [`Error::MissingFallback`] naming the first algorithm without one.
+    pub fn require_fallback_keys(&self) -> Result<()> {
+        for id in self.one_time_keys.keys() {
+            let algorithm = id.algorithm();
+            if !self.fallback_keys.contains_key(&algorithm) {
+                return Err(Error::MissingFallback { algorithm });
+            }
+        }
+        Ok(())
+    }
 }
 
 /// One target of a claim (R4.1): a device, an algorithm and how many keys.
@@ -133,6 +149,35 @@ impl ClaimTarget {
             algorithm,
             count: 1,
         }
+    }
+}
+
+/// One target of [`KeyStore::claim_fallback_keys`](crate::KeyStore::claim_fallback_keys)
+/// (R12.2): a device, an algorithm, and whether to mark the fallback key used.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct FallbackTarget {
+    /// The device whose fallback key is wanted.
+    pub device: Device,
+    /// The algorithm wanted.
+    pub algorithm: Algorithm,
+    /// Whether handing the key out marks it used (R4.4).
+    pub mark_used: bool,
+}
+
+/// Which one-time keys a key reset removes (R13.1).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ResetScope {
+    /// Every stored one-time key of the device.
+    All,
+    /// The stored one-time keys with these key IDs; IDs not stored are
+    /// ignored.
+    KeyIds(BTreeSet<KeyId>),
+}
+
+impl ResetScope {
+    /// Whether the scope names no key at all (an empty list).
+    pub fn is_empty(&self) -> bool {
+        matches!(self, Self::KeyIds(ids) if ids.is_empty())
     }
 }
 
@@ -163,21 +208,70 @@ pub struct ClaimOutcome {
 impl ClaimOutcome {
     /// The keys in the wire shape `{user: {device: {key_id: key_json}}}`.
     pub fn to_wire(&self) -> Value {
-        let mut users = Map::new();
-        for key in &self.keys {
-            let user = users
-                .entry(key.device.user_id.as_str())
+        keys_to_wire(&self.keys)
+    }
+}
+
+/// Keys in the wire shape `{user: {device: {key_id: key_json}}}`; a later key
+/// under the same key ID of one device replaces an earlier one.
+pub(crate) fn keys_to_wire<'a>(keys: impl IntoIterator<Item = &'a ClaimedKey>) -> Value {
+    let mut users = Map::new();
+    for key in keys {
+        let user = users
+            .entry(key.device.user_id.as_str())
+            .or_insert_with(|| Value::Object(Map::new()));
+        if let Value::Object(devices) = user {
+            let device = devices
+                .entry(key.device.device_id.as_str())
                 .or_insert_with(|| Value::Object(Map::new()));
-            if let Value::Object(devices) = user {
-                let device = devices
-                    .entry(key.device.device_id.as_str())
-                    .or_insert_with(|| Value::Object(Map::new()));
-                if let Value::Object(keys) = device {
-                    keys.insert(key.key_id.as_str().to_owned(), key.key_json.to_value());
-                }
+            if let Value::Object(keys) = device {
+                keys.insert(key.key_id.as_str().to_owned(), key.key_json.to_value());
             }
         }
-        Value::Object(users)
+    }
+    Value::Object(users)
+}
+
+/// The answer to [`KeyStore::claim_one_time_keys`](crate::KeyStore::claim_one_time_keys)
+/// (R12.1).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OneTimeClaimOutcome {
+    /// The one-time keys handed out, as in [`ClaimOutcome::keys`]; never a
+    /// fallback key.
+    pub keys: Vec<ClaimedKey>,
+    /// The targets that got no one-time key at all, in request order, with
+    /// their counts as claimed (clamped, R8.3).
+    pub misses: Vec<ClaimTarget>,
+    /// The devices whose counts changed (R11.1).
+    pub changes: Changes,
+}
+
+impl OneTimeClaimOutcome {
+    /// Splits a claim's answer into keys and misses. `keys` must list each
+    /// target's keys together, in target order (as backends answer).
+    pub(crate) fn from_claim(targets: &[ClaimTarget], outcome: ClaimOutcome) -> Self {
+        let mut misses = Vec::new();
+        let mut next = outcome.keys.iter().peekable();
+        for target in targets {
+            let mut got = 0u32;
+            while got < target.count
+                && next.peek().is_some_and(|k| {
+                    k.device == target.device
+                        && k.key_id.algorithm_str() == target.algorithm.as_str()
+                })
+            {
+                next.next();
+                got += 1;
+            }
+            if got == 0 {
+                misses.push(target.clone());
+            }
+        }
+        Self {
+            keys: outcome.keys,
+            misses,
+            changes: outcome.changes,
+        }
     }
 }
 
@@ -273,6 +367,13 @@ impl Changes {
         }
     }
 
+    /// Changes of devices that are already sorted and without repeats.
+    pub(crate) fn from_sorted(devices: &[Device]) -> Self {
+        Self {
+            devices: devices.into(),
+        }
+    }
+
     /// The changed devices.
     pub fn devices(&self) -> &[Device] {
         &self.devices
@@ -294,12 +395,15 @@ impl Changes {
     }
 }
 
-/// The answer to an upload.
+/// The answer to an upload, a key reset (R13.1) or a device replacement
+/// (R14.1).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct UploadOutcome {
-    /// The device's OTK counts after the upload (R3.8).
+    /// The device's OTK counts after the operation (R3.8, R13.1).
     pub counts: OtkCounts,
-    /// The devices changed: this device, when anything was stored (R11.1).
+    /// The devices changed (R11.1): the device, when anything was stored or
+    /// removed; for a replacement also the previous device when it held
+    /// anything.
     pub changes: Changes,
 }
 

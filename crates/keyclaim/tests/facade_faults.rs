@@ -5,9 +5,12 @@ use std::sync::Arc;
 
 use keyclaim::backend::{Backend, StoreCore, async_trait};
 use keyclaim::transfer::DeviceSnapshot;
+use std::collections::BTreeMap;
+
 use keyclaim::{
-    Algorithm, Changes, ClaimOutcome, ClaimTarget, Device, Error, KeyStore, KeysApi, Limits,
-    Result, SyncState, Upload, UploadOutcome, UserId,
+    Algorithm, Changes, ClaimOptions, ClaimOutcome, ClaimTarget, Device, DeviceId, Error,
+    FallbackTarget, KeyStore, KeysApi, Limits, ResetScope, Result, StoredFallback, SyncState,
+    Upload, UploadOutcome, UserId,
 };
 
 #[derive(Debug)]
@@ -61,6 +64,24 @@ impl Backend for FailingStore {
     async fn import_device(&self, _: &DeviceSnapshot) -> Result<Changes> {
         Err(down("import"))
     }
+    async fn claim_one_time_keys(&self, _: &[ClaimTarget]) -> Result<ClaimOutcome> {
+        Err(down("claim_one_time_keys"))
+    }
+    async fn claim_fallback_keys(&self, _: &[FallbackTarget]) -> Result<ClaimOutcome> {
+        Err(down("claim_fallback_keys"))
+    }
+    async fn reset_one_time_keys(&self, _: &Device, _: &ResetScope) -> Result<UploadOutcome> {
+        Err(down("reset"))
+    }
+    async fn replace_device(&self, _: Option<&DeviceId>, _: &Upload) -> Result<UploadOutcome> {
+        Err(down("replace_device"))
+    }
+    async fn fallback_keys(&self, _: &Device) -> Result<BTreeMap<Algorithm, StoredFallback>> {
+        Err(down("fallback_keys"))
+    }
+    async fn counts_many(&self, _: &[Device]) -> Result<Vec<SyncState>> {
+        Err(down("counts_many"))
+    }
 }
 
 fn check(err: keyclaim::ApiError) {
@@ -85,6 +106,24 @@ async fn storage_failures_are_500_m_unknown() {
     check(api.sync("@a:b", "D").await.unwrap_err());
     check(api.delete_device("@a:b", "D").await.unwrap_err());
     check(api.delete_user("@a:b").await.unwrap_err());
+    let with_fallbacks = ClaimOptions::default().always_include_fallback_keys(true);
+    check(api.claim_with(claim, &with_fallbacks).await.unwrap_err());
+    check(
+        api.reset("@a:b", "D", br#"{"all": true}"#)
+            .await
+            .unwrap_err(),
+    );
+    check(
+        api.replace_dehydrated_device("@a:b", Some("OLD"), "D", upload)
+            .await
+            .unwrap_err(),
+    );
+    check(api.fallback_keys("@a:b", "D").await.unwrap_err());
+    check(
+        api.counts_many(br#"{"devices": {"@a:b": ["D"]}}"#)
+            .await
+            .unwrap_err(),
+    );
     // A claim with no targets never reaches the store.
     assert!(api.claim(b"{}").await.is_ok());
 }
@@ -102,6 +141,12 @@ fn public_futures_are_send() {
     assert_send(&api.sync("@a:b", "D"));
     assert_send(&api.delete_device("@a:b", "D"));
     assert_send(&api.delete_user("@a:b"));
+    let options = ClaimOptions::default();
+    assert_send(&api.claim_with(b"{}", &options));
+    assert_send(&api.reset("@a:b", "D", b"{}"));
+    assert_send(&api.replace_dehydrated_device("@a:b", None, "D", b"{}"));
+    assert_send(&api.fallback_keys("@a:b", "D"));
+    assert_send(&api.counts_many(b"{}"));
     let store = FailingStore::default();
     let device = Device::parse("@a:b", "D").unwrap();
     assert_send(&KeyStore::claim(&store, &[]));

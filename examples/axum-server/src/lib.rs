@@ -3,6 +3,8 @@
 //!
 //! - `POST /_matrix/client/v3/keys/upload` -> [`KeysApi::upload`]
 //! - `POST /_matrix/client/v3/keys/claim` -> [`KeysApi::claim`]
+//! - `POST /_matrix/client/v3/keys/reset` and its unstable MSC4162 path
+//!   -> [`KeysApi::reset`]
 //! - `GET /_matrix/client/v3/sync` -> [`KeysApi::sync`]: only the E2EE key
 //!   fields (and a `next_batch`), as the part of `/sync` keyclaim owns. With
 //!   `?since=...&timeout=MS` it long-polls until keyclaim reports a change of
@@ -39,7 +41,7 @@ pub const MAX_SYNC_TIMEOUT_MS: u64 = 30_000;
 /// The facade the routes share.
 pub type Api = KeysApi<Arc<dyn KeyStore>>;
 
-/// The router serving the three endpoints over `api`.
+/// The router serving the endpoints over `api`.
 pub fn router(api: Api) -> Router {
     // Let bodies a bit over keyclaim's own limit through, so that keyclaim
     // answers them with its Matrix error (M_TOO_LARGE); far larger ones are
@@ -48,6 +50,11 @@ pub fn router(api: Api) -> Router {
     Router::new()
         .route("/_matrix/client/v3/keys/upload", post(keys_upload))
         .route("/_matrix/client/v3/keys/claim", post(keys_claim))
+        .route("/_matrix/client/v3/keys/reset", post(keys_reset))
+        .route(
+            "/_matrix/client/unstable/org.matrix.msc4162/keys/reset",
+            post(keys_reset),
+        )
         .route("/_matrix/client/v3/sync", get(sync))
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(api)
@@ -117,6 +124,20 @@ async fn keys_upload(
     };
     match body {
         Ok(body) => answer(api.upload(&user, &device, &body).await),
+        Err(rejection) => body_error(&rejection),
+    }
+}
+
+async fn keys_reset(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let Some((user, device)) = stand_in_auth(&headers) else {
+        return missing_auth();
+    };
+    match body {
+        Ok(body) => answer(api.reset(&user, &device, &body).await),
         Err(rejection) => body_error(&rejection),
     }
 }

@@ -171,6 +171,54 @@ async fn real_keys_over_http(store: Arc<dyn KeyStore>) {
     assert_eq!(sync["device_unused_fallback_key_types"], json!([]));
 }
 
+/// Key reset (R13.2) on the stable and the unstable path.
+#[tokio::test]
+async fn key_reset_over_http() {
+    let http = Http::new(serve(open_store("memory:").await.unwrap()).await);
+    let who = format!("{ALICE} DEV");
+    let keys = json!({"one_time_keys": {
+        "signed_curve25519:A": "ka", "signed_curve25519:B": "kb", "signed_curve25519:C": "kc",
+    }});
+    assert_eq!(http.upload(&who, &keys).await.0, StatusCode::OK);
+    let (status, body) = http
+        .post(
+            "keys/reset",
+            Some(&who),
+            json!({"key_ids": ["signed_curve25519:A"]})
+                .to_string()
+                .into_bytes(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        body,
+        json!({"device_one_time_keys_count": {"signed_curve25519": 2}})
+    );
+    let response = reqwest::Client::new()
+        .post(format!(
+            "{}/_matrix/client/unstable/org.matrix.msc4162/keys/reset",
+            http.base
+        ))
+        .header(STAND_IN_AUTH_HEADER, &who)
+        .body(json!({"all": true}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(
+        body,
+        json!({"device_one_time_keys_count": {"signed_curve25519": 0}})
+    );
+    let (status, body) = http
+        .post("keys/reset", Some(&who), b"{\"all\": 1}".to_vec())
+        .await;
+    assert_eq!(
+        (status, &body["errcode"]),
+        (StatusCode::BAD_REQUEST, &json!("M_BAD_JSON"))
+    );
+}
+
 /// Errors come back as Matrix errors with the facade's status codes.
 #[tokio::test]
 async fn errors_are_matrix_errors() {

@@ -2,6 +2,7 @@
 
 mod report;
 mod scale;
+mod split;
 mod stats;
 mod workload;
 
@@ -366,6 +367,7 @@ async fn run_backend(
             baseline: base,
         });
     }
+    out.split = Some(split::run(&b.store, w.bulk_size.max(1), w.clients).await?);
     Ok(out)
 }
 

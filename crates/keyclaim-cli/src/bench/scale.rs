@@ -19,6 +19,9 @@ const UPLOADS: usize = 200;
 const SETTLE: Duration = Duration::from_secs(5);
 /// Unmeasured claims after the settling pause (caches, the WAL's size).
 const WARMUP_CLAIMS: usize = 200;
+/// Devices of one bulk count read (R16.1), and how many reads are timed.
+const COUNTS_DEVICES: usize = 10_000;
+const COUNTS_READS: usize = 20;
 
 pub(crate) async fn run(args: &BenchArgs) -> Result<bool, String> {
     let tmp = tempfile::tempdir().map_err(|e| e.to_string())?;
@@ -29,17 +32,18 @@ pub(crate) async fn run(args: &BenchArgs) -> Result<bool, String> {
         .filter(|n| *n <= args.scale_max)
         .collect();
     println!(
-        "\nkeyclaim bench --scale: p50/p99 latency of one claim (C=1) and one 50-key upload, by stored keys\n"
+        "\nkeyclaim bench --scale: p50/p99 latency of one claim (C=1), one 50-key upload and one count read of {COUNTS_DEVICES} devices, by stored keys\n"
     );
     println!(
-        "{:<10} {:>12} {:>12} {:>12} {:>12} {:>12} {:>14}",
+        "{:<10} {:>12} {:>12} {:>12} {:>12} {:>12} {:>14} {:>14}",
         "backend",
         "stored keys",
         "claim p50",
         "claim p99",
         "upload p50",
         "upload p99",
-        "claim p50 / 10^4"
+        "claim p50 / 10^4",
+        "counts_many p50"
     );
     let mut json_rows = Vec::new();
     for name in &args.backend {
@@ -105,19 +109,32 @@ pub(crate) async fn run(args: &BenchArgs) -> Result<bool, String> {
                 b.store.upload(&u).await.map_err(|e| e.to_string())?;
                 uploads.record(t0.elapsed());
             }
+            let mut counts = Samples::default();
+            for _ in 0..COUNTS_READS {
+                let ask = (0..COUNTS_DEVICES)
+                    .map(|_| device("s", rng.random_range(0..filled)))
+                    .collect::<keyclaim::Result<Vec<_>>>()
+                    .map_err(|e| e.to_string())?;
+                let t0 = Instant::now();
+                b.store.counts_many(&ask).await.map_err(|e| e.to_string())?;
+                counts.record(t0.elapsed());
+            }
+            let m = counts.summary(Duration::ZERO);
             let c = claims.summary(Duration::ZERO);
             let u = uploads.summary(Duration::ZERO);
             let base = *base_p50.get_or_insert(c.p50_ms);
             let ratio = if base > 0.0 { c.p50_ms / base } else { 0.0 };
             println!(
-                "{:<10} {:>12} {:>10.3}ms {:>10.3}ms {:>10.3}ms {:>10.3}ms {:>13.2}x",
-                name, n, c.p50_ms, c.p99_ms, u.p50_ms, u.p99_ms, ratio
+                "{:<10} {:>12} {:>10.3}ms {:>10.3}ms {:>10.3}ms {:>10.3}ms {:>15.2}x {:>12.3}ms",
+                name, n, c.p50_ms, c.p99_ms, u.p50_ms, u.p99_ms, ratio, m.p50_ms
             );
             json_rows.push(serde_json::json!({
                 "backend": name, "stored_keys": n,
                 "claim_p50_ms": c.p50_ms, "claim_p99_ms": c.p99_ms,
                 "upload_p50_ms": u.p50_ms, "upload_p99_ms": u.p99_ms,
                 "claim_p50_ratio_to_1e4": ratio,
+                "counts_many_devices": COUNTS_DEVICES,
+                "counts_many_p50_ms": m.p50_ms, "counts_many_p99_ms": m.p99_ms,
             }));
         }
     }

@@ -1,4 +1,4 @@
-//! Deletions (R7.1, R7.2).
+//! Deletions (R7.1, R7.2) and key resets (R13.1).
 //!
 //! A deletion takes the advisory locks uploads and imports take
 //! ([`LOCK_DEVICE`]; a user deletion [`LOCK_USER`], the user's lock,
@@ -10,16 +10,22 @@
 //! the deletion. Lock waits between a deletion and claims of several
 //! devices of the same user can, rarely, end in a deadlock that PostgreSQL
 //! breaks by failing one of them: a retryable error, nothing applied.
+//!
+//! A key reset takes the device's lock too (so that it is ordered with the
+//! device's uploads) and deletes the OTKs in scope in one statement; it
+//! writes nothing into the issued memory (R13.1). Claims treat the keys it
+//! deletes as deletions' keys: skipped, being on their way out.
 
-use deadpool_postgres::Object;
-use keyclaim::{Changes, Device, Result, UserId};
+use deadpool_postgres::{Object, Transaction};
+use futures::TryFutureExt;
+use keyclaim::backend::decode;
+use keyclaim::{Changes, Device, KeyId, ResetScope, Result, UploadOutcome, UserId};
+use tokio_postgres::Statement;
 use tokio_postgres::types::ToSql;
 
+use super::read::{SYNC_STATE, decode_sync_state};
 use super::{LOCK_DEVICE, LOCK_USER, NOTIFY, Sql, notify_payloads};
 use crate::error::pg;
-use deadpool_postgres::Transaction;
-use keyclaim::backend::decode;
-use tokio_postgres::Statement;
 
 pub(super) const DELETE_DEVICE_OTKS: &str = "DELETE FROM otk WHERE user_id = $1 AND device_id = $2";
 
@@ -31,6 +37,10 @@ WITH f AS (DELETE FROM fallback WHERE user_id = $1 AND device_id = $2 RETURNING 
      i AS (DELETE FROM issued WHERE user_id = $1 AND device_id = $2 RETURNING 1)
 SELECT (SELECT count(*) FROM f) + (SELECT count(*) FROM i)";
 
+/// The OTKs of a device with the listed key IDs (R13.1).
+const RESET_LISTED_OTKS: &str =
+    "DELETE FROM otk WHERE user_id = $1 AND device_id = $2 AND key_id = ANY($3::text[])";
+
 const DELETE_USER_OTKS: &str = "
 WITH d AS (DELETE FROM otk WHERE user_id = $1 RETURNING device_id)
 SELECT DISTINCT device_id FROM d";
@@ -40,8 +50,46 @@ WITH f AS (DELETE FROM fallback WHERE user_id = $1 RETURNING device_id),
      i AS (DELETE FROM issued WHERE user_id = $1 RETURNING device_id)
 SELECT device_id FROM f UNION SELECT device_id FROM i";
 
-/// Removes a device's state (R7.1); see [`DELETE_DEVICE_REST`] for why in
-/// two statements.
+/// The statements that remove a device's state (R7.1), prepared: see
+/// [`DELETE_DEVICE_REST`] for why two. Shared by [`delete_device`] and the
+/// device replacement (R14.1).
+pub(super) struct DeviceDeletion {
+    otks: Statement,
+    rest: Statement,
+}
+
+impl DeviceDeletion {
+    pub(super) async fn prepare(tx: &Transaction<'_>, op: &'static str) -> Result<Self> {
+        let (otks, rest) = futures::try_join!(
+            tx.prepare_cached(DELETE_DEVICE_OTKS),
+            tx.prepare_cached(DELETE_DEVICE_REST)
+        )
+        .map_err(pg(op))?;
+        Ok(Self { otks, rest })
+    }
+
+    /// Removes the device's state; answers whether it held anything. The
+    /// caller holds the device's lock ([`LOCK_DEVICE`]) or sent it just
+    /// before: both statements are sent when the future is first polled.
+    pub(super) async fn run(
+        &self,
+        tx: &Transaction<'_>,
+        user_id: &str,
+        device_id: &str,
+        op: &'static str,
+    ) -> Result<bool> {
+        let params: [&(dyn ToSql + Sync); 2] = [&user_id, &device_id];
+        let (removed_otks, rest_row) = futures::try_join!(
+            tx.execute(&self.otks, &params),
+            tx.query_one(&self.rest, &params)
+        )
+        .map_err(pg(op))?;
+        let removed_rest: i64 = rest_row.try_get(0).map_err(pg(op))?;
+        Ok(removed_otks > 0 || removed_rest > 0)
+    }
+}
+
+/// Removes a device's state (R7.1).
 pub(crate) async fn delete_device(
     client: &mut Object,
     sql: &Sql,
@@ -51,28 +99,70 @@ pub(crate) async fn delete_device(
     let user_id = device.user_id.as_str();
     let device_id = device.device_id.as_str();
     let tx = client.transaction().await.map_err(pg(op))?;
-    let (lock, otks, rest, notify) = futures::try_join!(
-        tx.prepare_cached(LOCK_DEVICE),
-        tx.prepare_cached(DELETE_DEVICE_OTKS),
-        tx.prepare_cached(DELETE_DEVICE_REST),
-        tx.prepare_cached(NOTIFY)
-    )
-    .map_err(pg(op))?;
+    let (lock, deletion, notify) = futures::try_join!(
+        tx.prepare_cached(LOCK_DEVICE).map_err(pg(op)),
+        DeviceDeletion::prepare(&tx, op),
+        tx.prepare_cached(NOTIFY).map_err(pg(op))
+    )?;
     let params: [&(dyn ToSql + Sync); 2] = [&user_id, &device_id];
-    let (_, removed_otks, rest_row) = futures::try_join!(
-        tx.execute(&lock, &params),
-        tx.execute(&otks, &params),
-        tx.query_one(&rest, &params)
-    )
-    .map_err(pg(op))?;
-    let removed_rest: i64 = rest_row.try_get(0).map_err(pg(op))?;
-    let changes = if removed_otks > 0 || removed_rest > 0 {
+    let (_, removed) = futures::try_join!(
+        tx.execute(&lock, &params).map_err(pg(op)),
+        deletion.run(&tx, user_id, device_id, op)
+    )?;
+    let changes = if removed {
         Changes::from_devices([device.clone()])
     } else {
         Changes::none()
     };
     commit_notifying(tx, sql, &notify, &changes, op).await?;
     Ok(changes)
+}
+
+/// Removes the device's stored OTKs in `scope` (R13.1; see the module
+/// docs), answering the counts after.
+pub(crate) async fn reset_one_time_keys(
+    client: &mut Object,
+    sql: &Sql,
+    device: &Device,
+    scope: &ResetScope,
+) -> Result<UploadOutcome> {
+    let op = "reset_one_time_keys";
+    let user_id = device.user_id.as_str();
+    let device_id = device.device_id.as_str();
+    let tx = client.transaction().await.map_err(pg(op))?;
+    let (lock, all, listed, state, notify) = futures::try_join!(
+        tx.prepare_cached(LOCK_DEVICE),
+        tx.prepare_cached(DELETE_DEVICE_OTKS),
+        tx.prepare_cached(RESET_LISTED_OTKS),
+        tx.prepare_cached(SYNC_STATE),
+        tx.prepare_cached(NOTIFY)
+    )
+    .map_err(pg(op))?;
+    let params: [&(dyn ToSql + Sync); 2] = [&user_id, &device_id];
+    let remove = async {
+        match scope {
+            ResetScope::All => tx.execute(&all, &params).await,
+            ResetScope::KeyIds(ids) => {
+                let ids: Vec<&str> = ids.iter().map(KeyId::as_str).collect();
+                tx.execute(&listed, &[&user_id, &device_id, &ids]).await
+            }
+        }
+    };
+    // Pipelined: the lock, the deletion, then the counts after it.
+    let (_, removed, state_rows) = futures::try_join!(
+        tx.execute(&lock, &params),
+        remove,
+        tx.query(&state, &params)
+    )
+    .map_err(pg(op))?;
+    let counts = decode_sync_state(op, state_rows)?.one_time_key_counts;
+    let changes = if removed > 0 {
+        Changes::from_devices([device.clone()])
+    } else {
+        Changes::none()
+    };
+    commit_notifying(tx, sql, &notify, &changes, op).await?;
+    Ok(UploadOutcome { counts, changes })
 }
 
 /// Removes the state of every device of a user (R7.2).

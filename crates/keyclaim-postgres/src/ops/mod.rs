@@ -3,11 +3,13 @@
 //! the code that runs them. Each takes a pooled connection; the store
 //! ([`crate::PostgresStore`]) hands it one and announces the changes.
 //!
-//! - [`upload`](mod@upload): uploads, under the device's advisory lock.
+//! - [`upload`](mod@upload): uploads, under the device's advisory lock, and
+//!   device replacements (a deletion and an upload in one transaction).
 //! - [`claim`](mod@claim): the one-statement claim and why it is correct across
-//!   connections.
-//! - [`read`](mod@read): counts and sync state.
-//! - [`delete`](mod@delete): device and user deletion.
+//!   connections; the split claims' two steps.
+//! - [`read`](mod@read): counts and sync state, of one device or many;
+//!   fallback keys.
+//! - [`delete`](mod@delete): device and user deletion, key resets.
 //! - [`transfer`](mod@transfer): export and import of device snapshots.
 //!
 //! This module holds what several of them share: the per-store [`Sql`]
@@ -19,13 +21,13 @@ mod read;
 mod transfer;
 mod upload;
 
-pub(crate) use claim::claim;
-pub(crate) use delete::{delete_device, delete_user};
-pub(crate) use read::sync_state;
+pub(crate) use claim::{claim, claim_fallback_keys};
+pub(crate) use delete::{delete_device, delete_user, reset_one_time_keys};
+pub(crate) use read::{counts_many, fallback_keys, sync_state};
 pub(crate) use transfer::{export_devices, import_device};
-pub(crate) use upload::upload;
+pub(crate) use upload::{replace_device, upload};
 
-use keyclaim::Device;
+use keyclaim::{Device, Limits};
 
 /// Per-store values the statements take as parameters.
 #[derive(Debug, Clone)]
@@ -108,6 +110,11 @@ pub(crate) fn notify_payloads(instance: &str, devices: &[Device]) -> Vec<String>
         out.push(format!("{instance} [{}]", current.join(",")));
     }
     out
+}
+
+/// `Limits::remembered_issued_keys` (R3.4) as a statement parameter.
+fn remembered(limits: &Limits) -> i64 {
+    i64::try_from(limits.remembered_issued_keys).unwrap_or(i64::MAX)
 }
 
 // Typed forms of core's decoders, for columns read as `&str`.

@@ -6,9 +6,9 @@
 use std::collections::HashMap;
 
 use deadpool_postgres::Object;
-use keyclaim::backend::decode;
+use keyclaim::backend::{decode, remembered_window};
 use keyclaim::transfer::{DeviceSnapshot, IssuedKey, StoredFallback, StoredOtk};
-use keyclaim::{Algorithm, Changes, Device, Result};
+use keyclaim::{Algorithm, Changes, Device, Limits, Result};
 use tokio_postgres::IsolationLevel;
 use tokio_postgres::types::ToSql;
 
@@ -67,9 +67,13 @@ SELECT $1, $2, u.algorithm, u.key_id, u.digest, (SELECT nextval('issued_seq')), 
 ON CONFLICT DO NOTHING";
 
 /// Exports a page of device snapshots, all from one snapshot of the
-/// database (a read-only repeatable-read transaction).
+/// database (a read-only repeatable-read transaction), with the remembered
+/// issued keys of each (device, algorithm): its newest
+/// `Limits::remembered_issued_keys` (R3.4; older rows wait for an upload to
+/// prune them and count as forgotten).
 pub(crate) async fn export_devices(
     client: &mut Object,
+    limits: &Limits,
     after: Option<&Device>,
     limit: usize,
 ) -> Result<Vec<DeviceSnapshot>> {
@@ -158,14 +162,24 @@ pub(crate) async fn export_devices(
             .or_default()
             .push(IssuedKey { key_id, digest });
     }
+    for snapshot in &mut snapshots {
+        for keys in snapshot.issued.values_mut() {
+            let forgotten =
+                keys.len() - remembered_window(keys, limits.remembered_issued_keys).len();
+            keys.drain(..forgotten);
+        }
+    }
     Ok(snapshots)
 }
 
 /// Replaces a device's state with a snapshot. The snapshot's OTK order is
-/// kept with new sequence values, so that later uploads sort after it.
+/// kept with new sequence values, so that later uploads sort after it; of
+/// its issued keys, the newest `Limits::remembered_issued_keys` of each
+/// algorithm are remembered (R3.4).
 pub(crate) async fn import_device(
     client: &mut Object,
     sql: &Sql,
+    limits: &Limits,
     snapshot: &DeviceSnapshot,
 ) -> Result<Changes> {
     let op = "import_device";
@@ -259,7 +273,11 @@ pub(crate) async fn import_device(
     let issued: Vec<(&Algorithm, &IssuedKey)> = snapshot
         .issued
         .iter()
-        .flat_map(|(alg, keys)| keys.iter().map(move |k| (alg, k)))
+        .flat_map(|(alg, keys)| {
+            remembered_window(keys, limits.remembered_issued_keys)
+                .iter()
+                .map(move |k| (alg, k))
+        })
         .collect();
     let iss_algs: Vec<&str> = issued.iter().map(|(a, _)| a.as_str()).collect();
     let iss_ids: Vec<&str> = issued.iter().map(|(_, k)| k.key_id.as_str()).collect();

@@ -1,8 +1,9 @@
 //! Claims (contract section 4): the oldest stored keys by moving the
-//! queue's head, else the fallback key.
+//! queue's head, else the fallback key; and the two steps of a split claim
+//! (section 12), which are the same code with one of the two parts left out.
 
 use keyclaim::backend::{RawClaim, RawClaimedKey};
-use keyclaim::{ClaimTarget, Result};
+use keyclaim::{ClaimOutcome, ClaimTarget, FallbackTarget, Result};
 use rusqlite::{Connection, OptionalExtension as _, params};
 
 use super::Queue;
@@ -26,9 +27,24 @@ const SQL_USE_FALLBACK: &str = "UPDATE fallback_key SET used = 1 \
 /// Claims keys for every target, in order, inside the caller's write
 /// transaction (section 4): the oldest OTKs first, by moving the queue's
 /// head past them (which leaves them behind as remembered issued keys,
-/// R3.4); else the fallback key, marked used. It writes the queue row (and
-/// a fallback key's flag) and nothing else; uploads prune.
-pub(crate) fn claim(conn: &Connection, targets: &[ClaimTarget]) -> Result<RawClaim> {
+/// R3.4); else, when `fall_back` is set, the fallback key, marked used
+/// (R4.4); without it, the one-time step of a split claim (R12.1). It writes
+/// the queue row (and a fallback key's flag) and nothing else; uploads
+/// prune.
+///
+/// The answer is decoded here, inside the transaction: a stored key that
+/// does not read back (its key ID, JSON or digest) fails the claim before
+/// anything is committed, so no key is used up undelivered (R10.7).
+pub(crate) fn claim(
+    conn: &Connection,
+    targets: &[ClaimTarget],
+    fall_back: bool,
+) -> Result<ClaimOutcome> {
+    claim_raw(conn, targets, fall_back)?.decode(targets)
+}
+
+/// [`claim`] before decoding.
+fn claim_raw(conn: &Connection, targets: &[ClaimTarget], fall_back: bool) -> Result<RawClaim> {
     const OP: &str = "claim";
     let mut out = RawClaim::new();
     let mut oldest = conn.prepare_cached(SQL_HEAD_KEYS).ctx(OP)?;
@@ -83,31 +99,75 @@ pub(crate) fn claim(conn: &Connection, targets: &[ClaimTarget]) -> Result<RawCla
             out.changed(index);
             continue;
         }
-        // Prepared (looked up in the statement cache) only when needed.
-        let fallback: Option<(String, String, Vec<u8>, bool)> = conn
-            .prepare_cached(SQL_GET_FALLBACK)
-            .ctx(OP)?
-            .query_row(params![user, dev, alg], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-            })
-            .optional()
-            .ctx(OP)?;
-        if let Some((key_id, key_json, digest, used)) = fallback {
-            if !used {
-                conn.prepare_cached(SQL_USE_FALLBACK)
-                    .ctx(OP)?
-                    .execute(params![user, dev, alg])
-                    .ctx(OP)?;
-                out.changed(index);
-            }
-            out.push(RawClaimedKey {
-                target: index,
-                key_id,
-                key_json,
-                digest,
-                fallback: true,
-            });
+        if fall_back {
+            claim_fallback(conn, [user, dev, alg], index, true, &mut out)?;
         }
     }
     Ok(out)
+}
+
+/// The fallback step of a split claim (R12.2): every target's current
+/// fallback key, marked used where the target says so (section 5), inside
+/// the caller's write transaction, so that all targets are one atomic step;
+/// decoded before it commits, as [`claim`] is (R10.7).
+pub(crate) fn claim_fallback_keys(
+    conn: &Connection,
+    targets: &[FallbackTarget],
+) -> Result<ClaimOutcome> {
+    let mut out = RawClaim::new();
+    for (index, target) in targets.iter().enumerate() {
+        let device = &target.device;
+        let names = [
+            device.user_id.as_str(),
+            device.device_id.as_str(),
+            target.algorithm.as_str(),
+        ];
+        claim_fallback(conn, names, index, target.mark_used, &mut out)?;
+    }
+    // The answer names targets by index; `RawClaim` reads their devices.
+    let as_claims: Vec<ClaimTarget> = targets
+        .iter()
+        .map(|t| ClaimTarget::one(t.device.clone(), t.algorithm.clone()))
+        .collect();
+    out.decode(&as_claims)
+}
+
+/// Hands out the (device, algorithm)'s fallback key, if it has one, as the
+/// key of target `index`, marking it used when `mark_used` is set and it was
+/// not yet (then the device changed, R11.1).
+fn claim_fallback(
+    conn: &Connection,
+    [user, dev, alg]: [&str; 3],
+    index: usize,
+    mark_used: bool,
+    out: &mut RawClaim,
+) -> Result<()> {
+    const OP: &str = "claim";
+    // Prepared (looked up in the statement cache) only when needed.
+    let fallback: Option<(String, String, Vec<u8>, bool)> = conn
+        .prepare_cached(SQL_GET_FALLBACK)
+        .ctx(OP)?
+        .query_row(params![user, dev, alg], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+        })
+        .optional()
+        .ctx(OP)?;
+    let Some((key_id, key_json, digest, used)) = fallback else {
+        return Ok(());
+    };
+    if mark_used && !used {
+        conn.prepare_cached(SQL_USE_FALLBACK)
+            .ctx(OP)?
+            .execute(params![user, dev, alg])
+            .ctx(OP)?;
+        out.changed(index);
+    }
+    out.push(RawClaimedKey {
+        target: index,
+        key_id,
+        key_json,
+        digest,
+        fallback: true,
+    });
+    Ok(())
 }

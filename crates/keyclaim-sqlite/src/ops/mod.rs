@@ -1,7 +1,9 @@
 //! The operations, as plain functions on a connection, one file per kind:
-//! [`upload`](mod@upload), [`claim`](mod@claim), [`read`] (counts and sync
-//! state), [`delete`] and [`transfer`] (export and import). This file holds
-//! what several of them share.
+//! [`upload`](mod@upload) (and the device replacement, R14.1),
+//! [`claim`](mod@claim) (and the split claim's two steps, R12.1, R12.2),
+//! [`read`] (counts, sync state of one device or many, fallback keys),
+//! [`delete`] (and the key reset, R13.1) and [`transfer`] (export and
+//! import). This file holds what several of them share.
 //!
 //! Mutating functions expect to run inside a write transaction (the writer
 //! thread wraps each in a savepoint of its batch's `BEGIN IMMEDIATE`
@@ -11,7 +13,7 @@
 //!
 //! Every statement is a `prepare_cached` constant: no SQL is built per call.
 //!
-//! # How the operations use the layout (schema version 2)
+//! # How the operations use the layout (schema version 3)
 //!
 //! `one_time_key` holds a (device, algorithm)'s keys in claim order by `pos`,
 //! a store-wide position counter taken in (upload sequence, key ID) order.
@@ -36,20 +38,26 @@ mod read;
 mod transfer;
 mod upload;
 
-pub(crate) use claim::claim;
-pub(crate) use delete::{delete_device, delete_user};
-pub(crate) use read::{otk_counts, sync_state};
+pub(crate) use claim::{claim, claim_fallback_keys};
+pub(crate) use delete::{delete_device, delete_user, reset_one_time_keys};
+pub(crate) use read::{counts_many, fallback_keys, otk_counts, sync_state};
 pub(crate) use transfer::{export_devices, import_device};
-pub(crate) use upload::upload;
+pub(crate) use upload::{replace_device, upload};
 
 use keyclaim::transfer::KeyDigest;
 use keyclaim::{KeyId, Result};
-use rusqlite::{Connection, params};
+use rusqlite::{Connection, OptionalExtension as _, params};
 
 use crate::error::SqlContext as _;
 
 const SQL_RESERVE: &str = "UPDATE store_meta SET next_seq = next_seq + ?1, next_pos = next_pos + ?2 \
      WHERE id = 1 RETURNING next_seq - ?1, next_pos - ?2";
+const SQL_QUEUE_GET: &str = "SELECT head, stored, issued FROM otk_queue \
+     WHERE user_id = ?1 AND device_id = ?2 AND algorithm = ?3";
+/// Every row of a key ID: the stored key (at or past its queue's head) and
+/// remembered issued ones (below it), by the `one_time_key_id` index.
+const SQL_KEYS_BY_ID: &str = "SELECT pos, digest FROM one_time_key \
+     WHERE user_id = ?1 AND device_id = ?2 AND key_id = ?3";
 const SQL_INSERT_KEY: &str = "INSERT INTO one_time_key \
      (user_id, device_id, algorithm, pos, seq, key_id, digest, key_json) \
      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
@@ -69,6 +77,27 @@ struct Queue {
     head: i64,
     stored: i64,
     issued: i64,
+}
+
+/// A (device, algorithm)'s `otk_queue` row, if it has one.
+fn queue(
+    conn: &Connection,
+    user: &str,
+    dev: &str,
+    alg: &str,
+    op: &'static str,
+) -> Result<Option<Queue>> {
+    conn.prepare_cached(SQL_QUEUE_GET)
+        .ctx(op)?
+        .query_row(params![user, dev, alg], |r| {
+            Ok(Queue {
+                head: r.get(0)?,
+                stored: r.get(1)?,
+                issued: r.get(2)?,
+            })
+        })
+        .optional()
+        .ctx(op)
 }
 
 /// An `i64` for SQLite from a count or limit, saturating.

@@ -1,11 +1,11 @@
 //! Reads: OTK counts, unused fallback key types, sync state (contract
-//! section 6).
+//! section 6), of one device or many (R16.1); fallback keys (R15.1).
 
 use std::collections::BTreeMap;
 
 use keyclaim::backend::decode;
-use keyclaim::{Algorithm, Device, OtkCounts, Result, SyncState};
-use rusqlite::{Connection, params};
+use keyclaim::{Algorithm, Device, OtkCounts, Result, StoredFallback, SyncState};
+use rusqlite::{Connection, Statement, params};
 
 use super::count_u64;
 use crate::error::SqlContext as _;
@@ -14,11 +14,17 @@ const SQL_COUNTS: &str = "SELECT algorithm, stored FROM otk_queue \
      WHERE user_id = ?1 AND device_id = ?2 AND stored > 0";
 const SQL_UNUSED_FALLBACKS: &str = "SELECT algorithm FROM fallback_key \
      WHERE user_id = ?1 AND device_id = ?2 AND used = 0 ORDER BY algorithm";
+const SQL_FALLBACKS: &str = "SELECT algorithm, key_id, key_json, used FROM fallback_key \
+     WHERE user_id = ?1 AND device_id = ?2 ORDER BY algorithm";
 
 /// The device's OTK counts (R6.1), from its `otk_queue` rows alone.
 pub(crate) fn otk_counts(conn: &Connection, device: &Device) -> Result<OtkCounts> {
+    let mut stmt = conn.prepare_cached(SQL_COUNTS).ctx("otk_counts")?;
+    counts_with(&mut stmt, device)
+}
+
+fn counts_with(stmt: &mut Statement<'_>, device: &Device) -> Result<OtkCounts> {
     const OP: &str = "otk_counts";
-    let mut stmt = conn.prepare_cached(SQL_COUNTS).ctx(OP)?;
     let rows = stmt
         .query_map(
             params![device.user_id.as_str(), device.device_id.as_str()],
@@ -36,8 +42,14 @@ pub(crate) fn otk_counts(conn: &Connection, device: &Device) -> Result<OtkCounts
 /// The device's unused fallback key types, sorted by bytes (R6.3), from the
 /// `fallback_unused` index alone.
 pub(crate) fn unused_fallback_types(conn: &Connection, device: &Device) -> Result<Vec<Algorithm>> {
+    let mut stmt = conn
+        .prepare_cached(SQL_UNUSED_FALLBACKS)
+        .ctx("unused_fallback_types")?;
+    unused_with(&mut stmt, device)
+}
+
+fn unused_with(stmt: &mut Statement<'_>, device: &Device) -> Result<Vec<Algorithm>> {
     const OP: &str = "unused_fallback_types";
-    let mut stmt = conn.prepare_cached(SQL_UNUSED_FALLBACKS).ctx(OP)?;
     let rows = stmt
         .query_map(
             params![device.user_id.as_str(), device.device_id.as_str()],
@@ -51,13 +63,83 @@ pub(crate) fn unused_fallback_types(conn: &Connection, device: &Device) -> Resul
     Ok(out)
 }
 
+/// Counts and unused fallback types (section 6) inside the caller's read
+/// or write transaction: two seeks, one into `otk_queue`'s primary key and
+/// one into the `fallback_unused` index, both by (user, device) prefix.
+fn device_sync_state(conn: &Connection, device: &Device) -> Result<SyncState> {
+    Ok(SyncState {
+        one_time_key_counts: otk_counts(conn, device)?,
+        unused_fallback_key_types: unused_fallback_types(conn, device)?,
+    })
+}
+
 /// Counts and unused fallback types in one read transaction.
 pub(crate) fn sync_state(conn: &Connection, device: &Device) -> Result<SyncState> {
     let tx = conn.unchecked_transaction().ctx("sync_state")?;
-    let state = SyncState {
-        one_time_key_counts: otk_counts(&tx, device)?,
-        unused_fallback_key_types: unused_fallback_types(&tx, device)?,
-    };
+    let state = device_sync_state(&tx, device)?;
     tx.commit().ctx("sync_state")?;
     Ok(state)
+}
+
+/// The sync state of each device, in the order given (R16.1), from one read
+/// transaction: one snapshot of the file for all of them, one job on the
+/// read pool. Each device costs the two index seeks of its own sync state
+/// (`otk_queue`'s primary key and `fallback_unused`, both led by (user,
+/// device)), so the cost grows with the number of devices asked and never
+/// with the size of the store (R6.4); a device without rows answers the
+/// empty state.
+pub(crate) fn counts_many(conn: &Connection, devices: &[Device]) -> Result<Vec<SyncState>> {
+    let tx = conn.unchecked_transaction().ctx("counts_many")?;
+    // The two statements are taken from the cache once for all devices.
+    let mut counts = tx.prepare_cached(SQL_COUNTS).ctx("counts_many")?;
+    let mut unused = tx.prepare_cached(SQL_UNUSED_FALLBACKS).ctx("counts_many")?;
+    let states = devices
+        .iter()
+        .map(|device| {
+            Ok(SyncState {
+                one_time_key_counts: counts_with(&mut counts, device)?,
+                unused_fallback_key_types: unused_with(&mut unused, device)?,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    drop((counts, unused));
+    tx.commit().ctx("counts_many")?;
+    Ok(states)
+}
+
+/// The device's fallback keys by algorithm, with their used flags (R15.1):
+/// one range of `fallback_key`'s primary key, led by (user, device). `op`
+/// names the operation in errors (a fallback read, or an export).
+pub(crate) fn fallback_keys(
+    conn: &Connection,
+    device: &Device,
+    op: &'static str,
+) -> Result<BTreeMap<Algorithm, StoredFallback>> {
+    let mut stmt = conn.prepare_cached(SQL_FALLBACKS).ctx(op)?;
+    let rows = stmt
+        .query_map(
+            params![device.user_id.as_str(), device.device_id.as_str()],
+            |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, bool>(3)?,
+                ))
+            },
+        )
+        .ctx(op)?;
+    let mut out = BTreeMap::new();
+    for row in rows {
+        let (alg, key_id, json, used) = row.ctx(op)?;
+        out.insert(
+            decode::algorithm(alg)?,
+            StoredFallback {
+                key_id: decode::key_id(key_id)?,
+                key_json: decode::key_json(&json)?,
+                used,
+            },
+        );
+    }
+    Ok(out)
 }

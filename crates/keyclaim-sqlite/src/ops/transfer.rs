@@ -4,11 +4,12 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use keyclaim::backend::{decode, remembered_window};
-use keyclaim::transfer::{DeviceSnapshot, IssuedKey, StoredFallback, StoredOtk};
+use keyclaim::transfer::{DeviceSnapshot, IssuedKey, StoredOtk};
 use keyclaim::{Algorithm, Changes, Device, Error, Limits, Result};
 use rusqlite::{Connection, params};
 
 use super::delete::clear_device;
+use super::read::fallback_keys;
 use super::{
     SQL_INSERT_KEY, SQL_QUEUE_ADD, SQL_UPSERT_FALLBACK, count_u64, insert_key, reserve, sql_int,
 };
@@ -27,8 +28,6 @@ const SQL_EXPORT_HEADS: &str =
     "SELECT algorithm, head FROM otk_queue WHERE user_id = ?1 AND device_id = ?2";
 const SQL_EXPORT_KEYS: &str = "SELECT algorithm, pos, seq, key_id, digest, key_json \
      FROM one_time_key WHERE user_id = ?1 AND device_id = ?2 ORDER BY algorithm, pos";
-const SQL_EXPORT_FALLBACKS: &str = "SELECT algorithm, key_id, key_json, used FROM fallback_key \
-     WHERE user_id = ?1 AND device_id = ?2 ORDER BY algorithm";
 
 /// Up to `limit` device snapshots after `after`, in (user ID, device ID)
 /// byte order, all read in one read transaction.
@@ -119,20 +118,28 @@ fn snapshot(conn: &Connection, device: Device, keep: usize) -> Result<DeviceSnap
             .get(&alg)
             .copied()
             .ok_or_else(|| Error::corrupt("a stored key has no queue row"))?;
+        // A row that does not read back fails the export naming it, so that
+        // `check` reports where the damage is (R10.7).
+        let located = |e: Error| {
+            Error::corrupt_because(
+                format!("device {device}: the one-time key row {key_id:?} at position {pos}"),
+                e,
+            )
+        };
         if pos >= head {
             snap.one_time_keys.push(StoredOtk {
-                key_id: decode::key_id(key_id)?,
-                key_json: decode::key_json(&json)?,
+                key_id: decode::key_id(key_id.as_str()).map_err(located)?,
+                key_json: decode::key_json(&json).map_err(located)?,
                 seq: count_u64(seq),
             });
         } else {
             // Rows come in position order: issue order (R3.4).
             snap.issued
-                .entry(decode::algorithm(alg)?)
+                .entry(decode::algorithm(alg.as_str()).map_err(located)?)
                 .or_default()
                 .push(IssuedKey {
-                    key_id: decode::key_id(key_id)?,
-                    digest: decode::digest(&digest)?,
+                    key_id: decode::key_id(key_id.as_str()).map_err(located)?,
+                    digest: decode::digest(&digest).map_err(located)?,
                 });
         }
     }
@@ -144,28 +151,12 @@ fn snapshot(conn: &Connection, device: Device, keep: usize) -> Result<DeviceSnap
     snap.one_time_keys
         .sort_by(|a, b| (a.seq, &a.key_id).cmp(&(b.seq, &b.key_id)));
 
-    let mut stmt = conn.prepare_cached(SQL_EXPORT_FALLBACKS).ctx(OP)?;
-    let rows = stmt
-        .query_map(p, |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, bool>(3)?,
-            ))
-        })
-        .ctx(OP)?;
-    for row in rows {
-        let (alg, key_id, json, used) = row.ctx(OP)?;
-        snap.fallback_keys.insert(
-            decode::algorithm(alg)?,
-            StoredFallback {
-                key_id: decode::key_id(key_id)?,
-                key_json: decode::key_json(&json)?,
-                used,
-            },
-        );
-    }
+    snap.fallback_keys = fallback_keys(conn, &device, OP).map_err(|e| match e {
+        Error::Corrupt { .. } => {
+            Error::corrupt_because(format!("device {device}: a fallback key row"), e)
+        }
+        other => other,
+    })?;
     Ok(snap)
 }
 

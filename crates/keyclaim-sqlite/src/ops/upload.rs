@@ -1,17 +1,18 @@
 //! Uploads (contract section 3): gather the device's facts, let core plan,
-//! write the plan; and the pruning of forgotten issued keys, which only
-//! uploads do.
+//! write the plan; the pruning of forgotten issued keys, which only uploads
+//! do; and the replacement of a device by an upload (R14.1).
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 
 use keyclaim::backend::{DeviceFacts, decode, plan_upload};
-use keyclaim::{Changes, Limits, Result, Upload, UploadOutcome};
+use keyclaim::{Changes, Device, DeviceId, Limits, Result, Upload, UploadOutcome};
 use rusqlite::{Connection, OptionalExtension as _, params};
 
+use super::delete::clear_device;
 use super::{
-    Queue, SQL_INSERT_KEY, SQL_QUEUE_ADD, SQL_UPSERT_FALLBACK, count_u64, insert_key, otk_counts,
-    reserve, sql_int,
+    Queue, SQL_INSERT_KEY, SQL_KEYS_BY_ID, SQL_QUEUE_ADD, SQL_UPSERT_FALLBACK, count_u64,
+    insert_key, otk_counts, queue, reserve, sql_int,
 };
 use crate::error::SqlContext as _;
 
@@ -23,10 +24,6 @@ use crate::error::SqlContext as _;
 /// concurrency benchmark.)
 const PRUNE_SLACK: i64 = 256;
 
-const SQL_QUEUE_GET: &str = "SELECT head, stored, issued FROM otk_queue \
-     WHERE user_id = ?1 AND device_id = ?2 AND algorithm = ?3";
-const SQL_KEYS_BY_ID: &str = "SELECT pos, digest FROM one_time_key \
-     WHERE user_id = ?1 AND device_id = ?2 AND key_id = ?3";
 const SQL_ISSUED_SINCE: &str = "SELECT count(*) FROM one_time_key \
      WHERE user_id = ?1 AND device_id = ?2 AND algorithm = ?3 AND pos > ?4 AND pos < ?5";
 const SQL_FALLBACK_DIGEST: &str =
@@ -39,27 +36,6 @@ const SQL_PRUNE_NEWEST_DROPPED: &str = "SELECT pos FROM one_time_key \
 const SQL_PRUNE: &str = "DELETE FROM one_time_key \
      WHERE user_id = ?1 AND device_id = ?2 AND algorithm = ?3 AND pos <= ?4";
 
-/// A (device, algorithm)'s `otk_queue` row, if it has one.
-fn queue(
-    conn: &Connection,
-    user: &str,
-    dev: &str,
-    alg: &str,
-    op: &'static str,
-) -> Result<Option<Queue>> {
-    conn.prepare_cached(SQL_QUEUE_GET)
-        .ctx(op)?
-        .query_row(params![user, dev, alg], |r| {
-            Ok(Queue {
-                head: r.get(0)?,
-                stored: r.get(1)?,
-                issued: r.get(2)?,
-            })
-        })
-        .optional()
-        .ctx(op)
-}
-
 /// Applies an upload (section 3) inside the caller's write transaction:
 /// gathers the [`DeviceFacts`], asks [`plan_upload`], writes the plan.
 pub(crate) fn upload(conn: &Connection, upload: &Upload, limits: &Limits) -> Result<UploadOutcome> {
@@ -69,6 +45,15 @@ pub(crate) fn upload(conn: &Connection, upload: &Upload, limits: &Limits) -> Res
 
     let keep = sql_int(limits.remembered_issued_keys);
     let mut facts = DeviceFacts::default();
+    if DeviceFacts::needs_all_counts(limits) {
+        // The cap counts the whole device (R8.4): every algorithm's count,
+        // from the device's `otk_queue` rows (one range of its primary key).
+        facts.otk_counts.extend(
+            otk_counts(conn, device)?
+                .iter()
+                .map(|(alg, n)| (alg.clone(), n)),
+        );
+    }
     let mut queues: HashMap<&str, Queue> = HashMap::new();
     {
         let mut by_id = conn.prepare_cached(SQL_KEYS_BY_ID).ctx(OP)?;
@@ -179,6 +164,36 @@ pub(crate) fn upload(conn: &Connection, upload: &Upload, limits: &Limits) -> Res
     Ok(UploadOutcome { counts, changes })
 }
 
+/// Replaces a device of the upload's user by the upload (R14.1) inside the
+/// caller's write transaction: removes what `previous` held, as
+/// [`delete_device`](super::delete_device) does, then applies the upload as
+/// [`upload`] does, which finds the device empty when it is `previous`. The
+/// writer runs the whole of it as one job (in its own savepoint when it has
+/// batch-mates) and commits the batch once, so an upload that fails (a
+/// conflict, a limit) takes the removal back with it, and a crash leaves the
+/// old state or the new one, never a mix.
+pub(crate) fn replace_device(
+    conn: &Connection,
+    previous: Option<&DeviceId>,
+    new: &Upload,
+    limits: &Limits,
+) -> Result<UploadOutcome> {
+    let user = &new.device().user_id;
+    let previous = previous.map(|p| Device::new(user.clone(), p.clone()));
+    let mut changed = Vec::new();
+    if let Some(previous) = previous
+        && clear_device(conn, &previous, "replace_device")? > 0
+    {
+        changed.push(previous);
+    }
+    let outcome = upload(conn, new, limits)?;
+    changed.extend(outcome.changes.devices().iter().cloned());
+    Ok(UploadOutcome {
+        counts: outcome.counts,
+        changes: Changes::from_devices(changed),
+    })
+}
+
 /// How many keys of a (device, algorithm) were issued after the one at
 /// `pos` (all rows between it and the queue's head).
 fn issued_since(
@@ -282,8 +297,7 @@ mod tests {
                 .unwrap()
         };
         for n in 0..total {
-            let raw = claim(&conn, std::slice::from_ref(&target)).unwrap();
-            let out = raw.decode(std::slice::from_ref(&target)).unwrap();
+            let out = claim(&conn, std::slice::from_ref(&target), true).unwrap();
             assert_eq!(out.keys[0].key_id, id(n), "claim order");
             let expected: Vec<String> = (n.saturating_sub(2)..=n)
                 .map(|k| id(k).as_str().to_owned())
@@ -313,8 +327,7 @@ mod tests {
             remembered(&conn),
             [id(total - 3), id(total - 2), id(total - 1)].map(|k| k.as_str().to_owned())
         );
-        let raw = claim(&conn, std::slice::from_ref(&target)).unwrap();
-        let out = raw.decode(std::slice::from_ref(&target)).unwrap();
+        let out = claim(&conn, std::slice::from_ref(&target), true).unwrap();
         assert_eq!(out.keys[0].key_id, id(0));
     }
 }

@@ -27,6 +27,35 @@ pub fn spawn_child(test: &str, role: &str, env: &[(&str, String)]) -> Child {
     cmd.spawn().expect("start a child process")
 }
 
+/// How many times a crash test kills its child: `KEYCLAIM_CRASH_ITERATIONS`,
+/// 25 unless set.
+pub fn crash_iterations() -> usize {
+    std::env::var("KEYCLAIM_CRASH_ITERATIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(25)
+}
+
+/// Starts the child `role` of the test `test` (see [`spawn_child`]),
+/// SIGKILLs it at a random moment, mostly mid-work, and for every fifth
+/// `run` early, while it may still be opening the file; answers its whole
+/// stdout.
+pub fn kill_at_random_moment(test: &str, role: &str, env: &[(&str, String)], run: usize) -> String {
+    use rand::Rng as _;
+    let mut child = spawn_child(test, role, env);
+    let out = collect_stdout(&mut child);
+    let wait_ms = if run.is_multiple_of(5) {
+        rand::rng().random_range(0..40)
+    } else {
+        rand::rng().random_range(40..400)
+    };
+    std::thread::sleep(std::time::Duration::from_millis(wait_ms));
+    child.kill().expect("SIGKILL the child");
+    let status = child.wait().expect("reap the child");
+    assert!(!status.success(), "the child was killed, not finished");
+    out.join().expect("the child's stdout")
+}
+
 /// Reads a child's whole stdout on a thread (so the pipe never fills).
 pub fn collect_stdout(child: &mut Child) -> JoinHandle<String> {
     let mut out = child.stdout.take().expect("piped stdout");

@@ -28,20 +28,22 @@ pub mod decode;
 mod serve;
 pub mod url;
 
+use std::collections::BTreeMap;
 use std::fmt::Debug;
 
 pub use async_trait::async_trait;
 pub use claim::{RawClaim, RawClaimedKey};
 
 pub use crate::key_json::{KeyDigest, MAX_KEY_JSON_DEPTH, canonical_json};
-pub use crate::notify::{ChangeNotifier, NOTIFY_CAPACITY};
+pub use crate::notify::{ChangeNotifier, MAX_DEVICES_PER_EVENT, NOTIFY_CAPACITY};
 pub use crate::plan::{DeviceFacts, UploadPlan, plan_upload};
 
 use crate::error::Result;
-use crate::ids::{Device, UserId};
+use crate::ids::{Algorithm, Device, DeviceId, UserId};
 use crate::limits::Limits;
 use crate::types::{
-    Changes, ClaimOutcome, ClaimTarget, DeviceSnapshot, SyncState, Upload, UploadOutcome,
+    Changes, ClaimOutcome, ClaimTarget, DeviceSnapshot, FallbackTarget, ResetScope, StoredFallback,
+    SyncState, Upload, UploadOutcome,
 };
 
 /// What core keeps for every store: its [`Limits`] and its [`ChangeNotifier`].
@@ -174,6 +176,81 @@ pub trait Backend: Debug + Send + Sync + 'static {
     /// # Errors
     /// [`Error::Storage`](crate::Error::Storage).
     async fn import_device(&self, snapshot: &DeviceSnapshot) -> Result<Changes>;
+
+    /// Claims one-time keys only (R12.1): as [`Backend::claim`] without the
+    /// fallback step. Core has done what it does for [`Backend::claim`]; it
+    /// derives the misses from the answer, so the answer lists each target's
+    /// keys together, in target order.
+    ///
+    /// # Errors
+    /// [`Error::Storage`](crate::Error::Storage), [`Error::Corrupt`](crate::Error::Corrupt).
+    async fn claim_one_time_keys(&self, targets: &[ClaimTarget]) -> Result<ClaimOutcome>;
+
+    /// Hands out each target's current fallback key, marking it used where
+    /// the target says so (R12.2, section 5), all targets in one atomic step
+    /// and one round trip (R4.7). Targets without a fallback key are left
+    /// out (R4.6). The answer lists keys in target order, with
+    /// `fallback: true`, and the devices whose fallback key became used.
+    ///
+    /// Core has checked the number of targets (R8.2); `targets` is never
+    /// empty.
+    ///
+    /// # Errors
+    /// [`Error::Storage`](crate::Error::Storage), [`Error::Corrupt`](crate::Error::Corrupt).
+    async fn claim_fallback_keys(&self, targets: &[FallbackTarget]) -> Result<ClaimOutcome>;
+
+    /// Removes the device's stored one-time keys in the scope, atomically
+    /// (R13.1), leaving fallback keys and remembered issued keys alone and
+    /// remembering none of the removed keys. Answers the counts after the
+    /// reset and the device when a key was removed.
+    ///
+    /// Core has answered empty scopes itself; `scope` names at least one key
+    /// or is [`ResetScope::All`].
+    ///
+    /// # Errors
+    /// [`Error::Storage`](crate::Error::Storage).
+    async fn reset_one_time_keys(
+        &self,
+        device: &Device,
+        scope: &ResetScope,
+    ) -> Result<UploadOutcome>;
+
+    /// In one atomic step, removes what the `previous` device of the
+    /// upload's user held (as [`Backend::delete_device`]; it may be the
+    /// upload's own device) and then applies the upload as
+    /// [`Backend::upload`] does, to an empty device when `previous` is the
+    /// upload's device (R14.1). If the upload fails ([`plan_upload`]'s
+    /// errors), nothing changes. Answers the new device's counts and both
+    /// devices as changed when they changed.
+    ///
+    /// Core has checked the request-level limits (R8.2).
+    ///
+    /// # Errors
+    /// Those of [`plan_upload`], [`Error::Storage`](crate::Error::Storage).
+    async fn replace_device(
+        &self,
+        previous: Option<&DeviceId>,
+        upload: &Upload,
+    ) -> Result<UploadOutcome>;
+
+    /// The device's current fallback keys by algorithm (R15.1), changing
+    /// nothing; cheap (R6.4).
+    ///
+    /// # Errors
+    /// [`Error::Storage`](crate::Error::Storage), [`Error::Corrupt`](crate::Error::Corrupt).
+    async fn fallback_keys(&self, device: &Device) -> Result<BTreeMap<Algorithm, StoredFallback>>;
+
+    /// The sync state of each device, in the order given (R16.1), in one
+    /// round trip to the storage and at a cost that grows with the number
+    /// of devices only; devices without keys answer the empty state. Each
+    /// device's state is consistent in itself.
+    ///
+    /// Core has checked the number of devices (R16.1); `devices` is never
+    /// empty.
+    ///
+    /// # Errors
+    /// [`Error::Storage`](crate::Error::Storage).
+    async fn counts_many(&self, devices: &[Device]) -> Result<Vec<SyncState>>;
 }
 
 /// The part of a (device, algorithm)'s issued keys, oldest first, that is

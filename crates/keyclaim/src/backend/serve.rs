@@ -2,6 +2,7 @@
 //! it, so that limits, clamping, spans and change reports are applied once.
 
 use std::borrow::Cow;
+use std::collections::BTreeMap;
 
 use async_trait::async_trait;
 use tokio::sync::broadcast;
@@ -9,11 +10,12 @@ use tracing::Instrument as _;
 
 use super::Backend;
 use crate::error::Result;
-use crate::ids::{Algorithm, Device, UserId};
+use crate::ids::{Algorithm, Device, DeviceId, UserId};
 use crate::limits::Limits;
 use crate::store::KeyStore;
 use crate::types::{
-    Changes, ClaimOutcome, ClaimTarget, DeviceSnapshot, OtkCounts, SyncState, Upload, UploadOutcome,
+    Changes, ClaimOutcome, ClaimTarget, DeviceSnapshot, FallbackTarget, OneTimeClaimOutcome,
+    OtkCounts, ResetScope, StoredFallback, SyncState, Upload, UploadOutcome,
 };
 
 /// Reports the devices an operation may have changed if its future is
@@ -213,6 +215,144 @@ impl<B: Backend> KeyStore for B {
         )
         .await
     }
+
+    async fn claim_one_time_keys(&self, targets: &[ClaimTarget]) -> Result<OneTimeClaimOutcome> {
+        let span = tracing::debug_span!(
+            "keyclaim.claim_one_time_keys",
+            backend = self.name(),
+            targets = targets.len()
+        );
+        let limits = self.core().limits();
+        limits.check_claim(targets)?;
+        let targets = clamp(limits, targets);
+        if targets.is_empty() {
+            return Ok(OneTimeClaimOutcome::default());
+        }
+        let possible = || Changes::from_devices(targets.iter().map(|t| t.device.clone()));
+        let outcome = mutate(
+            self,
+            span,
+            Backend::claim_one_time_keys(self, &targets),
+            |o: &ClaimOutcome| &o.changes,
+            possible,
+        )
+        .await?;
+        Ok(OneTimeClaimOutcome::from_claim(&targets, outcome))
+    }
+
+    async fn claim_fallback_keys(&self, targets: &[FallbackTarget]) -> Result<ClaimOutcome> {
+        let span = tracing::debug_span!(
+            "keyclaim.claim_fallback_keys",
+            backend = self.name(),
+            targets = targets.len()
+        );
+        self.core().limits().check_claim_targets(targets.len())?;
+        if targets.is_empty() {
+            return Ok(ClaimOutcome::default());
+        }
+        let possible = || {
+            Changes::from_devices(
+                targets
+                    .iter()
+                    .filter(|t| t.mark_used)
+                    .map(|t| t.device.clone()),
+            )
+        };
+        mutate(
+            self,
+            span,
+            Backend::claim_fallback_keys(self, targets),
+            |o: &ClaimOutcome| &o.changes,
+            possible,
+        )
+        .await
+    }
+
+    async fn reset_one_time_keys(
+        &self,
+        device: &Device,
+        scope: &ResetScope,
+    ) -> Result<UploadOutcome> {
+        let span = tracing::debug_span!(
+            "keyclaim.reset_one_time_keys",
+            backend = self.name(),
+            %device,
+            all = matches!(scope, ResetScope::All),
+        );
+        if scope.is_empty() {
+            let state = Backend::sync_state(self, device).instrument(span).await?;
+            return Ok(UploadOutcome {
+                counts: state.one_time_key_counts,
+                changes: Changes::none(),
+            });
+        }
+        let possible = || Changes::from_devices([device.clone()]);
+        mutate(
+            self,
+            span,
+            Backend::reset_one_time_keys(self, device, scope),
+            |o: &UploadOutcome| &o.changes,
+            possible,
+        )
+        .await
+    }
+
+    async fn replace_device(
+        &self,
+        previous: Option<&DeviceId>,
+        upload: &Upload,
+    ) -> Result<UploadOutcome> {
+        let span = tracing::debug_span!(
+            "keyclaim.replace_device",
+            backend = self.name(),
+            device = %upload.device(),
+            previous = previous.map(DeviceId::as_str),
+            otks = upload.one_time_keys().len(),
+            fallbacks = upload.fallback_keys().len(),
+        );
+        self.core().limits().check_upload(upload)?;
+        let possible = || {
+            let user = &upload.device().user_id;
+            Changes::from_devices(
+                previous
+                    .map(|p| Device::new(user.clone(), p.clone()))
+                    .into_iter()
+                    .chain([upload.device().clone()]),
+            )
+        };
+        mutate(
+            self,
+            span,
+            Backend::replace_device(self, previous, upload),
+            |o: &UploadOutcome| &o.changes,
+            possible,
+        )
+        .await
+    }
+
+    async fn fallback_keys(&self, device: &Device) -> Result<BTreeMap<Algorithm, StoredFallback>> {
+        let span = tracing::trace_span!("keyclaim.fallback_keys", backend = self.name(), %device);
+        Backend::fallback_keys(self, device).instrument(span).await
+    }
+
+    async fn counts_many(&self, devices: &[Device]) -> Result<Vec<SyncState>> {
+        let span = tracing::debug_span!(
+            "keyclaim.counts_many",
+            backend = self.name(),
+            devices = devices.len()
+        );
+        self.core().limits().check_counts_many(devices.len())?;
+        if devices.is_empty() {
+            return Ok(Vec::new());
+        }
+        let states = Backend::counts_many(self, devices).instrument(span).await?;
+        if states.len() != devices.len() {
+            return Err(crate::Error::corrupt(
+                "counts_many answered another number of devices",
+            ));
+        }
+        Ok(states)
+    }
 }
 
 #[cfg(test)]
@@ -292,6 +432,28 @@ mod tests {
         }
         async fn import_device(&self, _: &DeviceSnapshot) -> Result<Changes> {
             Ok(Changes::none())
+        }
+        async fn claim_one_time_keys(&self, targets: &[ClaimTarget]) -> Result<ClaimOutcome> {
+            Backend::claim(self, targets).await
+        }
+        async fn claim_fallback_keys(&self, _: &[FallbackTarget]) -> Result<ClaimOutcome> {
+            Ok(ClaimOutcome::default())
+        }
+        async fn reset_one_time_keys(&self, _: &Device, _: &ResetScope) -> Result<UploadOutcome> {
+            Ok(UploadOutcome::default())
+        }
+        async fn replace_device(
+            &self,
+            _: Option<&DeviceId>,
+            upload: &Upload,
+        ) -> Result<UploadOutcome> {
+            Backend::upload(self, upload).await
+        }
+        async fn fallback_keys(&self, _: &Device) -> Result<BTreeMap<Algorithm, StoredFallback>> {
+            Ok(BTreeMap::new())
+        }
+        async fn counts_many(&self, devices: &[Device]) -> Result<Vec<SyncState>> {
+            Ok(vec![SyncState::default(); devices.len()])
         }
     }
 

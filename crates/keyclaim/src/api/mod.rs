@@ -1,6 +1,11 @@
 //! [`KeysApi`]: the wire facade (contract section 9). Matrix request bodies in,
 //! Matrix response JSON out.
 
+mod more;
+mod provider;
+
+pub use provider::{ClaimOptions, OtkProvider};
+
 use std::fmt;
 
 use serde_json::{Map, Value, json};
@@ -10,7 +15,7 @@ use crate::ids::{Algorithm, Device, DeviceId, KeyId, UserId};
 use crate::key_json::KeyJson;
 use crate::limits::{Limits, too_large};
 use crate::store::KeyStore;
-use crate::types::{ClaimTarget, Upload};
+use crate::types::{ClaimTarget, ClaimedKey, Upload, keys_to_wire};
 
 /// The stable name of the fallback key upload field.
 const FALLBACK_KEYS: &str = "fallback_keys";
@@ -92,7 +97,8 @@ impl From<Error> for ApiError {
             Error::InvalidUserId { .. }
             | Error::InvalidDeviceId { .. }
             | Error::Conflict { .. }
-            | Error::DuplicateFallback { .. } => (400, "M_INVALID_PARAM"),
+            | Error::DuplicateFallback { .. }
+            | Error::MissingFallback { .. } => (400, "M_INVALID_PARAM"),
             Error::InvalidKeyId { .. }
             | Error::InvalidKeyJson { .. }
             | Error::BadRequest { .. } => (400, "M_BAD_JSON"),
@@ -132,6 +138,7 @@ pub struct KeysApi<S> {
     store: S,
     limits: Option<Limits>,
     unstable_alias: bool,
+    dehydrated_fallback_required: bool,
 }
 
 impl<S: KeyStore> KeysApi<S> {
@@ -142,7 +149,19 @@ impl<S: KeyStore> KeysApi<S> {
             store,
             limits: None,
             unstable_alias: true,
+            dehydrated_fallback_required: false,
         }
+    }
+
+    /// Requires every upload for a dehydrated device
+    /// ([`KeysApi::replace_dehydrated_device`]) to carry a fallback key for
+    /// each algorithm it carries one-time keys of (R14.2); without one the
+    /// request fails with 400 `M_INVALID_PARAM` and nothing changes. Off by
+    /// default.
+    #[must_use]
+    pub fn with_dehydrated_fallback_required(mut self, on: bool) -> Self {
+        self.dehydrated_fallback_required = on;
+        self
     }
 
     /// Uses other limits for what the facade checks before the store sees a
@@ -187,6 +206,35 @@ impl<S: KeyStore> KeysApi<S> {
         }
     }
 
+    /// The keys of an upload body (`one_time_keys`, `fallback_keys` or its
+    /// unstable alias), validated and checked against the request limits.
+    fn parse_upload(
+        &self,
+        device: Device,
+        map: &mut Map<String, Value>,
+    ) -> Result<Upload, ApiError> {
+        let otks = take_key_map(map, "one_time_keys")?;
+        let fallbacks = match take_key_map(map, FALLBACK_KEYS)? {
+            Some(stable) => Some(stable),
+            None => take_key_map(map, UNSTABLE_FALLBACK_KEYS)?,
+        };
+        let count = otks.as_ref().map_or(0, Map::len) + fallbacks.as_ref().map_or(0, Map::len);
+        if count > self.limits().max_keys_per_upload {
+            return Err(
+                too_large(LimitKind::KeysPerUpload, self.limits().max_keys_per_upload).into(),
+            );
+        }
+        let mut upload = Upload::new(device);
+        for (id, json) in parse_keys(otks)? {
+            upload.add_one_time_key(id, json)?;
+        }
+        for (id, json) in parse_keys(fallbacks)? {
+            upload.add_fallback_key(id, json)?;
+        }
+        self.limits().check_upload(&upload)?;
+        Ok(upload)
+    }
+
     /// Serves `POST /keys/upload` for an authenticated device.
     ///
     /// Reads `one_time_keys` and `fallback_keys` (or the unstable
@@ -209,25 +257,7 @@ impl<S: KeyStore> KeysApi<S> {
             None | Some(Value::Null | Value::Object(_)) => {}
             Some(_) => return Err(ApiError::bad_json("`device_keys` must be an object")),
         }
-        let otks = take_key_map(&mut map, "one_time_keys")?;
-        let fallbacks = match take_key_map(&mut map, FALLBACK_KEYS)? {
-            Some(stable) => Some(stable),
-            None => take_key_map(&mut map, UNSTABLE_FALLBACK_KEYS)?,
-        };
-        let count = otks.as_ref().map_or(0, Map::len) + fallbacks.as_ref().map_or(0, Map::len);
-        if count > self.limits().max_keys_per_upload {
-            return Err(
-                too_large(LimitKind::KeysPerUpload, self.limits().max_keys_per_upload).into(),
-            );
-        }
-        let mut upload = Upload::new(device);
-        for (id, json) in parse_keys(otks)? {
-            upload.add_one_time_key(id, json)?;
-        }
-        for (id, json) in parse_keys(fallbacks)? {
-            upload.add_fallback_key(id, json)?;
-        }
-        self.limits().check_upload(&upload)?;
+        let upload = self.parse_upload(device, &mut map)?;
         let outcome = self.store.upload(&upload).await?;
         Ok(json!({ "one_time_key_counts": outcome.counts.to_wire() }))
     }
@@ -243,6 +273,18 @@ impl<S: KeyStore> KeysApi<S> {
     /// An [`ApiError`] per contract section 9's table; nothing is consumed then.
     #[tracing::instrument(name = "keys_claim", skip(self, body), fields(body_len = body.len(), targets))]
     pub async fn claim(&self, body: &[u8]) -> Result<Value, ApiError> {
+        let targets = self.claim_targets(body)?;
+        tracing::Span::current().record("targets", targets.len());
+        let outcome = if targets.is_empty() {
+            Default::default()
+        } else {
+            self.store.claim(&targets).await?
+        };
+        Ok(claim_answer(&outcome.keys))
+    }
+
+    /// The targets of a `POST /keys/claim` body (section 9).
+    fn claim_targets(&self, body: &[u8]) -> Result<Vec<ClaimTarget>, ApiError> {
         let map = self.parse_body(body)?;
         let limit = self.limits().max_claim_targets;
         let mut targets = Vec::new();
@@ -275,13 +317,7 @@ impl<S: KeyStore> KeysApi<S> {
             }
             Some(_) => return Err(ApiError::bad_json("`one_time_keys` must be an object")),
         }
-        tracing::Span::current().record("targets", targets.len());
-        let outcome = if targets.is_empty() {
-            Default::default()
-        } else {
-            self.store.claim(&targets).await?
-        };
-        Ok(json!({ "one_time_keys": outcome.to_wire(), "failures": {} }))
+        Ok(targets)
     }
 
     /// The E2EE fields of a `/sync` response for a device (section 6):
@@ -332,6 +368,13 @@ impl<S: KeyStore> KeysApi<S> {
         self.store.delete_user(&UserId::parse(user_id)?).await?;
         Ok(())
     }
+}
+
+/// The answer to a claim: `{"one_time_keys": {user: {device: {key_id:
+/// key_json}}}, "failures": {}}`. A later key under the same key ID of one
+/// device replaces an earlier one.
+fn claim_answer<'a>(keys: impl IntoIterator<Item = &'a ClaimedKey>) -> Value {
+    json!({ "one_time_keys": keys_to_wire(keys), "failures": {} })
 }
 
 /// Takes a key map field: absent or null is `None`, an object is `Some`,

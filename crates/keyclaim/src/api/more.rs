@@ -1,0 +1,206 @@
+//! The facade's endpoints around the same keys: key reset (section 13),
+//! dehydrated devices (section 14), reading fallback keys (R15.1) and many
+//! devices' counts at once (R16.1).
+
+use std::collections::BTreeSet;
+
+use serde_json::{Map, Value, json};
+
+use super::{ApiError, KeysApi};
+use crate::error::LimitKind;
+use crate::ids::{Device, DeviceId, KeyId, UserId};
+use crate::limits::too_large;
+use crate::store::KeyStore;
+use crate::types::{ResetScope, SyncState, Upload, UploadOutcome};
+
+impl<S: KeyStore> KeysApi<S> {
+    /// Serves `POST /keys/reset` (MSC4162; unstable path
+    /// `/_matrix/client/unstable/org.matrix.msc4162/keys/reset`) for an
+    /// authenticated device (R13.2): body `{"all": bool, "key_ids":
+    /// ["<algorithm>:<name>", ...]}`, `all: true` winning over `key_ids`; an
+    /// empty or absent request resets nothing. Removes the stored one-time
+    /// keys in scope (R13.1) and answers `{"device_one_time_keys_count":
+    /// {...}}`.
+    ///
+    /// # Errors
+    /// An [`ApiError`] per contract section 9's table: wrong types and bad
+    /// key IDs `M_BAD_JSON`, more key IDs than one upload may carry
+    /// `M_TOO_LARGE`; nothing is removed then.
+    #[tracing::instrument(name = "keys_reset", skip(self, body), fields(body_len = body.len()))]
+    pub async fn reset(
+        &self,
+        user_id: &str,
+        device_id: &str,
+        body: &[u8],
+    ) -> Result<Value, ApiError> {
+        let device = Device::new(UserId::parse(user_id)?, DeviceId::parse(device_id)?);
+        let map = self.parse_body(body)?;
+        let all = match map.get("all") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(all)) => *all,
+            Some(_) => return Err(ApiError::bad_json("`all` must be a boolean")),
+        };
+        let mut ids = BTreeSet::new();
+        match map.get("key_ids") {
+            None | Some(Value::Null) => {}
+            Some(Value::Array(list)) => {
+                self.limits().check_reset(list.len())?;
+                for id in list {
+                    let Value::String(id) = id else {
+                        return Err(ApiError::bad_json("`key_ids` must hold strings"));
+                    };
+                    ids.insert(KeyId::parse(id.as_str())?);
+                }
+            }
+            Some(_) => return Err(ApiError::bad_json("`key_ids` must be an array")),
+        }
+        let scope = if all {
+            ResetScope::All
+        } else {
+            ResetScope::KeyIds(ids)
+        };
+        let outcome = self.store.reset_one_time_keys(&device, &scope).await?;
+        Ok(json!({ "device_one_time_keys_count": outcome.counts.to_wire() }))
+    }
+
+    /// Replaces a user's dehydrated device (MSC3814 `PUT /dehydrated_device`,
+    /// R14.1): in one atomic step, removes the `previous` dehydrated device's
+    /// keys (if any; it may equal `device_id`) and stores the keys of the
+    /// body's `one_time_keys` and `fallback_keys` for `device_id`. Other
+    /// fields of the body (`device_data`, `device_keys`, ...) are the
+    /// homeserver's and ignored here. With
+    /// [`KeysApi::with_dehydrated_fallback_required`], every algorithm with
+    /// one-time keys needs a fallback key (R14.2). Answers `{"device_id":
+    /// ..., "one_time_key_counts": {...}}`.
+    ///
+    /// # Errors
+    /// An [`ApiError`] per contract section 9's table, as for
+    /// [`KeysApi::upload`]; a missing fallback key under R14.2 is 400
+    /// `M_INVALID_PARAM`. Nothing changes then.
+    #[tracing::instrument(name = "keys_replace_dehydrated_device", skip(self, body), fields(body_len = body.len()))]
+    pub async fn replace_dehydrated_device(
+        &self,
+        user_id: &str,
+        previous: Option<&str>,
+        device_id: &str,
+        body: &[u8],
+    ) -> Result<Value, ApiError> {
+        let user = UserId::parse(user_id)?;
+        let previous = previous.map(DeviceId::parse).transpose()?;
+        let device = Device::new(user, DeviceId::parse(device_id)?);
+        let mut map = self.parse_body(body)?;
+        let upload = self.parse_upload(device, &mut map)?;
+        let outcome = self.replace_with(previous.as_ref(), &upload).await?;
+        Ok(json!({
+            "device_id": upload.device().device_id.as_str(),
+            "one_time_key_counts": outcome.counts.to_wire(),
+        }))
+    }
+
+    /// Replaces the upload's user's `previous` device with the upload
+    /// (R14.1), after the R14.2 check when the facade requires it.
+    pub(crate) async fn replace_with(
+        &self,
+        previous: Option<&DeviceId>,
+        upload: &Upload,
+    ) -> Result<UploadOutcome, ApiError> {
+        if self.dehydrated_fallback_required {
+            upload.require_fallback_keys()?;
+        }
+        Ok(self.store.replace_device(previous, upload).await?)
+    }
+
+    /// A device's current fallback keys without marking them used (MSC4081,
+    /// R15.1): `{"fallback_keys": {key_id: key_json}, "used": [algorithm,
+    /// ...]}`, `used` listing the algorithms whose key was handed out, in
+    /// byte order.
+    ///
+    /// # Errors
+    /// 400 `M_INVALID_PARAM` for bad IDs, 500 `M_UNKNOWN` for storage failures.
+    #[tracing::instrument(name = "keys_fallback_keys", skip(self))]
+    pub async fn fallback_keys(&self, user_id: &str, device_id: &str) -> Result<Value, ApiError> {
+        let device = Device::new(UserId::parse(user_id)?, DeviceId::parse(device_id)?);
+        let keys = self.store.fallback_keys(&device).await?;
+        let mut out = Map::new();
+        let mut used = Vec::new();
+        for (algorithm, key) in &keys {
+            out.insert(key.key_id.as_str().to_owned(), key.key_json.to_value());
+            if key.used {
+                used.push(algorithm.as_str());
+            }
+        }
+        Ok(json!({ "fallback_keys": out, "used": used }))
+    }
+
+    /// Counts and unused fallback types of many devices at once (MSC3202,
+    /// R16.1), for pushing to application services: body `{"devices":
+    /// {user_id: [device_id, ...]}}`, answer `{user_id: {device_id:
+    /// {"device_one_time_keys_count": {...},
+    /// "device_unused_fallback_key_types": [...]}}}`. Devices without keys
+    /// answer the empty form; a device named twice is answered once.
+    ///
+    /// # Errors
+    /// An [`ApiError`] per contract section 9's table: wrong types
+    /// `M_BAD_JSON`, bad IDs `M_INVALID_PARAM`, more than
+    /// [`Limits::max_counts_devices`](crate::Limits) devices `M_TOO_LARGE`.
+    #[tracing::instrument(name = "keys_counts_many", skip(self, body), fields(body_len = body.len(), devices))]
+    pub async fn counts_many(&self, body: &[u8]) -> Result<Value, ApiError> {
+        let map = self.parse_body(body)?;
+        let limit = self.limits().max_counts_devices;
+        let mut devices = BTreeSet::new();
+        let mut named = 0usize;
+        match map.get("devices") {
+            None | Some(Value::Null) => {}
+            Some(Value::Object(users)) => {
+                for (user, list) in users {
+                    let user = UserId::parse(user.as_str())?;
+                    let Value::Array(list) = list else {
+                        return Err(ApiError::bad_json("`devices` values must be arrays"));
+                    };
+                    named += list.len();
+                    if named > limit {
+                        return Err(too_large(LimitKind::CountsDevices, limit).into());
+                    }
+                    for id in list {
+                        let Value::String(id) = id else {
+                            return Err(ApiError::bad_json("device IDs must be strings"));
+                        };
+                        devices.insert(Device::new(user.clone(), DeviceId::parse(id.as_str())?));
+                    }
+                }
+            }
+            Some(_) => return Err(ApiError::bad_json("`devices` must be an object")),
+        }
+        tracing::Span::current().record("devices", devices.len());
+        let devices: Vec<Device> = devices.into_iter().collect();
+        let states = if devices.is_empty() {
+            Vec::new()
+        } else {
+            self.store.counts_many(&devices).await?
+        };
+        let mut users = Map::new();
+        for (device, state) in devices.iter().zip(states) {
+            let entry = users
+                .entry(device.user_id.as_str())
+                .or_insert_with(|| Value::Object(Map::new()));
+            if let Value::Object(by_device) = entry {
+                by_device.insert(device.device_id.as_str().to_owned(), state_wire(&state));
+            }
+        }
+        Ok(Value::Object(users))
+    }
+}
+
+/// One device's counts and unused fallback types in the wire form (R6.1,
+/// R6.3).
+fn state_wire(state: &SyncState) -> Value {
+    let types: Vec<&str> = state
+        .unused_fallback_key_types
+        .iter()
+        .map(|a| a.as_str())
+        .collect();
+    json!({
+        "device_one_time_keys_count": state.one_time_key_counts.to_wire(),
+        "device_unused_fallback_key_types": types,
+    })
+}
