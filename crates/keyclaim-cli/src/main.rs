@@ -1,5 +1,5 @@
 //! The `keyclaim` command: the backend benchmark comparison (`bench`) and
-//! operator tools (`stats`, `migrate`, `check`).
+//! operator tools (`stats`, `migrate`, `import`, `check`).
 
 // A command-line tool: printing to stdout is its job.
 #![allow(clippy::print_stdout)]
@@ -51,6 +51,22 @@ enum Command {
         #[arg(long)]
         quiet: bool,
     },
+    /// Import the keys of a Synapse database into a store, then check the
+    /// target and compare counts with the source (exit code 1 if that fails).
+    Import {
+        /// The source: `synapse-sqlite PATH` or `synapse-postgres URL`.
+        #[arg(long, num_args = 2, value_names = ["KIND", "SOURCE"], required = true)]
+        from: Vec<String>,
+        /// Target store URL.
+        #[arg(long)]
+        to: String,
+        /// Checkpoint file: an interrupted import resumes from it.
+        #[arg(long)]
+        checkpoint: Option<PathBuf>,
+        /// No progress display.
+        #[arg(long)]
+        quiet: bool,
+    },
     /// Verify a store's invariants and report problems (exit code 1 if any).
     Check {
         /// sqlite:PATH, redb:PATH or postgres://...
@@ -89,6 +105,26 @@ fn main() -> ExitCode {
                     &StoreUrl::parse(&from)?,
                     &StoreUrl::parse(&to)?,
                     batch,
+                    checkpoint.as_ref(),
+                    quiet,
+                )
+                .await?;
+                print!("{text}");
+                Ok(ok)
+            }
+            Command::Import {
+                from,
+                to,
+                checkpoint,
+                quiet,
+            } => {
+                let [kind, source] = from.as_slice() else {
+                    return Err("--from takes a kind and a source".into());
+                };
+                let (ok, text) = tools::import(
+                    tools::ImportSource::parse(kind)?,
+                    source,
+                    &StoreUrl::parse(&to)?,
                     checkpoint.as_ref(),
                     quiet,
                 )

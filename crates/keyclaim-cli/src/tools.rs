@@ -1,11 +1,11 @@
-//! Operator tools: `stats`, `migrate`, `check`.
+//! Operator tools: `stats`, `migrate`, `import`, `check`.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use keyclaim::transfer::Exporter;
-use keyclaim::{Device, DeviceId, UserId};
+use keyclaim::transfer::{Checkpoint, Exporter};
+use keyclaim_import::ImportOptions;
 
 use crate::stores::StoreUrl;
 
@@ -106,22 +106,12 @@ pub(crate) async fn migrate(
     }
     let src = from.open().await.map_err(|e| format!("{from}: {e}"))?;
     let dst = to.open().await.map_err(|e| format!("{to}: {e}"))?;
-    let resume = match checkpoint {
-        Some(path) if path.exists() => {
-            let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
-            parse_checkpoint(&text)?
-        }
-        _ => None,
+    let checkpoint = checkpoint.map(Checkpoint::new);
+    let resume = match &checkpoint {
+        Some(c) => c.load().map_err(|e| e.to_string())?,
+        None => None,
     };
-    let pb = if quiet {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new_spinner()
-    };
-    pb.set_style(
-        ProgressStyle::with_template("{spinner} {msg} {elapsed}")
-            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
-    );
+    let pb = spinner(quiet);
     let mut save_err = None;
     let report = keyclaim::transfer::copy_store(&*src, &*dst, batch, resume.clone(), |r, last| {
         pb.set_message(format!(
@@ -129,11 +119,10 @@ pub(crate) async fn migrate(
             r.devices, r.one_time_keys
         ));
         pb.tick();
-        if let (Some(path), Some(last)) = (checkpoint, last) {
-            let line = format!("{}\n{}\n", last.user_id, last.device_id);
-            if let Err(e) = std::fs::write(path, line) {
-                save_err = Some(e.to_string());
-            }
+        if let (Some(c), Some(last)) = (&checkpoint, last)
+            && let Err(e) = c.save(last)
+        {
+            save_err = Some(e.to_string());
         }
     })
     .await
@@ -155,8 +144,8 @@ pub(crate) async fn migrate(
     );
     if diff.is_empty() {
         out.push_str("verified: the target holds exactly the source's state\n");
-        if let Some(path) = checkpoint {
-            let _ = std::fs::remove_file(path);
+        if let Some(c) = &checkpoint {
+            c.clear().map_err(|e| e.to_string())?;
         }
     } else {
         out.push_str(&format!(
@@ -170,14 +159,82 @@ pub(crate) async fn migrate(
     Ok((diff.is_empty(), out))
 }
 
-fn parse_checkpoint(text: &str) -> Result<Option<Device>, String> {
-    let mut lines = text.lines();
-    match (lines.next(), lines.next()) {
-        (Some(u), Some(d)) => {
-            let user = UserId::parse(u).map_err(|e| format!("checkpoint: {e}"))?;
-            let device = DeviceId::parse(d).map_err(|e| format!("checkpoint: {e}"))?;
-            Ok(Some(Device::new(user, device)))
+/// A progress spinner, hidden with `quiet`.
+fn spinner(quiet: bool) -> ProgressBar {
+    let pb = if quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new_spinner()
+    };
+    pb.set_style(
+        ProgressStyle::with_template("{spinner} {msg} {elapsed}")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+    );
+    pb
+}
+
+/// Where `keyclaim import` reads from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ImportSource {
+    /// A Synapse SQLite database file.
+    SynapseSqlite,
+    /// A Synapse PostgreSQL database URL.
+    SynapsePostgres,
+}
+
+impl ImportSource {
+    pub(crate) fn parse(kind: &str) -> Result<Self, String> {
+        match kind {
+            "synapse-sqlite" => Ok(Self::SynapseSqlite),
+            "synapse-postgres" => Ok(Self::SynapsePostgres),
+            other => Err(format!(
+                "unknown import source {other:?}: use synapse-sqlite PATH or synapse-postgres URL"
+            )),
         }
-        _ => Ok(None),
     }
+}
+
+/// Imports a Synapse database into `to` with a progress display, resumable
+/// through a checkpoint file; `Ok(false)` when the final check failed.
+pub(crate) async fn import(
+    kind: ImportSource,
+    source: &str,
+    to: &StoreUrl,
+    checkpoint: Option<&PathBuf>,
+    quiet: bool,
+) -> Result<(bool, String), String> {
+    let dst = to.open().await.map_err(|e| format!("{to}: {e}"))?;
+    let pb = spinner(quiet);
+    let shown = pb.clone();
+    let mut options = ImportOptions::new().progress(move |t| {
+        shown.set_message(format!(
+            "{} devices, {} one-time keys imported",
+            t.devices, t.one_time_keys
+        ));
+        shown.tick();
+    });
+    if let Some(path) = checkpoint {
+        options = options.checkpoint(path);
+    }
+    let (report, shown_source) = match kind {
+        ImportSource::SynapseSqlite => (
+            keyclaim_import::synapse::import_sqlite(source, &*dst, &options).await,
+            source.to_owned(),
+        ),
+        ImportSource::SynapsePostgres => (
+            keyclaim_import::synapse::import_postgres(source, &*dst, &options).await,
+            keyclaim_open::redacted(source),
+        ),
+    };
+    pb.finish_and_clear();
+    let report = report.map_err(|e| e.to_string())?;
+    let verdict = if report.ok() {
+        "verified: check passed and counts match the source"
+    } else {
+        "VERIFY FAILED"
+    };
+    Ok((
+        report.ok(),
+        format!("imported {shown_source} -> {to}\n{report}{verdict}\n"),
+    ))
 }

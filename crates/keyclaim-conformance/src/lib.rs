@@ -18,6 +18,7 @@ pub mod deletion;
 pub mod durability;
 pub mod export;
 pub mod fallback;
+pub mod import;
 pub mod limits;
 pub mod model_based;
 pub mod notify;
@@ -100,7 +101,7 @@ macro_rules! conformance_tests {
         $crate::conformance_tests! {
             $($then)* [
                 validation upload claim fallback counts deletion limits wire
-                durability concurrency notify export split reset dehydrated reads
+                durability concurrency notify export split reset dehydrated reads import
                 model_based
             ]
         }

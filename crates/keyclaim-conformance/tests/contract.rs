@@ -18,12 +18,11 @@ use std::path::{Path, PathBuf};
 const NO_CASE_YET: &[(&str, &str)] = &[
     ("R10.4", "needs a failing store: keyclaim's tests/facade_faults.rs and the backends' fault tests"),
     ("R10.5", "not implemented yet: PostgreSQL session settings checked at start"),
-    ("R10.6", "no case yet: bounded queues, and claims whose caller went away"),
-    ("R10.7", "needs corrupted storage: the SQLite and redb tests corrupt stored values"),
+    ("R10.6", "needs a stalled writer: SQLite's tests/overload.rs and redb's stalled-writer tests"),
+    ("R10.7", "needs corrupted storage: SQLite's tests/corrupt.rs and redb's corruption tests"),
     ("R10.8", "needs a failing disk: keyclaim-reliability's storage_faults and redb's faults tests"),
     ("R10.9", "backend-specific: PostgreSQL's tests/postgres.rs runs migrations from several workers"),
-    ("R11.2", "needs several processes: PostgreSQL's tests/postgres.rs; not implemented for SQLite yet"),
-    ("R17.1", "not implemented yet: import from the reference homeserver's database"),
+    ("R11.2", "needs several processes: PostgreSQL's tests/postgres.rs and SQLite's tests/multiprocess.rs"),
 ];
 
 /// A rule number, `R<section>.<n>`.

@@ -6,9 +6,7 @@
 //! than from the store. Every key a claim answers is checked by the owner's
 //! signature and by a session the owner's vodozemac account must open.
 //!
-//! Each scenario runs once per backend listed in `per_backend!` at the
-//! bottom: the backends that implement the store operations of sections 12
-//! to 16.
+//! Each scenario runs once per backend (`per_backend!` at the bottom).
 
 // Scenario helpers are plain functions, not #[test]s: a panic is a test failure.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -546,8 +544,6 @@ async fn failing_or_hanging_provider_falls_back(api: Api) {
     }
 }
 
-// The backends that implement the operations of sections 12 to 16; each
-// other backend joins with its line from `olm_sessions.rs` once it does.
 per_backend! {
     cases {
         dehydrated_device_replaced_then_reached_through_its_fallback_key,
@@ -556,4 +552,7 @@ per_backend! {
         failing_or_hanging_provider_falls_back,
     }
     memory => Some(TestBackend::memory());
+    sqlite => Some(TestBackend::sqlite().await.unwrap());
+    redb => Some(TestBackend::redb().await.unwrap());
+    postgres => TestBackend::postgres().await.unwrap();
 }

@@ -9,8 +9,10 @@
 //!   it ([`crate::slot`]), and the same operation can then succeed;
 //! - a redb failure while opening, creating or migrating the file
 //!   ([`redb`]) is not: the caller decides whether to open again;
-//! - a file being reopened, or a reopen that failed, is retryable;
-//! - a blocking task or thread that failed is not.
+//! - a file being reopened, or a reopen that failed, is retryable, and so
+//!   is a full writer queue;
+//! - a blocking task or thread that failed is not, nor a writer that
+//!   panicked while it held the operation.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -79,6 +81,44 @@ pub(crate) fn create_io(e: std::io::Error) -> Error {
 /// cancelled, or could not be spawned).
 pub(crate) fn task_failed(op: &'static str, e: impl Into<BoxError>) -> Error {
     Error::storage(BACKEND, op, false, e)
+}
+
+/// Operation `op` found the writer's queue full (R10.6): retryable, nothing
+/// of it was queued.
+pub(crate) fn queue_full(op: &'static str, capacity: usize) -> Error {
+    Error::storage(BACKEND, op, true, QueueFull { capacity })
+}
+
+/// The source of [`queue_full`].
+#[derive(Debug)]
+struct QueueFull {
+    capacity: usize,
+}
+
+impl fmt::Display for QueueFull {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "the redb writer's queue is full ({} operations wait); try again later",
+            self.capacity
+        )
+    }
+}
+
+impl std::error::Error for QueueFull {}
+
+/// The writer thread panicked while it held operation `op` and dropped it
+/// unanswered. Not retryable: whether the operation was applied is unknown
+/// (a panic before its commit leaves nothing, one inside redb's commit may
+/// not).
+pub(crate) fn writer_panicked(op: &'static str) -> Error {
+    Error::storage(
+        BACKEND,
+        op,
+        false,
+        "the redb writer thread panicked before answering; the operation may or may not \
+         have been applied",
+    )
 }
 
 /// The writer answered operation `op` with the reply of another.

@@ -4,9 +4,15 @@
 // its `Backend` impl; `options` its settings and URL parsing; `error` every
 // mapping to `keyclaim::Error`; `schema` the layout, the format version and
 // migrations; `ops` the operations, one file per kind; `writer` the
-// group-commit writer thread and `queue` its queue; `slot` opening the file
-// and reopening it after an I/O error.
+// group-commit writer thread, `queue` its queue and `flush` when it commits
+// durably; `slot` opening the file
+// and reopening it after an I/O error; `hooks` where the test-only `faults`
+// are injected.
 mod error;
+#[cfg(feature = "fault-injection")]
+pub mod faults;
+mod flush;
+mod hooks;
 mod ops;
 mod options;
 mod queue;
@@ -14,6 +20,7 @@ mod schema;
 mod slot;
 mod writer;
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -21,7 +28,8 @@ use std::sync::Arc;
 use keyclaim::backend::{Backend, StoreCore, async_trait};
 use keyclaim::transfer::DeviceSnapshot;
 use keyclaim::{
-    Changes, ClaimOutcome, ClaimTarget, Device, Result, SyncState, Upload, UploadOutcome, UserId,
+    Algorithm, Changes, ClaimOutcome, ClaimTarget, Device, DeviceId, FallbackTarget, ResetScope,
+    Result, StoredFallback, SyncState, Upload, UploadOutcome, UserId,
 };
 
 pub use error::AlreadyOpen;
@@ -65,6 +73,7 @@ impl fmt::Debug for RedbStore {
             .field("path", &self.path)
             .field("durability", &self.options.get_durability())
             .field("max_batch", &self.options.get_max_batch())
+            .field("max_queued", &self.options.get_max_queued())
             .field("limits", self.core.limits())
             .finish_non_exhaustive()
     }
@@ -102,7 +111,9 @@ impl RedbStore {
                 limits: options.get_limits().clone(),
                 durability: options.get_durability(),
                 max_batch: options.get_max_batch().max(1),
+                max_queued: options.get_max_queued(),
                 linger: options.get_linger(),
+                hooks: hooks::Hooks::new(&options),
             },
         )?;
         tracing::debug!(path = %path.display(), "opened redb store");
@@ -144,6 +155,26 @@ impl RedbStore {
     async fn submit(&self, op: Op) -> Result<Reply> {
         self.writer.submit(op).await
     }
+
+    /// A claim with the fallback step (section 4) or without it (R12.1).
+    async fn claim_targets(
+        &self,
+        targets: &[ClaimTarget],
+        fall_back: bool,
+    ) -> Result<ClaimOutcome> {
+        let op = Op::Claim {
+            targets: targets.into(),
+            fall_back,
+        };
+        match self.submit(op).await? {
+            Reply::Claim(outcome) => Ok(outcome),
+            _ => Err(wrong_reply(if fall_back {
+                "claim"
+            } else {
+                "claim_one_time_keys"
+            })),
+        }
+    }
 }
 
 #[async_trait]
@@ -164,12 +195,63 @@ impl Backend for RedbStore {
     }
 
     async fn claim(&self, targets: &[ClaimTarget]) -> Result<ClaimOutcome> {
-        // Shared with the writer: no second copy of a big claim.
-        let targets: Arc<[ClaimTarget]> = targets.into();
-        match self.submit(Op::Claim(Arc::clone(&targets))).await? {
-            Reply::Claim(raw) => raw.decode(&targets),
-            _ => Err(wrong_reply("claim")),
+        self.claim_targets(targets, true).await
+    }
+
+    async fn claim_one_time_keys(&self, targets: &[ClaimTarget]) -> Result<ClaimOutcome> {
+        self.claim_targets(targets, false).await
+    }
+
+    async fn claim_fallback_keys(&self, targets: &[FallbackTarget]) -> Result<ClaimOutcome> {
+        match self.submit(Op::ClaimFallbacks(targets.into())).await? {
+            Reply::Claim(outcome) => Ok(outcome),
+            _ => Err(wrong_reply("claim_fallback_keys")),
         }
+    }
+
+    async fn reset_one_time_keys(
+        &self,
+        device: &Device,
+        scope: &ResetScope,
+    ) -> Result<UploadOutcome> {
+        match self
+            .submit(Op::Reset(device.clone(), scope.clone()))
+            .await?
+        {
+            Reply::Upload(outcome) => Ok(outcome),
+            _ => Err(wrong_reply("reset_one_time_keys")),
+        }
+    }
+
+    async fn replace_device(
+        &self,
+        previous: Option<&DeviceId>,
+        upload: &Upload,
+    ) -> Result<UploadOutcome> {
+        let op = Op::Replace {
+            previous: previous.cloned(),
+            upload: upload.clone(),
+        };
+        match self.submit(op).await? {
+            Reply::Upload(outcome) => Ok(outcome),
+            _ => Err(wrong_reply("replace_device")),
+        }
+    }
+
+    async fn fallback_keys(&self, device: &Device) -> Result<BTreeMap<Algorithm, StoredFallback>> {
+        let device = device.clone();
+        read_txn(&self.slot, "fallback_keys", move |txn| {
+            ops::read_fallback_keys(txn, &device)
+        })
+        .await
+    }
+
+    async fn counts_many(&self, devices: &[Device]) -> Result<Vec<SyncState>> {
+        let devices = devices.to_vec();
+        read_txn(&self.slot, "counts_many", move |txn| {
+            ops::counts_many(txn, &devices)
+        })
+        .await
     }
 
     async fn sync_state(&self, device: &Device) -> Result<SyncState> {

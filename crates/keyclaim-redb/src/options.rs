@@ -12,6 +12,10 @@ use keyclaim::{Error, Limits, Result};
 /// default.
 const DEFAULT_FLUSH_EVERY: Duration = Duration::from_millis(100);
 
+/// How many operations may wait for the writer, by default: four full
+/// batches of the default size.
+const DEFAULT_MAX_QUEUED: usize = 1024;
+
 /// How commits reach the disk.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -60,8 +64,11 @@ pub struct RedbOptions {
     limits: Limits,
     durability: RedbDurability,
     max_batch: usize,
+    max_queued: usize,
     cache_size: Option<usize>,
     linger: Duration,
+    #[cfg(feature = "fault-injection")]
+    faults: Option<crate::faults::Faults>,
 }
 
 impl Default for RedbOptions {
@@ -70,8 +77,11 @@ impl Default for RedbOptions {
             limits: Limits::default(),
             durability: RedbDurability::Immediate,
             max_batch: 256,
+            max_queued: DEFAULT_MAX_QUEUED,
             cache_size: None,
             linger: Duration::ZERO,
+            #[cfg(feature = "fault-injection")]
+            faults: None,
         }
     }
 }
@@ -104,6 +114,17 @@ impl RedbOptions {
         self
     }
 
+    /// The most operations that may wait in the writer's queue (at least 1).
+    /// Beyond it an operation fails at once with a retryable
+    /// [`Error::Storage`] instead of queueing (R10.6): under overload the
+    /// caller backs off, and queued work and memory stay bounded. Default
+    /// 1,024, four full batches of the default size.
+    #[must_use]
+    pub fn max_queued(mut self, max_queued: usize) -> Self {
+        self.max_queued = max_queued.max(1);
+        self
+    }
+
     /// How long the writer may wait for more operations before it starts a
     /// batch, when fewer are queued than the previous batch held (the
     /// callers of the previous batch may be sending their next operation
@@ -124,6 +145,21 @@ impl RedbOptions {
         self
     }
 
+    /// Test-only (feature `fault-injection`): faults to inject into the
+    /// store, see [`crate::faults`].
+    #[cfg(feature = "fault-injection")]
+    #[must_use]
+    pub fn faults(mut self, faults: crate::faults::Faults) -> Self {
+        self.faults = Some(faults);
+        self
+    }
+
+    /// Test-only (feature `fault-injection`): the faults to inject, if any.
+    #[cfg(feature = "fault-injection")]
+    pub fn get_faults(&self) -> Option<&crate::faults::Faults> {
+        self.faults.as_ref()
+    }
+
     /// The configured limits.
     pub fn get_limits(&self) -> &Limits {
         &self.limits
@@ -137,6 +173,11 @@ impl RedbOptions {
     /// The configured largest batch.
     pub fn get_max_batch(&self) -> usize {
         self.max_batch
+    }
+
+    /// The configured bound of the writer's queue.
+    pub fn get_max_queued(&self) -> usize {
+        self.max_queued
     }
 
     /// The configured linger time.
@@ -166,6 +207,7 @@ impl RedbOptions {
     /// | `durability` | `immediate` or `relaxed` | [`RedbOptions::durability`] |
     /// | `flush_every_ms` | milliseconds, with `durability=relaxed` only (default 100) | the `flush_every` of [`RedbDurability::Relaxed`] |
     /// | `max_batch` | an integer, at least 1 | [`RedbOptions::max_batch`] |
+    /// | `max_queued` | an integer, at least 1 | [`RedbOptions::max_queued`] |
     /// | `linger_us` | microseconds | [`RedbOptions::linger`] |
     /// | `cache_size` | bytes | [`RedbOptions::cache_size`] |
     ///
@@ -219,6 +261,7 @@ impl RedbOptions {
                 flush_every: Duration::from_millis(query.number(name, value)?),
             }),
             "max_batch" => self.max_batch(query.positive(name, value)?),
+            "max_queued" => self.max_queued(query.positive(name, value)?),
             "linger_us" => self.linger(Duration::from_micros(query.number(name, value)?)),
             "cache_size" => self.cache_size(query.number(name, value)?),
             _ => {
@@ -228,6 +271,7 @@ impl RedbOptions {
                         "durability",
                         "flush_every_ms",
                         "max_batch",
+                        "max_queued",
                         "linger_us",
                         "cache_size",
                     ],
@@ -276,7 +320,7 @@ mod tests {
     fn every_option_is_parsed() {
         let (path, options) = parse(
             "redb:/tmp/k.redb?durability=relaxed&flush_every_ms=250&max_batch=32\
-             &linger_us=150&cache_size=1048576",
+             &max_queued=64&linger_us=150&cache_size=1048576",
         );
         assert_eq!(path, Path::new("/tmp/k.redb"));
         let want = RedbOptions::new()
@@ -284,6 +328,7 @@ mod tests {
                 flush_every: Duration::from_millis(250),
             })
             .max_batch(32)
+            .max_queued(64)
             .linger(Duration::from_micros(150))
             .cache_size(1 << 20);
         assert_eq!(options, want);
@@ -347,6 +392,7 @@ mod tests {
             "redb:k?max_batch=-1",
             "redb:k?max_batch=+3",
             "redb:k?max_batch=1.5",
+            "redb:k?max_queued=0",
             "redb:k?max_batch=99999999999999999999999",
             "redb:k?linger_us=1ms",
             "redb:k?cache_size=1GiB",

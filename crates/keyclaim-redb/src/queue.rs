@@ -1,5 +1,7 @@
 //! The writer's queue: callers push operations, the writer thread takes
-//! everything queued at once.
+//! everything queued at once. It holds at most its capacity: a push beyond
+//! it is refused at once (R10.6), so that overload fails fast instead of
+//! piling up work and memory.
 //!
 //! A mutex around a `VecDeque` and a condition variable, instead of a
 //! channel:
@@ -23,6 +25,7 @@ use std::time::{Duration, Instant};
 pub(crate) struct JobQueue<T> {
     state: Mutex<State<T>>,
     ready: Condvar,
+    capacity: usize,
 }
 
 impl<T> std::fmt::Debug for JobQueue<T> {
@@ -31,6 +34,7 @@ impl<T> std::fmt::Debug for JobQueue<T> {
         f.debug_struct("JobQueue")
             .field("queued", &state.items.len())
             .field("closed", &state.closed)
+            .field("capacity", &self.capacity)
             .finish_non_exhaustive()
     }
 }
@@ -41,6 +45,15 @@ struct State<T> {
     closed: bool,
     /// The consumer sleeps on `ready` (a push must wake it).
     sleeping: bool,
+}
+
+/// Why [`JobQueue::push`] gave an item back.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Refused<T> {
+    /// The queue holds its capacity.
+    Full(T),
+    /// The queue is closed.
+    Closed(T),
 }
 
 /// What [`JobQueue::take`] found.
@@ -55,8 +68,10 @@ pub(crate) enum Taken<T> {
 }
 
 impl<T> JobQueue<T> {
-    pub(crate) fn new() -> Self {
+    /// An empty queue that holds at most `capacity` items (at least 1).
+    pub(crate) fn new(capacity: usize) -> Self {
         Self {
+            capacity: capacity.max(1),
             state: Mutex::new(State {
                 items: VecDeque::new(),
                 closed: false,
@@ -75,11 +90,19 @@ impl<T> JobQueue<T> {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Queues `item`; gives it back when the queue is closed.
-    pub(crate) fn push(&self, item: T) -> Result<(), T> {
+    /// The most items the queue holds.
+    pub(crate) fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Queues `item`; gives it back when the queue is closed or full.
+    pub(crate) fn push(&self, item: T) -> Result<(), Refused<T>> {
         let mut state = self.lock();
         if state.closed {
-            return Err(item);
+            return Err(Refused::Closed(item));
+        }
+        if state.items.len() >= self.capacity {
+            return Err(Refused::Full(item));
         }
         state.items.push_back(item);
         let wake = state.sleeping;
@@ -164,27 +187,37 @@ mod tests {
 
     #[test]
     fn takes_what_is_queued_up_to_max_then_drains_after_close() {
-        let q = JobQueue::new();
+        let q = JobQueue::new(8);
         for i in 0..5 {
             assert!(q.push(i).is_ok());
         }
         assert!(matches!(q.take(3, None), Taken::Items(v) if v == [0, 1, 2]));
         q.close();
-        assert_eq!(q.push(9), Err(9));
+        assert_eq!(q.push(9), Err(Refused::Closed(9)));
         assert!(matches!(q.take(3, None), Taken::Items(v) if v == [3, 4]));
         assert!(matches!(q.take(3, None), Taken::Closed));
     }
 
     #[test]
+    fn refuses_beyond_its_capacity_until_taken() {
+        let q = JobQueue::new(2);
+        assert!(q.push(1).is_ok());
+        assert!(q.push(2).is_ok());
+        assert_eq!(q.push(3), Err(Refused::Full(3)));
+        assert!(matches!(q.take(1, None), Taken::Items(v) if v == [1]));
+        assert!(q.push(3).is_ok());
+    }
+
+    #[test]
     fn times_out_when_empty() {
-        let q: JobQueue<u8> = JobQueue::new();
+        let q: JobQueue<u8> = JobQueue::new(1);
         let soon = Instant::now() + Duration::from_millis(1);
         assert!(matches!(q.take(1, Some(soon)), Taken::TimedOut));
     }
 
     #[test]
     fn a_sleeping_consumer_is_woken_by_a_push() {
-        let q = std::sync::Arc::new(JobQueue::new());
+        let q = std::sync::Arc::new(JobQueue::new(1));
         let consumer = {
             let q = std::sync::Arc::clone(&q);
             std::thread::spawn(move || match q.take(8, None) {

@@ -36,6 +36,12 @@
 //! Counts (R6.4) are `end - head` of the device's queue records: one short
 //! range read.
 //!
+//! A key reset (R13.1) may remove stored keys from the middle of `head..end`.
+//! Positions stay without gaps (a claim reads `head..` position by position):
+//! the stored keys after the first removed one move down, keeping their
+//! order and upload sequence, and `end` shrinks by the number removed. The
+//! format is unchanged.
+//!
 //! # Format version 1
 //!
 //! Version 1 deleted a claimed key from `otks` and `otk_index` and inserted

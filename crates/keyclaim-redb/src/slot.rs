@@ -11,9 +11,11 @@
 //! and the writer take a clone of the `Arc` per transaction, and the writer,
 //! when a batch fails with an I/O error, empties the slot, waits for the
 //! transactions in flight to drop their clones, closes the file and opens it
-//! again. Until that succeeded, operations fail with a retryable
-//! [`Error::Storage`](keyclaim::Error::Storage); the next batch tries again.
-//! The store then works again without a restart once the disk has room.
+//! again: the store then serves what the file holds, never what redb held
+//! in memory but could not sync (R10.8). Until that succeeded, operations
+//! fail with a retryable [`Error::Storage`](keyclaim::Error::Storage); the
+//! next batch or read tries again. The store then works again without a
+//! restart once the disk has room or works.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -23,6 +25,7 @@ use keyclaim::Result;
 use parking_lot::{Mutex, RwLock};
 use redb::Database;
 
+use crate::hooks::Hooks;
 use crate::{RedbOptions, error, schema};
 
 /// How long a reopen waits for transactions in flight to finish.
@@ -55,18 +58,23 @@ impl DbSlot {
         self.db.read().clone().ok_or_else(|| error::reopening(op))
     }
 
-    /// The open database, reopening the file first if the slot is empty.
+    /// The open database, opening the file first if the slot is empty (a
+    /// reopen after an I/O error failed, say while the disk was still
+    /// full or failing).
     ///
     /// # Errors
     /// As [`DbSlot::reopen`].
     pub(crate) fn get_or_reopen(&self, op: &'static str) -> Result<Arc<Database>> {
-        match self.get(op) {
-            Ok(db) => Ok(db),
-            Err(_) => {
-                self.reopen()?;
-                self.get(op)
-            }
+        if let Ok(db) = self.get(op) {
+            return Ok(db);
         }
+        let _one_at_a_time = self.reopening.lock();
+        // Another caller may have opened it meanwhile.
+        if let Ok(db) = self.get(op) {
+            return Ok(db);
+        }
+        self.open_into_slot()?;
+        self.get(op)
     }
 
     /// Closes the database and opens the file again. Blocking: waits for
@@ -103,9 +111,14 @@ impl DbSlot {
                 }
             }
         }
+        self.open_into_slot()
+    }
+
+    /// Opens the file into the empty slot; the caller holds `reopening`.
+    fn open_into_slot(&self) -> Result<()> {
         let db = open_database(&self.path, &self.options).map_err(error::reopen_failed)?;
         *self.db.write() = Some(Arc::new(db));
-        tracing::warn!(path = %self.path.display(), "reopened the redb file after an I/O error");
+        tracing::warn!(path = %self.path.display(), "reopened the redb file");
         Ok(())
     }
 }
@@ -121,8 +134,8 @@ pub(crate) fn open_database(path: &Path, options: &RedbOptions) -> Result<Databa
     if !path.exists() {
         create_atomically(path, options)?;
     }
-    let db = builder(options)
-        .create(path)
+    let db = Hooks::new(options)
+        .create(&builder(options), path)
         .map_err(|e| error::open_failed(path, e))?;
     schema::init_or_check(&db)?;
     Ok(db)

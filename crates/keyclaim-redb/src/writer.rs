@@ -17,13 +17,29 @@
 //! - replies are sent only after the commit returned; if the commit fails,
 //!   every operation of the batch gets the error (none of them was applied);
 //! - an I/O failure (after which redb refuses the handle) fails the batch
-//!   and makes the writer reopen the file ([`crate::slot`]).
+//!   and makes the writer reopen the file ([`crate::slot`]);
+//! - a panic in the writer thread fails the batch it was running (its
+//!   callers get a non-retryable [`Error::Storage`]: whether the operation
+//!   was applied is unknown); the writer then reopens the file, since redb
+//!   may have been left half-way, and goes on with the next batch. Should the
+//!   thread end all the same, the queue is closed and every queued or later
+//!   operation fails at once: no caller ever waits for a writer that is gone.
 //!
-//! A batch that wrote nothing is dropped instead of committed (no fsync).
+//! The queue is bounded (`max_queued`): an operation that finds it full
+//! fails at once with a retryable error (R10.6). An operation whose caller
+//! has gone away (its future was dropped, say on an HTTP timeout) before
+//! the writer took it is dropped unapplied, whatever its kind: a claim
+//! never uses up keys for nobody. Once taken into a batch an operation
+//! runs to its end.
+//!
+//! A batch that wrote nothing is dropped instead of committed (no fsync),
+//! unless relaxed mode's flush is due ([`crate::flush`]).
 //! A batch is what queued up while the previous one ran: a lone operation
 //! is committed at once, the writer never waits for company unless
 //! `linger` is set (off by default).
 
+use std::any::Any;
+use std::panic::{self, AssertUnwindSafe};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
@@ -31,24 +47,40 @@ use std::time::{Duration, Instant};
 
 use keyclaim::transfer::DeviceSnapshot;
 use keyclaim::{
-    Changes, ClaimTarget, Device, Error, Limits, Result, Upload, UploadOutcome, UserId,
+    Changes, ClaimOutcome, ClaimTarget, Device, DeviceId, Error, FallbackTarget, Limits,
+    ResetScope, Result, Upload, UploadOutcome, UserId,
 };
 use redb::{Database, WriteTransaction};
 use tokio::sync::oneshot;
 
-use keyclaim::backend::RawClaim;
-
 use crate::RedbDurability;
 use crate::error::{self, Fatal, needs_reopen};
+use crate::flush::{Commit, FlushClock};
+use crate::hooks::Hooks;
 use crate::ops::{self, WriteTables};
-use crate::queue::{JobQueue, Taken};
+use crate::queue::{JobQueue, Refused, Taken};
 use crate::slot::DbSlot;
 
 /// One mutating operation.
 #[derive(Debug)]
 pub(crate) enum Op {
     Upload(Upload),
-    Claim(Arc<[ClaimTarget]>),
+    /// A claim (section 4), or its one-time step (R12.1) without
+    /// `fall_back`.
+    Claim {
+        targets: Box<[ClaimTarget]>,
+        fall_back: bool,
+    },
+    /// The fallback step of a split claim (R12.2).
+    ClaimFallbacks(Box<[FallbackTarget]>),
+    /// A key reset (R13.1).
+    Reset(Device, ResetScope),
+    /// A dehydrated device's replacement (R14.1): the previous device's
+    /// deletion and the upload, in the one transaction of the batch.
+    Replace {
+        previous: Option<DeviceId>,
+        upload: Upload,
+    },
     DeleteDevice(Device),
     DeleteUser(UserId),
     Import(DeviceSnapshot),
@@ -58,7 +90,15 @@ impl Op {
     fn name(&self) -> &'static str {
         match self {
             Self::Upload(_) => "upload",
-            Self::Claim(_) => "claim",
+            Self::Claim {
+                fall_back: true, ..
+            } => "claim",
+            Self::Claim {
+                fall_back: false, ..
+            } => "claim_one_time_keys",
+            Self::ClaimFallbacks(_) => "claim_fallback_keys",
+            Self::Reset(..) => "reset_one_time_keys",
+            Self::Replace { .. } => "replace_device",
             Self::DeleteDevice(_) => "delete_device",
             Self::DeleteUser(_) => "delete_user",
             Self::Import(_) => "import_device",
@@ -70,7 +110,8 @@ impl Op {
 #[derive(Debug)]
 pub(crate) enum Reply {
     Upload(UploadOutcome),
-    Claim(RawClaim),
+    /// Decoded before the commit (R10.7).
+    Claim(ClaimOutcome),
     Changes(Changes),
 }
 
@@ -79,7 +120,7 @@ impl Reply {
     fn wrote(&self) -> bool {
         match self {
             Self::Upload(o) => !o.changes.is_empty(),
-            Self::Claim(o) => o.changed_any(),
+            Self::Claim(o) => !o.changes.is_empty(),
             Self::Changes(c) => !c.is_empty(),
         }
     }
@@ -99,7 +140,9 @@ pub(crate) struct WriterConfig {
     pub(crate) limits: Limits,
     pub(crate) durability: RedbDurability,
     pub(crate) max_batch: usize,
+    pub(crate) max_queued: usize,
     pub(crate) linger: Duration,
+    pub(crate) hooks: Hooks,
 }
 
 /// What the writer thread has done since the store was opened: how well
@@ -119,6 +162,24 @@ pub struct WriterStats {
     /// operations were then retried one by one counts once, and each
     /// failing retry once more).
     pub failed_batches: u64,
+    /// Panics of the writer thread: each failed the batch it was running,
+    /// and the writer reopened the file and went on.
+    pub panics: u64,
+    /// Operations refused because the queue was full (R10.6).
+    pub refused: u64,
+    /// Operations dropped unapplied because their caller had gone away
+    /// before the writer took them (R10.6).
+    pub abandoned: u64,
+    /// Relaxed mode: flushes, each of which made every earlier non-durable
+    /// commit durable (an empty durable commit, or a batch committed
+    /// durably because a flush was due).
+    pub flushes: u64,
+    /// Relaxed mode: flushes that failed (each is tried again after a
+    /// back-off).
+    pub failed_flushes: u64,
+    /// Times the writer closed the file and opened it again, after an I/O
+    /// error or a panic (those that succeeded).
+    pub reopens: u64,
 }
 
 /// The handle of the writer thread. Dropping it closes the queue, lets the
@@ -137,6 +198,12 @@ struct Counters {
     operations: AtomicU64,
     largest_batch: AtomicU64,
     failed_batches: AtomicU64,
+    panics: AtomicU64,
+    refused: AtomicU64,
+    abandoned: AtomicU64,
+    flushes: AtomicU64,
+    failed_flushes: AtomicU64,
+    reopens: AtomicU64,
 }
 
 impl Counters {
@@ -154,13 +221,16 @@ impl Writer {
     /// # Errors
     /// [`Error::Storage`] when the thread cannot be spawned.
     pub(crate) fn start(slot: Arc<DbSlot>, config: WriterConfig) -> Result<Self> {
-        let queue = Arc::new(JobQueue::new());
+        let queue = Arc::new(JobQueue::new(config.max_queued));
         let counters = Arc::new(Counters::default());
         let thread_counters = Arc::clone(&counters);
         let thread_queue = Arc::clone(&queue);
         let thread = std::thread::Builder::new()
             .name("keyclaim-redb-writer".into())
-            .spawn(move || run(&slot, &thread_queue, &config, &thread_counters))
+            .spawn(move || {
+                let _close = CloseOnExit(&thread_queue);
+                supervise(&slot, &thread_queue, &config, &thread_counters);
+            })
             .map_err(|e| error::task_failed("open", e))?;
         Ok(Self {
             queue,
@@ -176,28 +246,45 @@ impl Writer {
             operations: self.counters.operations.load(Ordering::Relaxed),
             largest_batch: self.counters.largest_batch.load(Ordering::Relaxed),
             failed_batches: self.counters.failed_batches.load(Ordering::Relaxed),
+            panics: self.counters.panics.load(Ordering::Relaxed),
+            refused: self.counters.refused.load(Ordering::Relaxed),
+            abandoned: self.counters.abandoned.load(Ordering::Relaxed),
+            flushes: self.counters.flushes.load(Ordering::Relaxed),
+            failed_flushes: self.counters.failed_flushes.load(Ordering::Relaxed),
+            reopens: self.counters.reopens.load(Ordering::Relaxed),
         }
     }
 
     /// Queues an operation and waits for its answer. Never blocks the
-    /// calling thread: the queue is unbounded and the answer is awaited.
+    /// calling thread: a full queue refuses the operation at once, and the
+    /// answer is awaited. Dropping the future before the writer took the
+    /// operation leaves it unapplied.
     pub(crate) async fn submit(&self, op: Op) -> Result<Reply> {
+        let name = op.name();
         let (reply, rx) = oneshot::channel();
         let job = Job {
             op,
             reply,
             span: tracing::Span::current(),
         };
-        self.queue.push(job).map_err(|_| Error::Closed)?;
-        rx.await.map_err(|_| Error::Closed)?
+        match self.queue.push(job) {
+            Ok(()) => {}
+            Err(Refused::Closed(_)) => return Err(Error::Closed),
+            Err(Refused::Full(_)) => {
+                self.counters.refused.fetch_add(1, Ordering::Relaxed);
+                return Err(error::queue_full(name, self.queue.capacity()));
+            }
+        }
+        // The writer drops a job unanswered only when it panics.
+        rx.await.map_err(|_| error::writer_panicked(name))?
     }
 
     /// Closes the queue and waits for the thread to finish it.
     pub(crate) fn shutdown(&mut self) {
         self.queue.close();
         if let Some(thread) = self.thread.take() {
-            // A panicked writer has already failed its callers (their reply
-            // senders were dropped); nothing more to report here.
+            // The thread catches its panics; should one escape all the same,
+            // its callers have already been failed (see `CloseOnExit`).
             let _ = thread.join();
         }
     }
@@ -209,28 +296,84 @@ impl Drop for Writer {
     }
 }
 
-/// The writer loop: take a batch, run it, answer; flush relaxed commits.
-fn run(slot: &DbSlot, queue: &JobQueue<Job>, config: &WriterConfig, counters: &Counters) {
-    let flush_every = match config.durability {
-        RedbDurability::Immediate => None,
-        RedbDurability::Relaxed { flush_every } => Some(flush_every),
-    };
-    // Relaxed mode: when the newest commit that is not yet durable was made.
-    let mut unflushed_since: Option<Instant> = None;
+/// Closes the queue when the writer thread ends, however it ends, and drops
+/// what is still queued: their callers get an error at once, and so does
+/// every later operation, instead of waiting for a thread that is gone.
+/// (After a normal shutdown the queue is already closed and empty.)
+struct CloseOnExit<'a>(&'a JobQueue<Job>);
+
+impl Drop for CloseOnExit<'_> {
+    fn drop(&mut self) {
+        self.0.close();
+        while let Taken::Items(jobs) = self.0.take(usize::MAX, None) {
+            drop(jobs);
+        }
+    }
+}
+
+/// Runs the writer loop until the queue is closed, starting it again after
+/// a panic: the panicking batch's jobs were dropped unanswered (their
+/// callers get [`error::writer_panicked`]), and the file is reopened, since
+/// a panic inside redb may have left its handle half-way.
+fn supervise(slot: &DbSlot, queue: &JobQueue<Job>, config: &WriterConfig, counters: &Counters) {
+    let mut clock = FlushClock::new(config.durability);
+    loop {
+        let ran = panic::catch_unwind(AssertUnwindSafe(|| {
+            run(slot, queue, config, counters, &mut clock);
+        }));
+        let Err(payload) = ran else {
+            return;
+        };
+        counters.panics.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(
+            panic = panic_message(payload.as_ref()),
+            "the redb writer panicked; its batch failed, reopening the file"
+        );
+        reopen(slot, counters, &mut clock);
+    }
+}
+
+/// The text of a panic, when it has one.
+fn panic_message(payload: &(dyn Any + Send)) -> &str {
+    payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
+}
+
+/// Closes the file and opens it again (if that fails, the next batch tries
+/// again, see [`DbSlot::get_or_reopen`]). Closing the old handle made its
+/// non-durable commits durable or, after an I/O error, lost them: nothing is
+/// left to flush either way.
+fn reopen(slot: &DbSlot, counters: &Counters, clock: &mut FlushClock) {
+    clock.reopened();
+    match slot.reopen() {
+        Ok(()) => {
+            counters.reopens.fetch_add(1, Ordering::Relaxed);
+        }
+        Err(e) => tracing::warn!(error = %e, "reopening the redb file failed"),
+    }
+}
+
+/// The writer loop: take a batch, run it, answer; flush relaxed commits
+/// (see [`crate::flush`]).
+fn run(
+    slot: &DbSlot,
+    queue: &JobQueue<Job>,
+    config: &WriterConfig,
+    counters: &Counters,
+    clock: &mut FlushClock,
+) {
     // The size of the previous batch: about how many callers are waiting
     // on the writer at a time.
     let mut last_batch = 1;
     loop {
-        let deadline = match (flush_every, unflushed_since) {
-            (Some(every), Some(since)) => Some(since + every),
-            _ => None,
-        };
-        let mut batch = match queue.take(config.max_batch, deadline) {
+        let mut batch = match queue.take(config.max_batch, clock.deadline()) {
             Taken::Items(batch) => batch,
             Taken::TimedOut => {
-                if flush(slot).is_ok() {
-                    unflushed_since = None;
-                }
+                // Nothing came while commits waited to become durable.
+                flush(slot, counters, clock);
                 continue;
             }
             Taken::Closed => break,
@@ -240,12 +383,13 @@ fn run(slot: &DbSlot, queue: &JobQueue<Job>, config: &WriterConfig, counters: &C
             // callers, whose next operations are on their way.
             queue.top_up(&mut batch, config.max_batch, last_batch, config.linger);
         }
+        config.hooks.batch_taken();
         last_batch = batch.len();
-        let durable = match (flush_every, unflushed_since) {
-            (Some(every), Some(since)) => since.elapsed() >= every,
-            (Some(_), None) => false,
-            (None, _) => true,
-        };
+        drop_abandoned(&mut batch, counters);
+        if batch.is_empty() {
+            continue;
+        }
+        let mode = clock.mode(Instant::now());
         let db = match slot.get_or_reopen("write") {
             Ok(db) => db,
             Err(e) => {
@@ -257,39 +401,54 @@ fn run(slot: &DbSlot, queue: &JobQueue<Job>, config: &WriterConfig, counters: &C
                 continue;
             }
         };
-        let ran = run_batch(&db, batch, config, counters, durable);
+        let ran = run_batch(&db, batch, config, counters, mode);
         drop(db);
         if ran.committed {
-            if durable {
-                unflushed_since = None;
-            } else if unflushed_since.is_none() {
-                unflushed_since = Some(Instant::now());
+            if mode == Commit::Flush {
+                counters.flushes.fetch_add(1, Ordering::Relaxed);
             }
+            clock.committed(mode, Instant::now());
+        } else if mode == Commit::Flush {
+            // The flush failed with the batch (its callers got the error).
+            counters.failed_flushes.fetch_add(1, Ordering::Relaxed);
+            clock.flush_failed(Instant::now());
         }
         if ran.needs_reopen {
-            // redb refuses every later operation on this handle: reopen
-            // now (if it fails, the next batch tries again). Non-durable
-            // commits of relaxed mode are lost with the handle.
-            unflushed_since = None;
-            if let Err(e) = slot.reopen() {
-                tracing::warn!(error = %e, "reopening the redb file failed");
-            }
+            // redb refuses every later operation on this handle.
+            reopen(slot, counters, clock);
         }
     }
-    if unflushed_since.is_some() {
-        let _ = flush(slot);
+    if clock.unflushed() {
+        flush(slot, counters, clock);
     }
 }
 
 /// An empty durable commit, which makes every earlier non-durable commit
-/// durable.
-fn flush(slot: &DbSlot) -> Result<(), Fatal> {
+/// durable. On failure, backs off ([`FlushClock::flush_failed`]), and after
+/// an I/O failure reopens the file.
+fn flush(slot: &DbSlot, counters: &Counters, clock: &mut FlushClock) {
     let span = tracing::debug_span!("keyclaim.redb.flush");
     let _enter = span.enter();
-    let db = slot.get("flush").map_err(Fatal::Other)?;
-    let txn = db.begin_write()?;
-    txn.commit()?;
-    Ok(())
+    let flushed = slot.get("flush").and_then(|db| {
+        let txn = db
+            .begin_write()
+            .map_err(|e| Fatal::from(e).into_error("flush"))?;
+        txn.commit().map_err(|e| Fatal::from(e).into_error("flush"))
+    });
+    match flushed {
+        Ok(()) => {
+            counters.flushes.fetch_add(1, Ordering::Relaxed);
+            clock.flushed();
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "flushing relaxed commits failed");
+            counters.failed_flushes.fetch_add(1, Ordering::Relaxed);
+            clock.flush_failed(Instant::now());
+            if needs_reopen(&e) {
+                reopen(slot, counters, clock);
+            }
+        }
+    }
 }
 
 /// What running a batch did.
@@ -301,23 +460,23 @@ struct Ran {
     needs_reopen: bool,
 }
 
-/// Runs one batch; answers every job.
+/// Runs one batch, committing in `mode`; answers every job.
 fn run_batch(
     db: &Database,
     batch: Vec<Job>,
     config: &WriterConfig,
     counters: &Counters,
-    durable: bool,
+    mode: Commit,
 ) -> Ran {
     let span = tracing::debug_span!("keyclaim.redb.batch", ops = batch.len());
     let _enter = span.enter();
     let ops: Vec<&Job> = batch.iter().collect();
-    match execute(db, &ops, config, durable) {
-        Ok(results) => {
+    match execute(db, &ops, config, mode) {
+        Ok((results, committed)) => {
             counters.committed(batch.len());
             answer(batch, results);
             Ran {
-                committed: true,
+                committed,
                 needs_reopen: false,
             }
         }
@@ -346,16 +505,30 @@ fn run_batch(
             tracing::warn!(error = %e, "operation failed inside a batch; retrying one by one");
             counters.failed_batches.fetch_add(1, Ordering::Relaxed);
             let mut ran = Ran::default();
+            let mut mode = mode;
             for job in batch {
+                if job.reply.is_closed() {
+                    // Not applied yet (the batch's transaction was dropped),
+                    // and its caller has gone: drop it (R10.6).
+                    counters.abandoned.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
                 if ran.needs_reopen {
                     fail_all(vec![job], &e);
                     continue;
                 }
-                match execute(db, &[&job], config, durable) {
-                    Ok(results) => {
+                match execute(db, &[&job], config, mode) {
+                    Ok((results, committed)) => {
                         counters.committed(1);
                         answer(vec![job], results);
-                        ran.committed = true;
+                        if committed {
+                            ran.committed = true;
+                            // One durable commit is the flush; the others
+                            // need to commit only what they write.
+                            if mode == Commit::Flush {
+                                mode = Commit::Durable;
+                            }
+                        }
                     }
                     Err(BatchError::Commit(e) | BatchError::Op(e)) => {
                         counters.failed_batches.fetch_add(1, Ordering::Relaxed);
@@ -377,19 +550,20 @@ enum BatchError {
     Commit(Arc<Error>),
 }
 
-/// Runs the jobs in one write transaction and commits it (or drops it when
-/// no job wrote anything: an operation writes iff it reports changes, or
-/// takes a sequence number). On `Ok`, every result is final (rejections
-/// included) and the commit has returned.
+/// Runs the jobs in one write transaction and commits it in `mode`, or
+/// drops it when no job wrote anything (an operation writes iff it reports
+/// changes, or takes a sequence number) unless `mode` is
+/// [`Commit::Flush`]. On `Ok`, every result is final (rejections included),
+/// the commit has returned, and the flag says whether there was one.
 fn execute(
     db: &Database,
     jobs: &[&Job],
     config: &WriterConfig,
-    durable: bool,
-) -> std::result::Result<Vec<Result<Reply>>, BatchError> {
+    mode: Commit,
+) -> std::result::Result<(Vec<Result<Reply>>, bool), BatchError> {
     let commit_err = |f: Fatal| BatchError::Commit(Arc::new(f.into_error("commit")));
     let mut txn: WriteTransaction = db.begin_write().map_err(|e| commit_err(e.into()))?;
-    if !durable {
+    if !mode.is_durable() {
         txn.set_durability(redb::Durability::None)
             .map_err(|e| commit_err(e.into()))?;
     }
@@ -410,16 +584,16 @@ fn execute(
         }
         let wrote = tables.finish().map_err(commit_err)?
             || results.iter().any(|r| r.as_ref().is_ok_and(Reply::wrote));
-        if !wrote {
+        if !wrote && mode != Commit::Flush {
             // Only reads, retries and rejections: nothing to make durable,
             // so no commit and no fsync.
             drop(tables);
             txn.abort().map_err(|e| commit_err(e.into()))?;
-            return Ok(results);
+            return Ok((results, false));
         }
     }
     txn.commit().map_err(|e| commit_err(e.into()))?;
-    Ok(results)
+    Ok((results, true))
 }
 
 /// One operation on the batch's tables.
@@ -429,12 +603,33 @@ fn apply(
     limits: &Limits,
 ) -> std::result::Result<Result<Reply>, Fatal> {
     Ok(match op {
-        Op::Upload(upload) => ops::upload(tables, upload, limits)?.map(Reply::Upload),
-        Op::Claim(targets) => Ok(Reply::Claim(ops::claim(tables, targets)?)),
+        Op::Upload(upload) => ops::upload(tables, upload, None, limits)?.map(Reply::Upload),
+        Op::Claim { targets, fall_back } => {
+            Ok(Reply::Claim(ops::claim(tables, targets, *fall_back)?))
+        }
+        Op::ClaimFallbacks(targets) => Ok(Reply::Claim(ops::claim_fallbacks(tables, targets)?)),
+        Op::Reset(device, scope) => Ok(Reply::Upload(ops::reset_one_time_keys(
+            tables, device, scope,
+        )?)),
+        Op::Replace { previous, upload } => {
+            ops::upload(tables, upload, previous.as_ref(), limits)?.map(Reply::Upload)
+        }
         Op::DeleteDevice(device) => Ok(Reply::Changes(ops::delete_device(tables, device)?)),
         Op::DeleteUser(user) => Ok(Reply::Changes(ops::delete_user(tables, user)?)),
         Op::Import(snapshot) => Ok(Reply::Changes(ops::import_device(tables, snapshot)?)),
     })
+}
+
+/// Drops, unapplied, the jobs whose caller has gone away (its future was
+/// dropped): a claim nobody waits for must not use up keys (R10.6).
+fn drop_abandoned(batch: &mut Vec<Job>, counters: &Counters) {
+    let before = batch.len();
+    batch.retain(|job| !job.reply.is_closed());
+    let dropped = (before - batch.len()) as u64;
+    if dropped > 0 {
+        counters.abandoned.fetch_add(dropped, Ordering::Relaxed);
+        tracing::debug!(dropped, "dropped operations whose callers have gone away");
+    }
 }
 
 /// Sends committed results. (Core reports the changes, R11.1.)

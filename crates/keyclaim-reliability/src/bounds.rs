@@ -1,5 +1,7 @@
 //! Resource-bound cases: hostile requests that the limits of contract
-//! section 8 (R8.1 to R8.4) must refuse quickly and with bounded memory.
+//! section 8 (R8.1 to R8.4) must refuse quickly and with bounded memory,
+//! and the hostile bodies of the newer endpoints ([`crate::hostile`], whose
+//! answers this crate's tests check).
 //!
 //! Each case builds its input first, then resets the process's peak-RSS mark
 //! (`/proc/self/clear_refs`, value 5) and serves the request through
@@ -35,7 +37,8 @@ pub struct BoundsReport {
     pub rss_before_kib: Option<u64>,
 }
 
-/// The names of every case, in the order the `bounds` binary runs them.
+/// The names of the cases of this module, in the order the `bounds` binary
+/// runs them; [`all_cases`] adds those of [`crate::hostile`].
 pub const CASES: [&str; 13] = [
     "huge_body_64mib",
     "deep_nesting_body",
@@ -51,6 +54,16 @@ pub const CASES: [&str; 13] = [
     "enormous_key_id_in_body",
     "small_objects_1mib",
 ];
+
+/// Every case the `bounds` binary runs: [`CASES`], then the hostile bodies
+/// of the newer endpoints ([`crate::hostile::CASES`]).
+pub fn all_cases() -> Vec<&'static str> {
+    CASES
+        .iter()
+        .copied()
+        .chain(crate::hostile::CASES.iter().map(|c| c.name))
+        .collect()
+}
 
 fn status_kib(field: &str) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -357,7 +370,22 @@ async fn run_case_async(case: &str) -> Result<BoundsReport, Violation> {
                 }),
             }
         }
-        other => return Err(Violation(format!("unknown case {other}"))),
+        other => {
+            let Some(case) = crate::hostile::find(other) else {
+                return Err(Violation(format!("unknown case {other}")));
+            };
+            let body = (case.body)();
+            let input = bytes_of(&body);
+            let api = crate::hostile::api(case, store.clone());
+            Prepared {
+                name: case.name,
+                input,
+                call: Box::pin(async move {
+                    let o = api_outcome(&crate::hostile::serve(&api, case.endpoint, &body).await);
+                    (o, Box::new(body) as Box<dyn std::any::Any>)
+                }),
+            }
+        }
     };
     let measured = reset_peak();
     let rss_before = status_kib("VmRSS:");

@@ -15,8 +15,9 @@
 //!
 //! Compared at every step: upload answers (counts, or the error variant),
 //! claim answers (the keys, in order, with their JSON and fallback flag) and
-//! their change sets, reads, deletions' change sets. At the end: every
-//! subject's whole normalized state (OTKs in claim order, fallback keys with
+//! their change sets, reads, deletions' change sets, the model's included.
+//! At checkpoints and at the end: every subject's and the model's whole
+//! normalized state (OTKs in claim order, fallback keys with
 //! used flags, remembered issued keys) is the same, [`keyclaim::transfer::check_store`]
 //! is clean for each, and draining every (device, algorithm) with claims
 //! gives the same keys from every subject and from the model.
@@ -304,12 +305,15 @@ pub async fn run(ops: &Ops, subjects: &mut [Box<dyn Subject>]) -> Result<(), Vio
                 let Ok(upload) = Upload::from_keys(device(*user, *d)?, otks, fbs) else {
                     continue;
                 };
+                let mut changes = Vec::new();
                 let want = match model.upload(&upload) {
-                    Ok(c) => counts_answer(&c),
+                    Ok(out) => {
+                        changes.push(("model".to_owned(), changes_answer(&out.changes)));
+                        counts_answer(&out.counts)
+                    }
                     Err(e) => error_kind(&e),
                 };
                 let mut answers = vec![("model".to_owned(), want)];
-                let mut changes = Vec::new();
                 for s in subjects.iter() {
                     match s.store().upload(&upload).await {
                         Ok(out) => {
@@ -338,12 +342,15 @@ pub async fn run(ops: &Ops, subjects: &mut [Box<dyn Subject>]) -> Result<(), Vio
                         })
                     })
                     .collect::<Result<Vec<_>, Violation>>()?;
+                let mut changes = Vec::new();
                 let want = match model.claim(&targets) {
-                    Ok(k) => keys_answer(&k),
+                    Ok(out) => {
+                        changes.push(("model".to_owned(), changes_answer(&out.changes)));
+                        keys_answer(&out.keys)
+                    }
                     Err(e) => error_kind(&e),
                 };
                 let mut answers = vec![("model".to_owned(), want)];
-                let mut changes = Vec::new();
                 for s in subjects.iter() {
                     match s.store().claim(&targets).await {
                         Ok(out) => {
@@ -392,8 +399,10 @@ pub async fn run(ops: &Ops, subjects: &mut [Box<dyn Subject>]) -> Result<(), Vio
             }
             Op::DeleteDevice { user, device: d } => {
                 let dev = device(*user, *d)?;
-                model.delete_device(&dev);
-                let mut changes = Vec::new();
+                let mut changes = vec![(
+                    "model".to_owned(),
+                    changes_answer(&model.delete_device(&dev)),
+                )];
                 for s in subjects.iter() {
                     let c = s.store().delete_device(&dev).await?;
                     changes.push((s.name().to_owned(), changes_answer(&c)));
@@ -402,8 +411,10 @@ pub async fn run(ops: &Ops, subjects: &mut [Box<dyn Subject>]) -> Result<(), Vio
             }
             Op::DeleteUser(user) => {
                 let user = UserId::parse(pick(&USERS, *user))?;
-                model.delete_user(&user);
-                let mut changes = Vec::new();
+                let mut changes = vec![(
+                    "model".to_owned(),
+                    changes_answer(&model.delete_user(&user)),
+                )];
                 for s in subjects.iter() {
                     let c = s.store().delete_user(&user).await?;
                     changes.push((s.name().to_owned(), changes_answer(&c)));
@@ -417,10 +428,10 @@ pub async fn run(ops: &Ops, subjects: &mut [Box<dyn Subject>]) -> Result<(), Vio
                         .map_err(|e| Violation(format!("{}: reopen failed: {e}", s.name())))?;
                 }
             }
-            Op::CompareStates => compare_states(step, subjects).await?,
+            Op::CompareStates => compare_states(step, &model, subjects).await?,
         }
     }
-    compare_states(ops.0.len(), subjects).await?;
+    compare_states(ops.0.len(), &model, subjects).await?;
     for s in subjects.iter() {
         let report = check_store(s.store(), 16).await?;
         ensure!(
@@ -433,8 +444,12 @@ pub async fn run(ops: &Ops, subjects: &mut [Box<dyn Subject>]) -> Result<(), Vio
     drain(&mut model, subjects).await
 }
 
-async fn compare_states(step: usize, subjects: &[Box<dyn Subject>]) -> Result<(), Violation> {
-    let mut states = Vec::new();
+async fn compare_states(
+    step: usize,
+    model: &Model,
+    subjects: &[Box<dyn Subject>],
+) -> Result<(), Violation> {
+    let mut states = vec![("model".to_owned(), model.snapshot())];
     for s in subjects {
         states.push((s.name().to_owned(), snapshot_all(s.store()).await?));
     }
@@ -480,7 +495,7 @@ async fn drain(model: &mut Model, subjects: &[Box<dyn Subject>]) -> Result<(), V
     for target in &targets {
         for round in 0..3 {
             let one = std::slice::from_ref(target);
-            let want = keys_answer(&model.claim(one)?);
+            let want = keys_answer(&model.claim(one)?.keys);
             let mut answers = vec![("model".to_owned(), want)];
             for s in subjects {
                 answers.push((

@@ -51,19 +51,19 @@ const CLIENT_ERRORS: [(u16, &str); 4] = [
 /// device names are at most a few hundred bytes each).
 const MAX_MESSAGE_BYTES: usize = 2048;
 
-fn device(user: &str, device: &str) -> Result<Device, Violation> {
+pub(crate) fn device(user: &str, device: &str) -> Result<Device, Violation> {
     Ok(Device::parse(user, device)?)
 }
 
-fn key(json: Value) -> Result<KeyJson, Violation> {
+pub(crate) fn key(json: Value) -> Result<KeyJson, Violation> {
     Ok(KeyJson::from_value(&json)?)
 }
 
-fn kid(id: &str) -> Result<KeyId, Violation> {
+pub(crate) fn kid(id: &str) -> Result<KeyId, Violation> {
     Ok(KeyId::parse(id)?)
 }
 
-fn signed(material: &str) -> Value {
+pub(crate) fn signed(material: &str) -> Value {
     json!({"key": material, "signatures": {"@alice:example.org": {"ed25519:ALICEDEV": "sig"}}})
 }
 
@@ -137,7 +137,7 @@ pub async fn populated_store() -> Result<Arc<MemoryStore>, Violation> {
     Ok(store)
 }
 
-fn check_error(
+pub(crate) fn check_error(
     err: &ApiError,
     before: &[DeviceSnapshot],
     after: &[DeviceSnapshot],
@@ -160,7 +160,7 @@ fn check_error(
     Ok(())
 }
 
-async fn check_sound(store: &MemoryStore) -> Result<(), Violation> {
+pub(crate) async fn check_sound(store: &MemoryStore) -> Result<(), Violation> {
     let report = check_store(store, 64).await?;
     ensure!(
         report.problems.is_empty(),
@@ -419,38 +419,54 @@ fn check_claim_answer(
         "the claim changed more than the keys it handed out"
     );
     // No under-issue: every wire target that had something got something.
-    let request: Value = serde_json::from_slice(body)
-        .map_err(|e| Violation(format!("claim succeeded on a body serde_json rejects: {e}")))?;
-    if let Some(Value::Object(users)) = request.get("one_time_keys") {
-        for (user, devices) in users {
-            let Value::Object(devices) = devices else {
+    for target in claim_targets(body)? {
+        let (dev, alg) = (&target.device, &target.algorithm);
+        let had = find(before, dev).is_some_and(|s| {
+            s.fallback_keys.contains_key(alg)
+                || s.one_time_keys.iter().any(|o| &o.key_id.algorithm() == alg)
+        });
+        let got = handed
+            .get(dev)
+            .is_some_and(|(id, _)| &id.algorithm() == alg);
+        ensure!(
+            had == got,
+            "target {dev} {alg}: had a key to hand out: {had}, got one: {got}"
+        );
+    }
+    Ok(())
+}
+
+/// The targets of a claim body the facade accepted: one key per (user,
+/// device); an algorithm string that is no valid algorithm matches nothing.
+pub(crate) fn claim_targets(body: &[u8]) -> Result<Vec<ClaimTarget>, Violation> {
+    let map = match serde_json::from_slice(body) {
+        Ok(Value::Object(map)) => map,
+        _ => {
+            return Err(Violation::new(
+                "claim succeeded on a body that is no JSON object",
+            ));
+        }
+    };
+    let mut targets = Vec::new();
+    let Some(Value::Object(users)) = map.get("one_time_keys") else {
+        return Ok(targets);
+    };
+    for (user, devices) in users {
+        let Value::Object(devices) = devices else {
+            return Err(Violation::new(
+                "claim succeeded with a non-object device map",
+            ));
+        };
+        for (device, algorithm) in devices {
+            let Value::String(algorithm) = algorithm else {
                 return Err(Violation::new(
-                    "claim succeeded with a non-object device map",
+                    "claim succeeded with a non-string algorithm",
                 ));
             };
-            for (dev_id, alg) in devices {
-                let Value::String(alg) = alg else {
-                    return Err(Violation::new(
-                        "claim succeeded with a non-string algorithm",
-                    ));
-                };
-                let Ok(alg) = Algorithm::parse(alg.as_str()) else {
-                    continue;
-                };
-                let dev = device(user, dev_id)?;
-                let had = find(before, &dev).is_some_and(|s| {
-                    s.fallback_keys.contains_key(&alg)
-                        || s.one_time_keys.iter().any(|o| o.key_id.algorithm() == alg)
-                });
-                let got = handed
-                    .get(&dev)
-                    .is_some_and(|(id, _)| id.algorithm() == alg);
-                ensure!(
-                    had == got,
-                    "target {dev} {alg}: had a key to hand out: {had}, got one: {got}"
-                );
+            if let Ok(algorithm) = Algorithm::parse(algorithm.as_str()) {
+                targets.push(ClaimTarget::one(Device::parse(user, device)?, algorithm));
             }
         }
     }
-    Ok(())
+    Ok(targets)
 }

@@ -4,7 +4,7 @@
 // A test: a failed expectation is how it reports.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
-use keyclaim_reliability::{Violation, corpus, wire};
+use keyclaim_reliability::{Violation, corpus, wire, wire_more};
 
 fn run_seeds(target: &str, check: impl Fn(&[u8]) -> Result<(), Violation>) {
     let seeds = corpus::seeds(target).expect("read the seed corpus");
@@ -24,6 +24,29 @@ fn wire_upload_seeds() {
 #[test]
 fn wire_claim_seeds() {
     run_seeds("wire_claim", wire::check_claim);
+}
+
+#[test]
+fn wire_claim_with_seeds() {
+    run_seeds("wire_claim_with", wire_more::check_claim_with);
+}
+
+#[test]
+fn wire_reset_seeds() {
+    run_seeds("wire_reset", wire_more::check_reset);
+}
+
+#[test]
+fn wire_replace_dehydrated_seeds() {
+    run_seeds(
+        "wire_replace_dehydrated",
+        wire_more::check_replace_dehydrated,
+    );
+}
+
+#[test]
+fn wire_counts_many_seeds() {
+    run_seeds("wire_counts_many", wire_more::check_counts_many);
 }
 
 #[test]

@@ -11,6 +11,7 @@
 //!   the same error ([`BatchFailure`]), retryable when the cause was busy or
 //!   a batch-mate's failure;
 //! - an operation that never ran (its batch ended first) is retryable;
+//! - an operation refused because its queue was full is retryable (R10.6);
 //! - a thread that could not be started, an operation that panicked, or a
 //!   file that refuses WAL mode is not.
 
@@ -64,6 +65,17 @@ pub(crate) fn did_not_run(op: &'static str) -> Error {
     Error::storage(BACKEND, op, true, "the operation did not run")
 }
 
+/// Operation `op` found its queue full (R10.6): the store is overloaded,
+/// or another process holds the file's write lock; nothing was queued.
+pub(crate) fn queue_full(op: &'static str, queue: &str, bound: usize) -> Error {
+    Error::storage(
+        BACKEND,
+        op,
+        true,
+        format!("the {queue} queue is full ({bound} operations waiting); try again later"),
+    )
+}
+
 /// The file would not switch to WAL mode (`journal_mode` stayed `mode`).
 pub(crate) fn wal_refused(mode: &str) -> Error {
     Error::storage(
@@ -79,7 +91,7 @@ pub(crate) fn wal_refused(mode: &str) -> Error {
 #[derive(Clone, Debug)]
 pub(crate) struct BatchFailure {
     pub(crate) retryable: bool,
-    pub(crate) source: Arc<rusqlite::Error>,
+    pub(crate) source: Arc<dyn std::error::Error + Send + Sync>,
 }
 
 impl BatchFailure {
@@ -104,6 +116,16 @@ impl BatchFailure {
                         .into(),
                 ),
             )),
+        }
+    }
+
+    /// The writer's connection was closed (it could not end a transaction)
+    /// and could not be opened again: nothing of the batch ran, and a later
+    /// try may reopen it.
+    pub(crate) fn reopen_failed(e: Error) -> Self {
+        Self {
+            retryable: true,
+            source: Arc::new(e),
         }
     }
 

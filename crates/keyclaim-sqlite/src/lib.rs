@@ -4,7 +4,9 @@
 // its `Backend` impl; `options` its settings and URL parsing; `error` every
 // mapping to `keyclaim::Error`; `schema` the layout and migrations; `ops` the
 // operations, one file per kind; `writer` the group-commit writer thread;
-// `reader` the read pool; `checkpoint` the background WAL checkpoints.
+// `reader` the read pool; `checkpoint` the background WAL checkpoints;
+// `changes` the change reports across processes.
+mod changes;
 mod checkpoint;
 mod error;
 mod ops;
@@ -28,6 +30,7 @@ use tracing::Instrument as _;
 pub use options::{SqliteOptions, Synchronous};
 pub use schema::{APPLICATION_ID, SCHEMA_VERSION};
 
+use changes::Watcher;
 use checkpoint::Checkpointer;
 use reader::ReadPool;
 use writer::Writer;
@@ -43,8 +46,11 @@ pub(crate) const BACKEND: &str = "sqlite";
 /// (async runtime's) threads. Dropping the store finishes the queued writes,
 /// then closes every connection and joins the threads.
 ///
-/// Dropping a mutating call's future after it started does not cancel the
-/// operation: it may still be applied (as when an HTTP response is lost).
+/// Dropping a call's future before the writer (or a reader) started it
+/// means it is not run (R10.6); once started, it is applied (as when an
+/// HTTP response is lost). Each queue holds at most
+/// [`SqliteOptions::max_queued`] operations; past that, calls fail at once
+/// with a retryable error.
 pub struct SqliteStore {
     path: PathBuf,
     options: SqliteOptions,
@@ -53,6 +59,7 @@ pub struct SqliteStore {
     // last connection to close checkpoints the WAL.
     readers: ReadPool,
     _checkpointer: Option<Checkpointer>,
+    _watcher: Option<Watcher>,
     writer: Writer,
 }
 
@@ -86,18 +93,29 @@ impl SqliteStore {
         let path = path.as_ref().to_owned();
         let span = tracing::debug_span!("keyclaim.sqlite.open", path = %path.display());
         async {
-            let writer = Writer::start(path.clone(), options.clone()).await?;
+            // This handle's changes in `change_log` carry its origin, so that
+            // its watcher skips them (R11.2).
+            let origin = changes::new_origin();
+            let core = StoreCore::new(options.get_limits().clone());
+            let writer = Writer::start(path.clone(), options.clone(), origin).await?;
             let readers = ReadPool::start(&path, &options).await?;
             let checkpointer = options
                 .get_checkpoint_interval()
                 .map(|every| Checkpointer::start(&path, &options, every))
                 .transpose()?;
+            let watcher = match options.get_change_poll_interval() {
+                Some(every) => {
+                    Some(Watcher::start(&path, &options, every, origin, core.clone()).await?)
+                }
+                None => None,
+            };
             Ok(SqliteStore {
                 path,
-                core: StoreCore::new(options.get_limits().clone()),
+                core,
                 options,
                 readers,
                 _checkpointer: checkpointer,
+                _watcher: watcher,
                 writer,
             })
         }
@@ -117,7 +135,7 @@ impl SqliteStore {
 
     async fn write<T, F>(&self, op: &'static str, f: F) -> Result<T>
     where
-        T: Send + 'static,
+        T: writer::Answer,
         F: Fn(&rusqlite::Connection, &Limits) -> Result<T> + Send + 'static,
     {
         self.writer.submit(op, writer::Fallible::OnInput, f).await
@@ -127,7 +145,7 @@ impl SqliteStore {
     /// checked by core): it runs without a savepoint of its own in a batch.
     async fn write_infallible<T, F>(&self, op: &'static str, f: F) -> Result<T>
     where
-        T: Send + 'static,
+        T: writer::Answer,
         F: Fn(&rusqlite::Connection, &Limits) -> Result<T> + Send + 'static,
     {
         self.writer
@@ -148,10 +166,9 @@ impl SqliteStore {
         } else {
             "claim_one_time_keys"
         };
-        let raw = self
-            .write_infallible(op, move |conn, _| ops::claim(conn, &owned, fall_back))
-            .await?;
-        raw.decode(targets)
+        // Decoded inside the transaction (R10.7).
+        self.write_infallible(op, move |conn, _| ops::claim(conn, &owned, fall_back))
+            .await
     }
 }
 
@@ -227,18 +244,12 @@ impl Backend for SqliteStore {
     async fn claim_fallback_keys(&self, targets: &[FallbackTarget]) -> Result<ClaimOutcome> {
         let owned = targets.to_vec();
         // One writer job for all targets: one atomic step, group-committed
-        // with its batch-mates (R12.2, R4.7).
-        let raw = self
-            .write_infallible("claim_fallback_keys", move |conn, _| {
-                ops::claim_fallback_keys(conn, &owned)
-            })
-            .await?;
-        // The answer names targets by index; `RawClaim` reads their devices.
-        let as_claims: Vec<ClaimTarget> = targets
-            .iter()
-            .map(|t| ClaimTarget::one(t.device.clone(), t.algorithm.clone()))
-            .collect();
-        raw.decode(&as_claims)
+        // with its batch-mates (R12.2, R4.7), decoded before it commits
+        // (R10.7).
+        self.write_infallible("claim_fallback_keys", move |conn, _| {
+            ops::claim_fallback_keys(conn, &owned)
+        })
+        .await
     }
 
     async fn reset_one_time_keys(

@@ -8,6 +8,9 @@ use std::time::Duration;
 use keyclaim::backend::url::{self, UrlOptions};
 use keyclaim::{Limits, Result};
 
+/// The default of [`SqliteOptions::max_queued`].
+const DEFAULT_MAX_QUEUED: usize = 1024;
+
 /// How hard SQLite works to make a commit durable (`PRAGMA synchronous`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -52,6 +55,8 @@ pub struct SqliteOptions {
     max_batch: usize,
     checkpoint_interval: Option<Duration>,
     wal_size_limit: u64,
+    max_queued: usize,
+    change_poll_interval: Option<Duration>,
 }
 
 impl Default for SqliteOptions {
@@ -64,6 +69,8 @@ impl Default for SqliteOptions {
             max_batch: 256,
             checkpoint_interval: Some(Duration::from_millis(100)),
             wal_size_limit: 64 << 20,
+            max_queued: DEFAULT_MAX_QUEUED,
+            change_poll_interval: Some(Duration::from_millis(50)),
         }
     }
 }
@@ -71,7 +78,9 @@ impl Default for SqliteOptions {
 impl SqliteOptions {
     /// The defaults: [`Limits::default`], [`Synchronous::Full`], a 10 s busy
     /// timeout, 4 read connections, batches of at most 256 operations, a
-    /// checkpoint every 100 ms, a WAL cut back to 64 MiB.
+    /// checkpoint every 100 ms, a WAL cut back to 64 MiB, at most 1,024
+    /// operations waiting for the writer and 1,024 for the readers, other
+    /// processes' changes looked for every 50 ms.
     pub fn new() -> Self {
         Self::default()
     }
@@ -135,6 +144,35 @@ impl SqliteOptions {
         self
     }
 
+    /// The most operations that may wait for the writer thread, and
+    /// (separately) the most reads that may wait for a read connection; at
+    /// least one. Default 1,024.
+    ///
+    /// Past it, an operation fails at once with a retryable
+    /// [`keyclaim::Error::Storage`] instead of queueing (R10.6): under
+    /// overload, or while another process holds the file's write lock, the
+    /// callers are told to come back later, and the memory the queues hold
+    /// stays bounded (by this many requests, each within the
+    /// [`Limits`]). The writer takes up to [`SqliteOptions::max_batch`]
+    /// more into the batch it is running.
+    #[must_use]
+    pub fn max_queued(mut self, n: usize) -> Self {
+        self.max_queued = n.max(1);
+        self
+    }
+
+    /// How often the store looks for changes that other processes (or
+    /// other handles) made to the file, to report them to its subscribers
+    /// (R11.2); default 50 ms, the most a `/sync` long-poll waits to hear of
+    /// them. Each look is a read of SQLite's shared memory when nothing
+    /// changed. `None` reports only this handle's own changes. Every handle
+    /// records its changes for the others whatever this is.
+    #[must_use]
+    pub fn change_poll_interval(mut self, interval: Option<Duration>) -> Self {
+        self.change_poll_interval = interval;
+        self
+    }
+
     /// The configured limits.
     pub fn get_limits(&self) -> &Limits {
         &self.limits
@@ -170,6 +208,16 @@ impl SqliteOptions {
         self.wal_size_limit
     }
 
+    /// The configured queue bound.
+    pub fn get_max_queued(&self) -> usize {
+        self.max_queued
+    }
+
+    /// The configured interval of looks for other processes' changes.
+    pub fn get_change_poll_interval(&self) -> Option<Duration> {
+        self.change_poll_interval
+    }
+
     /// Parses a store URL into the file's path and the options:
     ///
     /// ```text
@@ -190,6 +238,8 @@ impl SqliteOptions {
     /// | `max_batch` | an integer, at least 1 | [`SqliteOptions::max_batch`] |
     /// | `checkpoint_interval_ms` | milliseconds, at least 1, or `off` | [`SqliteOptions::checkpoint_interval`] |
     /// | `wal_size_limit` | bytes | [`SqliteOptions::wal_size_limit`] |
+    /// | `max_queued` | an integer, at least 1 | [`SqliteOptions::max_queued`] |
+    /// | `change_poll_interval_ms` | milliseconds, at least 1, or `off` | [`SqliteOptions::change_poll_interval`] |
     ///
     /// Options not given keep their defaults; the limits are always the
     /// defaults (set them with [`SqliteOptions::limits`] afterwards).
@@ -236,6 +286,11 @@ impl SqliteOptions {
                 _ => Some(Duration::from_millis(query.positive(name, value)?)),
             }),
             "wal_size_limit" => self.wal_size_limit(query.number(name, value)?),
+            "max_queued" => self.max_queued(query.positive(name, value)?),
+            "change_poll_interval_ms" => self.change_poll_interval(match value {
+                "off" => None,
+                _ => Some(Duration::from_millis(query.positive(name, value)?)),
+            }),
             _ => {
                 return Err(query.unknown(
                     name,
@@ -246,6 +301,8 @@ impl SqliteOptions {
                         "max_batch",
                         "checkpoint_interval_ms",
                         "wal_size_limit",
+                        "max_queued",
+                        "change_poll_interval_ms",
                     ],
                 ));
             }
@@ -291,7 +348,8 @@ mod tests {
     fn every_option_is_parsed() {
         let (path, options) = parse(
             "sqlite:/tmp/k.db?synchronous=normal&busy_timeout_ms=250&read_connections=2\
-             &max_batch=32&checkpoint_interval_ms=50&wal_size_limit=1048576",
+             &max_batch=32&checkpoint_interval_ms=50&wal_size_limit=1048576&max_queued=16\
+             &change_poll_interval_ms=20",
         );
         assert_eq!(path, Path::new("/tmp/k.db"));
         let want = SqliteOptions::new()
@@ -300,7 +358,9 @@ mod tests {
             .read_connections(2)
             .max_batch(32)
             .checkpoint_interval(Some(Duration::from_millis(50)))
-            .wal_size_limit(1 << 20);
+            .wal_size_limit(1 << 20)
+            .max_queued(16)
+            .change_poll_interval(Some(Duration::from_millis(20)));
         assert_eq!(options, want);
     }
 
@@ -320,6 +380,10 @@ mod tests {
             Duration::ZERO
         );
         assert_eq!(options("sqlite:k?wal_size_limit=0").get_wal_size_limit(), 0);
+        assert_eq!(
+            options("sqlite:k?change_poll_interval_ms=off").get_change_poll_interval(),
+            None
+        );
         // The order of the options does not matter.
         assert_eq!(
             options("sqlite:k?max_batch=1&synchronous=normal"),
@@ -374,6 +438,8 @@ mod tests {
             "sqlite:k?checkpoint_interval_ms=none",
             "sqlite:k?wal_size_limit=64MiB",
             "sqlite:k?wal_size_limit=",
+            "sqlite:k?max_queued=0",
+            "sqlite:k?change_poll_interval_ms=0",
         ] {
             assert!(invalid(url).contains("value"), "{url}");
         }

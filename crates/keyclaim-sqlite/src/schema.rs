@@ -1,7 +1,7 @@
 //! The file's layout, its migrations (`PRAGMA user_version`), and how a
 //! connection is opened and tuned.
 //!
-//! # Tables (schema version 2)
+//! # Tables (schema version 3)
 //!
 //! - `one_time_key`: one row per one-time key of a (device, algorithm), in
 //!   claim order by `pos`, a store-wide position counter taken in (upload
@@ -25,10 +25,19 @@
 //!   live in the file, are read and incremented inside the write transaction,
 //!   and so stay monotonic across processes and restarts (R3.5: never a wall
 //!   clock).
+//! - `change_log`: one row per batch that changed devices, naming them, for
+//!   the other processes' subscribers (R11.2); pruned after a few seconds
+//!   (see the `changes` module).
 //!
 //! Version 1 kept stored keys in `otk` (deleted on claim) and the remembered
-//! issued keys in `issued_key`; migration 2 moves both into the version 2
-//! tables, issued keys before the stored ones of their queue.
+//! issued keys in `issued_key`; migration 2 ([`to_v2`]) moves both into the
+//! version 2 tables, issued keys before the stored ones of their queue.
+//!
+//! Migrations run on open, all in one `BEGIN IMMEDIATE` transaction (atomic:
+//! a crash leaves the old version, and the next open starts over), with
+//! memory that does not grow with the store (R10.9): no step sorts or
+//! collects rows, and SQLite writes dirty pages out to the WAL when its page
+//! cache fills.
 //!
 //! Every text column uses SQLite's `BINARY` collation (memcmp of the UTF-8
 //! bytes), which is the byte order the contract asks for (R2.7).
@@ -43,9 +52,11 @@ use rusqlite::{Connection, OpenFlags};
 use crate::error::{self, SqlContext as _};
 use crate::{BACKEND, SqliteOptions, Synchronous};
 
+mod to_v2;
+
 /// The newest schema version this build knows. A file with a higher
 /// `PRAGMA user_version` is refused with [`Error::UnsupportedVersion`].
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// `PRAGMA application_id` of a keyclaim file ("kclm"), so that a file of
 /// another application is not taken for an empty store.
@@ -55,10 +66,29 @@ pub const APPLICATION_ID: i64 = 0x6b63_6c6d;
 /// itself once the WAL holds this many pages (about 32 MiB).
 const BACKSTOP_CHECKPOINT_PAGES: i64 = 8192;
 
+/// One step of [`MIGRATIONS`], run inside the migration's transaction.
+enum Migration {
+    /// Statements run as they are.
+    Sql(&'static str),
+    /// Code: for a step that SQL alone would do with memory growing with
+    /// the store (R10.9).
+    Code(fn(&Connection) -> Result<()>),
+}
+
+impl Migration {
+    fn apply(&self, conn: &Connection) -> Result<()> {
+        match self {
+            Self::Sql(sql) => conn.execute_batch(sql).ctx("migrate"),
+            Self::Code(step) => step(conn),
+        }
+    }
+}
+
 /// Migration `i` brings a file from version `i` to version `i + 1`.
-const MIGRATIONS: &[&str] = &[
+const MIGRATIONS: &[Migration] = &[
     // Version 1: the initial layout.
-    "
+    Migration::Sql(
+        "
     CREATE TABLE store_meta (
         id       INTEGER PRIMARY KEY CHECK (id = 1),
         next_seq INTEGER NOT NULL
@@ -101,61 +131,21 @@ const MIGRATIONS: &[&str] = &[
     ) WITHOUT ROWID;
     CREATE UNIQUE INDEX issued_key_id ON issued_key (user_id, device_id, algorithm, key_id, digest);
     ",
+    ),
     // Version 2: keys stay in one table after a claim; a per-(device,
     // algorithm) queue row says which are stored and which were issued.
-    "
-    CREATE TABLE one_time_key (
-        user_id   TEXT    NOT NULL COLLATE BINARY,
-        device_id TEXT    NOT NULL COLLATE BINARY,
-        algorithm TEXT    NOT NULL COLLATE BINARY,
-        pos       INTEGER NOT NULL,
-        seq       INTEGER NOT NULL,
-        key_id    TEXT    NOT NULL COLLATE BINARY,
-        digest    BLOB    NOT NULL,
-        key_json  TEXT    NOT NULL,
-        PRIMARY KEY (user_id, device_id, algorithm, pos)
-    ) WITHOUT ROWID;
-    CREATE INDEX one_time_key_id ON one_time_key (user_id, device_id, key_id, digest);
-
-    CREATE TABLE otk_queue (
-        user_id   TEXT    NOT NULL COLLATE BINARY,
-        device_id TEXT    NOT NULL COLLATE BINARY,
-        algorithm TEXT    NOT NULL COLLATE BINARY,
-        head      INTEGER NOT NULL,
-        stored    INTEGER NOT NULL,
-        issued    INTEGER NOT NULL,
-        PRIMARY KEY (user_id, device_id, algorithm)
-    ) WITHOUT ROWID;
-
-    ALTER TABLE store_meta ADD COLUMN next_pos INTEGER NOT NULL DEFAULT 1;
-
-    -- Remembered issued keys (kind 0, in issue order) before the stored ones
-    -- (kind 1, in claim order) of each queue.
-    CREATE TEMP TABLE v1_keys AS
-    SELECT user_id, device_id, algorithm, kind, seq, key_id, digest, key_json,
-           ROW_NUMBER() OVER (
-               ORDER BY user_id, device_id, algorithm, kind, ord, key_id
-           ) AS pos
-    FROM (
-        SELECT user_id, device_id, algorithm, 0 AS kind, n AS ord, 0 AS seq,
-               key_id, digest, '' AS key_json
-        FROM issued_key
-        UNION ALL
-        SELECT user_id, device_id, algorithm, 1, seq, seq, key_id, digest, key_json
-        FROM otk
+    Migration::Code(to_v2::migrate),
+    // Version 3: the change log read by the other processes (R11.2).
+    Migration::Sql(
+        "
+    CREATE TABLE change_log (
+        id      INTEGER PRIMARY KEY AUTOINCREMENT,
+        origin  INTEGER NOT NULL,
+        at_ms   INTEGER NOT NULL,
+        devices TEXT    NOT NULL
     );
-    INSERT INTO one_time_key (user_id, device_id, algorithm, pos, seq, key_id, digest, key_json)
-    SELECT user_id, device_id, algorithm, pos, seq, key_id, digest, key_json FROM v1_keys;
-    INSERT INTO otk_queue (user_id, device_id, algorithm, head, stored, issued)
-    SELECT user_id, device_id, algorithm,
-           coalesce(min(CASE WHEN kind = 1 THEN pos END), max(pos) + 1),
-           sum(kind = 1), sum(kind = 0)
-    FROM v1_keys GROUP BY user_id, device_id, algorithm;
-    UPDATE store_meta SET next_pos = (SELECT coalesce(max(pos), 0) + 1 FROM v1_keys);
-    DROP TABLE v1_keys;
-    DROP TABLE otk;
-    DROP TABLE issued_key;
     ",
+    ),
 ];
 
 /// Which job a connection has; decides its flags and pragmas.
@@ -276,8 +266,8 @@ fn migrate_in_transaction(conn: &Connection) -> Result<()> {
         }
     }
     let start = usize::try_from(version).unwrap_or(0);
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(start) {
-        conn.execute_batch(sql).ctx("migrate")?;
+    for (i, step) in MIGRATIONS.iter().enumerate().skip(start) {
+        step.apply(conn)?;
         tracing::info!(to_version = i + 1, "keyclaim-sqlite: migrated schema");
     }
     if version < SCHEMA_VERSION {
@@ -308,6 +298,29 @@ fn set_wal(conn: &Connection, busy_timeout: Duration) -> Result<()> {
     }
 }
 
+/// A file of an older `version`, as that version left it (tests).
+#[cfg(test)]
+fn file_at(path: &Path, version: usize) -> Connection {
+    #![allow(clippy::unwrap_used)]
+    let conn = open_connection(path, &SqliteOptions::default(), Role::Writer).unwrap();
+    for step in &MIGRATIONS[..version] {
+        step.apply(&conn).unwrap();
+    }
+    conn.pragma_update(None, "user_version", i64::try_from(version).unwrap())
+        .unwrap();
+    conn.pragma_update(None, "application_id", APPLICATION_ID)
+        .unwrap();
+    conn
+}
+
+/// The file's schema version (tests).
+#[cfg(test)]
+fn user_version(conn: &Connection) -> i64 {
+    #![allow(clippy::unwrap_used)]
+    conn.pragma_query_value(None, "user_version", |r| r.get(0))
+        .unwrap()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -325,19 +338,37 @@ mod tests {
         Device::parse("@alice:example.org", d).unwrap()
     }
 
+    /// Migration 3 adds the change log (R11.2) to a version 2 file and
+    /// leaves its keys as they were.
+    #[test]
+    fn version_2_files_gain_the_change_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = file_at(&dir.path().join("v2.sqlite"), 2);
+        let limits = Limits::default();
+        let up = Upload::from_keys(
+            device("A"),
+            [(KeyId::parse("signed_curve25519:a").unwrap(), json("a"))],
+            [],
+        )
+        .unwrap();
+        ops::upload(&conn, &up, &limits).unwrap();
+        migrate(&conn, Duration::from_secs(1)).unwrap();
+        assert_eq!(user_version(&conn), 3);
+        let rows: i64 = conn
+            .query_row("SELECT count(*) FROM change_log", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(rows, 0);
+        assert_eq!(ops::otk_counts(&conn, &device("A")).unwrap().total(), 1);
+    }
+
     /// A version 1 file with stored and remembered keys keeps every rule's
     /// state through migration 2: counts, claim order, remembered keys,
     /// fallback keys, and the counters.
     #[test]
     fn version_1_files_are_migrated() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("v1.sqlite");
         let options = SqliteOptions::default();
-        let conn = open_connection(&path, &options, Role::Writer).unwrap();
-        conn.execute_batch(MIGRATIONS[0]).unwrap();
-        conn.pragma_update(None, "user_version", 1).unwrap();
-        conn.pragma_update(None, "application_id", APPLICATION_ID)
-            .unwrap();
+        let conn = file_at(&dir.path().join("v1.sqlite"), 1);
         conn.execute("UPDATE store_meta SET next_seq = 10", [])
             .unwrap();
         let alg = "signed_curve25519";
@@ -386,10 +417,7 @@ mod tests {
         .unwrap();
 
         migrate(&conn, options.get_busy_timeout()).unwrap();
-        let version: i64 = conn
-            .pragma_query_value(None, "user_version", |r| r.get(0))
-            .unwrap();
-        assert_eq!(version, SCHEMA_VERSION);
+        assert_eq!(user_version(&conn), SCHEMA_VERSION);
 
         let limits = Limits::default();
         assert_eq!(ops::otk_counts(&conn, &device("A")).unwrap().total(), 3);
@@ -419,8 +447,7 @@ mod tests {
         // Claim order survives: (sequence, key ID).
         let target = ClaimTarget::one(device("A"), alg.parse().unwrap());
         conn.execute_batch("BEGIN IMMEDIATE").unwrap();
-        let raw = ops::claim(&conn, std::slice::from_ref(&target), true).unwrap();
-        let out = raw.decode(&[target]).unwrap();
+        let out = ops::claim(&conn, &[target], true).unwrap();
         assert_eq!(out.keys[0].key_id.as_str(), "signed_curve25519:k2");
         assert_eq!(out.keys[0].key_json, json("k2"));
         // A remembered key is still refused on re-upload (R3.4); a new key

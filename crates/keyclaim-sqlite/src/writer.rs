@@ -19,18 +19,34 @@
 //! Answers are sent only after `COMMIT` succeeded; if the transaction fails as
 //! a whole, every operation of the batch gets the error and nothing of it was
 //! applied.
+//!
+//! Overload and abandoned operations (R10.6): the channel holds at most
+//! [`SqliteOptions::max_queued`] operations; past that, [`Writer::submit`]
+//! fails at once with a retryable error. An operation whose caller has gone
+//! away (its future was dropped, so its answer's receiver is closed) is not
+//! run: it is dropped when the writer takes it from the channel, and, since
+//! the writer may then wait for the file's lock for a long time, checked
+//! again inside the transaction right before it would run. So a claim that
+//! timed out while it waited never uses up keys for nobody; one whose caller
+//! goes away while it runs or commits is applied (R4.2).
+//!
+//! No transaction outlives its batch: if one is still open afterwards (its
+//! `ROLLBACK` failed), the writer closes the connection, which rolls it back
+//! and releases the file's write lock, and opens a new one for the next
+//! batch ([`WriteConnection`]).
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::PathBuf;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender};
-use keyclaim::{Error, Limits, Result};
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use keyclaim::{Changes, ClaimOutcome, Device, Error, Limits, Result, UploadOutcome};
 use rusqlite::Connection;
 use tokio::sync::oneshot;
 
 use crate::SqliteOptions;
+use crate::changes::ChangeLog;
 use crate::error::{self, BatchFailure};
 use crate::schema::{self, Role};
 
@@ -46,6 +62,38 @@ pub(crate) enum Fallible {
     OnStorageOnly,
 }
 
+/// What a mutating operation answers: it names the devices it changed
+/// (R11.1), which the batch records for the other processes (R11.2).
+pub(crate) trait Answer: Send + 'static {
+    /// The devices the operation changed.
+    fn changed(&self) -> &[Device];
+}
+
+impl Answer for Changes {
+    fn changed(&self) -> &[Device] {
+        self.devices()
+    }
+}
+
+impl Answer for UploadOutcome {
+    fn changed(&self) -> &[Device] {
+        self.changes.devices()
+    }
+}
+
+impl Answer for ClaimOutcome {
+    fn changed(&self) -> &[Device] {
+        self.changes.devices()
+    }
+}
+
+/// An operation that changes nothing (tests).
+impl Answer for () {
+    fn changed(&self) -> &[Device] {
+        &[]
+    }
+}
+
 /// One queued mutating operation, type-erased.
 pub(crate) trait Job: Send {
     /// Runs the operation inside the open transaction (and its savepoint,
@@ -54,6 +102,11 @@ pub(crate) trait Job: Send {
     fn run(&mut self, conn: &Connection, limits: &Limits) -> bool;
     /// Whether the operation needs a savepoint on the batch's first run.
     fn fallible(&self) -> Fallible;
+    /// Whether its caller has gone away (dropped the answer's receiver):
+    /// then it must not be applied (R10.6).
+    fn abandoned(&self) -> bool;
+    /// The devices its last run changed, if it succeeded.
+    fn changed(&self) -> &[Device];
     /// Sends the answer: the kept result if the transaction committed (or if
     /// the operation failed on its own), else the batch's failure.
     fn reply(self: Box<Self>, batch: Result<(), BatchFailure>);
@@ -71,14 +124,31 @@ struct TypedJob<T, F> {
 
 impl<T, F> Job for TypedJob<T, F>
 where
-    T: Send,
+    T: Answer,
     F: Fn(&Connection, &Limits) -> Result<T> + Send,
 {
+    fn changed(&self) -> &[Device] {
+        match &self.result {
+            Some(Ok(answer)) => answer.changed(),
+            _ => &[],
+        }
+    }
+
     fn fallible(&self) -> Fallible {
         self.fallible
     }
 
+    fn abandoned(&self) -> bool {
+        self.reply.is_closed()
+    }
+
     fn run(&mut self, conn: &Connection, limits: &Limits) -> bool {
+        if self.abandoned() {
+            // Nobody waits for the answer: do nothing (R10.6). Also on a
+            // rerun, whose first run was rolled back.
+            self.result = None;
+            return true;
+        }
         let _entered = self.span.enter();
         let f = &self.f;
         let result = catch_unwind(AssertUnwindSafe(|| f(conn, limits))).unwrap_or_else(|_| {
@@ -113,29 +183,27 @@ where
 pub(crate) struct Writer {
     tx: Option<Sender<Box<dyn Job>>>,
     thread: Option<JoinHandle<()>>,
+    bound: usize,
 }
 
 impl Writer {
     /// Starts the thread: it opens the file, migrates it, and then serves
     /// operations. Returns once the file is open and migrated.
-    pub(crate) async fn start(path: PathBuf, options: SqliteOptions) -> Result<Self> {
-        let (tx, rx) = crossbeam_channel::unbounded::<Box<dyn Job>>();
+    pub(crate) async fn start(path: PathBuf, options: SqliteOptions, origin: i64) -> Result<Self> {
+        let bound = options.get_max_queued();
+        let (tx, rx) = crossbeam_channel::bounded::<Box<dyn Job>>(bound);
         let (ready_tx, ready_rx) = oneshot::channel::<Result<()>>();
         // Opening and migrating belong to the caller's `keyclaim.sqlite.open`.
         let open_span = tracing::Span::current();
         let thread = std::thread::Builder::new()
             .name("keyclaim-sqlite-writer".into())
             .spawn(move || {
-                let conn = open_span.in_scope(|| -> Result<Connection> {
-                    let conn = schema::open_connection(&path, &options, Role::Writer)?;
-                    schema::migrate(&conn, options.get_busy_timeout())?;
-                    Ok(conn)
-                });
+                let conn = open_span.in_scope(|| WriteConnection::open(path, options, origin));
                 drop(open_span);
                 match conn {
-                    Ok(conn) => {
+                    Ok(mut conn) => {
                         if ready_tx.send(Ok(())).is_ok() {
-                            serve(&conn, &rx, &options);
+                            serve(&mut conn, &rx);
                         }
                     }
                     Err(e) => {
@@ -147,6 +215,7 @@ impl Writer {
         let writer = Self {
             tx: Some(tx),
             thread: Some(thread),
+            bound,
         };
         match ready_rx.await {
             Ok(Ok(())) => Ok(writer),
@@ -157,10 +226,12 @@ impl Writer {
 
     /// Queues an operation and waits for its answer, which comes after its
     /// transaction committed. `f` may run more than once (see the module
-    /// documentation); only its last result counts.
+    /// documentation); only its last result counts. Fails at once, with a
+    /// retryable error, when the queue is full; dropping the returned
+    /// future before the writer runs `f` means it never runs (R10.6).
     pub(crate) async fn submit<T, F>(&self, op: &'static str, fallible: Fallible, f: F) -> Result<T>
     where
-        T: Send + 'static,
+        T: Answer,
         F: Fn(&Connection, &Limits) -> Result<T> + Send + 'static,
     {
         let (reply, answer) = oneshot::channel();
@@ -172,11 +243,13 @@ impl Writer {
             result: None,
             reply,
         });
-        self.tx
-            .as_ref()
-            .ok_or(Error::Closed)?
-            .send(job)
-            .map_err(|_| Error::Closed)?;
+        match self.tx.as_ref().ok_or(Error::Closed)?.try_send(job) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                return Err(error::queue_full(op, "write", self.bound));
+            }
+            Err(TrySendError::Disconnected(_)) => return Err(Error::Closed),
+        }
         answer.await.map_err(|_| Error::Closed)?
     }
 }
@@ -191,9 +264,10 @@ impl Drop for Writer {
 }
 
 /// The thread's loop: wait for one operation, take whatever else has queued
-/// up (at most `max_batch` in all), run them as one transaction.
-fn serve(conn: &Connection, rx: &Receiver<Box<dyn Job>>, options: &SqliteOptions) {
-    let max_batch = options.get_max_batch().max(1);
+/// up (at most `max_batch` in all), leave out those whose caller has gone
+/// away, run the others as one transaction.
+fn serve(conn: &mut WriteConnection, rx: &Receiver<Box<dyn Job>>) {
+    let max_batch = conn.options.get_max_batch().max(1);
     let mut batch: Vec<Box<dyn Job>> = Vec::with_capacity(max_batch);
     while let Ok(first) = rx.recv() {
         batch.push(first);
@@ -203,15 +277,110 @@ fn serve(conn: &Connection, rx: &Receiver<Box<dyn Job>>, options: &SqliteOptions
                 Err(_) => break,
             }
         }
-        run_batch(conn, &mut batch, options.get_limits());
+        // R10.6: nobody waits for these; they are not applied.
+        batch.retain(|job| !job.abandoned());
+        if !batch.is_empty() {
+            serve_batch(conn, &mut batch);
+        }
     }
 }
 
+/// The writer thread's connection, reopened when a batch leaves it inside a
+/// transaction that it cannot end (a `ROLLBACK` that failed, for instance on
+/// an I/O error). Such a connection would keep the file's write lock, so that
+/// no other process could write, and fail every later batch's `BEGIN`;
+/// closing it rolls the transaction back and releases the lock.
+pub(crate) struct WriteConnection {
+    path: PathBuf,
+    options: SqliteOptions,
+    conn: Option<Connection>,
+    log: ChangeLog,
+}
+
+impl WriteConnection {
+    /// Opens the file (creating it if needed) and migrates it; the changes
+    /// it commits are recorded as made by `origin` (R11.2).
+    pub(crate) fn open(path: PathBuf, options: SqliteOptions, origin: i64) -> Result<Self> {
+        let conn = schema::open_connection(&path, &options, Role::Writer)?;
+        schema::migrate(&conn, options.get_busy_timeout())?;
+        Ok(Self {
+            path,
+            options,
+            conn: Some(conn),
+            log: ChangeLog::new(origin),
+        })
+    }
+
+    /// The connection, opened again if it was closed.
+    fn get(&mut self) -> Result<(&Connection, &mut ChangeLog), BatchFailure> {
+        if self.conn.is_none() {
+            let conn = schema::open_connection(&self.path, &self.options, Role::Writer)
+                .map_err(BatchFailure::reopen_failed)?;
+            tracing::info!("keyclaim-sqlite: reopened the write connection");
+            self.conn = Some(conn);
+        }
+        let conn = self
+            .conn
+            .as_ref()
+            .ok_or_else(BatchFailure::aborted_by_batch_mate)?;
+        Ok((conn, &mut self.log))
+    }
+
+    /// Makes sure no transaction outlives a batch: if one is still open
+    /// (its `ROLLBACK` failed), tries `ROLLBACK` again, and if the connection
+    /// is still inside it, closes the connection; the next batch opens a
+    /// new one.
+    fn settle(&mut self) {
+        let Some(conn) = &self.conn else {
+            return;
+        };
+        if conn.is_autocommit() {
+            return;
+        }
+        let retried = conn.execute_batch("ROLLBACK");
+        if conn.is_autocommit() {
+            return;
+        }
+        tracing::error!(
+            error = ?retried.err(),
+            "keyclaim-sqlite: the write connection cannot end its transaction; closing it"
+        );
+        if let Some(conn) = self.conn.take()
+            && let Err((conn, e)) = conn.close()
+        {
+            // Dropping it tries to close it once more.
+            tracing::error!(error = %e, "keyclaim-sqlite: closing the write connection failed");
+            drop(conn);
+        }
+    }
+}
+
+/// Runs a batch on the writer's connection (reopened first if it was
+/// closed); afterwards no transaction is left open.
+fn serve_batch(conn: &mut WriteConnection, batch: &mut Vec<Box<dyn Job>>) {
+    let limits = conn.options.get_limits().clone();
+    match conn.get() {
+        Ok((c, log)) => run_batch(c, batch, &limits, log),
+        Err(failure) => {
+            tracing::warn!(error = %failure.source, "keyclaim-sqlite: no write connection");
+            for job in batch.drain(..) {
+                job.reply(Err(failure.clone()));
+            }
+        }
+    }
+    conn.settle();
+}
+
 /// Runs a batch as one transaction and answers every operation in it.
-pub(crate) fn run_batch(conn: &Connection, batch: &mut Vec<Box<dyn Job>>, limits: &Limits) {
+pub(crate) fn run_batch(
+    conn: &Connection,
+    batch: &mut Vec<Box<dyn Job>>,
+    limits: &Limits,
+    log: &mut ChangeLog,
+) {
     let span = tracing::debug_span!("keyclaim.sqlite.batch", size = batch.len());
     let _entered = span.enter();
-    let outcome = run_transaction(conn, batch, limits);
+    let outcome = run_transaction(conn, batch, limits, log);
     if let Err(failure) = &outcome {
         tracing::warn!(
             size = batch.len(),
@@ -233,6 +402,7 @@ fn run_transaction(
     conn: &Connection,
     batch: &mut [Box<dyn Job>],
     limits: &Limits,
+    log: &mut ChangeLog,
 ) -> Result<(), BatchFailure> {
     let start = Instant::now();
     exec(conn, "BEGIN IMMEDIATE").map_err(BatchFailure::from_sql)?;
@@ -252,6 +422,12 @@ fn run_transaction(
     let ran = Instant::now();
     let body = body
         .map_err(Rerun::into_failure)
+        // In the same transaction: the other processes hear of exactly the
+        // changes that commit (R11.2).
+        .and_then(|()| {
+            log.record(conn, batch.iter().flat_map(|job| job.changed()))
+                .map_err(BatchFailure::from_sql)
+        })
         .and_then(|()| exec(conn, "COMMIT").map_err(BatchFailure::from_sql));
     let committed = Instant::now();
     tracing::debug!(
@@ -369,13 +545,13 @@ mod tests {
         Upload::from_keys(device(d), keys.iter().map(|(i, k)| key(i, k)), []).unwrap()
     }
 
-    fn job<T: Send + 'static>(
+    fn job<T: Answer>(
         f: impl Fn(&Connection, &Limits) -> Result<T> + Send + 'static,
     ) -> (Box<dyn Job>, oneshot::Receiver<Result<T>>) {
         job_of(Fallible::OnInput, f)
     }
 
-    fn job_of<T: Send + 'static>(
+    fn job_of<T: Answer>(
         fallible: Fallible,
         f: impl Fn(&Connection, &Limits) -> Result<T> + Send + 'static,
     ) -> (Box<dyn Job>, oneshot::Receiver<Result<T>>) {
@@ -424,7 +600,7 @@ mod tests {
             crate::ops::claim(c, &[ClaimTarget::one(device("B"), "alg".parse()?)], true)
         });
         let mut batch = vec![j1, j2, j4, j3, j5];
-        run_batch(&conn, &mut batch, &limits);
+        run_batch(&conn, &mut batch, &limits, &mut ChangeLog::new(0));
 
         assert!(r1.blocking_recv().unwrap().is_ok());
         assert!(matches!(
@@ -433,7 +609,7 @@ mod tests {
         ));
         assert!(r3.blocking_recv().unwrap().is_ok());
         assert!(matches!(r4.blocking_recv().unwrap(), Err(Error::Closed)));
-        assert_eq!(r5.blocking_recv().unwrap().unwrap().len(), 1);
+        assert_eq!(r5.blocking_recv().unwrap().unwrap().keys.len(), 1);
         assert_eq!(
             count(&conn, "A"),
             1,
@@ -471,11 +647,15 @@ mod tests {
         let b = upload("B", &[("alg:1", "b")]);
         let (j4, r4) = job(move |c, l| crate::ops::upload(c, &b, l));
         let mut batch = vec![j1, j2, j3, j4];
-        run_batch(&conn, &mut batch, &limits);
+        run_batch(&conn, &mut batch, &limits, &mut ChangeLog::new(0));
 
         assert!(r1.blocking_recv().unwrap().is_ok());
         let claimed = r2.blocking_recv().unwrap().unwrap();
-        assert_eq!(claimed.len(), 1, "the claim's answer is its last run's");
+        assert_eq!(
+            claimed.keys.len(),
+            1,
+            "the claim's answer is its last run's"
+        );
         assert!(matches!(r3.blocking_recv().unwrap(), Err(Error::Closed)));
         assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 2);
         assert!(r4.blocking_recv().unwrap().is_ok());
@@ -486,6 +666,51 @@ mod tests {
             0,
             "the failed operation's write was undone"
         );
+        assert!(conn.is_autocommit());
+    }
+
+    /// R10.7: a claim that meets a stored key that does not read back fails
+    /// alone, before commit, using up nothing; its batch-mates' claims (run
+    /// again, each in its own savepoint) succeed once.
+    #[test]
+    fn a_claim_meeting_a_corrupt_key_fails_alone_and_takes_nothing() {
+        let (_dir, conn) = open();
+        let limits = Limits::default();
+        for d in ["A", "B", "C"] {
+            let up = upload(d, &[("alg:1", d), ("alg:2", d)]);
+            crate::ops::upload(&conn, &up, &limits).unwrap();
+        }
+        let damaged = conn
+            .execute(
+                "UPDATE one_time_key SET key_json = '{\"key\": ' \
+                 WHERE device_id = 'A' AND key_id = 'alg:1'",
+                [],
+            )
+            .unwrap();
+        assert_eq!(damaged, 1);
+        let claim = |d: &'static str| {
+            job_of(Fallible::OnStorageOnly, move |c, _| {
+                crate::ops::claim(c, &[ClaimTarget::one(device(d), "alg".parse()?)], true)
+            })
+        };
+        let (jb, rb) = claim("B");
+        let (ja, ra) = claim("A");
+        let (jc, rc) = claim("C");
+        run_batch(
+            &conn,
+            &mut vec![jb, ja, jc],
+            &limits,
+            &mut ChangeLog::new(0),
+        );
+        assert!(matches!(
+            ra.blocking_recv().unwrap(),
+            Err(Error::Corrupt { .. })
+        ));
+        assert_eq!(rb.blocking_recv().unwrap().unwrap().keys.len(), 1);
+        assert_eq!(rc.blocking_recv().unwrap().unwrap().keys.len(), 1);
+        assert_eq!(count(&conn, "A"), 2, "no key of A was used up");
+        assert_eq!(count(&conn, "B"), 1);
+        assert_eq!(count(&conn, "C"), 1);
         assert!(conn.is_autocommit());
     }
 
@@ -503,10 +728,16 @@ mod tests {
         // Violates a deferred foreign key: COMMIT fails.
         let (j2, r2) = job(|c, _| {
             c.execute("INSERT INTO child (p) VALUES (42)", [])
+                .map(drop)
                 .map_err(|e| error::sql_error("test", e))
         });
         let mut batch = vec![j1, j2];
-        run_batch(&conn, &mut batch, &Limits::default());
+        run_batch(
+            &conn,
+            &mut batch,
+            &Limits::default(),
+            &mut ChangeLog::new(0),
+        );
         assert!(matches!(
             r1.blocking_recv().unwrap(),
             Err(Error::Storage { .. })
@@ -532,11 +763,56 @@ mod tests {
         let b = upload("B", &[("alg:1", "two")]);
         let (j3, r3) = job(move |c, l| crate::ops::upload(c, &b, l));
         let mut batch = vec![j1, j2, j3];
-        run_batch(&conn, &mut batch, &Limits::default());
+        run_batch(
+            &conn,
+            &mut batch,
+            &Limits::default(),
+            &mut ChangeLog::new(0),
+        );
         let e1 = r1.blocking_recv().unwrap().unwrap_err();
         assert!(e1.is_retryable(), "{e1}");
         assert!(r2.blocking_recv().unwrap().is_err());
         assert!(r3.blocking_recv().unwrap().unwrap_err().is_retryable());
         assert_eq!(count(&conn, "A") + count(&conn, "B"), 0);
+    }
+
+    /// A `ROLLBACK` that fails leaves no transaction open: the writer closes
+    /// its connection (which rolls back and releases the write lock, so
+    /// another process can write at once) and opens a new one for the next
+    /// batch, which succeeds; the failed batch left nothing behind.
+    #[test]
+    fn a_failed_rollback_reopens_the_connection_and_releases_the_lock() {
+        use rusqlite::hooks::{AuthAction, AuthContext, Authorization, TransactionOperation};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.sqlite");
+        let mut writer = WriteConnection::open(path.clone(), SqliteOptions::default(), 0).unwrap();
+        // SQLite refuses every ROLLBACK on the writer's connection.
+        let conn = writer.conn.as_mut().unwrap();
+        conn.authorizer(Some(|ctx: AuthContext<'_>| match ctx.action {
+            AuthAction::Transaction {
+                operation: TransactionOperation::Rollback,
+            } => Authorization::Deny,
+            _ => Authorization::Allow,
+        }))
+        .unwrap();
+        // A batch that writes and fails, and so must be rolled back.
+        let (j1, r1) = job(|c, l| {
+            crate::ops::upload(c, &upload("A", &[("alg:1", "a")]), l)?;
+            Err::<(), _>(Error::Closed)
+        });
+        serve_batch(&mut writer, &mut vec![j1]);
+        assert!(matches!(r1.blocking_recv().unwrap(), Err(Error::Closed)));
+
+        let other = Connection::open(&path).unwrap();
+        other.busy_timeout(Duration::ZERO).unwrap();
+        other
+            .execute_batch("BEGIN IMMEDIATE; ROLLBACK")
+            .expect("the write lock was released");
+        let b = upload("B", &[("alg:1", "b")]);
+        let (j2, r2) = job(move |c, l| crate::ops::upload(c, &b, l));
+        serve_batch(&mut writer, &mut vec![j2]);
+        r2.blocking_recv().unwrap().unwrap();
+        assert_eq!(count(&other, "A"), 0, "the failed batch left nothing");
+        assert_eq!(count(&other, "B"), 1);
     }
 }

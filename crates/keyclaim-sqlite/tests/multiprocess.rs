@@ -1,6 +1,7 @@
 //! Several OS processes on one SQLite file (R10.3): two claimers and an
 //! uploader run at once; afterwards no key was issued twice, none was lost,
-//! and the counts are exact.
+//! and the counts are exact. A claim in one process reaches the subscribers
+//! of another (R11.2). Two processes of 64 claimers each both make progress.
 //!
 //! The test binary runs itself again for each child
 //! (`keyclaim_testing::process`): the test below is a claimer or the
@@ -216,5 +217,189 @@ fn two_claimer_processes_and_an_uploader_share_one_file() {
             );
         }
     });
+    assert!(common::integrity_ok(&db));
+}
+
+const NOTIFY_TEST: &str = "a_claim_in_another_process_wakes_this_processs_subscribers";
+
+/// R11.2: a claim made by another process on the same file reaches this
+/// process's subscribers, naming the device.
+#[test]
+fn a_claim_in_another_process_wakes_this_processs_subscribers() {
+    if keyclaim_testing::process::is_child("remote-claimer") {
+        let db = PathBuf::from(std::env::var(DB).expect("db path"));
+        keyclaim_testing::runtime(2).block_on(async move {
+            let store = SqliteStore::open_with(&db, options()).await.expect("open");
+            let target = ClaimTarget::one(device(1), Algorithm::signed_curve25519());
+            let out = store.claim(&[target]).await.expect("claim");
+            assert_eq!(out.keys.len(), 1);
+        });
+        return;
+    }
+    let dir = keyclaim_testing::temp_dir();
+    let db = dir.path().join("notify.sqlite");
+    let rt = keyclaim_testing::runtime(2);
+    rt.block_on(async {
+        let store = SqliteStore::open_with(&db, options()).await.unwrap();
+        let keys = (0..3).map(|j| key(&format!("k{j}")));
+        store
+            .upload(&Upload::from_keys(device(1), keys, []).unwrap())
+            .await
+            .unwrap();
+        let mut changes = store.subscribe();
+
+        let mut child = spawn_child(
+            NOTIFY_TEST,
+            "remote-claimer",
+            &[(DB, db.display().to_string())],
+        );
+        let out = collect_stdout(&mut child);
+        let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+            .await
+            .unwrap();
+        assert!(status.success(), "the other process failed");
+        drop(out.join());
+        assert_eq!(store.otk_counts(&device(1)).await.unwrap().total(), 2);
+
+        let heard = tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                match changes.recv().await {
+                    Ok(event) if event.contains(&device(1)) => return,
+                    Ok(_) => {}
+                    Err(e) => panic!("subscription ended: {e}"),
+                }
+            }
+        })
+        .await;
+        assert!(
+            heard.is_ok(),
+            "the other process's claim was not reported here"
+        );
+    });
+}
+
+const FAIRNESS_TEST: &str = "two_processes_with_64_claimers_each_both_make_progress";
+const FAIR_DEVICES: usize = 128;
+const FAIR_KEYS: usize = 1000;
+
+/// The keys stored on the fairness measurement's devices.
+async fn fair_total(store: &SqliteStore) -> u64 {
+    let mut n = 0;
+    for i in 0..FAIR_DEVICES {
+        n += store.otk_counts(&device(i)).await.unwrap().total();
+    }
+    n
+}
+
+/// One process of the fairness measurement: 64 tasks claim one key of a
+/// random device each, in a loop, for `KEYCLAIM_FAIRNESS_SECS`; reports its
+/// successful claims, failed ones, keys and elapsed milliseconds.
+fn fairness_child() {
+    let db = PathBuf::from(std::env::var(DB).expect("db path"));
+    let secs: u64 = std::env::var("KEYCLAIM_FAIRNESS_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2);
+    keyclaim_testing::runtime(2).block_on(async move {
+        let store =
+            std::sync::Arc::new(SqliteStore::open_with(&db, options()).await.expect("open"));
+        let start = Instant::now();
+        let until = start + Duration::from_secs(secs);
+        let tasks: Vec<_> = (0..64)
+            .map(|_| {
+                let store = std::sync::Arc::clone(&store);
+                tokio::spawn(async move {
+                    let (mut ok, mut failed, mut keys) = (0u64, 0u64, 0u64);
+                    while Instant::now() < until {
+                        let i = rand::rng().random_range(0..FAIR_DEVICES);
+                        let target = ClaimTarget::one(device(i), Algorithm::signed_curve25519());
+                        match store.claim(&[target]).await {
+                            Ok(out) => {
+                                ok += 1;
+                                keys += out.keys.len() as u64;
+                            }
+                            Err(e) => {
+                                failed += 1;
+                                assert!(e.is_retryable(), "claim failed: {e}");
+                            }
+                        }
+                    }
+                    (ok, failed, keys)
+                })
+            })
+            .collect();
+        let (mut ok, mut failed, mut keys) = (0, 0, 0);
+        for task in tasks {
+            let (o, f, k) = task.await.expect("claimer task");
+            (ok, failed, keys) = (ok + o, failed + f, keys + k);
+        }
+        let ms = start.elapsed().as_millis();
+        report(
+            &Mutex::new(()),
+            &[
+                "STATS",
+                &ok.to_string(),
+                &failed.to_string(),
+                &keys.to_string(),
+                &ms.to_string(),
+            ],
+        );
+    });
+}
+
+/// Fairness across processes (R10.3): two processes with 64 claimers each
+/// on one file. Both make progress, no key is issued twice (the keys
+/// handed out add up to what left the store), and each prints its
+/// throughput and error rate. Measure with a longer run:
+/// `KEYCLAIM_FAIRNESS_SECS=10 cargo test -p keyclaim-sqlite --release --test
+/// multiprocess two_processes -- --nocapture`.
+#[test]
+fn two_processes_with_64_claimers_each_both_make_progress() {
+    if keyclaim_testing::process::is_child("fair-claimer") {
+        return fairness_child();
+    }
+    let dir = keyclaim_testing::temp_dir();
+    let db = dir.path().join("fair.sqlite");
+    let rt = keyclaim_testing::runtime(2);
+    let before = rt.block_on(async {
+        let store = SqliteStore::open_with(&db, options()).await.unwrap();
+        for i in 0..FAIR_DEVICES {
+            let keys = (0..FAIR_KEYS).map(|j| key(&format!("f{j}")));
+            store
+                .upload(&Upload::from_keys(device(i), keys, []).unwrap())
+                .await
+                .unwrap();
+        }
+        fair_total(&store).await
+    });
+    let env = [(DB, db.display().to_string())];
+    let children: Vec<_> = (0..2)
+        .map(|_| {
+            let mut child = spawn_child(FAIRNESS_TEST, "fair-claimer", &env);
+            let out = collect_stdout(&mut child);
+            (child, out)
+        })
+        .collect();
+    let mut handed_out = 0;
+    for (n, (mut child, out)) in children.into_iter().enumerate() {
+        assert!(child.wait().unwrap().success(), "process {n} failed");
+        let lines = result_lines(&out.join().unwrap());
+        let stats = lines.iter().find(|l| l[0] == "STATS").expect("stats");
+        let [ok, failed, keys, ms]: [u64; 4] =
+            std::array::from_fn(|i| stats[i + 1].parse().unwrap());
+        let secs = ms as f64 / 1000.0;
+        eprintln!(
+            "process {n}: {ok} claims ({:.0}/s), {failed} failed ({:.2}%), {keys} keys, {secs:.1} s",
+            ok as f64 / secs,
+            100.0 * failed as f64 / (ok + failed).max(1) as f64,
+        );
+        assert!(ok > 0, "process {n} starved");
+        handed_out += keys;
+    }
+    let after = rt.block_on(async {
+        let store = SqliteStore::open_with(&db, options()).await.unwrap();
+        fair_total(&store).await
+    });
+    assert_eq!(before - after, handed_out, "keys handed out twice or lost");
     assert!(common::integrity_ok(&db));
 }

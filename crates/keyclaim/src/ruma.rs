@@ -2,9 +2,15 @@
 //! `ruma`), and the ruma flavour of the [`KeysApi`] facade.
 //!
 //! A homeserver built on ruma already has the parsed request types; it hands
-//! them to [`KeysApi::upload_ruma`], [`KeysApi::claim_ruma`] and
-//! [`KeysApi::sync_ruma`] and gets ruma response types back, with the same
-//! validation, limits and errors as the JSON facade (contract section 9). The
+//! them to [`KeysApi::upload_ruma`], [`KeysApi::claim_ruma`],
+//! [`KeysApi::claim_with_ruma`], [`KeysApi::claim_v4_ruma`],
+//! [`KeysApi::replace_dehydrated_device_ruma`] and [`KeysApi::sync_ruma`] and
+//! gets ruma response types back, with the same validation, limits and errors
+//! as the JSON facade (contract section 9).
+//!
+//! ruma-client-api has no types for the key reset (MSC4162), for reading
+//! fallback keys (MSC4081) or for many devices' counts (MSC3202, an
+//! application-service push): serve those with the JSON facade. The
 //! plain conversion functions serve those that call a [`KeyStore`] directly,
 //! and clients or tests that go the other way.
 //!
@@ -36,8 +42,15 @@ use ruma_common::serde::Raw;
 use ruma_common::{OneTimeKeyAlgorithm, OwnedDeviceId, OwnedOneTimeKeyId, OwnedUserId};
 use serde_json::Value;
 
+pub use more::{
+    claim_outcome_from_v4_response, claim_targets_from_v4_request, claim_v4_request,
+    claim_v4_response, dehydrated_device_request, dehydrated_device_response,
+    dehydrated_upload_from_request,
+};
 pub use ruma_client_api;
 pub use ruma_common;
+
+mod more;
 
 use crate::api::{ApiError, KeysApi};
 use crate::error::{Error, Result};
@@ -90,18 +103,41 @@ pub fn device_from_ruma(
 /// The same as the JSON facade's: [`Error::InvalidKeyId`],
 /// [`Error::InvalidKeyJson`], [`Error::DuplicateFallback`] (R3.6).
 pub fn upload_from_request(device: Device, request: &upload_keys::v3::Request) -> Result<Upload> {
+    upload_from_key_maps(device, &request.one_time_keys, &request.fallback_keys)
+}
+
+/// The keys of a request: one-time keys and fallback keys by key ID, as
+/// ruma's upload and dehydrated device requests carry them.
+type KeyMap = BTreeMap<OwnedOneTimeKeyId, Raw<OneTimeKey>>;
+
+/// An [`Upload`] of the keys in ruma's maps, validated as the JSON facade
+/// validates them.
+fn upload_from_key_maps(device: Device, otks: &KeyMap, fallbacks: &KeyMap) -> Result<Upload> {
     let mut upload = Upload::new(device);
-    for (id, raw) in &request.one_time_keys {
+    for (id, raw) in otks {
         let id = KeyId::parse(id.as_str())?;
         let json = key_json_from_raw(&id, raw)?;
         upload.add_one_time_key(id, json)?;
     }
-    for (id, raw) in &request.fallback_keys {
+    for (id, raw) in fallbacks {
         let id = KeyId::parse(id.as_str())?;
         let json = key_json_from_raw(&id, raw)?;
         upload.add_fallback_key(id, json)?;
     }
     Ok(upload)
+}
+
+/// An [`Upload`]'s one-time keys and fallback keys in ruma's maps.
+fn key_maps_from_upload(upload: &Upload) -> Result<(KeyMap, KeyMap)> {
+    let mut otks = KeyMap::new();
+    for (id, json) in &upload.one_time_keys {
+        otks.insert(key_id_to_ruma(id)?, raw_from_key_json(json)?);
+    }
+    let mut fallbacks = KeyMap::new();
+    for (id, json) in upload.fallback_keys.values() {
+        fallbacks.insert(key_id_to_ruma(id)?, raw_from_key_json(json)?);
+    }
+    Ok((otks, fallbacks))
 }
 
 /// The ruma `POST /keys/upload` request that carries an [`Upload`]'s keys
@@ -111,16 +147,7 @@ pub fn upload_from_request(device: Device, request: &upload_keys::v3::Request) -
 /// [`Error::BadRequest`] for a key ID that ruma does not accept.
 pub fn upload_to_request(upload: &Upload) -> Result<upload_keys::v3::Request> {
     let mut request = upload_keys::v3::Request::new();
-    for (id, json) in &upload.one_time_keys {
-        request
-            .one_time_keys
-            .insert(key_id_to_ruma(id)?, raw_from_key_json(json)?);
-    }
-    for (id, json) in upload.fallback_keys.values() {
-        request
-            .fallback_keys
-            .insert(key_id_to_ruma(id)?, raw_from_key_json(json)?);
-    }
+    (request.one_time_keys, request.fallback_keys) = key_maps_from_upload(upload)?;
     Ok(request)
 }
 
@@ -206,8 +233,18 @@ pub fn claim_request(targets: &[ClaimTarget]) -> Result<claim_keys::v3::Request>
 /// [`Error::BadRequest`] for a user ID or key ID that ruma does not accept
 /// (keyclaim's IDs are checked more loosely than ruma's in places).
 pub fn claim_response(outcome: &ClaimOutcome) -> Result<claim_keys::v3::Response> {
-    let mut one_time_keys: BTreeMap<OwnedUserId, claim_keys::v3::OneTimeKeys> = BTreeMap::new();
-    for key in &outcome.keys {
+    Ok(claim_keys::v3::Response::new(one_time_keys_of(
+        &outcome.keys,
+    )?))
+}
+
+/// Keys by user, device and key ID, as claim responses carry them; a later
+/// key under the same key ID of a device replaces an earlier one.
+type ClaimedKeys = BTreeMap<OwnedUserId, claim_keys::v3::OneTimeKeys>;
+
+fn one_time_keys_of(keys: &[ClaimedKey]) -> Result<ClaimedKeys> {
+    let mut one_time_keys = ClaimedKeys::new();
+    for key in keys {
         one_time_keys
             .entry(user_id_to_ruma(&key.device.user_id)?)
             .or_default()
@@ -218,7 +255,7 @@ pub fn claim_response(outcome: &ClaimOutcome) -> Result<claim_keys::v3::Response
                 raw_from_key_json(&key.key_json)?,
             );
     }
-    Ok(claim_keys::v3::Response::new(one_time_keys))
+    Ok(one_time_keys)
 }
 
 /// The keys of a ruma `POST /keys/claim` response as a [`ClaimOutcome`]
@@ -229,8 +266,12 @@ pub fn claim_response(outcome: &ClaimOutcome) -> Result<claim_keys::v3::Response
 /// # Errors
 /// Invalid IDs or key JSON, as for an upload.
 pub fn claim_outcome_from_response(response: &claim_keys::v3::Response) -> Result<ClaimOutcome> {
+    outcome_from_one_time_keys(&response.one_time_keys)
+}
+
+fn outcome_from_one_time_keys(one_time_keys: &ClaimedKeys) -> Result<ClaimOutcome> {
     let mut keys = Vec::new();
-    for (user, devices) in &response.one_time_keys {
+    for (user, devices) in one_time_keys {
         let user = UserId::parse(user.as_str())?;
         for (device, device_keys) in devices {
             let device = Device::new(user.clone(), DeviceId::parse(device.as_str())?);

@@ -1,8 +1,20 @@
 //! Streaming export and import of a store's whole state, a copy between
 //! stores with verification, and an invariant check: what `keyclaim migrate`
-//! and `keyclaim check` are built on, for homeserver code to call too.
+//! and `keyclaim check` are built on, for homeserver code to call too; and
+//! the storage-independent part of importing another homeserver's keys
+//! (R17.1: [`import_devices`], [`compare_counts`]).
 
 use std::collections::{BTreeMap, HashSet};
+
+mod checkpoint;
+mod import;
+
+pub use checkpoint::Checkpoint;
+pub use import::{
+    Completed, CountComparison, CountMismatch, DeviceAssembler, ImportOutcome, ImportTally,
+    MAX_SKIP_EXAMPLES, RowSource, RowsInMemory, Skip, SkipReason, SourceFallback, SourceOtk,
+    SourceRow, compare_counts, import_devices,
+};
 
 use crate::error::Result;
 use crate::ids::Device;

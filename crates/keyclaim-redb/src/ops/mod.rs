@@ -1,6 +1,8 @@
 //! The operations, on open tables of one transaction, one file per kind:
-//! [`mod@upload`], [`mod@claim`], [`read`] (counts and sync state), [`delete`] and
-//! [`transfer`] (export and import). This file holds what they share: the
+//! [`mod@upload`] (uploads and device replacement), [`mod@claim`] (claims and
+//! the two steps of a split claim), [`read`] (counts, sync state, fallback
+//! keys), [`delete`] (devices, users, key reset) and [`transfer`] (export and
+//! import). This file holds what they share: the
 //! tables of a write transaction, queue checks, range removal, parsing of
 //! stored values, and running a read transaction.
 //!
@@ -28,9 +30,9 @@ use keyclaim::transfer::KeyDigest;
 use keyclaim::{Algorithm, Error, KeyId, KeyJson, Limits, Result};
 use redb::{ReadTransaction, ReadableDatabase, ReadableTable, Table, WriteTransaction};
 
-pub(crate) use claim::claim;
-pub(crate) use delete::{delete_device, delete_user};
-pub(crate) use read::{counts, sync_state};
+pub(crate) use claim::{claim, claim_fallbacks};
+pub(crate) use delete::{delete_device, delete_user, reset_one_time_keys};
+pub(crate) use read::{counts, counts_many, read_fallback_keys, sync_state};
 pub(crate) use transfer::{export_devices, import_device};
 pub(crate) use upload::upload;
 
@@ -52,7 +54,9 @@ where
     let span = tracing::Span::current();
     tokio::task::spawn_blocking(move || {
         let _enter = span.enter();
-        let db = slot.get(op)?;
+        // After a failed reopen the first reader (or writer) to come
+        // along opens the file.
+        let db = slot.get_or_reopen(op)?;
         let txn = db.begin_read().map_err(|e| Fatal::from(e).into_error(op))?;
         f(&txn).map_err(|f| f.into_error(op))
     })
@@ -70,9 +74,28 @@ pub(super) fn parse_key_id(s: &str) -> Result<KeyId, Fatal> {
     decode::key_id(s).map_err(Fatal::Other)
 }
 
-/// Key JSON the store wrote itself ([`decode::key_json_with_digest`]).
-pub(super) fn stored_json(text: &str, digest: Digest) -> Result<KeyJson, Fatal> {
-    decode::key_json_with_digest(text, KeyDigest::from_bytes(digest)).map_err(Fatal::Other)
+/// A stored key: its key ID, and its JSON checked with the digest stored
+/// next to it ([`decode::key_json_with_digest`]). A value that does not
+/// decode is [`Error::Corrupt`] naming the key (`what`, e.g. "one-time
+/// key"), its device and user: the claim that meets it fails before its
+/// commit, the export (and so `check`) reports it (R10.7).
+pub(super) fn stored_key(
+    (user, device): (&str, &str),
+    what: &str,
+    key_id: &str,
+    json: &str,
+    digest: Digest,
+) -> Result<(KeyId, KeyJson), Fatal> {
+    let decoded = decode::key_id(key_id).and_then(|id| {
+        let json = decode::key_json_with_digest(json, KeyDigest::from_bytes(digest))?;
+        Ok((id, json))
+    });
+    decoded.map_err(|e| {
+        Fatal::Other(Error::corrupt_because(
+            format!("{what} {key_id} of {user} {device}"),
+            e,
+        ))
+    })
 }
 
 /// `limits.remembered_issued_keys` as a queue distance: a key issued at

@@ -2,12 +2,13 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
-use keyclaim::transfer::{DeviceSnapshot, IssuedKey, KeyDigest, StoredFallback, StoredOtk};
+use keyclaim::transfer::{DeviceSnapshot, IssuedKey, KeyDigest, StoredOtk};
 use keyclaim::{Changes, Device, Error, Limits};
 use redb::{ReadTransaction, ReadableTable};
 
 use super::delete::delete_device_rows;
-use super::{WriteTables, check_queue, parse_alg, parse_key_id, remembered_limit, stored_json};
+use super::read::fallback_keys;
+use super::{WriteTables, check_queue, parse_alg, parse_key_id, remembered_limit, stored_key};
 use crate::error::Fatal;
 use crate::schema::{DeviceAlgKey, Digest, FALLBACKS, OTK_KEYS, OTK_QUEUE, Queue, succ};
 use keyclaim::backend::decode;
@@ -120,9 +121,10 @@ fn snapshot(txn: &ReadTransaction, device: Device, keep: u64) -> Result<DeviceSn
             )))
         })?;
         if pos >= head {
+            let (key_id, key_json) = stored_key((u, d), "one-time key", key_id, json, digest)?;
             snap.one_time_keys.push(StoredOtk {
-                key_id: parse_key_id(key_id)?,
-                key_json: stored_json(json, digest)?,
+                key_id,
+                key_json,
                 seq,
             });
         } else if pos >= first {
@@ -145,19 +147,7 @@ fn snapshot(txn: &ReadTransaction, device: Device, keep: u64) -> Result<DeviceSn
     }
     snap.one_time_keys
         .sort_by(|a, b| (a.seq, a.key_id.as_str()).cmp(&(b.seq, b.key_id.as_str())));
-    let fallbacks = txn.open_table(FALLBACKS)?;
-    for row in fallbacks.range((u, d, "")..(u, hi.as_str(), ""))? {
-        let (k, v) = row?;
-        let (key_id, json, used, digest) = v.value();
-        snap.fallback_keys.insert(
-            parse_alg(k.value().2)?,
-            StoredFallback {
-                key_id: parse_key_id(key_id)?,
-                key_json: stored_json(json, digest)?,
-                used,
-            },
-        );
-    }
+    snap.fallback_keys = fallback_keys(&txn.open_table(FALLBACKS)?, u, d)?;
     Ok(snap)
 }
 

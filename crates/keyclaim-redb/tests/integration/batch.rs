@@ -1,11 +1,16 @@
 //! Group commit keeps each operation atomic on its own: an operation that
-//! fails, in the same write transaction as others, fails alone.
+//! fails, in the same write transaction as others, fails alone; a claim
+//! that meets a corrupt key fails before anything commits (R10.7).
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::future::join_all;
-use keyclaim::{ClaimTarget, Error, KeyStore, Limits, Upload};
+use keyclaim::{ClaimOutcome, ClaimTarget, Error, KeyStore, Limits, Upload};
 use keyclaim_conformance::fixtures::{SC, alg, dev, otks, signed};
+use keyclaim_redb::faults::Faults;
 use keyclaim_redb::{RedbOptions, RedbStore};
 
 fn rt() -> tokio::runtime::Runtime {
@@ -238,5 +243,118 @@ fn corrupt_stored_key_is_an_error() {
             .await
             .unwrap_err();
         assert!(matches!(err, Error::Corrupt { .. }), "{err:?}");
+    });
+}
+
+/// R10.7: a claim that meets a corrupt stored key fails with
+/// `Error::Corrupt` before anything commits: none of the device's keys is
+/// used up, the claims sharing its batch succeed, and `check` reports the
+/// corruption.
+#[test]
+fn corrupt_key_fails_its_claim_before_commit_and_alone() {
+    rt().block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.redb");
+        let bad = dev("@bad:example.org", "BAD");
+        let good: Vec<_> = (0..8)
+            .map(|i| dev("@good:example.org", &format!("G{i}")))
+            .collect();
+        {
+            let store = RedbStore::open(&path).await.unwrap();
+            let up = Upload::from_keys(bad.clone(), otks(SC, &["A", "B", "C"]), []).unwrap();
+            store.upload(&up).await.unwrap();
+            for d in &good {
+                let up = Upload::from_keys(d.clone(), otks(SC, &["X", "Y"]), []).unwrap();
+                store.upload(&up).await.unwrap();
+            }
+            store.close().await.unwrap();
+        }
+        // The second key in claim order (position 1) no longer parses.
+        tamper(&path, |txn| {
+            use redb::ReadableTable;
+            let mut keys = txn.open_table(KEYS_DEF).unwrap();
+            let at = ("@bad:example.org", "BAD", SC, 1);
+            let (seq, id, digest) = {
+                let row = keys.get(at).unwrap().unwrap();
+                let (seq, id, digest, _) = row.value();
+                (seq, id.to_owned(), digest)
+            };
+            keys.insert(at, (seq, id.as_str(), digest, "{not json"))
+                .unwrap();
+        });
+        let faults = Faults::new();
+        let store = RedbStore::open_with(&path, RedbOptions::new().faults(faults.clone()))
+            .await
+            .unwrap();
+        // One batch for all the claims: the writer stalls holding a first
+        // one while the others queue behind it (a claim is queued by its
+        // first poll).
+        let stall = faults.stall_writer();
+        let mut targets = vec![(good[0].clone(), 1)];
+        targets.push((bad.clone(), 2));
+        targets.extend(good[1..].iter().map(|d| (d.clone(), 1)));
+        let targets: Vec<[ClaimTarget; 1]> = targets
+            .into_iter()
+            .map(|(device, count)| {
+                [ClaimTarget {
+                    device,
+                    algorithm: alg(SC),
+                    count,
+                }]
+            })
+            .collect();
+        type Call<'a> = Pin<Box<dyn Future<Output = keyclaim::Result<ClaimOutcome>> + 'a>>;
+        let mut calls: Vec<Call<'_>> = targets
+            .iter()
+            .map(|t| Box::pin(store.claim(t)) as Call<'_>)
+            .collect();
+        assert!(futures::poll!(&mut calls[0]).is_pending());
+        keyclaim_testing::wait_until("the writer stalls", Duration::from_secs(30), || {
+            faults.writer_stalled()
+        })
+        .await;
+        for call in &mut calls[1..] {
+            assert!(futures::poll!(call).is_pending());
+        }
+        let before = store.writer_stats();
+        drop(stall);
+        let mut results = join_all(calls).await.into_iter();
+        assert_eq!(results.next().unwrap().unwrap().keys.len(), 1);
+        let err = results.next().unwrap().unwrap_err();
+        assert!(
+            matches!(&err, Error::Corrupt { what, .. } if what.contains("B of @bad:example.org BAD")),
+            "the error should name the key and its device: {err:?}"
+        );
+        for result in results {
+            assert_eq!(result.unwrap().keys.len(), 1);
+        }
+        let after = store.writer_stats();
+        assert!(
+            after.failed_batches > before.failed_batches,
+            "the corrupt claim never failed a batch: {after:?}"
+        );
+        // Nothing of the failed claim was committed; its batch-mates were.
+        assert_eq!(store.otk_counts(&bad).await.unwrap().get_str(SC), 3);
+        for d in &good {
+            assert_eq!(store.otk_counts(d).await.unwrap().get_str(SC), 1, "{d}");
+        }
+        // The key before the corrupt one is delivered; the corrupt one is
+        // refused again, still without using anything up.
+        let out = store
+            .claim(&[ClaimTarget::one(bad.clone(), alg(SC))])
+            .await
+            .unwrap();
+        assert_eq!(out.keys[0].key_id.name(), "A");
+        let err = store
+            .claim(&[ClaimTarget::one(bad.clone(), alg(SC))])
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Corrupt { .. }), "{err:?}");
+        assert_eq!(store.otk_counts(&bad).await.unwrap().get_str(SC), 2);
+        // `check` reports it, naming it.
+        match keyclaim::transfer::check_store(&store, 100).await {
+            Err(Error::Corrupt { what, .. }) if what.contains("B of @bad:example.org BAD") => {}
+            other => panic!("check did not report the corrupt key: {other:?}"),
+        }
     });
 }

@@ -10,7 +10,7 @@
 use std::io::Write as _;
 use std::process::{Command, ExitCode};
 
-use keyclaim_reliability::bounds::{CASES, run_case};
+use keyclaim_reliability::bounds::{all_cases, run_case};
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -47,7 +47,7 @@ fn main() -> ExitCode {
     );
     let _ = writeln!(out, "| --- | --- | --- | ---: | ---: | ---: |");
     let mut failed = false;
-    for case in CASES {
+    for case in all_cases() {
         match Command::new(&exe).arg(case).output() {
             Ok(o) if o.status.success() => {
                 let line = String::from_utf8_lossy(&o.stdout);

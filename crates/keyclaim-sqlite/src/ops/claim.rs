@@ -3,7 +3,7 @@
 //! (section 12), which are the same code with one of the two parts left out.
 
 use keyclaim::backend::{RawClaim, RawClaimedKey};
-use keyclaim::{ClaimTarget, FallbackTarget, Result};
+use keyclaim::{ClaimOutcome, ClaimTarget, FallbackTarget, Result};
 use rusqlite::{Connection, OptionalExtension as _, params};
 
 use super::Queue;
@@ -31,11 +31,20 @@ const SQL_USE_FALLBACK: &str = "UPDATE fallback_key SET used = 1 \
 /// (R4.4); without it, the one-time step of a split claim (R12.1). It writes
 /// the queue row (and a fallback key's flag) and nothing else; uploads
 /// prune.
+///
+/// The answer is decoded here, inside the transaction: a stored key that
+/// does not read back (its key ID, JSON or digest) fails the claim before
+/// anything is committed, so no key is used up undelivered (R10.7).
 pub(crate) fn claim(
     conn: &Connection,
     targets: &[ClaimTarget],
     fall_back: bool,
-) -> Result<RawClaim> {
+) -> Result<ClaimOutcome> {
+    claim_raw(conn, targets, fall_back)?.decode(targets)
+}
+
+/// [`claim`] before decoding.
+fn claim_raw(conn: &Connection, targets: &[ClaimTarget], fall_back: bool) -> Result<RawClaim> {
     const OP: &str = "claim";
     let mut out = RawClaim::new();
     let mut oldest = conn.prepare_cached(SQL_HEAD_KEYS).ctx(OP)?;
@@ -99,11 +108,12 @@ pub(crate) fn claim(
 
 /// The fallback step of a split claim (R12.2): every target's current
 /// fallback key, marked used where the target says so (section 5), inside
-/// the caller's write transaction, so that all targets are one atomic step.
+/// the caller's write transaction, so that all targets are one atomic step;
+/// decoded before it commits, as [`claim`] is (R10.7).
 pub(crate) fn claim_fallback_keys(
     conn: &Connection,
     targets: &[FallbackTarget],
-) -> Result<RawClaim> {
+) -> Result<ClaimOutcome> {
     let mut out = RawClaim::new();
     for (index, target) in targets.iter().enumerate() {
         let device = &target.device;
@@ -114,7 +124,12 @@ pub(crate) fn claim_fallback_keys(
         ];
         claim_fallback(conn, names, index, target.mark_used, &mut out)?;
     }
-    Ok(out)
+    // The answer names targets by index; `RawClaim` reads their devices.
+    let as_claims: Vec<ClaimTarget> = targets
+        .iter()
+        .map(|t| ClaimTarget::one(t.device.clone(), t.algorithm.clone()))
+        .collect();
+    out.decode(&as_claims)
 }
 
 /// Hands out the (device, algorithm)'s fallback key, if it has one, as the

@@ -13,7 +13,7 @@
 //!
 //! Every statement is a `prepare_cached` constant: no SQL is built per call.
 //!
-//! # How the operations use the layout (schema version 2)
+//! # How the operations use the layout (schema version 3)
 //!
 //! `one_time_key` holds a (device, algorithm)'s keys in claim order by `pos`,
 //! a store-wide position counter taken in (upload sequence, key ID) order.

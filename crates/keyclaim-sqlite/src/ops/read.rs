@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use keyclaim::backend::decode;
 use keyclaim::{Algorithm, Device, OtkCounts, Result, StoredFallback, SyncState};
-use rusqlite::{Connection, params};
+use rusqlite::{Connection, Statement, params};
 
 use super::count_u64;
 use crate::error::SqlContext as _;
@@ -19,8 +19,12 @@ const SQL_FALLBACKS: &str = "SELECT algorithm, key_id, key_json, used FROM fallb
 
 /// The device's OTK counts (R6.1), from its `otk_queue` rows alone.
 pub(crate) fn otk_counts(conn: &Connection, device: &Device) -> Result<OtkCounts> {
+    let mut stmt = conn.prepare_cached(SQL_COUNTS).ctx("otk_counts")?;
+    counts_with(&mut stmt, device)
+}
+
+fn counts_with(stmt: &mut Statement<'_>, device: &Device) -> Result<OtkCounts> {
     const OP: &str = "otk_counts";
-    let mut stmt = conn.prepare_cached(SQL_COUNTS).ctx(OP)?;
     let rows = stmt
         .query_map(
             params![device.user_id.as_str(), device.device_id.as_str()],
@@ -38,8 +42,14 @@ pub(crate) fn otk_counts(conn: &Connection, device: &Device) -> Result<OtkCounts
 /// The device's unused fallback key types, sorted by bytes (R6.3), from the
 /// `fallback_unused` index alone.
 pub(crate) fn unused_fallback_types(conn: &Connection, device: &Device) -> Result<Vec<Algorithm>> {
+    let mut stmt = conn
+        .prepare_cached(SQL_UNUSED_FALLBACKS)
+        .ctx("unused_fallback_types")?;
+    unused_with(&mut stmt, device)
+}
+
+fn unused_with(stmt: &mut Statement<'_>, device: &Device) -> Result<Vec<Algorithm>> {
     const OP: &str = "unused_fallback_types";
-    let mut stmt = conn.prepare_cached(SQL_UNUSED_FALLBACKS).ctx(OP)?;
     let rows = stmt
         .query_map(
             params![device.user_id.as_str(), device.device_id.as_str()],
@@ -80,10 +90,19 @@ pub(crate) fn sync_state(conn: &Connection, device: &Device) -> Result<SyncState
 /// empty state.
 pub(crate) fn counts_many(conn: &Connection, devices: &[Device]) -> Result<Vec<SyncState>> {
     let tx = conn.unchecked_transaction().ctx("counts_many")?;
+    // The two statements are taken from the cache once for all devices.
+    let mut counts = tx.prepare_cached(SQL_COUNTS).ctx("counts_many")?;
+    let mut unused = tx.prepare_cached(SQL_UNUSED_FALLBACKS).ctx("counts_many")?;
     let states = devices
         .iter()
-        .map(|device| device_sync_state(&tx, device))
+        .map(|device| {
+            Ok(SyncState {
+                one_time_key_counts: counts_with(&mut counts, device)?,
+                unused_fallback_key_types: unused_with(&mut unused, device)?,
+            })
+        })
         .collect::<Result<Vec<_>>>()?;
+    drop((counts, unused));
     tx.commit().ctx("counts_many")?;
     Ok(states)
 }

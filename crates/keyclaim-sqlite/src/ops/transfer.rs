@@ -118,20 +118,28 @@ fn snapshot(conn: &Connection, device: Device, keep: usize) -> Result<DeviceSnap
             .get(&alg)
             .copied()
             .ok_or_else(|| Error::corrupt("a stored key has no queue row"))?;
+        // A row that does not read back fails the export naming it, so that
+        // `check` reports where the damage is (R10.7).
+        let located = |e: Error| {
+            Error::corrupt_because(
+                format!("device {device}: the one-time key row {key_id:?} at position {pos}"),
+                e,
+            )
+        };
         if pos >= head {
             snap.one_time_keys.push(StoredOtk {
-                key_id: decode::key_id(key_id)?,
-                key_json: decode::key_json(&json)?,
+                key_id: decode::key_id(key_id.as_str()).map_err(located)?,
+                key_json: decode::key_json(&json).map_err(located)?,
                 seq: count_u64(seq),
             });
         } else {
             // Rows come in position order: issue order (R3.4).
             snap.issued
-                .entry(decode::algorithm(alg)?)
+                .entry(decode::algorithm(alg.as_str()).map_err(located)?)
                 .or_default()
                 .push(IssuedKey {
-                    key_id: decode::key_id(key_id)?,
-                    digest: decode::digest(&digest)?,
+                    key_id: decode::key_id(key_id.as_str()).map_err(located)?,
+                    digest: decode::digest(&digest).map_err(located)?,
                 });
         }
     }
@@ -143,7 +151,12 @@ fn snapshot(conn: &Connection, device: Device, keep: usize) -> Result<DeviceSnap
     snap.one_time_keys
         .sort_by(|a, b| (a.seq, &a.key_id).cmp(&(b.seq, &b.key_id)));
 
-    snap.fallback_keys = fallback_keys(conn, &device, OP)?;
+    snap.fallback_keys = fallback_keys(conn, &device, OP).map_err(|e| match e {
+        Error::Corrupt { .. } => {
+            Error::corrupt_because(format!("device {device}: a fallback key row"), e)
+        }
+        other => other,
+    })?;
     Ok(snap)
 }
 

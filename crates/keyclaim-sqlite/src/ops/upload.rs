@@ -297,8 +297,7 @@ mod tests {
                 .unwrap()
         };
         for n in 0..total {
-            let raw = claim(&conn, std::slice::from_ref(&target), true).unwrap();
-            let out = raw.decode(std::slice::from_ref(&target)).unwrap();
+            let out = claim(&conn, std::slice::from_ref(&target), true).unwrap();
             assert_eq!(out.keys[0].key_id, id(n), "claim order");
             let expected: Vec<String> = (n.saturating_sub(2)..=n)
                 .map(|k| id(k).as_str().to_owned())
@@ -328,8 +327,7 @@ mod tests {
             remembered(&conn),
             [id(total - 3), id(total - 2), id(total - 1)].map(|k| k.as_str().to_owned())
         );
-        let raw = claim(&conn, std::slice::from_ref(&target), true).unwrap();
-        let out = raw.decode(std::slice::from_ref(&target)).unwrap();
+        let out = claim(&conn, std::slice::from_ref(&target), true).unwrap();
         assert_eq!(out.keys[0].key_id, id(0));
     }
 }

@@ -11,7 +11,7 @@ use crate::error::LimitKind;
 use crate::ids::{Device, DeviceId, KeyId, UserId};
 use crate::limits::too_large;
 use crate::store::KeyStore;
-use crate::types::{ResetScope, SyncState};
+use crate::types::{ResetScope, SyncState, Upload, UploadOutcome};
 
 impl<S: KeyStore> KeysApi<S> {
     /// Serves `POST /keys/reset` (MSC4162; unstable path
@@ -90,17 +90,24 @@ impl<S: KeyStore> KeysApi<S> {
         let device = Device::new(user, DeviceId::parse(device_id)?);
         let mut map = self.parse_body(body)?;
         let upload = self.parse_upload(device, &mut map)?;
-        if self.dehydrated_fallback_required {
-            upload.require_fallback_keys()?;
-        }
-        let outcome = self
-            .store
-            .replace_device(previous.as_ref(), &upload)
-            .await?;
+        let outcome = self.replace_with(previous.as_ref(), &upload).await?;
         Ok(json!({
             "device_id": upload.device().device_id.as_str(),
             "one_time_key_counts": outcome.counts.to_wire(),
         }))
+    }
+
+    /// Replaces the upload's user's `previous` device with the upload
+    /// (R14.1), after the R14.2 check when the facade requires it.
+    pub(crate) async fn replace_with(
+        &self,
+        previous: Option<&DeviceId>,
+        upload: &Upload,
+    ) -> Result<UploadOutcome, ApiError> {
+        if self.dehydrated_fallback_required {
+            upload.require_fallback_keys()?;
+        }
+        Ok(self.store.replace_device(previous, upload).await?)
     }
 
     /// A device's current fallback keys without marking them used (MSC4081,

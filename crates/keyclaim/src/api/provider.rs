@@ -132,26 +132,39 @@ impl<S: KeyStore> KeysApi<S> {
     pub async fn claim_with(&self, body: &[u8], options: &ClaimOptions) -> Result<Value, ApiError> {
         let targets = self.claim_targets(body)?;
         tracing::Span::current().record("targets", targets.len());
+        let keys = self.claim_targets_with(&targets, options).await?;
+        Ok(claim_answer(&keys))
+    }
+
+    /// The keys a claim with options hands out for `targets` (R12.4), in the
+    /// order the answer is built from: fallback keys, the store's one-time
+    /// keys, the provider's, so that a later key under the same key ID of a
+    /// device (a one-time key) replaces an earlier one (its fallback key).
+    /// The targets' number is checked by the store (R8.2).
+    pub(crate) async fn claim_targets_with(
+        &self,
+        targets: &[ClaimTarget],
+        options: &ClaimOptions,
+    ) -> Result<Vec<ClaimedKey>, ApiError> {
         if targets.is_empty() {
-            return Ok(claim_answer(&[]));
+            return Ok(Vec::new());
         }
         if options.provider.is_none() && !options.always_include_fallback_keys {
-            let outcome = self.store.claim(&targets).await?;
-            return Ok(claim_answer(&outcome.keys));
+            return Ok(self.store.claim(targets).await?.keys);
         }
-        let local = self.store.claim_one_time_keys(&targets).await?;
-        let mut served: HashSet<(&Device, Algorithm)> = local
-            .keys
-            .iter()
-            .map(|k| (&k.device, k.key_id.algorithm()))
-            .collect();
+        let local = self.store.claim_one_time_keys(targets).await?;
         let provided = match &options.provider {
             Some(provider) if !local.misses.is_empty() => {
                 ask_provider(provider.as_ref(), &local.misses, options.provider_timeout).await
             }
             _ => Vec::new(),
         };
-        served.extend(provided.iter().map(|k| (&k.device, k.key_id.algorithm())));
+        let served: HashSet<(&Device, Algorithm)> = local
+            .keys
+            .iter()
+            .chain(&provided)
+            .map(|k| (&k.device, k.key_id.algorithm()))
+            .collect();
         let fallback_targets: Vec<FallbackTarget> = targets
             .iter()
             .filter_map(|t| {
@@ -164,15 +177,18 @@ impl<S: KeyStore> KeysApi<S> {
             })
             .collect();
         let fallback = if fallback_targets.is_empty() {
-            Default::default()
+            Vec::new()
         } else {
-            self.store.claim_fallback_keys(&fallback_targets).await?
+            self.store
+                .claim_fallback_keys(&fallback_targets)
+                .await?
+                .keys
         };
-        // Fallback keys first, so that a one-time key under the same key ID
-        // of a device replaces its fallback key in the answer.
-        Ok(claim_answer(
-            fallback.keys.iter().chain(&local.keys).chain(&provided),
-        ))
+        Ok(fallback
+            .into_iter()
+            .chain(local.keys)
+            .chain(provided)
+            .collect())
     }
 }
 

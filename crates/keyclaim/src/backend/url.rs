@@ -3,9 +3,9 @@
 //! A store URL names a backend by its scheme and carries the backend's
 //! options in its query string: `sqlite:keys.db?synchronous=normal`,
 //! `redb:keys.redb?max_batch=256`. Each option is `name=value`, given at
-//! most once; a backend turns the values into its options with [`number`],
-//! [`positive`] and [`on_off`], and reports the rest with [`bad_value`] and
-//! [`unknown`]. Every error is [`Error::InvalidConfig`], naming the backend
+//! most once; a backend turns the values into its options with [`UrlOptions::number`],
+//! [`UrlOptions::positive`] and [`UrlOptions::on_off`], and reports the rest with [`UrlOptions::bad_value`] and
+//! [`UrlOptions::unknown`]. Every error is [`Error::InvalidConfig`], naming the backend
 //! and the option, never a panic.
 
 use std::str::FromStr;

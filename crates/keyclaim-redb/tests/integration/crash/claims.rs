@@ -1,13 +1,7 @@
-//! The SIGKILL crash test (R3.1, R4.2, R10.1, R10.2).
+//! Uploads and claims under SIGKILL (R3.1, R4.2, R10.1, R10.2).
 //!
-//! The test re-executes its own binary as a child process (a child role of
-//! `keyclaim_testing::process`: the same test, which acts as the child when
-//! started with the role and as the parent in every other run) that opens the
-//! store and runs uploads and claims on four devices concurrently (so that
-//! group commit batches them), printing one line per step: an intent line
-//! before each operation and an acknowledgement line after it returned.
-//! The parent SIGKILLs the child at a random moment, opens the file, and
-//! checks it against what the child reported:
+//! The child runs uploads and claims on four devices concurrently (so that
+//! group commit batches them). After each kill the parent checks:
 //!
 //! - the file opens cleanly;
 //! - every acknowledged upload is there, unless an acknowledged claim took
@@ -16,14 +10,9 @@
 //!   twice), and every claim returned the oldest keys;
 //! - the one operation per device that was in flight at the kill is there
 //!   whole or not at all (R3.1).
-//!
-//! 20 kills in a normal run; set `KEYCLAIM_CRASH_ITERATIONS` for more.
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader, Write};
-use std::process::Stdio;
 use std::sync::Arc;
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
@@ -31,43 +20,16 @@ use keyclaim::{ClaimTarget, KeyStore, Upload};
 use keyclaim_conformance::fixtures::{SC, alg, dev, kid, signed};
 use keyclaim_redb::RedbStore;
 
-const TEST: &str = "crash::sigkill_at_random_moments_loses_nothing_and_never_double_issues";
-const PATH_ENV: &str = "KEYCLAIM_CRASH_PATH";
-const ITER_ENV: &str = "KEYCLAIM_CRASH_ITER";
-const ITERATIONS_ENV: &str = "KEYCLAIM_CRASH_ITERATIONS";
+use super::{Rng, child_args, emit, kill_and_check, split_names};
+use crate::rt;
+
+const TEST: &str = "crash::claims::sigkill_at_random_moments_loses_nothing_and_never_double_issues";
 const TASKS: usize = 4;
 const USER: &str = "@crash:example.org";
 
-use crate::rt;
-
-/// splitmix64: enough randomness for timings and operation mixes.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
-fn emit(line: &str) {
-    let mut out = std::io::stdout().lock();
-    // A closed pipe means the parent is gone: stop.
-    writeln!(out, "{line}").expect("parent gone");
-    out.flush().expect("parent gone");
-}
-
 /// The child role: uploads and claims until killed (or 20 s pass).
 fn crash_child() {
-    let path = std::env::var(PATH_ENV).unwrap();
-    let iter: u64 = std::env::var(ITER_ENV).unwrap().parse().unwrap();
+    let (path, iter) = child_args();
     rt().block_on(async move {
         let store = Arc::new(RedbStore::open(&path).await.expect("open after crash"));
         emit("@@ ready");
@@ -117,14 +79,6 @@ enum Pending {
     None,
     Upload(Vec<String>),
     Claim(usize),
-}
-
-fn split_names(s: Option<&str>) -> Vec<String> {
-    s.unwrap_or("")
-        .split(',')
-        .filter(|x| !x.is_empty())
-        .map(str::to_owned)
-        .collect()
 }
 
 /// Replays the child's report onto the state verified after the previous
@@ -185,79 +139,11 @@ fn sigkill_at_random_moments_loses_nothing_and_never_double_issues() {
     if keyclaim_testing::process::is_child("crash") {
         return crash_child();
     }
-    let iterations: u64 = std::env::var(ITERATIONS_ENV)
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(20);
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64;
-    eprintln!("crash test: {iterations} kills, seed {seed}");
-    let mut rng = Rng(seed);
-    let dir = keyclaim_testing::temp_dir();
-    let path = dir.path().join("crash.redb");
-    let runtime = rt();
     let mut expected: Vec<BTreeSet<String>> = vec![BTreeSet::new(); TASKS];
-    let mut total_acks = 0;
     let mut in_flight_seen = 0;
-    for iter in 0..iterations {
-        let mut child = keyclaim_testing::process::child_command(TEST, "crash")
-            .env(PATH_ENV, &path)
-            .env(ITER_ENV, iter.to_string())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (ready_tx, ready_rx) = mpsc::channel();
-        let reader = std::thread::spawn(move || {
-            let mut out = BufReader::new(stdout);
-            let mut lines = Vec::new();
-            let mut line = String::new();
-            loop {
-                line.clear();
-                match out.read_line(&mut line) {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {}
-                }
-                // A line cut by the kill has no newline and was never
-                // acknowledged as whole: drop it.
-                if !line.ends_with('\n') {
-                    break;
-                }
-                // libtest may print "test crash::sigkill_... " before the
-                // first line of the child's own output.
-                let Some(at) = line.find("@@ ") else {
-                    continue;
-                };
-                let report = line[at..].trim_end();
-                if report == "@@ ready" {
-                    let _ = ready_tx.send(());
-                }
-                lines.push(report.to_owned());
-            }
-            lines
-        });
-        if iter % 5 == 4 {
-            // Sometimes kill early: during start-up, opening or repair.
-            std::thread::sleep(Duration::from_millis(rng.below(40)));
-        } else {
-            ready_rx
-                .recv_timeout(Duration::from_secs(30))
-                .expect("child did not open the store");
-            std::thread::sleep(Duration::from_millis(5 + rng.below(150)));
-        }
-        child.kill().unwrap();
-        child.wait().unwrap();
-        let lines = reader.join().unwrap();
-        let (base, pending, acks) = replay(&lines, &expected);
-        total_acks += acks;
-
+    let (kills, acks) = kill_and_check(TEST, "crash", |iter, lines, store, runtime| {
+        let (base, pending, acks) = replay(lines, &expected);
         runtime.block_on(async {
-            let store = RedbStore::open(&path)
-                .await
-                .unwrap_or_else(|e| panic!("iteration {iter}: open after SIGKILL failed: {e:?}"));
             for task in 0..TASKS {
                 let device = dev(USER, &format!("D{task}"));
                 let snap = store
@@ -315,15 +201,11 @@ fn sigkill_at_random_moments_loses_nothing_and_never_double_issues() {
                 );
                 expected[task] = set;
             }
-            store.close().await.unwrap();
         });
-    }
+        acks
+    });
     eprintln!(
-        "crash test: {iterations} kills, {total_acks} acknowledged operations, \
+        "crash test: {kills} kills, {acks} acknowledged operations, \
          {in_flight_seen} unacknowledged operations found committed"
-    );
-    assert!(
-        total_acks >= iterations as usize,
-        "the child made too little progress to test anything"
     );
 }

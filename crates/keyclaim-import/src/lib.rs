@@ -1,0 +1,7 @@
+#![doc = include_str!("../README.md")]
+
+mod merge;
+mod run;
+pub mod synapse;
+
+pub use run::{ImportOptions, ImportReport, Progress};
