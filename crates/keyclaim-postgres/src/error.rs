@@ -108,6 +108,18 @@ pub(crate) fn backlog(op: &'static str) -> Error {
     )
 }
 
+/// The migration's swap did not get its short lock in any attempt: the
+/// table stayed busy (retryable: connecting again goes on from the built
+/// index).
+pub(crate) fn migration_busy() -> Error {
+    Error::storage(
+        BACKEND,
+        "migrate",
+        true,
+        "the issued table stayed busy: could not swap in the new key",
+    )
+}
+
 /// A stored value that does not decode (a bug or outside tampering).
 pub(crate) fn corrupt(what: &str, error: impl std::fmt::Display) -> Error {
     Error::corrupt(format!("{BACKEND}: {what}: {error}"))

@@ -153,9 +153,9 @@ impl PostgresStore {
             .map_err(error::pool_build)?;
 
         {
-            let mut client = pool.get().await.map_err(|e| error::pool("connect", e))?;
+            let client = pool.get().await.map_err(|e| error::pool("connect", e))?;
             session::check(&client, &options).await?;
-            schema::migrate(&mut client, schema).await?;
+            schema::migrate(client, schema).await?;
         }
 
         let transactional_notify = options.get_transactional_notify();

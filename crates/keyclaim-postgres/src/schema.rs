@@ -5,17 +5,33 @@
 //! use `COLLATE "C"`: byte order of the UTF-8 strings (R2.7), whatever the
 //! database's locale.
 //!
-//! Migrations run in one transaction under an advisory lock named after the
-//! schema, so several workers may start at once: the first creates or
-//! upgrades the tables, the others wait and then find them current. A
+//! Migrations run under a session advisory lock named after the schema, so
+//! several workers may start at once: the first creates or upgrades the
+//! tables, the others wait and then find them current. A worker waits for
+//! the lock by trying it again and again (`pg_try_advisory_lock`), never in
+//! a statement, so that it holds no snapshot a concurrent index build
+//! would wait for. The lock is held by a connection taken out of the pool,
+//! which is closed afterwards: whatever happens, the lock goes with it. A
 //! schema written by a newer keyclaim is refused with
 //! [`Error::UnsupportedVersion`], never touched.
+//!
+//! Creating the tables is one transaction. Upgrading a schema that holds
+//! data does not block other workers' claims and uploads for longer than a
+//! short lock per step (R10.9): version 2 builds its new index with
+//! `CREATE INDEX CONCURRENTLY` (no lock that blocks writes; the server's
+//! memory is bounded by `maintenance_work_mem`, keyclaim's by nothing it
+//! reads), then swaps it in, drops the old indexes and records the version
+//! in one short transaction under `lock_timeout`, tried again while the
+//! table is busy. The version and the layout change together.
 
-use deadpool_postgres::Object;
+use std::time::Duration;
+
+use deadpool_postgres::{ClientWrapper, Object};
 use keyclaim::{Error, Result};
+use tokio_postgres::error::SqlState;
 
 use crate::BACKEND;
-use crate::error::pg;
+use crate::error::{self, pg};
 
 /// The newest schema version this build knows (and creates).
 pub const SCHEMA_VERSION: i64 = 2;
@@ -68,7 +84,9 @@ CREATE TABLE issued (
 CREATE INDEX issued_order ON issued (user_id, device_id, algorithm, issued_txn, issued_pos);
 "#;
 
-/// Version 2: the issued memory keeps one index instead of two.
+/// Version 2: the issued memory keeps one index instead of two. This SQL
+/// runs only on the empty tables version 1 has just created; a schema with
+/// data is upgraded by [`migrate_v2`], with the same result.
 ///
 /// Every claimed key is remembered with one `INSERT` into `issued`; with a
 /// primary key on `(user_id, device_id, key_id, digest)` plus the
@@ -95,11 +113,56 @@ ALTER TABLE issued ADD CONSTRAINT issued_pkey
     PRIMARY KEY (user_id, device_id, algorithm, issued_txn, issued_pos);
 "#;
 
-/// Every migration, in order: (the version it leads to, its SQL).
+/// The index version 2 builds concurrently, then makes the primary key.
+const V2_INDEX: &str = "issued_v2_key";
+
+/// A leftover of an interrupted build: `CREATE INDEX CONCURRENTLY` that
+/// fails leaves an invalid index behind.
+const V2_INDEX_INVALID: &str = "SELECT 1 FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+    WHERE c.relname = 'issued_v2_key' AND c.relnamespace = current_schema()::regnamespace
+      AND NOT i.indisvalid";
+
+const V2_BUILD: &str = "CREATE UNIQUE INDEX CONCURRENTLY IF NOT EXISTS issued_v2_key
+    ON issued (user_id, device_id, algorithm, issued_txn, issued_pos)";
+
+const V2_DROP_INVALID: &str = "DROP INDEX CONCURRENTLY IF EXISTS issued_v2_key";
+
+/// Duplicate claim positions cannot exist (see [`V2`]); if some do, the
+/// unique build fails, and this removes them before it is tried again,
+/// keeping of each position the row stored first (the lowest `ctid`). One
+/// statement that locks only the rows it deletes.
+const V2_DEDUP: &str = "
+DELETE FROM issued a USING issued b
+ WHERE a.user_id = b.user_id AND a.device_id = b.device_id AND a.algorithm = b.algorithm
+   AND a.issued_txn = b.issued_txn AND a.issued_pos = b.issued_pos AND a.ctid > b.ctid";
+
+/// The swap, in one short transaction: the built index becomes the primary
+/// key, the old indexes go, the version is recorded.
+const V2_SWAP: &str = "
+ALTER TABLE issued DROP CONSTRAINT issued_pkey;
+DROP INDEX issued_order;
+ALTER TABLE issued ADD CONSTRAINT issued_pkey PRIMARY KEY USING INDEX issued_v2_key;";
+
+/// How long the swap waits for its lock, while it blocks the writers that
+/// queue behind it (R10.9), before it lets them go and tries again.
+const SWAP_LOCK_TIMEOUT: &str = "SET LOCAL lock_timeout = '500ms'";
+
+/// How often the swap is tried before the migration fails (retryable; the
+/// next connect goes on from the built index).
+const SWAP_ATTEMPTS: u32 = 40;
+
+/// The transactional migrations, in order: (the version it leads to, its
+/// SQL). Version 2 of a schema that holds data runs [`migrate_v2`] instead.
 const MIGRATIONS: &[(i64, &str)] = &[(1, V1), (2, V2)];
 
+/// The advisory lock of migrations that hold it for the transaction,
+/// taken inside the transactions (keyclaim before this layout took only
+/// this one).
 const MIGRATE_LOCK: &str =
     "SELECT pg_advisory_xact_lock(hashtextextended('keyclaim/migrate/' || $1::text, 0))";
+/// The session lock of the whole migration (see the module docs).
+const MIGRATE_SESSION_LOCK: &str =
+    "SELECT pg_try_advisory_lock(hashtextextended('keyclaim/migrate/' || $1::text, 1))";
 const SCHEMA_EXISTS: &str = "SELECT 1 FROM pg_namespace WHERE nspname = $1::text";
 const CREATE_META: &str = "CREATE TABLE IF NOT EXISTS keyclaim_meta (
     id      int PRIMARY KEY CHECK (id = 1),
@@ -109,10 +172,43 @@ const READ_VERSION: &str = "SELECT version FROM keyclaim_meta WHERE id = 1";
 const WRITE_VERSION: &str = "INSERT INTO keyclaim_meta (id, version) VALUES (1, $1)
     ON CONFLICT (id) DO UPDATE SET version = EXCLUDED.version";
 
-/// Creates the schema and tables, or upgrades them, on a connection whose
-/// `search_path` is `schema` (already validated).
+/// Creates the schema and tables, or upgrades them, on a connection of the
+/// pool whose `search_path` is `schema` (already validated). The
+/// connection is taken out of the pool and closed (see the module docs).
 #[tracing::instrument(name = "keyclaim.postgres.migrate", skip_all, fields(schema = %schema))]
-pub(crate) async fn migrate(client: &mut Object, schema: &str) -> Result<()> {
+pub(crate) async fn migrate(client: Object, schema: &str) -> Result<()> {
+    let op = "migrate";
+    let mut client = Object::take(client);
+    let mut pause = Duration::from_millis(20);
+    loop {
+        let row = client
+            .query_one(MIGRATE_SESSION_LOCK, &[&schema])
+            .await
+            .map_err(pg(op))?;
+        if row.try_get::<_, bool>(0).map_err(pg(op))? {
+            break;
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(500));
+    }
+    // Unlocked by closing the connection when `client` is dropped. The
+    // index build may take long, and must not be cancelled half-way by a
+    // statement or lock timeout of the store's options or the role.
+    client
+        .batch_execute("SET statement_timeout = 0; SET lock_timeout = 0")
+        .await
+        .map_err(pg(op))?;
+    let found = migrate_tables(&mut client, schema).await?;
+    if found == 1 {
+        migrate_v2(&mut client, schema).await?;
+    }
+    Ok(())
+}
+
+/// Creates the schema and the tables, or upgrades them with the
+/// transactional migrations, in one transaction; answers the version found
+/// when version 2 is left to [`migrate_v2`] (1), else the version found.
+async fn migrate_tables(client: &mut ClientWrapper, schema: &str) -> Result<i64> {
     let op = "migrate";
     let tx = client.transaction().await.map_err(pg(op))?;
     tx.execute(MIGRATE_LOCK, &[&schema]).await.map_err(pg(op))?;
@@ -139,7 +235,13 @@ pub(crate) async fn migrate(client: &mut Object, schema: &str) -> Result<()> {
             supported: SCHEMA_VERSION,
         });
     }
+    if found == 1 {
+        // Tables with data: version 2 runs without blocking (migrate_v2).
+        return Ok(found);
+    }
     for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > found) {
+        // Version 2 here only right after version 1 created the (empty)
+        // tables, where rebuilding the key is instant.
         tracing::info!(schema, version, "applying keyclaim migration");
         tx.batch_execute(sql).await.map_err(pg(op))?;
         tx.execute(WRITE_VERSION, &[version])
@@ -147,5 +249,74 @@ pub(crate) async fn migrate(client: &mut Object, schema: &str) -> Result<()> {
             .map_err(pg(op))?;
     }
     tx.commit().await.map_err(pg(op))?;
-    Ok(())
+    Ok(found)
+}
+
+/// Version 1 to 2 on tables that may hold data, without blocking other
+/// workers for longer than a short lock (R10.9, see the module docs):
+/// build the new key concurrently, then swap it in with the version.
+async fn migrate_v2(client: &mut ClientWrapper, schema: &str) -> Result<()> {
+    let op = "migrate";
+    tracing::info!(
+        schema,
+        version = 2,
+        "applying keyclaim migration (index built concurrently)"
+    );
+    let mut deduplicated = false;
+    loop {
+        if client
+            .query_opt(V2_INDEX_INVALID, &[])
+            .await
+            .map_err(pg(op))?
+            .is_some()
+        {
+            client
+                .batch_execute(V2_DROP_INVALID)
+                .await
+                .map_err(pg(op))?;
+        }
+        match client.batch_execute(V2_BUILD).await {
+            Ok(()) => break,
+            Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) && !deduplicated => {
+                tracing::warn!(schema, "duplicate issued-key positions; removing them");
+                client
+                    .batch_execute(V2_DROP_INVALID)
+                    .await
+                    .map_err(pg(op))?;
+                client.batch_execute(V2_DEDUP).await.map_err(pg(op))?;
+                deduplicated = true;
+            }
+            Err(e) => return Err(pg(op)(e)),
+        }
+    }
+    let mut pause = Duration::from_millis(50);
+    for attempt in 1..=SWAP_ATTEMPTS {
+        match swap_v2(client).await {
+            Ok(()) => {
+                tracing::info!(
+                    schema,
+                    index = V2_INDEX,
+                    attempt,
+                    "keyclaim migration 2 applied"
+                );
+                return Ok(());
+            }
+            Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
+                tracing::debug!(schema, attempt, "issued table busy; trying the swap again");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
+            }
+            Err(e) => return Err(pg(op)(e)),
+        }
+    }
+    Err(error::migration_busy())
+}
+
+/// The swap of version 2, in one transaction under a short lock timeout.
+async fn swap_v2(client: &mut ClientWrapper) -> Result<(), tokio_postgres::Error> {
+    let tx = client.transaction().await?;
+    tx.batch_execute(SWAP_LOCK_TIMEOUT).await?;
+    tx.batch_execute(V2_SWAP).await?;
+    tx.execute(WRITE_VERSION, &[&2_i64]).await?;
+    tx.commit().await
 }

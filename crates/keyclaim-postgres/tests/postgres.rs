@@ -115,39 +115,52 @@ fn newer_schema_is_refused() {
     });
 }
 
+/// A store in `schema` whose device `a` holds `keys`, `claims` of which
+/// were claimed, put back into the version-1 layout; returns a raw
+/// connection whose `search_path` is the schema.
+async fn version_1_store(
+    url: &str,
+    schema: &str,
+    a: &Device,
+    keys: &[(keyclaim::KeyId, keyclaim::KeyJson)],
+    claims: usize,
+) -> tokio_postgres::Client {
+    {
+        let store = PostgresStore::connect_with(url, options(schema))
+            .await
+            .expect("connect");
+        put(&store, a, keys.to_vec(), vec![]).await;
+        for _ in 0..claims {
+            store
+                .claim(&[ClaimTarget::one(a.clone(), alg(SC))])
+                .await
+                .expect("claim");
+        }
+    }
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("raw connection");
+    tokio::spawn(connection);
+    client
+        .batch_execute(&format!(
+            "SET search_path = {schema};
+             ALTER TABLE issued DROP CONSTRAINT issued_pkey;
+             ALTER TABLE issued ADD PRIMARY KEY (user_id, device_id, key_id, digest);
+             CREATE INDEX issued_order ON issued (user_id, device_id, algorithm, issued_txn, issued_pos);
+             UPDATE keyclaim_meta SET version = 1;"
+        ))
+        .await
+        .expect("back to version 1");
+    client
+}
+
 #[test]
 fn version_1_schema_migrates_keeping_the_issued_memory() {
     with_server("postgres::version_1_schema_migrates", |url| async move {
         let schema = unique_schema("kc_v1");
         let a = dev("@a:x", "A");
         let keys = numbered_otks(SC, "K", 10);
-        {
-            let store = PostgresStore::connect_with(&url, options(&schema))
-                .await
-                .expect("connect");
-            put(&store, &a, keys.clone(), vec![]).await;
-            for _ in 0..3 {
-                store
-                    .claim(&[ClaimTarget::one(a.clone(), alg(SC))])
-                    .await
-                    .expect("claim");
-            }
-        }
-        // Put the issued memory back into its version-1 layout.
-        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-            .await
-            .expect("raw connection");
-        tokio::spawn(connection);
-        client
-            .batch_execute(&format!(
-                "SET search_path = {schema};
-                 ALTER TABLE issued DROP CONSTRAINT issued_pkey;
-                 ALTER TABLE issued ADD PRIMARY KEY (user_id, device_id, key_id, digest);
-                 CREATE INDEX issued_order ON issued (user_id, device_id, algorithm, issued_txn, issued_pos);
-                 UPDATE keyclaim_meta SET version = 1;"
-            ))
-            .await
-            .expect("back to version 1");
+        let client = version_1_store(&url, &schema, &a, &keys, 3).await;
 
         let store = PostgresStore::connect_with(&url, options(&schema))
             .await
@@ -185,6 +198,123 @@ fn version_1_schema_migrates_keeping_the_issued_memory() {
         let out = put(&store, &a, keys[3..4].to_vec(), vec![]).await;
         assert_eq!(out.counts.get_str(SC), 6);
     });
+}
+
+/// R10.9: version 2 on a table with data, three workers starting at once,
+/// builds its key concurrently while another session keeps writing (as the claims of workers still running
+/// do), recovers from a build interrupted by duplicate positions (an
+/// invalid index left behind) by removing the duplicates, and swaps the key
+/// in with the version.
+#[test]
+fn version_2_migration_runs_beside_writers_and_recovers() {
+    with_server(
+        "postgres::version_2_migration_beside_writers",
+        |url| async move {
+            let schema = unique_schema("kc_v1w");
+            let a = dev("@a:x", "A");
+            let keys = numbered_otks(SC, "K", 30);
+            let client = version_1_store(&url, &schema, &a, &keys, 20).await;
+            // A duplicate claim position (another key at the position of
+            // the oldest), and the invalid index a build interrupted by it
+            // leaves behind.
+            client
+                .batch_execute(
+                    "INSERT INTO issued
+                       SELECT user_id, device_id, algorithm, 'signed_curve25519:DUP', digest,
+                              issued_txn, issued_pos
+                       FROM issued ORDER BY issued_txn, issued_pos LIMIT 1",
+                )
+                .await
+                .expect("a duplicate position");
+            let interrupted = client
+                .batch_execute(
+                    "CREATE UNIQUE INDEX CONCURRENTLY issued_v2_key
+                 ON issued (user_id, device_id, algorithm, issued_txn, issued_pos)",
+                )
+                .await;
+            assert!(interrupted.is_err(), "the duplicate fails the build");
+
+            // A writer inserting remembered keys the whole time, as a worker of
+            // the previous version claims.
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let writer = {
+                let (url, schema, stop) = (url.clone(), schema.clone(), stop.clone());
+                tokio::spawn(async move {
+                    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                        .await
+                        .expect("writer connection");
+                    tokio::spawn(connection);
+                    let insert = format!(
+                        "INSERT INTO {schema}.issued
+                     VALUES ('@w:x', 'W', 'alg', 'alg:' || $1::text, '\\x00', 1000000 + $2::int8, 0)
+                     ON CONFLICT DO NOTHING"
+                    );
+                    let mut n = 0i64;
+                    while !stop.load(std::sync::atomic::Ordering::SeqCst) || n < 50 {
+                        client
+                            .execute(&insert, &[&n.to_string(), &n])
+                            .await
+                            .expect("a write during the migration");
+                        n += 1;
+                    }
+                    n
+                })
+            };
+            // Three workers start at once: one migrates, the others wait.
+            let connects = (0..3).map(|_| PostgresStore::connect_with(&url, options(&schema)));
+            let mut stores: Vec<PostgresStore> = futures::future::join_all(connects)
+                .await
+                .into_iter()
+                .collect::<Result<_, _>>()
+                .expect("every worker connects");
+            let store = stores.pop().expect("a store");
+            stop.store(true, std::sync::atomic::Ordering::SeqCst);
+            let written = writer.await.expect("writer");
+
+            let version: i64 = client
+                .query_one("SELECT version FROM keyclaim_meta", &[])
+                .await
+                .expect("version")
+                .get(0);
+            assert_eq!(version, SCHEMA_VERSION);
+            let indexes: Vec<(String, bool)> = client
+                .query(
+                    "SELECT c.relname::text, i.indisvalid FROM pg_index i
+                   JOIN pg_class c ON c.oid = i.indexrelid
+                   JOIN pg_class t ON t.oid = i.indrelid
+                  WHERE t.relname = 'issued' AND t.relnamespace = $1::text::regnamespace",
+                    &[&schema],
+                )
+                .await
+                .expect("indexes")
+                .iter()
+                .map(|row| (row.get(0), row.get(1)))
+                .collect();
+            assert_eq!(indexes, [("issued_pkey".to_owned(), true)]);
+            let key: String = client
+                .query_one(
+                    "SELECT pg_get_constraintdef(oid) FROM pg_constraint
+                  WHERE conname = 'issued_pkey' AND connamespace = $1::text::regnamespace",
+                    &[&schema],
+                )
+                .await
+                .expect("primary key")
+                .get(0);
+            assert_eq!(
+                key,
+                "PRIMARY KEY (user_id, device_id, algorithm, issued_txn, issued_pos)"
+            );
+            let rows: i64 = client
+                .query_one("SELECT count(*) FROM issued WHERE user_id = '@w:x'", &[])
+                .await
+                .expect("written rows")
+                .get(0);
+            assert_eq!(rows, written, "every write during the migration is there");
+            // The memory of the device is intact: the 20 issued keys stay out.
+            let out = put(&store, &a, keys[..20].to_vec(), vec![]).await;
+            assert_eq!(out.counts.get_str(SC), 10);
+        },
+    );
 }
 
 #[test]

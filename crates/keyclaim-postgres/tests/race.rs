@@ -2,7 +2,9 @@
 //! one hot device (no key handed out twice, nobody short while keys remain:
 //! R4.2, R4.3); a device replacement racing the claims of the previous
 //! device (R14.1 with R4.2); fallback claims racing the upload that
-//! replaces the fallback key (R12.2: the key answered is the key marked).
+//! replaces the fallback key (R12.2: the key answered is the key marked);
+//! claims meeting keys locked by transactions that roll back (R4.3); claims
+//! whose connections are killed (R4.2, R10.4).
 
 // Tests report failures by panicking.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -661,6 +663,199 @@ fn hot_device_claims_racing_lockers_that_roll_back() {
                 locker.await.expect("locker");
             }
             assert!(rollbacks.load(Ordering::SeqCst) > 0, "the lockers ran");
+        },
+    );
+}
+
+/// `url` with a libpq parameter added.
+fn with_param(url: &str, key: &str, value: &str) -> String {
+    if url.starts_with("postgres") {
+        let sep = if url.contains('?') { '&' } else { '?' };
+        format!("{url}{sep}{key}={value}")
+    } else {
+        format!("{url} {key}={value}")
+    }
+}
+
+/// R4.2 and R10.4 with connections killed under load: while 32 claimers
+/// drain four devices, another session keeps terminating the pools'
+/// connections (`pg_terminate_backend`). Claims fail only with retryable
+/// errors; no key is handed out twice; a key no answer delivered was
+/// consumed by a claim that failed (it is in the issued memory, and there
+/// are no more of them than the failed claims asked for); once the killing
+/// stops, the pools recover and the claims drain the devices.
+#[test]
+fn claims_survive_their_connections_being_killed() {
+    with_server(
+        "race::claims_survive_their_connections_being_killed",
+        |url| async move {
+            let app = unique_schema("kc_kill");
+            let store_url = with_param(&url, "application_name", &app);
+            let mut limits = Limits::default();
+            limits.max_otks_per_device_algorithm = 10_000;
+            limits.remembered_issued_keys = 100_000;
+            let options = PostgresOptions::new()
+                .schema(unique_schema("kc_kill"))
+                .pool_size(16)
+                .allow_unsafe_server(true)
+                .limits(limits);
+            let one = Arc::new(
+                PostgresStore::connect_with(&store_url, options.clone())
+                    .await
+                    .expect("worker 1"),
+            );
+            let two = Arc::new(
+                PostgresStore::connect_with(&store_url, options)
+                    .await
+                    .expect("worker 2"),
+            );
+            let devices: Vec<Device> = (0..4)
+                .map(|i| dev(&format!("@kill{i}:example.org"), "D"))
+                .collect();
+            let mut all = BTreeSet::new();
+            for d in &devices {
+                all.extend(
+                    fill(&one, d, 0, 1500)
+                        .await
+                        .into_iter()
+                        .map(|id| (d.clone(), id)),
+                );
+            }
+
+            let killing = Arc::new(AtomicBool::new(true));
+            let handed = Arc::new(AtomicUsize::new(0));
+            let killer = {
+                let (url, app, killing, handed) =
+                    (url.clone(), app.clone(), killing.clone(), handed.clone());
+                let total = all.len();
+                tokio::spawn(async move {
+                    let admin = raw(&url).await;
+                    let mut killed = 0i64;
+                    // Kill until half the keys went out, then let the pools recover.
+                    while handed.load(Ordering::SeqCst) < total / 2 {
+                        let n: i64 = admin
+                            .query_one(
+                                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                                 WHERE application_name = $1",
+                                &[&app],
+                            )
+                            .await
+                            .expect("terminate")
+                            .get(0);
+                        killed += n;
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    killing.store(false, Ordering::SeqCst);
+                    killed
+                })
+            };
+
+            let claimers: Vec<_> = (0..32)
+                .map(|i| {
+                    let store = if i % 2 == 0 { one.clone() } else { two.clone() };
+                    let (devices, handed) = (devices.clone(), handed.clone());
+                    tokio::spawn(async move {
+                        let mut got: Vec<ClaimedKey> = Vec::new();
+                        let mut failed_asks = 0u32;
+                        let mut errors = 0u32;
+                        let mut round = i;
+                        loop {
+                            round += 1;
+                            // One device, or two with two keys each.
+                            let targets: Vec<ClaimTarget> = if round % 3 == 0 {
+                                (0..2)
+                                    .map(|k| ClaimTarget {
+                                        device: devices[(round + k) % 4].clone(),
+                                        algorithm: alg(SC),
+                                        count: 2,
+                                    })
+                                    .collect()
+                            } else {
+                                vec![ClaimTarget::one(devices[round % 4].clone(), alg(SC))]
+                            };
+                            match store.claim(&targets).await {
+                                Ok(out) => {
+                                    let otks: Vec<ClaimedKey> =
+                                        out.keys.into_iter().filter(|k| !k.fallback).collect();
+                                    handed.fetch_add(otks.len(), Ordering::SeqCst);
+                                    if otks.is_empty() && targets.len() == 1 {
+                                        // Check that the other devices are empty too.
+                                        let mut rest = 0;
+                                        for d in &devices {
+                                            rest += store
+                                                .otk_counts(d)
+                                                .await
+                                                .map_or(1, |c| c.get_str(SC));
+                                        }
+                                        if rest == 0 {
+                                            return (got, failed_asks, errors);
+                                        }
+                                    }
+                                    got.extend(otks);
+                                }
+                                Err(e) => {
+                                    assert!(e.is_retryable(), "a non-retryable error: {e:?}");
+                                    errors += 1;
+                                    failed_asks += targets.iter().map(|t| t.count).sum::<u32>();
+                                }
+                            }
+                        }
+                    })
+                })
+                .collect();
+
+            let mut handed_out: BTreeSet<(Device, String)> = BTreeSet::new();
+            let (mut failed_asks, mut errors) = (0u32, 0u32);
+            for claimer in claimers {
+                let (got, asks, errs) = tokio::time::timeout(Duration::from_secs(300), claimer)
+                    .await
+                    .expect("the claimers drain the devices within 300 s")
+                    .expect("claimer");
+                failed_asks += asks;
+                errors += errs;
+                for key in got {
+                    let id = (key.device.clone(), key.key_id.to_string());
+                    assert!(handed_out.insert(id.clone()), "{id:?} handed out twice");
+                }
+            }
+            let killed = killer.await.expect("killer");
+            assert!(!killing.load(Ordering::SeqCst));
+            assert!(killed > 0, "no connection was killed");
+            assert!(errors > 0, "no claim met a killed connection");
+
+            // Every key is gone; the ones nobody received were consumed by
+            // failed claims, which remembered them as issued.
+            for d in &devices {
+                assert_eq!(one.otk_counts(d).await.expect("counts").get_str(SC), 0);
+            }
+            assert!(handed_out.is_subset(&all));
+            let lost: BTreeSet<_> = all.difference(&handed_out).cloned().collect();
+            assert!(
+                lost.len() <= failed_asks as usize,
+                "{} keys lost, failed claims asked for {failed_asks}",
+                lost.len()
+            );
+            let mut issued = BTreeSet::new();
+            for snapshot in one.export_devices(None, 10).await.expect("export") {
+                for key in snapshot.issued.values().flatten() {
+                    issued.insert((snapshot.device.clone(), key.key_id.to_string()));
+                }
+            }
+            for key in &lost {
+                assert!(
+                    issued.contains(key),
+                    "{key:?} vanished: neither handed out nor issued"
+                );
+            }
+            // The pools recovered and stay within their size.
+            for store in [&one, &two] {
+                let status = store.pool_status();
+                assert!(status.size <= status.max_size, "{status:?}");
+            }
+            eprintln!(
+                "killed {killed} connections; {errors} claims failed; {} keys consumed undelivered",
+                lost.len()
+            );
         },
     );
 }
