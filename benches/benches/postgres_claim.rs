@@ -229,7 +229,10 @@ fn main() {
         let options = PostgresOptions::new()
             .schema(schema)
             .pool_size(72)
-            .limits(limits);
+            .limits(limits)
+            // KEYCLAIM_BENCH_DURABLE=0 runs a throwaway server with fsync = off,
+            // which keyclaim refuses unless told (R10.5).
+            .allow_unsafe_server(!durable);
         let keyclaim = PostgresStore::connect_with(&url, options)
             .await
             .expect("connect");

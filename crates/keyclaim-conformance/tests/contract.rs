@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 #[rustfmt::skip]
 const NO_CASE_YET: &[(&str, &str)] = &[
     ("R10.4", "needs a failing store: keyclaim's tests/facade_faults.rs and the backends' fault tests"),
-    ("R10.5", "not implemented yet: PostgreSQL session settings checked at start"),
+    ("R10.5", "needs a tuned server: PostgreSQL's tests/server_settings.rs"),
     ("R10.6", "needs a stalled writer: SQLite's tests/overload.rs and redb's stalled-writer tests"),
     ("R10.7", "needs corrupted storage: SQLite's tests/corrupt.rs and redb's corruption tests"),
     ("R10.8", "needs a failing disk: keyclaim-reliability's storage_faults and redb's faults tests"),
