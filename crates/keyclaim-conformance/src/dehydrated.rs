@@ -1,9 +1,8 @@
 //! Contract section 14: dehydrated devices (MSC3814).
 
-use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use keyclaim::{ClaimTarget, DeviceId, Error, KeyStore, KeysApi};
+use keyclaim::{DeviceId, Error, KeyStore, KeysApi};
 use serde_json::json;
 
 use crate::StoreFactory;
@@ -152,38 +151,18 @@ cases! { $ dehydrated;
         let new = dev(U, "NEW");
         let n = 100;
         put(&*store, &old, numbered_otks(SC, "K", n), vec![]).await;
-        let claimers: Vec<_> = (0..8)
-            .map(|_| {
-                let (store, old) = (store.clone(), old.clone());
-                tokio::spawn(async move {
-                    let mut got = Vec::new();
-                    loop {
-                        let out = store
-                            .claim(&[ClaimTarget::one(old.clone(), alg(SC))])
-                            .await
-                            .expect("claim");
-                        if out.keys.is_empty() {
-                            return got;
-                        }
-                        got.extend(out.keys.into_iter().map(|k| k.key_id.to_string()));
-                    }
-                })
-            })
-            .collect();
+        let claimers = spawn_drainers(&store, &old, SC, 8);
         let upload = upload_of(&new, numbered_otks(SC, "N", 10), vec![]);
         store
             .replace_device(Some(&old.device_id), &upload)
             .await
             .expect("replace");
-        let mut seen = BTreeSet::new();
-        for c in claimers {
-            for id in c.await.expect("claimer") {
-                assert!(
-                    id.starts_with("signed_curve25519:K"),
-                    "{id} is not the previous device's"
-                );
-                assert!(seen.insert(id.clone()), "{id} issued twice");
-            }
+        let seen = join_distinct(claimers).await;
+        for id in &seen {
+            assert!(
+                id.starts_with("signed_curve25519:K"),
+                "{id} is not the previous device's"
+            );
         }
         assert!(seen.len() <= n);
         assert_eq!(count(&*store, &old, SC).await, 0);

@@ -224,3 +224,49 @@ pub fn assert_api_err<T: std::fmt::Debug>(
 pub fn wire_key(key: &str) -> serde_json::Value {
     json!({"key": key, "signatures": {"@alice:example.org": {"ed25519:ALICEDEV": "sig"}}})
 }
+
+/// Starts `tasks` claimers that each claim one key of `algorithm` from
+/// `device` at a time until a claim comes away empty, answering the key IDs
+/// they got; [`join_distinct`] collects them.
+pub fn spawn_drainers<S: KeyStore>(
+    store: &std::sync::Arc<S>,
+    device: &Device,
+    algorithm: &str,
+    tasks: usize,
+) -> Vec<tokio::task::JoinHandle<Vec<String>>> {
+    (0..tasks)
+        .map(|_| {
+            let (store, target) = (
+                store.clone(),
+                ClaimTarget::one(device.clone(), alg(algorithm)),
+            );
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                loop {
+                    let out = store
+                        .claim(std::slice::from_ref(&target))
+                        .await
+                        .expect("claim");
+                    if out.keys.is_empty() {
+                        return got;
+                    }
+                    got.extend(out.keys.into_iter().map(|k| k.key_id.to_string()));
+                }
+            })
+        })
+        .collect()
+}
+
+/// The key IDs claimers answered, asserting that none was issued twice
+/// (R4.2).
+pub async fn join_distinct(
+    claimers: Vec<tokio::task::JoinHandle<Vec<String>>>,
+) -> std::collections::BTreeSet<String> {
+    let mut seen = std::collections::BTreeSet::new();
+    for claimer in claimers {
+        for id in claimer.await.expect("claimer") {
+            assert!(seen.insert(id.clone()), "{id} issued twice");
+        }
+    }
+    seen
+}

@@ -3,7 +3,7 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use keyclaim::{ClaimTarget, KeyStore, KeysApi, ResetScope};
+use keyclaim::{KeyStore, KeysApi, ResetScope};
 use serde_json::json;
 
 use crate::StoreFactory;
@@ -127,24 +127,7 @@ cases! { $ reset;
         let a = alice();
         let n = 100;
         put(&*store, &a, numbered_otks(SC, "K", n), vec![]).await;
-        let claimers: Vec<_> = (0..8)
-            .map(|_| {
-                let (store, a) = (store.clone(), a.clone());
-                tokio::spawn(async move {
-                    let mut got = Vec::new();
-                    loop {
-                        let out = store
-                            .claim(&[ClaimTarget::one(a.clone(), alg(SC))])
-                            .await
-                            .expect("claim");
-                        if out.keys.is_empty() {
-                            return got;
-                        }
-                        got.extend(out.keys.into_iter().map(|k| k.key_id.to_string()));
-                    }
-                })
-            })
-            .collect();
+        let claimers = spawn_drainers(&store, &a, SC, 8);
         let evens: Vec<String> = (0..n)
             .step_by(2)
             .map(|i| format!("signed_curve25519:K{i:06}"))
@@ -154,12 +137,7 @@ cases! { $ reset;
             .reset_one_time_keys(&a, &listed(&names))
             .await
             .expect("reset");
-        let mut claimed = BTreeSet::new();
-        for c in claimers {
-            for id in c.await.expect("claimer") {
-                assert!(claimed.insert(id.clone()), "{id} issued twice");
-            }
-        }
+        let claimed = join_distinct(claimers).await;
         assert_eq!(count(&*store, &a, SC).await, 0, "claimers drained the rest");
         let odd: BTreeSet<String> = (1..n)
             .step_by(2)

@@ -283,10 +283,7 @@ fn source_used_flags(path: &Path) -> BTreeMap<(String, String, String), bool> {
 /// Imports the SQLite fixture into `store_url` and checks it against
 /// Synapse's answers.
 async fn sqlite_fixture_into(store_url: &str, page: usize) {
-    sqlite_fixture_into_store(keyclaim_open::open(store_url).await.unwrap(), page).await;
-}
-
-async fn sqlite_fixture_into_store(store: Arc<dyn KeyStore>, page: usize) {
+    let store: Arc<dyn KeyStore> = keyclaim_open::open(store_url).await.unwrap();
     let (_dir, path) = sqlite_copy();
     let exp = expected("synapse.expected.json");
     let report = import_sqlite(&path, &*store, &ImportOptions::new().page(page))
@@ -332,14 +329,7 @@ fn sqlite_fixture_into_redb() {
 fn sqlite_fixture_into_postgres() {
     keyclaim_testing::postgres::with_server("import into PostgreSQL", |server| async move {
         let schema = keyclaim_testing::postgres::unique_schema("import");
-        // The throwaway test server runs with fsync = off (R10.5).
-        let options = keyclaim_postgres::PostgresOptions::new()
-            .schema(schema)
-            .allow_unsafe_server(true);
-        let store = keyclaim_postgres::PostgresStore::connect_with(&server, options)
-            .await
-            .unwrap();
-        sqlite_fixture_into_store(Arc::new(store), 5).await;
+        sqlite_fixture_into(&keyclaim_testing::postgres::store_url(&server, &schema), 5).await;
     });
 }
 

@@ -154,6 +154,43 @@ impl MemoryStore {
     }
 }
 
+/// Replaces a user's `previous` device by the upload's device among the
+/// user's `devices` (R14.1): the upload is planned first, so that when it
+/// fails nothing changes; the caller drops devices left empty.
+fn replace_in(
+    devices: &mut UserDevices,
+    previous: Option<&DeviceId>,
+    upload: &Upload,
+    limits: &Limits,
+    next_seq: impl FnOnce() -> u64,
+) -> Result<UploadOutcome> {
+    let device = upload.device();
+    let starts_empty = previous == Some(&device.device_id);
+    let mut fresh = DeviceState::default();
+    let state = if starts_empty {
+        &mut fresh
+    } else {
+        devices.entry(device.device_id.clone()).or_default()
+    };
+    let (counts, stored) = state.upload(upload, limits, next_seq)?;
+    let mut changed = Vec::new();
+    if let Some(previous) = previous
+        && devices.remove(previous).is_some_and(|s| !s.is_empty())
+    {
+        changed.push(Device::new(device.user_id.clone(), previous.clone()));
+    }
+    if starts_empty {
+        devices.insert(device.device_id.clone(), fresh);
+    }
+    if stored {
+        changed.push(device.clone());
+    }
+    Ok(UploadOutcome {
+        counts,
+        changes: Changes::from_devices(changed),
+    })
+}
+
 #[async_trait]
 impl Backend for MemoryStore {
     fn name(&self) -> &'static str {
@@ -232,49 +269,16 @@ impl Backend for MemoryStore {
         upload: &Upload,
     ) -> Result<UploadOutcome> {
         let device = upload.device();
-        let limits = self.core.limits();
         let mut shard = self.shard(&device.user_id).lock();
         let devices = shard.entry(device.user_id.clone()).or_default();
-        let starts_empty = previous == Some(&device.device_id);
-        let mut fresh = DeviceState::default();
-        let state = if starts_empty {
-            &mut fresh
-        } else {
-            devices.entry(device.device_id.clone()).or_default()
-        };
-        // The upload is planned before anything changes; if it fails, the
-        // previous device is untouched too (R14.1).
-        let result = state.upload(upload, limits, || self.next_seq());
-        let (counts, stored) = match result {
-            Ok(ok) => ok,
-            Err(err) => {
-                devices.retain(|_, s| !s.is_empty());
-                if devices.is_empty() {
-                    shard.remove(&device.user_id);
-                }
-                return Err(err);
-            }
-        };
-        let mut changed = Vec::new();
-        if let Some(previous) = previous
-            && devices.remove(previous).is_some_and(|s| !s.is_empty())
-        {
-            changed.push(Device::new(device.user_id.clone(), previous.clone()));
-        }
-        if starts_empty {
-            devices.insert(device.device_id.clone(), fresh);
-        }
-        if stored {
-            changed.push(device.clone());
-        }
+        let outcome = replace_in(devices, previous, upload, self.core.limits(), || {
+            self.next_seq()
+        });
         devices.retain(|_, s| !s.is_empty());
         if devices.is_empty() {
             shard.remove(&device.user_id);
         }
-        Ok(UploadOutcome {
-            counts,
-            changes: Changes::from_devices(changed),
-        })
+        outcome
     }
 
     async fn fallback_keys(&self, device: &Device) -> Result<BTreeMap<Algorithm, StoredFallback>> {

@@ -141,6 +141,18 @@ pub struct ClaimTarget {
     pub count: u32,
 }
 
+impl AsRef<Device> for ClaimTarget {
+    fn as_ref(&self) -> &Device {
+        &self.device
+    }
+}
+
+impl AsRef<Device> for FallbackTarget {
+    fn as_ref(&self) -> &Device {
+        &self.device
+    }
+}
+
 impl ClaimTarget {
     /// A target for one key (the wire form's only count).
     pub fn one(device: Device, algorithm: Algorithm) -> Self {

@@ -114,17 +114,25 @@ fn missing_auth() -> Response {
     )
 }
 
+/// The stand-in caller and the body of a `POST`, or the error response for a
+/// missing header or an unreadable body.
+fn caller_and_body(
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(String, String, Bytes), Box<Response>> {
+    let (user, device) = stand_in_auth(headers).ok_or_else(|| Box::new(missing_auth()))?;
+    let body = body.map_err(|rejection| Box::new(body_error(&rejection)))?;
+    Ok((user, device, body))
+}
+
 async fn keys_upload(
     State(api): State<Api>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let Some((user, device)) = stand_in_auth(&headers) else {
-        return missing_auth();
-    };
-    match body {
-        Ok(body) => answer(api.upload(&user, &device, &body).await),
-        Err(rejection) => body_error(&rejection),
+    match caller_and_body(&headers, body) {
+        Ok((user, device, body)) => answer(api.upload(&user, &device, &body).await),
+        Err(response) => *response,
     }
 }
 
@@ -133,12 +141,9 @@ async fn keys_reset(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let Some((user, device)) = stand_in_auth(&headers) else {
-        return missing_auth();
-    };
-    match body {
-        Ok(body) => answer(api.reset(&user, &device, &body).await),
-        Err(rejection) => body_error(&rejection),
+    match caller_and_body(&headers, body) {
+        Ok((user, device, body)) => answer(api.reset(&user, &device, &body).await),
+        Err(response) => *response,
     }
 }
 
@@ -148,12 +153,9 @@ async fn keys_claim(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     // The claimer must be logged in, though who it is does not matter here.
-    if stand_in_auth(&headers).is_none() {
-        return missing_auth();
-    }
-    match body {
-        Ok(body) => answer(api.claim(&body).await),
-        Err(rejection) => body_error(&rejection),
+    match caller_and_body(&headers, body) {
+        Ok((_, _, body)) => answer(api.claim(&body).await),
+        Err(response) => *response,
     }
 }
 

@@ -124,12 +124,7 @@ pub(crate) fn claim_fallback_keys(
         ];
         claim_fallback(conn, names, index, target.mark_used, &mut out)?;
     }
-    // The answer names targets by index; `RawClaim` reads their devices.
-    let as_claims: Vec<ClaimTarget> = targets
-        .iter()
-        .map(|t| ClaimTarget::one(t.device.clone(), t.algorithm.clone()))
-        .collect();
-    out.decode(&as_claims)
+    out.decode(targets)
 }
 
 /// Hands out the (device, algorithm)'s fallback key, if it has one, as the

@@ -41,13 +41,6 @@ fn counts_with(stmt: &mut Statement<'_>, device: &Device) -> Result<OtkCounts> {
 
 /// The device's unused fallback key types, sorted by bytes (R6.3), from the
 /// `fallback_unused` index alone.
-pub(crate) fn unused_fallback_types(conn: &Connection, device: &Device) -> Result<Vec<Algorithm>> {
-    let mut stmt = conn
-        .prepare_cached(SQL_UNUSED_FALLBACKS)
-        .ctx("unused_fallback_types")?;
-    unused_with(&mut stmt, device)
-}
-
 fn unused_with(stmt: &mut Statement<'_>, device: &Device) -> Result<Vec<Algorithm>> {
     const OP: &str = "unused_fallback_types";
     let rows = stmt
@@ -63,44 +56,45 @@ fn unused_with(stmt: &mut Statement<'_>, device: &Device) -> Result<Vec<Algorith
     Ok(out)
 }
 
-/// Counts and unused fallback types (section 6) inside the caller's read
-/// or write transaction: two seeks, one into `otk_queue`'s primary key and
-/// one into the `fallback_unused` index, both by (user, device) prefix.
-fn device_sync_state(conn: &Connection, device: &Device) -> Result<SyncState> {
+/// Counts and unused fallback types (section 6) with the two statements
+/// ([`SQL_COUNTS`], [`SQL_UNUSED_FALLBACKS`]) of the caller's transaction:
+/// two seeks, one into `otk_queue`'s primary key and one into the
+/// `fallback_unused` index, both by (user, device) prefix.
+fn device_sync_state(
+    counts: &mut Statement<'_>,
+    unused: &mut Statement<'_>,
+    device: &Device,
+) -> Result<SyncState> {
     Ok(SyncState {
-        one_time_key_counts: otk_counts(conn, device)?,
-        unused_fallback_key_types: unused_fallback_types(conn, device)?,
+        one_time_key_counts: counts_with(counts, device)?,
+        unused_fallback_key_types: unused_with(unused, device)?,
     })
 }
 
 /// Counts and unused fallback types in one read transaction.
 pub(crate) fn sync_state(conn: &Connection, device: &Device) -> Result<SyncState> {
     let tx = conn.unchecked_transaction().ctx("sync_state")?;
-    let state = device_sync_state(&tx, device)?;
+    let mut counts = tx.prepare_cached(SQL_COUNTS).ctx("sync_state")?;
+    let mut unused = tx.prepare_cached(SQL_UNUSED_FALLBACKS).ctx("sync_state")?;
+    let state = device_sync_state(&mut counts, &mut unused, device)?;
+    drop((counts, unused));
     tx.commit().ctx("sync_state")?;
     Ok(state)
 }
 
 /// The sync state of each device, in the order given (R16.1), from one read
 /// transaction: one snapshot of the file for all of them, one job on the
-/// read pool. Each device costs the two index seeks of its own sync state
-/// (`otk_queue`'s primary key and `fallback_unused`, both led by (user,
-/// device)), so the cost grows with the number of devices asked and never
-/// with the size of the store (R6.4); a device without rows answers the
-/// empty state.
+/// read pool, the two statements taken from the cache once. Each device
+/// costs the two index seeks of its own sync state, so the cost grows with
+/// the number of devices asked and never with the size of the store (R6.4);
+/// a device without rows answers the empty state.
 pub(crate) fn counts_many(conn: &Connection, devices: &[Device]) -> Result<Vec<SyncState>> {
     let tx = conn.unchecked_transaction().ctx("counts_many")?;
-    // The two statements are taken from the cache once for all devices.
     let mut counts = tx.prepare_cached(SQL_COUNTS).ctx("counts_many")?;
     let mut unused = tx.prepare_cached(SQL_UNUSED_FALLBACKS).ctx("counts_many")?;
     let states = devices
         .iter()
-        .map(|device| {
-            Ok(SyncState {
-                one_time_key_counts: counts_with(&mut counts, device)?,
-                unused_fallback_key_types: unused_with(&mut unused, device)?,
-            })
-        })
+        .map(|device| device_sync_state(&mut counts, &mut unused, device))
         .collect::<Result<Vec<_>>>()?;
     drop((counts, unused));
     tx.commit().ctx("counts_many")?;

@@ -15,12 +15,14 @@ use crate::ids::{Algorithm, Device, DeviceId, KeyId, UserId};
 use crate::key_json::KeyJson;
 use crate::limits::{Limits, too_large};
 use crate::store::KeyStore;
-use crate::types::{ClaimTarget, ClaimedKey, Upload, keys_to_wire};
+use crate::types::{ClaimTarget, ClaimedKey, SyncState, Upload, keys_to_wire};
 
 /// The stable name of the fallback key upload field.
 const FALLBACK_KEYS: &str = "fallback_keys";
 /// The unstable (MSC2732) name of the fallback key upload field.
 const UNSTABLE_FALLBACK_KEYS: &str = "org.matrix.msc2732.fallback_keys";
+/// The sync field listing unused fallback key types (R6.3).
+const UNUSED_TYPES: &str = "device_unused_fallback_key_types";
 /// The unstable (MSC2732) name of the sync field.
 const UNSTABLE_UNUSED_TYPES: &str = "org.matrix.msc2732.device_unused_fallback_key_types";
 
@@ -330,19 +332,10 @@ impl<S: KeyStore> KeysApi<S> {
     pub async fn sync(&self, user_id: &str, device_id: &str) -> Result<Value, ApiError> {
         let device = Device::new(UserId::parse(user_id)?, DeviceId::parse(device_id)?);
         let state = self.store.sync_state(&device).await?;
-        let types: Vec<&str> = state
-            .unused_fallback_key_types
-            .iter()
-            .map(Algorithm::as_str)
-            .collect();
-        let mut out = Map::new();
-        out.insert(
-            "device_one_time_keys_count".to_owned(),
-            state.one_time_key_counts.to_wire(),
-        );
-        out.insert("device_unused_fallback_key_types".to_owned(), json!(types));
+        let mut out = sync_fields(&state);
         if self.unstable_alias {
-            out.insert(UNSTABLE_UNUSED_TYPES.to_owned(), json!(types));
+            let types = out[UNUSED_TYPES].clone();
+            out.insert(UNSTABLE_UNUSED_TYPES.to_owned(), types);
         }
         Ok(Value::Object(out))
     }
@@ -375,6 +368,23 @@ impl<S: KeyStore> KeysApi<S> {
 /// device replaces an earlier one.
 fn claim_answer<'a>(keys: impl IntoIterator<Item = &'a ClaimedKey>) -> Value {
     json!({ "one_time_keys": keys_to_wire(keys), "failures": {} })
+}
+
+/// One device's counts and unused fallback types in the wire form (R6.1,
+/// R6.3), as `/sync` and the bulk read answer them.
+fn sync_fields(state: &SyncState) -> Map<String, Value> {
+    let types: Vec<&str> = state
+        .unused_fallback_key_types
+        .iter()
+        .map(Algorithm::as_str)
+        .collect();
+    let mut out = Map::new();
+    out.insert(
+        "device_one_time_keys_count".to_owned(),
+        state.one_time_key_counts.to_wire(),
+    );
+    out.insert(UNUSED_TYPES.to_owned(), json!(types));
+    out
 }
 
 /// Takes a key map field: absent or null is `None`, an object is `Some`,

@@ -6,12 +6,12 @@ use std::collections::BTreeSet;
 
 use serde_json::{Map, Value, json};
 
-use super::{ApiError, KeysApi};
+use super::{ApiError, KeysApi, sync_fields};
 use crate::error::LimitKind;
 use crate::ids::{Device, DeviceId, KeyId, UserId};
 use crate::limits::too_large;
 use crate::store::KeyStore;
-use crate::types::{ResetScope, SyncState, Upload, UploadOutcome};
+use crate::types::{ResetScope, Upload, UploadOutcome};
 
 impl<S: KeyStore> KeysApi<S> {
     /// Serves `POST /keys/reset` (MSC4162; unstable path
@@ -184,23 +184,12 @@ impl<S: KeyStore> KeysApi<S> {
                 .entry(device.user_id.as_str())
                 .or_insert_with(|| Value::Object(Map::new()));
             if let Value::Object(by_device) = entry {
-                by_device.insert(device.device_id.as_str().to_owned(), state_wire(&state));
+                by_device.insert(
+                    device.device_id.as_str().to_owned(),
+                    Value::Object(sync_fields(&state)),
+                );
             }
         }
         Ok(Value::Object(users))
     }
-}
-
-/// One device's counts and unused fallback types in the wire form (R6.1,
-/// R6.3).
-fn state_wire(state: &SyncState) -> Value {
-    let types: Vec<&str> = state
-        .unused_fallback_key_types
-        .iter()
-        .map(|a| a.as_str())
-        .collect();
-    json!({
-        "device_one_time_keys_count": state.one_time_key_counts.to_wire(),
-        "device_unused_fallback_key_types": types,
-    })
 }

@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use super::{ApiError, KeysApi, claim_answer};
 use crate::error::BoxError;
-use crate::ids::{Algorithm, Device};
+use crate::ids::Device;
 use crate::store::KeyStore;
 use crate::types::{ClaimTarget, ClaimedKey, FallbackTarget};
 
@@ -159,16 +159,16 @@ impl<S: KeyStore> KeysApi<S> {
             }
             _ => Vec::new(),
         };
-        let served: HashSet<(&Device, Algorithm)> = local
+        let served: HashSet<(&Device, &str)> = local
             .keys
             .iter()
             .chain(&provided)
-            .map(|k| (&k.device, k.key_id.algorithm()))
+            .map(|k| (&k.device, k.key_id.algorithm_str()))
             .collect();
         let fallback_targets: Vec<FallbackTarget> = targets
             .iter()
             .filter_map(|t| {
-                let got_one = served.contains(&(&t.device, t.algorithm.clone()));
+                let got_one = served.contains(&(&t.device, t.algorithm.as_str()));
                 (options.always_include_fallback_keys || !got_one).then(|| FallbackTarget {
                     device: t.device.clone(),
                     algorithm: t.algorithm.clone(),
@@ -213,15 +213,16 @@ async fn ask_provider(
             return Vec::new();
         }
     };
-    let mut room: HashMap<(Device, Algorithm), u32> = HashMap::new();
+    let mut room: HashMap<(&Device, &str), u32> = HashMap::new();
     for miss in misses {
         *room
-            .entry((miss.device.clone(), miss.algorithm.clone()))
+            .entry((&miss.device, miss.algorithm.as_str()))
             .or_insert(0) += miss.count;
     }
-    keys.into_iter()
-        .filter(
-            |key| match room.get_mut(&(key.device.clone(), key.key_id.algorithm())) {
+    let keep: Vec<bool> = keys
+        .iter()
+        .map(
+            |key| match room.get_mut(&(&key.device, key.key_id.algorithm_str())) {
                 Some(left) if *left > 0 => {
                     *left -= 1;
                     true
@@ -229,7 +230,11 @@ async fn ask_provider(
                 _ => false,
             },
         )
-        .map(|key| ClaimedKey {
+        .collect();
+    keys.into_iter()
+        .zip(keep)
+        .filter(|(_, keep)| *keep)
+        .map(|(key, _)| ClaimedKey {
             fallback: false,
             ..key
         })

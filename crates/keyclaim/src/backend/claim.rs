@@ -1,7 +1,8 @@
 //! A claim's answer built from what the storage returned.
 
 use crate::error::{Error, Result};
-use crate::types::{Changes, ClaimOutcome, ClaimTarget, ClaimedKey};
+use crate::ids::Device;
+use crate::types::{Changes, ClaimOutcome, ClaimedKey};
 
 use super::decode;
 
@@ -62,16 +63,17 @@ impl RawClaim {
         self.keys.is_empty()
     }
 
-    /// The claim's answer, given the targets it was run with.
+    /// The claim's answer, given the targets it was run with (claim targets
+    /// or fallback targets: anything that names its device).
     ///
     /// # Errors
     /// [`Error::Corrupt`] when a stored key ID, key JSON or digest does not
     /// read back, or a target index is out of range.
-    pub fn decode(self, targets: &[ClaimTarget]) -> Result<ClaimOutcome> {
+    pub fn decode<T: AsRef<Device>>(self, targets: &[T]) -> Result<ClaimOutcome> {
         let device = |i: usize| {
             targets
                 .get(i)
-                .map(|t| t.device.clone())
+                .map(|t| t.as_ref().clone())
                 .ok_or_else(|| Error::corrupt("claim answer names an unknown target"))
         };
         let mut keys = Vec::with_capacity(self.keys.len());

@@ -81,6 +81,33 @@ fn clamp<'a>(limits: &Limits, targets: &'a [ClaimTarget]) -> Cow<'a, [ClaimTarge
     )
 }
 
+/// A claim of one-time keys as core serves it: the number of targets checked
+/// (R8.2), counts clamped and zero counts left out (R8.3), then the backend's
+/// one-step claim (`fall_back`, section 4) or its one-time step (R12.1), with
+/// its changes reported (R11.1). Answers the targets as the backend saw them
+/// with its outcome, or `None` when no target was left to claim for.
+async fn serve_claim<'t, B: Backend + ?Sized>(
+    backend: &B,
+    span: tracing::Span,
+    targets: &'t [ClaimTarget],
+    fall_back: bool,
+) -> Result<Option<(Cow<'t, [ClaimTarget]>, ClaimOutcome)>> {
+    let limits = backend.core().limits();
+    limits.check_claim(targets)?;
+    let targets = clamp(limits, targets);
+    if targets.is_empty() {
+        return Ok(None);
+    }
+    let possible = || Changes::from_devices(targets.iter().map(|t| t.device.clone()));
+    let op = if fall_back {
+        Backend::claim(backend, &targets)
+    } else {
+        Backend::claim_one_time_keys(backend, &targets)
+    };
+    let outcome = mutate(backend, span, op, |o: &ClaimOutcome| &o.changes, possible).await?;
+    Ok(Some((targets, outcome)))
+}
+
 #[async_trait]
 impl<B: Backend> KeyStore for B {
     fn backend_name(&self) -> &'static str {
@@ -121,21 +148,10 @@ impl<B: Backend> KeyStore for B {
             backend = self.name(),
             targets = targets.len()
         );
-        let limits = self.core().limits();
-        limits.check_claim(targets)?;
-        let targets = clamp(limits, targets);
-        if targets.is_empty() {
-            return Ok(ClaimOutcome::default());
-        }
-        let possible = || Changes::from_devices(targets.iter().map(|t| t.device.clone()));
-        mutate(
-            self,
-            span,
-            Backend::claim(self, &targets),
-            |o: &ClaimOutcome| &o.changes,
-            possible,
-        )
-        .await
+        Ok(serve_claim(self, span, targets, true)
+            .await?
+            .map(|(_, outcome)| outcome)
+            .unwrap_or_default())
     }
 
     async fn otk_counts(&self, device: &Device) -> Result<OtkCounts> {
@@ -222,22 +238,10 @@ impl<B: Backend> KeyStore for B {
             backend = self.name(),
             targets = targets.len()
         );
-        let limits = self.core().limits();
-        limits.check_claim(targets)?;
-        let targets = clamp(limits, targets);
-        if targets.is_empty() {
-            return Ok(OneTimeClaimOutcome::default());
-        }
-        let possible = || Changes::from_devices(targets.iter().map(|t| t.device.clone()));
-        let outcome = mutate(
-            self,
-            span,
-            Backend::claim_one_time_keys(self, &targets),
-            |o: &ClaimOutcome| &o.changes,
-            possible,
-        )
-        .await?;
-        Ok(OneTimeClaimOutcome::from_claim(&targets, outcome))
+        Ok(serve_claim(self, span, targets, false)
+            .await?
+            .map(|(targets, outcome)| OneTimeClaimOutcome::from_claim(&targets, outcome))
+            .unwrap_or_default())
     }
 
     async fn claim_fallback_keys(&self, targets: &[FallbackTarget]) -> Result<ClaimOutcome> {
