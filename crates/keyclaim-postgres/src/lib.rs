@@ -1,5 +1,6 @@
 #![doc = include_str!("../README.md")]
 
+mod combine;
 mod error;
 mod listen;
 mod ops;
@@ -10,6 +11,7 @@ mod session;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::hash::{BuildHasher, Hasher};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
@@ -39,6 +41,8 @@ pub struct PoolStatus {
     pub available: usize,
     /// Operations waiting for a connection.
     pub waiting: usize,
+    /// Claims waiting for a batch (see [`PostgresOptions::claim_batching`]).
+    pub claims_queued: usize,
 }
 
 /// A [`KeyStore`](keyclaim::KeyStore) in a PostgreSQL database, shared by any number of
@@ -57,7 +61,8 @@ pub struct PostgresStore {
     sql: ops::Sql,
     core: StoreCore,
     pinned_plans: bool,
-    announcer: Option<listen::Announcer>,
+    announcer: Option<Arc<listen::Announcer>>,
+    combiner: combine::Combiner,
     _listener: Option<listen::Listener>,
 }
 
@@ -73,6 +78,7 @@ impl fmt::Debug for PostgresStore {
             .field("listening", &self._listener.is_some())
             .field("transactional_notify", &self.sql.transactional_notify)
             .field("pinned_plans", &self.pinned_plans)
+            .field("claim_batching", &self.combiner.batching())
             .field("limits", self.core.limits())
             .finish()
     }
@@ -161,14 +167,21 @@ impl PostgresStore {
         let transactional_notify = options.get_transactional_notify();
         let sql = ops::Sql::new(schema, instance_id(), transactional_notify);
         let announcer = (!transactional_notify).then(|| {
-            listen::Announcer::start(
+            Arc::new(listen::Announcer::start(
                 pool.clone(),
                 sql.channel.clone(),
                 sql.instance.clone(),
                 listen::MAX_BACKLOG_DEVICES,
-            )
+            ))
         });
         let core = StoreCore::new(options.get_limits().clone());
+        let combiner = combine::Combiner::new(
+            combine::Settings::of(&options),
+            pool.clone(),
+            sql.clone(),
+            core.clone(),
+            announcer.clone(),
+        );
         let listener = if options.get_notifications() {
             Some(
                 listen::Listener::start(
@@ -190,6 +203,7 @@ impl PostgresStore {
             core,
             pinned_plans: options.get_pinned_plans(),
             announcer,
+            combiner,
             _listener: listener,
         })
     }
@@ -207,6 +221,7 @@ impl PostgresStore {
             size: status.size,
             available: status.available,
             waiting: status.waiting,
+            claims_queued: self.combiner.queued(),
         }
     }
 
@@ -217,6 +232,23 @@ impl PostgresStore {
         if let Some(announcer) = &self.announcer {
             announcer.announce(changes);
         }
+    }
+
+    /// A claim (R4.4 with `fall_back`, R12.1 without), through the
+    /// combiner (which runs it at once on a connection of its own when
+    /// batching is off).
+    async fn claim_with(
+        &self,
+        op: &'static str,
+        targets: &[ClaimTarget],
+        fall_back: bool,
+    ) -> Result<ClaimOutcome> {
+        if let Some(announcer) = &self.announcer {
+            announcer.room(op)?;
+        }
+        let outcome = self.combiner.claim(op, targets, fall_back).await?;
+        self.changed(&outcome.changes);
+        Ok(outcome)
     }
 
     /// A pooled connection, or a retryable error.
@@ -265,18 +297,11 @@ impl Backend for PostgresStore {
     }
 
     async fn claim(&self, targets: &[ClaimTarget]) -> Result<ClaimOutcome> {
-        let mut client = self.writer("claim").await?;
-        let outcome = ops::claim(&mut client, &self.sql, self.core.limits(), targets, true).await?;
-        self.changed(&outcome.changes);
-        Ok(outcome)
+        self.claim_with("claim", targets, true).await
     }
 
     async fn claim_one_time_keys(&self, targets: &[ClaimTarget]) -> Result<ClaimOutcome> {
-        let mut client = self.writer("claim_one_time_keys").await?;
-        let outcome =
-            ops::claim(&mut client, &self.sql, self.core.limits(), targets, false).await?;
-        self.changed(&outcome.changes);
-        Ok(outcome)
+        self.claim_with("claim_one_time_keys", targets, false).await
     }
 
     async fn claim_fallback_keys(&self, targets: &[FallbackTarget]) -> Result<ClaimOutcome> {
