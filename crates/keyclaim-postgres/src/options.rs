@@ -35,6 +35,7 @@ pub struct PostgresOptions {
     transactional_notify: bool,
     pinned_plans: bool,
     allow_unsafe_server: bool,
+    count_compaction_interval: Duration,
     limits: Limits,
 }
 
@@ -50,6 +51,7 @@ impl Default for PostgresOptions {
             transactional_notify: false,
             pinned_plans: true,
             allow_unsafe_server: false,
+            count_compaction_interval: Duration::from_secs(1),
             limits: Limits::default(),
         }
     }
@@ -173,6 +175,20 @@ impl PostgresOptions {
         self
     }
 
+    /// How often the store folds the per-device count rows its writes
+    /// added (see [`PostgresStore::compact_counts`]), when it wrote since
+    /// the last round; every 30 intervals when it did not. Default 1 s.
+    /// Counts are exact either way (R6.2); between rounds,
+    /// [`counts_many`](keyclaim::KeyStore::counts_many) reads one more row
+    /// per write that touched a device it asks for.
+    ///
+    /// [`PostgresStore::compact_counts`]: crate::PostgresStore::compact_counts
+    #[must_use]
+    pub fn count_compaction_interval(mut self, interval: Duration) -> Self {
+        self.count_compaction_interval = interval.max(Duration::from_millis(1));
+        self
+    }
+
     /// The limits the store enforces (R8.1 to R8.3).
     #[must_use]
     pub fn limits(mut self, limits: Limits) -> Self {
@@ -225,6 +241,11 @@ impl PostgresOptions {
         self.allow_unsafe_server
     }
 
+    /// The configured count compaction interval.
+    pub fn get_count_compaction_interval(&self) -> Duration {
+        self.count_compaction_interval
+    }
+
     /// The configured limits.
     pub fn get_limits(&self) -> &Limits {
         &self.limits
@@ -257,6 +278,7 @@ impl PostgresOptions {
     /// | `keyclaim_transactional_notify` | `on` or `off` | [`PostgresOptions::transactional_notify`] |
     /// | `keyclaim_pinned_plans` | `on` or `off` | [`PostgresOptions::pinned_plans`] |
     /// | `keyclaim_allow_unsafe_server` | `on` or `off` | [`PostgresOptions::allow_unsafe_server`] |
+    /// | `keyclaim_count_compaction_interval_ms` | milliseconds, at least 1 | [`PostgresOptions::count_compaction_interval`] |
     ///
     /// Options not given keep their defaults; the limits are always the
     /// defaults (set them with [`PostgresOptions::limits`] afterwards).
@@ -319,6 +341,9 @@ impl PostgresOptions {
         Ok(match &name[URL_PREFIX.len()..] {
             "schema" => self.schema(value),
             "pool_size" => self.pool_size(query.positive(name, value)?),
+            "count_compaction_interval_ms" => {
+                self.count_compaction_interval(Duration::from_millis(query.positive(name, value)?))
+            }
             "connect_timeout_ms" => {
                 self.connect_timeout(Duration::from_millis(query.positive(name, value)?))
             }
@@ -432,7 +457,7 @@ mod tests {
              &keyclaim_connect_timeout_ms=1500&keyclaim_pool_wait_timeout_ms=0\
              &keyclaim_statement_timeout_ms=250&keyclaim_notifications=off\
              &keyclaim_transactional_notify=on&keyclaim_pinned_plans=off\
-             &keyclaim_allow_unsafe_server=on",
+             &keyclaim_allow_unsafe_server=on&keyclaim_count_compaction_interval_ms=250",
         );
         assert_eq!(connection, "postgresql://h/d");
         let want = PostgresOptions::new()
@@ -444,7 +469,8 @@ mod tests {
             .notifications(false)
             .transactional_notify(true)
             .pinned_plans(false)
-            .allow_unsafe_server(true);
+            .allow_unsafe_server(true)
+            .count_compaction_interval(Duration::from_millis(250));
         assert_eq!(options, want);
         assert_eq!(
             options.get_statement_timeout(),
