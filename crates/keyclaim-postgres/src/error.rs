@@ -143,7 +143,7 @@ pub(crate) fn migration_busy() -> Error {
         BACKEND,
         "migrate",
         true,
-        "the issued table stayed busy: could not swap in the new key",
+        "the tables stayed busy: a migration step could not take its lock",
     )
 }
 

@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 mod combine;
+mod counts;
 mod error;
 mod listen;
 mod ops;
@@ -64,6 +65,7 @@ pub struct PostgresStore {
     announcer: Option<Arc<listen::Announcer>>,
     combiner: combine::Combiner,
     _listener: Option<listen::Listener>,
+    compactor: counts::Compactor,
 }
 
 impl fmt::Debug for PostgresStore {
@@ -196,6 +198,8 @@ impl PostgresStore {
         } else {
             None
         };
+        let compactor =
+            counts::Compactor::start(pool.clone(), options.get_count_compaction_interval());
         tracing::debug!(schema, "connected");
         Ok(PostgresStore {
             pool,
@@ -205,12 +209,28 @@ impl PostgresStore {
             announcer,
             combiner,
             _listener: listener,
+            compactor,
         })
     }
 
     /// The schema this store's tables live in.
     pub fn schema(&self) -> &str {
         &self.sql.schema
+    }
+
+    /// Folds the per-device count rows that writes added since the last
+    /// compaction now, rather than at the next background round (see
+    /// [`PostgresOptions::count_compaction_interval`]); answers the number
+    /// of (device, algorithm) pairs folded. Counts are exact either way
+    /// (R6.2); folding only keeps [`counts_many`](keyclaim::KeyStore::counts_many)
+    /// short. Skips the work when another worker is compacting the schema.
+    ///
+    /// # Errors
+    /// [`Error::Storage`](keyclaim::Error::Storage) when the server fails
+    /// (retryable).
+    pub async fn compact_counts(&self) -> Result<u64> {
+        let client = self.client("compact_counts").await?;
+        counts::compact(&client).await
     }
 
     /// The connection pool's state, for metrics.
@@ -263,6 +283,7 @@ impl PostgresStore {
         if let Some(announcer) = &self.announcer {
             announcer.room(op)?;
         }
+        self.compactor.wrote();
         self.client(op).await
     }
 }

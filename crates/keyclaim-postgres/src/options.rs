@@ -35,6 +35,7 @@ pub struct PostgresOptions {
     transactional_notify: bool,
     pinned_plans: bool,
     allow_unsafe_server: bool,
+    count_compaction_interval: Duration,
     claim_batching: bool,
     claim_batch_targets: usize,
     claim_batches_in_flight: usize,
@@ -54,6 +55,7 @@ impl Default for PostgresOptions {
             transactional_notify: false,
             pinned_plans: true,
             allow_unsafe_server: false,
+            count_compaction_interval: Duration::from_secs(1),
             claim_batching: true,
             claim_batch_targets: 256,
             claim_batches_in_flight: 4,
@@ -183,6 +185,20 @@ impl PostgresOptions {
         self
     }
 
+    /// How often the store folds the per-device count rows its writes
+    /// added (see [`PostgresStore::compact_counts`]), when it wrote since
+    /// the last round; every 30 intervals when it did not. Default 1 s.
+    /// Counts are exact either way (R6.2); between rounds,
+    /// [`counts_many`](keyclaim::KeyStore::counts_many) reads one more row
+    /// per write that touched a device it asks for.
+    ///
+    /// [`PostgresStore::compact_counts`]: crate::PostgresStore::compact_counts
+    #[must_use]
+    pub fn count_compaction_interval(mut self, interval: Duration) -> Self {
+        self.count_compaction_interval = interval.max(Duration::from_millis(1));
+        self
+    }
+
     /// Whether claims of concurrent callers share statements. Default on.
     ///
     /// A claim statement costs a round trip and a commit whatever its
@@ -284,6 +300,11 @@ impl PostgresOptions {
         self.allow_unsafe_server
     }
 
+    /// The configured count compaction interval.
+    pub fn get_count_compaction_interval(&self) -> Duration {
+        self.count_compaction_interval
+    }
+
     /// Whether claims of concurrent callers share statements.
     pub fn get_claim_batching(&self) -> bool {
         self.claim_batching
@@ -336,6 +357,7 @@ impl PostgresOptions {
     /// | `keyclaim_transactional_notify` | `on` or `off` | [`PostgresOptions::transactional_notify`] |
     /// | `keyclaim_pinned_plans` | `on` or `off` | [`PostgresOptions::pinned_plans`] |
     /// | `keyclaim_allow_unsafe_server` | `on` or `off` | [`PostgresOptions::allow_unsafe_server`] |
+    /// | `keyclaim_count_compaction_interval_ms` | milliseconds, at least 1 | [`PostgresOptions::count_compaction_interval`] |
     /// | `keyclaim_claim_batching` | `on` or `off` | [`PostgresOptions::claim_batching`] |
     /// | `keyclaim_claim_batch_targets` | an integer, at least 1 | [`PostgresOptions::claim_batch_targets`] |
     /// | `keyclaim_claim_batches_in_flight` | an integer, at least 1 | [`PostgresOptions::claim_batches_in_flight`] |
@@ -402,6 +424,9 @@ impl PostgresOptions {
         Ok(match &name[URL_PREFIX.len()..] {
             "schema" => self.schema(value),
             "pool_size" => self.pool_size(query.positive(name, value)?),
+            "count_compaction_interval_ms" => {
+                self.count_compaction_interval(Duration::from_millis(query.positive(name, value)?))
+            }
             "connect_timeout_ms" => {
                 self.connect_timeout(Duration::from_millis(query.positive(name, value)?))
             }
@@ -432,6 +457,7 @@ impl PostgresOptions {
                         "keyclaim_transactional_notify",
                         "keyclaim_pinned_plans",
                         "keyclaim_allow_unsafe_server",
+                        "keyclaim_count_compaction_interval_ms",
                         "keyclaim_claim_batching",
                         "keyclaim_claim_batch_targets",
                         "keyclaim_claim_batches_in_flight",
@@ -523,9 +549,9 @@ mod tests {
              &keyclaim_connect_timeout_ms=1500&keyclaim_pool_wait_timeout_ms=0\
              &keyclaim_statement_timeout_ms=250&keyclaim_notifications=off\
              &keyclaim_transactional_notify=on&keyclaim_pinned_plans=off\
-             &keyclaim_allow_unsafe_server=on&keyclaim_claim_batching=off\
-             &keyclaim_claim_batch_targets=64&keyclaim_claim_batches_in_flight=2\
-             &keyclaim_claim_queue_limit=0",
+             &keyclaim_allow_unsafe_server=on&keyclaim_count_compaction_interval_ms=250\
+             &keyclaim_claim_batching=off&keyclaim_claim_batch_targets=64\
+             &keyclaim_claim_batches_in_flight=2&keyclaim_claim_queue_limit=0",
         );
         assert_eq!(connection, "postgresql://h/d");
         let want = PostgresOptions::new()
@@ -538,6 +564,7 @@ mod tests {
             .transactional_notify(true)
             .pinned_plans(false)
             .allow_unsafe_server(true)
+            .count_compaction_interval(Duration::from_millis(250))
             .claim_batching(false)
             .claim_batch_targets(64)
             .claim_batches_in_flight(2)

@@ -26,21 +26,20 @@ SELECT true, algorithm, 0::int8
 /// `ord`, the 1-based index of the device asked. Duplicates are answered
 /// once per time they are asked.
 ///
-/// Per device asked, one index range scan of `otk_claim_order` and one of
-/// the `fallback` primary key, so the cost grows with the number of devices
-/// asked and their keys, never with the store. The plan (PostgreSQL 15,
-/// generic plan, 10,000 devices asked of a store of 200,000 devices with
-/// 1,000,000 OTKs; the same with `enable_seqscan` on or off):
+/// Counts come from `otk_count` (see [`crate::counts`]): per device asked,
+/// one index range scan of `otk_count_key` over its base rows and the delta
+/// rows written since the last compaction, and one of the `fallback`
+/// primary key, so the cost grows with the number of devices asked, never
+/// with their keys or the store. The plan (PostgreSQL 15, generic plan):
 ///
 /// ```text
 /// Nested Loop
 ///   -> Function Scan on d                          (the devices asked)
 ///   -> Append                                      (per device asked)
 ///        -> GroupAggregate
-///             Group Key: o.algorithm
-///             -> Index Only Scan using otk_claim_order on otk o
+///             Group Key: c.algorithm
+///             -> Index Only Scan using otk_count_key on otk_count c
 ///                  Index Cond: ((user_id = d.user_id) AND (device_id = d.device_id))
-///                  (before a vacuum: a bitmap scan of the same index, then a sort)
 ///        -> Index Scan using fallback_pkey on fallback f
 ///             Index Cond: ((user_id = d.user_id) AND (device_id = d.device_id))
 ///             Filter: (NOT used)
@@ -49,9 +48,9 @@ const COUNTS_MANY: &str = "
 SELECT s.is_fallback, s.algorithm, s.n, d.ord
   FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS d(user_id, device_id, ord)
  CROSS JOIN LATERAL (
-    SELECT false AS is_fallback, o.algorithm, count(*) AS n
-      FROM otk o WHERE o.user_id = d.user_id AND o.device_id = d.device_id
-     GROUP BY o.algorithm
+    SELECT false AS is_fallback, c.algorithm, sum(c.n)::int8 AS n
+      FROM otk_count c WHERE c.user_id = d.user_id AND c.device_id = d.device_id
+     GROUP BY c.algorithm
     UNION ALL
     SELECT true, f.algorithm, 0::int8
       FROM fallback f WHERE f.user_id = d.user_id AND f.device_id = d.device_id AND NOT f.used
@@ -216,7 +215,7 @@ mod tests {
                        FROM generate_series(1, 20000) i, generate_series(1, 3) j;
                      INSERT INTO fallback SELECT '@u' || i || ':x', 'D', 'alg', 'alg:F', '\"f\"', '\\x00', i % 2 = 0
                        FROM generate_series(1, 20000) i;
-                     ANALYZE otk; ANALYZE fallback;",
+                     ANALYZE otk; ANALYZE otk_count; ANALYZE fallback;",
                 )
                 .await
                 .expect("fill");
@@ -248,7 +247,7 @@ mod tests {
                 // (an index-only scan, or a bitmap scan before a vacuum).
                 assert!(plan.starts_with("Nested Loop"), "{plan}");
                 assert!(plan.contains("Function Scan on d"), "{plan}");
-                assert!(plan.contains("otk_claim_order"), "{plan}");
+                assert!(plan.contains("otk_count_key"), "{plan}");
                 assert!(plan.contains("fallback_pkey"), "{plan}");
                 let per_device =
                     "Index Cond: ((user_id = d.user_id) AND (device_id = d.device_id))";
