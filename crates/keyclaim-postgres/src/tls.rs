@@ -360,12 +360,19 @@ pub(crate) fn split(connection: &str) -> Result<(String, Split)> {
     {
         rest.push_str(&connection[from..param.span.0]);
         from = param.span.1;
-        let twice = || Error::invalid_config(format!("{} given twice", param.key));
+        let invalid = |reason: String| {
+            Error::invalid_config(format!("invalid PostgreSQL connection string: {reason}"))
+        };
+        let twice = || invalid(format!("{} given twice", param.key));
         if param.key == "sslmode" {
             if split.mode.is_some() {
                 return Err(twice());
             }
-            split.mode = Some(SslMode::parse(&param.value)?);
+            let mode = SslMode::parse(&param.value).map_err(|e| match e {
+                Error::InvalidConfig { reason } => invalid(reason),
+                other => other,
+            })?;
+            split.mode = Some(mode);
         } else {
             if split.roots.is_some() {
                 return Err(twice());
