@@ -14,6 +14,9 @@ use std::fmt;
 use std::hash::{BuildHasher, Hasher};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+/// The deadpool-postgres this crate builds on: a host's pool for
+/// [`PostgresStore::with_pool`] must be of this version.
+pub use deadpool_postgres;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use keyclaim::backend::{Backend, StoreCore, async_trait};
 use keyclaim::transfer::DeviceSnapshot;
