@@ -19,6 +19,17 @@
 //!   through a crash of its machine, whatever the session does. [`check`]
 //!   refuses it at connect with [`Error::InvalidConfig`] unless
 //!   [`PostgresOptions::allow_unsafe_server`] is set (test servers).
+//!
+//! On a homeserver's own pool ([`crate::PostgresStore::with_pool`])
+//! keyclaim cannot set a connection's session: it sets the same values per
+//! transaction instead ([`Settings::Transaction`]), and runs every
+//! statement inside such a transaction. The operations reach the server
+//! only through [`Conn`], which does that on a host's pool and adds nothing
+//! on keyclaim's own; its statements name their tables unqualified, found
+//! through the transaction's `search_path`, and PostgreSQL parses a cached
+//! prepared statement again when it runs under another `search_path` than
+//! it was planned with, so statements cached per connection name the right
+//! tables whatever the host's `search_path` is.
 
 use std::sync::Arc;
 
@@ -112,7 +123,8 @@ pub(crate) async fn check(client: &mut Conn, options: &PostgresOptions) -> Resul
         return Err(Error::invalid_config(format!(
             "keyclaim's session settings did not take (synchronous_commit = {sync_commit}, \
              transaction isolation {isolation}; R10.5 needs on and read committed): \
-             connect to PostgreSQL directly or through a proxy that passes startup options"
+             connect to PostgreSQL directly or through a proxy that passes startup options \
+             (on a host's pool: one that passes SET LOCAL)"
         )));
     }
     Ok(())
