@@ -205,6 +205,47 @@ fn the_hosts_sessions_keep_their_settings() {
     });
 }
 
+/// Two stores in two schemas on one host connection (a pool of one): the
+/// statements each prepared and cached on that connection, under the same
+/// text, run against the schema of the store running them.
+#[test]
+fn two_schemas_share_one_connections_statements() {
+    with_server("host_pool::two_schemas", |url| async move {
+        let pool = host_pool(&url, &unique_schema("kc_host2"), 1).await;
+        let one = PostgresStore::with_pool(pool.clone(), options(&unique_schema("kc_two_a")))
+            .await
+            .unwrap();
+        let two = PostgresStore::with_pool(pool.clone(), options(&unique_schema("kc_two_b")))
+            .await
+            .unwrap();
+        let a = dev("@a:x", "A");
+        let sc = || alg("signed_curve25519");
+        put(&one, &a, numbered_otks("signed_curve25519", "O", 3), vec![]).await;
+        put(&two, &a, numbered_otks("signed_curve25519", "T", 1), vec![]).await;
+        for (store, prefix, left) in [(&one, "O", 2), (&two, "T", 0), (&one, "O", 1)] {
+            let claimed = store
+                .claim(&[ClaimTarget::one(a.clone(), sc())])
+                .await
+                .unwrap();
+            assert_eq!(claimed.keys.len(), 1);
+            assert!(
+                claimed.keys[0].key_id.as_str().contains(prefix),
+                "{:?} from the store of {prefix}",
+                claimed.keys[0].key_id
+            );
+            assert_eq!(otk_count(store, &a).await, left);
+        }
+        assert_eq!(otk_count(&two, &a).await, 0);
+        assert!(
+            two.claim(&[ClaimTarget::one(a.clone(), sc())])
+                .await
+                .unwrap()
+                .keys
+                .is_empty()
+        );
+    });
+}
+
 /// Makes stores on host pools (each its own, with the host's settings of
 /// [`host_pool`]) in fresh schemas, listening through their own connection.
 struct HostPoolFactory {
