@@ -7,6 +7,8 @@ use std::time::Duration;
 use keyclaim::backend::url::UrlOptions;
 use keyclaim::{Error, Limits, Result};
 
+use crate::tls::{RootCertificates, SslMode};
+
 /// The prefix of keyclaim's own parameters in a store URL.
 const URL_PREFIX: &str = "keyclaim_";
 
@@ -36,6 +38,8 @@ pub struct PostgresOptions {
     pinned_plans: bool,
     allow_unsafe_server: bool,
     count_compaction_interval: Duration,
+    ssl_mode: Option<SslMode>,
+    root_certificates: Option<RootCertificates>,
     limits: Limits,
 }
 
@@ -52,6 +56,8 @@ impl Default for PostgresOptions {
             pinned_plans: true,
             allow_unsafe_server: false,
             count_compaction_interval: Duration::from_secs(1),
+            ssl_mode: None,
+            root_certificates: None,
             limits: Limits::default(),
         }
     }
@@ -189,6 +195,30 @@ impl PostgresOptions {
         self
     }
 
+    /// Whether and how connections use TLS (libpq's `sslmode`; see
+    /// [`SslMode`]). Set here, it wins over the connection string's
+    /// `sslmode`; unset, the connection string's applies, else
+    /// [`SslMode::Prefer`] (or [`SslMode::VerifyFull`] with the system's
+    /// root certificates). Applies to the pool and to the notification
+    /// listener's connection alike.
+    #[must_use]
+    pub fn ssl_mode(mut self, mode: SslMode) -> Self {
+        self.ssl_mode = Some(mode);
+        self
+    }
+
+    /// The certificates the server's certificate must chain to (libpq's
+    /// `sslrootcert`; see [`RootCertificates`]). Set here, they win over
+    /// the connection string's `sslrootcert`. Needed by
+    /// [`SslMode::VerifyCa`] and [`SslMode::VerifyFull`]; with
+    /// [`SslMode::Require`] they make it check the chain as
+    /// [`SslMode::VerifyCa`] does (as libpq).
+    #[must_use]
+    pub fn root_certificates(mut self, roots: RootCertificates) -> Self {
+        self.root_certificates = Some(roots);
+        self
+    }
+
     /// The limits the store enforces (R8.1 to R8.3).
     #[must_use]
     pub fn limits(mut self, limits: Limits) -> Self {
@@ -246,6 +276,17 @@ impl PostgresOptions {
         self.count_compaction_interval
     }
 
+    /// The TLS mode set with [`PostgresOptions::ssl_mode`], if any.
+    pub fn get_ssl_mode(&self) -> Option<SslMode> {
+        self.ssl_mode
+    }
+
+    /// The root certificates set with
+    /// [`PostgresOptions::root_certificates`], if any.
+    pub fn get_root_certificates(&self) -> Option<&RootCertificates> {
+        self.root_certificates.as_ref()
+    }
+
     /// The configured limits.
     pub fn get_limits(&self) -> &Limits {
         &self.limits
@@ -260,8 +301,8 @@ impl PostgresOptions {
     ///
     /// Parameters whose name starts with `keyclaim_` are keyclaim's options
     /// and are removed; every other parameter (libpq's, such as `sslmode`,
-    /// `application_name` or `host=/run/postgresql`) stays, in its order,
-    /// in the returned connection URL, which
+    /// `sslrootcert`, `application_name` or `host=/run/postgresql`) stays,
+    /// in its order, in the returned connection URL, which
     /// [`PostgresStore::connect_with`](crate::PostgresStore::connect_with)
     /// hands to tokio-postgres. The query starts at the first `?` after
     /// the user information, as tokio-postgres reads it. keyclaim's options,

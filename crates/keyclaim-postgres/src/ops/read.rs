@@ -4,12 +4,12 @@
 
 use std::collections::BTreeMap;
 
-use deadpool_postgres::Object;
 use keyclaim::backend::decode;
 use keyclaim::{Algorithm, Device, Result, StoredFallback, SyncState};
 
 use super::count_to_u64;
 use crate::error::{corrupt, pg};
+use crate::session::Conn;
 
 /// A device's OTK counts and unused fallback algorithms, in one snapshot;
 /// index scans bounded by the device's own rows (R6.4). Rows as
@@ -63,7 +63,7 @@ SELECT algorithm, key_id, key_json, digest, used
 
 /// Reads a device's counts and unused fallback types in one statement.
 pub(crate) async fn sync_state(
-    client: &Object,
+    client: &mut Conn,
     device: &Device,
     op: &'static str,
 ) -> Result<SyncState> {
@@ -73,15 +73,14 @@ pub(crate) async fn sync_state(
 
 /// Runs a statement whose parameters are the device's user and device ID.
 async fn query_device(
-    client: &Object,
+    client: &mut Conn,
     statement: &str,
     device: &Device,
     op: &'static str,
 ) -> Result<Vec<tokio_postgres::Row>> {
-    let stmt = client.prepare_cached(statement).await.map_err(pg(op))?;
     client
-        .query(
-            &stmt,
+        .query_alone(
+            statement,
             &[&device.user_id.as_str(), &device.device_id.as_str()],
         )
         .await
@@ -90,13 +89,12 @@ async fn query_device(
 
 /// Reads the sync state of each device, in the order given, in one
 /// statement ([`COUNTS_MANY`]).
-pub(crate) async fn counts_many(client: &Object, devices: &[Device]) -> Result<Vec<SyncState>> {
+pub(crate) async fn counts_many(client: &mut Conn, devices: &[Device]) -> Result<Vec<SyncState>> {
     let op = "counts_many";
     let users: Vec<&str> = devices.iter().map(|d| d.user_id.as_str()).collect();
     let device_ids: Vec<&str> = devices.iter().map(|d| d.device_id.as_str()).collect();
-    let stmt = client.prepare_cached(COUNTS_MANY).await.map_err(pg(op))?;
     let rows = client
-        .query(&stmt, &[&users, &device_ids])
+        .query_alone(COUNTS_MANY, &[&users, &device_ids])
         .await
         .map_err(pg(op))?;
     let mut states: Vec<SyncStateRows> = devices.iter().map(|_| SyncStateRows::default()).collect();
@@ -113,7 +111,7 @@ pub(crate) async fn counts_many(client: &Object, devices: &[Device]) -> Result<V
 
 /// Reads a device's fallback keys in one statement.
 pub(crate) async fn fallback_keys(
-    client: &Object,
+    client: &mut Conn,
     device: &Device,
 ) -> Result<BTreeMap<Algorithm, StoredFallback>> {
     let op = "fallback_keys";
@@ -213,7 +211,8 @@ mod tests {
             )
             .await
             .expect("connect");
-            let client = store.client("test").await.expect("client");
+            let conn = store.client("test").await.expect("client");
+            let client = conn.raw();
             client
                 .batch_execute(
                     "INSERT INTO otk SELECT '@u' || i || ':x', 'D', 'alg:K' || j, 'alg', j, '\"k\"', '\\x00'
