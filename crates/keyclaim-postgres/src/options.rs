@@ -168,7 +168,8 @@ impl PostgresOptions {
         self
     }
 
-    /// Whether to use a server that runs with `fsync = off`. Default off:
+    /// Whether to use a server that runs with `fsync = off` or
+    /// `full_page_writes = off`. Default off:
     /// connecting to such a server fails with
     /// [`Error::InvalidConfig`](keyclaim::Error::InvalidConfig), because a
     /// crash of its machine can lose committed claims, whose keys would then

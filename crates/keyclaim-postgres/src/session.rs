@@ -15,9 +15,10 @@
 //!   again; `local` and `remote_write` wait for less than `on` where
 //!   synchronous standbys are configured. [`SESSION_SETUP`] raises those to
 //!   `on` on every new connection and keeps `on` and `remote_apply`.
-//! - **fsync**: a server running with `fsync = off` cannot keep a commit
-//!   through a crash of its machine, whatever the session does. [`check`]
-//!   refuses it at connect with [`Error::InvalidConfig`] unless
+//! - **fsync** and **full_page_writes**: a server running with `fsync = off`
+//!   cannot keep a commit through a crash of its machine, whatever the
+//!   session does; one with `full_page_writes = off` cannot repair a page
+//!   torn by such a crash. [`check`] refuses either at connect with [`Error::InvalidConfig`] unless
 //!   [`PostgresOptions::allow_unsafe_server`] is set (test servers).
 //!
 //! On a homeserver's own pool ([`crate::PostgresStore::with_pool`])
@@ -86,10 +87,12 @@ pub(crate) fn setup_hook() -> Hook {
 
 /// What [`check`] reads, in a session of the pool.
 const SERVER_SETTINGS: &str = "SELECT current_setting('fsync'),
-    current_setting('synchronous_commit'), current_setting('transaction_isolation')";
+    current_setting('synchronous_commit'), current_setting('transaction_isolation'),
+    current_setting('full_page_writes')";
 
 /// Checks the server and the session of a pooled connection (R10.5), before
-/// anything is created: refuses `fsync = off` unless allowed, and a session
+/// anything is created: refuses `fsync = off` and `full_page_writes = off`
+/// unless allowed, and a session
 /// whose settings did not take (for instance behind a proxy that drops
 /// startup options).
 pub(crate) async fn check(client: &mut Conn, options: &PostgresOptions) -> Result<()> {
@@ -104,19 +107,31 @@ pub(crate) async fn check(client: &mut Conn, options: &PostgresOptions) -> Resul
     let fsync: &str = row.try_get(0).map_err(pg(op))?;
     let sync_commit: &str = row.try_get(1).map_err(pg(op))?;
     let isolation: &str = row.try_get(2).map_err(pg(op))?;
-    if fsync != "on" {
+    let full_page_writes: &str = row.try_get(3).map_err(pg(op))?;
+    // Without full-page writes, a page torn by a crash of the machine
+    // mid-write cannot be repaired from the WAL: committed rows can be lost
+    // or corrupted as with fsync off.
+    let unsafe_setting = if fsync != "on" {
+        Some(("fsync", fsync))
+    } else if full_page_writes != "on" {
+        Some(("full_page_writes", full_page_writes))
+    } else {
+        None
+    };
+    if let Some((setting, value)) = unsafe_setting {
         if !options.get_allow_unsafe_server() {
             return Err(Error::invalid_config(format!(
-                "the PostgreSQL server runs with fsync = {fsync}: a crash of its machine can \
-                 lose committed claims and hand their keys out again (R10.5). Turn fsync on, \
-                 or, for a throwaway test server only, set \
+                "the PostgreSQL server runs with {setting} = {value}: a crash of its machine \
+                 can lose committed claims and hand their keys out again (R10.5). Turn \
+                 {setting} on, or, for a throwaway test server only, set \
                  PostgresOptions::allow_unsafe_server (keyclaim_allow_unsafe_server=on)"
             )));
         }
         tracing::warn!(
-            fsync,
-            "keyclaim connected to a server without fsync (allow_unsafe_server): \
-             a crash of its machine can lose committed claims"
+            setting,
+            value,
+            "keyclaim connected to a server that can lose commits in a crash of its \
+             machine (allow_unsafe_server)"
         );
     }
     if !matches!(sync_commit, "on" | "remote_apply") || isolation != "read committed" {
