@@ -176,6 +176,10 @@ impl std::error::Error for EngineError {
     }
 }
 
+/// What [`KvEngine::scan`] calls with each key and its value, in order;
+/// [`ControlFlow::Break`] stops the scan.
+pub type Visitor<'a> = dyn FnMut(&[u8], &[u8]) -> ControlFlow<()> + 'a;
+
 /// The result of an engine call.
 pub type EngineResult<T> = Result<T, EngineError>;
 
@@ -261,7 +265,7 @@ pub trait KvEngine: Send + Sync + 'static {
         space: Space,
         start: &[u8],
         end: Option<&[u8]>,
-        visit: &mut dyn FnMut(&[u8], &[u8]) -> ControlFlow<()>,
+        visit: &mut Visitor<'_>,
     ) -> EngineResult<()>;
 
     /// Applies `batch` atomically (rule 2); when `durable`, it is durable
@@ -286,7 +290,7 @@ impl<E: KvEngine + ?Sized> KvEngine for Arc<E> {
         space: Space,
         start: &[u8],
         end: Option<&[u8]>,
-        visit: &mut dyn FnMut(&[u8], &[u8]) -> ControlFlow<()>,
+        visit: &mut Visitor<'_>,
     ) -> EngineResult<()> {
         (**self).scan(space, start, end, visit)
     }

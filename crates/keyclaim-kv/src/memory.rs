@@ -3,11 +3,11 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::ops::{Bound, ControlFlow};
+use std::ops::Bound;
 
 use parking_lot::RwLock;
 
-use crate::engine::{BatchOp, EngineResult, KvEngine, Space, WriteBatch};
+use crate::engine::{BatchOp, EngineResult, KvEngine, Space, Visitor, WriteBatch};
 
 /// One ordered map per space.
 type Maps = [BTreeMap<Vec<u8>, Vec<u8>>; Space::COUNT];
@@ -68,7 +68,7 @@ impl KvEngine for MemoryEngine {
         space: Space,
         start: &[u8],
         end: Option<&[u8]>,
-        visit: &mut dyn FnMut(&[u8], &[u8]) -> ControlFlow<()>,
+        visit: &mut Visitor<'_>,
     ) -> EngineResult<()> {
         if end.is_some_and(|end| end <= start) {
             return Ok(());
