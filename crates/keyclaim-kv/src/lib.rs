@@ -39,6 +39,11 @@ use error::wrong_reply;
 use txn::Direct;
 use writer::{Op, Reply, Writer, WriterConfig};
 
+/// The examples of `docs/adapter-guide.md`, compiled and run as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../../../docs/adapter-guide.md")]
+pub struct AdapterGuide;
+
 /// The backend's name in errors and logs.
 pub(crate) const BACKEND: &str = "kv";
 

@@ -7,11 +7,10 @@ use keyclaim::backend::decode;
 use keyclaim::{Changes, Device, Error, ResetScope, Result, UploadOutcome, UserId};
 
 use super::read::counts;
-use super::{append, load_record, store_record};
+use super::{append, load_record, remove_queue_rows, store_record};
 use crate::engine::Space;
 use crate::schema::{
-    KeyRow, Queue, decode_digest, device_key, id_prefix, id_row, key_row, parse_key, prefix_end,
-    user_prefix,
+    KeyRow, Queue, decode_digest, device_key, id_prefix, parse_key, prefix_end, user_prefix,
 };
 use crate::txn::{Source, Txn};
 
@@ -149,28 +148,17 @@ fn remove_stored(
         },
         None => q.head,
     };
-    let rows = txn.scan(
-        Space::Keys,
-        &key_row(u, d, a, from),
-        &key_row(u, d, a, q.end),
-    )?;
-    if rows.len() as u64 != q.end - from {
+    let removed = remove_queue_rows(txn, (u, d, a), from, q.end)?;
+    if removed.len() as u64 != q.end - from {
         return Err(Error::corrupt(format!(
             "one-time keys of {device} are missing from their {a} queue"
         )));
     }
-    let mut kept = Vec::new();
-    for (key, value) in rows {
-        let pos = parse_key(Space::Keys, &key, 3, true)?
-            .pos
-            .unwrap_or(u64::MAX);
-        let row = KeyRow::decode(u, d, pos, &value)?;
-        txn.delete(Space::Ids, id_row(u, d, &row.key_id, pos));
-        txn.delete(Space::Keys, key);
-        if listed.is_some_and(|l| !l.contains(&pos)) {
-            kept.push(row);
-        }
-    }
+    let kept: Vec<KeyRow> = removed
+        .into_iter()
+        .filter(|(pos, _)| listed.is_some_and(|l| !l.contains(pos)))
+        .map(|(_, row)| row)
+        .collect();
     q.end = from;
     for row in &kept {
         append(

@@ -28,7 +28,7 @@ pub(crate) use upload::upload;
 
 use crate::engine::Space;
 use crate::schema::{
-    DeviceRecord, Digest, KeyRow, META_NEXT_SEQ, decode_u64, device_key, id_row, key_row,
+    DeviceRecord, Digest, KeyRow, META_NEXT_SEQ, decode_u64, device_key, id_row, key_row, parse_key,
 };
 use crate::txn::{Source, Txn};
 
@@ -129,4 +129,30 @@ pub(crate) fn append(
         id_row(user, device, key_id, pos),
         digest.to_vec(),
     );
+}
+
+/// Removes the rows of a queue's positions `from..to` (their `keys` and
+/// `ids` rows) and answers them, decoded, with their positions.
+pub(crate) fn remove_queue_rows(
+    txn: &mut Txn<'_>,
+    (user, device, alg): (&str, &str, &str),
+    from: u64,
+    to: u64,
+) -> Result<Vec<(u64, KeyRow)>> {
+    let rows = txn.scan(
+        Space::Keys,
+        &key_row(user, device, alg, from),
+        &key_row(user, device, alg, to),
+    )?;
+    let mut out = Vec::with_capacity(rows.len());
+    for (key, value) in rows {
+        let pos = parse_key(Space::Keys, &key, 3, true)?
+            .pos
+            .unwrap_or(u64::MAX);
+        let row = KeyRow::decode(user, device, pos, &value)?;
+        txn.delete(Space::Ids, id_row(user, device, &row.key_id, pos));
+        txn.delete(Space::Keys, key);
+        out.push((pos, row));
+    }
+    Ok(out)
 }

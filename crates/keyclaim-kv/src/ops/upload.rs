@@ -10,11 +10,10 @@ use keyclaim::{Changes, Device, DeviceId, Error, Limits, Result, Upload, UploadO
 
 use super::delete::delete_device_rows;
 use super::read::counts;
-use super::{append, load_record, remembered_limit, store_record, take_seq};
+use super::{append, load_record, remembered_limit, remove_queue_rows, store_record, take_seq};
 use crate::engine::Space;
 use crate::schema::{
-    DeviceRecord, Fallback, KeyRow, PRUNE_CHUNK, Queue, decode_digest, id_prefix, id_row, key_row,
-    parse_key, prefix_end,
+    DeviceRecord, Fallback, PRUNE_CHUNK, Queue, decode_digest, id_prefix, parse_key, prefix_end,
 };
 use crate::txn::{Source, Txn};
 
@@ -172,19 +171,7 @@ fn prune(
         return Ok(());
     }
     let new_first = q.head - keep;
-    let rows = txn.scan(
-        Space::Keys,
-        &key_row(u, d, a, q.first),
-        &key_row(u, d, a, new_first),
-    )?;
-    for (key, value) in rows {
-        let pos = parse_key(Space::Keys, &key, 3, true)?
-            .pos
-            .unwrap_or(u64::MAX);
-        let row = KeyRow::decode(u, d, pos, &value)?;
-        txn.delete(Space::Ids, id_row(u, d, &row.key_id, pos));
-        txn.delete(Space::Keys, key);
-    }
+    remove_queue_rows(txn, (u, d, a), q.first, new_first)?;
     q.first = new_first;
     Ok(())
 }

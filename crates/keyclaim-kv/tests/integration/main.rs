@@ -15,6 +15,7 @@ mod conformance;
 mod corrupt;
 mod faults;
 mod open;
+mod remembered;
 mod writer;
 
 /// The tests' usual runtime: two workers, as on the 2-core CI machine.
