@@ -243,7 +243,7 @@ fn run<E: KvEngine>(
     counters: &Counters,
 ) {
     let max_batch = config.max_batch.max(1);
-    while let Ok(first) = receiver.recv() {
+    while let Some(first) = next_job(receiver) {
         let mut batch = Vec::with_capacity(max_batch.min(receiver.len() + 1));
         batch.push(first);
         while batch.len() < max_batch {
@@ -269,6 +269,26 @@ fn run<E: KvEngine>(
             drop(batch);
         }
     }
+}
+
+/// How many times the writer yields its CPU, waiting for the next job,
+/// before it sleeps.
+const YIELDS_BEFORE_SLEEP: u32 = 8;
+
+/// The next job, or `None` once every sender is gone and the channel is
+/// drained. The callers of the previous batch send their next operations
+/// right after their answers: the writer yields its CPU to them a few times
+/// before it sleeps, so that it neither spins nor pays a sleep and a wake-up
+/// per batch while callers keep it busy.
+fn next_job(receiver: &Receiver<Job>) -> Option<Job> {
+    for _ in 0..YIELDS_BEFORE_SLEEP {
+        match receiver.try_recv() {
+            Ok(job) => return Some(job),
+            Err(crossbeam_channel::TryRecvError::Disconnected) => return None,
+            Err(crossbeam_channel::TryRecvError::Empty) => std::thread::yield_now(),
+        }
+    }
+    receiver.recv().ok()
 }
 
 /// Runs one batch and answers every job (taken out of `batch`).
