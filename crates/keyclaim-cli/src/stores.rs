@@ -1,4 +1,5 @@
-//! Store URLs (`memory:`, `sqlite:PATH`, `redb:PATH`, `postgres://...`), as
+//! Store URLs (`memory:`, `sqlite:PATH`, `redb:PATH`, `postgres://...`,
+//! `kv-memory:`), as
 //! `keyclaim-open` reads them.
 
 use std::fmt;
@@ -40,6 +41,7 @@ mod tests {
             "sqlite:/tmp/x.db",
             "redb:rel.redb",
             "postgres://h/db",
+            "kv-memory:",
         ] {
             assert!(StoreUrl::parse(url).is_ok(), "{url}");
         }

@@ -16,6 +16,9 @@ pub enum Scheme {
     Redb,
     /// `postgres://...`, `postgresql://...` or `postgres:KEY=VALUE ...`
     Postgres,
+    /// `kv-memory:` or `kv-memory:?OPTIONS`: the key-value layer over a
+    /// fresh in-memory engine
+    KvMemory,
 }
 
 impl Scheme {
@@ -32,9 +35,11 @@ impl Scheme {
             Ok(Self::Redb)
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
             Ok(Self::Postgres)
+        } else if url == "kv-memory:" || url.starts_with("kv-memory:?") {
+            Ok(Self::KvMemory)
         } else {
             Err(Error::invalid_config(format!(
-                "unknown store URL {}: use memory:, sqlite:PATH, redb:PATH or postgres://...",
+                "unknown store URL {}: use memory:, sqlite:PATH, redb:PATH, postgres://... or kv-memory:",
                 redacted(url)
             )))
         }
@@ -62,6 +67,7 @@ pub async fn open_with(url: &str, limits: Limits) -> Result<Arc<dyn KeyStore>> {
         Scheme::Sqlite => sqlite(url, limits).await,
         Scheme::Redb => redb(url, limits).await,
         Scheme::Postgres => postgres(url, limits).await,
+        Scheme::KvMemory => kv_memory(url, limits).await,
     }
 }
 
@@ -150,6 +156,20 @@ async fn postgres(url: &str, _: Limits) -> Result<Arc<dyn KeyStore>> {
     Err(not_built(url, "postgres"))
 }
 
+#[cfg(feature = "kv")]
+async fn kv_memory(url: &str, limits: Limits) -> Result<Arc<dyn KeyStore>> {
+    let query = url.strip_prefix("kv-memory:").unwrap_or_default();
+    let options = keyclaim_kv::KvOptions::from_query("kv-memory", query.trim_start_matches('?'))?;
+    let engine = keyclaim_kv::MemoryEngine::new();
+    let store = keyclaim_kv::KvStore::open_with(engine, options.limits(limits)).await?;
+    Ok(Arc::new(store))
+}
+
+#[cfg(not(feature = "kv"))]
+async fn kv_memory(url: &str, _: Limits) -> Result<Arc<dyn KeyStore>> {
+    Err(not_built(url, "kv"))
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -203,12 +223,16 @@ mod tests {
                 "memory:".to_owned(),
                 format!("sqlite:{}", dir.path().join("k.sqlite").display()),
                 format!("redb:{}", dir.path().join("k.redb").display()),
+                "kv-memory:".to_owned(),
+                "kv-memory:?max_batch=8&durable=off".to_owned(),
             ] {
                 let store = open_with(&url, limits.clone()).await.unwrap();
                 assert_eq!(store.limits().max_claim_count, 2, "{url}");
             }
             let bad = format!("sqlite:{}?no_such_option=1", dir.path().join("x").display());
             assert!(matches!(open(&bad).await, Err(Error::InvalidConfig { .. })));
+            let bad = "kv-memory:?no_such_option=1";
+            assert!(matches!(open(bad).await, Err(Error::InvalidConfig { .. })));
         });
     }
 }

@@ -40,7 +40,7 @@
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use deadpool_postgres::{Object, Pool};
+use deadpool_postgres::Pool;
 use keyclaim::backend::StoreCore;
 use keyclaim::{ClaimOutcome, ClaimTarget, Result};
 use tokio::runtime::Handle;
@@ -50,6 +50,7 @@ use crate::PostgresOptions;
 use crate::error;
 use crate::listen::Announcer;
 use crate::ops::{self, ClaimRequest, Sql};
+use crate::session::{self, Conn};
 
 /// The combiner's settings (see [`crate::PostgresOptions`]).
 #[derive(Clone, Copy, Debug)]
@@ -91,6 +92,7 @@ struct Shared {
     state: Mutex<State>,
     settings: Settings,
     pool: Pool,
+    session: session::Settings,
     sql: Sql,
     core: StoreCore,
     announcer: Option<Arc<Announcer>>,
@@ -144,8 +146,9 @@ impl Shared {
     }
 
     /// A pooled connection, or a retryable error.
-    async fn client(&self, op: &'static str) -> Result<Object> {
-        self.pool.get().await.map_err(|e| error::pool(op, e))
+    async fn client(&self, op: &'static str) -> Result<Conn> {
+        let client = self.pool.get().await.map_err(|e| error::pool(op, e))?;
+        Ok(Conn::new(client, self.session.clone()))
     }
 
     /// Takes the next batch: waiting claims in arrival order, the
@@ -263,10 +266,12 @@ async fn run_batches(slot: Slot) {
 }
 
 impl Combiner {
-    /// A combiner running claims on `pool` (see the module docs).
+    /// A combiner running claims on `pool`, in keyclaim's `session`
+    /// settings (see the module docs).
     pub(crate) fn new(
         settings: Settings,
         pool: Pool,
+        session: session::Settings,
         sql: Sql,
         core: StoreCore,
         announcer: Option<Arc<Announcer>>,
@@ -281,6 +286,7 @@ impl Combiner {
                 state: Mutex::new(State::default()),
                 settings,
                 pool,
+                session,
                 sql,
                 core,
                 announcer,

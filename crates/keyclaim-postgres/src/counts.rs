@@ -48,12 +48,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use deadpool_postgres::{ClientWrapper, Object, Pool};
+use deadpool_postgres::{ClientWrapper, Pool};
 use keyclaim::Result;
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
 use crate::error::{self, pg};
+use crate::session::{Conn, Settings};
 
 /// The table, its indexes, the trigger function and the triggers (schema
 /// version 3). Idempotent, so that an interrupted migration can run it
@@ -206,15 +207,17 @@ pub(crate) async fn backfill(client: &mut ClientWrapper, batch: i64) -> Result<u
 
 /// Runs compaction rounds until one folds less than a full batch or finds
 /// the schema's compaction busy; answers the pairs folded.
-pub(crate) async fn compact(client: &Object) -> Result<u64> {
+pub(crate) async fn compact(client: &mut Conn) -> Result<u64> {
     let op = "compact_counts";
-    let stmt = client.prepare_cached(COMPACT).await.map_err(pg(op))?;
     let mut folded = 0u64;
     loop {
-        let row = client
-            .query_one(&stmt, &[&COMPACT_BATCH])
+        let rows = client
+            .query_alone(COMPACT, &[&COMPACT_BATCH])
             .await
             .map_err(pg(op))?;
+        let row = rows
+            .first()
+            .ok_or_else(|| error::corrupt("compaction answer", "no row"))?;
         let n: i64 = row.try_get(0).map_err(pg(op))?;
         let held: bool = row.try_get(1).map_err(pg(op))?;
         folded += u64::try_from(n).unwrap_or(0);
@@ -243,7 +246,7 @@ impl Drop for Compactor {
 impl Compactor {
     /// Starts compacting every `interval` after this store wrote (and
     /// every [`IDLE_ROUNDS`] intervals when it did not).
-    pub(crate) fn start(pool: Pool, interval: Duration) -> Self {
+    pub(crate) fn start(pool: Pool, settings: Settings, interval: Duration) -> Self {
         // A first round at start: rows left by stopped workers.
         let wrote = Arc::new(AtomicBool::new(true));
         let flag = wrote.clone();
@@ -263,7 +266,7 @@ impl Compactor {
                             .get()
                             .await
                             .map_err(|e| error::pool("compact_counts", e))?;
-                        compact(&client).await
+                        compact(&mut Conn::new(client, settings.clone())).await
                     };
                     match round.await {
                         Ok(folded) => tracing::trace!(folded, "count rows folded"),

@@ -7,6 +7,8 @@ use std::time::Duration;
 use keyclaim::backend::url::UrlOptions;
 use keyclaim::{Error, Limits, Result};
 
+use crate::tls::{RootCertificates, SslMode};
+
 /// The prefix of keyclaim's own parameters in a store URL.
 const URL_PREFIX: &str = "keyclaim_";
 
@@ -40,6 +42,8 @@ pub struct PostgresOptions {
     claim_batch_targets: usize,
     claim_batches_in_flight: usize,
     claim_queue_limit: usize,
+    ssl_mode: Option<SslMode>,
+    root_certificates: Option<RootCertificates>,
     limits: Limits,
 }
 
@@ -60,6 +64,8 @@ impl Default for PostgresOptions {
             claim_batch_targets: 256,
             claim_batches_in_flight: 4,
             claim_queue_limit: 4096,
+            ssl_mode: None,
+            root_certificates: None,
             limits: Limits::default(),
         }
     }
@@ -172,7 +178,8 @@ impl PostgresOptions {
         self
     }
 
-    /// Whether to use a server that runs with `fsync = off`. Default off:
+    /// Whether to use a server that runs with `fsync = off` or
+    /// `full_page_writes = off`. Default off:
     /// connecting to such a server fails with
     /// [`Error::InvalidConfig`](keyclaim::Error::InvalidConfig), because a
     /// crash of its machine can lose committed claims, whose keys would then
@@ -245,6 +252,30 @@ impl PostgresOptions {
     #[must_use]
     pub fn claim_queue_limit(mut self, claims: usize) -> Self {
         self.claim_queue_limit = claims;
+        self
+    }
+
+    /// Whether and how connections use TLS (libpq's `sslmode`; see
+    /// [`SslMode`]). Set here, it wins over the connection string's
+    /// `sslmode`; unset, the connection string's applies, else
+    /// [`SslMode::Prefer`] (or [`SslMode::VerifyFull`] with the system's
+    /// root certificates). Applies to the pool and to the notification
+    /// listener's connection alike.
+    #[must_use]
+    pub fn ssl_mode(mut self, mode: SslMode) -> Self {
+        self.ssl_mode = Some(mode);
+        self
+    }
+
+    /// The certificates the server's certificate must chain to (libpq's
+    /// `sslrootcert`; see [`RootCertificates`]). Set here, they win over
+    /// the connection string's `sslrootcert`. Needed by
+    /// [`SslMode::VerifyCa`] and [`SslMode::VerifyFull`]; with
+    /// [`SslMode::Require`] they make it check the chain as
+    /// [`SslMode::VerifyCa`] does (as libpq).
+    #[must_use]
+    pub fn root_certificates(mut self, roots: RootCertificates) -> Self {
+        self.root_certificates = Some(roots);
         self
     }
 
@@ -325,6 +356,17 @@ impl PostgresOptions {
         self.claim_queue_limit
     }
 
+    /// The TLS mode set with [`PostgresOptions::ssl_mode`], if any.
+    pub fn get_ssl_mode(&self) -> Option<SslMode> {
+        self.ssl_mode
+    }
+
+    /// The root certificates set with
+    /// [`PostgresOptions::root_certificates`], if any.
+    pub fn get_root_certificates(&self) -> Option<&RootCertificates> {
+        self.root_certificates.as_ref()
+    }
+
     /// The configured limits.
     pub fn get_limits(&self) -> &Limits {
         &self.limits
@@ -339,8 +381,8 @@ impl PostgresOptions {
     ///
     /// Parameters whose name starts with `keyclaim_` are keyclaim's options
     /// and are removed; every other parameter (libpq's, such as `sslmode`,
-    /// `application_name` or `host=/run/postgresql`) stays, in its order,
-    /// in the returned connection URL, which
+    /// `sslrootcert`, `application_name` or `host=/run/postgresql`) stays,
+    /// in its order, in the returned connection URL, which
     /// [`PostgresStore::connect_with`](crate::PostgresStore::connect_with)
     /// hands to tokio-postgres. The query starts at the first `?` after
     /// the user information, as tokio-postgres reads it. keyclaim's options,

@@ -28,7 +28,7 @@
 
 use std::time::Duration;
 
-use deadpool_postgres::{ClientWrapper, Object};
+use deadpool_postgres::ClientWrapper;
 use keyclaim::{Error, Result};
 use tokio_postgres::error::SqlState;
 
@@ -177,12 +177,11 @@ const WRITE_VERSION: &str = "INSERT INTO keyclaim_meta (id, version) VALUES (1, 
     ON CONFLICT (id) DO UPDATE SET version = EXCLUDED.version";
 
 /// Creates the schema and tables, or upgrades them, on a connection of the
-/// pool whose `search_path` is `schema` (already validated). The
-/// connection is taken out of the pool and closed (see the module docs).
+/// pool taken out of it (closed when done, see the module docs), whose
+/// `search_path` is `schema` (already validated).
 #[tracing::instrument(name = "keyclaim.postgres.migrate", skip_all, fields(schema = %schema))]
-pub(crate) async fn migrate(client: Object, schema: &str) -> Result<()> {
+pub(crate) async fn migrate(mut client: ClientWrapper, schema: &str) -> Result<()> {
     let op = "migrate";
-    let mut client = Object::take(client);
     let mut pause = Duration::from_millis(20);
     loop {
         let row = client

@@ -165,6 +165,38 @@ fn a_server_without_fsync_is_refused_unless_relaxed() {
     });
 }
 
+/// R10.5: a server that syncs its WAL but runs without full-page writes
+/// (a torn page cannot be repaired after a crash of its machine) is
+/// refused like one without fsync, unless relaxed.
+#[test]
+fn a_server_without_full_page_writes_is_refused_unless_relaxed() {
+    keyclaim_testing::runtime(2).block_on(async {
+        let config = keyclaim_testing::postgres::ClusterConfig {
+            conf: vec!["full_page_writes = off".to_owned()],
+            ..Default::default()
+        };
+        let cluster = Cluster::start_configured(true, &config).expect("a throwaway cluster");
+        let url = cluster.url();
+        let schema = unique_schema("kc_fpw");
+        let err = PostgresStore::connect_with(&url, PostgresOptions::new().schema(&schema))
+            .await
+            .expect_err("full_page_writes = off must be refused");
+        match &err {
+            Error::InvalidConfig { reason } => {
+                assert!(reason.contains("full_page_writes = off"), "{reason}");
+            }
+            other => panic!("expected InvalidConfig, got {other:?}"),
+        }
+        let relaxed = PostgresOptions::new()
+            .schema(&schema)
+            .allow_unsafe_server(true);
+        let store = PostgresStore::connect_with(&url, relaxed)
+            .await
+            .expect("the relaxed option accepts it");
+        put(&store, &dev("@a:x", "A"), otks(SC, &["K"]), vec![]).await;
+    });
+}
+
 /// A database tuned to `repeatable read` and asynchronous commit: every
 /// write keyclaim makes still runs with synchronous commit and READ
 /// COMMITTED, and two uploads of one device that wait on each other plan

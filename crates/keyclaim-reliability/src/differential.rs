@@ -168,6 +168,64 @@ pub trait Subject: Send {
     fn reopen(&mut self) -> BoxFuture<'_, keyclaim::Result<()>>;
 }
 
+/// The key-value layer (`keyclaim-kv`) over an in-memory engine as a
+/// [`Subject`]: reopen closes the store and opens a new one over the same
+/// engine, which keeps the data.
+pub struct KvSubject {
+    engine: std::sync::Arc<keyclaim_kv::MemoryEngine>,
+    limits: Limits,
+    store: Option<keyclaim_kv::KvStore<std::sync::Arc<keyclaim_kv::MemoryEngine>>>,
+    /// Answers in place of the store after a failed reopen (the run has
+    /// failed by then; this only keeps `store()` total).
+    placeholder: MemoryStore,
+}
+
+impl KvSubject {
+    /// A store over a fresh engine with the given limits.
+    ///
+    /// # Errors
+    /// The layer's open errors.
+    pub async fn open(limits: Limits) -> keyclaim::Result<Self> {
+        let engine = std::sync::Arc::new(keyclaim_kv::MemoryEngine::new());
+        let store = Self::open_on(&engine, &limits).await?;
+        Ok(Self {
+            engine,
+            limits,
+            store: Some(store),
+            placeholder: MemoryStore::new(),
+        })
+    }
+
+    async fn open_on(
+        engine: &std::sync::Arc<keyclaim_kv::MemoryEngine>,
+        limits: &Limits,
+    ) -> keyclaim::Result<keyclaim_kv::KvStore<std::sync::Arc<keyclaim_kv::MemoryEngine>>> {
+        let options = keyclaim_kv::KvOptions::new().limits(limits.clone());
+        keyclaim_kv::KvStore::open_with(std::sync::Arc::clone(engine), options).await
+    }
+}
+
+impl Subject for KvSubject {
+    fn name(&self) -> &str {
+        "kv-memory"
+    }
+    fn store(&self) -> &dyn KeyStore {
+        match &self.store {
+            Some(s) => s,
+            None => &self.placeholder,
+        }
+    }
+    fn reopen(&mut self) -> BoxFuture<'_, keyclaim::Result<()>> {
+        Box::pin(async move {
+            if let Some(s) = self.store.take() {
+                s.close().await?;
+            }
+            self.store = Some(Self::open_on(&self.engine, &self.limits).await?);
+            Ok(())
+        })
+    }
+}
+
 /// The memory backend as a [`Subject`] (reopen is a no-op).
 #[derive(Debug)]
 pub struct MemorySubject(MemoryStore);
@@ -532,8 +590,8 @@ pub fn scratch_dir() -> std::io::Result<tempfile::TempDir> {
     tempfile::Builder::new().prefix("keyclaim-fuzz-").tempdir()
 }
 
-/// Runs one input against memory, SQLite and redb (fresh stores in a
-/// scratch dir) and the model.
+/// Runs one input against memory, SQLite, redb and the key-value layer on
+/// its in-memory engine (fresh stores, in a scratch dir) and the model.
 ///
 /// # Errors
 /// The first disagreement, or a store error.
@@ -541,8 +599,9 @@ pub fn check(data: &[u8]) -> Result<(), Violation> {
     check_ops(&decode(data))
 }
 
-/// Runs decoded operations against memory, SQLite and redb (fresh stores in
-/// a scratch dir) and the model (what the typed fuzz target calls).
+/// Runs decoded operations against memory, SQLite, redb and the key-value
+/// layer on its in-memory engine (fresh stores, in a scratch dir) and the
+/// model (what the typed fuzz target calls).
 ///
 /// # Errors
 /// The first disagreement, or a store error.
@@ -557,6 +616,10 @@ pub fn check_ops(ops: &Ops) -> Result<(), Violation> {
                 .map_err(|e| Violation(format!("{backend}: open failed: {e}")))?;
             subjects.push(Box::new(sub));
         }
+        let kv = KvSubject::open(l.clone())
+            .await
+            .map_err(|e| Violation(format!("kv-memory: open failed: {e}")))?;
+        subjects.push(Box::new(kv));
         run(ops, &mut subjects).await
     })?
 }

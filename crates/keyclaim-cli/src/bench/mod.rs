@@ -23,7 +23,7 @@ pub(crate) use workload::{device, upload_of};
 /// Options of `keyclaim bench`.
 #[derive(Args, Debug, Clone)]
 pub(crate) struct BenchArgs {
-    /// Backends to run, comma separated: memory, sqlite, redb, postgres
+    /// Backends to run, comma separated: memory, kv-memory, sqlite, redb, postgres
     /// (postgres needs --postgres or KEYCLAIM_POSTGRES_URL).
     #[arg(long, value_delimiter = ',', default_value = "memory,sqlite,redb")]
     pub(crate) backend: Vec<String>,
@@ -98,6 +98,15 @@ pub(crate) async fn open_backend(
         "memory" => Ok(BackendUnderTest {
             name: name.into(),
             store: Arc::new(keyclaim_memory::MemoryStore::new()),
+            baseline: None,
+        }),
+        "kv-memory" => Ok(BackendUnderTest {
+            name: name.into(),
+            store: Arc::new(
+                keyclaim_kv::KvStore::open(keyclaim_kv::MemoryEngine::new())
+                    .await
+                    .map_err(err)?,
+            ),
             baseline: None,
         }),
         #[cfg(feature = "sqlite")]
@@ -185,7 +194,7 @@ pub(crate) async fn open_backend(
 mod baselines;
 
 pub(crate) fn built_backends() -> Vec<&'static str> {
-    let mut v = vec!["memory"];
+    let mut v = vec!["memory", "kv-memory"];
     if cfg!(feature = "sqlite") {
         v.push("sqlite");
     }

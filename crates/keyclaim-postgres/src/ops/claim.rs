@@ -88,7 +88,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use deadpool_postgres::Object;
 use keyclaim::backend::decode;
 use keyclaim::{
     Changes, ClaimOutcome, ClaimTarget, ClaimedKey, Device, FallbackTarget, Limits, Result,
@@ -97,6 +96,7 @@ use tokio_postgres::types::ToSql;
 
 use super::{Sql, remembered};
 use crate::error::{corrupt, pg};
+use crate::session::Conn;
 
 /// The CTEs `fb_locked` and `fb_marked` of the claim statements: lock the
 /// rows of `fb_seen` (fallback keys read from the statement's snapshot)
@@ -466,7 +466,7 @@ struct Got {
 /// fallback key when `fall_back` is set (R4.4) and never otherwise (R12.1).
 /// The answer lists each target's keys together, in target order.
 pub(crate) async fn claim(
-    client: &mut Object,
+    client: &mut Conn,
     sql: &Sql,
     limits: &Limits,
     targets: &[ClaimTarget],
@@ -488,7 +488,7 @@ pub(crate) async fn claim(
 /// an error when one of its keys did not decode (its keys were taken all
 /// the same; the other claims are answered).
 pub(crate) async fn claim_many(
-    client: &mut Object,
+    client: &mut Conn,
     sql: &Sql,
     limits: &Limits,
     claims: &[ClaimRequest<'_>],
@@ -528,13 +528,9 @@ struct ClaimRun<'a> {
 impl ClaimRun<'_> {
     /// Runs the statement, its own transaction, one round trip. `None`
     /// when it answered that it did nothing (-3).
-    async fn execute(&self, client: &mut Object) -> Result<Option<Vec<tokio_postgres::Row>>> {
+    async fn execute(&self, client: &mut Conn) -> Result<Option<Vec<tokio_postgres::Row>>> {
         let op = "claim";
         let m = self.merged;
-        let stmt = client
-            .prepare_cached(self.statement)
-            .await
-            .map_err(pg(op))?;
         let params: [&(dyn ToSql + Sync); 9] = [
             &m.users,
             &m.devices,
@@ -546,7 +542,10 @@ impl ClaimRun<'_> {
             &self.sql.transactional_notify,
             &m.fb_at,
         ];
-        let rows = client.query(&stmt, &params).await.map_err(pg(op))?;
+        let rows = client
+            .query_alone(self.statement, &params)
+            .await
+            .map_err(pg(op))?;
         let contended = rows
             .iter()
             .any(|row| matches!(row.try_get::<_, i64>(0), Ok(-3)));
@@ -689,7 +688,7 @@ fn hand_out(
 /// Hands out the targets' fallback keys in one statement ([`CLAIM_FALLBACKS`]),
 /// in target order.
 pub(crate) async fn claim_fallback_keys(
-    client: &Object,
+    client: &mut Conn,
     sql: &Sql,
     targets: &[FallbackTarget],
 ) -> Result<ClaimOutcome> {
@@ -701,13 +700,9 @@ pub(crate) async fn claim_fallback_keys(
         .collect();
     let algorithms: Vec<&str> = targets.iter().map(|t| t.algorithm.as_str()).collect();
     let marks: Vec<bool> = targets.iter().map(|t| t.mark_used).collect();
-    let stmt = client
-        .prepare_cached(CLAIM_FALLBACKS)
-        .await
-        .map_err(pg(op))?;
     let rows = client
-        .query(
-            &stmt,
+        .query_alone(
+            CLAIM_FALLBACKS,
             &[
                 &users,
                 &devices,
