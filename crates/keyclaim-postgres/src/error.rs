@@ -154,6 +154,33 @@ pub(crate) fn backlog(op: &'static str) -> Error {
     )
 }
 
+/// The claims waiting for a batch are at their bound (R10.6): the claim
+/// `op` is refused before it is queued (retryable).
+pub(crate) fn claims_queued(op: &'static str) -> Error {
+    Error::storage(BACKEND, op, true, "too many claims waiting for a batch")
+}
+
+/// The task running a claim's batch ended before answering (a panic or
+/// the runtime shutting down): whether the claim was applied is unknown.
+pub(crate) fn batch_lost(op: &'static str) -> Error {
+    Error::storage(
+        BACKEND,
+        op,
+        false,
+        "the claim's batch ended without an answer",
+    )
+}
+
+/// The same failure, for another claim of the failed batch: the same kind
+/// and retryable flag, the same message.
+pub(crate) fn copy_of(op: &'static str, error: &Error) -> Error {
+    match error {
+        Error::Closed => Error::Closed,
+        Error::Corrupt { .. } => Error::corrupt(error.to_string()),
+        other => Error::storage(BACKEND, op, other.is_retryable(), other.to_string()),
+    }
+}
+
 /// The migration's swap did not get its short lock in any attempt: the
 /// table stayed busy (retryable: connecting again goes on from the built
 /// index).

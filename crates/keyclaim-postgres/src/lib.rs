@@ -1,5 +1,6 @@
 #![doc = include_str!("../README.md")]
 
+mod combine;
 mod counts;
 mod error;
 mod listen;
@@ -12,6 +13,7 @@ mod tls;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::hash::{BuildHasher, Hasher};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// The deadpool-postgres this crate builds on: a host's pool for
@@ -43,6 +45,8 @@ pub struct PoolStatus {
     pub available: usize,
     /// Operations waiting for a connection.
     pub waiting: usize,
+    /// Claims waiting for a batch (see [`PostgresOptions::claim_batching`]).
+    pub claims_queued: usize,
 }
 
 /// A [`KeyStore`](keyclaim::KeyStore) in a PostgreSQL database, shared by any number of
@@ -62,7 +66,8 @@ pub struct PostgresStore {
     sql: ops::Sql,
     core: StoreCore,
     pinned_plans: bool,
-    announcer: Option<listen::Announcer>,
+    announcer: Option<Arc<listen::Announcer>>,
+    combiner: combine::Combiner,
     _listener: Option<listen::Listener>,
     compactor: counts::Compactor,
 }
@@ -83,6 +88,7 @@ impl fmt::Debug for PostgresStore {
             .field("listening", &self._listener.is_some())
             .field("transactional_notify", &self.sql.transactional_notify)
             .field("pinned_plans", &self.pinned_plans)
+            .field("claim_batching", &self.combiner.batching())
             .field("limits", self.core.limits())
             .finish()
     }
@@ -269,14 +275,22 @@ impl PostgresStore {
         let transactional_notify = options.get_transactional_notify();
         let sql = ops::Sql::new(schema, instance_id(), transactional_notify);
         let announcer = (!transactional_notify).then(|| {
-            listen::Announcer::start(
+            Arc::new(listen::Announcer::start(
                 pool.clone(),
                 sql.channel.clone(),
                 sql.instance.clone(),
                 listen::MAX_BACKLOG_DEVICES,
-            )
+            ))
         });
         let core = StoreCore::new(options.get_limits().clone());
+        let combiner = combine::Combiner::new(
+            combine::Settings::of(&options),
+            pool.clone(),
+            settings.clone(),
+            sql.clone(),
+            core.clone(),
+            announcer.clone(),
+        );
         let listener = match listen {
             Some((config, connector)) => Some(
                 listen::Listener::start(
@@ -304,6 +318,7 @@ impl PostgresStore {
             core,
             pinned_plans: options.get_pinned_plans(),
             announcer,
+            combiner,
             _listener: listener,
             compactor,
         })
@@ -337,6 +352,7 @@ impl PostgresStore {
             size: status.size,
             available: status.available,
             waiting: status.waiting,
+            claims_queued: self.combiner.queued(),
         }
     }
 
@@ -347,6 +363,24 @@ impl PostgresStore {
         if let Some(announcer) = &self.announcer {
             announcer.announce(changes);
         }
+    }
+
+    /// A claim (R4.4 with `fall_back`, R12.1 without), through the
+    /// combiner (which runs it at once on a connection of its own when
+    /// batching is off).
+    async fn claim_with(
+        &self,
+        op: &'static str,
+        targets: &[ClaimTarget],
+        fall_back: bool,
+    ) -> Result<ClaimOutcome> {
+        if let Some(announcer) = &self.announcer {
+            announcer.room(op)?;
+        }
+        self.compactor.wrote();
+        let outcome = self.combiner.claim(op, targets, fall_back).await?;
+        self.changed(&outcome.changes);
+        Ok(outcome)
     }
 
     /// A pooled connection in keyclaim's session, or a retryable error.
@@ -421,18 +455,11 @@ impl Backend for PostgresStore {
     }
 
     async fn claim(&self, targets: &[ClaimTarget]) -> Result<ClaimOutcome> {
-        let mut client = self.writer("claim").await?;
-        let outcome = ops::claim(&mut client, &self.sql, self.core.limits(), targets, true).await?;
-        self.changed(&outcome.changes);
-        Ok(outcome)
+        self.claim_with("claim", targets, true).await
     }
 
     async fn claim_one_time_keys(&self, targets: &[ClaimTarget]) -> Result<ClaimOutcome> {
-        let mut client = self.writer("claim_one_time_keys").await?;
-        let outcome =
-            ops::claim(&mut client, &self.sql, self.core.limits(), targets, false).await?;
-        self.changed(&outcome.changes);
-        Ok(outcome)
+        self.claim_with("claim_one_time_keys", targets, false).await
     }
 
     async fn claim_fallback_keys(&self, targets: &[FallbackTarget]) -> Result<ClaimOutcome> {

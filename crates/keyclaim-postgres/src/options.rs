@@ -38,6 +38,10 @@ pub struct PostgresOptions {
     pinned_plans: bool,
     allow_unsafe_server: bool,
     count_compaction_interval: Duration,
+    claim_batching: bool,
+    claim_batch_targets: usize,
+    claim_batches_in_flight: usize,
+    claim_queue_limit: usize,
     ssl_mode: Option<SslMode>,
     root_certificates: Option<RootCertificates>,
     limits: Limits,
@@ -56,6 +60,10 @@ impl Default for PostgresOptions {
             pinned_plans: true,
             allow_unsafe_server: false,
             count_compaction_interval: Duration::from_secs(1),
+            claim_batching: true,
+            claim_batch_targets: 256,
+            claim_batches_in_flight: 4,
+            claim_queue_limit: 4096,
             ssl_mode: None,
             root_certificates: None,
             limits: Limits::default(),
@@ -75,7 +83,9 @@ impl PostgresOptions {
     /// The defaults: schema [`PostgresOptions::DEFAULT_SCHEMA`], 16
     /// connections, 10 s timeouts, no statement timeout, cross-process
     /// notifications on and sent after the commit, pinned plans, a server
-    /// with `fsync = off` refused, the contract's default [`Limits`].
+    /// with `fsync = off` refused, claim batching on (256 targets a batch,
+    /// 4 batches in flight, 4,096 claims waiting), the contract's default
+    /// [`Limits`].
     pub fn new() -> Self {
         Self::default()
     }
@@ -196,6 +206,55 @@ impl PostgresOptions {
         self
     }
 
+    /// Whether claims of concurrent callers share statements. Default on.
+    ///
+    /// A claim statement costs a round trip and a commit whatever its
+    /// number of targets. With batching on, a claim runs at once when fewer
+    /// than [`PostgresOptions::claim_batches_in_flight`] claims or batches
+    /// are running and none waits (so a lone client waits for nothing);
+    /// otherwise it queues, and the claims that queued while the running
+    /// ones ran go out together as one statement, each caller answered its
+    /// own keys (oldest first, in arrival order for claims of the same
+    /// device: R4.2). A failing batch runs its claims again one by one, so
+    /// a claim fails only on its own failure; a claim whose caller went away
+    /// before its batch started is not applied (R10.6). Off: every claim
+    /// takes a pooled connection and runs its own statement. Applies to
+    /// [`KeyStore::claim`](keyclaim::KeyStore::claim) and the one-time step
+    /// of split claims, not to their fallback step.
+    #[must_use]
+    pub fn claim_batching(mut self, on: bool) -> Self {
+        self.claim_batching = on;
+        self
+    }
+
+    /// The most targets in one claim batch (at least 1). Default 256. A
+    /// claim of more targets runs alone, at once, on a connection of its
+    /// own, so that a claim of thousands of devices neither waits for small
+    /// claims nor delays them.
+    #[must_use]
+    pub fn claim_batch_targets(mut self, targets: usize) -> Self {
+        self.claim_batch_targets = targets.max(1);
+        self
+    }
+
+    /// The most claim batches (or lone claims) running at once, each on a
+    /// pooled connection (at least 1). Default 4. More batches in flight
+    /// make them smaller; keep it below the pool size, which the other
+    /// operations and claims larger than a batch share.
+    #[must_use]
+    pub fn claim_batches_in_flight(mut self, batches: usize) -> Self {
+        self.claim_batches_in_flight = batches.max(1);
+        self
+    }
+
+    /// The most claims waiting for a batch. Default 4,096. A claim that
+    /// finds the queue full fails at once with a retryable error (R10.6).
+    #[must_use]
+    pub fn claim_queue_limit(mut self, claims: usize) -> Self {
+        self.claim_queue_limit = claims;
+        self
+    }
+
     /// Whether and how connections use TLS (libpq's `sslmode`; see
     /// [`SslMode`]). Set here, it wins over the connection string's
     /// `sslmode`; unset, the connection string's applies, else
@@ -277,6 +336,26 @@ impl PostgresOptions {
         self.count_compaction_interval
     }
 
+    /// Whether claims of concurrent callers share statements.
+    pub fn get_claim_batching(&self) -> bool {
+        self.claim_batching
+    }
+
+    /// The configured most targets in one claim batch.
+    pub fn get_claim_batch_targets(&self) -> usize {
+        self.claim_batch_targets
+    }
+
+    /// The configured most claim batches running at once.
+    pub fn get_claim_batches_in_flight(&self) -> usize {
+        self.claim_batches_in_flight
+    }
+
+    /// The configured most claims waiting for a batch.
+    pub fn get_claim_queue_limit(&self) -> usize {
+        self.claim_queue_limit
+    }
+
     /// The TLS mode set with [`PostgresOptions::ssl_mode`], if any.
     pub fn get_ssl_mode(&self) -> Option<SslMode> {
         self.ssl_mode
@@ -321,6 +400,10 @@ impl PostgresOptions {
     /// | `keyclaim_pinned_plans` | `on` or `off` | [`PostgresOptions::pinned_plans`] |
     /// | `keyclaim_allow_unsafe_server` | `on` or `off` | [`PostgresOptions::allow_unsafe_server`] |
     /// | `keyclaim_count_compaction_interval_ms` | milliseconds, at least 1 | [`PostgresOptions::count_compaction_interval`] |
+    /// | `keyclaim_claim_batching` | `on` or `off` | [`PostgresOptions::claim_batching`] |
+    /// | `keyclaim_claim_batch_targets` | an integer, at least 1 | [`PostgresOptions::claim_batch_targets`] |
+    /// | `keyclaim_claim_batches_in_flight` | an integer, at least 1 | [`PostgresOptions::claim_batches_in_flight`] |
+    /// | `keyclaim_claim_queue_limit` | an integer | [`PostgresOptions::claim_queue_limit`] |
     ///
     /// Options not given keep their defaults; the limits are always the
     /// defaults (set them with [`PostgresOptions::limits`] afterwards).
@@ -399,6 +482,10 @@ impl PostgresOptions {
             "transactional_notify" => self.transactional_notify(query.on_off(name, value)?),
             "pinned_plans" => self.pinned_plans(query.on_off(name, value)?),
             "allow_unsafe_server" => self.allow_unsafe_server(query.on_off(name, value)?),
+            "claim_batching" => self.claim_batching(query.on_off(name, value)?),
+            "claim_batch_targets" => self.claim_batch_targets(query.positive(name, value)?),
+            "claim_batches_in_flight" => self.claim_batches_in_flight(query.positive(name, value)?),
+            "claim_queue_limit" => self.claim_queue_limit(query.number(name, value)?),
             _ => {
                 return Err(query.unknown(
                     name,
@@ -412,6 +499,11 @@ impl PostgresOptions {
                         "keyclaim_transactional_notify",
                         "keyclaim_pinned_plans",
                         "keyclaim_allow_unsafe_server",
+                        "keyclaim_count_compaction_interval_ms",
+                        "keyclaim_claim_batching",
+                        "keyclaim_claim_batch_targets",
+                        "keyclaim_claim_batches_in_flight",
+                        "keyclaim_claim_queue_limit",
                     ],
                 ));
             }
@@ -499,7 +591,9 @@ mod tests {
              &keyclaim_connect_timeout_ms=1500&keyclaim_pool_wait_timeout_ms=0\
              &keyclaim_statement_timeout_ms=250&keyclaim_notifications=off\
              &keyclaim_transactional_notify=on&keyclaim_pinned_plans=off\
-             &keyclaim_allow_unsafe_server=on&keyclaim_count_compaction_interval_ms=250",
+             &keyclaim_allow_unsafe_server=on&keyclaim_count_compaction_interval_ms=250\
+             &keyclaim_claim_batching=off&keyclaim_claim_batch_targets=64\
+             &keyclaim_claim_batches_in_flight=2&keyclaim_claim_queue_limit=0",
         );
         assert_eq!(connection, "postgresql://h/d");
         let want = PostgresOptions::new()
@@ -512,8 +606,16 @@ mod tests {
             .transactional_notify(true)
             .pinned_plans(false)
             .allow_unsafe_server(true)
-            .count_compaction_interval(Duration::from_millis(250));
+            .count_compaction_interval(Duration::from_millis(250))
+            .claim_batching(false)
+            .claim_batch_targets(64)
+            .claim_batches_in_flight(2)
+            .claim_queue_limit(0);
         assert_eq!(options, want);
+        assert!(!options.get_claim_batching());
+        assert_eq!(options.get_claim_batch_targets(), 64);
+        assert_eq!(options.get_claim_batches_in_flight(), 2);
+        assert_eq!(options.get_claim_queue_limit(), 0);
         assert_eq!(
             options.get_statement_timeout(),
             Some(Duration::from_millis(250))
@@ -526,7 +628,9 @@ mod tests {
         let (_, options) = parse(
             "postgres://h/d?keyclaim_notifications=on&keyclaim_transactional_notify=off\
              &keyclaim_pinned_plans=on&keyclaim_statement_timeout_ms=0\
-             &keyclaim_allow_unsafe_server=off",
+             &keyclaim_allow_unsafe_server=off&keyclaim_claim_batching=on\
+             &keyclaim_claim_batch_targets=256&keyclaim_claim_batches_in_flight=4\
+             &keyclaim_claim_queue_limit=4096",
         );
         assert_eq!(options, PostgresOptions::default());
     }
@@ -594,6 +698,10 @@ mod tests {
             "postgres://h/d?keyclaim_transactional_notify=ON",
             "postgres://h/d?keyclaim_pinned_plans=",
             "postgres://h/d?keyclaim_allow_unsafe_server=yes",
+            "postgres://h/d?keyclaim_claim_batching=1",
+            "postgres://h/d?keyclaim_claim_batch_targets=0",
+            "postgres://h/d?keyclaim_claim_batches_in_flight=0",
+            "postgres://h/d?keyclaim_claim_queue_limit=-1",
         ] {
             assert!(invalid(url).contains("value"), "{url}");
         }

@@ -213,6 +213,11 @@ impl Conn {
         Self { client, settings }
     }
 
+    /// Whether the connection is gone (a batch then takes another).
+    pub(crate) fn is_closed(&self) -> bool {
+        self.client.is_closed()
+    }
+
     /// The connection itself, for tests that run raw statements.
     #[cfg(test)]
     pub(crate) fn raw(&self) -> &Object {

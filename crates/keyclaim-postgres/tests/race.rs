@@ -18,6 +18,9 @@ use keyclaim::{ClaimTarget, ClaimedKey, Device, FallbackTarget, KeyStore, Limits
 use keyclaim_conformance::fixtures::{alg, dev, numbered_otks, otks, put, upload_of};
 use keyclaim_postgres::{PostgresOptions, PostgresStore};
 use keyclaim_testing::postgres::{unique_schema, with_server};
+
+mod common;
+use common::{blocked_by, raw};
 use tokio::sync::Barrier;
 
 const SC: &str = "signed_curve25519";
@@ -429,19 +432,6 @@ fn fallback_claims_racing_a_fallback_replacement() {
     );
 }
 
-/// A raw connection to the server, for a transaction of the test's own.
-async fn raw(url: &str) -> tokio_postgres::Client {
-    let (client, connection) = tokio::time::timeout(
-        Duration::from_secs(30),
-        tokio_postgres::connect(url, tokio_postgres::NoTls),
-    )
-    .await
-    .expect("raw connection within 30 s")
-    .expect("raw connection");
-    tokio::spawn(connection);
-    client
-}
-
 /// Runs `claim` while `locker` holds a lock on OTK rows (taken by
 /// `lock_sql`, in an open transaction), waits until the claim waits for
 /// `locker` (as `watcher` sees it, outside that transaction: the activity
@@ -467,15 +457,7 @@ where
     let task = tokio::spawn(claim);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let blocked: i64 = watcher
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY (pg_blocking_pids(pid))",
-                &[&pid],
-            )
-            .await
-            .expect("blocked sessions")
-            .get(0);
-        if blocked > 0 || task.is_finished() {
+        if blocked_by(watcher, pid).await > 0 || task.is_finished() {
             break;
         }
         assert!(

@@ -156,11 +156,11 @@ pub(crate) async fn open_backend(
                 .ok_or("postgres: give --postgres URL or KEYCLAIM_POSTGRES_URL")?;
             let schema = format!("keyclaim_bench_{tag}_{}", std::process::id());
             let pool_size = args.clients.clamp(4, 64);
-            let options = keyclaim_postgres::PostgresOptions::new()
-                .schema(schema.clone())
-                .pool_size(pool_size);
+            let (store_url, options) =
+                keyclaim_postgres::PostgresOptions::from_url(url).map_err(err)?;
+            let options = options.schema(schema.clone()).pool_size(pool_size);
             let store = Arc::new(
-                keyclaim_postgres::PostgresStore::connect_with(url, options)
+                keyclaim_postgres::PostgresStore::connect_with(&store_url, options)
                     .await
                     .map_err(err)?,
             );
@@ -169,7 +169,7 @@ pub(crate) async fn open_backend(
             } else {
                 let schema = format!("{schema}_baseline");
                 Some(
-                    baselines::postgres(url, &schema, pool_size)
+                    baselines::postgres(&store_url, &schema, pool_size)
                         .await
                         .map_err(err)?,
                 )

@@ -59,11 +59,16 @@
 //!   rows count as forgotten for uploads and exports alike; uploads prune
 //!   them (see [`super::upload`]). So a claim touches no older row of the
 //!   memory, and claims of one device never meet there.
-//! - Duplicate targets (the same device and algorithm twice in one request)
-//!   cannot share one statement (a transaction does not skip its own locks),
-//!   so they go to further "rounds": statements in one explicit transaction,
-//!   each seeing what the previous one took. When one round answers -3,
-//!   the transaction rolls back and every round runs again waiting.
+//! - Targets of the same device and algorithm (named twice in one request,
+//!   or by several claims of one batch, see [`crate::combine`]) cannot be
+//!   walked twice in one statement (a transaction does not skip its own
+//!   locks), so they are merged into one target asking for the sum of their
+//!   counts; its keys, oldest first, go to the claimants in arrival order,
+//!   each taking its count, so each gets what it would have got had they
+//!   run one after another (R4.2). The statement reads and marks the
+//!   fallback key exactly when a claimant that falls back comes away with
+//!   no OTK (R4.4, R4.5): when the target got at most as many keys as the
+//!   claimants before it asked for (`$9`).
 //! - With transactional notifications the cross-process notification is
 //!   `pg_notify` inside the statement, so it is sent if and only if the
 //!   claim commits; by default it is sent after the commit, batched (see
@@ -72,8 +77,8 @@
 //! # The split claim's steps (R12.1, R12.2)
 //!
 //! Claiming one-time keys only is [`CLAIM`] with its fallback step switched
-//! off (`$9`, a one-time filter), so the argument above holds for it
-//! unchanged. Handing out fallback keys is [`CLAIM_FALLBACKS`], one
+//! off (`$9` at -1), so the argument above holds for it unchanged; one-time
+//! and one-step claims share batches. Handing out fallback keys is [`CLAIM_FALLBACKS`], one
 //! statement for all targets that reads, locks and marks fallback keys with
 //! the same CTEs as [`CLAIM`], marking only where a target asks.
 //!
@@ -81,12 +86,11 @@
 //! whose connection dies while the server commits may have consumed keys
 //! that nobody received (the error is retryable; retrying claims new keys).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use keyclaim::backend::decode;
 use keyclaim::{
-    Algorithm, Changes, ClaimOutcome, ClaimTarget, ClaimedKey, Device, FallbackTarget, Limits,
-    Result,
+    Changes, ClaimOutcome, ClaimTarget, ClaimedKey, Device, FallbackTarget, Limits, Result,
 };
 use tokio_postgres::types::ToSql;
 
@@ -173,11 +177,11 @@ macro_rules! claim_statement {
         concat!(
             r#"
 WITH t AS MATERIALIZED (
-    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int4[])
-        WITH ORDINALITY AS t(user_id, device_id, algorithm, n, ord)
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int4[], $9::int4[])
+        WITH ORDINALITY AS t(user_id, device_id, algorithm, n, fb_at, ord)
 ),
 picked AS MATERIALIZED (
-    SELECT t.ord, t.user_id, t.device_id, t.algorithm, t.n, k.row_ctid
+    SELECT t.ord, t.user_id, t.device_id, t.algorithm, t.n, t.fb_at, k.row_ctid
     FROM t LEFT JOIN LATERAL (
         SELECT o.ctid AS row_ctid
         FROM otk o
@@ -190,14 +194,15 @@ picked AS MATERIALIZED (
             r#"
     ) k ON true
 ),
+got AS MATERIALIZED (
+    SELECT ord, user_id, device_id, algorithm, n, fb_at,
+           coalesce(array_agg(row_ctid) FILTER (WHERE row_ctid IS NOT NULL), '{}') AS got
+    FROM picked
+    GROUP BY ord, user_id, device_id, algorithm, n, fb_at
+),
 contended AS MATERIALIZED (
     SELECT g.ord
-    FROM (
-        SELECT ord, user_id, device_id, algorithm, n,
-               coalesce(array_agg(row_ctid) FILTER (WHERE row_ctid IS NOT NULL), '{}') AS got
-        FROM picked
-        GROUP BY ord, user_id, device_id, algorithm, n
-    ) g
+    FROM got g
     WHERE "#,
             $detect,
             r#" AND cardinality(g.got) < g.n
@@ -234,15 +239,15 @@ remembered AS (
     WHERE r.from_newest <= $5::int8
 ),
 fb_seen AS MATERIALIZED (
-    SELECT p.ord, true AS mark,
+    SELECT g.ord, true AS mark,
            f.user_id, f.device_id, f.algorithm, f.key_id, f.key_json, f.digest, f.used
-    FROM picked p CROSS JOIN LATERAL (
+    FROM got g CROSS JOIN LATERAL (
         SELECT * FROM fallback f
-        WHERE f.user_id = p.user_id AND f.device_id = p.device_id
-          AND f.algorithm = p.algorithm
+        WHERE f.user_id = g.user_id AND f.device_id = g.device_id
+          AND f.algorithm = g.algorithm
         LIMIT 1
     ) f
-    WHERE p.row_ctid IS NULL AND $9::bool AND (SELECT ok FROM go)
+    WHERE cardinality(g.got) <= g.fb_at AND (SELECT ok FROM go)
 ),
 "#,
             lock_fallbacks_cte!(),
@@ -280,10 +285,11 @@ SELECT -3::int8, false, 0::int8, NULL, NULL, false, NULL, NULL, NULL, NULL
 /// counts > 0, no (device, algorithm) twice, in byte order of user, device
 /// and algorithm), `$5` the number of issued keys to remember per (device,
 /// algorithm), `$6` the channel, `$7` the instance ID, `$8` whether to send
-/// the notifications in the statement, `$9` whether to fall back to the
-/// fallback key (R4.4; not for R12.1). Rows: `ord` (1-based target index
+/// the notifications in the statement, `$9` per target the most OTKs it
+/// may get and still read and mark its fallback key (R4.4; -1: never, as
+/// for R12.1). Rows: `ord` (1-based target index
 /// of a fallback key; 0 for an OTK, whose target is found by its user,
-/// device and algorithm, unique in a round; -1 for the notification row;
+/// device and algorithm, unique in a statement; -1 for the notification row;
 /// -2 for a fallback key marked used, found by its user, device and
 /// algorithm too; -3, alone, when the statement did nothing because a
 /// target came away short while keys it skipped remain: see the module
@@ -360,64 +366,105 @@ SELECT NULL, NULL, NULL, NULL, NULL, NULL FROM notified
 "#
 );
 
-/// The targets of a claim split into rounds in which no (device, algorithm)
-/// repeats.
-#[derive(Debug, Default)]
-struct ClaimRounds<'a> {
-    rounds: Vec<Round<'a>>,
+/// One claim of a batch: its targets (core clamped their counts, R8.3, and
+/// left out those of 0) and whether it falls back to the fallback key
+/// (R4.4; not for the one-time step of a split claim, R12.1).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ClaimRequest<'a> {
+    /// The targets, in request order.
+    pub(crate) targets: &'a [ClaimTarget],
+    /// Whether a target without OTKs gets the fallback key.
+    pub(crate) fall_back: bool,
 }
 
+/// A target of one claim of a batch, as a share of its merged target.
+#[derive(Debug)]
+struct Claimant {
+    /// The claim's index in the batch.
+    claim: usize,
+    /// The target's index in the claim.
+    target: usize,
+    count: usize,
+    fall_back: bool,
+}
+
+/// The targets of a batch of claims merged by (device, algorithm), in byte
+/// order of user, device and algorithm: the order in which
+/// [`CLAIM_WAITING`] locks. Each merged target asks for the sum of its
+/// claimants' counts; its keys go to the claimants in arrival order (the
+/// batch's claims in order, a claim's targets in request order), oldest
+/// first, so that each gets what it would have got had they run one after
+/// another (R4.2, R4.5).
 #[derive(Debug, Default)]
-struct Round<'a> {
-    /// The index of each target in the request.
-    index: Vec<usize>,
+struct Merged<'a> {
     users: Vec<&'a str>,
     devices: Vec<&'a str>,
     algorithms: Vec<&'a str>,
     counts: Vec<i32>,
+    /// The fallback threshold: a merged target reads (and marks) its
+    /// fallback key when it got at most this many OTKs, which is when a
+    /// claimant that falls back gets none; -1 when none falls back.
+    fb_at: Vec<i32>,
+    claimants: Vec<Vec<Claimant>>,
 }
 
-impl<'a> ClaimRounds<'a> {
-    /// Rounds of the targets (core clamped their counts, R8.3, and left out
-    /// those of 0), each in byte order of user, device and algorithm: the
-    /// order in which [`CLAIM_WAITING`] locks.
-    fn new(targets: &'a [ClaimTarget]) -> Self {
-        let mut rounds: Vec<Round<'a>> = Vec::new();
-        let mut seen: HashMap<(&Device, &Algorithm), usize> = HashMap::new();
-        let mut order: Vec<(usize, &ClaimTarget)> = targets.iter().enumerate().collect();
-        // Stable: the repeats of a target keep their order across rounds.
-        order.sort_by_key(|(_, t)| {
-            (
-                t.device.user_id.as_str(),
-                t.device.device_id.as_str(),
-                t.algorithm.as_str(),
-            )
-        });
-        for (i, target) in order {
-            let count = target.count;
-            let occurrence = seen.entry((&target.device, &target.algorithm)).or_insert(0);
-            let r = *occurrence;
-            *occurrence += 1;
-            if rounds.len() <= r {
-                rounds.push(Round::default());
+impl<'a> Merged<'a> {
+    fn new(claims: &[ClaimRequest<'a>]) -> Self {
+        type Key<'k> = (&'k str, &'k str, &'k str);
+        let mut by_target: BTreeMap<Key<'a>, Vec<Claimant>> = BTreeMap::new();
+        for (c, claim) in claims.iter().enumerate() {
+            for (i, t) in claim.targets.iter().enumerate() {
+                let key = (
+                    t.device.user_id.as_str(),
+                    t.device.device_id.as_str(),
+                    t.algorithm.as_str(),
+                );
+                by_target.entry(key).or_default().push(Claimant {
+                    claim: c,
+                    target: i,
+                    count: usize::try_from(t.count).unwrap_or(usize::MAX),
+                    fall_back: claim.fall_back,
+                });
             }
-            let round = &mut rounds[r];
-            round.index.push(i);
-            round.users.push(target.device.user_id.as_str());
-            round.devices.push(target.device.device_id.as_str());
-            round.algorithms.push(target.algorithm.as_str());
-            round.counts.push(i32::try_from(count).unwrap_or(i32::MAX));
         }
-        Self { rounds }
+        let mut merged = Merged::default();
+        for ((user, device, algorithm), claimants) in by_target {
+            let mut before: usize = 0;
+            let mut fb_at: i64 = -1;
+            for c in &claimants {
+                if c.fall_back {
+                    fb_at = fb_at.max(i64::try_from(before).unwrap_or(i64::MAX));
+                }
+                before = before.saturating_add(c.count);
+            }
+            merged.users.push(user);
+            merged.devices.push(device);
+            merged.algorithms.push(algorithm);
+            merged
+                .counts
+                .push(i32::try_from(before).unwrap_or(i32::MAX));
+            merged.fb_at.push(i32::try_from(fb_at).unwrap_or(i32::MAX));
+            merged.claimants.push(claimants);
+        }
+        merged
     }
 }
 
-/// One claimed key before sorting: (target index, is fallback, seq, key).
-type Claimed = (usize, bool, i64, ClaimedKey);
+/// What one merged target got from the statement.
+#[derive(Debug, Default)]
+struct Got {
+    /// OTKs with their sequence values.
+    otks: Vec<(i64, ClaimedKey)>,
+    fallback: Option<ClaimedKey>,
+    /// Whether the statement marked the fallback key used.
+    marked: bool,
+    /// Why a key of the target did not decode (R10.7): its claims fail.
+    corrupt: Option<String>,
+}
 
-/// Claims keys (see the module docs), falling back to the fallback key
-/// when `fall_back` is set (R4.4) and never otherwise (R12.1). The answer
-/// lists each target's keys together, in target order.
+/// Claims keys for one claim (see the module docs), falling back to the
+/// fallback key when `fall_back` is set (R4.4) and never otherwise (R12.1).
+/// The answer lists each target's keys together, in target order.
 pub(crate) async fn claim(
     client: &mut Conn,
     sql: &Sql,
@@ -425,18 +472,37 @@ pub(crate) async fn claim(
     targets: &[ClaimTarget],
     fall_back: bool,
 ) -> Result<ClaimOutcome> {
-    let rounds = ClaimRounds::new(targets);
+    let request = ClaimRequest { targets, fall_back };
+    claim_many(client, sql, limits, &[request])
+        .await?
+        .pop()
+        .unwrap_or_else(|| Err(corrupt("claim answer", "no answer")))
+}
+
+/// Claims keys for a batch of claims in one statement (two when the first
+/// met keys locked by others, see the module docs), with each claim's
+/// targets merged with those of the other claims of the same (device,
+/// algorithm) ([`Merged`]). `Err` when the statement failed: then nothing
+/// was applied. Else one answer per claim, in order: its keys (each
+/// target's keys together, in target order) and the devices it changed, or
+/// an error when one of its keys did not decode (its keys were taken all
+/// the same; the other claims are answered).
+pub(crate) async fn claim_many(
+    client: &mut Conn,
+    sql: &Sql,
+    limits: &Limits,
+    claims: &[ClaimRequest<'_>],
+) -> Result<Vec<Result<ClaimOutcome>>> {
+    let merged = Merged::new(claims);
     let remembered = remembered(limits);
     let run = |statement| ClaimRun {
         statement,
-        rounds: &rounds,
-        targets,
+        merged: &merged,
         sql,
         remembered,
-        fall_back,
     };
-    let (mut claimed, changed) = match run(CLAIM).execute(client).await? {
-        Some(done) => done,
+    let rows = match run(CLAIM).execute(client).await? {
+        Some(rows) => rows,
         None => {
             // A target came away short while keys it skipped were still
             // stored: nothing was applied; wait for them (R4.3).
@@ -447,95 +513,70 @@ pub(crate) async fn claim(
                 .ok_or_else(|| corrupt("claim answer", "a waiting claim did not apply"))?
         }
     };
-    claimed.sort_by(|a, b| (a.0, a.1, a.2, &a.3.key_id).cmp(&(b.0, b.1, b.2, &b.3.key_id)));
-    let keys: Vec<ClaimedKey> = claimed.into_iter().map(|(_, _, _, key)| key).collect();
-    tracing::debug!(issued = keys.len(), changed = changed.len(), "claim done");
-    Ok(ClaimOutcome {
-        keys,
-        changes: Changes::from_devices(changed),
-    })
+    let got = decode_claim(&merged, claims, &rows)?;
+    Ok(hand_out(&merged, claims, got))
 }
 
-/// One run of a claim statement ([`CLAIM`] or [`CLAIM_WAITING`]) over every
-/// round of a claim.
+/// One run of a claim statement ([`CLAIM`] or [`CLAIM_WAITING`]).
 struct ClaimRun<'a> {
     statement: &'static str,
-    rounds: &'a ClaimRounds<'a>,
-    targets: &'a [ClaimTarget],
+    merged: &'a Merged<'a>,
     sql: &'a Sql,
     remembered: i64,
-    fall_back: bool,
 }
 
 impl ClaimRun<'_> {
-    /// Runs the rounds: one statement in its own transaction, or several
-    /// in one. `None` when a statement answered that it did nothing (-3):
-    /// then nothing of the claim was applied.
-    async fn execute(&self, client: &mut Conn) -> Result<Option<(Vec<Claimed>, Vec<Device>)>> {
+    /// Runs the statement, its own transaction, one round trip. `None`
+    /// when it answered that it did nothing (-3).
+    async fn execute(&self, client: &mut Conn) -> Result<Option<Vec<tokio_postgres::Row>>> {
         let op = "claim";
-        let mut claimed: Vec<Claimed> = Vec::new();
-        let mut changed: Vec<Device> = Vec::new();
-        if let [round] = self.rounds.rounds.as_slice() {
-            // The common case: one statement, its own transaction, one
-            // round trip (on keyclaim's own pool).
-            let rows = client
-                .query_alone(self.statement, &self.params(round))
-                .await
-                .map_err(pg(op))?;
-            if !decode_claim(round, self.targets, rows, &mut claimed, &mut changed)? {
-                return Ok(None);
-            }
-        } else {
-            let tx = client.transaction().await.map_err(pg(op))?;
-            let stmt = tx.prepare_cached(self.statement).await.map_err(pg(op))?;
-            for round in &self.rounds.rounds {
-                let rows = tx.query(&stmt, &self.params(round)).await.map_err(pg(op))?;
-                if !decode_claim(round, self.targets, rows, &mut claimed, &mut changed)? {
-                    // Dropped: rolled back, with what earlier rounds took.
-                    return Ok(None);
-                }
-            }
-            tx.commit().await.map_err(pg(op))?;
-        }
-        Ok(Some((claimed, changed)))
-    }
-
-    fn params<'p>(&'p self, round: &'p Round<'_>) -> [&'p (dyn ToSql + Sync); 9] {
-        [
-            &round.users,
-            &round.devices,
-            &round.algorithms,
-            &round.counts,
+        let m = self.merged;
+        let params: [&(dyn ToSql + Sync); 9] = [
+            &m.users,
+            &m.devices,
+            &m.algorithms,
+            &m.counts,
             &self.remembered,
             &self.sql.channel,
             &self.sql.instance,
             &self.sql.transactional_notify,
-            &self.fall_back,
-        ]
+            &m.fb_at,
+        ];
+        let rows = client
+            .query_alone(self.statement, &params)
+            .await
+            .map_err(pg(op))?;
+        let contended = rows
+            .iter()
+            .any(|row| matches!(row.try_get::<_, i64>(0), Ok(-3)));
+        Ok((!contended).then_some(rows))
     }
 }
 
-/// Decodes one claim statement's rows into `claimed` and `changed`;
-/// `false` when the statement did nothing (its -3 row).
+/// Decodes one claim statement's rows into what each merged target got. A
+/// key that does not decode fails its target's claims only.
 fn decode_claim(
-    round: &Round<'_>,
-    targets: &[ClaimTarget],
-    rows: Vec<tokio_postgres::Row>,
-    claimed: &mut Vec<Claimed>,
-    changed: &mut Vec<Device>,
-) -> Result<bool> {
+    merged: &Merged<'_>,
+    claims: &[ClaimRequest<'_>],
+    rows: &[tokio_postgres::Row],
+) -> Result<Vec<Got>> {
     let op = "claim";
-    // (user, device, algorithm) -> position in the round (unique there).
-    let by_target: HashMap<(&str, &str, &str), usize> = (0..round.index.len())
-        .map(|i| ((round.users[i], round.devices[i], round.algorithms[i]), i))
+    // (user, device, algorithm) -> merged target (unique there).
+    let by_target: HashMap<(&str, &str, &str), usize> = (0..merged.users.len())
+        .map(|i| {
+            (
+                (merged.users[i], merged.devices[i], merged.algorithms[i]),
+                i,
+            )
+        })
         .collect();
-    for row in &rows {
+    let mut got: Vec<Got> = std::iter::repeat_with(Got::default)
+        .take(merged.users.len())
+        .collect();
+    for row in rows {
         let ord: i64 = row.try_get(0).map_err(pg(op))?;
         if ord == -1 {
             continue; // the notification row
-        }
-        if ord == -3 {
-            return Ok(false);
         }
         let position = if ord == 0 || ord == -2 {
             let user: &str = row.try_get(6).map_err(pg(op))?;
@@ -545,41 +586,103 @@ fn decode_claim(
         } else {
             usize::try_from(ord - 1).ok()
         };
-        let (index, target) = position
-            .and_then(|i| round.index.get(i))
-            .and_then(|&i| targets.get(i).map(|t| (i, t)))
+        let (m, device) = position
+            .and_then(|m| {
+                let first = merged.claimants.get(m)?.first()?;
+                let target = claims.get(first.claim)?.targets.get(first.target)?;
+                Some((m, &target.device))
+            })
             .ok_or_else(|| corrupt("claim answer", format!("no target {ord}")))?;
+        let slot = &mut got[m];
         if ord == -2 {
             // A fallback key marked used; it is answered by its own row.
-            changed.push(target.device.clone());
+            slot.marked = true;
             continue;
         }
         let fallback: bool = row.try_get(1).map_err(pg(op))?;
         let seq: i64 = row.try_get(2).map_err(pg(op))?;
-        let key_id = decode::key_id(row.try_get::<_, &str>(3).map_err(pg(op))?)?;
-        // The store wrote this text itself, canonical, with its digest
-        // (upload and import store `KeyJson::canonical` and `digest`): no
-        // need to parse, canonicalize and hash it again for every key.
-        let key_json = decode::key_json_with_digest(
-            row.try_get::<_, &str>(4).map_err(pg(op))?,
-            decode::digest(row.try_get(9).map_err(pg(op))?)?,
-        )?;
-        if row.try_get::<_, bool>(5).map_err(pg(op))? {
-            changed.push(target.device.clone());
+        match decode_key(row, device, fallback) {
+            Ok(key) if fallback => slot.fallback = Some(key),
+            Ok(key) => slot.otks.push((seq, key)),
+            Err(e) => slot.corrupt = Some(e.to_string()),
         }
-        claimed.push((
-            index,
-            fallback,
-            seq,
-            ClaimedKey {
-                device: target.device.clone(),
-                key_id,
-                key_json,
-                fallback,
-            },
-        ));
     }
-    Ok(true)
+    Ok(got)
+}
+
+/// The key of one row of a claim statement.
+fn decode_key(row: &tokio_postgres::Row, device: &Device, fallback: bool) -> Result<ClaimedKey> {
+    let op = "claim";
+    let key_id = decode::key_id(row.try_get::<_, &str>(3).map_err(pg(op))?)?;
+    // The store wrote this text itself, canonical, with its digest (upload
+    // and import store `KeyJson::canonical` and `digest`): no need to
+    // parse, canonicalize and hash it again for every key.
+    let key_json = decode::key_json_with_digest(
+        row.try_get::<_, &str>(4).map_err(pg(op))?,
+        decode::digest(row.try_get(9).map_err(pg(op))?)?,
+    )?;
+    Ok(ClaimedKey {
+        device: device.clone(),
+        key_id,
+        key_json,
+        fallback,
+    })
+}
+
+/// Hands each merged target's keys to its claimants in arrival order,
+/// oldest first (R4.2); a claimant that falls back and got no OTK gets the
+/// fallback key (R4.4, R4.5), and the first of them reports it marked.
+fn hand_out(
+    merged: &Merged<'_>,
+    claims: &[ClaimRequest<'_>],
+    got: Vec<Got>,
+) -> Vec<Result<ClaimOutcome>> {
+    let mut keys: Vec<Vec<(usize, ClaimedKey)>> = claims.iter().map(|_| Vec::new()).collect();
+    let mut changed: Vec<Vec<Device>> = claims.iter().map(|_| Vec::new()).collect();
+    let mut failed: Vec<Option<String>> = claims.iter().map(|_| None).collect();
+    for (claimants, got) in merged.claimants.iter().zip(got) {
+        let Got {
+            mut otks,
+            fallback,
+            mut marked,
+            corrupt: bad,
+        } = got;
+        otks.sort_by(|a, b| (a.0, &a.1.key_id).cmp(&(b.0, &b.1.key_id)));
+        let mut otks = otks.into_iter().map(|(_, key)| key);
+        for c in claimants {
+            if let Some(why) = &bad {
+                failed[c.claim] = Some(why.clone());
+                continue;
+            }
+            let before = keys[c.claim].len();
+            keys[c.claim].extend(otks.by_ref().take(c.count).map(|key| (c.target, key)));
+            let device = &claims[c.claim].targets[c.target].device;
+            if keys[c.claim].len() > before {
+                changed[c.claim].push(device.clone());
+            } else if let Some(key) = fallback.as_ref().filter(|_| c.fall_back) {
+                keys[c.claim].push((c.target, key.clone()));
+                if std::mem::take(&mut marked) {
+                    changed[c.claim].push(device.clone());
+                }
+            }
+        }
+    }
+    keys.into_iter()
+        .zip(changed)
+        .zip(failed)
+        .map(|((mut keys, changed), failed)| {
+            if let Some(why) = failed {
+                return Err(corrupt("claim answer", why));
+            }
+            // Stable: a target's keys keep their claim order.
+            keys.sort_by_key(|(target, _)| *target);
+            tracing::debug!(issued = keys.len(), changed = changed.len(), "claim done");
+            Ok(ClaimOutcome {
+                keys: keys.into_iter().map(|(_, key)| key).collect(),
+                changes: Changes::from_devices(changed),
+            })
+        })
+        .collect()
 }
 
 /// Hands out the targets' fallback keys in one statement ([`CLAIM_FALLBACKS`]),

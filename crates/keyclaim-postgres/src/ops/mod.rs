@@ -21,7 +21,7 @@ mod read;
 mod transfer;
 mod upload;
 
-pub(crate) use claim::{claim, claim_fallback_keys};
+pub(crate) use claim::{ClaimRequest, claim, claim_fallback_keys, claim_many};
 pub(crate) use delete::{delete_device, delete_user, reset_one_time_keys};
 pub(crate) use read::{counts_many, fallback_keys, sync_state};
 pub(crate) use transfer::{export_devices, import_device};

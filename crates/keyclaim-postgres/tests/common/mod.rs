@@ -1,5 +1,6 @@
 //! What several test files of this crate share: taking a schema back to
-//! an older layout, and checking the count table against the keys.
+//! an older layout, checking the count table against the keys, and raw
+//! sessions of the test's own.
 
 // Each test file uses a part.
 #![allow(dead_code, unreachable_pub)]
@@ -53,13 +54,36 @@ pub async fn count_mismatches(
 
 /// A raw session on `url` whose `search_path` is `schema`.
 pub async fn raw_session(url: &str, schema: &str) -> tokio_postgres::Client {
-    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .expect("raw connection");
-    tokio::spawn(connection);
+    let client = raw(url).await;
     client
         .batch_execute(&format!("SET search_path = {schema}"))
         .await
         .expect("search_path");
     client
+}
+
+/// A raw connection to the server, for a transaction of the test's own.
+pub async fn raw(url: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        tokio_postgres::connect(url, tokio_postgres::NoTls),
+    )
+    .await
+    .expect("raw connection within 30 s")
+    .expect("raw connection");
+    tokio::spawn(connection);
+    client
+}
+
+/// How many sessions wait for the session `pid`, as `watcher` sees it (the
+/// activity view is read once per transaction: keep `watcher` outside one).
+pub async fn blocked_by(watcher: &tokio_postgres::Client, pid: i32) -> i64 {
+    watcher
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY (pg_blocking_pids(pid))",
+            &[&pid],
+        )
+        .await
+        .expect("blocked sessions")
+        .get(0)
 }
