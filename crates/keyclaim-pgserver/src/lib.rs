@@ -25,6 +25,7 @@ pub struct Cluster {
     dir: PathBuf,
     bin: PathBuf,
     as_postgres: Option<(u32, u32)>,
+    port: u16,
 }
 
 impl Cluster {
@@ -37,6 +38,17 @@ impl Cluster {
     /// # Errors
     /// When the binaries are missing or a step fails (the message says which).
     pub fn start(durable: bool) -> io::Result<Cluster> {
+        Self::start_configured(durable, &ClusterConfig::default())
+    }
+
+    /// [`Cluster::start`] with `extra`'s additions: a TCP port on
+    /// 127.0.0.1, more `postgresql.conf` lines, and files written into the
+    /// data directory before the server starts (owned by the server's user,
+    /// mode 0600: a TLS key, a `pg_hba.conf` to replace the default).
+    ///
+    /// # Errors
+    /// As [`Cluster::start`]; also when no free port is found.
+    pub fn start_configured(durable: bool, extra: &ClusterConfig) -> io::Result<Cluster> {
         let bin = find_bin_dir()?;
         let as_postgres = if is_root() {
             Some(postgres_ids()?)
@@ -54,6 +66,7 @@ impl Cluster {
             dir,
             bin,
             as_postgres,
+            port: extra.tcp_port.unwrap_or(SOCKET_PORT),
         };
         cluster.spawn_watchdog()?;
         cluster.run(
@@ -72,10 +85,11 @@ impl Cluster {
             ],
         )?;
         let conf = format!(
-            "listen_addresses = ''\nunix_socket_directories = '{}'\nport = {SOCKET_PORT}\n\
+            "listen_addresses = ''\nunix_socket_directories = '{}'\nport = {}\n\
              max_connections = 300\nshared_buffers = 128MB\nfsync = {}\n\
              full_page_writes = {}\nlog_min_messages = warning\n{}",
             cluster.dir.display(),
+            cluster.port,
             if durable { "on" } else { "off" },
             if durable { "on" } else { "off" },
             if durable {
@@ -87,16 +101,46 @@ impl Cluster {
         let conf_path = Path::new(&cluster.data_dir()).join("postgresql.conf");
         let mut file = std::fs::OpenOptions::new().append(true).open(conf_path)?;
         file.write_all(conf.as_bytes())?;
+        cluster.configure(&mut file, extra)?;
         cluster.start_server()?;
         Ok(cluster)
+    }
+
+    /// Applies a [`ClusterConfig`] to the cluster's data directory, whose
+    /// `postgresql.conf` is open for appending as `conf`.
+    fn configure(&self, conf: &mut std::fs::File, extra: &ClusterConfig) -> io::Result<()> {
+        use std::os::unix::fs::PermissionsExt as _;
+        if let Some(port) = extra.tcp_port {
+            writeln!(conf, "listen_addresses = '127.0.0.1'\nport = {port}")?;
+        }
+        for line in &extra.conf {
+            writeln!(conf, "{line}")?;
+        }
+        for (name, contents) in &extra.files {
+            let path = Path::new(&self.data_dir()).join(name);
+            std::fs::write(&path, contents)?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+            if let Some((uid, gid)) = self.as_postgres {
+                std::os::unix::fs::chown(&path, Some(uid), Some(gid))?;
+            }
+        }
+        Ok(())
     }
 
     /// The connection string of the cluster's `postgres` database.
     pub fn url(&self) -> String {
         format!(
-            "host={} port={SOCKET_PORT} user=postgres dbname=postgres",
-            self.dir.display()
+            "host={} port={} user=postgres dbname=postgres",
+            self.dir.display(),
+            self.port
         )
+    }
+
+    /// The URL of the cluster's `postgres` database over TCP, for a
+    /// cluster started with [`ClusterConfig::tcp_port`] (`host` as given:
+    /// `127.0.0.1` or `localhost`).
+    pub fn tcp_url(&self, host: &str) -> String {
+        format!("postgresql://postgres@{host}:{}/postgres", self.port)
     }
 
     /// The cluster's directory (its data directory, socket and log are
@@ -208,6 +252,28 @@ impl Cluster {
             .spawn()?;
         Ok(())
     }
+}
+
+/// What [`Cluster::start_configured`] adds to a throwaway cluster.
+#[derive(Clone, Debug, Default)]
+pub struct ClusterConfig {
+    /// Listen on `127.0.0.1` at this port too (the unix socket stays; its
+    /// "port" number follows this one). [`free_port`] finds one.
+    pub tcp_port: Option<u16>,
+    /// Lines appended to `postgresql.conf` (after the defaults: they win).
+    pub conf: Vec<String>,
+    /// Files written into the data directory: (name, contents).
+    pub files: Vec<(String, Vec<u8>)>,
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+///
+/// # Errors
+/// When no port can be bound.
+pub fn free_port() -> io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 impl Drop for Cluster {

@@ -3,6 +3,13 @@
 //! core's `Error::is_retryable`), and of a connection string or pool
 //! configuration that is refused to [`Error::InvalidConfig`]. Nothing else
 //! in the crate builds an [`Error::Storage`].
+//!
+//! A TLS handshake that fails (the server's certificate refused under
+//! `verify-ca` or `verify-full`, or a server without TLS under `require`
+//! or stronger) is [`Error::InvalidConfig`] naming the cause, wherever a
+//! connection is opened (at connect, in the pool later, in the listener):
+//! it is a mismatch between the server and the configuration, which
+//! trying again does not mend.
 
 use deadpool_postgres::{BuildError, PoolError};
 use keyclaim::Error;
@@ -54,9 +61,43 @@ pub(crate) fn is_retryable(error: &tokio_postgres::Error) -> bool {
     !error.to_string().contains("serializing")
 }
 
+/// The cause of a failed TLS handshake, or `None` when `error` is not one.
+/// (tokio-postgres does not expose the kind of its errors: rustls's error
+/// is found in the source chain, inside the `io::Error` tokio-rustls wraps
+/// it in; a server that answers "no TLS" by the cause's message. A
+/// connection lost during the handshake stays a retryable I/O failure.)
+fn tls_failure(error: &tokio_postgres::Error) -> Option<String> {
+    let mut source = std::error::Error::source(error);
+    while let Some(inner) = source {
+        let tls = inner.downcast_ref::<rustls::Error>().or_else(|| {
+            inner
+                .downcast_ref::<std::io::Error>()
+                .and_then(std::io::Error::get_ref)
+                .and_then(|e| e.downcast_ref::<rustls::Error>())
+        });
+        if let Some(tls) = tls {
+            return Some(format!(
+                "the TLS handshake with the PostgreSQL server failed: {tls}"
+            ));
+        }
+        if inner.to_string() == "server does not support TLS" {
+            return Some(
+                "the PostgreSQL server does not offer TLS, which the sslmode asks for \
+                 (require, verify-ca or verify-full)"
+                    .to_owned(),
+            );
+        }
+        source = inner.source();
+    }
+    None
+}
+
 /// Maps a statement's failure during `op`.
 pub(crate) fn pg(op: &'static str) -> impl Fn(tokio_postgres::Error) -> Error {
     move |error| {
+        if let Some(reason) = tls_failure(&error) {
+            return Error::invalid_config(reason);
+        }
         let retryable = is_retryable(&error);
         tracing::debug!(op, retryable, %error, "postgres statement failed");
         Error::storage(BACKEND, op, retryable, error)
@@ -66,6 +107,11 @@ pub(crate) fn pg(op: &'static str) -> impl Fn(tokio_postgres::Error) -> Error {
 /// Maps a failure to get a pooled connection during `op`: timeouts and
 /// connection failures are retryable, a closed pool is [`Error::Closed`].
 pub(crate) fn pool(op: &'static str, error: PoolError) -> Error {
+    if let PoolError::Backend(e) = &error
+        && let Some(reason) = tls_failure(e)
+    {
+        return Error::invalid_config(reason);
+    }
     let retryable = match &error {
         PoolError::Timeout(_) => true,
         PoolError::Backend(e) => is_retryable(e),
@@ -116,7 +162,7 @@ pub(crate) fn migration_busy() -> Error {
         BACKEND,
         "migrate",
         true,
-        "the issued table stayed busy: could not swap in the new key",
+        "the tables stayed busy: a migration step could not take its lock",
     )
 }
 

@@ -1,17 +1,22 @@
 #![doc = include_str!("../README.md")]
 
+mod counts;
 mod error;
 mod listen;
 mod ops;
 mod options;
 mod schema;
 mod session;
+mod tls;
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::hash::{BuildHasher, Hasher};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+/// The deadpool-postgres this crate builds on: a host's pool for
+/// [`PostgresStore::with_pool`] must be of this version.
+pub use deadpool_postgres;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use keyclaim::backend::{Backend, StoreCore, async_trait};
 use keyclaim::transfer::DeviceSnapshot;
@@ -19,10 +24,9 @@ use keyclaim::{
     Algorithm, Changes, ClaimOutcome, ClaimTarget, Device, DeviceId, FallbackTarget, ResetScope,
     Result, StoredFallback, SyncState, Upload, UploadOutcome, UserId,
 };
-use tokio_postgres::NoTls;
-
 pub use options::PostgresOptions;
 pub use schema::SCHEMA_VERSION;
+pub use tls::{RootCertificates, SslMode};
 
 /// The backend's name in errors and logs.
 pub(crate) const BACKEND: &str = "postgres";
@@ -54,11 +58,13 @@ pub struct PoolStatus {
 /// when the last operation using them ends.
 pub struct PostgresStore {
     pool: Pool,
+    settings: session::Settings,
     sql: ops::Sql,
     core: StoreCore,
     pinned_plans: bool,
     announcer: Option<listen::Announcer>,
     _listener: Option<listen::Listener>,
+    compactor: counts::Compactor,
 }
 
 impl fmt::Debug for PostgresStore {
@@ -70,6 +76,10 @@ impl fmt::Debug for PostgresStore {
             .field("instance", &self.sql.instance)
             .field("pool_size", &status.max_size)
             .field("pool_available", &status.available)
+            .field(
+                "host_pool",
+                &matches!(self.settings, session::Settings::Transaction(_)),
+            )
             .field("listening", &self._listener.is_some())
             .field("transactional_notify", &self.sql.transactional_notify)
             .field("pinned_plans", &self.pinned_plans)
@@ -84,15 +94,19 @@ impl PostgresStore {
     ///
     /// `url` is a libpq-style connection string, as a URL
     /// (`postgresql://user:pass@host:5432/db`) or as `key=value` pairs
-    /// (`host=/run/postgresql dbname=synapse`). TLS is not supported: use a
-    /// unix socket or a trusted network. A store URL that carries keyclaim's
-    /// options (`?keyclaim_schema=...`) goes through
+    /// (`host=/run/postgresql dbname=synapse`). TLS follows libpq's
+    /// `sslmode` and `sslrootcert` there (`?sslmode=verify-full&sslrootcert=/etc/ssl/db-ca.pem`),
+    /// or [`PostgresOptions::ssl_mode`] and
+    /// [`PostgresOptions::root_certificates`]: see [`SslMode`]. A store URL
+    /// that carries keyclaim's options (`?keyclaim_schema=...`) goes through
     /// [`PostgresOptions::from_url`] first.
     ///
     /// # Errors
     /// [`Error::Storage`] when the server cannot be reached (retryable);
-    /// [`Error::InvalidConfig`] when the connection string is invalid or the
-    /// server is refused (R10.5, see [`PostgresStore::connect_with`]);
+    /// [`Error::InvalidConfig`] when the connection string is invalid, the
+    /// server is refused (R10.5, see [`PostgresStore::connect_with`]), or
+    /// TLS fails: the server's certificate refused, no TLS where the
+    /// `sslmode` needs it, root certificates that cannot be read;
     /// [`Error::UnsupportedVersion`] when the schema was written by a newer
     /// keyclaim.
     ///
@@ -121,23 +135,18 @@ impl PostgresStore {
     #[tracing::instrument(
         name = "keyclaim.postgres.connect",
         skip_all,
-        fields(schema = %options.get_schema())
+        fields(schema = %options.get_schema(), sslmode = ?options.get_ssl_mode())
     )]
     pub async fn connect_with(url: &str, options: PostgresOptions) -> Result<PostgresStore> {
-        let schema = options.get_schema();
-        options::validate_schema(schema)?;
-        let mut config: tokio_postgres::Config = url.parse().map_err(error::bad_url)?;
-        config.connect_timeout(options.get_connect_timeout());
-        if config.get_application_name().is_none() {
-            config.application_name("keyclaim");
-        }
+        options::validate_schema(options.get_schema())?;
+        let (mut config, connector) = client_config(url, &options)?;
         let listen_config = config.clone();
         let server_options = session::startup_options(&options, config.get_options());
         config.options(&server_options);
 
         let manager = Manager::from_config(
             config,
-            NoTls,
+            connector.clone(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -151,11 +160,110 @@ impl PostgresStore {
             .post_create(session::setup_hook())
             .build()
             .map_err(error::pool_build)?;
+        let listen = options
+            .get_notifications()
+            .then_some((listen_config, connector));
+        Self::start(pool, session::Settings::Connection, listen, options).await
+    }
 
+    /// A store on a connection pool the homeserver already has, creating or
+    /// migrating keyclaim's tables in [`PostgresOptions::schema`], without a
+    /// notification listener: this store's subscribers see its own changes,
+    /// not other processes' (R11.1 needs
+    /// [`PostgresStore::with_pool_listening`] for those); other processes
+    /// are still told about this store's changes.
+    ///
+    /// **What keyclaim changes on the pool's connections: nothing that
+    /// outlives its transactions.** It cannot set startup options or run a
+    /// hook on connections it did not open, so every statement it runs is
+    /// inside a transaction that it starts as `BEGIN ISOLATION LEVEL READ
+    /// COMMITTED` followed by `SET LOCAL` of `search_path` (the schema),
+    /// `enable_seqscan = off`, `plan_cache_mode` (with
+    /// [`PostgresOptions::pinned_plans`]), `statement_timeout` (when
+    /// [`PostgresOptions::statement_timeout`] is set) and
+    /// `synchronous_commit = on` (unless already `on` or `remote_apply`):
+    /// R10.5 holds whatever the host's session settings are. A transaction
+    /// whose operation is dropped half-way rolls back before the
+    /// connection is used again. The migration runs on one connection taken
+    /// out of the pool for good (its session settings changed, it is closed
+    /// afterwards; the pool opens a new one when it needs it).
+    ///
+    /// **What it needs from them:**
+    /// - A role that may create the schema and its tables (or the schema
+    ///   created beforehand and owned by or writable for that role), and
+    ///   use advisory locks and `pg_notify`.
+    /// - Prepared statements that stay on their connection: keyclaim
+    ///   prepares each statement once per connection and keeps it in the
+    ///   pool's statement cache (`Manager::statement_caches`), named by
+    ///   tokio-postgres. So no `pgbouncer` in transaction or statement
+    ///   pooling mode unless it tracks prepared statements
+    ///   (`max_prepared_statements`, pgbouncer 1.21 and later). Statements
+    ///   resolve keyclaim's tables through the `search_path` of the
+    ///   transaction they run in, so the host's own `search_path` may be
+    ///   anything. Clearing a connection's statement cache or `DISCARD
+    ///   ALL` between uses only costs preparing again.
+    /// - A pool that is not shut down while the store is in use.
+    ///
+    /// Options about keyclaim's own pool ([`PostgresOptions::pool_size`],
+    /// the timeouts of connecting and of waiting for a connection) do not
+    /// apply: the pool's own settings do. The server check of
+    /// [`PostgresStore::connect_with`] is made (`fsync`, and that the
+    /// settings above take).
+    ///
+    /// On a host's pool an operation that keyclaim's own pool runs as one
+    /// statement costs two more round trips (`BEGIN` with the settings,
+    /// and `COMMIT`).
+    ///
+    /// # Errors
+    /// As [`PostgresStore::connect_with`].
+    #[tracing::instrument(
+        name = "keyclaim.postgres.with_pool",
+        skip_all,
+        fields(schema = %options.get_schema())
+    )]
+    pub async fn with_pool(pool: Pool, options: PostgresOptions) -> Result<PostgresStore> {
+        options::validate_schema(options.get_schema())?;
+        let settings = session::Settings::per_transaction(&options);
+        Self::start(pool, settings, None, options).await
+    }
+
+    /// [`PostgresStore::with_pool`], with a notification listener: one
+    /// connection of its own, opened from `listen_url` (a connection string
+    /// as [`PostgresStore::connect`] takes, with its TLS settings; usually
+    /// the one the host's pool was built from), that `LISTEN`s for other
+    /// processes' changes (R11.1), unless
+    /// [`PostgresOptions::notifications`] is off. (A pooled connection
+    /// cannot listen: the pool does not hand out its notifications.)
+    ///
+    /// # Errors
+    /// As [`PostgresStore::with_pool`]; also as
+    /// [`PostgresStore::connect`] for `listen_url`.
+    pub async fn with_pool_listening(
+        pool: Pool,
+        listen_url: &str,
+        options: PostgresOptions,
+    ) -> Result<PostgresStore> {
+        options::validate_schema(options.get_schema())?;
+        let listen = client_config(listen_url, &options)?;
+        let listen = options.get_notifications().then_some(listen);
+        let settings = session::Settings::per_transaction(&options);
+        Self::start(pool, settings, listen, options).await
+    }
+
+    /// The rest of connecting, on either kind of pool: the server check,
+    /// the migration, the background tasks.
+    async fn start(
+        pool: Pool,
+        settings: session::Settings,
+        listen: Option<(tokio_postgres::Config, tls::Connector)>,
+        options: PostgresOptions,
+    ) -> Result<PostgresStore> {
+        let schema = options.get_schema();
         {
             let client = pool.get().await.map_err(|e| error::pool("connect", e))?;
-            session::check(&client, &options).await?;
-            schema::migrate(client, schema).await?;
+            let mut conn = session::Conn::new(client, settings.clone());
+            session::check(&mut conn, &options).await?;
+            schema::migrate(conn.detach(&options).await?, schema).await?;
         }
 
         let transactional_notify = options.get_transactional_notify();
@@ -169,34 +277,56 @@ impl PostgresStore {
             )
         });
         let core = StoreCore::new(options.get_limits().clone());
-        let listener = if options.get_notifications() {
-            Some(
+        let listener = match listen {
+            Some((config, connector)) => Some(
                 listen::Listener::start(
-                    listen_config,
+                    config,
+                    connector,
                     sql.channel.clone(),
                     sql.instance.clone(),
                     core.clone(),
                     options.get_connect_timeout(),
                 )
                 .await?,
-            )
-        } else {
-            None
+            ),
+            None => None,
         };
+        let compactor = counts::Compactor::start(
+            pool.clone(),
+            settings.clone(),
+            options.get_count_compaction_interval(),
+        );
         tracing::debug!(schema, "connected");
         Ok(PostgresStore {
             pool,
+            settings,
             sql,
             core,
             pinned_plans: options.get_pinned_plans(),
             announcer,
             _listener: listener,
+            compactor,
         })
     }
 
     /// The schema this store's tables live in.
     pub fn schema(&self) -> &str {
         &self.sql.schema
+    }
+
+    /// Folds the per-device count rows that writes added since the last
+    /// compaction now, rather than at the next background round (see
+    /// [`PostgresOptions::count_compaction_interval`]); answers the number
+    /// of (device, algorithm) pairs folded. Counts are exact either way
+    /// (R6.2); folding only keeps [`counts_many`](keyclaim::KeyStore::counts_many)
+    /// short. Skips the work when another worker is compacting the schema.
+    ///
+    /// # Errors
+    /// [`Error::Storage`](keyclaim::Error::Storage) when the server fails
+    /// (retryable).
+    pub async fn compact_counts(&self) -> Result<u64> {
+        let mut client = self.client("compact_counts").await?;
+        counts::compact(&mut client).await
     }
 
     /// The connection pool's state, for metrics.
@@ -219,20 +349,46 @@ impl PostgresStore {
         }
     }
 
-    /// A pooled connection, or a retryable error.
-    async fn client(&self, op: &'static str) -> Result<deadpool_postgres::Object> {
-        self.pool.get().await.map_err(|e| error::pool(op, e))
+    /// A pooled connection in keyclaim's session, or a retryable error.
+    async fn client(&self, op: &'static str) -> Result<session::Conn> {
+        let client = self.pool.get().await.map_err(|e| error::pool(op, e))?;
+        Ok(session::Conn::new(client, self.settings.clone()))
     }
 
     /// A pooled connection for a mutation, or a retryable error, also when
     /// the announcements waiting to be sent are at their bound (R10.6):
     /// then the mutation is refused before anything is applied.
-    async fn writer(&self, op: &'static str) -> Result<deadpool_postgres::Object> {
+    async fn writer(&self, op: &'static str) -> Result<session::Conn> {
         if let Some(announcer) = &self.announcer {
             announcer.room(op)?;
         }
+        self.compactor.wrote();
         self.client(op).await
     }
+}
+
+/// The client configuration and TLS connector of a connection string
+/// (see [`PostgresStore::connect`]): `sslmode` and `sslrootcert` taken out
+/// and applied, keyclaim's connect timeout, `application_name` defaulting
+/// to `keyclaim`.
+fn client_config(
+    url: &str,
+    options: &PostgresOptions,
+) -> Result<(tokio_postgres::Config, tls::Connector)> {
+    let (url, from_string) = tls::split(url)?;
+    let tls = tls::Tls::resolve(
+        options.get_ssl_mode(),
+        options.get_root_certificates(),
+        from_string,
+    )?;
+    let connector = tls.connector()?;
+    let mut config: tokio_postgres::Config = url.parse().map_err(error::bad_url)?;
+    config.ssl_mode(tls.pg_mode());
+    config.connect_timeout(options.get_connect_timeout());
+    if config.get_application_name().is_none() {
+        config.application_name("keyclaim");
+    }
+    Ok((config, connector))
 }
 
 /// A random identifier of this store handle, put into its notifications so
@@ -280,8 +436,8 @@ impl Backend for PostgresStore {
     }
 
     async fn claim_fallback_keys(&self, targets: &[FallbackTarget]) -> Result<ClaimOutcome> {
-        let client = self.writer("claim_fallback_keys").await?;
-        let outcome = ops::claim_fallback_keys(&client, &self.sql, targets).await?;
+        let mut client = self.writer("claim_fallback_keys").await?;
+        let outcome = ops::claim_fallback_keys(&mut client, &self.sql, targets).await?;
         self.changed(&outcome.changes);
         Ok(outcome)
     }
@@ -311,18 +467,18 @@ impl Backend for PostgresStore {
     }
 
     async fn fallback_keys(&self, device: &Device) -> Result<BTreeMap<Algorithm, StoredFallback>> {
-        let client = self.client("fallback_keys").await?;
-        ops::fallback_keys(&client, device).await
+        let mut client = self.client("fallback_keys").await?;
+        ops::fallback_keys(&mut client, device).await
     }
 
     async fn counts_many(&self, devices: &[Device]) -> Result<Vec<SyncState>> {
-        let client = self.client("counts_many").await?;
-        ops::counts_many(&client, devices).await
+        let mut client = self.client("counts_many").await?;
+        ops::counts_many(&mut client, devices).await
     }
 
     async fn sync_state(&self, device: &Device) -> Result<SyncState> {
-        let client = self.client("sync_state").await?;
-        ops::sync_state(&client, device, "sync_state").await
+        let mut client = self.client("sync_state").await?;
+        ops::sync_state(&mut client, device, "sync_state").await
     }
 
     async fn delete_device(&self, device: &Device) -> Result<Changes> {

@@ -51,11 +51,12 @@ use keyclaim::backend::StoreCore;
 use keyclaim::{Changes, Device, Error, Result};
 use tokio::sync::{Notify, oneshot};
 use tokio::task::JoinHandle;
-use tokio_postgres::{AsyncMessage, NoTls, Notification};
+use tokio_postgres::{AsyncMessage, Notification};
 use tracing::Instrument as _;
 
 use crate::error::{self, pg};
 use crate::ops::{NOTIFY, notify_payloads};
+use crate::tls::Connector;
 
 /// How long the announcer gathers changes before it sends them.
 pub(crate) const GATHER: Duration = Duration::from_millis(10);
@@ -217,6 +218,7 @@ impl Listener {
     /// place (so that a change committed after `connect` returned is seen).
     pub(crate) async fn start(
         mut config: tokio_postgres::Config,
+        tls: Connector,
         channel: String,
         instance: String,
         core: StoreCore,
@@ -232,7 +234,8 @@ impl Listener {
         let listen_sql = format!("LISTEN {channel}");
         let (ready_tx, ready_rx) = oneshot::channel();
         let span = tracing::debug_span!("keyclaim.postgres.listener", %channel);
-        let task = tokio::spawn(run(config, listen_sql, instance, core, ready_tx).instrument(span));
+        let task =
+            tokio::spawn(run(config, tls, listen_sql, instance, core, ready_tx).instrument(span));
         let listener = Self { task };
         match tokio::time::timeout(timeout, ready_rx).await {
             Ok(Ok(Ok(()))) => Ok(listener),
@@ -247,6 +250,7 @@ impl Listener {
 
 async fn run(
     config: tokio_postgres::Config,
+    tls: Connector,
     listen_sql: String,
     instance: String,
     core: StoreCore,
@@ -255,7 +259,7 @@ async fn run(
     let mut ready = Some(ready);
     let mut backoff = Duration::from_millis(50);
     loop {
-        let outcome = listen_once(&config, &listen_sql, &instance, &core, &mut ready).await;
+        let outcome = listen_once(&config, &tls, &listen_sql, &instance, &core, &mut ready).await;
         match outcome {
             Ok(()) => tracing::warn!("keyclaim notification connection closed; reconnecting"),
             Err(error) => {
@@ -278,12 +282,13 @@ async fn run(
 /// One connection's life: connect, `LISTEN`, forward until it ends.
 async fn listen_once(
     config: &tokio_postgres::Config,
+    tls: &Connector,
     listen_sql: &str,
     instance: &str,
     core: &StoreCore,
     ready: &mut Option<oneshot::Sender<Result<()>>>,
 ) -> Result<()> {
-    let (client, mut connection) = config.connect(NoTls).await.map_err(pg("listen"))?;
+    let (client, mut connection) = config.connect(tls.clone()).await.map_err(pg("listen"))?;
     let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
     let listen = client.batch_execute(listen_sql);
     tokio::pin!(listen);

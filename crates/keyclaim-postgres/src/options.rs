@@ -7,6 +7,8 @@ use std::time::Duration;
 use keyclaim::backend::url::UrlOptions;
 use keyclaim::{Error, Limits, Result};
 
+use crate::tls::{RootCertificates, SslMode};
+
 /// The prefix of keyclaim's own parameters in a store URL.
 const URL_PREFIX: &str = "keyclaim_";
 
@@ -35,6 +37,9 @@ pub struct PostgresOptions {
     transactional_notify: bool,
     pinned_plans: bool,
     allow_unsafe_server: bool,
+    count_compaction_interval: Duration,
+    ssl_mode: Option<SslMode>,
+    root_certificates: Option<RootCertificates>,
     limits: Limits,
 }
 
@@ -50,6 +55,9 @@ impl Default for PostgresOptions {
             transactional_notify: false,
             pinned_plans: true,
             allow_unsafe_server: false,
+            count_compaction_interval: Duration::from_secs(1),
+            ssl_mode: None,
+            root_certificates: None,
             limits: Limits::default(),
         }
     }
@@ -173,6 +181,44 @@ impl PostgresOptions {
         self
     }
 
+    /// How often the store folds the per-device count rows its writes
+    /// added (see [`PostgresStore::compact_counts`]), when it wrote since
+    /// the last round; every 30 intervals when it did not. Default 1 s.
+    /// Counts are exact either way (R6.2); between rounds,
+    /// [`counts_many`](keyclaim::KeyStore::counts_many) reads one more row
+    /// per write that touched a device it asks for.
+    ///
+    /// [`PostgresStore::compact_counts`]: crate::PostgresStore::compact_counts
+    #[must_use]
+    pub fn count_compaction_interval(mut self, interval: Duration) -> Self {
+        self.count_compaction_interval = interval.max(Duration::from_millis(1));
+        self
+    }
+
+    /// Whether and how connections use TLS (libpq's `sslmode`; see
+    /// [`SslMode`]). Set here, it wins over the connection string's
+    /// `sslmode`; unset, the connection string's applies, else
+    /// [`SslMode::Prefer`] (or [`SslMode::VerifyFull`] with the system's
+    /// root certificates). Applies to the pool and to the notification
+    /// listener's connection alike.
+    #[must_use]
+    pub fn ssl_mode(mut self, mode: SslMode) -> Self {
+        self.ssl_mode = Some(mode);
+        self
+    }
+
+    /// The certificates the server's certificate must chain to (libpq's
+    /// `sslrootcert`; see [`RootCertificates`]). Set here, they win over
+    /// the connection string's `sslrootcert`. Needed by
+    /// [`SslMode::VerifyCa`] and [`SslMode::VerifyFull`]; with
+    /// [`SslMode::Require`] they make it check the chain as
+    /// [`SslMode::VerifyCa`] does (as libpq).
+    #[must_use]
+    pub fn root_certificates(mut self, roots: RootCertificates) -> Self {
+        self.root_certificates = Some(roots);
+        self
+    }
+
     /// The limits the store enforces (R8.1 to R8.3).
     #[must_use]
     pub fn limits(mut self, limits: Limits) -> Self {
@@ -225,6 +271,22 @@ impl PostgresOptions {
         self.allow_unsafe_server
     }
 
+    /// The configured count compaction interval.
+    pub fn get_count_compaction_interval(&self) -> Duration {
+        self.count_compaction_interval
+    }
+
+    /// The TLS mode set with [`PostgresOptions::ssl_mode`], if any.
+    pub fn get_ssl_mode(&self) -> Option<SslMode> {
+        self.ssl_mode
+    }
+
+    /// The root certificates set with
+    /// [`PostgresOptions::root_certificates`], if any.
+    pub fn get_root_certificates(&self) -> Option<&RootCertificates> {
+        self.root_certificates.as_ref()
+    }
+
     /// The configured limits.
     pub fn get_limits(&self) -> &Limits {
         &self.limits
@@ -239,8 +301,8 @@ impl PostgresOptions {
     ///
     /// Parameters whose name starts with `keyclaim_` are keyclaim's options
     /// and are removed; every other parameter (libpq's, such as `sslmode`,
-    /// `application_name` or `host=/run/postgresql`) stays, in its order,
-    /// in the returned connection URL, which
+    /// `sslrootcert`, `application_name` or `host=/run/postgresql`) stays,
+    /// in its order, in the returned connection URL, which
     /// [`PostgresStore::connect_with`](crate::PostgresStore::connect_with)
     /// hands to tokio-postgres. The query starts at the first `?` after
     /// the user information, as tokio-postgres reads it. keyclaim's options,
@@ -257,6 +319,7 @@ impl PostgresOptions {
     /// | `keyclaim_transactional_notify` | `on` or `off` | [`PostgresOptions::transactional_notify`] |
     /// | `keyclaim_pinned_plans` | `on` or `off` | [`PostgresOptions::pinned_plans`] |
     /// | `keyclaim_allow_unsafe_server` | `on` or `off` | [`PostgresOptions::allow_unsafe_server`] |
+    /// | `keyclaim_count_compaction_interval_ms` | milliseconds, at least 1 | [`PostgresOptions::count_compaction_interval`] |
     ///
     /// Options not given keep their defaults; the limits are always the
     /// defaults (set them with [`PostgresOptions::limits`] afterwards).
@@ -319,6 +382,9 @@ impl PostgresOptions {
         Ok(match &name[URL_PREFIX.len()..] {
             "schema" => self.schema(value),
             "pool_size" => self.pool_size(query.positive(name, value)?),
+            "count_compaction_interval_ms" => {
+                self.count_compaction_interval(Duration::from_millis(query.positive(name, value)?))
+            }
             "connect_timeout_ms" => {
                 self.connect_timeout(Duration::from_millis(query.positive(name, value)?))
             }
@@ -432,7 +498,7 @@ mod tests {
              &keyclaim_connect_timeout_ms=1500&keyclaim_pool_wait_timeout_ms=0\
              &keyclaim_statement_timeout_ms=250&keyclaim_notifications=off\
              &keyclaim_transactional_notify=on&keyclaim_pinned_plans=off\
-             &keyclaim_allow_unsafe_server=on",
+             &keyclaim_allow_unsafe_server=on&keyclaim_count_compaction_interval_ms=250",
         );
         assert_eq!(connection, "postgresql://h/d");
         let want = PostgresOptions::new()
@@ -444,7 +510,8 @@ mod tests {
             .notifications(false)
             .transactional_notify(true)
             .pinned_plans(false)
-            .allow_unsafe_server(true);
+            .allow_unsafe_server(true)
+            .count_compaction_interval(Duration::from_millis(250));
         assert_eq!(options, want);
         assert_eq!(
             options.get_statement_timeout(),

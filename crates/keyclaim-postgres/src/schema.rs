@@ -22,19 +22,22 @@
 //! memory is bounded by `maintenance_work_mem`, keyclaim's by nothing it
 //! reads), then swaps it in, drops the old indexes and records the version
 //! in one short transaction under `lock_timeout`, tried again while the
-//! table is busy. The version and the layout change together.
+//! table is busy. Version 3 adds the count table and its triggers in one
+//! such short transaction, then counts the existing keys in batches (see
+//! [`crate::counts`]). The version is recorded with the last step.
 
 use std::time::Duration;
 
-use deadpool_postgres::{ClientWrapper, Object};
+use deadpool_postgres::ClientWrapper;
 use keyclaim::{Error, Result};
 use tokio_postgres::error::SqlState;
 
 use crate::BACKEND;
+use crate::counts;
 use crate::error::{self, pg};
 
 /// The newest schema version this build knows (and creates).
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// Version 1: one-time keys, fallback keys, remembered issued keys.
 const V1: &str = r#"
@@ -151,9 +154,10 @@ const SWAP_LOCK_TIMEOUT: &str = "SET LOCAL lock_timeout = '500ms'";
 /// next connect goes on from the built index).
 const SWAP_ATTEMPTS: u32 = 40;
 
-/// The transactional migrations, in order: (the version it leads to, its
-/// SQL). Version 2 of a schema that holds data runs [`migrate_v2`] instead.
-const MIGRATIONS: &[(i64, &str)] = &[(1, V1), (2, V2)];
+/// The transactional migrations of a new schema, in order: (the version it
+/// leads to, its SQL). A schema that holds data runs [`migrate_v2`] and
+/// [`migrate_v3`] instead.
+const MIGRATIONS: &[(i64, &str)] = &[(1, V1), (2, V2), (3, counts::V3)];
 
 /// The advisory lock of migrations that hold it for the transaction,
 /// taken inside the transactions (keyclaim before this layout took only
@@ -173,12 +177,11 @@ const WRITE_VERSION: &str = "INSERT INTO keyclaim_meta (id, version) VALUES (1, 
     ON CONFLICT (id) DO UPDATE SET version = EXCLUDED.version";
 
 /// Creates the schema and tables, or upgrades them, on a connection of the
-/// pool whose `search_path` is `schema` (already validated). The
-/// connection is taken out of the pool and closed (see the module docs).
+/// pool taken out of it (closed when done, see the module docs), whose
+/// `search_path` is `schema` (already validated).
 #[tracing::instrument(name = "keyclaim.postgres.migrate", skip_all, fields(schema = %schema))]
-pub(crate) async fn migrate(client: Object, schema: &str) -> Result<()> {
+pub(crate) async fn migrate(mut client: ClientWrapper, schema: &str) -> Result<()> {
     let op = "migrate";
-    let mut client = Object::take(client);
     let mut pause = Duration::from_millis(20);
     loop {
         let row = client
@@ -202,12 +205,15 @@ pub(crate) async fn migrate(client: Object, schema: &str) -> Result<()> {
     if found == 1 {
         migrate_v2(&mut client, schema).await?;
     }
+    if found == 1 || found == 2 {
+        migrate_v3(&mut client, schema).await?;
+    }
     Ok(())
 }
 
 /// Creates the schema and the tables, or upgrades them with the
 /// transactional migrations, in one transaction; answers the version found
-/// when version 2 is left to [`migrate_v2`] (1), else the version found.
+/// (versions 1 and 2 are left to [`migrate_v2`] and [`migrate_v3`]).
 async fn migrate_tables(client: &mut ClientWrapper, schema: &str) -> Result<i64> {
     let op = "migrate";
     let tx = client.transaction().await.map_err(pg(op))?;
@@ -235,13 +241,14 @@ async fn migrate_tables(client: &mut ClientWrapper, schema: &str) -> Result<i64>
             supported: SCHEMA_VERSION,
         });
     }
-    if found == 1 {
-        // Tables with data: version 2 runs without blocking (migrate_v2).
+    if found > 0 {
+        // Tables with data: the later versions run without blocking
+        // (migrate_v2, migrate_v3).
         return Ok(found);
     }
-    for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > found) {
-        // Version 2 here only right after version 1 created the (empty)
-        // tables, where rebuilding the key is instant.
+    for (version, sql) in MIGRATIONS {
+        // Versions 2 and 3 here only right after version 1 created the
+        // (empty) tables, where rebuilding a key or counting is instant.
         tracing::info!(schema, version, "applying keyclaim migration");
         tx.batch_execute(sql).await.map_err(pg(op))?;
         tx.execute(WRITE_VERSION, &[version])
@@ -289,20 +296,44 @@ async fn migrate_v2(client: &mut ClientWrapper, schema: &str) -> Result<()> {
             Err(e) => return Err(pg(op)(e)),
         }
     }
+    short_lock_tx(client, V2_SWAP, Some(2)).await?;
+    tracing::info!(schema, index = V2_INDEX, "keyclaim migration 2 applied");
+    Ok(())
+}
+
+/// Version 2 to 3 on tables that may hold data, without blocking other
+/// workers for longer than a short lock (R10.9): the count table and its
+/// triggers in one short transaction, then the existing keys counted in
+/// batches, then the version (see [`counts`]).
+async fn migrate_v3(client: &mut ClientWrapper, schema: &str) -> Result<()> {
+    let op = "migrate";
+    tracing::info!(
+        schema,
+        version = 3,
+        "applying keyclaim migration (counts backfilled in batches)"
+    );
+    short_lock_tx(client, counts::V3, None).await?;
+    let batches = counts::backfill(client, counts::BACKFILL_BATCH).await?;
+    client
+        .execute(WRITE_VERSION, &[&3_i64])
+        .await
+        .map_err(pg(op))?;
+    tracing::info!(schema, batches, "keyclaim migration 3 applied");
+    Ok(())
+}
+
+/// Runs `sql` (and records `version`) in one transaction under a short
+/// lock timeout, tried again while the tables are busy: the writers that
+/// queue behind a waiting DDL lock are held up for no longer than the
+/// timeout at a time (R10.9).
+async fn short_lock_tx(client: &mut ClientWrapper, sql: &str, version: Option<i64>) -> Result<()> {
+    let op = "migrate";
     let mut pause = Duration::from_millis(50);
     for attempt in 1..=SWAP_ATTEMPTS {
-        match swap_v2(client).await {
-            Ok(()) => {
-                tracing::info!(
-                    schema,
-                    index = V2_INDEX,
-                    attempt,
-                    "keyclaim migration 2 applied"
-                );
-                return Ok(());
-            }
+        match try_short_lock_tx(client, sql, version).await {
+            Ok(()) => return Ok(()),
             Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
-                tracing::debug!(schema, attempt, "issued table busy; trying the swap again");
+                tracing::debug!(attempt, "tables busy; trying the migration step again");
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_secs(2));
             }
@@ -312,11 +343,17 @@ async fn migrate_v2(client: &mut ClientWrapper, schema: &str) -> Result<()> {
     Err(error::migration_busy())
 }
 
-/// The swap of version 2, in one transaction under a short lock timeout.
-async fn swap_v2(client: &mut ClientWrapper) -> Result<(), tokio_postgres::Error> {
+/// One attempt of [`short_lock_tx`].
+async fn try_short_lock_tx(
+    client: &mut ClientWrapper,
+    sql: &str,
+    version: Option<i64>,
+) -> Result<(), tokio_postgres::Error> {
     let tx = client.transaction().await?;
     tx.batch_execute(SWAP_LOCK_TIMEOUT).await?;
-    tx.batch_execute(V2_SWAP).await?;
-    tx.execute(WRITE_VERSION, &[&2_i64]).await?;
+    tx.batch_execute(sql).await?;
+    if let Some(version) = version {
+        tx.execute(WRITE_VERSION, &[&version]).await?;
+    }
     tx.commit().await
 }

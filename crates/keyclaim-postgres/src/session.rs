@@ -19,9 +19,24 @@
 //!   through a crash of its machine, whatever the session does. [`check`]
 //!   refuses it at connect with [`Error::InvalidConfig`] unless
 //!   [`PostgresOptions::allow_unsafe_server`] is set (test servers).
+//!
+//! On a homeserver's own pool ([`crate::PostgresStore::with_pool`])
+//! keyclaim cannot set a connection's session: it sets the same values per
+//! transaction instead ([`Settings::Transaction`]), and runs every
+//! statement inside such a transaction. The operations reach the server
+//! only through [`Conn`], which does that on a host's pool and adds nothing
+//! on keyclaim's own; its statements name their tables unqualified, found
+//! through the transaction's `search_path`, and PostgreSQL parses a cached
+//! prepared statement again when it runs under another `search_path` than
+//! it was planned with, so statements cached per connection name the right
+//! tables whatever the host's `search_path` is.
 
-use deadpool_postgres::{Hook, HookError, Object};
+use std::sync::Arc;
+
+use deadpool_postgres::{ClientWrapper, Hook, HookError, Object, Transaction};
 use keyclaim::{Error, Result};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{IsolationLevel, Row};
 
 use crate::PostgresOptions;
 use crate::error::pg;
@@ -77,12 +92,15 @@ const SERVER_SETTINGS: &str = "SELECT current_setting('fsync'),
 /// anything is created: refuses `fsync = off` unless allowed, and a session
 /// whose settings did not take (for instance behind a proxy that drops
 /// startup options).
-pub(crate) async fn check(client: &Object, options: &PostgresOptions) -> Result<()> {
+pub(crate) async fn check(client: &mut Conn, options: &PostgresOptions) -> Result<()> {
     let op = "connect";
-    let row = client
-        .query_one(SERVER_SETTINGS, &[])
+    let rows = client
+        .query_alone(SERVER_SETTINGS, &[])
         .await
         .map_err(pg(op))?;
+    let row = rows
+        .first()
+        .ok_or_else(|| Error::corrupt("no answer to the server settings"))?;
     let fsync: &str = row.try_get(0).map_err(pg(op))?;
     let sync_commit: &str = row.try_get(1).map_err(pg(op))?;
     let isolation: &str = row.try_get(2).map_err(pg(op))?;
@@ -105,8 +123,147 @@ pub(crate) async fn check(client: &Object, options: &PostgresOptions) -> Result<
         return Err(Error::invalid_config(format!(
             "keyclaim's session settings did not take (synchronous_commit = {sync_commit}, \
              transaction isolation {isolation}; R10.5 needs on and read committed): \
-             connect to PostgreSQL directly or through a proxy that passes startup options"
+             connect to PostgreSQL directly or through a proxy that passes startup options \
+             (on a host's pool: one that passes SET LOCAL)"
         )));
     }
     Ok(())
+}
+
+/// How a store's connections get keyclaim's session settings (R10.5).
+#[derive(Clone, Debug)]
+pub(crate) enum Settings {
+    /// keyclaim's own pool: every connection starts with them (startup
+    /// options and [`setup_hook`]); a single statement runs in its own
+    /// implicit transaction.
+    Connection,
+    /// A host's pool ([`crate::PostgresStore::with_pool`]): its
+    /// connections keep the host's session settings, and keyclaim sets its
+    /// own per transaction, with this `SET LOCAL` batch right after
+    /// `BEGIN ISOLATION LEVEL READ COMMITTED`; every statement runs inside
+    /// such a transaction. Nothing outlives it.
+    Transaction(Arc<str>),
+}
+
+impl Settings {
+    /// The per-transaction settings of a store on a host's pool: the same
+    /// values as [`startup_options`] and [`SESSION_SETUP`] give a
+    /// connection of keyclaim's own pool.
+    pub(crate) fn per_transaction(options: &PostgresOptions) -> Settings {
+        let mut sql = format!(
+            "SET LOCAL search_path = {}; SET LOCAL enable_seqscan = off;",
+            options.get_schema()
+        );
+        if options.get_pinned_plans() {
+            sql.push_str(" SET LOCAL plan_cache_mode = force_generic_plan;");
+        }
+        if let Some(timeout) = options.get_statement_timeout() {
+            sql.push_str(&format!(
+                " SET LOCAL statement_timeout = {};",
+                timeout.as_millis()
+            ));
+        }
+        sql.push_str(
+            " SELECT set_config('synchronous_commit', 'on', true) \
+             WHERE current_setting('synchronous_commit') NOT IN ('on', 'remote_apply');",
+        );
+        Settings::Transaction(sql.into())
+    }
+
+    /// The session settings for a connection taken out of a host's pool
+    /// for good (the migration's, closed after it): [`startup_options`]'
+    /// values, for the session. Empty for keyclaim's own pool.
+    pub(crate) fn for_detached_session(options: &PostgresOptions) -> String {
+        format!(
+            "SET search_path = {}; SET enable_seqscan = off; \
+             SET default_transaction_isolation = 'read committed'; \
+             SELECT set_config('synchronous_commit', 'on', false) \
+             WHERE current_setting('synchronous_commit') NOT IN ('on', 'remote_apply');",
+            options.get_schema()
+        )
+    }
+}
+
+/// A pooled connection in keyclaim's session (see [`Settings`]): the only
+/// way the operations reach the server, so that on a host's pool every
+/// statement runs in a transaction with keyclaim's settings.
+pub(crate) struct Conn {
+    client: Object,
+    settings: Settings,
+}
+
+impl Conn {
+    /// Wraps a connection of the store's pool.
+    pub(crate) fn new(client: Object, settings: Settings) -> Self {
+        Self { client, settings }
+    }
+
+    /// The connection itself, for tests that run raw statements.
+    #[cfg(test)]
+    pub(crate) fn raw(&self) -> &Object {
+        &self.client
+    }
+
+    /// The connection taken out of the pool for good, in keyclaim's
+    /// settings for its session (on a host's pool they are set now: the
+    /// connection never goes back), for the migration.
+    pub(crate) async fn detach(self, options: &PostgresOptions) -> Result<ClientWrapper> {
+        let client = Object::take(self.client);
+        if let Settings::Transaction(_) = self.settings {
+            client
+                .batch_execute(&Settings::for_detached_session(options))
+                .await
+                .map_err(pg("connect"))?;
+        }
+        Ok(client)
+    }
+
+    /// A READ COMMITTED transaction with keyclaim's settings. Dropped
+    /// without a commit, it rolls back (also when dropped half-way
+    /// through starting).
+    pub(crate) async fn transaction(
+        &mut self,
+    ) -> std::result::Result<Transaction<'_>, tokio_postgres::Error> {
+        self.transaction_with(IsolationLevel::ReadCommitted, false)
+            .await
+    }
+
+    /// A transaction of the given isolation with keyclaim's other
+    /// settings.
+    pub(crate) async fn transaction_with(
+        &mut self,
+        isolation: IsolationLevel,
+        read_only: bool,
+    ) -> std::result::Result<Transaction<'_>, tokio_postgres::Error> {
+        let tx = self
+            .client
+            .build_transaction()
+            .isolation_level(isolation)
+            .read_only(read_only)
+            .start()
+            .await?;
+        if let Settings::Transaction(sql) = &self.settings {
+            tx.batch_execute(sql).await?;
+        }
+        Ok(tx)
+    }
+
+    /// Runs one statement (prepared once per connection) on its own: in
+    /// its own implicit transaction on keyclaim's pool (one round trip),
+    /// in a transaction with keyclaim's settings on a host's.
+    pub(crate) async fn query_alone(
+        &mut self,
+        statement: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> std::result::Result<Vec<Row>, tokio_postgres::Error> {
+        if let Settings::Transaction(_) = self.settings {
+            let tx = self.transaction().await?;
+            let stmt = tx.prepare_cached(statement).await?;
+            let rows = tx.query(&stmt, params).await?;
+            tx.commit().await?;
+            return Ok(rows);
+        }
+        let stmt = self.client.prepare_cached(statement).await?;
+        self.client.query(&stmt, params).await
+    }
 }

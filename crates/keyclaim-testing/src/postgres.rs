@@ -18,7 +18,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 /// The environment variable naming an existing server for the tests.
 pub const URL_ENV: &str = "KEYCLAIM_TEST_POSTGRES_URL";
 
-pub use keyclaim_pgserver::{BIN_ENV, Cluster};
+pub use keyclaim_pgserver::{BIN_ENV, Cluster, ClusterConfig, free_port};
 
 /// The process-wide test server: an external URL or a throwaway cluster.
 struct Shared {

@@ -83,7 +83,6 @@
 
 use std::collections::HashMap;
 
-use deadpool_postgres::Object;
 use keyclaim::backend::decode;
 use keyclaim::{
     Algorithm, Changes, ClaimOutcome, ClaimTarget, ClaimedKey, Device, FallbackTarget, Limits,
@@ -93,6 +92,7 @@ use tokio_postgres::types::ToSql;
 
 use super::{Sql, remembered};
 use crate::error::{corrupt, pg};
+use crate::session::Conn;
 
 /// The CTEs `fb_locked` and `fb_marked` of the claim statements: lock the
 /// rows of `fb_seen` (fallback keys read from the statement's snapshot)
@@ -419,7 +419,7 @@ type Claimed = (usize, bool, i64, ClaimedKey);
 /// when `fall_back` is set (R4.4) and never otherwise (R12.1). The answer
 /// lists each target's keys together, in target order.
 pub(crate) async fn claim(
-    client: &mut Object,
+    client: &mut Conn,
     sql: &Sql,
     limits: &Limits,
     targets: &[ClaimTarget],
@@ -471,18 +471,15 @@ impl ClaimRun<'_> {
     /// Runs the rounds: one statement in its own transaction, or several
     /// in one. `None` when a statement answered that it did nothing (-3):
     /// then nothing of the claim was applied.
-    async fn execute(&self, client: &mut Object) -> Result<Option<(Vec<Claimed>, Vec<Device>)>> {
+    async fn execute(&self, client: &mut Conn) -> Result<Option<(Vec<Claimed>, Vec<Device>)>> {
         let op = "claim";
         let mut claimed: Vec<Claimed> = Vec::new();
         let mut changed: Vec<Device> = Vec::new();
         if let [round] = self.rounds.rounds.as_slice() {
-            // The common case: one statement, its own transaction, one round trip.
-            let stmt = client
-                .prepare_cached(self.statement)
-                .await
-                .map_err(pg(op))?;
+            // The common case: one statement, its own transaction, one
+            // round trip (on keyclaim's own pool).
             let rows = client
-                .query(&stmt, &self.params(round))
+                .query_alone(self.statement, &self.params(round))
                 .await
                 .map_err(pg(op))?;
             if !decode_claim(round, self.targets, rows, &mut claimed, &mut changed)? {
@@ -588,7 +585,7 @@ fn decode_claim(
 /// Hands out the targets' fallback keys in one statement ([`CLAIM_FALLBACKS`]),
 /// in target order.
 pub(crate) async fn claim_fallback_keys(
-    client: &Object,
+    client: &mut Conn,
     sql: &Sql,
     targets: &[FallbackTarget],
 ) -> Result<ClaimOutcome> {
@@ -600,13 +597,9 @@ pub(crate) async fn claim_fallback_keys(
         .collect();
     let algorithms: Vec<&str> = targets.iter().map(|t| t.algorithm.as_str()).collect();
     let marks: Vec<bool> = targets.iter().map(|t| t.mark_used).collect();
-    let stmt = client
-        .prepare_cached(CLAIM_FALLBACKS)
-        .await
-        .map_err(pg(op))?;
     let rows = client
-        .query(
-            &stmt,
+        .query_alone(
+            CLAIM_FALLBACKS,
             &[
                 &users,
                 &devices,

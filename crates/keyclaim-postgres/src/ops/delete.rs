@@ -16,7 +16,7 @@
 //! writes nothing into the issued memory (R13.1). Claims treat the keys it
 //! deletes as deletions' keys: skipped, being on their way out.
 
-use deadpool_postgres::{Object, Transaction};
+use deadpool_postgres::Transaction;
 use futures::TryFutureExt;
 use keyclaim::backend::decode;
 use keyclaim::{Changes, Device, KeyId, ResetScope, Result, UploadOutcome, UserId};
@@ -26,6 +26,7 @@ use tokio_postgres::types::ToSql;
 use super::read::{SYNC_STATE, decode_sync_state};
 use super::{LOCK_DEVICE, LOCK_USER, NOTIFY, Sql, notify_payloads};
 use crate::error::pg;
+use crate::session::Conn;
 
 pub(super) const DELETE_DEVICE_OTKS: &str = "DELETE FROM otk WHERE user_id = $1 AND device_id = $2";
 
@@ -91,7 +92,7 @@ impl DeviceDeletion {
 
 /// Removes a device's state (R7.1).
 pub(crate) async fn delete_device(
-    client: &mut Object,
+    client: &mut Conn,
     sql: &Sql,
     device: &Device,
 ) -> Result<Changes> {
@@ -121,7 +122,7 @@ pub(crate) async fn delete_device(
 /// Removes the device's stored OTKs in `scope` (R13.1; see the module
 /// docs), answering the counts after.
 pub(crate) async fn reset_one_time_keys(
-    client: &mut Object,
+    client: &mut Conn,
     sql: &Sql,
     device: &Device,
     scope: &ResetScope,
@@ -166,7 +167,7 @@ pub(crate) async fn reset_one_time_keys(
 }
 
 /// Removes the state of every device of a user (R7.2).
-pub(crate) async fn delete_user(client: &mut Object, sql: &Sql, user: &UserId) -> Result<Changes> {
+pub(crate) async fn delete_user(client: &mut Conn, sql: &Sql, user: &UserId) -> Result<Changes> {
     let op = "delete_user";
     let user_id = user.as_str();
     let tx = client.transaction().await.map_err(pg(op))?;

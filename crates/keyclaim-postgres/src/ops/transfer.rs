@@ -5,7 +5,6 @@
 
 use std::collections::HashMap;
 
-use deadpool_postgres::Object;
 use keyclaim::backend::{decode, remembered_window};
 use keyclaim::transfer::{DeviceSnapshot, IssuedKey, StoredFallback, StoredOtk};
 use keyclaim::{Algorithm, Changes, Device, Limits, Result};
@@ -15,6 +14,7 @@ use tokio_postgres::types::ToSql;
 use super::delete::{DELETE_DEVICE_OTKS, DELETE_DEVICE_REST};
 use super::{LOCK_DEVICE, NOTIFY, Sql, UPSERT_FALLBACKS, count_to_u64, notify_payloads};
 use crate::error::{corrupt, pg};
+use crate::session::Conn;
 
 /// One page of devices that hold any state, after a (user, device) cursor
 /// (`('', '')` for the start: every user ID is longer). Each table gives at
@@ -72,7 +72,7 @@ ON CONFLICT DO NOTHING";
 /// `Limits::remembered_issued_keys` (R3.4; older rows wait for an upload to
 /// prune them and count as forgotten).
 pub(crate) async fn export_devices(
-    client: &mut Object,
+    client: &mut Conn,
     limits: &Limits,
     after: Option<&Device>,
     limit: usize,
@@ -82,10 +82,7 @@ pub(crate) async fn export_devices(
     let (after_user, after_device) =
         after.map_or(("", ""), |d| (d.user_id.as_str(), d.device_id.as_str()));
     let tx = client
-        .build_transaction()
-        .isolation_level(IsolationLevel::RepeatableRead)
-        .read_only(true)
-        .start()
+        .transaction_with(IsolationLevel::RepeatableRead, true)
         .await
         .map_err(pg(op))?;
     let (devices_stmt, otks_stmt, fallbacks_stmt, issued_stmt) = futures::try_join!(
@@ -177,7 +174,7 @@ pub(crate) async fn export_devices(
 /// its issued keys, the newest `Limits::remembered_issued_keys` of each
 /// algorithm are remembered (R3.4).
 pub(crate) async fn import_device(
-    client: &mut Object,
+    client: &mut Conn,
     sql: &Sql,
     limits: &Limits,
     snapshot: &DeviceSnapshot,

@@ -23,7 +23,7 @@
 //! an empty device. When [`plan_upload`] refuses the upload, the
 //! transaction is dropped: rolled back, the previous device untouched.
 
-use deadpool_postgres::{Object, Transaction};
+use deadpool_postgres::Transaction;
 use futures::TryFutureExt;
 use keyclaim::backend::{DeviceFacts, decode, plan_upload};
 use keyclaim::{
@@ -38,6 +38,7 @@ use super::{
     LOCK_DEVICE, NOTIFY, Sql, UPSERT_FALLBACKS, count_to_u64, notify_payloads, remembered,
 };
 use crate::error::pg;
+use crate::session::Conn;
 
 /// Everything [`plan_upload`] needs, in one snapshot: stored OTKs among the
 /// uploaded key IDs; remembered issued keys among them, i.e. among the
@@ -100,7 +101,7 @@ SELECT $1, $2, u.key_id, u.algorithm, (SELECT nextval('otk_seq')), u.key_json, u
 
 /// Stores an upload (see the module docs).
 pub(crate) async fn upload(
-    client: &mut Object,
+    client: &mut Conn,
     sql: &Sql,
     limits: &Limits,
     upload: &Upload,
@@ -129,7 +130,7 @@ pub(crate) async fn upload(
 /// Removes the `previous` device of the upload's user and stores the upload,
 /// in one transaction (R14.1; see the module docs).
 pub(crate) async fn replace_device(
-    client: &mut Object,
+    client: &mut Conn,
     sql: &Sql,
     limits: &Limits,
     previous: Option<&DeviceId>,
