@@ -77,17 +77,11 @@ async fn oldest_first(baseline: &dyn Baseline) {
     assert_eq!(drain(baseline, &bob, &sc()).await, ["D000"]);
 }
 
-/// Concurrent claimers of one device never get the same key, and together
-/// with a final drain they hand out every key exactly once. (The PostgreSQL
-/// baseline may come away short under contention: the drain collects what
-/// its claimers left.)
-async fn once_under_concurrency(baseline: Arc<dyn Baseline>) {
-    const KEYS: usize = 60;
+/// 8 claimers drain one device holding `n` keys at once; what they got
+/// between them, and what a drain after them finds left.
+async fn concurrent_drain(baseline: Arc<dyn Baseline>, n: usize) -> (Vec<String>, Vec<String>) {
     let hot = device("hot");
-    baseline
-        .upload(&hot, &keys(SC, "K", 0..KEYS))
-        .await
-        .unwrap();
+    baseline.upload(&hot, &keys(SC, "K", 0..n)).await.unwrap();
     let barrier = Arc::new(tokio::sync::Barrier::new(8));
     let tasks: Vec<_> = (0..8)
         .map(|_| {
@@ -98,11 +92,22 @@ async fn once_under_concurrency(baseline: Arc<dyn Baseline>) {
             })
         })
         .collect();
-    let mut all = Vec::new();
+    let mut claimed = Vec::new();
     for task in tasks {
-        all.extend(task.await.unwrap());
+        claimed.extend(task.await.unwrap());
     }
-    all.extend(drain(&*baseline, &hot, &sc()).await);
+    let left = drain(&*baseline, &hot, &sc()).await;
+    (claimed, left)
+}
+
+/// Concurrent claimers of one device never get the same key, and together
+/// with a final drain they hand out every key exactly once. (The PostgreSQL
+/// baseline may come away short under contention: the drain collects what
+/// its claimers left.)
+async fn once_under_concurrency(baseline: Arc<dyn Baseline>) {
+    const KEYS: usize = 60;
+    let (mut all, left) = concurrent_drain(baseline, KEYS).await;
+    all.extend(left);
     let unique: HashSet<&String> = all.iter().collect();
     assert_eq!(unique.len(), all.len(), "a key was handed out twice");
     assert_eq!(all.len(), KEYS, "every key is handed out once");
@@ -139,7 +144,23 @@ async fn bulk_takes_the_oldest(baseline: &dyn Baseline) {
     assert_eq!(drain(baseline, &dave, &sc()).await, ["Y001", "Y002"]);
 }
 
-/// The three checks as tests of one baseline; `$open` is an async block
+/// A device's count follows its uploads and claims, per algorithm.
+async fn counts_follow_uploads_and_claims(baseline: &dyn Baseline) {
+    let erin = device("erin");
+    assert_eq!(baseline.count(&erin, &sc()).await.unwrap(), 0);
+    baseline.upload(&erin, &keys(SC, "E", 0..3)).await.unwrap();
+    baseline
+        .upload(&erin, &keys("alg2", "F", 0..2))
+        .await
+        .unwrap();
+    assert_eq!(baseline.count(&erin, &sc()).await.unwrap(), 3);
+    baseline.claim_one(&erin, &sc()).await.unwrap().unwrap();
+    assert_eq!(baseline.count(&erin, &sc()).await.unwrap(), 2);
+    let alg2 = Algorithm::parse("alg2").unwrap();
+    assert_eq!(baseline.count(&erin, &alg2).await.unwrap(), 2);
+}
+
+/// The checks as tests of one baseline; `$open` is an async block
 /// giving `Option<(Arc<dyn Baseline>, guard)>` (`None`: no server, skip).
 macro_rules! baseline_tests {
     ($open:expr) => {
@@ -163,6 +184,13 @@ macro_rules! baseline_tests {
         async fn bulk_claim_takes_the_oldest() {
             if let Some((baseline, _guard)) = $open.await {
                 bulk_takes_the_oldest(&*baseline).await;
+            }
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+        async fn counts_follow_uploads_and_claims() {
+            if let Some((baseline, _guard)) = $open.await {
+                super::counts_follow_uploads_and_claims(&*baseline).await;
             }
         }
     };
@@ -259,5 +287,38 @@ mod postgres {
                 .expect_err(schema);
             assert!(!err.is_retryable(), "{schema}: {err}");
         }
+    }
+}
+
+mod postgres_row_lock {
+    use keyclaim_benches::baseline::PostgresBaseline;
+    use keyclaim_testing::postgres as testing;
+
+    async fn open(test: &str) -> Option<(Arc<dyn Baseline>, ())> {
+        let url = testing::require_server(&format!(
+            "keyclaim-benches::baseline::postgres_row_lock::{test}"
+        ))?;
+        let schema = testing::unique_schema("kc_rowlock");
+        let baseline = PostgresBaseline::connect_row_lock(&url, &schema, 16)
+            .await
+            .unwrap();
+        assert_eq!(baseline.name(), "postgres-row-lock");
+        Some((Arc::new(baseline), ()))
+    }
+
+    baseline_tests!(open(std::thread::current().name().unwrap_or("test")));
+
+    /// Concurrent claimers of one device between them take every key: a
+    /// claimer that finds the rest locked by the others stops, and the
+    /// others get those keys, so nothing is left for a final drain (the
+    /// reference statement can leave keys behind).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_claimers_take_every_key() {
+        let Some((baseline, ())) = open("concurrent_claimers_take_every_key").await else {
+            return;
+        };
+        let (claimed, left) = concurrent_drain(baseline, 200).await;
+        assert_eq!(claimed.len(), 200);
+        assert!(left.is_empty(), "{left:?}");
     }
 }

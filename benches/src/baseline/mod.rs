@@ -14,6 +14,7 @@
 //! | [`SqliteBaseline`] | one `BEGIN IMMEDIATE` transaction per claimed key, through one connection |
 //! | [`RedbBaseline`] | one write transaction (and fsync) per claimed key |
 //! | [`PostgresBaseline`] | one bulk `DELETE ... ROW_NUMBER() OVER (PARTITION BY ...) ... RETURNING`, no row locks |
+//! | [`PostgresBaseline::connect_row_lock`] | one `DELETE ... WHERE seq = (SELECT ... LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING` transaction per claimed key: PostgreSQL's own ceiling for single claims |
 //!
 //! Every baseline hands out a device's keys oldest upload first (R4.2) and
 //! no key twice; the PostgreSQL one may come away short under contention
@@ -77,7 +78,7 @@ use async_trait::async_trait;
 use keyclaim::{Algorithm, ClaimTarget, ClaimedKey, Device, Error, KeyId, KeyJson, Result};
 
 #[cfg(feature = "postgres")]
-pub use postgres::{BASELINE_CLAIM, PostgresBaseline};
+pub use postgres::{BASELINE_CLAIM, PostgresBaseline, ROW_LOCK_CLAIM};
 #[cfg(feature = "redb")]
 pub use redb::RedbBaseline;
 #[cfg(feature = "sqlite")]
@@ -109,6 +110,13 @@ pub trait Baseline: Send + Sync {
     async fn claim_one(&self, device: &Device, algorithm: &Algorithm)
     -> Result<Option<ClaimedKey>>;
 
+    /// How many one-time keys of `algorithm` `device` holds (what a
+    /// homeserver reports to the device's `/sync`).
+    ///
+    /// # Errors
+    /// [`Error::Storage`].
+    async fn count(&self, device: &Device, algorithm: &Algorithm) -> Result<u64>;
+
     /// Claims up to `count` keys per target (never fallback keys). By
     /// default one [`Baseline::claim_one`] after the other, target by
     /// target, so every key is a transaction of its own; a baseline whose
@@ -118,17 +126,29 @@ pub trait Baseline: Send + Sync {
     /// As [`Baseline::claim_one`]; keys claimed before the error stay
     /// claimed.
     async fn claim(&self, targets: &[ClaimTarget]) -> Result<Vec<ClaimedKey>> {
-        let mut keys = Vec::new();
-        for target in targets {
-            for _ in 0..target.count {
-                match self.claim_one(&target.device, &target.algorithm).await? {
-                    Some(key) => keys.push(key),
-                    None => break,
-                }
+        claim_key_by_key(self, targets).await
+    }
+}
+
+/// Up to `count` keys per target, one [`Baseline::claim_one`] after the
+/// other, target by target.
+async fn claim_key_by_key<B: Baseline + ?Sized>(
+    baseline: &B,
+    targets: &[ClaimTarget],
+) -> Result<Vec<ClaimedKey>> {
+    let mut keys = Vec::new();
+    for target in targets {
+        for _ in 0..target.count {
+            match baseline
+                .claim_one(&target.device, &target.algorithm)
+                .await?
+            {
+                Some(key) => keys.push(key),
+                None => break,
             }
         }
-        Ok(keys)
     }
+    Ok(keys)
 }
 
 /// Keys as the baselines store them, in the reference homeserver's

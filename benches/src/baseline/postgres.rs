@@ -1,5 +1,7 @@
-//! The PostgreSQL baseline: the reference homeserver's bulk-claim statement
-//! on tables of its own. **Not for production use**: it under-issues.
+//! The PostgreSQL baselines: the reference homeserver's bulk-claim
+//! statement on tables of its own (**not for production use**: it
+//! under-issues), and PostgreSQL's own ceiling for single claims, one
+//! claim per transaction with a row lock ([`PostgresBaseline::connect_row_lock`]).
 //!
 //! The reference homeserver claims one-time keys for many devices with one
 //! `DELETE ... WHERE (...) IN (SELECT ... ROW_NUMBER() OVER (PARTITION BY
@@ -42,6 +44,7 @@ use tokio_postgres::error::SqlState;
 use super::Baseline;
 
 const NAME: &str = "postgres-baseline";
+const ROW_LOCK_NAME: &str = "postgres-row-lock";
 
 const SQL_CREATE: &str = create_e2e_one_time_keys_json!("BIGINT GENERATED ALWAYS AS IDENTITY");
 
@@ -78,12 +81,44 @@ WHERE (user_id, device_id, algorithm, key_id) IN (
 )
 RETURNING user_id, device_id, algorithm, key_id, key_json";
 
+/// One claim per transaction: the oldest key of one device, locked with
+/// `SKIP LOCKED` so that concurrent claimers of the device take different
+/// keys, deleted in the same statement. Parameters: user ID, device ID,
+/// algorithm. Row: key ID (without the algorithm), key JSON.
+pub const ROW_LOCK_CLAIM: &str = "
+DELETE FROM e2e_one_time_keys_json
+WHERE user_id = $1 AND device_id = $2 AND algorithm = $3 AND seq = (
+    SELECT seq FROM e2e_one_time_keys_json
+    WHERE user_id = $1 AND device_id = $2 AND algorithm = $3
+    ORDER BY seq
+    LIMIT 1
+    FOR UPDATE SKIP LOCKED
+)
+RETURNING key_id, key_json";
+
+/// A device's one-time keys of one algorithm. Parameters: user ID, device
+/// ID, algorithm.
+const SQL_COUNT: &str = "
+SELECT count(*) FROM e2e_one_time_keys_json
+WHERE user_id = $1 AND device_id = $2 AND algorithm = $3";
+
+/// How a [`PostgresBaseline`] claims.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pattern {
+    /// [`BASELINE_CLAIM`] for every claim, single ones too.
+    Reference,
+    /// [`ROW_LOCK_CLAIM`] for each key, one transaction each.
+    RowLock,
+}
+
 /// The reference homeserver's bulk claim on tables of its own (see the
-/// module docs). Cheap to clone (shared pool).
+/// module docs), or with [`PostgresBaseline::connect_row_lock`] one
+/// `SKIP LOCKED` claim per transaction. Cheap to clone (shared pool).
 #[derive(Clone, Debug)]
 pub struct PostgresBaseline {
     pool: Pool,
     schema: String,
+    pattern: Pattern,
 }
 
 impl PostgresBaseline {
@@ -102,6 +137,29 @@ impl PostgresBaseline {
         schema: &str,
         pool_size: usize,
         pinned_plans: bool,
+    ) -> Result<Self> {
+        Self::connect_as(url, schema, pool_size, pinned_plans, Pattern::Reference).await
+    }
+
+    /// As [`Self::connect`] (PostgreSQL choosing its plans), but each key
+    /// is claimed in a transaction of its own with [`ROW_LOCK_CLAIM`]: what
+    /// PostgreSQL does for single claims without the reference homeserver's
+    /// bulk statement and without keyclaim's bookkeeping (no fallback keys,
+    /// no remembered issued keys, no change events). It never comes away
+    /// short while the device has an unlocked key.
+    ///
+    /// # Errors
+    /// As [`Self::connect`].
+    pub async fn connect_row_lock(url: &str, schema: &str, pool_size: usize) -> Result<Self> {
+        Self::connect_as(url, schema, pool_size, false, Pattern::RowLock).await
+    }
+
+    async fn connect_as(
+        url: &str,
+        schema: &str,
+        pool_size: usize,
+        pinned_plans: bool,
+        pattern: Pattern,
     ) -> Result<Self> {
         let invalid = |what: String| Error::storage(NAME, "connect", false, what);
         let valid_schema = schema
@@ -132,6 +190,7 @@ impl PostgresBaseline {
         let this = Self {
             pool,
             schema: schema.to_owned(),
+            pattern,
         };
         let client = this.client("connect").await?;
         client
@@ -159,7 +218,10 @@ impl PostgresBaseline {
 #[async_trait]
 impl Baseline for PostgresBaseline {
     fn name(&self) -> &'static str {
-        NAME
+        match self.pattern {
+            Pattern::Reference => NAME,
+            Pattern::RowLock => ROW_LOCK_NAME,
+        }
     }
 
     async fn upload(&self, device: &Device, keys: &[(KeyId, KeyJson)]) -> Result<()> {
@@ -190,15 +252,33 @@ impl Baseline for PostgresBaseline {
         device: &Device,
         algorithm: &Algorithm,
     ) -> Result<Option<ClaimedKey>> {
+        if self.pattern == Pattern::RowLock {
+            return self.claim_row_lock(device, algorithm).await;
+        }
         let target = [ClaimTarget::one(device.clone(), algorithm.clone())];
         Ok(self.claim(&target).await?.into_iter().next())
     }
 
-    /// Claims every target in one [`BASELINE_CLAIM`] statement. Returns the
-    /// keys it got; fewer than asked while keys remain is the under-issue
-    /// this baseline exists to show.
+    async fn count(&self, device: &Device, algorithm: &Algorithm) -> Result<u64> {
+        let op = "count";
+        let rows = self.per_device(op, SQL_COUNT, device, algorithm).await?;
+        let n: i64 = match rows.first() {
+            Some(row) => row.try_get(0).map_err(pg(op))?,
+            None => 0,
+        };
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    /// Claims every target in one [`BASELINE_CLAIM`] statement (with
+    /// [`PostgresBaseline::connect_row_lock`]: key by key, one transaction
+    /// each). Returns the keys it got; for the reference statement, fewer
+    /// than asked while keys remain is the under-issue this baseline exists
+    /// to show.
     async fn claim(&self, targets: &[ClaimTarget]) -> Result<Vec<ClaimedKey>> {
         let op = "claim";
+        if self.pattern == Pattern::RowLock {
+            return super::claim_key_by_key(self, targets).await;
+        }
         let users: Vec<&str> = targets.iter().map(|t| t.device.user_id.as_str()).collect();
         let devices: Vec<&str> = targets
             .iter()
@@ -230,6 +310,50 @@ impl Baseline for PostgresBaseline {
             )?);
         }
         Ok(keys)
+    }
+}
+
+impl PostgresBaseline {
+    /// One [`ROW_LOCK_CLAIM`], in a transaction of its own.
+    async fn claim_row_lock(
+        &self,
+        device: &Device,
+        algorithm: &Algorithm,
+    ) -> Result<Option<ClaimedKey>> {
+        let op = "claim";
+        let rows = self
+            .per_device(op, ROW_LOCK_CLAIM, device, algorithm)
+            .await?;
+        rows.first()
+            .map(|row| {
+                let key_id: &str = row.try_get(0).map_err(pg(op))?;
+                let key_json: &str = row.try_get(1).map_err(pg(op))?;
+                super::claimed(device.clone(), &format!("{algorithm}:{key_id}"), key_json)
+            })
+            .transpose()
+    }
+
+    /// Runs `sql` with parameters user ID, device ID and algorithm.
+    async fn per_device(
+        &self,
+        op: &'static str,
+        sql: &str,
+        device: &Device,
+        algorithm: &Algorithm,
+    ) -> Result<Vec<tokio_postgres::Row>> {
+        let client = self.client(op).await?;
+        let stmt = client.prepare_cached(sql).await.map_err(pg(op))?;
+        client
+            .query(
+                &stmt,
+                &[
+                    &device.user_id.as_str(),
+                    &device.device_id.as_str(),
+                    &algorithm.as_str(),
+                ],
+            )
+            .await
+            .map_err(pg(op))
     }
 }
 

@@ -26,7 +26,9 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use keyclaim::{Algorithm, ClaimedKey, Device, Error, KeyId, KeyJson, Result};
-use redb::{Database, ReadableTable as _, TableDefinition, WriteTransaction};
+use redb::{
+    Database, ReadableDatabase as _, ReadableTable as _, TableDefinition, WriteTransaction,
+};
 
 use super::Baseline;
 
@@ -170,6 +172,27 @@ impl Baseline for RedbBaseline {
             super::claimed(device.clone(), &format!("{algorithm}:{key_id}"), &json)
         })
         .transpose()
+    }
+
+    async fn count(&self, device: &Device, algorithm: &Algorithm) -> Result<u64> {
+        let db = Arc::clone(&self.db);
+        let (device, algorithm) = (device.clone(), algorithm.clone());
+        blocking("count", move || -> std::result::Result<u64, redb::Error> {
+            let (user, dev, alg) = (
+                device.user_id.as_str(),
+                device.device_id.as_str(),
+                algorithm.as_str(),
+            );
+            let txn = db.begin_read()?;
+            let otks = txn.open_table(OTKS)?;
+            let mut n = 0;
+            for entry in otks.range((user, dev, alg, 0)..=(user, dev, alg, u64::MAX))? {
+                entry?;
+                n += 1;
+            }
+            Ok(n)
+        })
+        .await
     }
 }
 

@@ -47,6 +47,8 @@ const SQL_INSERT: &str = "INSERT OR IGNORE INTO e2e_one_time_keys_json \
      (user_id, device_id, algorithm, key_id, key_json) VALUES (?1, ?2, ?3, ?4, ?5)";
 const SQL_SELECT_OLDEST: &str = "SELECT key_id, key_json FROM e2e_one_time_keys_json \
      WHERE user_id = ?1 AND device_id = ?2 AND algorithm = ?3 ORDER BY seq LIMIT 1";
+const SQL_COUNT: &str = "SELECT count(*) FROM e2e_one_time_keys_json \
+     WHERE user_id = ?1 AND device_id = ?2 AND algorithm = ?3";
 const SQL_DELETE: &str = "DELETE FROM e2e_one_time_keys_json \
      WHERE user_id = ?1 AND device_id = ?2 AND algorithm = ?3 AND key_id = ?4";
 
@@ -239,6 +241,27 @@ impl Baseline for SqliteBaseline {
         let (device, algorithm) = (device.clone(), algorithm.clone());
         blocking("claim", move || {
             this.claim_one_blocking(&device, &algorithm)
+        })
+        .await
+    }
+
+    async fn count(&self, device: &Device, algorithm: &Algorithm) -> Result<u64> {
+        let this = self.clone();
+        let (device, algorithm) = (device.clone(), algorithm.clone());
+        blocking("count", move || {
+            let conn = this.take_connection()?;
+            let n = conn.prepare_cached(SQL_COUNT).and_then(|mut s| {
+                s.query_row(
+                    params![
+                        device.user_id.as_str(),
+                        device.device_id.as_str(),
+                        algorithm.as_str()
+                    ],
+                    |r| r.get::<_, i64>(0),
+                )
+            });
+            this.give_back(conn);
+            Ok(u64::try_from(n.map_err(storage("count"))?).unwrap_or(0))
         })
         .await
     }

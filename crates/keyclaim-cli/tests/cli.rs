@@ -32,7 +32,9 @@ fn bench_memory_small_run_reports_and_checks_invariants() {
         "--ops",
         "2000",
         "--race-duration",
-        "0.2",
+        "0.1",
+        "--race-warmup",
+        "0.05",
         "--quiet",
         "--json",
         json.to_str().unwrap(),
@@ -62,7 +64,36 @@ fn bench_memory_small_run_reports_and_checks_invariants() {
     assert_eq!(b["invariants"]["keys_issued_twice"], 0);
     assert_eq!(b["invariants"]["devices_with_wrong_count"], 0);
     assert!(b["invariants"]["otks_issued"].as_u64().unwrap() > 0);
-    assert_eq!(b["races"].as_array().unwrap().len(), 2);
+    let races = b["races"].as_array().unwrap();
+    let shapes: Vec<(&str, u64, u64)> = races
+        .iter()
+        .map(|r| {
+            (
+                r["scenario"].as_str().unwrap(),
+                r["clients"].as_u64().unwrap(),
+                r["devices"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(shapes, [("one", 1, 1), ("hot", 4, 1), ("distinct", 4, 4)]);
+    for r in races {
+        assert_eq!(r["repetitions"], 3);
+        assert!(r["baselines"].as_array().unwrap().is_empty());
+        let k = &r["keyclaim"];
+        assert_eq!(k["per_repetition"].as_array().unwrap().len(), 3, "{r}");
+        let spread = &k["claims_per_sec"];
+        let (lo, mid, hi) = (
+            spread["min"].as_f64().unwrap(),
+            spread["median"].as_f64().unwrap(),
+            spread["max"].as_f64().unwrap(),
+        );
+        assert!(0.0 < lo && lo <= mid && mid <= hi, "{r}");
+        assert_eq!(k["short_claims"], 0, "{r}");
+        assert_eq!(k["keys_issued_twice"], 0, "{r}");
+        assert_eq!(k["errors"], 0, "{r}");
+        assert!(k["ran_dry"].is_boolean(), "{r}");
+    }
+    assert!(out.contains("steady state:"), "{out}");
     let chart = std::fs::read_to_string(&svg).unwrap();
     assert!(chart.starts_with("<svg") && chart.trim_end().ends_with("</svg>"));
     assert!(chart.contains("memory hot C=4"), "{chart}");

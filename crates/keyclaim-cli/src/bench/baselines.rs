@@ -43,3 +43,19 @@ pub(crate) async fn postgres(
             .await?,
     ))
 }
+
+/// PostgreSQL: one claim per transaction, the oldest key locked with
+/// `FOR UPDATE SKIP LOCKED` and deleted in the same statement, on the same
+/// table layout in a schema of its own: PostgreSQL's own ceiling for single
+/// claims, beside the reference homeserver's statement.
+#[cfg(feature = "postgres")]
+pub(crate) async fn postgres_row_lock(
+    url: &str,
+    schema: &str,
+    pool_size: usize,
+) -> keyclaim::Result<Arc<dyn Baseline>> {
+    Ok(Arc::new(
+        keyclaim_benches::baseline::PostgresBaseline::connect_row_lock(url, schema, pool_size)
+            .await?,
+    ))
+}

@@ -1,12 +1,16 @@
 //! `keyclaim bench`: the backend comparison on a homeserver-shaped workload.
 
+mod race;
 mod report;
 mod scale;
+mod server;
 mod split;
 mod stats;
 mod workload;
 
-use std::path::PathBuf;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,7 +19,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use keyclaim::KeyStore;
 use keyclaim_benches::baseline::Baseline;
 
-use report::{BackendReport, Invariants, RaceReport, RaceSide, Report};
+use race::RaceSpec;
+use report::{BackendReport, Invariants, RaceReport, RaceSide, Report, Spread};
 use workload::{Claimer, Workload};
 
 pub(crate) use workload::{device, upload_of};
@@ -23,10 +28,12 @@ pub(crate) use workload::{device, upload_of};
 /// Options of `keyclaim bench`.
 #[derive(Args, Debug, Clone)]
 pub(crate) struct BenchArgs {
-    /// Backends to run, comma separated: memory, kv-memory, sqlite, redb, postgres
-    /// (postgres needs --postgres or KEYCLAIM_POSTGRES_URL).
-    #[arg(long, value_delimiter = ',', default_value = "memory,sqlite,redb")]
-    pub(crate) backend: Vec<String>,
+    /// Backends to run, comma separated (default: every built backend:
+    /// memory, kv-memory, sqlite, redb, postgres). postgres runs on --postgres URL, else
+    /// on a throwaway durable server the bench starts from the installed
+    /// PostgreSQL binaries; without either it is left out.
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) backend: Option<Vec<String>>,
     /// Devices, each with --keys one-time keys and a fallback key.
     #[arg(long, default_value_t = 10_000)]
     pub(crate) devices: usize,
@@ -42,18 +49,28 @@ pub(crate) struct BenchArgs {
     /// Stop the mixed phase after this many operations instead of after --duration.
     #[arg(long)]
     pub(crate) ops: Option<u64>,
-    /// Seconds each claim race may take at most.
-    #[arg(long, default_value_t = 2.0)]
-    pub(crate) race_duration: f64,
+    /// Seconds of each claim race's measured window (after its warm-up).
+    #[arg(long, alias = "race-duration", default_value_t = 1.0)]
+    pub(crate) race_window: f64,
+    /// Seconds of each claim race's unmeasured warm-up.
+    #[arg(long, default_value_t = 0.3)]
+    pub(crate) race_warmup: f64,
+    /// Repetitions of each claim race (fresh devices each).
+    #[arg(long, default_value_t = 3)]
+    pub(crate) race_reps: usize,
     /// Hot devices (20% of single claims go to them).
     #[arg(long, default_value_t = 8)]
     pub(crate) hot: usize,
     /// Devices in one big-room bulk claim.
     #[arg(long, default_value_t = 1000)]
     pub(crate) bulk: usize,
-    /// PostgreSQL URL for the postgres backend (or KEYCLAIM_POSTGRES_URL).
+    /// PostgreSQL URL for the postgres backend (or KEYCLAIM_POSTGRES_URL);
+    /// without it the bench starts a throwaway server if it can.
     #[arg(long, env = "KEYCLAIM_POSTGRES_URL")]
     pub(crate) postgres: Option<String>,
+    /// Leave PostgreSQL out (no server is started).
+    #[arg(long)]
+    pub(crate) no_postgres: bool,
     /// Directory for the embedded backends' files (default: a temp dir, removed after).
     #[arg(long)]
     pub(crate) dir: Option<PathBuf>,
@@ -78,133 +95,145 @@ pub(crate) struct BenchArgs {
     pub(crate) quiet: bool,
 }
 
-/// A backend under test: its store and the reference homeserver's claim
-/// pattern on the same kind of storage.
+/// A backend under test: its store and the baselines it races against
+/// (the reference homeserver's claim pattern on the same kind of storage,
+/// and for PostgreSQL also one claim per transaction).
 pub(crate) struct BackendUnderTest {
-    pub(crate) name: String,
     pub(crate) store: Arc<dyn KeyStore>,
-    pub(crate) baseline: Option<Arc<dyn Baseline>>,
+    pub(crate) baselines: Vec<Arc<dyn Baseline>>,
 }
 
-pub(crate) async fn open_backend(
-    name: &str,
-    dir: &std::path::Path,
-    args: &BenchArgs,
-    tag: &str,
-) -> Result<BackendUnderTest, String> {
-    let _ = (dir, tag);
-    let err = |e: keyclaim::Error| format!("{name}: {e}");
-    match name {
-        "memory" => Ok(BackendUnderTest {
-            name: name.into(),
-            store: Arc::new(keyclaim_memory::MemoryStore::new()),
-            baseline: None,
-        }),
-        "kv-memory" => Ok(BackendUnderTest {
-            name: name.into(),
-            store: Arc::new(
-                keyclaim_kv::KvStore::open(keyclaim_kv::MemoryEngine::new())
-                    .await
-                    .map_err(err)?,
-            ),
-            baseline: None,
-        }),
-        #[cfg(feature = "sqlite")]
-        "sqlite" => {
-            let path = dir.join(format!("bench-{tag}.sqlite"));
-            let store: Arc<dyn KeyStore> = Arc::new(
-                keyclaim_sqlite::SqliteStore::open(&path)
-                    .await
-                    .map_err(err)?,
-            );
-            let baseline = if args.no_baseline {
-                None
-            } else {
-                let path = dir.join(format!("bench-{tag}-baseline.sqlite"));
-                Some(baselines::sqlite(&path).await.map_err(err)?)
-            };
-            Ok(BackendUnderTest {
-                name: name.into(),
-                store,
-                baseline,
-            })
-        }
-        #[cfg(feature = "redb")]
-        "redb" => {
-            let path = dir.join(format!("bench-{tag}.redb"));
-            let store = Arc::new(keyclaim_redb::RedbStore::open(&path).await.map_err(err)?);
-            let baseline = if args.no_baseline {
-                None
-            } else {
-                Some(
-                    baselines::redb(&dir.join(format!("bench-{tag}-baseline.redb")))
-                        .await
-                        .map_err(err)?,
-                )
-            };
-            Ok(BackendUnderTest {
-                name: name.into(),
-                store,
-                baseline,
-            })
-        }
-        #[cfg(feature = "postgres")]
-        "postgres" => {
-            let url = args
-                .postgres
-                .as_deref()
-                .ok_or("postgres: give --postgres URL or KEYCLAIM_POSTGRES_URL")?;
-            let schema = format!("keyclaim_bench_{tag}_{}", std::process::id());
-            let pool_size = args.clients.clamp(4, 64);
-            let (store_url, options) =
-                keyclaim_postgres::PostgresOptions::from_url(url).map_err(err)?;
-            let options = options.schema(schema.clone()).pool_size(pool_size);
-            let store = Arc::new(
-                keyclaim_postgres::PostgresStore::connect_with(&store_url, options)
-                    .await
-                    .map_err(err)?,
-            );
-            let baseline = if args.no_baseline {
-                None
-            } else {
-                let schema = format!("{schema}_baseline");
-                Some(
-                    baselines::postgres(&store_url, &schema, pool_size)
-                        .await
-                        .map_err(err)?,
-                )
-            };
-            Ok(BackendUnderTest {
-                name: name.into(),
-                store,
-                baseline,
-            })
-        }
-        other => {
-            let _ = (err, args);
-            Err(format!(
-                "unknown or not built backend {other:?} (built: {})",
-                built_backends().join(", ")
-            ))
-        }
+/// What an opener gets: where files go, the options, a tag that keeps one
+/// run's files and schemas apart from another's, the PostgreSQL server.
+pub(crate) struct Setting<'a> {
+    pub(crate) dir: &'a Path,
+    pub(crate) args: &'a BenchArgs,
+    pub(crate) tag: &'a str,
+    pub(crate) postgres: Option<&'a str>,
+}
+
+impl Setting<'_> {
+    /// A file of this run in the bench's directory.
+    #[cfg_attr(not(any(feature = "sqlite", feature = "redb")), allow(dead_code))]
+    fn file(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("bench-{}-{name}", self.tag))
     }
+}
+
+type Opened<'a> = Pin<Box<dyn Future<Output = keyclaim::Result<BackendUnderTest>> + Send + 'a>>;
+
+/// Opens one backend of the bench.
+type Opener = for<'a> fn(&'a Setting<'a>) -> Opened<'a>;
+
+/// The backends `keyclaim bench` knows, in the order they run: a new
+/// backend is one line here and an opener below.
+const BACKENDS: &[(&str, Opener)] = &[
+    ("memory", |s| Box::pin(memory(s))),
+    ("kv-memory", |s| Box::pin(kv_memory(s))),
+    #[cfg(feature = "sqlite")]
+    ("sqlite", |s| Box::pin(sqlite(s))),
+    #[cfg(feature = "redb")]
+    ("redb", |s| Box::pin(redb(s))),
+    #[cfg(feature = "postgres")]
+    ("postgres", |s| Box::pin(postgres(s))),
+];
+
+async fn memory(_: &Setting<'_>) -> keyclaim::Result<BackendUnderTest> {
+    Ok(BackendUnderTest {
+        store: Arc::new(keyclaim_memory::MemoryStore::new()),
+        baselines: Vec::new(),
+    })
+}
+
+async fn kv_memory(_: &Setting<'_>) -> keyclaim::Result<BackendUnderTest> {
+    let store = keyclaim_kv::KvStore::open(keyclaim_kv::MemoryEngine::new()).await?;
+    Ok(BackendUnderTest {
+        store: Arc::new(store),
+        baselines: Vec::new(),
+    })
+}
+
+#[cfg(feature = "sqlite")]
+async fn sqlite(s: &Setting<'_>) -> keyclaim::Result<BackendUnderTest> {
+    let store = keyclaim_sqlite::SqliteStore::open(&s.file("store.sqlite")).await?;
+    let mut baselines = Vec::new();
+    if !s.args.no_baseline {
+        baselines.push(baselines::sqlite(&s.file("baseline.sqlite")).await?);
+    }
+    Ok(BackendUnderTest {
+        store: Arc::new(store),
+        baselines,
+    })
+}
+
+#[cfg(feature = "redb")]
+async fn redb(s: &Setting<'_>) -> keyclaim::Result<BackendUnderTest> {
+    let store = keyclaim_redb::RedbStore::open(&s.file("store.redb")).await?;
+    let mut baselines = Vec::new();
+    if !s.args.no_baseline {
+        baselines.push(baselines::redb(&s.file("baseline.redb")).await?);
+    }
+    Ok(BackendUnderTest {
+        store: Arc::new(store),
+        baselines,
+    })
+}
+
+#[cfg(feature = "postgres")]
+async fn postgres(s: &Setting<'_>) -> keyclaim::Result<BackendUnderTest> {
+    let url = s
+        .postgres
+        .ok_or_else(|| keyclaim::Error::storage("bench", "open", false, "no PostgreSQL server"))?;
+    let schema = format!("keyclaim_bench_{}_{}", s.tag, std::process::id());
+    let pool_size = s.args.clients.clamp(4, 64);
+    // A store URL may carry keyclaim's options (`?keyclaim_...`); a
+    // `key=value` connection string carries none.
+    let (url, options) = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        keyclaim_postgres::PostgresOptions::from_url(url)?
+    } else {
+        (url.to_owned(), keyclaim_postgres::PostgresOptions::new())
+    };
+    let url = url.as_str();
+    let options = options.schema(schema.clone()).pool_size(pool_size);
+    let store = keyclaim_postgres::PostgresStore::connect_with(url, options).await?;
+    let mut baselines = Vec::new();
+    if !s.args.no_baseline {
+        baselines.push(baselines::postgres(url, &format!("{schema}_baseline"), pool_size).await?);
+        baselines.push(
+            baselines::postgres_row_lock(url, &format!("{schema}_rowlock"), pool_size).await?,
+        );
+    }
+    Ok(BackendUnderTest {
+        store: Arc::new(store),
+        baselines,
+    })
 }
 
 #[cfg(any(feature = "sqlite", feature = "redb", feature = "postgres"))]
 mod baselines;
 
+/// The backends this build has, in the order they run.
 pub(crate) fn built_backends() -> Vec<&'static str> {
-    let mut v = vec!["memory", "kv-memory"];
-    if cfg!(feature = "sqlite") {
-        v.push("sqlite");
-    }
-    if cfg!(feature = "redb") {
-        v.push("redb");
-    }
-    if cfg!(feature = "postgres") {
-        v.push("postgres");
-    }
-    v
+    BACKENDS.iter().map(|(name, _)| *name).collect()
+}
+
+/// Opens backend `name`.
+pub(crate) async fn open_backend(
+    name: &str,
+    setting: &Setting<'_>,
+) -> Result<BackendUnderTest, String> {
+    let (_, open) = BACKENDS
+        .iter()
+        .find(|(n, _)| *n == name)
+        .ok_or_else(|| unknown_backend(name))?;
+    open(setting).await.map_err(|e| format!("{name}: {e}"))
+}
+
+fn unknown_backend(name: &str) -> String {
+    format!(
+        "unknown or not built backend {name:?} (built: {})",
+        built_backends().join(", ")
+    )
 }
 
 fn bar(quiet: bool, len: u64, msg: &str) -> ProgressBar {
@@ -221,10 +250,56 @@ fn bar(quiet: bool, len: u64, msg: &str) -> ProgressBar {
     pb
 }
 
-/// Runs the benchmark; returns whether every invariant held.
+/// Runs the benchmark; returns whether every invariant held. A throwaway
+/// PostgreSQL server it starts is stopped and removed at the end, also
+/// after an error or an interrupt.
 pub(crate) async fn run(args: BenchArgs) -> Result<bool, String> {
+    let requested = args.backend.clone();
+    let mut names: Vec<String> = requested
+        .clone()
+        .unwrap_or_else(|| built_backends().into_iter().map(String::from).collect());
+    if let Some(unknown) = names
+        .iter()
+        .find(|n| !built_backends().contains(&n.as_str()))
+    {
+        return Err(unknown_backend(unknown));
+    }
+    let mut interrupts = server::Interrupts::watch();
+    let mut server = None;
+    if names.iter().any(|n| n == "postgres") {
+        let binaries = keyclaim_pgserver::find_bin_dir().map_err(|e| e.to_string());
+        let explicit = requested.is_some();
+        let plan = server::plan(
+            explicit,
+            args.no_postgres,
+            args.postgres.as_deref(),
+            binaries,
+        )?;
+        server = server::Server::from_plan(plan).await?;
+        if server.is_none() {
+            names.retain(|n| n != "postgres");
+        }
+    }
+    let url = server.as_ref().map(server::Server::url);
+    let described = server.as_ref().map(server::Server::describe);
+    let outcome = tokio::select! {
+        r = run_backends(&args, &names, url.as_deref(), described) => r,
+        signal = interrupts.next() => Err(format!("interrupted ({signal})")),
+    };
+    if let Some(server) = server {
+        server.close().await;
+    }
+    outcome
+}
+
+async fn run_backends(
+    args: &BenchArgs,
+    names: &[String],
+    postgres: Option<&str>,
+    postgres_server: Option<String>,
+) -> Result<bool, String> {
     if args.scale {
-        return scale::run(&args).await;
+        return scale::run(args, names, postgres).await;
     }
     let tmp;
     let dir = match &args.dir {
@@ -251,16 +326,25 @@ pub(crate) async fn run(args: BenchArgs) -> Result<bool, String> {
         keys_per_device: w.keys_per_device,
         clients: w.clients,
         duration_secs: args.duration,
-        backends: Vec::new(),
+        postgres_server: postgres_server.filter(|_| names.iter().any(|n| n == "postgres")),
+        load_average_start: keyclaim_benches::load_average(),
+        ..Default::default()
     };
-    for name in &args.backend {
-        let b = open_backend(name, &dir, &args, "main").await?;
+    for name in names {
+        let setting = Setting {
+            dir: &dir,
+            args,
+            tag: "main",
+            postgres,
+        };
+        let b = open_backend(name, &setting).await?;
         report.backends.push(
-            run_backend(b, &w, &args)
+            run_backend(name, b, &w, args)
                 .await
                 .map_err(|e| format!("{name}: {e}"))?,
         );
     }
+    report.load_average_end = keyclaim_benches::load_average();
     println!("{}", report.table());
     if let Some(path) = &args.json {
         let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
@@ -284,19 +368,20 @@ pub(crate) async fn run(args: BenchArgs) -> Result<bool, String> {
 }
 
 async fn run_backend(
+    name: &str,
     b: BackendUnderTest,
     w: &Workload,
     args: &BenchArgs,
 ) -> keyclaim::Result<BackendReport> {
     let mut out = BackendReport {
-        backend: b.name.clone(),
+        backend: name.to_owned(),
         ..Default::default()
     };
     // Set-up: every device uploads its keys and a fallback key.
     let pb = bar(
         args.quiet,
         w.devices as u64,
-        &format!("{}: set-up uploads", b.name),
+        &format!("{name}: set-up uploads"),
     );
     let t0 = Instant::now();
     let tick = pb.clone();
@@ -316,7 +401,7 @@ async fn run_backend(
     let spinner = bar(
         args.quiet,
         w.duration.as_secs().max(1),
-        &format!("{}: mixed workload", b.name),
+        &format!("{name}: mixed workload"),
     );
     let ticker = {
         let s = spinner.clone();
@@ -343,75 +428,114 @@ async fn run_backend(
         rejected_by_limit: mixed.rejected_by_limit,
         errors: mixed.errors,
     };
-    // Claim races: keyclaim against the baseline, on fresh devices each,
-    // with the most keys the store's limit allows: races start equal.
-    let race_time = Duration::from_secs_f64(args.race_duration);
-    let keys = usize::try_from(b.store.limits().max_otks_per_device_algorithm)
-        .unwrap_or(500)
-        .min(500);
-    for (scenario, devices) in [("hot", 1), ("distinct", w.clients)] {
-        let race = Race {
-            devices,
-            keys,
-            clients: w.clients,
-            duration: race_time,
-        };
-        let ours = race_side(Claimer::Store(b.store.clone()), "keyclaim", scenario, &race).await?;
-        let base = match &b.baseline {
-            Some(base) => Some(
-                race_side(
-                    Claimer::Baseline(base.clone()),
-                    base.name(),
-                    &format!("{scenario}b"),
-                    &race,
-                )
-                .await?,
-            ),
-            None => None,
-        };
-        out.races.push(RaceReport {
-            scenario: scenario.into(),
-            clients: w.clients,
-            keyclaim: ours,
-            baseline: base,
-        });
-    }
+    out.races = races(name, &b, w.clients, args).await?;
     out.split = Some(split::run(&b.store, w.bulk_size.max(1), w.clients).await?);
     Ok(out)
 }
 
-/// The shape of one claim race.
-struct Race {
-    /// Fresh devices claimed from.
-    devices: usize,
-    /// One-time keys of each device at the start.
-    keys: usize,
-    /// Concurrent claimers.
+/// The claim races: one client on one device, every client on one hot
+/// device, a device per client; keyclaim and each baseline in turn, each
+/// repetition on fresh devices with the most keys the store's limit allows,
+/// the order of the sides rotating from one repetition to the next so
+/// that the machine's swings hit all alike.
+async fn races(
+    name: &str,
+    b: &BackendUnderTest,
     clients: usize,
-    /// The longest the race may take.
-    duration: Duration,
+    args: &BenchArgs,
+) -> keyclaim::Result<Vec<RaceReport>> {
+    let target = usize::try_from(b.store.limits().max_otks_per_device_algorithm)
+        .unwrap_or(500)
+        .min(500);
+    let sides: Vec<(String, Claimer)> =
+        std::iter::once(("keyclaim".to_owned(), Claimer::Store(b.store.clone())))
+            .chain(
+                b.baselines
+                    .iter()
+                    .map(|x| (x.name().to_owned(), Claimer::Baseline(x.clone()))),
+            )
+            .collect();
+    let reps = args.race_reps.max(1);
+    let shapes = [
+        ("one", 1, 1),
+        ("hot", clients, 1),
+        ("distinct", clients, clients),
+    ];
+    let pb = bar(
+        args.quiet,
+        (shapes.len() * reps * sides.len()) as u64,
+        &format!("{name}: claim races"),
+    );
+    let mut out = Vec::new();
+    for (scenario, clients, devices) in shapes {
+        let spec = RaceSpec {
+            clients,
+            target,
+            warmup: Duration::from_secs_f64(args.race_warmup),
+            window: Duration::from_secs_f64(args.race_window),
+        };
+        let mut runs: Vec<Vec<race::RunResult>> = vec![Vec::new(); sides.len()];
+        for rep in 0..reps {
+            for k in 0..sides.len() {
+                let j = (k + rep) % sides.len();
+                let prefix = format!("race-{scenario}-{j}-{rep}-");
+                let list = (0..devices)
+                    .map(|i| device(&prefix, i))
+                    .collect::<keyclaim::Result<Vec<_>>>()?;
+                runs[j].push(race::run(&sides[j].1, list, &spec).await?);
+                pb.inc(1);
+            }
+        }
+        let mut summed = sides
+            .iter()
+            .zip(runs)
+            .map(|((side, _), r)| race_side(side, &r, spec.window));
+        let keyclaim = summed.next().unwrap_or_default();
+        out.push(RaceReport {
+            scenario: scenario.into(),
+            clients,
+            devices,
+            keys_per_device: target,
+            refill_below: spec.threshold(),
+            warmup_secs: args.race_warmup,
+            window_secs: args.race_window,
+            repetitions: reps,
+            keyclaim,
+            baselines: summed.collect(),
+        });
+    }
+    pb.finish_and_clear();
+    Ok(out)
 }
 
-async fn race_side(
-    claimer: Claimer,
-    name: &str,
-    scenario: &str,
-    race: &Race,
-) -> keyclaim::Result<RaceSide> {
-    let prefix = format!("race-{scenario}-");
-    let fillers = race.clients.min(race.devices);
-    claimer
-        .fill(&prefix, race.devices, race.keys, fillers)
-        .await?;
-    let list = (0..race.devices)
-        .map(|i| device(&prefix, i))
-        .collect::<keyclaim::Result<Vec<_>>>()?;
-    let r = workload::race(claimer, list, race.clients, race.duration).await;
-    Ok(RaceSide {
-        name: name.into(),
-        claims: r.samples.summary(r.elapsed),
-        short_claims: r.short,
-        keys_issued_twice: r.duplicates,
-        errors: r.errors,
-    })
+/// One side's repetitions, summed up.
+fn race_side(name: &str, runs: &[race::RunResult], window: Duration) -> RaceSide {
+    let secs = window.as_secs_f64();
+    let rates: Vec<f64> = runs
+        .iter()
+        .map(|r| {
+            if secs > 0.0 {
+                r.window_claims as f64 / secs
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let mut samples = stats::Samples::default();
+    for r in runs {
+        samples.merge(r.samples.clone());
+    }
+    let dry: u64 = runs.iter().map(|r| r.dry).sum();
+    RaceSide {
+        name: name.to_owned(),
+        claims_per_sec: Spread::of(&rates),
+        per_repetition: rates,
+        claims: samples.summary(window * u32::try_from(runs.len()).unwrap_or(1)),
+        short_claims: runs.iter().map(|r| r.short).sum(),
+        dry_claims: dry,
+        ran_dry: dry > 0,
+        refills: runs.iter().map(|r| r.refills).sum(),
+        keys_issued_twice: runs.iter().map(|r| r.duplicates).sum(),
+        errors: runs.iter().map(|r| r.errors).sum(),
+    }
 }

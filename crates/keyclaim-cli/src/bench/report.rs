@@ -34,30 +34,79 @@ impl Invariants {
     }
 }
 
-/// A claim race, keyclaim against a baseline.
+/// A claim race at steady state: keyclaim's store and the baselines, each
+/// in the same race, repetition after repetition.
 #[derive(Debug, Default, Serialize)]
 pub(crate) struct RaceReport {
+    /// `one` (one client, one device), `hot` (every client on one device)
+    /// or `distinct` (a device per client).
     pub(crate) scenario: String,
     pub(crate) clients: usize,
+    pub(crate) devices: usize,
+    /// One-time keys of each device at the start, and what its uploader
+    /// refills it to.
+    pub(crate) keys_per_device: usize,
+    /// The uploader refills when the device's count is below this.
+    pub(crate) refill_below: usize,
+    pub(crate) warmup_secs: f64,
+    pub(crate) window_secs: f64,
+    pub(crate) repetitions: usize,
     pub(crate) keyclaim: RaceSide,
-    pub(crate) baseline: Option<RaceSide>,
+    pub(crate) baselines: Vec<RaceSide>,
 }
 
-/// One side of a race.
+/// One side of a race, over every repetition.
 #[derive(Debug, Default, Serialize, Clone)]
 pub(crate) struct RaceSide {
     pub(crate) name: String,
+    /// Claims that got a one-time key, per second of the window: the
+    /// median, lowest and highest repetition.
+    pub(crate) claims_per_sec: Spread,
+    /// Each repetition's claims per second, in the order they ran.
+    pub(crate) per_repetition: Vec<f64>,
+    /// Every repetition's window together: claims, rate and latency.
     pub(crate) claims: Summary,
+    /// Claims that came away without a one-time key while one was stored
+    /// for the whole claim (R4.3).
     pub(crate) short_claims: u64,
+    /// Claims that came away without a one-time key because the device had
+    /// none: its uploader had fallen behind.
+    pub(crate) dry_claims: u64,
+    /// Whether any repetition had a dry claim (not steady state).
+    pub(crate) ran_dry: bool,
+    /// Refill uploads.
+    pub(crate) refills: u64,
     pub(crate) keys_issued_twice: u64,
     pub(crate) errors: u64,
 }
 
+/// The median, lowest and highest of a few values.
+#[derive(Debug, Default, Serialize, Clone, PartialEq)]
+pub(crate) struct Spread {
+    pub(crate) median: f64,
+    pub(crate) min: f64,
+    pub(crate) max: f64,
+}
+
+impl Spread {
+    pub(crate) fn of(values: &[f64]) -> Self {
+        Self {
+            median: keyclaim_benches::median(values.to_vec()),
+            min: values.iter().copied().reduce(f64::min).unwrap_or(0.0),
+            max: values.iter().copied().reduce(f64::max).unwrap_or(0.0),
+        }
+    }
+}
+
 impl RaceReport {
-    pub(crate) fn ratio(&self) -> Option<f64> {
-        let b = self.baseline.as_ref()?;
-        (b.claims.ops_per_sec > 0.0)
-            .then(|| self.keyclaim.claims.ops_per_sec / b.claims.ops_per_sec)
+    /// keyclaim's median rate over `baseline`'s.
+    pub(crate) fn ratio(&self, baseline: &RaceSide) -> Option<f64> {
+        (baseline.claims_per_sec.median > 0.0)
+            .then(|| self.keyclaim.claims_per_sec.median / baseline.claims_per_sec.median)
+    }
+
+    fn sides(&self) -> impl Iterator<Item = &RaceSide> {
+        std::iter::once(&self.keyclaim).chain(&self.baselines)
     }
 }
 
@@ -68,6 +117,13 @@ pub(crate) struct Report {
     pub(crate) keys_per_device: usize,
     pub(crate) clients: usize,
     pub(crate) duration_secs: f64,
+    /// Where the PostgreSQL backend ran, if it did: the given server (its
+    /// URL without the password) or the throwaway server the bench started.
+    pub(crate) postgres_server: Option<String>,
+    /// The machine's load averages (1, 5, 15 minutes) at the start and at
+    /// the end.
+    pub(crate) load_average_start: String,
+    pub(crate) load_average_end: String,
     pub(crate) backends: Vec<BackendReport>,
 }
 
@@ -98,53 +154,79 @@ impl Report {
                 );
             }
         }
+        if let Some(r) = self.backends.iter().flat_map(|b| &b.races).next() {
+            let _ = writeln!(
+                s,
+                "\nclaim races at steady state: single-key claims for a {}s window after a {}s warm-up, {} repetitions;\n\
+                 each device starts with {} one-time keys and its uploader tops it up when its count is below {}\n\
+                 (claims/s: median and range of the repetitions; short: no key while one was stored; dry: the device had none):\n",
+                r.window_secs, r.warmup_secs, r.repetitions, r.keys_per_device, r.refill_below
+            );
+        }
         let _ = writeln!(
             s,
-            "\nclaim races (single-key claims until the keys run out or time is up):\n"
-        );
-        let _ = writeln!(
-            s,
-            "{:<10} {:<9} {:>3} {:>11} {:>9} {:>6} {:>11} {:>9} {:>6} {:>8}",
+            "{:<10} {:<9} {:>3} {:>3} {:<18} {:>10} {:>21} {:>8} {:>8} {:>6} {:>6} {:>9}",
             "backend",
-            "scenario",
+            "race",
             "C",
-            "keyclaim/s",
+            "dev",
+            "side",
+            "claims/s",
+            "(min - max)",
             "p50 ms",
+            "p99 ms",
             "short",
-            "baseline/s",
-            "p50 ms",
-            "short",
-            "ratio"
+            "dry",
+            "keyclaim"
         );
         for b in &self.backends {
             for r in &b.races {
-                let (bs, bp, bshort) =
-                    r.baseline
-                        .as_ref()
-                        .map_or(("-".into(), "-".into(), "-".into()), |x| {
-                            (
-                                format!("{:.0}", x.claims.ops_per_sec),
-                                format!("{:.3}", x.claims.p50_ms),
-                                x.short_claims.to_string(),
-                            )
-                        });
-                let ratio = r.ratio().map_or("-".into(), |x| format!("{x:.1}x"));
-                let _ = writeln!(
-                    s,
-                    "{:<10} {:<9} {:>3} {:>11.0} {:>9.3} {:>6} {:>11} {:>9} {:>6} {:>8}",
-                    b.backend,
-                    r.scenario,
-                    r.clients,
-                    r.keyclaim.claims.ops_per_sec,
-                    r.keyclaim.claims.p50_ms,
-                    r.keyclaim.short_claims,
-                    bs,
-                    bp,
-                    bshort,
-                    ratio
-                );
+                for side in r.sides() {
+                    let ratio = if std::ptr::eq(side, &r.keyclaim) {
+                        String::new()
+                    } else {
+                        r.ratio(side).map_or("-".into(), |x| format!("{x:.1}x"))
+                    };
+                    let c = &side.claims_per_sec;
+                    let _ = writeln!(
+                        s,
+                        "{:<10} {:<9} {:>3} {:>3} {:<18} {:>10.0} {:>21} {:>8.3} {:>8.3} {:>6} {:>6} {:>9}",
+                        b.backend,
+                        r.scenario,
+                        r.clients,
+                        r.devices,
+                        side.name,
+                        c.median,
+                        format!("({:.0} - {:.0})", c.min, c.max),
+                        side.claims.p50_ms,
+                        side.claims.p99_ms,
+                        side.short_claims,
+                        side.dry_claims,
+                        ratio
+                    );
+                }
             }
         }
+        let dry: Vec<String> = self
+            .backends
+            .iter()
+            .flat_map(|b| {
+                b.races.iter().flat_map(move |r| {
+                    r.sides().filter(|x| x.ran_dry).map(move |x| {
+                        format!("{} {} C={} {}", b.backend, r.scenario, r.clients, x.name)
+                    })
+                })
+            })
+            .collect();
+        let _ = writeln!(
+            s,
+            "\nsteady state: {}",
+            if dry.is_empty() {
+                "no race ran dry".to_owned()
+            } else {
+                format!("ran dry (uploader behind): {}", dry.join(", "))
+            }
+        );
         let _ = writeln!(
             s,
             "\nsplit claim vs one-step claim, one request, 1 device in 10 with only a fallback key\n(split: store, application-service provider, fallback keys for the rest; always: with always_include_fallback_keys):\n"
@@ -197,32 +279,38 @@ impl Report {
     pub(crate) fn ok(&self) -> bool {
         self.backends.iter().all(|b| {
             b.invariants.ok()
-                && b.races
-                    .iter()
-                    .all(|r| r.keyclaim.keys_issued_twice == 0 && r.keyclaim.short_claims == 0)
+                && b.races.iter().all(|r| {
+                    r.keyclaim.keys_issued_twice == 0
+                        && r.keyclaim.short_claims == 0
+                        && r.keyclaim.errors == 0
+                })
         })
     }
 
-    /// A bar chart: claims per second per backend and race, keyclaim next to
-    /// its baseline, on a log scale.
+    /// A bar chart: claims per second per backend and race (medians),
+    /// keyclaim next to its baselines, on a log scale.
     pub(crate) fn svg(&self) -> String {
-        let bars: Vec<(String, f64, f64)> = self
+        const COLORS: [&str; 3] = ["#2b6cb0", "#c05621", "#2f855a"];
+        let rows: Vec<(String, Vec<f64>)> = self
             .backends
             .iter()
             .flat_map(|b| {
                 b.races.iter().map(move |r| {
                     (
                         format!("{} {} C={}", b.backend, r.scenario, r.clients),
-                        r.keyclaim.claims.ops_per_sec,
-                        r.baseline.as_ref().map_or(0.0, |x| x.claims.ops_per_sec),
+                        r.sides().map(|x| x.claims_per_sec.median).collect(),
                     )
                 })
             })
             .collect();
-        let max = bars.iter().map(|b| b.1.max(b.2)).fold(1.0, f64::max);
+        let max = rows
+            .iter()
+            .flat_map(|r| r.1.iter().copied())
+            .fold(1.0, f64::max);
         let log_max = max.log10().ceil().max(1.0);
-        let (left, row, width) = (190.0, 34.0, 520.0);
-        let height = 70.0 + row * bars.len() as f64 + 30.0;
+        let (left, bar_h, width) = (190.0, 13.0, 520.0);
+        let row_h = |n: usize| 8.0 + bar_h * n.max(1) as f64 + 2.0 * n.saturating_sub(1) as f64;
+        let height = 70.0 + rows.iter().map(|r| row_h(r.1.len())).sum::<f64>() + 30.0;
         let x = |v: f64| {
             left + if v >= 1.0 {
                 width * v.log10() / log_max
@@ -239,12 +327,23 @@ impl Report {
         let _ = writeln!(s, r##"<rect width="100%" height="100%" fill="#fff"/>"##);
         let _ = writeln!(
             s,
-            r#"<text x="10" y="20" font-size="15" font-weight="bold">Claims per second (log scale): keyclaim vs one-transaction-per-claim baseline</text>"#
+            r#"<text x="10" y="20" font-size="15" font-weight="bold">Claims per second at steady state (median, log scale): keyclaim vs baselines</text>"#
         );
-        let _ = writeln!(
-            s,
-            r##"<rect x="10" y="32" width="12" height="12" fill="#2b6cb0"/><text x="27" y="43">keyclaim</text><rect x="100" y="32" width="12" height="12" fill="#c05621"/><text x="117" y="43">baseline</text>"##
-        );
+        let legend = [
+            "keyclaim",
+            "reference homeserver's pattern",
+            "one claim per transaction (row lock)",
+        ];
+        let mut lx = 10.0;
+        for (color, label) in COLORS.iter().zip(legend) {
+            let _ = writeln!(
+                s,
+                r#"<rect x="{lx}" y="32" width="12" height="12" fill="{color}"/><text x="{tx}" y="43">{label}</text>"#,
+                tx = lx + 17.0,
+                label = escape(label)
+            );
+            lx += 30.0 + 6.5 * label.len() as f64;
+        }
         for decade in 0..=(log_max as i32) {
             let v = 10f64.powi(decade);
             let gx = x(v);
@@ -255,32 +354,27 @@ impl Report {
                 ty = height - 10.0
             );
         }
-        for (i, (label, ours, base)) in bars.iter().enumerate() {
-            let y = 60.0 + row * i as f64;
+        let mut y = 60.0;
+        for (label, values) in &rows {
             let _ = writeln!(
                 s,
                 r#"<text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"#,
                 left - 6.0,
-                y + 17.0,
+                y + 11.0,
                 escape(label)
             );
-            let _ = writeln!(
-                s,
-                r##"<rect x="{left}" y="{y:.1}" width="{:.1}" height="13" fill="#2b6cb0"/><text x="{:.1}" y="{:.1}">{ours:.0}</text>"##,
-                x(*ours) - left,
-                x(*ours) + 4.0,
-                y + 11.0
-            );
-            if *base > 0.0 {
+            for (i, v) in values.iter().enumerate() {
+                let by = y + (bar_h + 2.0) * i as f64;
                 let _ = writeln!(
                     s,
-                    r##"<rect x="{left}" y="{:.1}" width="{:.1}" height="13" fill="#c05621"/><text x="{:.1}" y="{:.1}">{base:.0}</text>"##,
-                    y + 15.0,
-                    x(*base) - left,
-                    x(*base) + 4.0,
-                    y + 26.0
+                    r#"<rect x="{left}" y="{by:.1}" width="{:.1}" height="{bar_h}" fill="{}"/><text x="{:.1}" y="{:.1}">{v:.0}</text>"#,
+                    x(*v) - left,
+                    COLORS[i % COLORS.len()],
+                    x(*v) + 4.0,
+                    by + 11.0
                 );
             }
+            y += row_h(values.len());
         }
         s.push_str("</svg>\n");
         s

@@ -8,7 +8,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::stats::Samples;
-use super::{BenchArgs, bar, device, open_backend, upload_of, workload};
+use super::{BenchArgs, Setting, bar, device, open_backend, upload_of, workload};
 
 const KEYS_PER_DEVICE: usize = 50;
 const CLAIMS: usize = 2000;
@@ -23,7 +23,11 @@ const WARMUP_CLAIMS: usize = 200;
 const COUNTS_DEVICES: usize = 10_000;
 const COUNTS_READS: usize = 20;
 
-pub(crate) async fn run(args: &BenchArgs) -> Result<bool, String> {
+pub(crate) async fn run(
+    args: &BenchArgs,
+    names: &[String],
+    postgres: Option<&str>,
+) -> Result<bool, String> {
     let tmp = tempfile::tempdir().map_err(|e| e.to_string())?;
     let dir = args.dir.clone().unwrap_or_else(|| tmp.path().to_owned());
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
@@ -46,8 +50,14 @@ pub(crate) async fn run(args: &BenchArgs) -> Result<bool, String> {
         "counts_many p50"
     );
     let mut json_rows = Vec::new();
-    for name in &args.backend {
-        let b = open_backend(name, &dir, args, "scale").await?;
+    for name in names {
+        let setting = Setting {
+            dir: &dir,
+            args,
+            tag: "scale",
+            postgres,
+        };
+        let b = open_backend(name, &setting).await?;
         let mut filled = 0usize;
         let mut base_p50 = None;
         let mut fresh = 0usize;

@@ -1,7 +1,7 @@
-//! The homeserver-shaped workload: set-up uploads, a mixed phase of claims,
-//! bulk claims, refills, fallback rotations and count reads from concurrent
-//! clients, and claim races against the reference homeserver's claim pattern
-//! (the baselines).
+//! The homeserver-shaped workload: set-up uploads, and a mixed phase of
+//! claims, bulk claims, refills, fallback rotations and count reads from
+//! concurrent clients; and what claims in the claim races (a store or a
+//! baseline: see `race`).
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -30,7 +30,7 @@ pub(crate) enum Claimer {
 
 impl Claimer {
     /// Claims one key of `algorithm` from `device`.
-    async fn claim_one(
+    pub(crate) async fn claim_one(
         &self,
         device: &Device,
         algorithm: &Algorithm,
@@ -46,32 +46,39 @@ impl Claimer {
         }
     }
 
-    /// Fills `devices` devices with `keys` OTKs each (and, in a store, a
-    /// fallback key; a baseline keeps none).
-    pub(crate) async fn fill(
+    /// How many one-time keys of `algorithm` `device` holds.
+    pub(crate) async fn count(
         &self,
-        prefix: &str,
-        devices: usize,
-        keys: usize,
-        clients: usize,
+        device: &Device,
+        algorithm: &Algorithm,
+    ) -> keyclaim::Result<u64> {
+        match self {
+            Self::Store(store) => Ok(store.otk_counts(device).await?.get(algorithm)),
+            Self::Baseline(baseline) => baseline.count(device, algorithm).await,
+        }
+    }
+
+    /// Uploads one-time keys of `device` and, to a store, with `fallback`
+    /// a fallback key (a baseline keeps none).
+    pub(crate) async fn upload_keys(
+        &self,
+        device: &Device,
+        keys: Vec<(KeyId, KeyJson)>,
+        fallback: bool,
     ) -> keyclaim::Result<()> {
         match self {
-            Self::Store(store) => fill(store, prefix, devices, keys, clients, || {}).await,
-            Self::Baseline(baseline) => {
-                let baseline = baseline.clone();
-                let prefix = prefix.to_owned();
-                parallel(devices, clients, move |i| {
-                    let baseline = baseline.clone();
-                    let device = device(&prefix, i);
-                    async move {
-                        let device = device?;
-                        baseline
-                            .upload(&device, &otks_of(&device, "S", keys)?)
-                            .await
-                    }
-                })
-                .await
+            Self::Store(store) => {
+                let fb = if fallback {
+                    vec![key_json(device, "FB", true)?]
+                } else {
+                    vec![]
+                };
+                store
+                    .upload(&Upload::from_keys(device.clone(), keys, fb)?)
+                    .await?;
+                Ok(())
             }
+            Self::Baseline(baseline) => baseline.upload(device, &keys).await,
         }
     }
 }
@@ -92,8 +99,13 @@ pub(crate) fn device(prefix: &str, i: usize) -> keyclaim::Result<Device> {
     Device::parse(&format!("@{prefix}{i}:bench.example"), "DEVICE")
 }
 
-fn key_json(device: &Device, name: &str, fallback: bool) -> keyclaim::Result<(KeyId, KeyJson)> {
-    // Shaped like a real client's signed curve25519 key (~200 bytes).
+/// A key of `device` named `name`, shaped like a real client's signed
+/// curve25519 key (about 200 bytes).
+pub(crate) fn key_json(
+    device: &Device,
+    name: &str,
+    fallback: bool,
+) -> keyclaim::Result<(KeyId, KeyJson)> {
     let mut v = json!({
         "key": format!("{name:0>43}"),
         "signatures": {device.user_id.as_str(): {format!("ed25519:{}", device.device_id): "s".repeat(86)}},
@@ -387,89 +399,4 @@ async fn rotate(shared: &Shared, i: usize, tag: &str) -> keyclaim::Result<()> {
 async fn read(shared: &Shared, i: usize) -> keyclaim::Result<()> {
     shared.store.sync_state(&device(&shared.prefix, i)?).await?;
     Ok(())
-}
-
-/// The outcome of a claim race.
-#[derive(Debug, Default, Clone)]
-pub(crate) struct RaceResult {
-    pub(crate) samples: Samples,
-    pub(crate) elapsed: Duration,
-    pub(crate) otks: u64,
-    pub(crate) short: u64,
-    pub(crate) duplicates: u64,
-    pub(crate) errors: u64,
-}
-
-/// `clients` claimers claim single keys, each from `devices[client %
-/// devices.len()]`, until their device is empty or `duration` has passed.
-/// A claim that came away without an OTK while OTKs were still left (some
-/// claim that began after it ended got one) is counted as short.
-pub(crate) async fn race(
-    claimer: Claimer,
-    devices: Vec<Device>,
-    clients: usize,
-    duration: Duration,
-) -> RaceResult {
-    let start = Instant::now();
-    let devices = Arc::new(devices);
-    let barrier = Arc::new(tokio::sync::Barrier::new(clients));
-    let tasks: Vec<_> = (0..clients)
-        .map(|c| {
-            let (claimer, devices, barrier) = (claimer.clone(), devices.clone(), barrier.clone());
-            tokio::spawn(async move {
-                barrier.wait().await;
-                let d = &devices[c % devices.len()];
-                let alg = Algorithm::signed_curve25519();
-                let mut samples = Samples::default();
-                // (device index, start, end, got an OTK, key)
-                let mut log = Vec::new();
-                let mut errors = 0;
-                while start.elapsed() < duration {
-                    let t0 = Instant::now();
-                    match claimer.claim_one(d, &alg).await {
-                        Ok(k) => {
-                            samples.record(t0.elapsed());
-                            let otk = k.as_ref().filter(|k| !k.fallback).map(|k| k.key_id.clone());
-                            let empty = otk.is_none();
-                            log.push((c % devices.len(), t0, Instant::now(), otk));
-                            if empty {
-                                break;
-                            }
-                        }
-                        Err(_) => errors += 1,
-                    }
-                }
-                (samples, log, errors)
-            })
-        })
-        .collect();
-    let mut result = RaceResult::default();
-    let mut log = Vec::new();
-    for t in tasks {
-        if let Ok((s, l, e)) = t.await {
-            result.samples.merge(s);
-            log.extend(l);
-            result.errors += e;
-        } else {
-            result.errors += 1;
-        }
-    }
-    result.elapsed = start.elapsed();
-    let mut seen = HashSet::new();
-    let mut last_otk_start = vec![None::<Instant>; devices.len()];
-    for (d, s, _, k) in &log {
-        if let Some(k) = k {
-            result.otks += 1;
-            if !seen.insert((*d, k.clone())) {
-                result.duplicates += 1;
-            }
-            last_otk_start[*d] = last_otk_start[*d].max(Some(*s));
-        }
-    }
-    for (d, _, end, k) in &log {
-        if k.is_none() && last_otk_start[*d].is_some_and(|s| s > *end) {
-            result.short += 1;
-        }
-    }
-    result
 }
