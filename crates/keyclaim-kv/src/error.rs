@@ -26,47 +26,6 @@ pub(crate) fn task_failed(op: &'static str, e: impl Into<BoxError>) -> Error {
     Error::storage(BACKEND, op, false, e)
 }
 
-/// Operation `op` found the writer's queue full (R10.6): retryable, nothing
-/// of it was queued.
-pub(crate) fn queue_full(op: &'static str, capacity: usize) -> Error {
-    Error::storage(BACKEND, op, true, QueueFull { capacity })
-}
-
-/// The source of [`queue_full`].
-#[derive(Debug)]
-struct QueueFull {
-    capacity: usize,
-}
-
-impl fmt::Display for QueueFull {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "the key-value writer's queue is full ({} operations wait); try again later",
-            self.capacity
-        )
-    }
-}
-
-impl std::error::Error for QueueFull {}
-
-/// The writer thread panicked while it held operation `op`. Not retryable:
-/// a panic inside the engine's write may have applied the batch.
-pub(crate) fn writer_panicked(op: &'static str) -> Error {
-    Error::storage(
-        BACKEND,
-        op,
-        false,
-        "the key-value writer thread panicked before answering; the operation may or may not \
-         have been applied",
-    )
-}
-
-/// The writer answered operation `op` with the reply of another.
-pub(crate) fn wrong_reply(op: &'static str) -> Error {
-    Error::storage(BACKEND, op, false, "the writer answered another operation")
-}
-
 /// The error of one operation of a batch whose engine write failed: its own
 /// retryable value, with the shared cause as its source.
 pub(crate) fn for_batch_mate(cause: &Arc<EngineError>, op: &'static str) -> Error {

@@ -35,9 +35,9 @@ pub use options::KvOptions;
 pub use schema::FORMAT_VERSION;
 pub use writer::WriterStats;
 
-use error::wrong_reply;
+use keyclaim::backend::writer::{FromWriteReply, WriteOp};
 use txn::Direct;
-use writer::{Op, Reply, Writer, WriterConfig};
+use writer::{Writer, WriterConfig};
 
 /// The examples of `docs/adapter-guide.md`, compiled and run as doc tests.
 #[cfg(doctest)]
@@ -168,7 +168,8 @@ impl<E: KvEngine> KvStore<E> {
             .map_err(|e| error::task_failed("close", e))
     }
 
-    async fn submit(&self, op: Op) -> Result<Reply> {
+    /// Runs a mutation on the writer thread and answers its outcome.
+    async fn submit<T: FromWriteReply>(&self, op: WriteOp) -> Result<T> {
         self.writer.submit(op).await
     }
 
@@ -194,33 +195,11 @@ impl<E: KvEngine> KvStore<E> {
         targets: &[ClaimTarget],
         fall_back: bool,
     ) -> Result<ClaimOutcome> {
-        let op = Op::Claim {
+        self.submit(WriteOp::Claim {
             targets: targets.into(),
             fall_back,
-        };
-        let name = op.name();
-        match self.submit(op).await? {
-            Reply::Claim(outcome) => Ok(outcome),
-            _ => Err(wrong_reply(name)),
-        }
-    }
-
-    /// An operation that answers an [`UploadOutcome`].
-    async fn submit_upload(&self, op: Op) -> Result<UploadOutcome> {
-        let name = op.name();
-        match self.submit(op).await? {
-            Reply::Upload(outcome) => Ok(outcome),
-            _ => Err(wrong_reply(name)),
-        }
-    }
-
-    /// An operation that answers [`Changes`].
-    async fn submit_changes(&self, op: Op) -> Result<Changes> {
-        let name = op.name();
-        match self.submit(op).await? {
-            Reply::Changes(changes) => Ok(changes),
-            _ => Err(wrong_reply(name)),
-        }
+        })
+        .await
     }
 }
 
@@ -235,7 +214,7 @@ impl<E: KvEngine> Backend for KvStore<E> {
     }
 
     async fn upload(&self, upload: &Upload) -> Result<UploadOutcome> {
-        self.submit_upload(Op::Upload(upload.clone())).await
+        self.submit(WriteOp::Upload(upload.clone())).await
     }
 
     async fn claim(&self, targets: &[ClaimTarget]) -> Result<ClaimOutcome> {
@@ -247,10 +226,7 @@ impl<E: KvEngine> Backend for KvStore<E> {
     }
 
     async fn claim_fallback_keys(&self, targets: &[FallbackTarget]) -> Result<ClaimOutcome> {
-        match self.submit(Op::ClaimFallbacks(targets.into())).await? {
-            Reply::Claim(outcome) => Ok(outcome),
-            _ => Err(wrong_reply("claim_fallback_keys")),
-        }
+        self.submit(WriteOp::ClaimFallbacks(targets.into())).await
     }
 
     async fn reset_one_time_keys(
@@ -258,7 +234,7 @@ impl<E: KvEngine> Backend for KvStore<E> {
         device: &Device,
         scope: &ResetScope,
     ) -> Result<UploadOutcome> {
-        self.submit_upload(Op::Reset(device.clone(), scope.clone()))
+        self.submit(WriteOp::Reset(device.clone(), scope.clone()))
             .await
     }
 
@@ -267,7 +243,7 @@ impl<E: KvEngine> Backend for KvStore<E> {
         previous: Option<&DeviceId>,
         upload: &Upload,
     ) -> Result<UploadOutcome> {
-        self.submit_upload(Op::Replace {
+        self.submit(WriteOp::Replace {
             previous: previous.cloned(),
             upload: upload.clone(),
         })
@@ -307,11 +283,11 @@ impl<E: KvEngine> Backend for KvStore<E> {
     }
 
     async fn delete_device(&self, device: &Device) -> Result<Changes> {
-        self.submit_changes(Op::DeleteDevice(device.clone())).await
+        self.submit(WriteOp::DeleteDevice(device.clone())).await
     }
 
     async fn delete_user(&self, user: &UserId) -> Result<Changes> {
-        self.submit_changes(Op::DeleteUser(user.clone())).await
+        self.submit(WriteOp::DeleteUser(user.clone())).await
     }
 
     async fn export_devices(
@@ -330,7 +306,7 @@ impl<E: KvEngine> Backend for KvStore<E> {
     }
 
     async fn import_device(&self, snapshot: &DeviceSnapshot) -> Result<Changes> {
-        self.submit_changes(Op::Import(snapshot.clone())).await
+        self.submit(WriteOp::Import(snapshot.clone())).await
     }
 }
 

@@ -34,76 +34,21 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
-use keyclaim::transfer::DeviceSnapshot;
-use keyclaim::{
-    Changes, ClaimOutcome, ClaimTarget, Device, DeviceId, Error, FallbackTarget, Limits,
-    ResetScope, Result, Upload, UploadOutcome, UserId,
-};
+use keyclaim::backend::writer::{self, FromWriteReply, WriteOp, WriteReply};
+use keyclaim::{Error, Limits, Result};
 use tokio::sync::oneshot;
 
+use crate::BACKEND;
 use crate::Shared;
 use crate::engine::{EngineError, KvEngine};
 use crate::error;
 use crate::ops;
 use crate::txn::Txn;
 
-/// One mutating operation.
-#[derive(Debug)]
-pub(crate) enum Op {
-    Upload(Upload),
-    /// A claim (section 4), or its one-time step (R12.1) without
-    /// `fall_back`.
-    Claim {
-        targets: Box<[ClaimTarget]>,
-        fall_back: bool,
-    },
-    /// The fallback step of a split claim (R12.2).
-    ClaimFallbacks(Box<[FallbackTarget]>),
-    /// A key reset (R13.1).
-    Reset(Device, ResetScope),
-    /// A dehydrated device's replacement (R14.1).
-    Replace {
-        previous: Option<DeviceId>,
-        upload: Upload,
-    },
-    DeleteDevice(Device),
-    DeleteUser(UserId),
-    Import(DeviceSnapshot),
-}
-
-impl Op {
-    pub(crate) fn name(&self) -> &'static str {
-        match self {
-            Self::Upload(_) => "upload",
-            Self::Claim {
-                fall_back: true, ..
-            } => "claim",
-            Self::Claim {
-                fall_back: false, ..
-            } => "claim_one_time_keys",
-            Self::ClaimFallbacks(_) => "claim_fallback_keys",
-            Self::Reset(..) => "reset_one_time_keys",
-            Self::Replace { .. } => "replace_device",
-            Self::DeleteDevice(_) => "delete_device",
-            Self::DeleteUser(_) => "delete_user",
-            Self::Import(_) => "import_device",
-        }
-    }
-}
-
-/// What an operation answers.
-#[derive(Debug)]
-pub(crate) enum Reply {
-    Upload(UploadOutcome),
-    /// Decoded before the write (R10.7).
-    Claim(ClaimOutcome),
-    Changes(Changes),
-}
-
 /// An operation on its way to the writer, with where to answer.
 struct Job {
-    op: Op,
-    reply: oneshot::Sender<Result<Reply>>,
+    op: WriteOp,
+    reply: oneshot::Sender<Result<WriteReply>>,
     /// The caller's span, entered while the operation runs.
     span: tracing::Span,
 }
@@ -199,7 +144,7 @@ impl Writer {
     /// Queues an operation and waits for its answer. Never blocks the
     /// calling thread: a full queue refuses the operation at once. Dropping
     /// the future before the writer ran the operation leaves it unapplied.
-    pub(crate) async fn submit(&self, op: Op) -> Result<Reply> {
+    pub(crate) async fn submit<T: FromWriteReply>(&self, op: WriteOp) -> Result<T> {
         let name = op.name();
         let (reply, rx) = oneshot::channel();
         let job = Job {
@@ -215,11 +160,18 @@ impl Writer {
             Err(TrySendError::Disconnected(_)) => return Err(Error::Closed),
             Err(TrySendError::Full(_)) => {
                 self.counters.refused.fetch_add(1, Ordering::Relaxed);
-                return Err(error::queue_full(name, self.capacity));
+                return Err(writer::queue_full(
+                    BACKEND,
+                    name,
+                    "key-value writer's",
+                    self.capacity,
+                ));
             }
         }
         // The writer drops a job unanswered only when it panics.
-        rx.await.map_err(|_| error::writer_panicked(name))?
+        rx.await
+            .map_err(|_| writer::writer_panicked(BACKEND, name))??
+            .into_answer(BACKEND, name)
     }
 }
 
@@ -353,18 +305,22 @@ fn fail_all(jobs: Vec<Job>, e: EngineError, counters: &Counters) {
 }
 
 /// One operation on the batch's transaction.
-fn apply(txn: &mut Txn<'_>, op: &Op, limits: &Limits) -> Result<Reply> {
+fn apply(txn: &mut Txn<'_>, op: &WriteOp, limits: &Limits) -> Result<WriteReply> {
     Ok(match op {
-        Op::Upload(upload) => Reply::Upload(ops::upload(txn, upload, None, limits)?),
-        Op::Claim { targets, fall_back } => Reply::Claim(ops::claim(txn, targets, *fall_back)?),
-        Op::ClaimFallbacks(targets) => Reply::Claim(ops::claim_fallbacks(txn, targets)?),
-        Op::Reset(device, scope) => Reply::Upload(ops::reset_one_time_keys(txn, device, scope)?),
-        Op::Replace { previous, upload } => {
-            Reply::Upload(ops::upload(txn, upload, previous.as_ref(), limits)?)
+        WriteOp::Upload(upload) => WriteReply::Upload(ops::upload(txn, upload, None, limits)?),
+        WriteOp::Claim { targets, fall_back } => {
+            WriteReply::Claim(ops::claim(txn, targets, *fall_back)?)
         }
-        Op::DeleteDevice(device) => Reply::Changes(ops::delete_device(txn, device)?),
-        Op::DeleteUser(user) => Reply::Changes(ops::delete_user(txn, user)?),
-        Op::Import(snapshot) => Reply::Changes(ops::import_device(txn, snapshot)?),
+        WriteOp::ClaimFallbacks(targets) => WriteReply::Claim(ops::claim_fallbacks(txn, targets)?),
+        WriteOp::Reset(device, scope) => {
+            WriteReply::Upload(ops::reset_one_time_keys(txn, device, scope)?)
+        }
+        WriteOp::Replace { previous, upload } => {
+            WriteReply::Upload(ops::upload(txn, upload, previous.as_ref(), limits)?)
+        }
+        WriteOp::DeleteDevice(device) => WriteReply::Changes(ops::delete_device(txn, device)?),
+        WriteOp::DeleteUser(user) => WriteReply::Changes(ops::delete_user(txn, user)?),
+        WriteOp::Import(snapshot) => WriteReply::Changes(ops::import_device(txn, snapshot)?),
     })
 }
 

@@ -52,7 +52,8 @@ use crate::listen::Announcer;
 use crate::ops::{self, ClaimRequest, Sql};
 use crate::session::{self, Conn};
 
-/// The combiner's settings (see [`crate::PostgresOptions`]).
+/// The combiner's settings (see [`crate::PostgresOptions`], whose setters
+/// keep the batch size and the batches in flight at least 1).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Settings {
     /// The most targets in one batch; larger claims run alone.
@@ -276,11 +277,6 @@ impl Combiner {
         core: StoreCore,
         announcer: Option<Arc<Announcer>>,
     ) -> Self {
-        let settings = Settings {
-            batch_targets: settings.batch_targets.max(1),
-            in_flight: settings.in_flight.max(1),
-            queue_limit: settings.queue_limit,
-        };
         Self {
             shared: Arc::new(Shared {
                 state: Mutex::new(State::default()),

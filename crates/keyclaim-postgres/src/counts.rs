@@ -110,7 +110,7 @@ CREATE TRIGGER otk_count_truncate AFTER TRUNCATE ON otk
 pub(crate) const COMPACT_BATCH: i64 = 2_000;
 
 /// About how many keys one backfill batch counts.
-pub(crate) const BACKFILL_BATCH: i64 = 10_000;
+const BACKFILL_BATCH: i64 = 10_000;
 
 /// One compaction round (see the module docs), in one statement: answers
 /// the number of pairs folded, and whether the schema's compaction lock was
@@ -169,7 +169,7 @@ SELECT user_id, device_id, algorithm, count(*), false FROM otk
 /// Counts the keys a version-2 schema holds into `otk_count`, whose table
 /// and triggers are in place, batch by batch (see the module docs).
 /// Answers the number of batches.
-pub(crate) async fn backfill(client: &mut ClientWrapper, batch: i64) -> Result<u64> {
+pub(crate) async fn backfill(client: &mut ClientWrapper) -> Result<u64> {
     let op = "migrate";
     // Below every valid ID (R2.1: IDs are not empty).
     let mut from = (String::new(), String::new());
@@ -178,7 +178,7 @@ pub(crate) async fn backfill(client: &mut ClientWrapper, batch: i64) -> Result<u
         let tx = client.transaction().await.map_err(pg(op))?;
         tx.execute(BACKFILL_LOCK, &[]).await.map_err(pg(op))?;
         let next = tx
-            .query_opt(BACKFILL_NEXT, &[&from.0, &from.1, &batch])
+            .query_opt(BACKFILL_NEXT, &[&from.0, &from.1, &BACKFILL_BATCH])
             .await
             .map_err(pg(op))?;
         batches += 1;

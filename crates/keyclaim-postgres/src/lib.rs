@@ -374,10 +374,7 @@ impl PostgresStore {
         targets: &[ClaimTarget],
         fall_back: bool,
     ) -> Result<ClaimOutcome> {
-        if let Some(announcer) = &self.announcer {
-            announcer.room(op)?;
-        }
-        self.compactor.wrote();
+        self.admit(op)?;
         let outcome = self.combiner.claim(op, targets, fall_back).await?;
         self.changed(&outcome.changes);
         Ok(outcome)
@@ -389,14 +386,21 @@ impl PostgresStore {
         Ok(session::Conn::new(client, self.settings.clone()))
     }
 
-    /// A pooled connection for a mutation, or a retryable error, also when
-    /// the announcements waiting to be sent are at their bound (R10.6):
-    /// then the mutation is refused before anything is applied.
-    async fn writer(&self, op: &'static str) -> Result<session::Conn> {
+    /// Lets a mutation in, or refuses it with a retryable error when the
+    /// announcements waiting to be sent are at their bound (R10.6): then
+    /// nothing of it is applied. Marks the count compaction due.
+    fn admit(&self, op: &'static str) -> Result<()> {
         if let Some(announcer) = &self.announcer {
             announcer.room(op)?;
         }
         self.compactor.wrote();
+        Ok(())
+    }
+
+    /// A pooled connection for a mutation that [`Self::admit`] lets in, or
+    /// a retryable error.
+    async fn writer(&self, op: &'static str) -> Result<session::Conn> {
+        self.admit(op)?;
         self.client(op).await
     }
 }

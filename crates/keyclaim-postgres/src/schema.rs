@@ -313,7 +313,7 @@ async fn migrate_v3(client: &mut ClientWrapper, schema: &str) -> Result<()> {
         "applying keyclaim migration (counts backfilled in batches)"
     );
     short_lock_tx(client, counts::V3, None).await?;
-    let batches = counts::backfill(client, counts::BACKFILL_BATCH).await?;
+    let batches = counts::backfill(client).await?;
     client
         .execute(WRITE_VERSION, &[&3_i64])
         .await

@@ -117,39 +117,48 @@ async fn wait_for_count(client: &Client, query: &str, n: i64) {
     }
 }
 
+/// Connecting to the server at `url` is refused for its `setting` (R10.5)
+/// with a non-retryable [`Error::InvalidConfig`] naming it and the relaxed
+/// option, creating nothing; with the relaxed option the store connects and
+/// works. Answers the schema it used.
+async fn refused_unless_relaxed(url: &str, schema_prefix: &str, setting: &str) -> String {
+    let schema = unique_schema(schema_prefix);
+    let err = PostgresStore::connect_with(url, PostgresOptions::new().schema(&schema))
+        .await
+        .expect_err("an unsafe server must be refused");
+    match &err {
+        Error::InvalidConfig { reason } => {
+            assert!(reason.contains(setting), "{reason}");
+            assert!(reason.contains("allow_unsafe_server"), "{reason}");
+        }
+        other => panic!("expected InvalidConfig, got {other:?}"),
+    }
+    assert!(!err.is_retryable());
+    // Nothing was created on the refused server.
+    let exists = raw(url)
+        .await
+        .query_opt("SELECT 1 FROM pg_namespace WHERE nspname = $1", &[&schema])
+        .await
+        .expect("look for the schema");
+    assert!(exists.is_none(), "the refused connect created its schema");
+
+    let relaxed = PostgresOptions::new()
+        .schema(&schema)
+        .allow_unsafe_server(true);
+    let store = PostgresStore::connect_with(url, relaxed)
+        .await
+        .expect("the relaxed option accepts it");
+    put(&store, &dev("@a:x", "A"), otks(SC, &["K"]), vec![]).await;
+    schema
+}
+
 #[test]
 fn a_server_without_fsync_is_refused_unless_relaxed() {
     keyclaim_testing::runtime(2).block_on(async {
         // A private cluster, so that the server surely runs with fsync = off.
         let cluster = Cluster::start(false).expect("a throwaway cluster");
         let url = cluster.url();
-        let schema = unique_schema("kc_fsync");
-        let err = PostgresStore::connect_with(&url, PostgresOptions::new().schema(&schema))
-            .await
-            .expect_err("fsync = off must be refused");
-        match &err {
-            Error::InvalidConfig { reason } => {
-                assert!(reason.contains("fsync"), "{reason}");
-                assert!(reason.contains("allow_unsafe_server"), "{reason}");
-            }
-            other => panic!("expected InvalidConfig, got {other:?}"),
-        }
-        assert!(!err.is_retryable());
-        // Nothing was created on the refused server.
-        let exists = raw(&url)
-            .await
-            .query_opt("SELECT 1 FROM pg_namespace WHERE nspname = $1", &[&schema])
-            .await
-            .expect("look for the schema");
-        assert!(exists.is_none(), "the refused connect created its schema");
-
-        let relaxed = PostgresOptions::new()
-            .schema(&schema)
-            .allow_unsafe_server(true);
-        let store = PostgresStore::connect_with(&url, relaxed)
-            .await
-            .expect("the relaxed option accepts it");
-        put(&store, &dev("@a:x", "A"), otks(SC, &["K"]), vec![]).await;
+        let schema = refused_unless_relaxed(&url, "kc_fsync", "fsync").await;
         // The same through a store URL.
         let (conninfo, options) = PostgresOptions::from_url(&format!(
             "postgresql://?host={}&port=5432&user=postgres&dbname=postgres\
@@ -176,24 +185,7 @@ fn a_server_without_full_page_writes_is_refused_unless_relaxed() {
             ..Default::default()
         };
         let cluster = Cluster::start_configured(true, &config).expect("a throwaway cluster");
-        let url = cluster.url();
-        let schema = unique_schema("kc_fpw");
-        let err = PostgresStore::connect_with(&url, PostgresOptions::new().schema(&schema))
-            .await
-            .expect_err("full_page_writes = off must be refused");
-        match &err {
-            Error::InvalidConfig { reason } => {
-                assert!(reason.contains("full_page_writes = off"), "{reason}");
-            }
-            other => panic!("expected InvalidConfig, got {other:?}"),
-        }
-        let relaxed = PostgresOptions::new()
-            .schema(&schema)
-            .allow_unsafe_server(true);
-        let store = PostgresStore::connect_with(&url, relaxed)
-            .await
-            .expect("the relaxed option accepts it");
-        put(&store, &dev("@a:x", "A"), otks(SC, &["K"]), vec![]).await;
+        refused_unless_relaxed(&cluster.url(), "kc_fpw", "full_page_writes = off").await;
     });
 }
 

@@ -83,49 +83,6 @@ pub(crate) fn task_failed(op: &'static str, e: impl Into<BoxError>) -> Error {
     Error::storage(BACKEND, op, false, e)
 }
 
-/// Operation `op` found the writer's queue full (R10.6): retryable, nothing
-/// of it was queued.
-pub(crate) fn queue_full(op: &'static str, capacity: usize) -> Error {
-    Error::storage(BACKEND, op, true, QueueFull { capacity })
-}
-
-/// The source of [`queue_full`].
-#[derive(Debug)]
-struct QueueFull {
-    capacity: usize,
-}
-
-impl fmt::Display for QueueFull {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "the redb writer's queue is full ({} operations wait); try again later",
-            self.capacity
-        )
-    }
-}
-
-impl std::error::Error for QueueFull {}
-
-/// The writer thread panicked while it held operation `op` and dropped it
-/// unanswered. Not retryable: whether the operation was applied is unknown
-/// (a panic before its commit leaves nothing, one inside redb's commit may
-/// not).
-pub(crate) fn writer_panicked(op: &'static str) -> Error {
-    Error::storage(
-        BACKEND,
-        op,
-        false,
-        "the redb writer thread panicked before answering; the operation may or may not \
-         have been applied",
-    )
-}
-
-/// The writer answered operation `op` with the reply of another.
-pub(crate) fn wrong_reply(op: &'static str) -> Error {
-    Error::storage(BACKEND, op, false, "the writer answered another operation")
-}
-
 /// Whether a redb error is an I/O failure of the storage.
 pub(crate) fn is_io(e: &redb::Error) -> bool {
     matches!(e, redb::Error::Io(_) | redb::Error::PreviousIo)

@@ -37,10 +37,10 @@ pub use options::{RedbDurability, RedbOptions};
 pub use schema::FORMAT_VERSION;
 pub use writer::WriterStats;
 
-use error::wrong_reply;
+use keyclaim::backend::writer::{FromWriteReply, WriteOp};
 use ops::read_txn;
 use slot::{DbSlot, open_database};
-use writer::{Op, Reply, Writer, WriterConfig};
+use writer::{Writer, WriterConfig};
 
 /// The backend's name in errors and logs.
 pub(crate) const BACKEND: &str = "redb";
@@ -152,7 +152,8 @@ impl RedbStore {
         self.writer.stats()
     }
 
-    async fn submit(&self, op: Op) -> Result<Reply> {
+    /// Runs a mutation on the writer thread and answers its outcome.
+    async fn submit<T: FromWriteReply>(&self, op: WriteOp) -> Result<T> {
         self.writer.submit(op).await
     }
 
@@ -162,18 +163,11 @@ impl RedbStore {
         targets: &[ClaimTarget],
         fall_back: bool,
     ) -> Result<ClaimOutcome> {
-        let op = Op::Claim {
+        self.submit(WriteOp::Claim {
             targets: targets.into(),
             fall_back,
-        };
-        match self.submit(op).await? {
-            Reply::Claim(outcome) => Ok(outcome),
-            _ => Err(wrong_reply(if fall_back {
-                "claim"
-            } else {
-                "claim_one_time_keys"
-            })),
-        }
+        })
+        .await
     }
 }
 
@@ -188,10 +182,7 @@ impl Backend for RedbStore {
     }
 
     async fn upload(&self, upload: &Upload) -> Result<UploadOutcome> {
-        match self.submit(Op::Upload(upload.clone())).await? {
-            Reply::Upload(outcome) => Ok(outcome),
-            _ => Err(wrong_reply("upload")),
-        }
+        self.submit(WriteOp::Upload(upload.clone())).await
     }
 
     async fn claim(&self, targets: &[ClaimTarget]) -> Result<ClaimOutcome> {
@@ -203,10 +194,7 @@ impl Backend for RedbStore {
     }
 
     async fn claim_fallback_keys(&self, targets: &[FallbackTarget]) -> Result<ClaimOutcome> {
-        match self.submit(Op::ClaimFallbacks(targets.into())).await? {
-            Reply::Claim(outcome) => Ok(outcome),
-            _ => Err(wrong_reply("claim_fallback_keys")),
-        }
+        self.submit(WriteOp::ClaimFallbacks(targets.into())).await
     }
 
     async fn reset_one_time_keys(
@@ -214,13 +202,8 @@ impl Backend for RedbStore {
         device: &Device,
         scope: &ResetScope,
     ) -> Result<UploadOutcome> {
-        match self
-            .submit(Op::Reset(device.clone(), scope.clone()))
-            .await?
-        {
-            Reply::Upload(outcome) => Ok(outcome),
-            _ => Err(wrong_reply("reset_one_time_keys")),
-        }
+        self.submit(WriteOp::Reset(device.clone(), scope.clone()))
+            .await
     }
 
     async fn replace_device(
@@ -228,14 +211,11 @@ impl Backend for RedbStore {
         previous: Option<&DeviceId>,
         upload: &Upload,
     ) -> Result<UploadOutcome> {
-        let op = Op::Replace {
+        let op = WriteOp::Replace {
             previous: previous.cloned(),
             upload: upload.clone(),
         };
-        match self.submit(op).await? {
-            Reply::Upload(outcome) => Ok(outcome),
-            _ => Err(wrong_reply("replace_device")),
-        }
+        self.submit(op).await
     }
 
     async fn fallback_keys(&self, device: &Device) -> Result<BTreeMap<Algorithm, StoredFallback>> {
@@ -263,17 +243,11 @@ impl Backend for RedbStore {
     }
 
     async fn delete_device(&self, device: &Device) -> Result<Changes> {
-        match self.submit(Op::DeleteDevice(device.clone())).await? {
-            Reply::Changes(changes) => Ok(changes),
-            _ => Err(wrong_reply("delete_device")),
-        }
+        self.submit(WriteOp::DeleteDevice(device.clone())).await
     }
 
     async fn delete_user(&self, user: &UserId) -> Result<Changes> {
-        match self.submit(Op::DeleteUser(user.clone())).await? {
-            Reply::Changes(changes) => Ok(changes),
-            _ => Err(wrong_reply("delete_user")),
-        }
+        self.submit(WriteOp::DeleteUser(user.clone())).await
     }
 
     async fn export_devices(
@@ -290,10 +264,7 @@ impl Backend for RedbStore {
     }
 
     async fn import_device(&self, snapshot: &DeviceSnapshot) -> Result<Changes> {
-        match self.submit(Op::Import(snapshot.clone())).await? {
-            Reply::Changes(changes) => Ok(changes),
-            _ => Err(wrong_reply("import_device")),
-        }
+        self.submit(WriteOp::Import(snapshot.clone())).await
     }
 }
 

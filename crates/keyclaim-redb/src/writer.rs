@@ -45,91 +45,23 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use keyclaim::transfer::DeviceSnapshot;
-use keyclaim::{
-    Changes, ClaimOutcome, ClaimTarget, Device, DeviceId, Error, FallbackTarget, Limits,
-    ResetScope, Result, Upload, UploadOutcome, UserId,
-};
+use keyclaim::backend::writer::{self, FromWriteReply, WriteOp, WriteReply};
+use keyclaim::{Error, Limits, Result};
 use redb::{Database, WriteTransaction};
 use tokio::sync::oneshot;
 
-use crate::RedbDurability;
 use crate::error::{self, Fatal, needs_reopen};
 use crate::flush::{Commit, FlushClock};
 use crate::hooks::Hooks;
 use crate::ops::{self, WriteTables};
 use crate::queue::{JobQueue, Refused, Taken};
 use crate::slot::DbSlot;
-
-/// One mutating operation.
-#[derive(Debug)]
-pub(crate) enum Op {
-    Upload(Upload),
-    /// A claim (section 4), or its one-time step (R12.1) without
-    /// `fall_back`.
-    Claim {
-        targets: Box<[ClaimTarget]>,
-        fall_back: bool,
-    },
-    /// The fallback step of a split claim (R12.2).
-    ClaimFallbacks(Box<[FallbackTarget]>),
-    /// A key reset (R13.1).
-    Reset(Device, ResetScope),
-    /// A dehydrated device's replacement (R14.1): the previous device's
-    /// deletion and the upload, in the one transaction of the batch.
-    Replace {
-        previous: Option<DeviceId>,
-        upload: Upload,
-    },
-    DeleteDevice(Device),
-    DeleteUser(UserId),
-    Import(DeviceSnapshot),
-}
-
-impl Op {
-    fn name(&self) -> &'static str {
-        match self {
-            Self::Upload(_) => "upload",
-            Self::Claim {
-                fall_back: true, ..
-            } => "claim",
-            Self::Claim {
-                fall_back: false, ..
-            } => "claim_one_time_keys",
-            Self::ClaimFallbacks(_) => "claim_fallback_keys",
-            Self::Reset(..) => "reset_one_time_keys",
-            Self::Replace { .. } => "replace_device",
-            Self::DeleteDevice(_) => "delete_device",
-            Self::DeleteUser(_) => "delete_user",
-            Self::Import(_) => "import_device",
-        }
-    }
-}
-
-/// What an operation answers.
-#[derive(Debug)]
-pub(crate) enum Reply {
-    Upload(UploadOutcome),
-    /// Decoded before the commit (R10.7).
-    Claim(ClaimOutcome),
-    Changes(Changes),
-}
-
-impl Reply {
-    /// Whether the operation wrote anything.
-    fn wrote(&self) -> bool {
-        match self {
-            Self::Upload(o) => !o.changes.is_empty(),
-            Self::Claim(o) => !o.changes.is_empty(),
-            Self::Changes(c) => !c.is_empty(),
-        }
-    }
-}
+use crate::{BACKEND, RedbDurability};
 
 /// An operation on its way to the writer, with where to answer.
 pub(crate) struct Job {
-    pub(crate) op: Op,
-    pub(crate) reply: oneshot::Sender<Result<Reply>>,
+    pub(crate) op: WriteOp,
+    pub(crate) reply: oneshot::Sender<Result<WriteReply>>,
     /// The caller's span, entered while the operation runs.
     pub(crate) span: tracing::Span,
 }
@@ -259,7 +191,7 @@ impl Writer {
     /// calling thread: a full queue refuses the operation at once, and the
     /// answer is awaited. Dropping the future before the writer took the
     /// operation leaves it unapplied.
-    pub(crate) async fn submit(&self, op: Op) -> Result<Reply> {
+    pub(crate) async fn submit<T: FromWriteReply>(&self, op: WriteOp) -> Result<T> {
         let name = op.name();
         let (reply, rx) = oneshot::channel();
         let job = Job {
@@ -272,11 +204,18 @@ impl Writer {
             Err(Refused::Closed(_)) => return Err(Error::Closed),
             Err(Refused::Full(_)) => {
                 self.counters.refused.fetch_add(1, Ordering::Relaxed);
-                return Err(error::queue_full(name, self.queue.capacity()));
+                return Err(writer::queue_full(
+                    BACKEND,
+                    name,
+                    "redb writer's",
+                    self.queue.capacity(),
+                ));
             }
         }
         // The writer drops a job unanswered only when it panics.
-        rx.await.map_err(|_| error::writer_panicked(name))?
+        rx.await
+            .map_err(|_| writer::writer_panicked(BACKEND, name))??
+            .into_answer(BACKEND, name)
     }
 
     /// Closes the queue and waits for the thread to finish it.
@@ -489,7 +428,7 @@ fn run_batch(
                 needs_reopen: needs_reopen(&e),
             }
         }
-        Err(BatchError::Op(e)) if batch.len() == 1 || needs_reopen(&e) => {
+        Err(BatchError::WriteOp(e)) if batch.len() == 1 || needs_reopen(&e) => {
             // Alone, or an I/O failure, after which the handle refuses
             // everything: no point in running the others one by one.
             counters.failed_batches.fetch_add(1, Ordering::Relaxed);
@@ -499,7 +438,7 @@ fn run_batch(
                 needs_reopen: needs_reopen(&e),
             }
         }
-        Err(BatchError::Op(e)) => {
+        Err(BatchError::WriteOp(e)) => {
             // Some operation failed half-way; the transaction was dropped.
             // Run each alone so that only the failing one fails.
             tracing::warn!(error = %e, "operation failed inside a batch; retrying one by one");
@@ -530,7 +469,7 @@ fn run_batch(
                             }
                         }
                     }
-                    Err(BatchError::Commit(e) | BatchError::Op(e)) => {
+                    Err(BatchError::Commit(e) | BatchError::WriteOp(e)) => {
                         counters.failed_batches.fetch_add(1, Ordering::Relaxed);
                         ran.needs_reopen = needs_reopen(&e);
                         fail_all(vec![job], &e);
@@ -545,7 +484,7 @@ fn run_batch(
 enum BatchError {
     /// An operation failed with a storage error or corrupt data; the
     /// transaction was abandoned before commit.
-    Op(Arc<Error>),
+    WriteOp(Arc<Error>),
     /// Opening the transaction or committing it failed.
     Commit(Arc<Error>),
 }
@@ -560,7 +499,7 @@ fn execute(
     jobs: &[&Job],
     config: &WriterConfig,
     mode: Commit,
-) -> std::result::Result<(Vec<Result<Reply>>, bool), BatchError> {
+) -> std::result::Result<(Vec<Result<WriteReply>>, bool), BatchError> {
     let commit_err = |f: Fatal| BatchError::Commit(Arc::new(f.into_error("commit")));
     let mut txn: WriteTransaction = db.begin_write().map_err(|e| commit_err(e.into()))?;
     if !mode.is_durable() {
@@ -578,12 +517,14 @@ fn execute(
                 Err(fatal) => {
                     let e = fatal.into_error(op);
                     tracing::warn!(error = %e, op, "operation failed; transaction abandoned");
-                    return Err(BatchError::Op(Arc::new(e)));
+                    return Err(BatchError::WriteOp(Arc::new(e)));
                 }
             }
         }
         let wrote = tables.finish().map_err(commit_err)?
-            || results.iter().any(|r| r.as_ref().is_ok_and(Reply::wrote));
+            || results
+                .iter()
+                .any(|r| r.as_ref().is_ok_and(WriteReply::wrote));
         if !wrote && mode != Commit::Flush {
             // Only reads, retries and rejections: nothing to make durable,
             // so no commit and no fsync.
@@ -599,24 +540,30 @@ fn execute(
 /// One operation on the batch's tables.
 fn apply(
     tables: &mut WriteTables<'_>,
-    op: &Op,
+    op: &WriteOp,
     limits: &Limits,
-) -> std::result::Result<Result<Reply>, Fatal> {
+) -> std::result::Result<Result<WriteReply>, Fatal> {
     Ok(match op {
-        Op::Upload(upload) => ops::upload(tables, upload, None, limits)?.map(Reply::Upload),
-        Op::Claim { targets, fall_back } => {
-            Ok(Reply::Claim(ops::claim(tables, targets, *fall_back)?))
+        WriteOp::Upload(upload) => {
+            ops::upload(tables, upload, None, limits)?.map(WriteReply::Upload)
         }
-        Op::ClaimFallbacks(targets) => Ok(Reply::Claim(ops::claim_fallbacks(tables, targets)?)),
-        Op::Reset(device, scope) => Ok(Reply::Upload(ops::reset_one_time_keys(
+        WriteOp::Claim { targets, fall_back } => {
+            Ok(WriteReply::Claim(ops::claim(tables, targets, *fall_back)?))
+        }
+        WriteOp::ClaimFallbacks(targets) => {
+            Ok(WriteReply::Claim(ops::claim_fallbacks(tables, targets)?))
+        }
+        WriteOp::Reset(device, scope) => Ok(WriteReply::Upload(ops::reset_one_time_keys(
             tables, device, scope,
         )?)),
-        Op::Replace { previous, upload } => {
-            ops::upload(tables, upload, previous.as_ref(), limits)?.map(Reply::Upload)
+        WriteOp::Replace { previous, upload } => {
+            ops::upload(tables, upload, previous.as_ref(), limits)?.map(WriteReply::Upload)
         }
-        Op::DeleteDevice(device) => Ok(Reply::Changes(ops::delete_device(tables, device)?)),
-        Op::DeleteUser(user) => Ok(Reply::Changes(ops::delete_user(tables, user)?)),
-        Op::Import(snapshot) => Ok(Reply::Changes(ops::import_device(tables, snapshot)?)),
+        WriteOp::DeleteDevice(device) => {
+            Ok(WriteReply::Changes(ops::delete_device(tables, device)?))
+        }
+        WriteOp::DeleteUser(user) => Ok(WriteReply::Changes(ops::delete_user(tables, user)?)),
+        WriteOp::Import(snapshot) => Ok(WriteReply::Changes(ops::import_device(tables, snapshot)?)),
     })
 }
 
@@ -633,7 +580,7 @@ fn drop_abandoned(batch: &mut Vec<Job>, counters: &Counters) {
 }
 
 /// Sends committed results. (Core reports the changes, R11.1.)
-fn answer(batch: Vec<Job>, results: Vec<Result<Reply>>) {
+fn answer(batch: Vec<Job>, results: Vec<Result<WriteReply>>) {
     for (job, result) in batch.into_iter().zip(results) {
         // The caller may have gone away (its future was dropped); the
         // operation is committed all the same.

@@ -65,17 +65,6 @@ pub(crate) fn did_not_run(op: &'static str) -> Error {
     Error::storage(BACKEND, op, true, "the operation did not run")
 }
 
-/// Operation `op` found its queue full (R10.6): the store is overloaded,
-/// or another process holds the file's write lock; nothing was queued.
-pub(crate) fn queue_full(op: &'static str, queue: &str, bound: usize) -> Error {
-    Error::storage(
-        BACKEND,
-        op,
-        true,
-        format!("the {queue} queue is full ({bound} operations waiting); try again later"),
-    )
-}
-
 /// The file would not switch to WAL mode (`journal_mode` stayed `mode`).
 pub(crate) fn wal_refused(mode: &str) -> Error {
     Error::storage(

@@ -14,13 +14,14 @@ use std::path::Path;
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{Sender, TrySendError};
+use keyclaim::backend::writer;
 use keyclaim::{Error, Result};
 use rusqlite::Connection;
 use tokio::sync::oneshot;
 
-use crate::SqliteOptions;
 use crate::error;
 use crate::schema::{self, Role};
+use crate::{BACKEND, SqliteOptions};
 
 type ReadJob = Box<dyn FnOnce(&Connection) + Send>;
 
@@ -98,7 +99,7 @@ impl ReadPool {
         match self.tx.as_ref().ok_or(Error::Closed)?.try_send(job) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
-                return Err(error::queue_full("read", "read", self.bound));
+                return Err(writer::queue_full(BACKEND, "read", "read", self.bound));
             }
             Err(TrySendError::Disconnected(_)) => return Err(Error::Closed),
         }

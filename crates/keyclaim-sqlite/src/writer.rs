@@ -41,14 +41,15 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
+use keyclaim::backend::writer;
 use keyclaim::{Changes, ClaimOutcome, Device, Error, Limits, Result, UploadOutcome};
 use rusqlite::Connection;
 use tokio::sync::oneshot;
 
-use crate::SqliteOptions;
 use crate::changes::ChangeLog;
 use crate::error::{self, BatchFailure};
 use crate::schema::{self, Role};
+use crate::{BACKEND, SqliteOptions};
 
 /// Whether an operation can fail for reasons of its own, and so needs a
 /// savepoint in a batch.
@@ -246,7 +247,7 @@ impl Writer {
         match self.tx.as_ref().ok_or(Error::Closed)?.try_send(job) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
-                return Err(error::queue_full(op, "write", self.bound));
+                return Err(writer::queue_full(BACKEND, op, "write", self.bound));
             }
             Err(TrySendError::Disconnected(_)) => return Err(Error::Closed),
         }

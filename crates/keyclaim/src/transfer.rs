@@ -20,7 +20,9 @@ use crate::error::Result;
 use crate::ids::Device;
 pub use crate::key_json::KeyDigest;
 use crate::store::KeyStore;
-pub use crate::types::{DeviceSnapshot, IssuedKey, StoredFallback, StoredOtk};
+pub use crate::types::{
+    AlgorithmQueue, DeviceSnapshot, IssuedKey, SnapshotQueues, StoredFallback, StoredOtk,
+};
 
 /// Pages through a store's devices in (user ID, device ID) byte order.
 ///

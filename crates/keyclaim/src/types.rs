@@ -1,6 +1,6 @@
 //! Requests and answers of the [`KeyStore`](crate::KeyStore) API.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 
 use serde_json::{Map, Value};
@@ -419,6 +419,25 @@ pub struct UploadOutcome {
     pub changes: Changes,
 }
 
+/// A [`DeviceSnapshot`]'s one-time keys per algorithm
+/// ([`DeviceSnapshot::queues`]).
+#[derive(Debug, Default)]
+pub struct SnapshotQueues<'s> {
+    /// Per algorithm name, its keys in the order a queue holds them.
+    pub per_algorithm: BTreeMap<&'s str, AlgorithmQueue<'s>>,
+    /// The largest sequence number of the snapshot's OTKs (0 without any).
+    pub max_seq: u64,
+}
+
+/// One algorithm's keys of a [`DeviceSnapshot`], in queue order.
+#[derive(Debug, Default)]
+pub struct AlgorithmQueue<'s> {
+    /// The remembered issued keys, oldest first (R3.4).
+    pub issued: Vec<&'s IssuedKey>,
+    /// The stored OTKs, in claim order (R3.5).
+    pub otks: Vec<&'s StoredOtk>,
+}
+
 /// A stored OTK, as exported.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StoredOtk {
@@ -477,6 +496,39 @@ impl DeviceSnapshot {
     /// Whether the device holds nothing.
     pub fn is_empty(&self) -> bool {
         self.one_time_keys.is_empty() && self.fallback_keys.is_empty() && self.issued.is_empty()
+    }
+
+    /// The snapshot's one-time keys laid out per algorithm, as a backend
+    /// that keeps a queue per (device, algorithm) imports them: the
+    /// remembered issued keys, oldest first, each (key ID, digest) once and
+    /// filed under its key ID's algorithm (where uploads look for it); then
+    /// the stored OTKs in claim order, (seq, key ID), a key ID given twice
+    /// counting once (the first). `max_seq` is the largest sequence number
+    /// of those OTKs (0 without any): the store's counter must move past
+    /// it, so that later uploads sort after every imported key.
+    pub fn queues(&self) -> SnapshotQueues<'_> {
+        let mut out = SnapshotQueues::default();
+        let mut seen_issued: HashSet<(&str, [u8; 32])> = HashSet::new();
+        for key in self.issued.values().flatten() {
+            if seen_issued.insert((key.key_id.as_str(), *key.digest.as_bytes())) {
+                let alg = key.key_id.algorithm_str();
+                out.per_algorithm.entry(alg).or_default().issued.push(key);
+            }
+        }
+        let mut seen_otks: HashSet<&str> = HashSet::new();
+        for otk in &self.one_time_keys {
+            if seen_otks.insert(otk.key_id.as_str()) {
+                let alg = otk.key_id.algorithm_str();
+                out.per_algorithm.entry(alg).or_default().otks.push(otk);
+                out.max_seq = out.max_seq.max(otk.seq);
+            }
+        }
+        for queue in out.per_algorithm.values_mut() {
+            queue
+                .otks
+                .sort_by(|a, b| (a.seq, a.key_id.as_str()).cmp(&(b.seq, b.key_id.as_str())));
+        }
+        out
     }
 
     /// OTK counts derived from the snapshot.

@@ -1,11 +1,11 @@
 //! Export and import of whole devices, for copying a store
 //! (`keyclaim::transfer`), and what `check` reads.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::ops::ControlFlow;
 
 use keyclaim::backend::decode;
-use keyclaim::transfer::{DeviceSnapshot, IssuedKey, KeyDigest, StoredOtk};
+use keyclaim::transfer::{AlgorithmQueue, DeviceSnapshot, IssuedKey, KeyDigest, StoredOtk};
 use keyclaim::{Changes, Device, Error, Limits, Result};
 
 use super::delete::delete_device_rows;
@@ -137,31 +137,9 @@ pub(crate) fn import_device(txn: &mut Txn<'_>, snapshot: &DeviceSnapshot) -> Res
         snapshot.device.device_id.as_str(),
     );
     delete_device_rows(txn, u, d)?;
-    type Pending<'s> = (Vec<&'s IssuedKey>, Vec<&'s StoredOtk>);
-    let mut per_alg: BTreeMap<&str, Pending<'_>> = BTreeMap::new();
-    let mut seen_otks: HashSet<&str> = HashSet::new();
-    let mut seen_issued: HashSet<(&str, [u8; 32])> = HashSet::new();
-    let mut max_seq = 0;
-    for keys in snapshot.issued.values() {
-        for key in keys {
-            // Filed under its key ID's algorithm, where uploads look for it.
-            if seen_issued.insert((key.key_id.as_str(), *key.digest.as_bytes())) {
-                let alg = key.key_id.algorithm_str();
-                per_alg.entry(alg).or_default().0.push(key);
-            }
-        }
-    }
-    for otk in &snapshot.one_time_keys {
-        // A key ID given twice: the first one counts.
-        if seen_otks.insert(otk.key_id.as_str()) {
-            let alg = otk.key_id.algorithm_str();
-            per_alg.entry(alg).or_default().1.push(otk);
-            max_seq = max_seq.max(otk.seq);
-        }
-    }
+    let queues = snapshot.queues();
     let mut record = DeviceRecord::default();
-    for (alg, (issued, mut otks)) in per_alg {
-        otks.sort_by(|a, b| (a.seq, a.key_id.as_str()).cmp(&(b.seq, b.key_id.as_str())));
+    for (alg, AlgorithmQueue { issued, otks }) in queues.per_algorithm {
         let mut q = Queue::default();
         for key in issued {
             append(
@@ -199,6 +177,6 @@ pub(crate) fn import_device(txn: &mut Txn<'_>, snapshot: &DeviceSnapshot) -> Res
         );
     }
     store_record(txn, u, d, &record);
-    raise_seq_to(txn, max_seq.saturating_add(1))?;
+    raise_seq_to(txn, queues.max_seq.saturating_add(1))?;
     Ok(Changes::from_devices([snapshot.device.clone()]))
 }

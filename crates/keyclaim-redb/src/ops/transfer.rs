@@ -1,8 +1,8 @@
 //! Export and import of whole devices, for copying a store (`keyclaim::transfer`).
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 
-use keyclaim::transfer::{DeviceSnapshot, IssuedKey, KeyDigest, StoredOtk};
+use keyclaim::transfer::{AlgorithmQueue, DeviceSnapshot, IssuedKey, KeyDigest, StoredOtk};
 use keyclaim::{Changes, Device, Error, Limits};
 use redb::{ReadTransaction, ReadableTable};
 
@@ -10,7 +10,7 @@ use super::delete::delete_device_rows;
 use super::read::fallback_keys;
 use super::{WriteTables, check_queue, parse_alg, parse_key_id, remembered_limit, stored_key};
 use crate::error::Fatal;
-use crate::schema::{DeviceAlgKey, Digest, FALLBACKS, OTK_KEYS, OTK_QUEUE, Queue, succ};
+use crate::schema::{DeviceAlgKey, FALLBACKS, OTK_KEYS, OTK_QUEUE, Queue, succ};
 use keyclaim::backend::decode;
 
 /// Up to `limit` devices with state, after `after`, in (user, device) byte
@@ -165,30 +165,8 @@ pub(crate) fn import_device(
         snapshot.device.device_id.as_str(),
     );
     delete_device_rows(t, u, d)?;
-    type Pending<'s> = (Vec<&'s IssuedKey>, Vec<&'s StoredOtk>);
-    let mut per_alg: BTreeMap<&str, Pending<'_>> = BTreeMap::new();
-    let mut seen_otks: HashSet<&str> = HashSet::new();
-    let mut seen_issued: HashSet<(&str, Digest)> = HashSet::new();
-    let mut max_seq = 0;
-    for keys in snapshot.issued.values() {
-        for key in keys {
-            // Filed under its key ID's algorithm, where uploads look for it.
-            if seen_issued.insert((key.key_id.as_str(), *key.digest.as_bytes())) {
-                let alg = key.key_id.algorithm_str();
-                per_alg.entry(alg).or_default().0.push(key);
-            }
-        }
-    }
-    for otk in &snapshot.one_time_keys {
-        // A key ID given twice: the first one counts.
-        if seen_otks.insert(otk.key_id.as_str()) {
-            let alg = otk.key_id.algorithm_str();
-            per_alg.entry(alg).or_default().1.push(otk);
-            max_seq = max_seq.max(otk.seq);
-        }
-    }
-    for (alg, (issued, mut otks)) in per_alg {
-        otks.sort_by(|a, b| (a.seq, a.key_id.as_str()).cmp(&(b.seq, b.key_id.as_str())));
+    let queues = snapshot.queues();
+    for (alg, AlgorithmQueue { issued, otks }) in queues.per_algorithm {
         let mut q: Queue = (0, 0, 0);
         for key in issued {
             t.append(
@@ -224,6 +202,6 @@ pub(crate) fn import_device(
             ),
         )?;
     }
-    t.raise_seq_to(max_seq.saturating_add(1));
+    t.raise_seq_to(queues.max_seq.saturating_add(1));
     Ok(Changes::from_devices([snapshot.device.clone()]))
 }

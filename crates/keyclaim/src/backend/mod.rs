@@ -27,6 +27,7 @@ mod claim;
 pub mod decode;
 mod serve;
 pub mod url;
+pub mod writer;
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
