@@ -55,7 +55,7 @@ use tokio_postgres::{AsyncMessage, Notification};
 use tracing::Instrument as _;
 
 use crate::error::{self, pg};
-use crate::ops::{NOTIFY, notify_payloads};
+use crate::ops::{ANNOUNCE, notify_payloads};
 use crate::tls::Connector;
 
 /// How long the announcer gathers changes before it sends them.
@@ -183,7 +183,7 @@ async fn announce(pool: Pool, channel: String, instance: String, shared: Arc<Bac
         let sent = async {
             let client = pool.get().await.map_err(|e| error::pool("announce", e))?;
             let stmt = client
-                .prepare_cached(NOTIFY)
+                .prepare_cached(ANNOUNCE)
                 .await
                 .map_err(pg("announce"))?;
             client

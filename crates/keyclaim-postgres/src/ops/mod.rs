@@ -85,6 +85,16 @@ ON CONFLICT (user_id, device_id, algorithm) DO UPDATE
 /// from the [`crate::listen::Announcer`] in batches after commits.
 pub(crate) const NOTIFY: &str = "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p";
 
+/// [`NOTIFY`] as the [`crate::listen::Announcer`] sends it, in a transaction
+/// of its own after the changes committed: with `synchronous_commit` off
+/// for that transaction alone, so that the announcement (which changes no
+/// data, and which a crash loses anyway with the listeners' connections)
+/// does not wait for a WAL flush of its own beside the claims' flushes. It
+/// is delivered at commit all the same.
+pub(crate) const ANNOUNCE: &str =
+    "SELECT pg_notify($1, p), set_config('synchronous_commit', 'off', true)
+    FROM unnest($2::text[]) AS p";
+
 /// The largest notification payload we build (PostgreSQL's limit is 8000).
 const MAX_PAYLOAD: usize = 7000;
 
@@ -122,6 +132,73 @@ fn remembered(limits: &Limits) -> i64 {
 /// A count or sequence value read from the database as a `u64`.
 fn count_to_u64(n: i64) -> u64 {
     u64::try_from(n).unwrap_or(0)
+}
+
+/// A statement's generic plans in a store of many devices, for the tests
+/// that check that a statement reaches every table through an index.
+#[cfg(test)]
+pub(crate) mod plans {
+    #![allow(clippy::expect_used)]
+
+    use crate::{PostgresOptions, PostgresStore};
+    use keyclaim_testing::postgres::{unique_schema, with_server};
+
+    /// Fills a new store's tables with `devices` devices of 3 keys each (and
+    /// a fallback key, used on every second one), prepares `statement` as
+    /// `prepared` (`name(types) AS`), and gives the plan of `explain`
+    /// (`EXPLAIN (COSTS OFF) EXECUTE ...`) to `check` with sequential scans
+    /// off and on, under the store's pinned generic plans.
+    pub(crate) fn check_generic_plans(
+        name: &str,
+        prepared: &str,
+        explain: &'static str,
+        check: fn(&str),
+    ) {
+        let prepared = prepared.to_owned();
+        with_server(name, move |url| async move {
+            let store = PostgresStore::connect_with(
+                &url,
+                PostgresOptions::new()
+                    .schema(unique_schema("kc_plan"))
+                    .pool_size(1)
+                    .allow_unsafe_server(true),
+            )
+            .await
+            .expect("connect");
+            let conn = store.client("test").await.expect("client");
+            let client = conn.raw();
+            client
+                .batch_execute(
+                    "INSERT INTO otk SELECT '@u' || i || ':x', 'D', 'alg:K' || j, 'alg', j, '\"k\"', '\\x00'
+                       FROM generate_series(1, 20000) i, generate_series(1, 3) j;
+                     INSERT INTO fallback SELECT '@u' || i || ':x', 'D', 'alg', 'alg:F', '\"f\"', '\\x00', i % 2 = 0
+                       FROM generate_series(1, 20000) i;
+                     ANALYZE otk; ANALYZE otk_count; ANALYZE fallback;",
+                )
+                .await
+                .expect("fill");
+            client
+                .batch_execute(&format!("PREPARE {prepared}"))
+                .await
+                .expect("prepare");
+            for seqscan in ["off", "on"] {
+                client
+                    .batch_execute(&format!(
+                        "SET plan_cache_mode = force_generic_plan; SET enable_seqscan = {seqscan}"
+                    ))
+                    .await
+                    .expect("settings");
+                let plan: Vec<String> = client
+                    .query(explain, &[])
+                    .await
+                    .expect("explain")
+                    .iter()
+                    .map(|row| row.get(0))
+                    .collect();
+                check(&plan.join("\n"));
+            }
+        });
+    }
 }
 
 #[cfg(test)]
