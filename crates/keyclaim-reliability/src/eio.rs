@@ -6,8 +6,11 @@
 //! `fdatasync`. At each call it reads a control file (named by the
 //! environment variable [`CONTROL_ENV`]) holding `<mode> <directory>`: in
 //! mode `write` the writes of files under the directory fail with `EIO` and
-//! write nothing; in mode `sync` their syncs fail with `EIO` (what was
-//! written stays in the page cache, as after a failed `fsync` on Linux).
+//! write nothing; in mode `sync` their syncs fail with `EIO` and lose what
+//! was written to the file since the fault came on (the shim puts back the
+//! bytes those writes overwrote, and the file's length): Linux may drop the
+//! dirty pages of a failed `fsync`, and a store that carried on as if the
+//! data were there would then answer differently from its file.
 //! [`EioFault`] switches the mode as the scenario's [`Fault`].
 //!
 //! A preloaded library must be there when the process starts, so the
@@ -32,6 +35,10 @@ pub const CONTROL_ENV: &str = "KEYCLAIM_EIO_CONTROL";
 /// every failure it injects.
 pub const COUNT_ENV: &str = "KEYCLAIM_EIO_COUNT";
 
+/// The environment variable naming the file the shim appends a byte to for
+/// every write that a failed sync loses (puts back).
+pub const LOST_ENV: &str = "KEYCLAIM_EIO_LOST";
+
 /// The shim's C source.
 pub const SHIM_SOURCE: &str = include_str!("../shim/eio.c");
 
@@ -45,7 +52,7 @@ pub fn build_shim(dir: &Path) -> io::Result<PathBuf> {
     let library = dir.join("libkeyclaim_eio.so");
     std::fs::write(&source, SHIM_SOURCE)?;
     let out = Command::new("cc")
-        .args(["-shared", "-fPIC", "-O1", "-o"])
+        .args(["-shared", "-fPIC", "-O1", "-pthread", "-o"])
         .arg(&library)
         .arg(&source)
         .arg("-ldl")

@@ -98,11 +98,13 @@ fn with_eio(what: &str, backend: &str, mode: &str) -> Option<String> {
     let shim = keyclaim_testing::require(what, eio::build_shim(dir.path()))?;
     let control = dir.path().join("control");
     let count = dir.path().join("count");
+    let lost = dir.path().join("lost");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_eio"))
         .args([backend, mode, "1"])
         .env("LD_PRELOAD", &shim)
         .env(eio::CONTROL_ENV, &control)
         .env(eio::COUNT_ENV, &count)
+        .env(eio::LOST_ENV, &lost)
         .output()
         .expect("run the eio binary");
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -113,9 +115,13 @@ fn with_eio(what: &str, backend: &str, mode: &str) -> Option<String> {
     );
     let injected = std::fs::metadata(&count).map_or(0, |m| m.len());
     assert!(injected > 0, "the shim injected no failure: {stdout}");
+    let lost = std::fs::metadata(&lost).map_or(0, |m| m.len());
+    if mode == "sync" {
+        assert!(lost > 0, "no failed sync lost a write: {stdout}");
+    }
     let _ = writeln!(
         std::io::stderr(),
-        "keyclaim-reliability: {injected} injected; {stdout}"
+        "keyclaim-reliability: {injected} injected, {lost} writes lost; {stdout}"
     );
     Some(stdout)
 }

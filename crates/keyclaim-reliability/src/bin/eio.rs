@@ -4,7 +4,7 @@
 //! the shim preloaded; by hand:
 //!
 //! ```text
-//! cc -shared -fPIC -o /tmp/libkeyclaim_eio.so crates/keyclaim-reliability/shim/eio.c -ldl
+//! cc -shared -fPIC -pthread -o /tmp/libkeyclaim_eio.so crates/keyclaim-reliability/shim/eio.c -ldl
 //! KEYCLAIM_EIO_CONTROL=/tmp/eio.control LD_PRELOAD=/tmp/libkeyclaim_eio.so \
 //!     target/debug/eio <sqlite|redb> <write|sync> [seed]
 //! ```
