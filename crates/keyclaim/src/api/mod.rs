@@ -7,6 +7,7 @@ mod provider;
 
 pub use provider::{ClaimOptions, OtkProvider};
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
 
@@ -349,19 +350,28 @@ impl<S: KeyStore> KeysApi<S> {
                 return Err(ApiError::bad_json("`one_time_keys` values must be objects"));
             }
             let others = latest.total - latest.count(&user_id);
-            let mut wanted: BTreeMap<DeviceId, Option<Algorithm>> = BTreeMap::new();
+            // The user's devices by name, the last occurrence of a name
+            // counting, then checked in name order (as section 9 reads a
+            // JSON object); refused once there are more than the targets
+            // left (R8.2).
+            let room = limit.saturating_sub(others);
+            let mut members: BTreeMap<Cow<'_, str>, &RawValue> = BTreeMap::new();
             body::for_each_member(devices, |device, algorithm| {
+                members.insert(device, algorithm);
+                if members.len() > room {
+                    return Err(too_large(LimitKind::ClaimTargets, limit).into());
+                }
+                Ok(())
+            })?;
+            let mut wanted = Vec::with_capacity(members.len());
+            for (device, algorithm) in members {
                 let device_id = DeviceId::parse(device.into_owned())?;
                 if body::kind(algorithm) != Kind::String {
                     return Err(ApiError::bad_json("algorithms must be strings"));
                 }
                 let algorithm = Algorithm::parse(body::text(algorithm)?.into_owned()).ok();
-                wanted.insert(device_id, algorithm);
-                if others + wanted.len() > limit {
-                    return Err(too_large(LimitKind::ClaimTargets, limit).into());
-                }
-                Ok(())
-            })?;
+                wanted.push((device_id, algorithm));
+            }
             latest.set(&user_id, occurrence, wanted.len());
             for (device_id, algorithm) in wanted {
                 named.push((
