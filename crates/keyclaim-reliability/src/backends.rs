@@ -51,10 +51,10 @@ impl Backend {
     /// The backend's open errors.
     pub async fn open(self, path: &Path, limits: Limits) -> Result<Persistent> {
         let url = format!("{}:{}", self.name(), path.display());
-        Ok(Persistent {
-            backend: self,
-            store: keyclaim_open::open_with(&url, limits).await?,
-        })
+        Ok(Persistent::new(
+            self.name(),
+            keyclaim_open::open_with(&url, limits).await?,
+        ))
     }
 }
 
@@ -67,11 +67,17 @@ impl fmt::Display for Backend {
 /// An open persistent store.
 #[derive(Debug)]
 pub struct Persistent {
-    backend: Backend,
+    name: &'static str,
     store: Arc<dyn KeyStore>,
 }
 
 impl Persistent {
+    /// A store opened some other way (over a test's storage), named `name`
+    /// in errors.
+    pub fn new(name: &'static str, store: Arc<dyn KeyStore>) -> Self {
+        Self { name, store }
+    }
+
     /// The store.
     pub fn store(&self) -> &dyn KeyStore {
         &*self.store
@@ -83,7 +89,7 @@ impl Persistent {
     /// # Errors
     /// When the blocking task fails.
     pub async fn close(self) -> Result<()> {
-        let name = self.backend.name();
+        let name = self.name;
         tokio::task::spawn_blocking(move || drop(self.store))
             .await
             .map_err(|e| keyclaim::Error::storage(name, "close", false, e))

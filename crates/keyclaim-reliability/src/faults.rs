@@ -1,15 +1,25 @@
 //! Storage faults: a persistent store is run over storage that fails, and
-//! must fail cleanly (R10.4: an error, never a panic or a wrong answer).
+//! must fail cleanly (R10.4: an error, never a panic or a wrong answer), and
+//! never acknowledge or serve what it could not write or sync (R10.8).
 //!
-//! # Mechanism: a full disk
+//! # Mechanisms
 //!
-//! `tests/storage_faults.rs` runs the scenario with
-//! `keyclaim_testing::DiskFull` as the [`Fault`]: a small `tmpfs` (8 MiB)
-//! mounted on a temp dir holds the store. Injecting the fault fills the file
-//! system with a filler file until `write` fails with `ENOSPC`; clearing it
-//! deletes the filler and remounts the file system eight times larger (an
-//! operator adding space). This needs root (or `CAP_SYS_ADMIN`) and `mount`;
-//! CI runs as root.
+//! - A full disk: `tests/storage_faults.rs` runs the scenario with
+//!   `keyclaim_testing::DiskFull` as the [`Fault`]: a small `tmpfs` (8 MiB)
+//!   mounted on a temp dir holds the store. Injecting the fault fills the
+//!   file system with a filler file until `write` fails with `ENOSPC`;
+//!   clearing it deletes the filler and remounts the file system eight times
+//!   larger (an operator adding space). This needs root (or
+//!   `CAP_SYS_ADMIN`) and `mount`; CI runs as root.
+//! - `EIO` on write or on sync, for the file-based backends (SQLite, redb):
+//!   an `LD_PRELOAD` shim ([`crate::eio`]) fails `write`/`pwrite` or
+//!   `fsync`/`fdatasync` on the files under the store's directory while the
+//!   fault is on. No root, no kernel module; the scenario runs in a child
+//!   process (the `eio` binary) started with the shim preloaded.
+//! - A failing batch write of the key-value layer's engine
+//!   ([`crate::kv_fault`]): a wrapper over `MemoryEngine` whose
+//!   `write` fails, as an engine's does on `EIO`; the store is reopened on
+//!   the same engine.
 //!
 //! # The scenario ([`run_scenario`])
 //!
@@ -29,14 +39,15 @@
 //!    exact, [`check_store`] clean, and new writes must succeed.
 //! 4. Reopen: the store is closed and opened again; the state is unchanged.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use keyclaim::transfer::check_store;
 use keyclaim::{KeyStore, Limits};
 use keyclaim_memory::MemoryStore;
 
-use crate::backends::Backend;
+use crate::backends::{Backend, Persistent};
+use crate::differential::BoxFuture;
 use crate::util::{Violation, chain, ensure, snapshot_all};
 use crate::workload::{WorkOp, Workload, apply, clone_memory};
 
@@ -56,6 +67,39 @@ pub trait Fault {
     /// # Errors
     /// When the fault cannot be cleared.
     fn clear(&mut self) -> std::io::Result<()>;
+    /// Whether an operation that fails under this fault must fail with a
+    /// retryable error (nothing of it applied, the same call may succeed
+    /// later). Default `false`: any storage error will do.
+    fn retryable(&self) -> bool {
+        false
+    }
+}
+
+/// How the scenario opens its store, first and again after the fault.
+pub trait Opener: Send + Sync {
+    /// The backend's name, for reports.
+    fn name(&self) -> &'static str;
+    /// Opens the store (again), with `limits`.
+    fn open(&self, limits: Limits) -> BoxFuture<'_, keyclaim::Result<Persistent>>;
+}
+
+/// A file-based backend's store at a path.
+#[derive(Debug, Clone)]
+pub struct AtPath {
+    /// The backend.
+    pub backend: Backend,
+    /// The store's file.
+    pub path: PathBuf,
+}
+
+impl Opener for AtPath {
+    fn name(&self) -> &'static str {
+        self.backend.name()
+    }
+
+    fn open(&self, limits: Limits) -> BoxFuture<'_, keyclaim::Result<Persistent>> {
+        Box::pin(self.backend.open(&self.path, limits))
+    }
 }
 
 /// What [`run_scenario`] saw.
@@ -127,7 +171,8 @@ pub(crate) async fn resolve(
     }
 }
 
-/// Runs the scenario of this module's docs for one backend over one fault.
+/// Runs the scenario of this module's docs for one backend over one fault,
+/// the store's file in the fault's directory.
 ///
 /// # Errors
 /// The first broken promise.
@@ -136,16 +181,32 @@ pub async fn run_scenario(
     fault: &mut dyn Fault,
     seed: u64,
 ) -> Result<ScenarioReport, Violation> {
+    let opener = AtPath {
+        backend,
+        path: fault.dir().join(backend.file_name()),
+    };
+    run_scenario_with(&opener, fault, seed).await
+}
+
+/// Runs the scenario of this module's docs for the store `opener` opens,
+/// over one fault.
+///
+/// # Errors
+/// The first broken promise.
+pub async fn run_scenario_with(
+    opener: &dyn Opener,
+    fault: &mut dyn Fault,
+    seed: u64,
+) -> Result<ScenarioReport, Violation> {
     let mut report = ScenarioReport {
-        backend: backend.name().to_owned(),
+        backend: opener.name().to_owned(),
         fault: fault.name().to_owned(),
         ..ScenarioReport::default()
     };
     let mut limits = Limits::default();
     limits.max_otks_per_device_algorithm = 200;
     let dir = fault.dir().to_owned();
-    let path = dir.join(backend.file_name());
-    let mut store = backend.open(&path, limits.clone()).await?;
+    let mut store = opener.open(limits.clone()).await?;
     let mut mirror = MemoryStore::with_limits(limits.clone());
     // Keys of ~600 bytes, so that the faulty phase needs new pages soon.
     let mut work = Workload::new(seed, 12, 512)?;
@@ -191,6 +252,12 @@ pub async fn run_scenario(
                     "faulty {}: failed with a non-storage error: {e}",
                     op.label()
                 );
+                ensure!(
+                    !fault.retryable() || e.is_retryable(),
+                    "faulty {}: failed with a storage error that is not retryable: {}",
+                    op.label(),
+                    chain(&e)
+                );
                 let api = keyclaim::ApiError::from(e);
                 ensure!(
                     (api.status(), api.errcode()) == (500, "M_UNKNOWN"),
@@ -232,7 +299,7 @@ pub async fn run_scenario(
         report.same_handle_error = Some(chain(&e));
         report.needed_reopen = true;
         let _ = store.close().await;
-        store = backend.open(&path, limits.clone()).await.map_err(|e| {
+        store = opener.open(limits.clone()).await.map_err(|e| {
             Violation(format!(
                 "after the fault cleared, the store does not open: {e}"
             ))
@@ -269,7 +336,7 @@ pub async fn run_scenario(
 
     // 4. Reopen.
     store.close().await?;
-    let store = backend.open(&path, limits).await?;
+    let store = opener.open(limits).await?;
     verify(store.store(), &mirror, "after reopen").await?;
     store.close().await?;
     Ok(report)

@@ -1,8 +1,11 @@
-//! Hostile bodies for the facade's endpoints around claims: claims with
+//! Hostile bodies for the facade's endpoints: uploads and claims (the
+//! shapes that cost most to parse: a body full of small objects, long
+//! strings, many members; the others are in [`crate::bounds`]), claims with
 //! options (R12.4), key resets (R13.2), dehydrated device replacements
 //! (R14.1) and bulk counts (R16.1). Huge `key_ids` and device lists, deep
-//! nesting, enormous and bad IDs, each at and past the limits of contract
-//! section 8.
+//! nesting, enormous and bad IDs, small objects and long strings where they
+//! are ignored and where they are read, each at and past the limits of
+//! contract section 8.
 //!
 //! Each case states what the facade must answer: a 400 with an `errcode` of
 //! section 9's table, or success. [`check`] serves a case over the store of
@@ -24,6 +27,10 @@ use crate::wire::{UPLOAD_DEVICE, UPLOAD_USER, check_error, check_sound, populate
 /// The endpoint a hostile body is sent to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Endpoint {
+    /// [`KeysApi::upload`] for [`UPLOAD_USER`]/[`UPLOAD_DEVICE`].
+    Upload,
+    /// [`KeysApi::claim`].
+    Claim,
     /// [`KeysApi::claim_with`] with `always_include_fallback_keys`.
     ClaimWith,
     /// [`KeysApi::reset`] for [`UPLOAD_USER`]/[`UPLOAD_DEVICE`].
@@ -109,6 +116,20 @@ fn tiny_keys(size: Size) -> Vec<u8> {
     list_body(r#"{"one_time_keys":{"#, "}}", size, |i, out| {
         let _ = write!(out, r#""a:{i}":"""#);
     })
+}
+
+/// `{"x":[{"a":1},{"a":1},...]}` inside `head` and `tail`, filling the body
+/// limit: the worst case of a parse into a JSON tree (each small object
+/// costs a map of its own there).
+fn small_objects(head: &str, tail: &str) -> Vec<u8> {
+    list_body(head, tail, Size::Bytes(MIB), |_, out| {
+        out.push_str(r#"{"a":1}"#);
+    })
+}
+
+/// A string of `len` bytes inside `head` and `tail`.
+fn long_string(head: &str, len: usize, tail: &str) -> Vec<u8> {
+    format!("{head}\"{}\"{tail}", "s".repeat(len)).into_bytes()
 }
 
 /// `depth` nested arrays.
@@ -313,6 +334,176 @@ pub const CASES: &[Hostile] = &[
             .into_bytes()
         },
     },
+    Hostile {
+        name: "upload_small_objects_ignored_1mib",
+        endpoint: Endpoint::Upload,
+        refused_with: None,
+        limits: None,
+        body: || small_objects(r#"{"x":["#, "]}"),
+    },
+    Hostile {
+        name: "upload_small_objects_in_device_keys_1mib",
+        endpoint: Endpoint::Upload,
+        refused_with: None,
+        limits: None,
+        body: || small_objects(r#"{"device_keys":{"x":["#, "]}}"),
+    },
+    Hostile {
+        name: "upload_small_objects_in_one_key_1mib",
+        endpoint: Endpoint::Upload,
+        refused_with: Some("M_TOO_LARGE"),
+        limits: None,
+        body: || {
+            small_objects(
+                r#"{"one_time_keys":{"a:b":{"key":"k","signatures":{},"x":["#,
+                "]}}}",
+            )
+        },
+    },
+    Hostile {
+        name: "upload_members_in_one_key_1mib",
+        endpoint: Endpoint::Upload,
+        refused_with: Some("M_TOO_LARGE"),
+        limits: None,
+        body: || {
+            list_body(
+                r#"{"one_time_keys":{"a:b":{"key":"k","signatures":{},"#,
+                "}}}",
+                Size::Bytes(MIB),
+                |i, out| {
+                    let _ = write!(out, r#""m{i}":0"#);
+                },
+            )
+        },
+    },
+    Hostile {
+        name: "upload_long_string_in_one_key_1mib",
+        endpoint: Endpoint::Upload,
+        refused_with: Some("M_TOO_LARGE"),
+        limits: None,
+        body: || long_string(r#"{"one_time_keys":{"a:b":"#, MIB - 64, "}}"),
+    },
+    Hostile {
+        name: "upload_long_string_ignored_1mib",
+        endpoint: Endpoint::Upload,
+        refused_with: None,
+        limits: None,
+        body: || long_string(r#"{"x":"#, MIB - 16, "}"),
+    },
+    Hostile {
+        name: "upload_tiny_keys_in_1mib",
+        endpoint: Endpoint::Upload,
+        refused_with: Some("M_TOO_LARGE"),
+        limits: None,
+        body: || tiny_keys(Size::Bytes(MIB)),
+    },
+    Hostile {
+        name: "upload_deep_nesting_body",
+        endpoint: Endpoint::Upload,
+        refused_with: Some("M_NOT_JSON"),
+        limits: None,
+        body: nested_body,
+    },
+    Hostile {
+        name: "claim_small_objects_ignored_1mib",
+        endpoint: Endpoint::Claim,
+        refused_with: None,
+        limits: None,
+        body: || small_objects(r#"{"x":["#, "]}"),
+    },
+    Hostile {
+        name: "claim_small_objects_as_algorithm_1mib",
+        endpoint: Endpoint::Claim,
+        refused_with: Some("M_BAD_JSON"),
+        limits: None,
+        body: || small_objects(r#"{"one_time_keys":{"@a:x":{"D":["#, "]}}}"),
+    },
+    Hostile {
+        name: "claim_users_without_devices_1mib",
+        endpoint: Endpoint::Claim,
+        refused_with: None,
+        limits: None,
+        body: || {
+            list_body(r#"{"one_time_keys":{"#, "}}", Size::Bytes(MIB), |i, out| {
+                let _ = write!(out, r#""@{i}:x":{{}}"#);
+            })
+        },
+    },
+    Hostile {
+        name: "claim_long_string_ignored_1mib",
+        endpoint: Endpoint::Claim,
+        refused_with: None,
+        limits: None,
+        body: || long_string(r#"{"timeout":"#, MIB - 16, "}"),
+    },
+    Hostile {
+        name: "claim_with_small_objects_ignored_1mib",
+        endpoint: Endpoint::ClaimWith,
+        refused_with: None,
+        limits: None,
+        body: || small_objects(r#"{"x":["#, "]}"),
+    },
+    Hostile {
+        name: "reset_small_objects_ignored_1mib",
+        endpoint: Endpoint::Reset,
+        refused_with: None,
+        limits: None,
+        body: || small_objects(r#"{"x":["#, "]}"),
+    },
+    Hostile {
+        name: "reset_small_objects_in_key_ids_1mib",
+        endpoint: Endpoint::Reset,
+        refused_with: Some("M_TOO_LARGE"),
+        limits: None,
+        body: || small_objects(r#"{"key_ids":["#, "]}"),
+    },
+    Hostile {
+        name: "replace_small_objects_ignored_1mib",
+        endpoint: Endpoint::ReplaceDehydrated,
+        refused_with: None,
+        limits: None,
+        body: || small_objects(r#"{"device_data":["#, "]}"),
+    },
+    Hostile {
+        name: "replace_small_objects_in_one_key_1mib",
+        endpoint: Endpoint::ReplaceDehydrated,
+        refused_with: Some("M_TOO_LARGE"),
+        limits: None,
+        body: || {
+            small_objects(
+                r#"{"fallback_keys":{"a:b":{"key":"k","signatures":{},"x":["#,
+                "]}}}",
+            )
+        },
+    },
+    Hostile {
+        name: "counts_many_small_objects_ignored_1mib",
+        endpoint: Endpoint::CountsMany,
+        refused_with: None,
+        limits: None,
+        body: || small_objects(r#"{"x":["#, "]}"),
+    },
+    Hostile {
+        name: "counts_many_users_without_devices_1mib",
+        endpoint: Endpoint::CountsMany,
+        refused_with: None,
+        limits: None,
+        body: || {
+            list_body(r#"{"devices":{"#, "}}", Size::Bytes(MIB), |i, out| {
+                let _ = write!(out, r#""@{i}:x":[]"#);
+            })
+        },
+    },
+    Hostile {
+        name: "counts_many_small_objects_in_a_list_1mib",
+        endpoint: Endpoint::CountsMany,
+        refused_with: Some("M_TOO_LARGE"),
+        limits: None,
+        body: || {
+            let head = format!(r#"{{"devices":{{"{UPLOAD_USER}":["#);
+            small_objects(&head, "]}}")
+        },
+    },
 ];
 
 /// The case of a name.
@@ -339,6 +530,8 @@ pub async fn serve(
     body: &[u8],
 ) -> Result<Value, ApiError> {
     match endpoint {
+        Endpoint::Upload => api.upload(UPLOAD_USER, UPLOAD_DEVICE, body).await,
+        Endpoint::Claim => api.claim(body).await,
         Endpoint::ClaimWith => {
             let options = ClaimOptions::default().always_include_fallback_keys(true);
             api.claim_with(body, &options).await

@@ -15,7 +15,9 @@
 //! - [`hostile`]: hostile bodies for the claims with options, key resets,
 //!   dehydrated device replacements and bulk counts, each with the answer it
 //!   must get (checked by this crate's tests, measured by `bounds`);
-//! - [`faults`]: persistent backends over storage that fails (a full disk);
+//! - [`faults`]: persistent backends over storage that fails (a full disk,
+//!   `EIO` on write or sync through the [`eio`] shim, a failing engine batch
+//!   of the key-value layer in [`kv_fault`]);
 //! - [`soak`]: a long mixed workload with SIGKILLs and invariant checks
 //!   (the `soak` binary);
 //! - [`corpus`]: the checked-in seed corpora under `fuzz/seeds/`, which this
@@ -29,8 +31,10 @@ pub mod backends;
 pub mod bounds;
 pub mod corpus;
 pub mod differential;
+pub mod eio;
 pub mod faults;
 pub mod hostile;
+pub mod kv_fault;
 pub mod soak;
 mod util;
 pub mod wire;

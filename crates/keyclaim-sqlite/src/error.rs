@@ -4,9 +4,11 @@
 //! applied and the same call may succeed later) is decided here and nowhere
 //! else:
 //!
-//! - a SQLite error is retryable when it is `BUSY` or `LOCKED`: another
-//!   connection (of this or another process) held the lock past the busy
-//!   timeout ([`sql_error`]);
+//! - a SQLite error is retryable when it is `BUSY` or `LOCKED` (another
+//!   connection, of this or another process, held the lock past the busy
+//!   timeout), or an I/O error or a full disk (`IOERR`, `FULL`: a failed
+//!   write or sync, R10.8): SQLite rolls the transaction back, and the same
+//!   call may succeed once the storage works again ([`sql_error`]);
 //! - a batch whose transaction failed as a whole gives every operation in it
 //!   the same error ([`BatchFailure`]), retryable when the cause was busy or
 //!   a batch-mate's failure;
@@ -31,10 +33,23 @@ pub(crate) fn is_busy(e: &rusqlite::Error) -> bool {
     )
 }
 
-/// Wraps a rusqlite error of operation `op` as [`Error::Storage`]; busy and
-/// locked are retryable, everything else is not.
+/// Whether a rusqlite error is one that trying again may get past: busy or
+/// locked ([`is_busy`]), or a failed write or sync (`IOERR`) or a full disk
+/// (`FULL`). A transaction that meets one is rolled back, so nothing of it
+/// was applied (R10.8).
+pub(crate) fn is_transient(e: &rusqlite::Error) -> bool {
+    is_busy(e)
+        || matches!(
+            e.sqlite_error_code(),
+            Some(ErrorCode::SystemIoFailure | ErrorCode::DiskFull)
+        )
+}
+
+/// Wraps a rusqlite error of operation `op` as [`Error::Storage`]; busy,
+/// locked, I/O errors and a full disk are retryable ([`is_transient`]),
+/// everything else is not.
 pub(crate) fn sql_error(op: &'static str, e: rusqlite::Error) -> Error {
-    Error::storage(BACKEND, op, is_busy(&e), e)
+    Error::storage(BACKEND, op, is_transient(&e), e)
 }
 
 /// `.ctx(op)` on rusqlite results.
@@ -84,10 +99,11 @@ pub(crate) struct BatchFailure {
 }
 
 impl BatchFailure {
-    /// The batch's `BEGIN`, `SAVEPOINT`, `ROLLBACK` or `COMMIT` failed.
+    /// The batch's `BEGIN`, `SAVEPOINT`, `ROLLBACK` or `COMMIT` failed;
+    /// retryable as [`sql_error`] says.
     pub(crate) fn from_sql(e: rusqlite::Error) -> Self {
         Self {
-            retryable: is_busy(&e),
+            retryable: is_transient(&e),
             source: Arc::new(e),
         }
     }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use serde_json::Value;
 use sha2::{Digest as _, Sha256};
 
+use crate::api::body::{Kind, Text};
 use crate::error::{Error, Result};
 
 /// How deeply key JSON may nest; deeper input is refused before any recursion
@@ -127,6 +128,16 @@ impl KeyJson {
         }
     }
 
+    /// A stand-in for key JSON that was refused as too large while it was
+    /// read, so that the rest of a request is checked in the usual order
+    /// before the refusal is answered; never stored.
+    pub(crate) fn placeholder() -> Self {
+        Self {
+            canonical: Arc::from("\"\""),
+            digest: KeyDigest([0; 32]),
+        }
+    }
+
     /// The canonical JSON text.
     pub fn canonical(&self) -> &str {
         &self.canonical
@@ -170,6 +181,315 @@ impl serde::Serialize for KeyJson {
         serializer: S,
     ) -> std::result::Result<S::Ok, S::Error> {
         self.to_value().serialize(serializer)
+    }
+}
+
+/// How much of [`Limits::max_key_json_bytes`](crate::Limits) one key's text
+/// may take while [`KeyJson::from_body_text`] canonicalizes it: canonical
+/// text and bookkeeping of members together. Canonical text within the limit
+/// never reaches it; the margin covers members that a later member of the
+/// same name replaces.
+const WORK_BUDGET_FACTOR: usize = 16;
+
+/// What [`KeyJson::from_body_text`] charges for one object member beside its
+/// text (its place in the list that is sorted).
+const MEMBER_COST: usize = 48;
+
+impl KeyJson {
+    /// Validates and canonicalizes key JSON from its text in a request body
+    /// (R2.4), as [`Self::from_value`] does but without a JSON tree: the
+    /// canonical text is written while the text is read. `max_bytes` is the
+    /// limit on canonical key JSON (R8.2): work past 16 times it stops, and
+    /// the key is then answered as too large (`Ok(None)`), so that the memory
+    /// one key takes is bounded by the limit, not by the body.
+    ///
+    /// # Errors
+    /// [`Error::InvalidKeyJson`] as [`Self::from_value`]: a shape error
+    /// first, then nesting deeper than [`MAX_KEY_JSON_DEPTH`].
+    pub(crate) fn from_body_text(text: &str, max_bytes: usize) -> Result<Option<Self>> {
+        let invalid = |reason| Error::InvalidKeyJson {
+            key_id: None,
+            reason,
+        };
+        let bad = |reason| Err(invalid(reason));
+        if !matches!(text.trim_start().as_bytes().first(), Some(b'"' | b'{')) {
+            return bad("key JSON must be a string or an object");
+        }
+        let mut canon = Canon {
+            out: Vec::new(),
+            charged: 0,
+            budget: max_bytes.saturating_mul(WORK_BUDGET_FACTOR),
+            writing: true,
+            over: false,
+            too_deep: false,
+            shape: Shape::default(),
+            stripped: None,
+        };
+        let mut de = serde_json::Deserializer::from_str(text);
+        let kind = serde::de::DeserializeSeed::deserialize(
+            Node {
+                canon: &mut canon,
+                depth: 1,
+            },
+            &mut de,
+        )
+        .map_err(|_| invalid("not JSON"))?;
+        if kind == Kind::Object {
+            if canon.shape.key != Some(Kind::String) {
+                return bad("`key` must be a string");
+            }
+            if canon.shape.signatures != Some(Kind::Object) {
+                return bad("`signatures` must be an object");
+            }
+            if canon.shape.fallback.is_some_and(|k| k != Kind::Bool) {
+                return bad("`fallback` must be a boolean");
+            }
+        }
+        if canon.too_deep {
+            return bad("nested too deeply");
+        }
+        if canon.over {
+            return Ok(None);
+        }
+        let digest = match &canon.stripped {
+            Some(text) => Sha256::digest(text),
+            None => Sha256::digest(&canon.out),
+        };
+        let canonical = String::from_utf8(canon.out).map_err(|_| invalid("not JSON"))?;
+        Ok(Some(Self {
+            canonical: canonical.into(),
+            digest: KeyDigest(digest.into()),
+        }))
+    }
+}
+
+/// The kinds of the members of a key JSON object that R2.4 constrains, each
+/// of its last occurrence.
+#[derive(Default)]
+struct Shape {
+    key: Option<Kind>,
+    signatures: Option<Kind>,
+    fallback: Option<Kind>,
+}
+
+/// The state of [`KeyJson::from_body_text`]: the canonical text written so
+/// far and what the work has cost.
+struct Canon {
+    out: Vec<u8>,
+    /// Bytes of bookkeeping charged to the budget beside `out`.
+    charged: usize,
+    budget: usize,
+    /// Whether text is still written (not once over budget or too deep).
+    writing: bool,
+    over: bool,
+    too_deep: bool,
+    shape: Shape,
+    /// The canonical text of the top-level object without `signatures`,
+    /// when it has one (the digest's input).
+    stripped: Option<Vec<u8>>,
+}
+
+impl Canon {
+    /// Stops writing: the key is refused either way.
+    fn stop(&mut self) {
+        self.writing = false;
+        self.out = Vec::new();
+        self.stripped = None;
+    }
+
+    /// Charges bookkeeping and checks the budget.
+    fn charge(&mut self, bytes: usize) {
+        self.charged = self.charged.saturating_add(bytes);
+        self.check_budget();
+    }
+
+    fn check_budget(&mut self) {
+        if self.writing && self.out.len().saturating_add(self.charged) > self.budget {
+            self.over = true;
+            self.stop();
+        }
+    }
+
+    /// Writes a scalar as `serde_json` writes it in a tree.
+    fn scalar<E: serde::de::Error>(&mut self, value: &Value) -> std::result::Result<(), E> {
+        if self.writing {
+            serde_json::to_writer(&mut self.out, value).map_err(E::custom)?;
+            self.check_budget();
+        }
+        Ok(())
+    }
+}
+
+/// One value of key JSON at a nesting depth (1 at the top), written
+/// canonically to the [`Canon`]; its [`Kind`] is the result.
+struct Node<'c> {
+    canon: &'c mut Canon,
+    depth: usize,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for Node<'_> {
+    type Value = Kind;
+
+    fn deserialize<D: serde::Deserializer<'de>>(
+        self,
+        deserializer: D,
+    ) -> std::result::Result<Kind, D::Error> {
+        if self.depth > MAX_KEY_JSON_DEPTH {
+            self.canon.too_deep = true;
+            self.canon.stop();
+            deserializer.deserialize_ignored_any(serde::de::IgnoredAny)?;
+            return Ok(Kind::Null);
+        }
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Node<'_> {
+    type Value = Kind;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("key JSON")
+    }
+
+    fn visit_bool<E: serde::de::Error>(self, v: bool) -> std::result::Result<Kind, E> {
+        self.canon.scalar(&Value::Bool(v))?;
+        Ok(Kind::Bool)
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> std::result::Result<Kind, E> {
+        self.canon.scalar(&Value::from(v))?;
+        Ok(Kind::Number)
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> std::result::Result<Kind, E> {
+        self.canon.scalar(&Value::from(v))?;
+        Ok(Kind::Number)
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> std::result::Result<Kind, E> {
+        self.canon.scalar(&Value::from(v))?;
+        Ok(Kind::Number)
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> std::result::Result<Kind, E> {
+        if self.canon.writing {
+            serde_json::to_writer(&mut self.canon.out, v).map_err(E::custom)?;
+            self.canon.check_budget();
+        }
+        Ok(Kind::String)
+    }
+
+    fn visit_unit<E: serde::de::Error>(self) -> std::result::Result<Kind, E> {
+        self.canon.scalar(&Value::Null)?;
+        Ok(Kind::Null)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(
+        self,
+        mut seq: A,
+    ) -> std::result::Result<Kind, A::Error> {
+        let canon = self.canon;
+        if canon.writing {
+            canon.out.push(b'[');
+        }
+        let mut first = true;
+        loop {
+            let mark = canon.out.len();
+            if canon.writing && !first {
+                canon.out.push(b',');
+            }
+            let node = Node {
+                canon: &mut *canon,
+                depth: self.depth + 1,
+            };
+            if seq.next_element_seed(node)?.is_none() {
+                if canon.writing {
+                    canon.out.truncate(mark);
+                }
+                break;
+            }
+            first = false;
+        }
+        if canon.writing {
+            canon.out.push(b']');
+            canon.check_budget();
+        }
+        Ok(Kind::Array)
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(
+        self,
+        mut map: A,
+    ) -> std::result::Result<Kind, A::Error> {
+        let canon = self.canon;
+        let start = canon.out.len();
+        // Each member: its name and where its canonical value lies in `out`.
+        let mut members: Vec<(std::borrow::Cow<'de, str>, usize, usize)> = Vec::new();
+        while let Some(Text(name)) = map.next_key::<Text<'de>>()? {
+            let from = canon.out.len();
+            let node = Node {
+                canon: &mut *canon,
+                depth: self.depth + 1,
+            };
+            let kind = map.next_value_seed(node)?;
+            if self.depth == 1 {
+                match &*name {
+                    "key" => canon.shape.key = Some(kind),
+                    "signatures" => canon.shape.signatures = Some(kind),
+                    "fallback" => canon.shape.fallback = Some(kind),
+                    _ => {}
+                }
+            }
+            if canon.writing {
+                canon.charge(MEMBER_COST.saturating_add(name.len()));
+            }
+            if canon.writing {
+                members.push((name, from, canon.out.len()));
+            } else {
+                members = Vec::new();
+            }
+        }
+        if !canon.writing {
+            return Ok(Kind::Object);
+        }
+        // The last occurrence of a name counts; names in byte order.
+        let mut order: Vec<usize> = (0..members.len()).collect();
+        order.sort_by(|&a, &b| {
+            members[a]
+                .0
+                .as_bytes()
+                .cmp(members[b].0.as_bytes())
+                .then(b.cmp(&a))
+        });
+        order.dedup_by(|a, b| members[*a].0 == members[*b].0);
+        let write = |skip_signatures: bool| -> std::result::Result<Vec<u8>, A::Error> {
+            let mut text = Vec::with_capacity(canon.out.len() - start + 2);
+            text.push(b'{');
+            let mut first = true;
+            for &i in &order {
+                let (name, from, to) = &members[i];
+                if skip_signatures && name == "signatures" {
+                    continue;
+                }
+                if !first {
+                    text.push(b',');
+                }
+                first = false;
+                serde_json::to_writer(&mut text, &**name).map_err(serde::de::Error::custom)?;
+                text.push(b':');
+                text.extend_from_slice(&canon.out[*from..*to]);
+            }
+            text.push(b'}');
+            Ok(text)
+        };
+        let text = write(false)?;
+        if self.depth == 1 && members.iter().any(|m| m.0 == "signatures") {
+            canon.stripped = Some(write(true)?);
+        }
+        canon.out.truncate(start);
+        canon.out.extend_from_slice(&text);
+        canon.check_budget();
+        Ok(Kind::Object)
     }
 }
 
@@ -333,6 +653,81 @@ mod tests {
     fn debug_hides_material() {
         let k = KeyJson::from_value(&json!({"key": "SECRETISH", "signatures": {}})).unwrap();
         assert!(!format!("{k:?}").contains("SECRETISH"));
+    }
+
+    /// Key JSON read from its text ([`KeyJson::from_body_text`]) is exactly
+    /// what the tree gives: the same canonical text and digest, the same
+    /// error, for every shape (duplicate members, escapes, numbers,
+    /// whitespace, nesting).
+    #[test]
+    fn body_text_gives_what_the_tree_gives() {
+        let mut deep = String::from(r#"{"key":"k","signatures":{},"d":"#);
+        deep.push_str(&"[".repeat(40));
+        deep.push_str(&"]".repeat(40));
+        deep.push('}');
+        let mut edge = String::from(r#"{"key":"k","signatures":{},"d":"#);
+        edge.push_str(&"[".repeat(31));
+        edge.push('1');
+        edge.push_str(&"]".repeat(31));
+        edge.push('}');
+        let texts = [
+            r#""abc""#,
+            r#""a\u00e9\n\"\/""#,
+            r#"{"key":"k","signatures":{}}"#,
+            r#"{"key":"k","signatures":{},"x":[9e15,1e-7,123456789012345678901234567890,-1.0e+2]}"#,
+            r#" { "signatures" : { "@a:b" : { "ed25519:D" : "s" } } , "key" : "k\u00e9\"" } "#,
+            r#"{"key":"k","signatures":{},"x":[1,2.5,-0,1e3,1E400,18446744073709551615,-9223372036854775808,{"b":null,"a":true}],"fallback":true}"#,
+            r#"{"key":"x","key":"k","signatures":[],"signatures":{"u":{}}}"#,
+            r#"{"key":"k","signatures":{},"z":{"b":1,"a":2,"b":3,"\u0000":[],"":{}}}"#,
+            r#"{"k\u0065y":"k","signatures":{},"signatures":{"x":{"y":"z"}}}"#,
+            r#"{"key":"k","signatures":{},"fallback":false,"fallback":true}"#,
+            r#"{"key":"k","signatures":{},"fallback":1}"#,
+            r#"{"key":"k","signatures":{},"fallback":true,"fallback":"yes"}"#,
+            r#"{"key":1,"signatures":{}}"#,
+            r#"{"key":"k"}"#,
+            r#"{"key":"k","signatures":{},"key":null}"#,
+            r#"{}"#,
+            "[]",
+            "1",
+            "null",
+            "true",
+            &deep,
+            &edge,
+        ];
+        for text in texts {
+            let tree = serde_json::from_str::<Value>(text)
+                .map_err(|e| e.to_string())
+                .and_then(|v| KeyJson::from_value(&v).map_err(|e| e.to_string()));
+            let streamed = KeyJson::from_body_text(text, 4096).map_err(|e| e.to_string());
+            match (tree, streamed) {
+                (Ok(tree), Ok(Some(streamed))) => {
+                    assert_eq!(tree.canonical(), streamed.canonical(), "{text}");
+                    assert_eq!(tree.digest(), streamed.digest(), "{text}");
+                }
+                // A number out of range: not JSON to either (the facade
+                // refuses such a body before reading any key).
+                (Err(tree), Err(_)) if tree.contains("out of range") => {}
+                (Err(tree), Err(streamed)) => assert_eq!(tree, streamed, "{text}"),
+                (tree, streamed) => panic!("{text}: tree {tree:?}, streamed {streamed:?}"),
+            }
+        }
+    }
+
+    /// Key JSON whose canonical text is far past the limit stops being
+    /// written (`None`: too large), but is still checked for its shape.
+    #[test]
+    fn body_text_past_the_limit_is_too_large_but_still_checked() {
+        let big = format!(r#"{{"key":"{}","signatures":{{}}}}"#, "k".repeat(100_000));
+        assert!(matches!(KeyJson::from_body_text(&big, 4096), Ok(None)));
+        let members: String = (0..10_000).map(|i| format!(",\"m{i}\":0")).collect();
+        let many = format!(r#"{{"key":"k","signatures":{{}}{members}}}"#);
+        assert!(matches!(KeyJson::from_body_text(&many, 4096), Ok(None)));
+        let bad = format!(r#"{{"key":"{}","signatures":[]}}"#, "k".repeat(100_000));
+        assert!(KeyJson::from_body_text(&bad, 4096).is_err());
+        // Within the limit, a key is kept whole.
+        let fits = format!(r#"{{"key":"{}","signatures":{{}}}}"#, "k".repeat(4000));
+        let kept = KeyJson::from_body_text(&fits, 4096).unwrap().unwrap();
+        assert_eq!(kept, KeyJson::from_json_str(&fits).unwrap());
     }
 
     #[test]

@@ -1,14 +1,20 @@
 //! [`KeysApi`]: the wire facade (contract section 9). Matrix request bodies in,
 //! Matrix response JSON out.
 
+pub(crate) mod body;
 mod more;
 mod provider;
 
 pub use provider::{ClaimOptions, OtkProvider};
 
+use std::borrow::Cow;
+use std::collections::BTreeMap;
 use std::fmt;
 
+use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
+
+use self::body::{Kind, kind_of};
 
 use crate::error::{Error, LimitKind};
 use crate::ids::{Algorithm, Device, DeviceId, KeyId, UserId};
@@ -192,49 +198,74 @@ impl<S: KeyStore> KeysApi<S> {
         self.limits.as_ref().unwrap_or_else(|| self.store.limits())
     }
 
-    fn parse_body(&self, body: &[u8]) -> Result<Map<String, Value>, ApiError> {
+    /// Checks a request body's size and that it is JSON (R8.2, section 9),
+    /// then hands back the members named `names` (each the last occurrence
+    /// of its name), borrowed from the body. No JSON tree is built.
+    fn parse_body<'a, const N: usize>(
+        &self,
+        body: &'a [u8],
+        names: [&str; N],
+    ) -> Result<[Option<&'a RawValue>; N], ApiError> {
         if body.len() > self.limits().max_body_bytes {
             return Err(too_large(LimitKind::RequestBytes, self.limits().max_body_bytes).into());
         }
-        match serde_json::from_slice::<Value>(body) {
-            Ok(Value::Object(map)) => Ok(map),
-            Ok(_) => Err(ApiError::bad_json("request body must be a JSON object")),
-            // Parsing into a `Value` fails only on syntax, EOF or nesting depth.
-            Err(_) => Err(ApiError::new(
-                400,
-                "M_NOT_JSON",
-                "request body is not valid JSON",
-            )),
-        }
+        body::check_json(body)?;
+        body::fields(body, names)
     }
 
     /// The keys of an upload body (`one_time_keys`, `fallback_keys` or its
     /// unstable alias), validated and checked against the request limits.
+    /// The key maps are read member by member and refused as soon as they
+    /// hold more keys than one upload may carry (R8.2); each key's JSON is
+    /// canonicalized from its text ([`KeyJson`]).
     fn parse_upload(
         &self,
         device: Device,
-        map: &mut Map<String, Value>,
+        otks: Option<&RawValue>,
+        stable: Option<&RawValue>,
+        unstable: Option<&RawValue>,
     ) -> Result<Upload, ApiError> {
-        let otks = take_key_map(map, "one_time_keys")?;
-        let fallbacks = match take_key_map(map, FALLBACK_KEYS)? {
+        let otks = key_map(otks, "one_time_keys")?;
+        let fallbacks = match key_map(stable, FALLBACK_KEYS)? {
             Some(stable) => Some(stable),
-            None => take_key_map(map, UNSTABLE_FALLBACK_KEYS)?,
+            None => key_map(unstable, UNSTABLE_FALLBACK_KEYS)?,
         };
-        let count = otks.as_ref().map_or(0, Map::len) + fallbacks.as_ref().map_or(0, Map::len);
-        if count > self.limits().max_keys_per_upload {
-            return Err(
-                too_large(LimitKind::KeysPerUpload, self.limits().max_keys_per_upload).into(),
-            );
-        }
+        let max_keys = self.limits().max_keys_per_upload;
+        let otks = collect_keys(otks, 0, max_keys)?;
+        let fallbacks = collect_keys(fallbacks, otks.len(), max_keys)?;
+        let max_bytes = self.limits().max_key_json_bytes;
+        let mut too_big = false;
         let mut upload = Upload::new(device);
-        for (id, json) in parse_keys(otks)? {
-            upload.add_one_time_key(id, json)?;
+        for (id, json) in self.parse_keys(otks)? {
+            too_big |= json.is_none();
+            upload.add_one_time_key(id, json.unwrap_or_else(KeyJson::placeholder))?;
         }
-        for (id, json) in parse_keys(fallbacks)? {
-            upload.add_fallback_key(id, json)?;
+        for (id, json) in self.parse_keys(fallbacks)? {
+            too_big |= json.is_none();
+            upload.add_fallback_key(id, json.unwrap_or_else(KeyJson::placeholder))?;
+        }
+        if too_big {
+            return Err(too_large(LimitKind::KeyJsonBytes, max_bytes).into());
         }
         self.limits().check_upload(&upload)?;
         Ok(upload)
+    }
+
+    /// Each key of a key map in key ID order: its ID and its JSON, `None`
+    /// when the JSON is too large to canonicalize within the limit (R8.2).
+    fn parse_keys(
+        &self,
+        keys: BTreeMap<String, &RawValue>,
+    ) -> Result<Vec<(KeyId, Option<KeyJson>)>, ApiError> {
+        let max_bytes = self.limits().max_key_json_bytes;
+        keys.into_iter()
+            .map(|(id, json)| {
+                let id = KeyId::parse(id)?;
+                let json = KeyJson::from_body_text(json.get(), max_bytes)
+                    .map_err(|e| e.with_key_id(&id))?;
+                Ok((id, json))
+            })
+            .collect()
     }
 
     /// Serves `POST /keys/upload` for an authenticated device.
@@ -254,12 +285,20 @@ impl<S: KeyStore> KeysApi<S> {
         body: &[u8],
     ) -> Result<Value, ApiError> {
         let device = Device::new(UserId::parse(user_id)?, DeviceId::parse(device_id)?);
-        let mut map = self.parse_body(body)?;
-        match map.get("device_keys") {
-            None | Some(Value::Null | Value::Object(_)) => {}
+        let [device_keys, otks, stable, unstable] = self.parse_body(
+            body,
+            [
+                "device_keys",
+                "one_time_keys",
+                FALLBACK_KEYS,
+                UNSTABLE_FALLBACK_KEYS,
+            ],
+        )?;
+        match kind_of(device_keys) {
+            None | Some(Kind::Null | Kind::Object) => {}
             Some(_) => return Err(ApiError::bad_json("`device_keys` must be an object")),
         }
-        let upload = self.parse_upload(device, &mut map)?;
+        let upload = self.parse_upload(device, otks, stable, unstable)?;
         let outcome = self.store.upload(&upload).await?;
         Ok(json!({ "one_time_key_counts": outcome.counts.to_wire() }))
     }
@@ -285,41 +324,72 @@ impl<S: KeyStore> KeysApi<S> {
         Ok(claim_answer(&outcome.keys))
     }
 
-    /// The targets of a `POST /keys/claim` body (section 9).
+    /// The targets of a `POST /keys/claim` body (section 9), in (user,
+    /// device) order. A user or device named twice counts once, its last
+    /// occurrence; the targets are refused as soon as there are more than a
+    /// claim may have (R8.2). What is kept while reading is bounded by that
+    /// limit: the targets, and the users that have some.
     fn claim_targets(&self, body: &[u8]) -> Result<Vec<ClaimTarget>, ApiError> {
-        let map = self.parse_body(body)?;
+        let [users] = self.parse_body(body, ["one_time_keys"])?;
         let limit = self.limits().max_claim_targets;
-        let mut targets = Vec::new();
-        let mut seen = 0usize;
-        match map.get("one_time_keys") {
-            None | Some(Value::Null) => {}
-            Some(Value::Object(users)) => {
-                for (user, devices) in users {
-                    let user_id = UserId::parse(user.as_str())?;
-                    let Value::Object(devices) = devices else {
-                        return Err(ApiError::bad_json("`one_time_keys` values must be objects"));
-                    };
-                    for (device, algorithm) in devices {
-                        seen += 1;
-                        if seen > limit {
-                            return Err(too_large(LimitKind::ClaimTargets, limit).into());
-                        }
-                        let device_id = DeviceId::parse(device.as_str())?;
-                        let Value::String(algorithm) = algorithm else {
-                            return Err(ApiError::bad_json("algorithms must be strings"));
-                        };
-                        if let Ok(algorithm) = Algorithm::parse(algorithm.as_str()) {
-                            targets.push(ClaimTarget::one(
-                                Device::new(user_id.clone(), device_id),
-                                algorithm,
-                            ));
-                        }
-                    }
-                }
+        let users = match (kind_of(users), users) {
+            (None | Some(Kind::Null), _) => return Ok(Vec::new()),
+            (Some(Kind::Object), Some(users)) => users,
+            _ => return Err(ApiError::bad_json("`one_time_keys` must be an object")),
+        };
+        // Every device named, with the occurrence of its user's name that
+        // named it and its algorithm (`None` for an algorithm string that
+        // matches nothing, R4.6, which still counts).
+        let mut named: Vec<(usize, Device, Option<Algorithm>)> = Vec::new();
+        let mut latest = Latest::default();
+        let mut occurrence = 0usize;
+        body::for_each_member(users, |user, devices| {
+            occurrence += 1;
+            let user_id = UserId::parse(user.into_owned())?;
+            if body::kind(devices) != Kind::Object {
+                return Err(ApiError::bad_json("`one_time_keys` values must be objects"));
             }
-            Some(_) => return Err(ApiError::bad_json("`one_time_keys` must be an object")),
-        }
-        Ok(targets)
+            let others = latest.total - latest.count(&user_id);
+            // The user's devices by name, the last occurrence of a name
+            // counting, then checked in name order (as section 9 reads a
+            // JSON object); refused once there are more than the targets
+            // left (R8.2).
+            let room = limit.saturating_sub(others);
+            let mut members: BTreeMap<Cow<'_, str>, &RawValue> = BTreeMap::new();
+            body::for_each_member(devices, |device, algorithm| {
+                members.insert(device, algorithm);
+                if members.len() > room {
+                    return Err(too_large(LimitKind::ClaimTargets, limit).into());
+                }
+                Ok(())
+            })?;
+            let mut wanted = Vec::with_capacity(members.len());
+            for (device, algorithm) in members {
+                let device_id = DeviceId::parse(device.into_owned())?;
+                if body::kind(algorithm) != Kind::String {
+                    return Err(ApiError::bad_json("algorithms must be strings"));
+                }
+                let algorithm = Algorithm::parse(body::text(algorithm)?.into_owned()).ok();
+                wanted.push((device_id, algorithm));
+            }
+            latest.set(&user_id, occurrence, wanted.len());
+            for (device_id, algorithm) in wanted {
+                named.push((
+                    occurrence,
+                    Device::new(user_id.clone(), device_id),
+                    algorithm,
+                ));
+            }
+            Ok(())
+        })?;
+        named.retain(|(at, device, _)| latest.is_latest(&device.user_id, *at));
+        named.sort_unstable_by(|a, b| a.1.cmp(&b.1));
+        Ok(named
+            .into_iter()
+            .filter_map(|(_, device, algorithm)| {
+                algorithm.map(|algorithm| ClaimTarget::one(device, algorithm))
+            })
+            .collect())
     }
 
     /// The E2EE fields of a `/sync` response for a device (section 6):
@@ -387,26 +457,70 @@ fn sync_fields(state: &SyncState) -> Map<String, Value> {
     out
 }
 
-/// Takes a key map field: absent or null is `None`, an object is `Some`,
-/// anything else is `M_BAD_JSON`.
-fn take_key_map(
-    map: &mut Map<String, Value>,
-    field: &str,
-) -> Result<Option<Map<String, Value>>, ApiError> {
-    match map.remove(field) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Object(keys)) => Ok(Some(keys)),
+/// For a map from users to what they name, read member by member: the
+/// latest occurrence of each user's name that named something, and how many
+/// things it named. Users that named nothing are not kept (a later empty
+/// occurrence removes an earlier one), so what this holds is bounded by the
+/// request's limit, not by the body.
+#[derive(Default)]
+struct Latest {
+    users: std::collections::HashMap<UserId, (usize, usize)>,
+    total: usize,
+}
+
+impl Latest {
+    /// How many things the latest occurrence of `user` named.
+    fn count(&self, user: &UserId) -> usize {
+        self.users.get(user).map_or(0, |(_, n)| *n)
+    }
+
+    /// Records occurrence `at` of `user`, naming `n` things; it replaces
+    /// every earlier one.
+    fn set(&mut self, user: &UserId, at: usize, n: usize) {
+        self.total -= self.count(user);
+        if n == 0 {
+            self.users.remove(user);
+        } else {
+            self.users.insert(user.clone(), (at, n));
+            self.total += n;
+        }
+    }
+
+    /// Whether occurrence `at` is the latest of `user` (and named something).
+    fn is_latest(&self, user: &UserId, at: usize) -> bool {
+        self.users
+            .get(user)
+            .is_some_and(|(latest, _)| *latest == at)
+    }
+}
+
+/// A key map field: absent or null is `None`, an object is `Some`, anything
+/// else is `M_BAD_JSON`.
+fn key_map<'a>(raw: Option<&'a RawValue>, field: &str) -> Result<Option<&'a RawValue>, ApiError> {
+    match kind_of(raw) {
+        None | Some(Kind::Null) => Ok(None),
+        Some(Kind::Object) => Ok(raw),
         Some(_) => Err(ApiError::bad_json(format!("`{field}` must be an object"))),
     }
 }
 
-fn parse_keys(keys: Option<Map<String, Value>>) -> Result<Vec<(KeyId, KeyJson)>, ApiError> {
-    keys.into_iter()
-        .flatten()
-        .map(|(id, json)| {
-            let id = KeyId::parse(id)?;
-            let json = KeyJson::from_value(&json).map_err(|e| e.with_key_id(&id))?;
-            Ok((id, json))
-        })
-        .collect()
+/// The members of a key map by name (the last occurrence of a name counts),
+/// refused with `M_TOO_LARGE` as soon as they and the `before` keys of the
+/// same upload are more than `max` (R8.2).
+fn collect_keys(
+    keys: Option<&RawValue>,
+    before: usize,
+    max: usize,
+) -> Result<BTreeMap<String, &RawValue>, ApiError> {
+    let mut out = BTreeMap::new();
+    if let Some(keys) = keys {
+        body::for_each_member(keys, |id, json| {
+            out.insert(id.into_owned(), json);
+            if before + out.len() > max {
+                return Err(too_large(LimitKind::KeysPerUpload, max).into());
+            }
+            Ok(())
+        })?;
+    }
+    Ok(out)
 }

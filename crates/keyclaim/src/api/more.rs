@@ -6,7 +6,8 @@ use std::collections::BTreeSet;
 
 use serde_json::{Map, Value, json};
 
-use super::{ApiError, KeysApi, sync_fields};
+use super::body::{self, Kind, kind_of};
+use super::{ApiError, FALLBACK_KEYS, KeysApi, Latest, UNSTABLE_FALLBACK_KEYS, sync_fields};
 use crate::error::LimitKind;
 use crate::ids::{Device, DeviceId, KeyId, UserId};
 use crate::limits::too_large;
@@ -34,25 +35,28 @@ impl<S: KeyStore> KeysApi<S> {
         body: &[u8],
     ) -> Result<Value, ApiError> {
         let device = Device::new(UserId::parse(user_id)?, DeviceId::parse(device_id)?);
-        let map = self.parse_body(body)?;
-        let all = match map.get("all") {
-            None | Some(Value::Null) => false,
-            Some(Value::Bool(all)) => *all,
-            Some(_) => return Err(ApiError::bad_json("`all` must be a boolean")),
+        let [all, key_ids] = self.parse_body(body, ["all", "key_ids"])?;
+        let all = match (kind_of(all), all) {
+            (None | Some(Kind::Null), _) => false,
+            (Some(Kind::Bool), Some(all)) => body::boolean(all),
+            _ => return Err(ApiError::bad_json("`all` must be a boolean")),
         };
         let mut ids = BTreeSet::new();
-        match map.get("key_ids") {
-            None | Some(Value::Null) => {}
-            Some(Value::Array(list)) => {
-                self.limits().check_reset(list.len())?;
-                for id in list {
-                    let Value::String(id) = id else {
+        match (kind_of(key_ids), key_ids) {
+            (None | Some(Kind::Null), _) => {}
+            (Some(Kind::Array), Some(list)) => {
+                // Counted before any is kept, so that a list past the limit
+                // is refused without being materialised (R8.2).
+                self.limits().check_reset(body::count_elements(list)?)?;
+                body::for_each_element(list, |id| {
+                    if body::kind(id) != Kind::String {
                         return Err(ApiError::bad_json("`key_ids` must hold strings"));
-                    };
-                    ids.insert(KeyId::parse(id.as_str())?);
-                }
+                    }
+                    ids.insert(KeyId::parse(body::text(id)?.into_owned())?);
+                    Ok(())
+                })?;
             }
-            Some(_) => return Err(ApiError::bad_json("`key_ids` must be an array")),
+            _ => return Err(ApiError::bad_json("`key_ids` must be an array")),
         }
         let scope = if all {
             ResetScope::All
@@ -88,8 +92,11 @@ impl<S: KeyStore> KeysApi<S> {
         let user = UserId::parse(user_id)?;
         let previous = previous.map(DeviceId::parse).transpose()?;
         let device = Device::new(user, DeviceId::parse(device_id)?);
-        let mut map = self.parse_body(body)?;
-        let upload = self.parse_upload(device, &mut map)?;
+        let [otks, stable, unstable] = self.parse_body(
+            body,
+            ["one_time_keys", FALLBACK_KEYS, UNSTABLE_FALLBACK_KEYS],
+        )?;
+        let upload = self.parse_upload(device, otks, stable, unstable)?;
         let outcome = self.replace_with(previous.as_ref(), &upload).await?;
         Ok(json!({
             "device_id": upload.device().device_id.as_str(),
@@ -145,34 +152,48 @@ impl<S: KeyStore> KeysApi<S> {
     /// [`Limits::max_counts_devices`](crate::Limits) devices `M_TOO_LARGE`.
     #[tracing::instrument(name = "keys_counts_many", skip(self, body), fields(body_len = body.len(), devices))]
     pub async fn counts_many(&self, body: &[u8]) -> Result<Value, ApiError> {
-        let map = self.parse_body(body)?;
+        let [users] = self.parse_body(body, ["devices"])?;
         let limit = self.limits().max_counts_devices;
-        let mut devices = BTreeSet::new();
-        let mut named = 0usize;
-        match map.get("devices") {
-            None | Some(Value::Null) => {}
-            Some(Value::Object(users)) => {
-                for (user, list) in users {
-                    let user = UserId::parse(user.as_str())?;
-                    let Value::Array(list) = list else {
+        // Every device named, with the occurrence of its user's name that
+        // named it; a user named twice counts once, its last occurrence,
+        // with the length of its list.
+        let mut named: Vec<(usize, Device)> = Vec::new();
+        let mut latest = Latest::default();
+        match (kind_of(users), users) {
+            (None | Some(Kind::Null), _) => {}
+            (Some(Kind::Object), Some(users)) => {
+                let mut occurrence = 0usize;
+                body::for_each_member(users, |user, list| {
+                    occurrence += 1;
+                    let user = UserId::parse(user.into_owned())?;
+                    if body::kind(list) != Kind::Array {
                         return Err(ApiError::bad_json("`devices` values must be arrays"));
-                    };
-                    named += list.len();
-                    if named > limit {
+                    }
+                    // Counted before any is kept, so that a list past the
+                    // limit is refused without being materialised (R8.2).
+                    let len = body::count_elements(list)?;
+                    if latest.total - latest.count(&user) + len > limit {
                         return Err(too_large(LimitKind::CountsDevices, limit).into());
                     }
-                    for id in list {
-                        let Value::String(id) = id else {
+                    body::for_each_element(list, |id| {
+                        if body::kind(id) != Kind::String {
                             return Err(ApiError::bad_json("device IDs must be strings"));
-                        };
-                        devices.insert(Device::new(user.clone(), DeviceId::parse(id.as_str())?));
-                    }
-                }
+                        }
+                        let id = DeviceId::parse(body::text(id)?.into_owned())?;
+                        named.push((occurrence, Device::new(user.clone(), id)));
+                        Ok(())
+                    })?;
+                    latest.set(&user, occurrence, len);
+                    Ok(())
+                })?;
             }
-            Some(_) => return Err(ApiError::bad_json("`devices` must be an object")),
+            _ => return Err(ApiError::bad_json("`devices` must be an object")),
         }
+        named.retain(|(at, device)| latest.is_latest(&device.user_id, *at));
+        named.sort_unstable_by(|a, b| a.1.cmp(&b.1));
+        named.dedup_by(|a, b| a.1 == b.1);
+        let devices: Vec<Device> = named.into_iter().map(|(_, device)| device).collect();
         tracing::Span::current().record("devices", devices.len());
-        let devices: Vec<Device> = devices.into_iter().collect();
         let states = if devices.is_empty() {
             Vec::new()
         } else {
