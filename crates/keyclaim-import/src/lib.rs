@@ -1,5 +1,6 @@
 #![doc = include_str!("../README.md")]
 
+pub mod conduwuit;
 mod merge;
 mod run;
 pub mod synapse;
