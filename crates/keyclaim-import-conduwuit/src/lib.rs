@@ -27,6 +27,17 @@ fn device_prefix(user_id: &str, device_id: &str) -> Vec<u8> {
     [user_id.as_bytes(), &[SEP], device_id.as_bytes(), &[SEP]].concat()
 }
 
+/// A fallback key's key in both servers' column families: `(user, device,
+/// algorithm)`.
+fn fallback_key(user_id: &str, device_id: &str, key_id: &str) -> Vec<u8> {
+    let algorithm = key_id.split_once(':').map_or(key_id, |(a, _)| a);
+    [
+        device_prefix(user_id, device_id),
+        algorithm.as_bytes().to_vec(),
+    ]
+    .concat()
+}
+
 /// A RocksDB database written the way the family's homeservers write their
 /// key column families (plus a column family of theirs that holds no
 /// keys, as a real database has many).
@@ -129,12 +140,7 @@ impl SourceDb {
         key_json: &str,
         used: bool,
     ) -> Result<(), Error> {
-        let algorithm = key_id.split_once(':').map_or(key_id, |(a, _)| a);
-        let key = [
-            device_prefix(user_id, device_id),
-            algorithm.as_bytes().to_vec(),
-        ]
-        .concat();
+        let key = fallback_key(user_id, device_id, key_id);
         // `{"key_id":..,"key":..,"used":..}`, the key JSON as uploaded.
         let value = format!(
             "{{\"key_id\":{},\"key\":{key_json},\"used\":{used}}}",
@@ -157,12 +163,7 @@ impl SourceDb {
         key_json: &str,
         used: bool,
     ) -> Result<(), Error> {
-        let algorithm = key_id.split_once(':').map_or(key_id, |(a, _)| a);
-        let key = [
-            device_prefix(user_id, device_id),
-            algorithm.as_bytes().to_vec(),
-        ]
-        .concat();
+        let key = fallback_key(user_id, device_id, key_id);
         let value = [
             vec![u8::from(used), SEP],
             key_id.as_bytes().to_vec(),

@@ -155,7 +155,10 @@ impl fmt::Display for Layout {
 /// A corrupt entry: the column family, the device, and what is wrong
 /// (never key material).
 pub(crate) fn corrupt(cf: &str, key: &[u8], what: &str) -> Error {
-    Error::corrupt(format!("{cf}: entry {}: {what}", shown(key)))
+    Error::corrupt(format!(
+        "RocksDB source, column family {cf}: entry of {}: {what}",
+        shown(key)
+    ))
 }
 
 /// A key's leading (user, device) part, shown escaped (IDs, not key

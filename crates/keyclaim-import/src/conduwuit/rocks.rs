@@ -11,6 +11,7 @@ use rocksdb::{BoundColumnFamily, DB, DBRawIteratorWithThreadMode, Options};
 
 use super::layout::{FallbackLayout, Layout, device_prefix, fallback_row, otk_row};
 use super::walk::{Seek, next_device};
+use crate::blocking::blocking;
 use crate::merge::Position;
 
 const SOURCE: &str = "conduwuit-rocksdb";
@@ -45,7 +46,7 @@ impl Seek for DBRawIteratorWithThreadMode<'_, DB> {
 /// (nothing is opened).
 pub(super) async fn layout(path: &Path) -> Result<Layout> {
     let path: PathBuf = path.to_owned();
-    blocking("open", move || find_layout(&path)).await
+    blocking(SOURCE, "open", move || find_layout(&path)).await
 }
 
 fn find_layout(path: &Path) -> Result<Layout> {
@@ -74,7 +75,7 @@ impl RocksTables {
     /// finds the layout.
     pub(super) async fn open(path: &Path) -> Result<Self> {
         let path: PathBuf = path.to_owned();
-        blocking("open", move || {
+        blocking(SOURCE, "open", move || {
             let layout = find_layout(&path)?;
             let db = DB::open_cf_for_read_only(
                 &Options::default(),
@@ -82,7 +83,13 @@ impl RocksTables {
                 layout.column_families(),
                 false,
             )
-            .map_err(rocks("open"))?;
+            .map_err(|e| match rocks("open")(e) {
+                Error::Storage { source, .. } => Error::invalid_config(format!(
+                    "{}: cannot open it read-only: {source}",
+                    path.display()
+                )),
+                other => other,
+            })?;
             Ok(Self {
                 db: Arc::new(db),
                 layout: Arc::new(layout),
@@ -148,7 +155,7 @@ impl RowSource for Rows {
         };
         let tables = self.tables.clone();
         let page = self.page;
-        let (rows, cursor) = blocking("read", move || {
+        let (rows, cursor) = blocking(SOURCE, "read", move || {
             let rows = read_page(&tables, &mut cursor, page)?;
             Ok((rows, cursor))
         })
@@ -182,7 +189,7 @@ fn next_device_any(
     match (String::from_utf8(user), String::from_utf8(device)) {
         (Ok(u), Ok(d)) => Ok(Some((u, d))),
         (u, d) => Err(Error::corrupt(format!(
-            "{}: user ID {:?} or device ID {:?} is not UTF-8",
+            "RocksDB source, column family {}: user ID {:?} or device ID {:?} is not UTF-8",
             layout.one_time_keys.column_family(),
             u.map_or_else(
                 |e| String::from_utf8_lossy(e.as_bytes()).into_owned(),
@@ -258,14 +265,4 @@ fn read_page(tables: &RocksTables, cursor: &mut Cursor, page: usize) -> Result<V
         }
     }
     Ok(out)
-}
-
-/// Runs `f` on the blocking pool.
-async fn blocking<T: Send + 'static>(
-    op: &'static str,
-    f: impl FnOnce() -> Result<T> + Send + 'static,
-) -> Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| Error::storage(SOURCE, op, false, e))?
 }
