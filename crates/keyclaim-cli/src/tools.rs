@@ -229,10 +229,17 @@ pub(crate) async fn import(
             keyclaim_import::synapse::import_postgres(source, &*dst, &options).await,
             keyclaim_open::redacted(source),
         ),
-        ImportSource::ConduwuitRocksdb => (
-            keyclaim_import::conduwuit::import_rocksdb(source, &*dst, &options).await,
-            source.to_owned(),
-        ),
+        ImportSource::ConduwuitRocksdb => {
+            // Which column families were read, when they can be told.
+            let shown = match keyclaim_import::conduwuit::layout(source).await {
+                Ok(layout) => format!("{source} ({layout})"),
+                Err(_) => source.to_owned(),
+            };
+            (
+                keyclaim_import::conduwuit::import_rocksdb(source, &*dst, &options).await,
+                shown,
+            )
+        }
     };
     pb.finish_and_clear();
     let report = report.map_err(|e| e.to_string())?;

@@ -150,6 +150,7 @@ fn imports_a_tuwunel_rocksdb_or_names_the_missing_feature() {
         return;
     }
     assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(out.contains("onetimekeyid4225_otk (upload order)"), "{out}");
     assert!(out.contains("imported 6 devices"), "{out}");
     assert!(out.contains("skipped 1 devices"), "{out}");
     assert!(out.contains("verified"), "{out}");
