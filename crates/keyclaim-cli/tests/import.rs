@@ -131,24 +131,27 @@ fn rocksdb_fixture_copy(dir: &Path) -> PathBuf {
 #[test]
 fn imports_a_tuwunel_rocksdb_or_names_the_missing_feature() {
     let dir = keyclaim_testing::temp_dir();
-    let source = rocksdb_fixture_copy(dir.path());
     let target = format!("sqlite:{}", dir.path().join("k.db").display());
-    let (code, out, err) = run(&[
-        "import",
-        "--from",
-        "conduwuit-rocksdb",
-        source.to_str().unwrap(),
-        "--to",
-        &target,
-        "--quiet",
-    ]);
+    let import = |source: &Path| {
+        run(&[
+            "import",
+            "--from",
+            "conduwuit-rocksdb",
+            source.to_str().unwrap(),
+            "--to",
+            &target,
+            "--quiet",
+        ])
+    };
     if !keyclaim_import::conduwuit::SUPPORTED {
         // A build without the `conduwuit` feature (plain `cargo test`; the
         // workspace build turns it on) refuses the source and says why.
+        let (code, out, err) = import(dir.path());
         assert_eq!(code, Some(2), "{out}\n{err}");
         assert!(err.contains("`conduwuit` feature"), "{err}");
         return;
     }
+    let (code, out, err) = import(&rocksdb_fixture_copy(dir.path()));
     assert_eq!(code, Some(0), "{out}\n{err}");
     assert!(out.contains("onetimekeyid4225_otk (upload order)"), "{out}");
     assert!(out.contains("imported 6 devices"), "{out}");

@@ -177,14 +177,18 @@ mod tests {
         }
     }
 
-    /// Every device of `keys`, walked with [`next_device`].
-    fn walk(map: &BTreeMap<Vec<u8>, ()>) -> (Vec<(Vec<u8>, Vec<u8>)>, usize) {
+    /// A (user ID, device ID) as bytes.
+    type Pair = (Vec<u8>, Vec<u8>);
+
+    /// Every device of `keys`, walked with [`next_device`], and the seeks
+    /// it took.
+    fn walk(map: &BTreeMap<Vec<u8>, ()>) -> (Vec<Pair>, usize) {
         let mut it = MapCursor {
             map,
             at: None,
             seeks: 0,
         };
-        let mut out: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        let mut out: Vec<Pair> = Vec::new();
         loop {
             let after = out.last().map(|(u, d)| (u.as_slice(), d.as_slice()));
             match next_device(&mut it, "cf", after).unwrap() {
@@ -208,8 +212,8 @@ mod tests {
         map
     }
 
-    fn sorted(devices: &[(&str, &str)]) -> Vec<(Vec<u8>, Vec<u8>)> {
-        let set: BTreeSet<(Vec<u8>, Vec<u8>)> = devices
+    fn sorted(devices: &[(&str, &str)]) -> Vec<Pair> {
+        let set: BTreeSet<Pair> = devices
             .iter()
             .map(|(u, d)| (u.as_bytes().to_vec(), d.as_bytes().to_vec()))
             .collect();
