@@ -330,6 +330,7 @@ fn the_source_is_not_changed() {
     rt().block_on(async {
         let (_dir, path, _) = sample(OtkCf::Msc4225, FallbackCf::Tuwunel);
         let before = entries(&path).unwrap();
+        let files_before = files(&path);
         let store: Arc<dyn KeyStore> = keyclaim_open::open("memory:").await.unwrap();
         let report = import_rocksdb(&path, &*store, &ImportOptions::new())
             .await
@@ -342,9 +343,24 @@ fn the_source_is_not_changed() {
             .await
             .unwrap();
         assert_eq!(out.keys.len(), 1);
+        assert_eq!(files(&path), files_before, "no file of the source changed");
         assert_eq!(entries(&path).unwrap(), before);
         assert!(before.len() > 20, "{} entries", before.len());
     });
+}
+
+/// Every file of a directory with its contents.
+fn files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                std::fs::read(e.path()).unwrap(),
+            )
+        })
+        .collect()
 }
 
 fn import_error(path: &Path) -> Error {

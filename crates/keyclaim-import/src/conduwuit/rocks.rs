@@ -3,6 +3,8 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use keyclaim::transfer::{RowSource, SourceRow};
@@ -77,13 +79,17 @@ impl RocksTables {
         let path: PathBuf = path.to_owned();
         blocking(SOURCE, "open", move || {
             let layout = find_layout(&path)?;
-            let db = DB::open_cf_for_read_only(
-                &Options::default(),
-                &path,
-                layout.column_families(),
-                false,
-            )
-            .map_err(|e| match rocks("open")(e) {
+            // RocksDB writes an info log even when it opens a database
+            // read-only; it goes to a directory of ours, removed at once
+            // (the open file stays writable), not into the source.
+            let log_dir = private_log_dir();
+            let mut opts = Options::default();
+            opts.set_db_log_dir(&log_dir);
+            let opened = DB::open_cf_for_read_only(&opts, &path, layout.column_families(), false);
+            // Best effort: where an open file's directory cannot be
+            // removed, an empty directory in the temp dir is what remains.
+            let _ = std::fs::remove_dir_all(&log_dir);
+            let db = opened.map_err(|e| match rocks("open")(e) {
                 Error::Storage { source, .. } => Error::invalid_config(format!(
                     "{}: cannot open it read-only: {source}",
                     path.display()
@@ -118,6 +124,19 @@ impl RocksTables {
             page: page.max(1),
         }
     }
+}
+
+/// A fresh directory name in the system's temp dir for RocksDB's info log.
+fn private_log_dir() -> PathBuf {
+    static OPENED: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    std::env::temp_dir().join(format!(
+        "keyclaim-import-rocksdb-log-{}-{nanos}-{}",
+        std::process::id(),
+        OPENED.fetch_add(1, Ordering::Relaxed)
+    ))
 }
 
 fn handle<'a>(db: &'a DB, name: &str) -> Result<Arc<BoundColumnFamily<'a>>> {
