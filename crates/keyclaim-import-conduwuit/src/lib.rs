@@ -188,12 +188,15 @@ impl SourceDb {
     }
 }
 
+/// A database's entries: (column family, key) -> value.
+pub type Entries = BTreeMap<(String, Vec<u8>), Vec<u8>>;
+
 /// Every entry of every column family of the database at `path`, read
 /// read-only: (column family, key) -> value.
 ///
 /// # Errors
 /// RocksDB's.
-pub fn entries(path: &Path) -> Result<BTreeMap<(String, Vec<u8>), Vec<u8>>, Error> {
+pub fn entries(path: &Path) -> Result<Entries, Error> {
     let opts = Options::default();
     let names = DB::list_cf(&opts, path)?;
     let db = DB::open_cf_for_read_only(&opts, path, &names, false)?;

@@ -210,14 +210,8 @@ fn next_device_any(
         (u, d) => Err(Error::corrupt(format!(
             "RocksDB source, column family {}: user ID {:?} or device ID {:?} is not UTF-8",
             layout.one_time_keys.column_family(),
-            u.map_or_else(
-                |e| String::from_utf8_lossy(e.as_bytes()).into_owned(),
-                |s| s
-            ),
-            d.map_or_else(
-                |e| String::from_utf8_lossy(e.as_bytes()).into_owned(),
-                |s| s
-            ),
+            u.unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
+            d.unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
         ))),
     }
 }
