@@ -124,7 +124,8 @@ async fn assert_claims(store: &dyn KeyStore, sample: &Sample) {
             assert_eq!(again, fallback, "{device} {alg}: after the last key");
         }
     }
-    assert!(compared >= 20, "only {compared} claims compared");
+    // 13 one-time keys and 4 fallback keys.
+    assert!(compared >= 17, "only {compared} claims compared");
 }
 
 async fn import_sample_into(store_url: &str, otk: OtkCf, fallback: FallbackCf, page: usize) {
