@@ -51,10 +51,22 @@ enum Command {
         #[arg(long)]
         quiet: bool,
     },
-    /// Import the keys of a Synapse database into a store, then check the
-    /// target and compare counts with the source (exit code 1 if that fails).
+    /// Import the keys of a homeserver's database into a store, then check
+    /// the target and compare counts with the source (exit code 1 if that
+    /// fails).
+    ///
+    /// Sources: Synapse's SQLite file or PostgreSQL database, and the
+    /// RocksDB directory of the conduwuit family (conduit, conduwuit,
+    /// continuwuity, tuwunel): one-time keys from tuwunel's MSC4225 column
+    /// family `onetimekeyid4225_otk` in upload order, else from
+    /// `onetimekeyid_onetimekeys` in key ID order; fallback keys with their
+    /// used flag from `userdeviceidalgorithm_fallback` (tuwunel) or
+    /// `fallbackkeyid_fallbackkey` (continuwuity). The source is only read;
+    /// stop the homeserver first. Reading RocksDB needs the `conduwuit`
+    /// feature.
     Import {
-        /// The source: `synapse-sqlite PATH` or `synapse-postgres URL`.
+        /// The source: `synapse-sqlite PATH`, `synapse-postgres URL` or
+        /// `conduwuit-rocksdb DIR`.
         #[arg(long, num_args = 2, value_names = ["KIND", "SOURCE"], required = true)]
         from: Vec<String>,
         /// Target store URL.

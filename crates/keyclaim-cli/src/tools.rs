@@ -180,6 +180,8 @@ pub(crate) enum ImportSource {
     SynapseSqlite,
     /// A Synapse PostgreSQL database URL.
     SynapsePostgres,
+    /// A RocksDB directory of the conduwuit family.
+    ConduwuitRocksdb,
 }
 
 impl ImportSource {
@@ -187,14 +189,16 @@ impl ImportSource {
         match kind {
             "synapse-sqlite" => Ok(Self::SynapseSqlite),
             "synapse-postgres" => Ok(Self::SynapsePostgres),
+            "conduwuit-rocksdb" => Ok(Self::ConduwuitRocksdb),
             other => Err(format!(
-                "unknown import source {other:?}: use synapse-sqlite PATH or synapse-postgres URL"
+                "unknown import source {other:?}: use synapse-sqlite PATH, synapse-postgres URL \
+                 or conduwuit-rocksdb DIR"
             )),
         }
     }
 }
 
-/// Imports a Synapse database into `to` with a progress display, resumable
+/// Imports a homeserver's database into `to` with a progress display, resumable
 /// through a checkpoint file; `Ok(false)` when the final check failed.
 pub(crate) async fn import(
     kind: ImportSource,
@@ -225,6 +229,17 @@ pub(crate) async fn import(
             keyclaim_import::synapse::import_postgres(source, &*dst, &options).await,
             keyclaim_open::redacted(source),
         ),
+        ImportSource::ConduwuitRocksdb => {
+            // Which column families were read, when they can be told.
+            let shown = match keyclaim_import::conduwuit::layout(source).await {
+                Ok(layout) => format!("{source} ({layout})"),
+                Err(_) => source.to_owned(),
+            };
+            (
+                keyclaim_import::conduwuit::import_rocksdb(source, &*dst, &options).await,
+                shown,
+            )
+        }
     };
     pb.finish_and_clear();
     let report = report.map_err(|e| e.to_string())?;

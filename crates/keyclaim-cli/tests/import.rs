@@ -1,7 +1,8 @@
 //! `keyclaim import --from synapse-sqlite PATH --to URL`: the fixture that
 //! a real Synapse wrote (keyclaim-import's `tests/fixtures/synapse.db`)
 //! into an SQLite store, resumable through `--checkpoint`; exit code 1 when
-//! the final comparison fails, 2 on errors.
+//! the final comparison fails, 2 on errors. `--from conduwuit-rocksdb DIR`:
+//! keyclaim-import-conduwuit's tuwunel fixture, in upload order.
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
@@ -111,4 +112,65 @@ async fn devices(url: &str) -> Vec<Device> {
         .into_iter()
         .map(|s| s.device)
         .collect()
+}
+
+/// A copy of keyclaim-import-conduwuit's RocksDB fixture (tuwunel's layout)
+/// in `dir` (a read-only open may still write RocksDB's info log).
+fn rocksdb_fixture_copy(dir: &Path) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../keyclaim-import-conduwuit/tests/fixtures/tuwunel");
+    let dst = dir.join("tuwunel-db");
+    std::fs::create_dir(&dst).unwrap();
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dst.join(entry.file_name())).unwrap();
+    }
+    dst
+}
+
+#[test]
+fn imports_a_tuwunel_rocksdb_or_names_the_missing_feature() {
+    let dir = keyclaim_testing::temp_dir();
+    let target = format!("sqlite:{}", dir.path().join("k.db").display());
+    let import = |source: &Path| {
+        run(&[
+            "import",
+            "--from",
+            "conduwuit-rocksdb",
+            source.to_str().unwrap(),
+            "--to",
+            &target,
+            "--quiet",
+        ])
+    };
+    if !keyclaim_import::conduwuit::SUPPORTED {
+        // A build without the `conduwuit` feature (plain `cargo test`; the
+        // workspace build turns it on) refuses the source and says why.
+        let (code, out, err) = import(dir.path());
+        assert_eq!(code, Some(2), "{out}\n{err}");
+        assert!(err.contains("`conduwuit` feature"), "{err}");
+        return;
+    }
+    let (code, out, err) = import(&rocksdb_fixture_copy(dir.path()));
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    assert!(out.contains("onetimekeyid4225_otk (upload order)"), "{out}");
+    assert!(out.contains("imported 6 devices"), "{out}");
+    assert!(out.contains("skipped 1 devices"), "{out}");
+    assert!(out.contains("verified"), "{out}");
+    // Upload order: the first key alice's phone uploaded, not the lowest ID.
+    let first = keyclaim_testing::current_thread_runtime().block_on(async {
+        let store = keyclaim_open::open(&target).await.unwrap();
+        let device = Device::parse("@alice:example.org", "PHONE").unwrap();
+        let out = store
+            .claim(&[keyclaim::ClaimTarget::one(
+                device,
+                keyclaim::Algorithm::signed_curve25519(),
+            )])
+            .await
+            .unwrap();
+        out.keys[0].key_id.as_str().to_owned()
+    });
+    assert_eq!(first, "signed_curve25519:ZZZ");
+    let (code, out, _) = run(&["check", &target]);
+    assert_eq!(code, Some(0), "{out}");
 }

@@ -1,5 +1,7 @@
 #![doc = include_str!("../README.md")]
 
+mod blocking;
+pub mod conduwuit;
 mod merge;
 mod run;
 pub mod synapse;

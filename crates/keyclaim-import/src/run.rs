@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use keyclaim::transfer::{
-    CheckReport, Checkpoint, CountComparison, ImportTally, check_store, compare_counts,
+    CheckReport, Checkpoint, CountComparison, ImportTally, RowSource, check_store, compare_counts,
     import_devices,
 };
 use keyclaim::{Device, KeyStore, Result};
@@ -186,6 +186,22 @@ where
     T: KeyTables + ?Sized,
     S: KeyStore + ?Sized,
 {
+    run_rows(|at| Merged::new(tables, at, options.page), store, options).await
+}
+
+/// Imports the rows `rows(at)` reads (every device after `at`, in (user ID,
+/// device ID) byte order) into `store` as `options` say, then checks: the
+/// run shared by every source.
+pub(crate) async fn run_rows<R, F, S>(
+    rows: F,
+    store: &S,
+    options: &ImportOptions,
+) -> Result<ImportReport>
+where
+    R: RowSource,
+    F: Fn(Position) -> R,
+    S: KeyStore + ?Sized,
+{
     let checkpoint = options.checkpoint.as_ref().map(Checkpoint::new);
     let resumed_after = match &checkpoint {
         Some(c) => c.load()?,
@@ -198,7 +214,7 @@ where
         ),
         None => Position::Start,
     };
-    let mut source = Merged::new(tables, start, options.page);
+    let mut source = rows(start);
     let outcome = import_devices(
         &mut source,
         store,
@@ -225,7 +241,7 @@ where
         return Ok(report);
     }
     report.check = Some(check_store(store, CHECK_PAGE).await?);
-    let mut again = Merged::new(tables, Position::Start, options.page);
+    let mut again = rows(Position::Start);
     report.counts = Some(compare_counts(&mut again, store, MAX_MISMATCH_EXAMPLES).await?);
     if report.ok()
         && let Some(c) = &checkpoint

@@ -12,6 +12,7 @@ use rusqlite::types::{Value, ValueRef};
 use rusqlite::{Connection, ErrorCode, OpenFlags, Row, params_from_iter};
 
 use super::sql::{FALLBACK_TABLE, OTK_TABLE, Queries};
+use crate::blocking::blocking;
 use crate::merge::{KeyTables, Position};
 
 const SOURCE: &str = "synapse-sqlite";
@@ -37,7 +38,7 @@ impl SqliteTables {
     /// Synapse's key tables.
     pub(super) async fn open(path: &Path) -> Result<Self> {
         let path: PathBuf = path.to_owned();
-        let conn = blocking("open", move || {
+        let conn = blocking(SOURCE, "open", move || {
             let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
             let conn = Connection::open_with_flags(&path, flags).map_err(sqlite("open"))?;
             for table in [OTK_TABLE, FALLBACK_TABLE] {
@@ -74,7 +75,7 @@ impl SqliteTables {
         let conn = Arc::clone(&self.conn);
         let queries = Arc::clone(&self.queries);
         let at = at.clone();
-        blocking("read", move || {
+        blocking(SOURCE, "read", move || {
             let sql = if otk {
                 queries.otk(&at)
             } else {
@@ -96,16 +97,6 @@ impl SqliteTables {
         })
         .await
     }
-}
-
-/// Runs `f` on the blocking pool.
-async fn blocking<T: Send + 'static>(
-    op: &'static str,
-    f: impl FnOnce() -> Result<T> + Send + 'static,
-) -> Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| Error::storage(SOURCE, op, false, e))?
 }
 
 fn read_otk(r: &Row<'_>) -> rusqlite::Result<SourceRow> {
