@@ -13,6 +13,7 @@
 //! | --- | --- |
 //! | [`SqliteBaseline`] | one `BEGIN IMMEDIATE` transaction per claimed key, through one connection |
 //! | [`RedbBaseline`] | one write transaction (and fsync) per claimed key |
+//! | `RocksBaseline` (feature `rocksdb`) | the conduwuit family's pattern: read the first key of the device's prefix, delete it in one synced write per claimed key, no lock |
 //! | [`PostgresBaseline`] | one bulk `DELETE ... ROW_NUMBER() OVER (PARTITION BY ...) ... RETURNING`, no row locks |
 //! | [`PostgresBaseline::connect_row_lock`] | one `DELETE ... WHERE seq = (SELECT ... LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING` transaction per claimed key: PostgreSQL's own ceiling for single claims |
 //!
@@ -71,6 +72,8 @@ CREATE INDEX IF NOT EXISTS e2e_one_time_keys_json_user_id_device_id_algorithm_se
 mod postgres;
 #[cfg(feature = "redb")]
 mod redb;
+#[cfg(feature = "rocksdb")]
+mod rocksdb;
 #[cfg(feature = "sqlite")]
 mod sqlite;
 
@@ -81,6 +84,8 @@ use keyclaim::{Algorithm, ClaimTarget, ClaimedKey, Device, Error, KeyId, KeyJson
 pub use postgres::{BASELINE_CLAIM, PostgresBaseline, ROW_LOCK_CLAIM};
 #[cfg(feature = "redb")]
 pub use redb::RedbBaseline;
+#[cfg(feature = "rocksdb")]
+pub use rocksdb::RocksBaseline;
 #[cfg(feature = "sqlite")]
 pub use sqlite::SqliteBaseline;
 
@@ -168,7 +173,12 @@ fn rows(keys: &[(KeyId, KeyJson)]) -> Vec<(String, String, String)> {
 
 /// A claimed one-time key from its stored columns.
 #[cfg_attr(
-    not(any(feature = "sqlite", feature = "redb", feature = "postgres")),
+    not(any(
+        feature = "sqlite",
+        feature = "redb",
+        feature = "postgres",
+        feature = "rocksdb"
+    )),
     allow(dead_code)
 )]
 fn claimed(device: Device, key_id: &str, key_json: &str) -> Result<ClaimedKey> {
@@ -179,4 +189,29 @@ fn claimed(device: Device, key_id: &str, key_json: &str) -> Result<ClaimedKey> {
         key_json: KeyJson::from_json_str(key_json).map_err(|e| corrupt("key JSON", e))?,
         fallback: false,
     })
+}
+
+/// Whether this build has the RocksDB baseline (the `rocksdb` feature).
+pub const ROCKSDB: bool = cfg!(feature = "rocksdb");
+
+/// The RocksDB baseline (`RocksBaseline`) in the database directory
+/// `path`, when this build has it (the `rocksdb` feature); `None` when it
+/// does not, so that callers need no feature of their own.
+///
+/// # Errors
+/// As `RocksBaseline::open`.
+pub async fn open_rocksdb(path: &std::path::Path) -> Option<Result<std::sync::Arc<dyn Baseline>>> {
+    #[cfg(feature = "rocksdb")]
+    {
+        Some(
+            RocksBaseline::open(path)
+                .await
+                .map(|b| std::sync::Arc::new(b) as std::sync::Arc<dyn Baseline>),
+        )
+    }
+    #[cfg(not(feature = "rocksdb"))]
+    {
+        let _ = path;
+        None
+    }
 }

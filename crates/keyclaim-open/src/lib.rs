@@ -19,6 +19,9 @@ pub enum Scheme {
     /// `kv-memory:` or `kv-memory:?OPTIONS`: the key-value layer over a
     /// fresh in-memory engine
     KvMemory,
+    /// `rocksdb:PATH`: a RocksDB database in the directory `PATH` (the
+    /// `rocksdb` feature)
+    Rocksdb,
 }
 
 impl Scheme {
@@ -37,11 +40,26 @@ impl Scheme {
             Ok(Self::Postgres)
         } else if url == "kv-memory:" || url.starts_with("kv-memory:?") {
             Ok(Self::KvMemory)
+        } else if url.starts_with("rocksdb:") {
+            Ok(Self::Rocksdb)
         } else {
             Err(Error::invalid_config(format!(
-                "unknown store URL {}: use memory:, sqlite:PATH, redb:PATH, postgres://... or kv-memory:",
+                "unknown store URL {}: use memory:, sqlite:PATH, redb:PATH, postgres://..., kv-memory: or rocksdb:PATH",
                 redacted(url)
             )))
+        }
+    }
+
+    /// Whether this build opens stores of this backend (its feature of
+    /// this crate is on).
+    pub fn is_built(self) -> bool {
+        match self {
+            Self::Memory => cfg!(feature = "memory"),
+            Self::Sqlite => cfg!(feature = "sqlite"),
+            Self::Redb => cfg!(feature = "redb"),
+            Self::Postgres => cfg!(feature = "postgres"),
+            Self::KvMemory => cfg!(feature = "kv"),
+            Self::Rocksdb => cfg!(feature = "rocksdb"),
         }
     }
 }
@@ -68,6 +86,7 @@ pub async fn open_with(url: &str, limits: Limits) -> Result<Arc<dyn KeyStore>> {
         Scheme::Redb => redb(url, limits).await,
         Scheme::Postgres => postgres(url, limits).await,
         Scheme::KvMemory => kv_memory(url, limits).await,
+        Scheme::Rocksdb => rocksdb(url, limits).await,
     }
 }
 
@@ -170,6 +189,18 @@ async fn kv_memory(url: &str, _: Limits) -> Result<Arc<dyn KeyStore>> {
     Err(not_built(url, "kv"))
 }
 
+#[cfg(feature = "rocksdb")]
+async fn rocksdb(url: &str, limits: Limits) -> Result<Arc<dyn KeyStore>> {
+    let (path, options) = keyclaim_rocksdb::RocksOptions::from_url(url)?;
+    let store = keyclaim_rocksdb::RocksStore::open_with(path, options.limits(limits)).await?;
+    Ok(Arc::new(store))
+}
+
+#[cfg(not(feature = "rocksdb"))]
+async fn rocksdb(url: &str, _: Limits) -> Result<Arc<dyn KeyStore>> {
+    Err(not_built(url, "rocksdb"))
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -184,6 +215,7 @@ mod tests {
         assert_eq!(Scheme::of("postgres://h/db").unwrap(), Scheme::Postgres);
         assert_eq!(Scheme::of("postgresql://h/db").unwrap(), Scheme::Postgres);
         assert_eq!(Scheme::of("postgres:host=/tmp").unwrap(), Scheme::Postgres);
+        assert_eq!(Scheme::of("rocksdb:/tmp/keys").unwrap(), Scheme::Rocksdb);
         for bad in ["mysql://x", "", "keys.db", "sqlite"] {
             assert!(
                 matches!(Scheme::of(bad), Err(Error::InvalidConfig { .. })),
@@ -225,6 +257,13 @@ mod tests {
                 format!("redb:{}", dir.path().join("k.redb").display()),
                 "kv-memory:".to_owned(),
                 "kv-memory:?max_batch=8&durable=off".to_owned(),
+                #[cfg(feature = "rocksdb")]
+                format!("rocksdb:{}", dir.path().join("k.rocksdb").display()),
+                #[cfg(feature = "rocksdb")]
+                format!(
+                    "rocksdb:{}?durable=off&cf_prefix=kc_",
+                    dir.path().join("k2.rocksdb").display()
+                ),
             ] {
                 let store = open_with(&url, limits.clone()).await.unwrap();
                 assert_eq!(store.limits().max_claim_count, 2, "{url}");
@@ -233,6 +272,11 @@ mod tests {
             assert!(matches!(open(&bad).await, Err(Error::InvalidConfig { .. })));
             let bad = "kv-memory:?no_such_option=1";
             assert!(matches!(open(bad).await, Err(Error::InvalidConfig { .. })));
+            let bad = format!(
+                "rocksdb:{}?no_such_option=1",
+                dir.path().join("r").display()
+            );
+            assert!(matches!(open(&bad).await, Err(Error::InvalidConfig { .. })));
         });
     }
 }

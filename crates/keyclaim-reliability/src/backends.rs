@@ -1,5 +1,8 @@
 //! The persistent backends under test, behind one type: open, close and
-//! reopen a SQLite or redb store on a path, with the durable defaults.
+//! reopen a SQLite, redb or RocksDB store on a path, with the durable
+//! defaults. RocksDB is there when keyclaim-open was built with it (this
+//! crate's `rocksdb` feature; `cargo test --workspace` turns it on):
+//! [`Backend::built`].
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -17,30 +20,50 @@ pub enum Backend {
     Sqlite,
     /// `keyclaim_redb::RedbStore`.
     Redb,
+    /// `keyclaim_rocksdb::RocksStore` (a database directory).
+    Rocksdb,
 }
 
 impl Backend {
-    /// Both persistent backends.
-    pub const ALL: [Backend; 2] = [Backend::Sqlite, Backend::Redb];
+    /// Every persistent backend, built or not.
+    pub const ALL: [Backend; 3] = [Backend::Sqlite, Backend::Redb, Backend::Rocksdb];
 
-    /// `sqlite` or `redb`.
+    /// The persistent backends this build opens: SQLite, redb, and RocksDB
+    /// when keyclaim-open has it.
+    pub fn built() -> Vec<Backend> {
+        Self::ALL.into_iter().filter(|b| b.is_built()).collect()
+    }
+
+    /// Whether this build opens this backend's stores.
+    pub fn is_built(self) -> bool {
+        match self {
+            Self::Sqlite | Self::Redb => true,
+            Self::Rocksdb => keyclaim_open::Scheme::Rocksdb.is_built(),
+        }
+    }
+
+    /// `sqlite`, `redb` or `rocksdb`.
     pub fn name(self) -> &'static str {
         match self {
             Self::Sqlite => "sqlite",
             Self::Redb => "redb",
+            Self::Rocksdb => "rocksdb",
         }
     }
 
-    /// Parses `sqlite` or `redb`.
+    /// Parses `sqlite`, `redb` or `rocksdb` (a backend this build may
+    /// lack: opening it then fails).
     pub fn parse(name: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|b| b.name() == name)
     }
 
-    /// The store's file name inside a directory.
+    /// The store's file (or, for RocksDB, directory) name inside a
+    /// directory.
     pub fn file_name(self) -> &'static str {
         match self {
             Self::Sqlite => "store.sqlite",
             Self::Redb => "store.redb",
+            Self::Rocksdb => "store.rocksdb",
         }
     }
 
@@ -83,8 +106,8 @@ impl Persistent {
         &*self.store
     }
 
-    /// Closes the store: waits for its writer and releases the file (both
-    /// backends do that when dropped), off the async threads.
+    /// Closes the store: waits for its writer and releases the file (every
+    /// backend does that when dropped), off the async threads.
     ///
     /// # Errors
     /// When the blocking task fails.

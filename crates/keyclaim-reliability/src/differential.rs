@@ -590,8 +590,9 @@ pub fn scratch_dir() -> std::io::Result<tempfile::TempDir> {
     tempfile::Builder::new().prefix("keyclaim-fuzz-").tempdir()
 }
 
-/// Runs one input against memory, SQLite, redb and the key-value layer on
-/// its in-memory engine (fresh stores, in a scratch dir) and the model.
+/// Runs one input against memory, SQLite, redb, RocksDB (when built: see
+/// [`crate::backends::Backend::built`]) and the key-value layer on its
+/// in-memory engine (fresh stores, in a scratch dir) and the model.
 ///
 /// # Errors
 /// The first disagreement, or a store error.
@@ -599,9 +600,9 @@ pub fn check(data: &[u8]) -> Result<(), Violation> {
     check_ops(&decode(data))
 }
 
-/// Runs decoded operations against memory, SQLite, redb and the key-value
-/// layer on its in-memory engine (fresh stores, in a scratch dir) and the
-/// model (what the typed fuzz target calls).
+/// Runs decoded operations against memory, SQLite, redb, RocksDB (when
+/// built) and the key-value layer on its in-memory engine (fresh stores, in
+/// a scratch dir) and the model (what the typed fuzz target calls).
 ///
 /// # Errors
 /// The first disagreement, or a store error.
@@ -610,7 +611,7 @@ pub fn check_ops(ops: &Ops) -> Result<(), Violation> {
     block_on(async {
         let l = limits();
         let mut subjects: Vec<Box<dyn Subject>> = vec![Box::new(MemorySubject::new(l.clone()))];
-        for backend in crate::backends::Backend::ALL {
+        for backend in crate::backends::Backend::built() {
             let sub = crate::backends::PersistentSubject::open(backend, dir.path(), l.clone())
                 .await
                 .map_err(|e| Violation(format!("{backend}: open failed: {e}")))?;

@@ -2,7 +2,7 @@
 //! leave a file that opens (R10.2: after a crash the store opens cleanly).
 //!
 //! The soak's worker is started on a fresh path and killed after 0 to 90 ms,
-//! then the store is opened. Both backends pass. redb used to leave a file
+//! then the store is opened. Every backend passes. redb used to leave a file
 //! without its magic number ("Not a redb database: magic number mismatch")
 //! in 9 of 30 kills; `RedbStore::open` now creates a new file under a
 //! temporary name and renames it into place.
@@ -59,4 +59,10 @@ fn sqlite_opens_after_a_kill_during_creation() {
 #[test]
 fn redb_opens_after_a_kill_during_creation() {
     kill_during_create(Backend::Redb, 30);
+}
+
+#[cfg(feature = "rocksdb")]
+#[test]
+fn rocksdb_opens_after_a_kill_during_creation() {
+    kill_during_create(Backend::Rocksdb, 30);
 }

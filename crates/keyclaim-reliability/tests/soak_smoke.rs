@@ -44,3 +44,9 @@ fn soak_sqlite_a_few_seconds() {
 fn soak_redb_a_few_seconds() {
     smoke("redb");
 }
+
+#[cfg(feature = "rocksdb")]
+#[test]
+fn soak_rocksdb_a_few_seconds() {
+    smoke("rocksdb");
+}

@@ -64,6 +64,12 @@ fn redb_disk_full() {
     over_a_full_disk("redb_disk_full", Backend::Redb, 1);
 }
 
+#[cfg(feature = "rocksdb")]
+#[test]
+fn rocksdb_disk_full() {
+    over_a_full_disk("rocksdb_disk_full", Backend::Rocksdb, 1);
+}
+
 /// The stricter promise: once the fault clears, the *same handle* works
 /// again, without a reopen (a homeserver would otherwise answer 500 until it
 /// restarts).

@@ -3,6 +3,7 @@
 // runtime) is a test failure, and panicking is how a test reports one.
 #![allow(clippy::expect_used, clippy::panic)]
 
+pub mod crash;
 mod disk;
 pub mod postgres;
 pub mod process;

@@ -29,7 +29,8 @@ pub(crate) use workload::{device, upload_of};
 #[derive(Args, Debug, Clone)]
 pub(crate) struct BenchArgs {
     /// Backends to run, comma separated (default: every built backend:
-    /// memory, kv-memory, sqlite, redb, postgres). postgres runs on --postgres URL, else
+    /// memory, kv-memory, sqlite, redb, postgres, and rocksdb when built
+    /// with the `rocksdb` feature). postgres runs on --postgres URL, else
     /// on a throwaway durable server the bench starts from the installed
     /// PostgreSQL binaries; without either it is left out.
     #[arg(long, value_delimiter = ',')]
@@ -114,7 +115,6 @@ pub(crate) struct Setting<'a> {
 
 impl Setting<'_> {
     /// A file of this run in the bench's directory.
-    #[cfg_attr(not(any(feature = "sqlite", feature = "redb")), allow(dead_code))]
     fn file(&self, name: &str) -> PathBuf {
         self.dir.join(format!("bench-{}-{name}", self.tag))
     }
@@ -136,7 +136,31 @@ const BACKENDS: &[(&str, Opener)] = &[
     ("redb", |s| Box::pin(redb(s))),
     #[cfg(feature = "postgres")]
     ("postgres", |s| Box::pin(postgres(s))),
+    // Present when keyclaim-open and keyclaim-benches were built with
+    // RocksDB (this crate's `rocksdb` feature, or `cargo test --workspace`,
+    // where keyclaim-rocksdb's tests turn it on); see `built_backends`.
+    ("rocksdb", |s| Box::pin(rocksdb(s))),
 ];
+
+/// Whether this build has the RocksDB backend and its baseline.
+fn rocksdb_built() -> bool {
+    keyclaim_open::Scheme::Rocksdb.is_built() && keyclaim_benches::baseline::ROCKSDB
+}
+
+async fn rocksdb(s: &Setting<'_>) -> keyclaim::Result<BackendUnderTest> {
+    let url = format!("rocksdb:{}", s.file("store.rocksdb").display());
+    let store = keyclaim_open::open(&url).await?;
+    let mut baselines = Vec::new();
+    if !s.args.no_baseline {
+        let baseline = keyclaim_benches::baseline::open_rocksdb(&s.file("baseline.rocksdb"))
+            .await
+            .ok_or_else(|| {
+                keyclaim::Error::invalid_config("this build has no RocksDB baseline")
+            })??;
+        baselines.push(baseline);
+    }
+    Ok(BackendUnderTest { store, baselines })
+}
 
 async fn memory(_: &Setting<'_>) -> keyclaim::Result<BackendUnderTest> {
     Ok(BackendUnderTest {
@@ -214,7 +238,11 @@ mod baselines;
 
 /// The backends this build has, in the order they run.
 pub(crate) fn built_backends() -> Vec<&'static str> {
-    BACKENDS.iter().map(|(name, _)| *name).collect()
+    BACKENDS
+        .iter()
+        .map(|(name, _)| *name)
+        .filter(|name| *name != "rocksdb" || rocksdb_built())
+        .collect()
 }
 
 /// Opens backend `name`.
@@ -224,7 +252,7 @@ pub(crate) async fn open_backend(
 ) -> Result<BackendUnderTest, String> {
     let (_, open) = BACKENDS
         .iter()
-        .find(|(n, _)| *n == name)
+        .find(|(n, _)| *n == name && built_backends().contains(n))
         .ok_or_else(|| unknown_backend(name))?;
     open(setting).await.map_err(|e| format!("{name}: {e}"))
 }

@@ -18,7 +18,7 @@ use std::time::Duration;
 use keyclaim_reliability::backends::Backend;
 use keyclaim_reliability::soak::{SoakConfig, run, worker};
 
-const USAGE: &str = "usage: soak --backend sqlite|redb [--minutes M | --seconds S] [--dir DIR] [--seed N] [--kill-ms MIN..MAX]";
+const USAGE: &str = "usage: soak --backend sqlite|redb|rocksdb [--minutes M | --seconds S] [--dir DIR] [--seed N] [--kill-ms MIN..MAX]";
 
 fn fail(msg: &str) -> ExitCode {
     let _ = writeln!(std::io::stderr(), "soak: {msg}");
