@@ -89,6 +89,20 @@ pub use rocksdb::RocksBaseline;
 #[cfg(feature = "sqlite")]
 pub use sqlite::SqliteBaseline;
 
+/// Runs `f` on tokio's blocking pool, never on the async runtime's threads
+/// (the embedded baselines' storage calls block); a task that panicked or
+/// was cancelled is a storage error of baseline `name` during `op`.
+#[cfg(any(feature = "sqlite", feature = "redb", feature = "rocksdb"))]
+async fn on_blocking_pool<T: Send + 'static>(
+    name: &'static str,
+    op: &'static str,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::storage(name, op, false, e))?
+}
+
 /// A reference claim pattern on one backend's kind of storage.
 ///
 /// `Send + Sync`; share it as `Arc<dyn Baseline>`.

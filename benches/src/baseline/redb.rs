@@ -206,8 +206,8 @@ where
     T: Send + 'static,
     E: Into<redb::Error> + Send + 'static,
 {
-    tokio::task::spawn_blocking(move || f().map_err(Into::into))
-        .await
-        .map_err(|e| Error::storage(NAME, op, false, e))?
-        .map_err(|e| Error::storage(NAME, op, false, e))
+    super::on_blocking_pool(NAME, op, move || {
+        f().map_err(|e| Error::storage(NAME, op, false, Into::<redb::Error>::into(e)))
+    })
+    .await
 }

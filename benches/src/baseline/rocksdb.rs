@@ -172,8 +172,8 @@ async fn blocking<T: Send + 'static>(
     op: &'static str,
     f: impl FnOnce() -> std::result::Result<T, rocksdb::Error> + Send + 'static,
 ) -> Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| Error::storage(NAME, op, false, e))?
-        .map_err(|e| Error::storage(NAME, op, true, e))
+    super::on_blocking_pool(NAME, op, move || {
+        f().map_err(|e| Error::storage(NAME, op, true, e))
+    })
+    .await
 }

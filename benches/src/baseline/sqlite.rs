@@ -299,9 +299,7 @@ async fn blocking<T: Send + 'static>(
     op: &'static str,
     f: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| Error::storage(NAME, op, false, e))?
+    super::on_blocking_pool(NAME, op, f).await
 }
 
 /// Maps a SQLite error to [`Error::Storage`], retryable when the file was

@@ -565,44 +565,68 @@ pub(crate) async fn claim_many(
 ) -> Result<Vec<Result<ClaimOutcome>>> {
     let merged = Merged::new(claims);
     let remembered = remembered(limits);
-    let run = |statement| ClaimRun {
-        statement,
-        merged: &merged,
-        sql,
-        remembered,
-    };
     // Every key the fast statement takes is remembered (R3.4) only when no
     // target asks for more than are remembered.
     let fast =
         !sql.transactional_notify && merged.counts.iter().all(|&n| i64::from(n) <= remembered);
-    let rows = if fast {
-        run(CLAIM_FAST).execute(client).await?
+    // Each statement in turn until one applies: a statement that does not
+    // apply applied nothing. [`CLAIM`] does not apply when a target came
+    // away short while keys it skipped were still stored; the waiting
+    // statement then waits for them (R4.3), and always applies.
+    let statements: &[Statement] = if fast {
+        &[Statement::FAST, Statement::FULL, Statement::WAITING]
     } else {
-        None
+        &[Statement::FULL, Statement::WAITING]
     };
-    let rows = match rows {
-        Some(rows) => rows,
-        None => match run(CLAIM).execute(client).await? {
-            Some(rows) => rows,
-            None => {
-                // A target came away short while keys it skipped were still
-                // stored: nothing was applied; wait for them (R4.3).
-                tracing::debug!("claim contended; waiting for locked keys");
-                run(CLAIM_WAITING)
-                    .execute(client)
-                    .await?
-                    .ok_or_else(|| corrupt("claim answer", "a waiting claim did not apply"))?
-            }
-        },
-    };
+    let mut answer = None;
+    for &statement in statements {
+        let run = ClaimRun {
+            statement,
+            merged: &merged,
+            sql,
+            remembered,
+        };
+        answer = run.execute(client).await?;
+        if answer.is_some() {
+            break;
+        }
+        if statement.sql == CLAIM {
+            tracing::debug!("claim contended; waiting for locked keys");
+        }
+    }
+    let rows = answer.ok_or_else(|| corrupt("claim answer", "a waiting claim did not apply"))?;
     let got = decode_claim(&merged, claims, &rows)?;
     Ok(hand_out(&merged, claims, got))
 }
 
-/// One run of a claim statement ([`CLAIM_FAST`], [`CLAIM`] or
-/// [`CLAIM_WAITING`]).
+/// A claim statement, and how many of [`ClaimRun`]'s parameters it takes.
+#[derive(Clone, Copy)]
+struct Statement {
+    sql: &'static str,
+    params: usize,
+}
+
+impl Statement {
+    /// [`CLAIM_FAST`]: the targets only.
+    const FAST: Statement = Statement {
+        sql: CLAIM_FAST,
+        params: 4,
+    };
+    /// [`CLAIM`].
+    const FULL: Statement = Statement {
+        sql: CLAIM,
+        params: 9,
+    };
+    /// [`CLAIM_WAITING`].
+    const WAITING: Statement = Statement {
+        sql: CLAIM_WAITING,
+        params: 9,
+    };
+}
+
+/// One run of a claim statement.
 struct ClaimRun<'a> {
-    statement: &'static str,
+    statement: Statement,
     merged: &'a Merged<'a>,
     sql: &'a Sql,
     remembered: i64,
@@ -625,14 +649,8 @@ impl ClaimRun<'_> {
             &self.sql.transactional_notify,
             &m.fb_at,
         ];
-        // [`CLAIM_FAST`] takes the targets only.
-        let params = if self.statement == CLAIM_FAST {
-            &params[..4]
-        } else {
-            &params[..]
-        };
         let rows = client
-            .query_alone(self.statement, params)
+            .query_alone(self.statement.sql, &params[..self.statement.params])
             .await
             .map_err(pg(op))?;
         let contended = rows

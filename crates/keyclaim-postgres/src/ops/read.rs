@@ -95,20 +95,19 @@ async fn query_device(
 /// answered twice from one lookup.
 pub(crate) async fn counts_many(client: &mut Conn, devices: &[Device]) -> Result<Vec<SyncState>> {
     let op = "counts_many";
-    // The distinct devices in byte order (R2.7), and for each device asked
-    // its place among them.
+    // The places asked, sorted by device in byte order (R2.7), and the
+    // distinct devices, each with its run of places in that order.
     let mut order: Vec<usize> = (0..devices.len()).collect();
     order.sort_by(|&a, &b| devices[a].cmp(&devices[b]));
-    let mut distinct: Vec<&Device> = Vec::with_capacity(devices.len());
-    let mut place = vec![0usize; devices.len()];
-    for &i in &order {
-        if distinct.last().is_none_or(|last| *last != &devices[i]) {
-            distinct.push(&devices[i]);
+    let mut distinct: Vec<(&Device, std::ops::Range<usize>)> = Vec::with_capacity(devices.len());
+    for (at, &i) in order.iter().enumerate() {
+        match distinct.last_mut() {
+            Some((last, run)) if *last == &devices[i] => run.end = at + 1,
+            _ => distinct.push((&devices[i], at..at + 1)),
         }
-        place[i] = distinct.len() - 1;
     }
-    let users: Vec<&str> = distinct.iter().map(|d| d.user_id.as_str()).collect();
-    let device_ids: Vec<&str> = distinct.iter().map(|d| d.device_id.as_str()).collect();
+    let users: Vec<&str> = distinct.iter().map(|(d, _)| d.user_id.as_str()).collect();
+    let device_ids: Vec<&str> = distinct.iter().map(|(d, _)| d.device_id.as_str()).collect();
     let rows = client
         .query_alone(COUNTS_MANY, &[&users, &device_ids])
         .await
@@ -123,28 +122,19 @@ pub(crate) async fn counts_many(client: &mut Conn, devices: &[Device]) -> Result
             .ok_or_else(|| corrupt("counts_many answer", format!("no device {ord}")))?;
         state.add(op, &row)?;
     }
-    // Each state moves to the last device asked that names it; the others
-    // (a device asked twice) get copies.
-    let mut uses = vec![0usize; states.len()];
-    for &p in &place {
-        uses[p] += 1;
+    // Each state goes to every place its device was asked at (moved to the
+    // last, copied to the others).
+    let mut answer = vec![SyncState::default(); devices.len()];
+    for ((_, run), state) in distinct.into_iter().zip(states) {
+        if let Some((&last, others)) = order[run].split_last() {
+            let state = state.finish();
+            for &i in others {
+                answer[i] = state.clone();
+            }
+            answer[last] = state;
+        }
     }
-    let mut states: Vec<Option<SyncState>> = states
-        .into_iter()
-        .map(|s| Some(SyncStateRows::finish(s)))
-        .collect();
-    place
-        .into_iter()
-        .map(|p| {
-            uses[p] -= 1;
-            let state = if uses[p] == 0 {
-                states[p].take()
-            } else {
-                states[p].clone()
-            };
-            state.ok_or_else(|| corrupt("counts_many answer", format!("device {p} twice")))
-        })
-        .collect()
+    Ok(answer)
 }
 
 /// Reads a device's fallback keys in one statement.
