@@ -59,6 +59,10 @@ pub(crate) struct BenchArgs {
     /// Repetitions of each claim race (fresh devices each).
     #[arg(long, default_value_t = 3)]
     pub(crate) race_reps: usize,
+    /// The claim races to run, comma separated: one (1 client, 1 device),
+    /// hot (every client on 1 device), distinct (a device per client).
+    #[arg(long, value_delimiter = ',', default_value = "one,hot,distinct", value_parser = ["one", "hot", "distinct"])]
+    pub(crate) races: Vec<String>,
     /// Hot devices (20% of single claims go to them).
     #[arg(long, default_value_t = 8)]
     pub(crate) hot: usize,
@@ -491,11 +495,14 @@ async fn races(
     ];
     let pb = bar(
         args.quiet,
-        (shapes.len() * reps * sides.len()) as u64,
+        (args.races.len() * reps * sides.len()) as u64,
         &format!("{name}: claim races"),
     );
     let mut out = Vec::new();
     for (scenario, clients, devices) in shapes {
+        if !args.races.iter().any(|r| r == scenario) {
+            continue;
+        }
         let spec = RaceSpec {
             clients,
             target,

@@ -49,6 +49,14 @@ use crate::session::Conn;
 /// fallback algorithms. Only one of the two count branches runs (each is
 /// gated by a one-time filter on `$6`); every branch is an index scan of
 /// the device's own rows.
+///
+/// The remembered keys (up to `$7` per algorithm, 1,000 by default) are
+/// matched against the uploaded key IDs through a hash of those IDs (a
+/// hashed subplan: the `IS TRUE` keeps the planner from turning the `IN`
+/// into a join whose shape a generic plan would guess). `= ANY($3)` would
+/// compare every remembered key with every uploaded ID: 100,000 text
+/// comparisons for an upload of 100 keys, 2.6 ms of server time against
+/// 0.6 ms with the hash, measured at 1,000 remembered keys.
 const UPLOAD_FACTS: &str = "
 SELECT 0::int2 AS kind, key_id, NULL::text AS algorithm, digest, 0::int8 AS n
   FROM otk WHERE user_id = $1 AND device_id = $2 AND key_id = ANY($3::text[])
@@ -61,7 +69,7 @@ SELECT 1::int2, i.key_id, NULL::text, i.digest, 0::int8
        ORDER BY issued_txn DESC, issued_pos DESC
        LIMIT $7
   ) i
- WHERE i.key_id = ANY($3::text[])
+ WHERE (i.key_id IN (SELECT unnest($3::text[]))) IS TRUE
 UNION ALL
 SELECT 2::int2, NULL::text, algorithm, NULL::bytea, count(*)
   FROM otk WHERE user_id = $1 AND device_id = $2 AND algorithm = ANY($4::text[]) AND NOT $6::bool
@@ -402,4 +410,31 @@ async fn apply(
         futures::try_join!(insert, upsert, notify, prune, state).map_err(pg(op))?;
     let counts = decode_sync_state(op, state_rows)?.one_time_key_counts;
     Ok(UploadOutcome { counts, changes })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::plans::check_generic_plans;
+
+    /// [`UPLOAD_FACTS`]' generic plan matches the remembered keys against
+    /// the uploaded key IDs through a hashed subplan, not by comparing each
+    /// with every ID (R3.4 at 1,000 remembered keys and uploads of up to
+    /// 1,000 keys), and reaches every table through an index.
+    #[test]
+    fn upload_facts_match_remembered_keys_through_a_hash() {
+        check_generic_plans(
+            "upload::facts_plan",
+            &format!("facts(text, text, text[], text[], text[], bool, int8) AS {UPLOAD_FACTS}"),
+            "EXPLAIN (COSTS OFF) EXECUTE facts('@u1:x', 'D', '{alg:K1,alg:K9}', '{alg}', '{alg}', false, 1000)",
+            |plan| {
+                assert!(plan.contains("hashed SubPlan"), "{plan}");
+                assert!(
+                    plan.contains("Index Scan Backward using issued_pkey on issued"),
+                    "{plan}"
+                );
+                assert!(!plan.contains("Seq Scan"), "{plan}");
+            },
+        );
+    }
 }
