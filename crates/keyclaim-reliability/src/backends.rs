@@ -22,10 +22,13 @@ pub enum Backend {
     Redb,
     /// `keyclaim_rocksdb::RocksStore` (a database directory).
     Rocksdb,
+    /// `keyclaim_postgres::PostgresStore`: its location is a connection
+    /// URL instead of a path (the soak only; not among [`Backend::ALL`]).
+    Postgres,
 }
 
 impl Backend {
-    /// Every persistent backend, built or not.
+    /// Every persistent backend kept in a file or directory, built or not.
     pub const ALL: [Backend; 3] = [Backend::Sqlite, Backend::Redb, Backend::Rocksdb];
 
     /// The persistent backends this build opens: SQLite, redb, and RocksDB
@@ -37,43 +40,52 @@ impl Backend {
     /// Whether this build opens this backend's stores.
     pub fn is_built(self) -> bool {
         match self {
-            Self::Sqlite | Self::Redb => true,
+            Self::Sqlite | Self::Redb | Self::Postgres => true,
             Self::Rocksdb => keyclaim_open::Scheme::Rocksdb.is_built(),
         }
     }
 
-    /// `sqlite`, `redb` or `rocksdb`.
+    /// `sqlite`, `redb`, `rocksdb` or `postgres`.
     pub fn name(self) -> &'static str {
         match self {
             Self::Sqlite => "sqlite",
             Self::Redb => "redb",
             Self::Rocksdb => "rocksdb",
+            Self::Postgres => "postgres",
         }
     }
 
-    /// Parses `sqlite`, `redb` or `rocksdb` (a backend this build may
-    /// lack: opening it then fails).
+    /// Parses `sqlite`, `redb`, `rocksdb` or `postgres` (a backend this
+    /// build may lack: opening it then fails).
     pub fn parse(name: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|b| b.name() == name)
+        Self::ALL
+            .into_iter()
+            .chain([Self::Postgres])
+            .find(|b| b.name() == name)
     }
 
     /// The store's file (or, for RocksDB, directory) name inside a
-    /// directory.
+    /// directory (PostgreSQL: none, its location is a URL).
     pub fn file_name(self) -> &'static str {
         match self {
             Self::Sqlite => "store.sqlite",
             Self::Redb => "store.redb",
             Self::Rocksdb => "store.rocksdb",
+            Self::Postgres => "",
         }
     }
 
-    /// Opens (creating if needed) the store at `path` with the durable
-    /// default settings and the given limits.
+    /// Opens (creating if needed) the store at `path` (for PostgreSQL, a
+    /// connection URL) with the durable default settings and the given
+    /// limits.
     ///
     /// # Errors
     /// The backend's open errors.
     pub async fn open(self, path: &Path, limits: Limits) -> Result<Persistent> {
-        let url = format!("{}:{}", self.name(), path.display());
+        let url = match self {
+            Self::Postgres => path.display().to_string(),
+            _ => format!("{}:{}", self.name(), path.display()),
+        };
         Ok(Persistent::new(
             self.name(),
             keyclaim_open::open_with(&url, limits).await?,

@@ -28,6 +28,18 @@
 //! kills hit a store in use; a kill during creation is tested apart
 //! (`tests/crash_on_create.rs`).
 //!
+//! # PostgreSQL and server restarts
+//!
+//! On PostgreSQL the store lives in a database (its URL is the store's
+//! location) and killing the worker drops its connections mid-statement.
+//! With a restart command, every few generations the parent also runs it
+//! while the worker works (for instance `pg_ctl restart -m immediate`: the
+//! server crashes, recovers from its WAL and starts again), then kills the
+//! worker. An operation the crash fails must fail with a retryable error; it
+//! is then resolved like one in flight at a kill (applied whole or not at
+//! all, R10.5), and every operation acknowledged before the crash must be
+//! in the store afterwards.
+//!
 //! It prints a progress line per minute and a summary at the end:
 //! operations acknowledged, crashes survived, violations (must be 0).
 
@@ -70,6 +82,22 @@ pub struct SoakConfig {
     /// The worker executable (this binary) and the arguments before
     /// `worker` (empty for the `soak` binary).
     pub worker_exe: PathBuf,
+    /// Where the store lives when not in `dir`: PostgreSQL's connection
+    /// URL (a schema of its own, empty or absent at the start).
+    pub location: Option<String>,
+    /// A command that crashes and restarts the database server, run with
+    /// `sh -c` while the worker works, and how often (see the module docs).
+    pub restart: Option<Restart>,
+}
+
+/// The database server's restarts during a soak.
+#[derive(Debug, Clone)]
+pub struct Restart {
+    /// A shell command that returns once the server accepts connections
+    /// again.
+    pub command: String,
+    /// Every how many worker generations it runs (at least 1).
+    pub every: u64,
 }
 
 /// The soak's figures.
@@ -87,6 +115,11 @@ pub struct SoakSummary {
     pub inflight_applied: u64,
     /// Operations in flight at a kill found not applied.
     pub inflight_not_applied: u64,
+    /// Database server restarts survived.
+    pub restarts: u64,
+    /// Operations that a restart failed (with a retryable error), each
+    /// resolved as in flight.
+    pub failed_by_restart: u64,
     /// Broken promises (must be 0).
     pub violations: u64,
     /// The first few violations.
@@ -105,8 +138,16 @@ impl SoakSummary {
 
     /// One line of figures.
     pub fn line(&self, backend: Backend) -> String {
+        let restarts = if self.restarts > 0 {
+            format!(
+                ", {} server restarts survived ({} operations failed by them)",
+                self.restarts, self.failed_by_restart
+            )
+        } else {
+            String::new()
+        };
         format!(
-            "soak {backend}: {:.1} min, {} ops acknowledged ({} claims, {} keys issued), {} crashes survived (in flight: {} applied, {} not), violations: {}",
+            "soak {backend}: {:.1} min, {} ops acknowledged ({} claims, {} keys issued), {} crashes survived (in flight: {} applied, {} not){restarts}, violations: {}",
             self.elapsed.as_secs_f64() / 60.0,
             self.ops,
             self.claims,
@@ -137,7 +178,8 @@ fn workload(seed: u64, generation: u64) -> Result<Workload, Violation> {
 }
 
 /// The worker: runs the workload on the store until killed, journaling
-/// each operation before (`B i`) and after (`A i digest`) it.
+/// each operation before (`B i`) and after (`A i digest`) it, or its
+/// failure (`E i retryable message`).
 ///
 /// # Errors
 /// When the store or journal cannot be opened; a storage error during the
@@ -170,7 +212,7 @@ pub async fn worker(
             Ok(answer) => line(format!("A {i} {:016x}\n", answer.digest()))?,
             Err(e) => {
                 let msg = chain(&e).replace('\n', " ");
-                line(format!("E {i} {msg}\n"))?;
+                line(format!("E {i} {} {msg}\n", e.is_retryable()))?;
                 return Err(Violation(format!("op {i}: {msg}")));
             }
         }
@@ -180,7 +222,8 @@ pub async fn worker(
 enum Entry {
     Begin(u64),
     Ack(u64, u64),
-    Failed(u64, String),
+    /// Its index, whether the error was retryable, the message.
+    Failed(u64, bool, String),
 }
 
 fn read_journal(path: &Path) -> Result<Vec<Entry>, Violation> {
@@ -200,11 +243,35 @@ fn read_journal(path: &Path) -> Result<Vec<Entry>, Violation> {
                     out.push(Entry::Ack(i, d));
                 }
             }
-            (Some("E"), Some(msg)) => out.push(Entry::Failed(i, msg.to_owned())),
+            (Some("E"), Some(rest)) => {
+                let (retryable, msg) = rest.split_once(' ').unwrap_or((rest, ""));
+                out.push(Entry::Failed(i, retryable == "true", msg.to_owned()));
+            }
             _ => {}
         }
     }
     Ok(out)
+}
+
+/// Runs `command` with `sh -c` (see [`Restart`]).
+async fn restart_server(command: &str) -> Result<(), Violation> {
+    let command = command.to_owned();
+    let status = tokio::task::spawn_blocking(move || {
+        Command::new("sh")
+            .arg("-c")
+            .arg(command)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .status()
+    })
+    .await
+    .map_err(|e| Violation(format!("the restart command's task failed: {e}")))?
+    .map_err(|e| Violation(format!("cannot run the restart command: {e}")))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(Violation(format!("the restart command failed: {status}")))
+    }
 }
 
 /// Runs the soak until the configured duration is over.
@@ -217,7 +284,10 @@ pub async fn run(
     mut progress: impl FnMut(&SoakSummary),
 ) -> Result<SoakSummary, Violation> {
     std::fs::create_dir_all(&config.dir).map_err(|e| Violation(format!("soak dir: {e}")))?;
-    let store_path = config.dir.join(config.backend.file_name());
+    let store_path = match &config.location {
+        Some(url) => PathBuf::from(url),
+        None => config.dir.join(config.backend.file_name()),
+    };
     let mut summary = SoakSummary::default();
     let mut mirror = MemoryStore::with_limits(limits());
     let mut issued: HashSet<(String, String, String)> = HashSet::new();
@@ -254,6 +324,14 @@ pub async fn run(
         let life = Duration::from_millis(rng.random_range(min..max));
         tokio::time::sleep(life).await;
         let exited_early = matches!(child.try_wait(), Ok(Some(_)));
+        let restarted = match &config.restart {
+            Some(restart) if !exited_early && generation.is_multiple_of(restart.every.max(1)) => {
+                restart_server(&restart.command).await?;
+                summary.restarts += 1;
+                true
+            }
+            _ => false,
+        };
         let _ = child.kill(); // SIGKILL
         let status = child.wait().map_err(|e| Violation(format!("wait: {e}")))?;
         if exited_early {
@@ -306,10 +384,14 @@ pub async fn run(
                     }
                     inflight = None;
                 }
-                Entry::Failed(i, msg) => {
-                    summary.violation(format!(
-                        "generation {generation} op {i}: storage error: {msg}"
-                    ));
+                Entry::Failed(i, retryable, msg) => {
+                    if restarted && retryable {
+                        summary.failed_by_restart += 1;
+                    } else {
+                        summary.violation(format!(
+                            "generation {generation} op {i}: storage error: {msg}"
+                        ));
+                    }
                     inflight = Some(i);
                 }
             }

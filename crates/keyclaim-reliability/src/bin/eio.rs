@@ -23,7 +23,11 @@ use keyclaim_reliability::faults::run_scenario;
 fn run() -> Result<String, String> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let usage = "usage: eio <sqlite|redb> <write|sync> [seed]";
-    let backend = args.first().and_then(|b| Backend::parse(b)).ok_or(usage)?;
+    let backend = args
+        .first()
+        .and_then(|b| Backend::parse(b))
+        .filter(|b| Backend::ALL.contains(b))
+        .ok_or(usage)?;
     let mode = args.get(1).and_then(|m| EioMode::parse(m)).ok_or(usage)?;
     let seed = match args.get(2) {
         Some(seed) => seed.parse().map_err(|_| usage)?,

@@ -5,7 +5,13 @@
 //! ```text
 //! cargo build --release -p keyclaim-reliability --bin soak
 //! nice target/release/soak --backend sqlite --minutes 120 [--dir DIR] [--seed N] [--kill-ms 200..2000]
+//! nice target/release/soak --backend postgres --url URL [--restart-cmd CMD --restart-every N] --minutes 60
 //! ```
+//!
+//! PostgreSQL's store is the schema named in `URL` (`keyclaim_schema=...`,
+//! which must not exist yet); `--restart-cmd` is a shell command that
+//! crashes and restarts the server and returns once it accepts connections,
+//! run every `N`th worker generation while the worker works.
 //!
 //! Prints a progress line per minute and a summary; exits 1 if any
 //! violation was found.
@@ -16,9 +22,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use keyclaim_reliability::backends::Backend;
-use keyclaim_reliability::soak::{SoakConfig, run, worker};
+use keyclaim_reliability::soak::{Restart, SoakConfig, run, worker};
 
-const USAGE: &str = "usage: soak --backend sqlite|redb|rocksdb [--minutes M | --seconds S] [--dir DIR] [--seed N] [--kill-ms MIN..MAX]";
+const USAGE: &str = "usage: soak --backend sqlite|redb|rocksdb|postgres [--minutes M | --seconds S] [--dir DIR] [--seed N] [--kill-ms MIN..MAX] [--url URL] [--restart-cmd CMD] [--restart-every N]";
 
 fn fail(msg: &str) -> ExitCode {
     let _ = writeln!(std::io::stderr(), "soak: {msg}");
@@ -60,6 +66,9 @@ fn main() -> ExitCode {
     let mut dir = None;
     let mut seed = 1u64;
     let mut kill = (Duration::from_millis(200), Duration::from_millis(2000));
+    let mut url = None;
+    let mut restart_cmd = None;
+    let mut restart_every = 10u64;
     let mut it = args.iter();
     while let Some(flag) = it.next() {
         let Some(value) = it.next() else {
@@ -91,12 +100,21 @@ fn main() -> ExitCode {
                     _ => return fail(USAGE),
                 }
             }
+            "--url" => url = Some(value.clone()),
+            "--restart-cmd" => restart_cmd = Some(value.clone()),
+            "--restart-every" => match value.parse::<u64>() {
+                Ok(n) if n > 0 => restart_every = n,
+                _ => return fail(USAGE),
+            },
             _ => return fail(USAGE),
         }
     }
     let Some(backend) = backend else {
         return fail(USAGE);
     };
+    if (backend == Backend::Postgres) != url.is_some() {
+        return fail("--url is needed with --backend postgres, and only there");
+    }
     let Ok(exe) = std::env::current_exe() else {
         return fail("cannot find my own executable");
     };
@@ -121,6 +139,11 @@ fn main() -> ExitCode {
         kill_min: kill.0,
         kill_max: kill.1,
         worker_exe: exe,
+        location: url,
+        restart: restart_cmd.map(|command| Restart {
+            command,
+            every: restart_every,
+        }),
     };
     let mut out = std::io::stdout();
     let _ = writeln!(
