@@ -34,9 +34,9 @@
 //!
 //! The listener reconnects when its connection is lost (with a growing
 //! pause, at most [`MAX_BACKOFF`]). Notifications sent while it was away
-//! are lost, so subscribers that must not miss anything re-read state on
-//! [`broadcast::error::RecvError::Lagged`] and on a timer, as they must
-//! anyway.
+//! are lost: once it listens again, it tells the subscribers so with one
+//! [`Changes::unknown`] event, and they re-read what they watch (R11.3), as
+//! on [`broadcast::error::RecvError::Lagged`].
 //!
 //! [`broadcast::error::RecvError::Lagged`]: keyclaim::broadcast::error::RecvError::Lagged
 
@@ -300,6 +300,10 @@ async fn listen_once(
                 listening = true;
                 if let Some(ready) = ready.take() {
                     let _ = ready.send(Ok(()));
+                } else {
+                    // Listening again after a lost connection: what other
+                    // processes changed meanwhile was not heard (R11.3).
+                    core.announce_missed();
                 }
                 tracing::debug!("keyclaim notification listener ready");
             }

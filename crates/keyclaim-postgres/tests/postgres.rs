@@ -426,6 +426,48 @@ fn changes_reach_other_workers_with(transactional: bool) {
     });
 }
 
+/// R11.3: when a store's notification connection is lost, what other
+/// workers change before it listens again is not heard; once it listens
+/// again it says so with one unknown event, and later changes are heard as
+/// before.
+#[test]
+fn a_lost_notification_connection_is_announced_as_unknown_changes() {
+    with_server(
+        "postgres::a_lost_notification_connection_is_announced",
+        |url| async move {
+            let schema = unique_schema("kc_relisten");
+            let one = PostgresStore::connect_with(&url, options(&schema))
+                .await
+                .expect("one");
+            let two = PostgresStore::connect_with(&url, options(&schema))
+                .await
+                .expect("two");
+            let mut other = two.subscribe();
+            let raw = common::raw(&url).await;
+            let listening = format!("LISTEN keyclaim_changes_{schema}");
+            let killed: i64 = raw
+                .query_one(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE query = $1",
+                    &[&listening],
+                )
+                .await
+                .expect("terminate the listeners")
+                .get(0);
+            assert_eq!(killed, 2, "both stores' listeners");
+            let event = next_event(&mut other).await;
+            assert!(event.is_unknown(), "{event:?}");
+            let a = dev("@a:x", "A");
+            put(&one, &a, otks(SC, &["K"]), vec![]).await;
+            loop {
+                let event = next_event(&mut other).await;
+                if !event.is_unknown() && event.contains(&a) {
+                    break;
+                }
+            }
+        },
+    );
+}
+
 #[test]
 fn pinned_and_unpinned_plans_claim_alike() {
     with_server(

@@ -22,8 +22,9 @@
 //! that commits later. Writers delete rows older than [`RETENTION`] (once
 //! per [`PRUNE_EVERY`], inside a batch's transaction): the table holds a few
 //! seconds of changes. A watcher that stalls for longer than that misses
-//! rows; it logs a warning (its subscribers then learn of those changes at
-//! their next read, as after a lag, R11.3). Memory stays bounded: the
+//! rows: it sees a gap in the ids, logs a warning and tells its
+//! subscribers with one [`Changes::unknown`] event that changes were missed,
+//! so that they re-read what they watch (R11.3). Memory stays bounded: the
 //! watcher holds one row at a time, and core's notifier bounds what a slow
 //! subscriber holds (R11.3).
 
@@ -54,7 +55,11 @@ const ROWS_PER_READ: i64 = 16;
 
 const SQL_APPEND: &str = "INSERT INTO change_log (origin, at_ms, devices) VALUES (?1, ?2, ?3)";
 const SQL_PRUNE: &str = "DELETE FROM change_log WHERE at_ms < ?1";
-const SQL_LAST: &str = "SELECT coalesce(max(id), 0) FROM change_log";
+/// The last id ever given to a row (`AUTOINCREMENT` keeps it in
+/// `sqlite_sequence`, also after the row is pruned): the rows after it are
+/// numbered without gaps, so a gap is a row pruned before it was read.
+const SQL_LAST: &str =
+    "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'change_log'), 0)";
 const SQL_AFTER: &str =
     "SELECT id, origin, devices FROM change_log WHERE id > ?1 ORDER BY id LIMIT ?2";
 
@@ -253,12 +258,13 @@ impl Watch {
             while let Some(row) = rows.next().ctx(OP)? {
                 read += 1;
                 let (id, origin): (i64, i64) = (row.get(0).ctx(OP)?, row.get(1).ctx(OP)?);
-                if id > self.last.saturating_add(1) && self.last > 0 {
+                if id > self.last.saturating_add(1) {
                     tracing::warn!(
                         missed = id - self.last - 1,
                         "keyclaim-sqlite: change reports of other processes were pruned \
                          before this process read them"
                     );
+                    self.core.announce_missed();
                 }
                 self.last = id;
                 if origin == self.origin {

@@ -366,3 +366,54 @@ async fn the_wal_file_shrinks_to_its_limit_after_a_checkpoint() {
         "without a limit the WAL keeps its size: {unlimited}"
     );
 }
+
+/// R11.3: a handle whose watcher reads the change log only after a row of
+/// another handle was pruned sees the gap in the ids and tells its
+/// subscribers, with one unknown event, that it missed changes; the rows
+/// after the gap are reported as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_report_pruned_before_it_was_read_is_announced_as_unknown() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gap.sqlite");
+    let writer = SqliteStore::open(&path).await.unwrap();
+    // The watcher's first read comes 2 s after it opened: long after the
+    // three uploads and the deletion below.
+    let watcher = SqliteStore::open_with(
+        &path,
+        SqliteOptions::new().change_poll_interval(Some(Duration::from_secs(2))),
+    )
+    .await
+    .unwrap();
+    let mut events = watcher.subscribe();
+    for i in 0..3 {
+        writer
+            .upload(&Upload::from_keys(device(i), [key("k")], []).unwrap())
+            .await
+            .unwrap();
+    }
+    // The middle row goes, as the writers' pruning removes old rows.
+    let raw = rusqlite::Connection::open(&path).unwrap();
+    raw.busy_timeout(Duration::from_secs(10)).unwrap();
+    let deleted = raw
+        .execute(
+            "DELETE FROM change_log WHERE id = (SELECT max(id) - 1 FROM change_log)",
+            [],
+        )
+        .unwrap();
+    assert_eq!(deleted, 1);
+
+    let mut unknown = false;
+    let heard = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let event = events.recv().await.expect("subscription open");
+            if event.is_unknown() {
+                unknown = true;
+            } else if event.devices() == [device(2)] {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(heard.is_ok(), "the row after the gap was not reported");
+    assert!(unknown, "the missed report was not announced");
+}

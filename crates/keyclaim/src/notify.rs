@@ -105,4 +105,26 @@ mod tests {
         }
         assert_eq!(rest, NOTIFY_CAPACITY);
     }
+
+    /// R11.3: reports that were lost reach subscribers as one unknown
+    /// event, which names no device and matches every device and user.
+    #[test]
+    fn r11_3_lost_reports_arrive_as_one_unknown_event() {
+        let notifier = ChangeNotifier::new();
+        let mut rx = notifier.subscribe();
+        notifier.notify(&Changes::unknown());
+        let event = rx.try_recv().unwrap();
+        assert!(event.is_unknown());
+        assert!(!event.is_empty());
+        assert!(event.devices().is_empty());
+        let device = devices(1).remove(0);
+        assert!(event.contains(&device));
+        assert!(event.contains_user(&device.user_id));
+        assert!(rx.try_recv().is_err());
+        // Ordinary changes are not unknown, and match only their devices.
+        let known = Changes::from_devices(devices(2).into_iter().skip(1));
+        assert!(!known.is_unknown());
+        assert!(!known.contains(&device));
+        assert!(!Changes::none().contains(&device));
+    }
 }

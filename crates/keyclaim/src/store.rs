@@ -52,7 +52,13 @@ pub trait KeyStore: Debug + Send + Sync + 'static {
     fn limits(&self) -> &Limits;
 
     /// Subscribes to change events (R11.1): one event per successful
-    /// mutating call that changed at least one device.
+    /// mutating call that changed at least one device (a change of many
+    /// devices may come as several events), from this process and, on
+    /// SQLite and PostgreSQL, from the other processes sharing the store
+    /// (R11.2). A subscriber that falls behind gets
+    /// [`broadcast::error::RecvError::Lagged`]; when reports of other
+    /// processes' changes were lost, it gets one [`Changes::unknown`] event
+    /// (R11.3). Either way it re-reads what it watches.
     fn subscribe(&self) -> broadcast::Receiver<Changes>;
 
     /// Stores one device's OTKs and fallback keys (section 3).

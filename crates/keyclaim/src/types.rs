@@ -360,9 +360,17 @@ pub struct SyncState {
 
 /// The devices whose OTK counts or fallback state an operation changed
 /// (R11.1), sorted and without repeats. Cheap to clone.
+///
+/// A change event can also be [`Changes::unknown`]: changes were made that
+/// could not be reported (another process's reports were lost, R11.3), so
+/// any device may have changed. It lists no device, and answers `true` to
+/// [`Changes::contains`] and [`Changes::contains_user`] for every device:
+/// a subscriber re-reads whatever it watches, as after
+/// [`broadcast::error::RecvError::Lagged`](tokio::sync::broadcast::error::RecvError::Lagged).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Changes {
     devices: Arc<[Device]>,
+    unknown: bool,
 }
 
 impl Changes {
@@ -371,11 +379,27 @@ impl Changes {
         Self::default()
     }
 
+    /// Changes that could not be reported: any device may have changed (see
+    /// the type's docs).
+    pub fn unknown() -> Self {
+        Self {
+            devices: Arc::from([]),
+            unknown: true,
+        }
+    }
+
+    /// Whether this stands for changes that could not be reported
+    /// ([`Changes::unknown`]).
+    pub fn is_unknown(&self) -> bool {
+        self.unknown
+    }
+
     /// Changes of the given devices (sorted and deduplicated here).
     pub fn from_devices(devices: impl IntoIterator<Item = Device>) -> Self {
         let set: BTreeSet<Device> = devices.into_iter().collect();
         Self {
             devices: set.into_iter().collect(),
+            unknown: false,
         }
     }
 
@@ -383,27 +407,29 @@ impl Changes {
     pub(crate) fn from_sorted(devices: &[Device]) -> Self {
         Self {
             devices: devices.into(),
+            unknown: false,
         }
     }
 
-    /// The changed devices.
+    /// The changed devices (none for [`Changes::unknown`]).
     pub fn devices(&self) -> &[Device] {
         &self.devices
     }
 
-    /// Whether nothing changed.
+    /// Whether nothing changed (never for [`Changes::unknown`]).
     pub fn is_empty(&self) -> bool {
-        self.devices.is_empty()
+        self.devices.is_empty() && !self.unknown
     }
 
-    /// Whether the given device changed.
+    /// Whether the given device changed (or may have: [`Changes::unknown`]).
     pub fn contains(&self, device: &Device) -> bool {
-        self.devices.binary_search(device).is_ok()
+        self.unknown || self.devices.binary_search(device).is_ok()
     }
 
-    /// Whether any device of the given user changed.
+    /// Whether any device of the given user changed (or may have:
+    /// [`Changes::unknown`]).
     pub fn contains_user(&self, user: &UserId) -> bool {
-        self.devices.iter().any(|d| &d.user_id == user)
+        self.unknown || self.devices.iter().any(|d| &d.user_id == user)
     }
 }
 

@@ -83,6 +83,15 @@ impl StoreCore {
     pub fn announce_remote(&self, changes: &Changes) {
         self.notifier.notify(changes);
     }
+
+    /// Tells this store's subscribers that changes of other processes may
+    /// have been made without being reported to them (a report was lost: a
+    /// notification connection that was down, a change log read too late),
+    /// with one [`Changes::unknown`] event: they re-read what they watch
+    /// instead of silently missing a change (R11.3).
+    pub fn announce_missed(&self) {
+        self.notifier.notify(&Changes::unknown());
+    }
 }
 
 /// The storage primitives of a backend. Core implements
