@@ -13,8 +13,8 @@
 //! crashes and restarts the server and returns once it accepts connections,
 //! run every `N`th worker generation while the worker works.
 //!
-//! Prints a progress line per minute and a summary; exits 1 if any
-//! violation was found.
+//! Prints a progress line per minute, with the violations found since the
+//! last one, and a summary; exits 1 if any violation was found.
 
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -154,13 +154,21 @@ fn main() -> ExitCode {
         kill.0,
         kill.1
     );
+    // Violations are printed as soon as a progress line finds them, so that
+    // a long run can be stopped and looked into without waiting for its end.
+    let mut printed = 0;
     let result = runtime.block_on(run(&config, |s| {
-        let _ = writeln!(std::io::stdout(), "{}", s.line(backend));
+        let mut stdout = std::io::stdout();
+        let _ = writeln!(stdout, "{}", s.line(backend));
+        for v in s.violation_samples.iter().skip(printed) {
+            let _ = writeln!(stdout, "  violation: {v}");
+        }
+        printed = s.violation_samples.len();
     }));
     match result {
         Ok(summary) => {
             let _ = writeln!(out, "{}", summary.line(backend));
-            for v in &summary.violation_samples {
+            for v in summary.violation_samples.iter().skip(printed) {
                 let _ = writeln!(out, "  violation: {v}");
             }
             if summary.violations == 0 {
