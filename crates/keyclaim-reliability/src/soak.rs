@@ -38,7 +38,10 @@
 //! worker. An operation the crash fails must fail with a retryable error; it
 //! is then resolved like one in flight at a kill (applied whole or not at
 //! all, R10.5), and every operation acknowledged before the crash must be
-//! in the store afterwards.
+//! in the store afterwards. A killed worker's server sessions can outlive
+//! it (and commit its last statement after the kill), so before step 3 the
+//! parent ends them and waits until they are gone
+//! ([`end_worker_sessions`]).
 //!
 //! It prints a progress line per minute and a summary at the end:
 //! operations acknowledged, crashes survived, violations (must be 0).
@@ -253,6 +256,81 @@ fn read_journal(path: &Path) -> Result<Vec<Entry>, Violation> {
     Ok(out)
 }
 
+/// The `application_name` of a PostgreSQL worker's connections, by which the
+/// parent finds the server sessions of a worker it killed.
+pub const WORKER_APPLICATION: &str = "keyclaim-soak-worker";
+
+/// The store URL a PostgreSQL worker opens: the soak's, with
+/// [`WORKER_APPLICATION`] as its `application_name`.
+fn worker_url(url: &str) -> String {
+    let separator = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{separator}application_name={WORKER_APPLICATION}")
+}
+
+/// Ends the server sessions a killed PostgreSQL worker left behind, and
+/// returns once none is left. A session whose client was killed runs on
+/// until the server notices the closed socket, and a statement in it can
+/// still commit: the operation in flight can be applied after the kill.
+/// Resolving it before that (step 3) would judge it by a state that is not
+/// final yet, and count the keys of an upload that commits afterwards as
+/// keys nobody uploaded.
+///
+/// # Errors
+/// When the server cannot be reached, or sessions are still there after
+/// 60 s.
+pub async fn end_worker_sessions(url: &str) -> Result<(), Violation> {
+    let fail = |what: &str, e: &dyn std::fmt::Display| {
+        Violation(format!("ending the killed worker's sessions: {what}: {e}"))
+    };
+    let (connection_string, _) =
+        keyclaim_postgres::PostgresOptions::from_url(url).map_err(|e| fail("URL", &e))?;
+    let (client, connection) = tokio_postgres::connect(&connection_string, tokio_postgres::NoTls)
+        .await
+        .map_err(|e| fail("connect", &e))?;
+    let connection = tokio::spawn(connection);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let result = loop {
+        // Terminating a session rolls back what it has not committed yet;
+        // the session is gone from `pg_stat_activity` once it has ended.
+        let left = client
+            .query_one(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                 WHERE application_name = $1 AND pid <> pg_backend_pid()",
+                &[&WORKER_APPLICATION],
+            )
+            .await
+            .map_err(|e| fail("query", &e))
+            .map(|row| row.get::<_, i64>(0));
+        match left {
+            Ok(0) => break Ok(()),
+            Ok(n) if Instant::now() >= deadline => {
+                break Err(fail("still there after 60 s", &format!("{n} sessions")));
+            }
+            Ok(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+            Err(e) => break Err(e),
+        }
+    };
+    drop(client);
+    let _ = connection.await;
+    result
+}
+
+/// An issued OTK's identity in 16 bytes: two independent 64-bit hashes of
+/// its (user, device, key ID). The strings themselves cost about 150 bytes
+/// per key, and an hour of soak issues tens of millions of keys. Two keys
+/// that hash alike would be reported as one key handed out twice (a false
+/// alarm, at odds of about n² / 2¹²⁹ for n keys), never the reverse.
+fn key_identity(key: &(String, String, String)) -> u128 {
+    use std::hash::{DefaultHasher, Hash as _, Hasher as _};
+    let half = |salt: u8| {
+        let mut hasher = DefaultHasher::new();
+        salt.hash(&mut hasher);
+        key.hash(&mut hasher);
+        hasher.finish()
+    };
+    (u128::from(half(1)) << 64) | u128::from(half(2))
+}
+
 /// Runs `command` with `sh -c` (see [`Restart`]).
 async fn restart_server(command: &str) -> Result<(), Violation> {
     let command = command.to_owned();
@@ -290,7 +368,7 @@ pub async fn run(
     };
     let mut summary = SoakSummary::default();
     let mut mirror = MemoryStore::with_limits(limits());
-    let mut issued: HashSet<(String, String, String)> = HashSet::new();
+    let mut issued: HashSet<u128> = HashSet::new();
     let mut rng = StdRng::seed_from_u64(config.seed ^ 0x5eed);
     // Create the store before the first worker, so that kills hit a store
     // in use, not its creation (a crash during creation is
@@ -310,7 +388,10 @@ pub async fn run(
         let mut child = Command::new(&config.worker_exe)
             .arg("worker")
             .arg(config.backend.name())
-            .arg(&store_path)
+            .arg(match &config.location {
+                Some(url) => PathBuf::from(worker_url(url)),
+                None => store_path.clone(),
+            })
             .arg(&journal)
             .arg(config.seed.to_string())
             .arg(generation.to_string())
@@ -334,6 +415,9 @@ pub async fn run(
         };
         let _ = child.kill(); // SIGKILL
         let status = child.wait().map_err(|e| Violation(format!("wait: {e}")))?;
+        if let Some(url) = &config.location {
+            end_worker_sessions(url).await?;
+        }
         if exited_early {
             let mut err = String::new();
             if let Some(mut s) = child.stderr.take() {
@@ -378,7 +462,7 @@ pub async fn run(
                     }
                     for key in want.issued_otks() {
                         summary.keys_issued += 1;
-                        if !issued.insert(key.clone()) {
+                        if !issued.insert(key_identity(&key)) {
                             summary.violation(format!("OTK {key:?} handed out twice"));
                         }
                     }

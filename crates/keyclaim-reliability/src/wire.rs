@@ -21,6 +21,7 @@
 //!   hand out got one (R4.3, R4.6);
 //! - [`keyclaim::transfer::check_store`] finds no problem afterwards.
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -77,9 +78,39 @@ pub(crate) fn signed(material: &str) -> Value {
 ///   fallback `signed_curve25519:BFB`;
 /// - `@carol:example.org`/`C1`: only an unused fallback `alg3:CF`.
 ///
+/// The state is built once per thread by uploads and claims
+/// ([`build_populated_store`]) and copied into each new store with
+/// `import_device`: a fuzz target calls this for every input, and parsing
+/// and canonicalizing the keys' JSON again each time took half of its time.
+///
 /// # Errors
 /// The store's errors (none are expected).
 pub async fn populated_store() -> Result<Arc<MemoryStore>, Violation> {
+    thread_local! {
+        static TEMPLATE: RefCell<Option<Arc<Vec<DeviceSnapshot>>>> = const { RefCell::new(None) };
+    }
+    let template = match TEMPLATE.with(|t| t.borrow().clone()) {
+        Some(template) => template,
+        None => {
+            let built = build_populated_store().await?;
+            let snapshots = Arc::new(built.export_devices(None, 64).await?);
+            TEMPLATE.with(|t| *t.borrow_mut() = Some(Arc::clone(&snapshots)));
+            snapshots
+        }
+    };
+    let store = Arc::new(MemoryStore::new());
+    for snapshot in template.iter() {
+        store.import_device(snapshot).await?;
+    }
+    Ok(store)
+}
+
+/// The state of [`populated_store`], built the long way: by uploads and
+/// claims through the store API.
+///
+/// # Errors
+/// The store's errors (none are expected).
+pub async fn build_populated_store() -> Result<Arc<MemoryStore>, Violation> {
     let store = Arc::new(MemoryStore::new());
     let alice = device(UPLOAD_USER, UPLOAD_DEVICE)?;
     let bob = device("@bob:example.org", "BOBDEV")?;

@@ -84,3 +84,68 @@ fn differential_notices_a_store_that_differs() {
     });
     assert!(caught, "no seed told the two stores apart");
 }
+
+/// The fuzz targets' store, copied from a per-thread template, is the store
+/// that the uploads and claims of `build_populated_store` make: the same
+/// state, and the same answers to what a fuzz input does next (a claim of
+/// every device and algorithm until nothing is left, and a new upload, which
+/// must sort after the copied keys as after uploaded ones, R3.5).
+#[test]
+fn the_copied_populated_store_is_the_built_one() {
+    use keyclaim::{Algorithm, ClaimTarget, KeyStore as _, KeysApi};
+    use keyclaim_reliability::{block_on, snapshot_all};
+
+    block_on(async {
+        let built = wire::build_populated_store().await.unwrap();
+        // Twice: the first call builds the template, the second copies it.
+        for _ in 0..2 {
+            let copied = wire::populated_store().await.unwrap();
+            let state = snapshot_all(&*copied).await.unwrap();
+            assert_eq!(state, snapshot_all(&*built).await.unwrap());
+            assert!(!state.is_empty());
+        }
+        let (built, copied) = (
+            wire::build_populated_store().await.unwrap(),
+            wire::populated_store().await.unwrap(),
+        );
+        let body =
+            br#"{"one_time_keys": {"signed_curve25519:NEW1": {"key": "n1", "signatures": {}}}}"#;
+        let (a, b) = (KeysApi::new(built.clone()), KeysApi::new(copied.clone()));
+        let (ua, ub) = (
+            a.upload(wire::UPLOAD_USER, wire::UPLOAD_DEVICE, body)
+                .await
+                .unwrap(),
+            b.upload(wire::UPLOAD_USER, wire::UPLOAD_DEVICE, body)
+                .await
+                .unwrap(),
+        );
+        assert_eq!(ua, ub);
+        let state = snapshot_all(&*built).await.unwrap();
+        let mut claims = 0;
+        for snapshot in &state {
+            let algorithms: std::collections::BTreeSet<Algorithm> = snapshot
+                .one_time_keys
+                .iter()
+                .map(|k| k.key_id.algorithm())
+                .chain(snapshot.fallback_keys.keys().cloned())
+                .collect();
+            for algorithm in algorithms {
+                let target = [ClaimTarget::one(snapshot.device.clone(), algorithm)];
+                for _ in 0..8 {
+                    let (x, y) = (
+                        built.claim(&target).await.unwrap(),
+                        copied.claim(&target).await.unwrap(),
+                    );
+                    assert_eq!(format!("{x:?}"), format!("{y:?}"));
+                    claims += 1;
+                }
+            }
+        }
+        assert!(claims >= 40, "{claims} claims");
+        assert_eq!(
+            snapshot_all(&*built).await.unwrap(),
+            snapshot_all(&*copied).await.unwrap()
+        );
+    })
+    .unwrap();
+}

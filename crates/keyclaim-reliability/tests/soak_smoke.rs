@@ -8,6 +8,20 @@ use std::process::Command;
 
 use keyclaim_pgserver::Cluster;
 
+/// The cluster's `key=value` string as a store URL, with the store's schema.
+fn store_url(cluster: &Cluster, schema: &str) -> String {
+    let query: Vec<String> = cluster
+        .url()
+        .split_whitespace()
+        .filter(|pair| pair.starts_with("host=") || pair.starts_with("port="))
+        .map(str::to_owned)
+        .collect();
+    format!(
+        "postgresql://postgres@/postgres?{}&keyclaim_schema={schema}",
+        query.join("&")
+    )
+}
+
 fn smoke(backend: &str) {
     let summary = soak(&[
         "--backend",
@@ -91,17 +105,7 @@ fn soak_postgres_with_server_restarts_a_few_seconds() {
         cluster.dir().display(),
         cluster.dir().display()
     );
-    // The cluster's `key=value` string as a URL, with the store's schema.
-    let query: Vec<String> = cluster
-        .url()
-        .split_whitespace()
-        .filter(|pair| pair.starts_with("host=") || pair.starts_with("port="))
-        .map(str::to_owned)
-        .collect();
-    let url = format!(
-        "postgresql://postgres@/postgres?{}&keyclaim_schema=kc_soak",
-        query.join("&")
-    );
+    let url = store_url(&cluster, "kc_soak");
     let summary = soak(&[
         "--backend",
         "postgres",
@@ -122,4 +126,72 @@ fn soak_postgres_with_server_restarts_a_few_seconds() {
         !summary.contains(" 0 crashes survived") && summary.contains("server restarts survived"),
         "no crash or no server restart happened: {summary}"
     );
+}
+
+/// What the soak does after killing a PostgreSQL worker: the worker's
+/// server session, here one holding an open transaction that created a
+/// table, is ended (its work rolled back) and gone from the server before
+/// `end_worker_sessions` returns, while a session of another application is
+/// left alone. Without this, a killed worker's statement could commit after
+/// the soak had resolved the operation in flight as not applied.
+#[test]
+fn a_killed_workers_sessions_are_ended_before_its_operation_is_resolved() {
+    use keyclaim_reliability::soak::{WORKER_APPLICATION, end_worker_sessions};
+    use tokio_postgres::NoTls;
+
+    let Some(cluster) = keyclaim_testing::require(
+        "soak_smoke::a_killed_workers_sessions_are_ended (needs a private PostgreSQL cluster)",
+        Cluster::start(false),
+    ) else {
+        return;
+    };
+    keyclaim_reliability::block_on(async {
+        let connect = |application: &str| {
+            let conn = format!("{} application_name={application}", cluster.url());
+            async move {
+                let (client, connection) = tokio_postgres::connect(&conn, NoTls).await.unwrap();
+                tokio::spawn(connection);
+                client
+            }
+        };
+        let worker = connect(WORKER_APPLICATION).await;
+        let other = connect("someone-else").await;
+        worker
+            .batch_execute(
+                "BEGIN; CREATE TABLE soak_orphan (x int); INSERT INTO soak_orphan VALUES (1);",
+            )
+            .await
+            .unwrap();
+        let sessions = |application: &'static str| {
+            let other = &other;
+            async move {
+                other
+                    .query_one(
+                        "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
+                        &[&application],
+                    )
+                    .await
+                    .unwrap()
+                    .get::<_, i64>(0)
+            }
+        };
+        assert_eq!(sessions(WORKER_APPLICATION).await, 1);
+
+        end_worker_sessions(&store_url(&cluster, "kc_unused"))
+            .await
+            .unwrap();
+
+        assert_eq!(sessions(WORKER_APPLICATION).await, 0);
+        assert_eq!(sessions("someone-else").await, 1);
+        let table = other
+            .query_one("SELECT to_regclass('soak_orphan') IS NULL", &[])
+            .await
+            .unwrap();
+        assert!(
+            table.get::<_, bool>(0),
+            "the ended session's work was committed"
+        );
+        assert!(worker.simple_query("SELECT 1").await.is_err());
+    })
+    .unwrap();
 }
