@@ -21,7 +21,6 @@
 //!   hand out got one (R4.3, R4.6);
 //! - [`keyclaim::transfer::check_store`] finds no problem afterwards.
 
-use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -31,6 +30,7 @@ use keyclaim::{
 };
 use keyclaim_memory::MemoryStore;
 use serde_json::{Map, Value, json};
+use tokio::sync::OnceCell;
 
 use crate::util::{Violation, block_on, ensure, snapshot_all};
 
@@ -78,7 +78,7 @@ pub(crate) fn signed(material: &str) -> Value {
 ///   fallback `signed_curve25519:BFB`;
 /// - `@carol:example.org`/`C1`: only an unused fallback `alg3:CF`.
 ///
-/// The state is built once per thread by uploads and claims
+/// The state is built once per process by uploads and claims
 /// ([`build_populated_store`]) and copied into each new store with
 /// `import_device`: a fuzz target calls this for every input, and parsing
 /// and canonicalizing the keys' JSON again each time took half of its time.
@@ -86,18 +86,13 @@ pub(crate) fn signed(material: &str) -> Value {
 /// # Errors
 /// The store's errors (none are expected).
 pub async fn populated_store() -> Result<Arc<MemoryStore>, Violation> {
-    thread_local! {
-        static TEMPLATE: RefCell<Option<Arc<Vec<DeviceSnapshot>>>> = const { RefCell::new(None) };
-    }
-    let template = match TEMPLATE.with(|t| t.borrow().clone()) {
-        Some(template) => template,
-        None => {
+    static TEMPLATE: OnceCell<Vec<DeviceSnapshot>> = OnceCell::const_new();
+    let template = TEMPLATE
+        .get_or_try_init(|| async {
             let built = build_populated_store().await?;
-            let snapshots = Arc::new(built.export_devices(None, 64).await?);
-            TEMPLATE.with(|t| *t.borrow_mut() = Some(Arc::clone(&snapshots)));
-            snapshots
-        }
-    };
+            Ok::<_, Violation>(built.export_devices(None, 64).await?)
+        })
+        .await?;
     let store = Arc::new(MemoryStore::new());
     for snapshot in template.iter() {
         store.import_device(snapshot).await?;

@@ -85,7 +85,7 @@ fn differential_notices_a_store_that_differs() {
     assert!(caught, "no seed told the two stores apart");
 }
 
-/// The fuzz targets' store, copied from a per-thread template, is the store
+/// The fuzz targets' store, copied from a template built once, is the store
 /// that the uploads and claims of `build_populated_store` make: the same
 /// state, and the same answers to what a fuzz input does next (a claim of
 /// every device and algorithm until nothing is left, and a new upload, which
@@ -97,7 +97,7 @@ fn the_copied_populated_store_is_the_built_one() {
 
     block_on(async {
         let built = wire::build_populated_store().await.unwrap();
-        // Twice: the first call builds the template, the second copies it.
+        // Twice: the template is built by the first call in this process.
         for _ in 0..2 {
             let copied = wire::populated_store().await.unwrap();
             let state = snapshot_all(&*copied).await.unwrap();
