@@ -140,6 +140,9 @@ fn bench_starts_a_durable_postgres_and_removes_it() {
         assert_eq!(r["keyclaim"]["short_claims"], 0, "{r}");
         // The row-lock baseline never comes away short either.
         assert_eq!(r["baselines"][1]["short_claims"], 0, "{r}");
+        // The baselines' devices hold what a homeserver's device holds by
+        // default, whatever `--race-keys` gives keyclaim's.
+        assert_eq!(r["baselines"][0]["keys_per_device"], 500, "{r}");
     }
     wait_until_no_process_names(&dir);
 }

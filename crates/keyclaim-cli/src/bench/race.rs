@@ -25,6 +25,9 @@ use super::workload::{Claimer, key_json};
 /// asked it to (a client's periodic `/sync`).
 const SYNC_PERIOD: Duration = Duration::from_millis(50);
 
+/// The most keys in one upload (R8.2's default limit).
+const UPLOAD_KEYS: u32 = 1000;
+
 /// The shape of one race.
 #[derive(Clone, Debug)]
 pub(crate) struct RaceSpec {
@@ -143,9 +146,22 @@ pub(crate) async fn run(
 ) -> keyclaim::Result<RunResult> {
     let target = u32::try_from(spec.target).unwrap_or(u32::MAX);
     for d in &devices {
-        claimer
-            .upload_keys(d, keys(&template(d)?, 0, target)?, true)
-            .await?;
+        let template = template(d)?;
+        let mut first = 0;
+        while first < target {
+            // The fallback key rides with the first upload and counts
+            // against its limit (R8.2).
+            let room = if first == 0 {
+                UPLOAD_KEYS - 1
+            } else {
+                UPLOAD_KEYS
+            };
+            let n = (target - first).min(room);
+            claimer
+                .upload_keys(d, keys(&template, first, n)?, first == 0)
+                .await?;
+            first += n;
+        }
     }
     let states: Arc<Vec<DeviceState>> = Arc::new(
         devices
@@ -324,17 +340,26 @@ async fn uploader(
         if count >= threshold {
             continue;
         }
-        let n = u32::try_from(target - count).unwrap_or(0);
-        let uploaded = match keys(&template, next, n) {
-            Ok(k) => claimer.upload_keys(device, k, false).await,
-            Err(e) => Err(e),
-        };
-        match uploaded {
-            Ok(()) => {
-                next += n;
-                log.batches.push((next, micros(start, Instant::now())));
+        // As many uploads as the per-upload limit (R8.2) asks for, each
+        // logged as it ends: its keys are there from then on.
+        let mut missing = u32::try_from(target - count).unwrap_or(0);
+        while missing > 0 {
+            let n = missing.min(UPLOAD_KEYS);
+            let uploaded = match keys(&template, next, n) {
+                Ok(k) => claimer.upload_keys(device, k, false).await,
+                Err(e) => Err(e),
+            };
+            match uploaded {
+                Ok(()) => {
+                    next += n;
+                    missing -= n;
+                    log.batches.push((next, micros(start, Instant::now())));
+                }
+                Err(_) => {
+                    log.errors += 1;
+                    break;
+                }
             }
-            Err(_) => log.errors += 1,
         }
     }
 }
@@ -379,10 +404,12 @@ fn classify(batches: &[(u32, u32)], got: &[(u32, u32)], empty: &[(u32, u32)]) ->
     }
     for &(t0, t1) in empty {
         // Keys uploaded (upload ended) before the claim began.
-        let uploaded = batches
-            .iter()
-            .take_while(|b| b.1 < t0 || b.1 == 0)
-            .last()
+        // Upload ends only grow (a device has one uploader), so these
+        // batches are a prefix.
+        let before = batches.partition_point(|b| b.1 < t0 || b.1 == 0);
+        let uploaded = before
+            .checked_sub(1)
+            .and_then(|i| batches.get(i))
             .map_or(0, |b| b.0 as usize);
         if latest[uploaded.min(total)] > t1 {
             out.short += 1;
@@ -469,5 +496,31 @@ mod tests {
         // Every key that was not handed out is still stored.
         let count = store.otk_counts(&d).await.unwrap();
         assert!(count.get(&Algorithm::signed_curve25519()) > 0);
+    }
+
+    /// A device holding more keys than one upload may carry (R8.2) is
+    /// filled and topped up in several uploads, each within the limit: a
+    /// store refuses a larger one whole, which would fail the race.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_device_larger_than_one_upload_is_supplied_in_several() {
+        let mut limits = keyclaim::Limits::default();
+        limits.max_otks_per_device_algorithm = 2500;
+        let store: Arc<dyn keyclaim::KeyStore> =
+            Arc::new(keyclaim_memory::MemoryStore::with_limits(limits));
+        let claimer = Claimer::Store(store.clone());
+        let spec = RaceSpec {
+            clients: 8,
+            target: 2500,
+            warmup: Duration::from_millis(20),
+            window: Duration::from_millis(300),
+        };
+        let d = super::super::device("big-", 0).unwrap();
+        let r = run(&claimer, vec![d.clone()], &spec).await.unwrap();
+        assert_eq!((r.short, r.duplicates, r.errors), (0, 0, 0), "{r:?}");
+        // Claimed past the first 2,500, so topped up meanwhile.
+        assert!(r.window_claims > 2500, "{r:?}");
+        assert!(r.refills > 0, "{r:?}");
+        let count = store.otk_counts(&d).await.unwrap();
+        assert!(count.get(&Algorithm::signed_curve25519()) <= 2500);
     }
 }
