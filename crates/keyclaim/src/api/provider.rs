@@ -13,7 +13,7 @@ use super::{ApiError, KeysApi, claim_answer};
 use crate::error::BoxError;
 use crate::ids::Device;
 use crate::store::KeyStore;
-use crate::types::{ClaimTarget, ClaimedKey, FallbackTarget};
+use crate::types::{ClaimTarget, ClaimedKey, FallbackTarget, OneTimeClaimOutcome};
 
 /// A source of one-time keys beyond the store: the homeserver's application
 /// services (MSC3983). [`KeysApi::claim_with`] asks it once per claim, for the
@@ -132,7 +132,7 @@ impl<S: KeyStore> KeysApi<S> {
     pub async fn claim_with(&self, body: &[u8], options: &ClaimOptions) -> Result<Value, ApiError> {
         let targets = self.claim_targets(body)?;
         tracing::Span::current().record("targets", targets.len());
-        let keys = self.claim_targets_with(&targets, options).await?;
+        let keys = self.claim_targets_with(targets, options).await?;
         Ok(claim_answer(&keys))
     }
 
@@ -140,38 +140,51 @@ impl<S: KeyStore> KeysApi<S> {
     /// order the answer is built from: fallback keys, the store's one-time
     /// keys, the provider's, so that a later key under the same key ID of a
     /// device (a one-time key) replaces an earlier one (its fallback key).
-    /// The targets' number is checked by the store (R8.2).
+    /// The targets' number is checked by the store (R8.2). The targets are
+    /// taken by value: those that ask for a fallback key become the
+    /// fallback step's targets in the same allocation, and the store's list
+    /// of misses is let go once the provider has had it, so a claim of many
+    /// targets holds at most two lists of them at once.
     pub(crate) async fn claim_targets_with(
         &self,
-        targets: &[ClaimTarget],
+        targets: Vec<ClaimTarget>,
         options: &ClaimOptions,
     ) -> Result<Vec<ClaimedKey>, ApiError> {
         if targets.is_empty() {
             return Ok(Vec::new());
         }
         if options.provider.is_none() && !options.always_include_fallback_keys {
-            return Ok(self.store.claim(targets).await?.keys);
+            return Ok(self.store.claim(&targets).await?.keys);
         }
-        let local = self.store.claim_one_time_keys(targets).await?;
+        let OneTimeClaimOutcome {
+            keys: local,
+            misses,
+            ..
+        } = self.store.claim_one_time_keys(&targets).await?;
         let provided = match &options.provider {
-            Some(provider) if !local.misses.is_empty() => {
-                ask_provider(provider.as_ref(), &local.misses, options.provider_timeout).await
+            Some(provider) if !misses.is_empty() => {
+                ask_provider(provider.as_ref(), &misses, options.provider_timeout).await
             }
             _ => Vec::new(),
         };
+        drop(misses);
         let served: HashSet<(&Device, &str)> = local
-            .keys
             .iter()
             .chain(&provided)
             .map(|k| (&k.device, k.key_id.algorithm_str()))
             .collect();
-        let fallback_targets: Vec<FallbackTarget> = targets
+        let wanted: Vec<bool> = targets
             .iter()
-            .filter_map(|t| {
-                let got_one = served.contains(&(&t.device, t.algorithm.as_str()));
-                (options.always_include_fallback_keys || !got_one).then(|| FallbackTarget {
-                    device: t.device.clone(),
-                    algorithm: t.algorithm.clone(),
+            .map(|t| served.contains(&(&t.device, t.algorithm.as_str())))
+            .collect();
+        drop(served);
+        let fallback_targets: Vec<FallbackTarget> = targets
+            .into_iter()
+            .zip(wanted)
+            .filter_map(|(t, got_one)| {
+                (options.always_include_fallback_keys || !got_one).then_some(FallbackTarget {
+                    device: t.device,
+                    algorithm: t.algorithm,
                     mark_used: !got_one,
                 })
             })
@@ -184,11 +197,7 @@ impl<S: KeyStore> KeysApi<S> {
                 .await?
                 .keys
         };
-        Ok(fallback
-            .into_iter()
-            .chain(local.keys)
-            .chain(provided)
-            .collect())
+        Ok(fallback.into_iter().chain(local).chain(provided).collect())
     }
 }
 

@@ -160,7 +160,7 @@ impl<S: KeyStore> KeysApi<S> {
     ) -> Result<claim_keys::v3::Response, ApiError> {
         let targets = super::claim_targets_from_request(request)?;
         self.limits().check_claim(&targets)?;
-        let keys = self.claim_targets_with(&targets, options).await?;
+        let keys = self.claim_targets_with(targets, options).await?;
         Ok(claim_keys::v3::Response::new(one_time_keys_of(&keys)?))
     }
 
@@ -178,7 +178,7 @@ impl<S: KeyStore> KeysApi<S> {
     ) -> Result<claim_keys::v4::Response, ApiError> {
         let targets = claim_targets_from_v4_request(request)?;
         self.limits().check_claim(&targets)?;
-        let keys = self.claim_targets_with(&targets, options).await?;
+        let keys = self.claim_targets_with(targets, options).await?;
         Ok(claim_keys::v4::Response::new(one_time_keys_of(&keys)?))
     }
 
