@@ -499,7 +499,11 @@ async fn races(
     clients: usize,
     args: &BenchArgs,
 ) -> keyclaim::Result<Vec<RaceReport>> {
-    let cap = usize::try_from(b.store.limits().max_otks_per_device_algorithm).unwrap_or(500);
+    let per_device = |limits: &keyclaim::Limits| {
+        usize::try_from(limits.max_otks_per_device_algorithm).unwrap_or(usize::MAX)
+    };
+    let cap = per_device(b.store.limits());
+    let default_cap = per_device(&keyclaim::Limits::default());
     let sides: Vec<(String, Claimer)> =
         std::iter::once(("keyclaim".to_owned(), Claimer::Store(b.store.clone())))
             .chain(
@@ -525,18 +529,19 @@ async fn races(
             continue;
         }
         // keyclaim's one device gets `--race-keys`; a device per client
-        // gets 500 (the default cap), which lasts its share of the claims.
-        // The baselines' devices hold 500, the most a homeserver's device
-        // holds by default: the reference statement numbers every key of a
-        // device it claims from, so larger devices would only slow it.
+        // gets the default cap (500), which lasts its share of the claims.
+        // The baselines' devices hold the default cap, the most a
+        // homeserver's device holds by default: the reference statement
+        // numbers every key of a device it claims from, so larger devices
+        // would only slow it.
         let specs: Vec<RaceSpec> = sides
             .iter()
             .map(|(_, side)| RaceSpec {
                 clients,
                 target: match side {
                     Claimer::Store(_) if devices == 1 => args.race_keys.min(cap),
-                    Claimer::Store(_) => cap.min(500),
-                    Claimer::Baseline(_) => 500,
+                    Claimer::Store(_) => cap.min(default_cap),
+                    Claimer::Baseline(_) => default_cap,
                 },
                 warmup: Duration::from_secs_f64(args.race_warmup),
                 window: Duration::from_secs_f64(args.race_window),

@@ -25,9 +25,6 @@ use super::workload::{Claimer, key_json};
 /// asked it to (a client's periodic `/sync`).
 const SYNC_PERIOD: Duration = Duration::from_millis(50);
 
-/// The most keys in one upload (R8.2's default limit).
-const UPLOAD_KEYS: u32 = 1000;
-
 /// The shape of one race.
 #[derive(Clone, Debug)]
 pub(crate) struct RaceSpec {
@@ -146,22 +143,7 @@ pub(crate) async fn run(
 ) -> keyclaim::Result<RunResult> {
     let target = u32::try_from(spec.target).unwrap_or(u32::MAX);
     for d in &devices {
-        let template = template(d)?;
-        let mut first = 0;
-        while first < target {
-            // The fallback key rides with the first upload and counts
-            // against its limit (R8.2).
-            let room = if first == 0 {
-                UPLOAD_KEYS - 1
-            } else {
-                UPLOAD_KEYS
-            };
-            let n = (target - first).min(room);
-            claimer
-                .upload_keys(d, keys(&template, first, n)?, first == 0)
-                .await?;
-            first += n;
-        }
+        upload_range(claimer, d, &template(d)?, 0..target, true, |_| {}).await?;
     }
     let states: Arc<Vec<DeviceState>> = Arc::new(
         devices
@@ -340,28 +322,52 @@ async fn uploader(
         if count >= threshold {
             continue;
         }
-        // As many uploads as the per-upload limit (R8.2) asks for, each
-        // logged as it ends: its keys are there from then on.
-        let mut missing = u32::try_from(target - count).unwrap_or(0);
-        while missing > 0 {
-            let n = missing.min(UPLOAD_KEYS);
-            let uploaded = match keys(&template, next, n) {
-                Ok(k) => claimer.upload_keys(device, k, false).await,
-                Err(e) => Err(e),
-            };
-            match uploaded {
-                Ok(()) => {
-                    next += n;
-                    missing -= n;
-                    log.batches.push((next, micros(start, Instant::now())));
-                }
-                Err(_) => {
-                    log.errors += 1;
-                    break;
-                }
-            }
+        // Each upload is logged as it ends: its keys are there from then on.
+        let missing = u32::try_from(target - count).unwrap_or(0);
+        let batches = &mut log.batches;
+        let uploaded = upload_range(
+            claimer,
+            device,
+            &template,
+            next..next + missing,
+            false,
+            |end| {
+                batches.push((end, micros(start, Instant::now())));
+            },
+        )
+        .await;
+        next = log.batches.last().map_or(next, |b| b.0);
+        if uploaded.is_err() {
+            log.errors += 1;
         }
     }
+}
+
+/// Uploads the keys of sequence numbers `range` to `device`, in as many
+/// uploads as the per-upload limit (R8.2) asks for, with `fallback` the
+/// fallback key in the first (where it counts against that limit too);
+/// `uploaded` is told the end of each upload's range as it succeeds. Stops
+/// at the first failure.
+async fn upload_range(
+    claimer: &Claimer,
+    device: &Device,
+    template: &KeyJson,
+    range: std::ops::Range<u32>,
+    fallback: bool,
+    mut uploaded: impl FnMut(u32),
+) -> keyclaim::Result<()> {
+    let limit = u32::try_from(keyclaim::Limits::default().max_keys_per_upload).unwrap_or(u32::MAX);
+    let mut first = range.start;
+    while first < range.end {
+        let with_fallback = fallback && first == range.start;
+        let n = (range.end - first).min(limit - u32::from(with_fallback));
+        claimer
+            .upload_keys(device, keys(template, first, n)?, with_fallback)
+            .await?;
+        first += n;
+        uploaded(first);
+    }
+    Ok(())
 }
 
 /// How the claims of one device came out.
@@ -475,21 +481,34 @@ mod tests {
         assert_eq!(seq_of(&id), Some(42));
     }
 
+    /// A race of 8 claimers on one fresh device of `store` that starts with
+    /// and is topped up to `target` keys, for a window of `window_ms`.
+    async fn race_one_device(
+        store: &Arc<dyn keyclaim::KeyStore>,
+        prefix: &str,
+        target: usize,
+        window_ms: u64,
+    ) -> (Device, RunResult) {
+        let spec = RaceSpec {
+            clients: 8,
+            target,
+            warmup: Duration::from_millis(20),
+            window: Duration::from_millis(window_ms),
+        };
+        let d = super::super::device(prefix, 0).unwrap();
+        let r = run(&Claimer::Store(store.clone()), vec![d.clone()], &spec)
+            .await
+            .unwrap();
+        (d, r)
+    }
+
     /// A memory store's hot device, drained by 8 claimers much faster than
     /// its 20 keys last: its uploader keeps it supplied, so claims go on
     /// getting one-time keys long after the first 20, and none is short.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_uploader_keeps_a_drained_device_supplied() {
         let store: Arc<dyn keyclaim::KeyStore> = Arc::new(keyclaim_memory::MemoryStore::new());
-        let claimer = Claimer::Store(store.clone());
-        let spec = RaceSpec {
-            clients: 8,
-            target: 20,
-            warmup: Duration::from_millis(20),
-            window: Duration::from_millis(200),
-        };
-        let d = super::super::device("refill-", 0).unwrap();
-        let r = run(&claimer, vec![d.clone()], &spec).await.unwrap();
+        let (d, r) = race_one_device(&store, "refill-", 20, 200).await;
         assert!(r.refills > 0, "{r:?}");
         assert!(r.window_claims > 20, "{r:?}");
         assert_eq!((r.short, r.duplicates, r.errors), (0, 0, 0), "{r:?}");
@@ -507,15 +526,7 @@ mod tests {
         limits.max_otks_per_device_algorithm = 2500;
         let store: Arc<dyn keyclaim::KeyStore> =
             Arc::new(keyclaim_memory::MemoryStore::with_limits(limits));
-        let claimer = Claimer::Store(store.clone());
-        let spec = RaceSpec {
-            clients: 8,
-            target: 2500,
-            warmup: Duration::from_millis(20),
-            window: Duration::from_millis(300),
-        };
-        let d = super::super::device("big-", 0).unwrap();
-        let r = run(&claimer, vec![d.clone()], &spec).await.unwrap();
+        let (d, r) = race_one_device(&store, "big-", 2500, 300).await;
         assert_eq!((r.short, r.duplicates, r.errors), (0, 0, 0), "{r:?}");
         // Claimed past the first 2,500, so topped up meanwhile.
         assert!(r.window_claims > 2500, "{r:?}");

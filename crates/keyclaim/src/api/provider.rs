@@ -173,15 +173,10 @@ impl<S: KeyStore> KeysApi<S> {
             .chain(&provided)
             .map(|k| (&k.device, k.key_id.algorithm_str()))
             .collect();
-        let wanted: Vec<bool> = targets
-            .iter()
-            .map(|t| served.contains(&(&t.device, t.algorithm.as_str())))
-            .collect();
-        drop(served);
         let fallback_targets: Vec<FallbackTarget> = targets
             .into_iter()
-            .zip(wanted)
-            .filter_map(|(t, got_one)| {
+            .filter_map(|t| {
+                let got_one = served.contains(&(&t.device, t.algorithm.as_str()));
                 (options.always_include_fallback_keys || !got_one).then_some(FallbackTarget {
                     device: t.device,
                     algorithm: t.algorithm,
