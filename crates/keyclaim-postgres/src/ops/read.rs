@@ -11,12 +11,20 @@ use super::count_to_u64;
 use crate::error::{corrupt, pg};
 use crate::session::Conn;
 
-/// A device's OTK counts and unused fallback algorithms, in one snapshot;
-/// index scans bounded by the device's own rows (R6.4). Rows as
-/// [`SyncStateRows`] reads them.
+/// A device's OTK counts and unused fallback algorithms, in one snapshot
+/// (R6.2, R6.4). Rows as [`SyncStateRows`] reads them.
+///
+/// Counts come from `otk_count`, as in [`COUNTS_MANY`]: the device's base
+/// rows and the delta rows written since the last compaction (see
+/// [`crate::counts`]), never its keys. Counting a device's keys read every
+/// one of them: 0.17 ms for 500 keys against 0.02 ms for its count rows,
+/// and a device of 20,000 keys that clients read after every `/sync` cost
+/// milliseconds each time. The deltas are written by the statement that
+/// changed the keys, so a read inside an upload's or deletion's
+/// transaction sees its own changes.
 pub(super) const SYNC_STATE: &str = "
-SELECT false AS is_fallback, algorithm, count(*) AS n
-  FROM otk WHERE user_id = $1 AND device_id = $2 GROUP BY algorithm
+SELECT false AS is_fallback, algorithm, n
+  FROM otk_count WHERE user_id = $1 AND device_id = $2
 UNION ALL
 SELECT true, algorithm, 0::int8
   FROM fallback WHERE user_id = $1 AND device_id = $2 AND NOT used";
