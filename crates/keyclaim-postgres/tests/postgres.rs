@@ -672,3 +672,58 @@ fn issued_memory_is_pruned_to_exactly_the_configured_number() {
         }
     });
 }
+
+/// The store's own pool hands out the connection used last: after a burst
+/// opened every connection of the pool, one client's operations one after
+/// another all run on one server process (its caches and plans warm)
+/// instead of on each idle one in turn.
+#[test]
+fn one_client_after_a_burst_reuses_one_connection() {
+    with_server("postgres::lifo", |url| async move {
+        let app = unique_schema("kc_lifo_app");
+        let sep = if url.contains('?') { '&' } else { '?' };
+        // No listener, no background compaction: only the test's own
+        // operations use the pool.
+        let store = PostgresStore::connect_with(
+            &format!("{url}{sep}application_name={app}"),
+            options(&unique_schema("kc_lifo"))
+                .notifications(false)
+                .count_compaction_interval(Duration::from_secs(3600)),
+        )
+        .await
+        .unwrap();
+        let d = dev("@lifo:x", "D");
+        let watcher = common::raw(&url).await;
+        // (pid, last state change) of the store's connections.
+        let sessions = || async {
+            let rows = watcher
+                .query(
+                    "SELECT pid, state_change::text FROM pg_stat_activity
+                      WHERE application_name = $1 ORDER BY pid",
+                    &[&app],
+                )
+                .await
+                .unwrap();
+            rows.iter()
+                .map(|r| (r.get::<_, i32>(0), r.get::<_, Option<String>>(1)))
+                .collect::<Vec<_>>()
+        };
+        // A burst: more concurrent reads than the pool (4) has connections.
+        let burst = futures::future::join_all((0..16).map(|_| store.otk_counts(&d))).await;
+        assert!(burst.iter().all(Result::is_ok));
+        let before = sessions().await;
+        assert!(
+            before.len() >= 2,
+            "the burst opened several connections: {before:?}"
+        );
+        for _ in 0..20 {
+            store.otk_counts(&d).await.unwrap();
+        }
+        let after = sessions().await;
+        let used = after.iter().filter(|s| !before.contains(s)).count();
+        assert_eq!(
+            used, 1,
+            "20 reads in turn ran on one connection: {before:?} then {after:?}"
+        );
+    });
+}
