@@ -258,6 +258,9 @@ impl Shared {
 /// A batch task: runs batches while claims wait, then frees its slot.
 async fn run_batches(slot: Slot) {
     loop {
+        // Let the callers just answered run first: those that claim again
+        // at once join the next batch instead of waiting for a later one.
+        tokio::task::yield_now().await;
         let batch = slot.0.take_batch();
         if batch.is_empty() {
             return;
