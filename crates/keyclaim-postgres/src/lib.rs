@@ -225,10 +225,8 @@ impl PostgresStore {
     /// and `COMMIT`). keyclaim's own pool hands out the connection used
     /// last first (`QueueMode::Lifo`); deadpool's default hands out the one
     /// idle longest, so that a light load visits every idle server process
-    /// in turn, each with cold caches: on the 2-core machine of
-    /// `docs/benchmarks.md` that made one client's claims 1.4 times as slow
-    /// (0.64 ms against 0.45 ms p50). A host pool built with
-    /// `.queue_mode(QueueMode::Lifo)` avoids it.
+    /// in turn, each with cold caches (measured in `docs/benchmarks.md`). A
+    /// host pool built with `.queue_mode(QueueMode::Lifo)` avoids it.
     ///
     /// # Errors
     /// As [`PostgresStore::connect_with`].

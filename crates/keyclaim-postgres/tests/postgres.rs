@@ -16,7 +16,7 @@ use keyclaim_conformance::fixtures::{alg, dev, numbered_otks, otks, put, upload_
 use keyclaim_postgres::{PostgresStore, SCHEMA_VERSION};
 use keyclaim_testing::postgres::{unique_schema, with_server};
 
-use common::{BACK_TO_V2, count_mismatches, options, raw_session};
+use common::{BACK_TO_V2, count_mismatches, options, raw_session, with_param};
 
 const SC: &str = "signed_curve25519";
 
@@ -531,12 +531,7 @@ fn pinned_and_unpinned_plans_claim_alike() {
 #[test]
 fn debug_shows_no_secrets() {
     with_server("postgres::debug_shows_no_secrets", |url| async move {
-        let url = if url.contains("://") {
-            let sep = if url.contains('?') { '&' } else { '?' };
-            format!("{url}{sep}password=hunter2-secret")
-        } else {
-            format!("{url} password=hunter2-secret")
-        };
+        let url = with_param(&url, "password", "hunter2-secret");
         let store = PostgresStore::connect_with(&url, options(&unique_schema("kc_dbg")))
             .await
             .expect("connect (trust auth ignores the password)");
@@ -681,11 +676,10 @@ fn issued_memory_is_pruned_to_exactly_the_configured_number() {
 fn one_client_after_a_burst_reuses_one_connection() {
     with_server("postgres::lifo", |url| async move {
         let app = unique_schema("kc_lifo_app");
-        let sep = if url.contains('?') { '&' } else { '?' };
         // No listener, no background compaction: only the test's own
         // operations use the pool.
         let store = PostgresStore::connect_with(
-            &format!("{url}{sep}application_name={app}"),
+            &with_param(&url, "application_name", &app),
             options(&unique_schema("kc_lifo"))
                 .notifications(false)
                 .count_compaction_interval(Duration::from_secs(3600)),

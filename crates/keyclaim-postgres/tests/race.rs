@@ -20,7 +20,7 @@ use keyclaim_postgres::{PostgresOptions, PostgresStore};
 use keyclaim_testing::postgres::{unique_schema, with_server};
 
 mod common;
-use common::{blocked_by, raw};
+use common::{blocked_by, raw, with_param};
 use tokio::sync::Barrier;
 
 const SC: &str = "signed_curve25519";
@@ -647,16 +647,6 @@ fn hot_device_claims_racing_lockers_that_roll_back() {
             assert!(rollbacks.load(Ordering::SeqCst) > 0, "the lockers ran");
         },
     );
-}
-
-/// `url` with a libpq parameter added.
-fn with_param(url: &str, key: &str, value: &str) -> String {
-    if url.starts_with("postgres") {
-        let sep = if url.contains('?') { '&' } else { '?' };
-        format!("{url}{sep}{key}={value}")
-    } else {
-        format!("{url} {key}={value}")
-    }
 }
 
 /// R4.2 and R10.4 with connections killed under load: while 32 claimers

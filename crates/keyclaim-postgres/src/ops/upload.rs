@@ -46,12 +46,11 @@ use crate::session::Conn;
 /// count as forgotten until [`PRUNE_ISSUED`] removes them); OTK counts of
 /// the uploaded algorithms (`$4`, distinct) or, when `$6` is set, of every
 /// algorithm of the device (R8.4); stored fallback digests of the uploaded
-/// fallback algorithms. Only one of the two count branches runs (each is
-/// gated by a one-time filter on `$6`); every branch is an index scan of
-/// the device's own rows. The counts sum the device's `otk_count` rows
-/// (see [`crate::counts`]) instead of counting its keys, as reads do; the
-/// triggers wrote them in the same transactions as the keys, so they are
-/// the counts of this snapshot.
+/// fallback algorithms. Every branch is an index scan of the device's own
+/// rows. The counts sum the device's `otk_count` rows (see
+/// [`crate::counts`]), a few per algorithm, instead of counting its keys,
+/// as reads do; the triggers wrote them in the same transactions as the
+/// keys, so they are the counts of this snapshot.
 ///
 /// The remembered keys (up to `$7` per algorithm, 1,000 by default) are
 /// matched against the uploaded key IDs through a hash of those IDs (a
@@ -75,11 +74,7 @@ SELECT 1::int2, i.key_id, NULL::text, i.digest, 0::int8
  WHERE (i.key_id IN (SELECT unnest($3::text[]))) IS TRUE
 UNION ALL
 SELECT 2::int2, NULL::text, algorithm, NULL::bytea, sum(n)::int8
-  FROM otk_count WHERE user_id = $1 AND device_id = $2 AND algorithm = ANY($4::text[]) AND NOT $6::bool
-  GROUP BY algorithm
-UNION ALL
-SELECT 2::int2, NULL::text, algorithm, NULL::bytea, sum(n)::int8
-  FROM otk_count WHERE user_id = $1 AND device_id = $2 AND $6::bool
+  FROM otk_count WHERE user_id = $1 AND device_id = $2 AND ($6::bool OR algorithm = ANY($4::text[]))
   GROUP BY algorithm
 UNION ALL
 SELECT 3::int2, NULL::text, algorithm, digest, 0::int8

@@ -87,3 +87,14 @@ pub async fn blocked_by(watcher: &tokio_postgres::Client, pid: i32) -> i64 {
         .expect("blocked sessions")
         .get(0)
 }
+
+/// `url` (a URL or a key=value connection string, as the test server's may
+/// be either) with a libpq parameter added.
+pub fn with_param(url: &str, key: &str, value: &str) -> String {
+    if url.starts_with("postgres") {
+        let sep = if url.contains('?') { '&' } else { '?' };
+        format!("{url}{sep}{key}={value}")
+    } else {
+        format!("{url} {key}={value}")
+    }
+}
