@@ -171,7 +171,9 @@ impl PostgresOptions {
     /// PostgreSQL, as the reference homeserver's statement runs in the
     /// benchmark. Either way connections run with `enable_seqscan=off`, so
     /// that a generic plan made while a table was small does not keep
-    /// scanning it whole once it has grown.
+    /// scanning it whole once it has grown, and `enable_sort=off`, so that
+    /// a walk over a device's keys goes through the index its `ORDER BY`
+    /// names, never through a sort of all the device's keys.
     #[must_use]
     pub fn pinned_plans(mut self, on: bool) -> Self {
         self.pinned_plans = on;

@@ -20,10 +20,12 @@ use keyclaim_testing::postgres::{require_server, unique_schema, with_server};
 use common::options;
 
 /// The host's session settings, set on each new connection of its pool.
-const HOST_SETTINGS: [(&str, &str); 6] = [
+const HOST_SETTINGS: [(&str, &str); 8] = [
     ("synchronous_commit", "off"),
     ("transaction_isolation", "repeatable read"),
     ("enable_seqscan", "on"),
+    ("enable_sort", "on"),
+    ("jit", "on"),
     ("statement_timeout", "12345ms"),
     ("plan_cache_mode", "force_custom_plan"),
     ("search_path", ""), // the host's schema, filled in
@@ -42,7 +44,7 @@ async fn host_pool(url: &str, host_schema: &str, size: usize) -> Pool {
     );
     let setup = format!(
         "SET synchronous_commit = off; SET default_transaction_isolation = 'repeatable read'; \
-         SET enable_seqscan = on; SET statement_timeout = '12345ms'; \
+         SET enable_seqscan = on; SET enable_sort = on; SET jit = on; SET statement_timeout = '12345ms'; \
          SET plan_cache_mode = force_custom_plan; SET search_path = {host_schema}"
     );
     let pool = Pool::builder(manager)
@@ -76,6 +78,7 @@ async fn host_pool(url: &str, host_schema: &str, size: usize) -> Pool {
 async fn host_view(pool: &Pool) -> (Vec<String>, Vec<String>, i64, i32) {
     const READ: &str = "SELECT current_setting('synchronous_commit'),
         current_setting('transaction_isolation'), current_setting('enable_seqscan'),
+        current_setting('enable_sort'), current_setting('jit'),
         current_setting('statement_timeout'), current_setting('plan_cache_mode'),
         current_setting('search_path')";
     let mut client = pool.get().await.unwrap();
@@ -85,10 +88,10 @@ async fn host_view(pool: &Pool) -> (Vec<String>, Vec<String>, i64, i32) {
         .unwrap()
         .get(0);
     let row = client.query_one(READ, &[]).await.unwrap();
-    let outside = (0..6).map(|i| row.get::<_, String>(i)).collect();
+    let outside = (0..8).map(|i| row.get::<_, String>(i)).collect();
     let tx = client.transaction().await.unwrap();
     let row = tx.query_one(READ, &[]).await.unwrap();
-    let inside = (0..6).map(|i| row.get::<_, String>(i)).collect();
+    let inside = (0..8).map(|i| row.get::<_, String>(i)).collect();
     // A statement the host prepared (and cached) names its own table.
     let stmt = tx.prepare_cached("SELECT count(*) FROM otk").await.unwrap();
     let own: i64 = tx.query_one(&stmt, &[]).await.unwrap().get(0);

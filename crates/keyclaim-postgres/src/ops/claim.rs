@@ -871,6 +871,30 @@ mod tests {
     use super::*;
     use crate::ops::plans::check_generic_plans;
 
+    /// Every OTK row lock of `plan` is taken by a walk through the claim
+    /// order index itself, never by a sort of a device's keys read in
+    /// another order: such a sort reads and orders all of the device's
+    /// keys for every claim (R4.7). (Fallback keys are locked through their
+    /// primary key, one row per target.)
+    fn assert_walks_in_claim_order(plan: &str) {
+        let lines: Vec<&str> = plan.lines().collect();
+        let mut walks = 0;
+        for (i, line) in lines.iter().enumerate() {
+            if line.contains("LockRows") {
+                let below = lines.get(i + 1).copied().unwrap_or_default();
+                if below.contains("Index Scan using otk_claim_order on otk") {
+                    walks += 1;
+                } else {
+                    assert!(
+                        below.contains("Index Scan using fallback_pkey on fallback"),
+                        "{plan}"
+                    );
+                }
+            }
+        }
+        assert!(walks > 0, "{plan}");
+    }
+
     /// [`CLAIM_FAST`]'s generic plan reaches every table through an index
     /// per target or through the deleted rows' `ctid`s, whether or not
     /// sequential scans are allowed: a claim's cost grows with its targets
@@ -886,7 +910,7 @@ mod tests {
                     plan.contains("Index Scan using otk_claim_order on otk"),
                     "{plan}"
                 );
-                assert!(plan.contains("LockRows"), "{plan}");
+                assert_walks_in_claim_order(plan);
                 assert!(plan.contains("Tid Scan on otk"), "{plan}");
                 assert!(
                     !plan.contains("Seq Scan") && !plan.contains("Hash") && !plan.contains("Merge"),
@@ -894,5 +918,29 @@ mod tests {
                 );
             },
         );
+    }
+
+    /// [`CLAIM`] and [`CLAIM_WAITING`] walk each target's keys through the
+    /// claim order index too, skipping locked keys or waiting for them.
+    #[test]
+    fn full_claim_plans_walk_each_target_through_the_claim_order_index() {
+        for (name, statement, lock) in [
+            ("claim::full_plan", CLAIM, "SKIP LOCKED"),
+            ("claim::waiting_plan", CLAIM_WAITING, "FOR UPDATE"),
+        ] {
+            check_generic_plans(
+                name,
+                &format!(
+                    "walk(text[], text[], text[], int4[], int8, text, text, bool, int4[]) AS {statement}"
+                ),
+                "EXPLAIN (COSTS OFF) EXECUTE walk('{@u1:x,@u2:x}', '{D,D}', '{alg,alg}', '{1,2}', \
+                 1000, 'chan', 'me', false, '{0,0}')",
+                |plan| {
+                    assert_walks_in_claim_order(plan);
+                    assert!(!plan.contains("Seq Scan"), "{plan}");
+                },
+            );
+            assert!(statement.contains(lock));
+        }
     }
 }

@@ -38,9 +38,13 @@ WITH f AS (DELETE FROM fallback WHERE user_id = $1 AND device_id = $2 RETURNING 
      i AS (DELETE FROM issued WHERE user_id = $1 AND device_id = $2 RETURNING 1)
 SELECT (SELECT count(*) FROM f) + (SELECT count(*) FROM i)";
 
-/// The OTKs of a device with the listed key IDs (R13.1).
-const RESET_LISTED_OTKS: &str =
-    "DELETE FROM otk WHERE user_id = $1 AND device_id = $2 AND key_id = ANY($3::text[])";
+/// The OTKs of a device with the listed key IDs (R13.1), each found by
+/// its own probe of the primary key ([`key_probe`]).
+const RESET_LISTED_OTKS: &str = concat!(
+    "DELETE FROM otk WHERE ctid = ANY (ARRAY(SELECT row_ctid FROM (",
+    key_probe!(),
+    ") k))"
+);
 
 const DELETE_USER_OTKS: &str = "
 WITH d AS (DELETE FROM otk WHERE user_id = $1 RETURNING device_id)
@@ -213,4 +217,28 @@ async fn commit_notifying(
             .map_err(pg(op))?;
     }
     tx.commit().await.map_err(pg(op))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::plans::check_generic_plans;
+
+    /// [`RESET_LISTED_OTKS`] finds each listed key by one descent of the
+    /// primary key and deletes it by its `ctid`: its cost grows with the
+    /// IDs listed, never with the device's keys.
+    #[test]
+    fn reset_looks_up_each_listed_key() {
+        check_generic_plans(
+            "delete::reset_plan",
+            &format!("reset(text, text, text[]) AS {RESET_LISTED_OTKS}"),
+            "EXPLAIN (COSTS OFF) EXECUTE reset('@u1:x', 'D', '{alg:K1,alg:K9}')",
+            |plan| {
+                assert!(plan.contains("Index Scan using otk_pkey on otk"), "{plan}");
+                assert!(plan.contains("Tid Scan on otk"), "{plan}");
+                assert!(!plan.contains("otk_claim_order"), "{plan}");
+                assert!(!plan.contains("Seq Scan"), "{plan}");
+            },
+        );
+    }
 }
