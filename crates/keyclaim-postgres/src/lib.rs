@@ -188,8 +188,9 @@ impl PostgresStore {
     /// hook on connections it did not open, so every statement it runs is
     /// inside a transaction that it starts as `BEGIN ISOLATION LEVEL READ
     /// COMMITTED` followed by `SET LOCAL` of `search_path` (the schema),
-    /// `enable_seqscan = off`, `enable_sort = off`, `jit = off`, `plan_cache_mode` (with
-    /// [`PostgresOptions::pinned_plans`]), `statement_timeout` (when
+    /// `enable_seqscan = off`, `enable_sort = off`, `jit = off`,
+    /// `plan_cache_mode` (with [`PostgresOptions::pinned_plans`]),
+    /// `statement_timeout` (when
     /// [`PostgresOptions::statement_timeout`] is set) and
     /// `synchronous_commit = on` (unless already `on` or `remote_apply`):
     /// R10.5 holds whatever the host's session settings are. A transaction

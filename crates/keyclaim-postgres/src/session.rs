@@ -42,6 +42,41 @@ use tokio_postgres::{IsolationLevel, Row};
 use crate::PostgresOptions;
 use crate::error::pg;
 
+/// The planner settings of every keyclaim session, given as startup
+/// options on keyclaim's own pool and with `SET LOCAL` on a host's.
+///
+/// - `enable_seqscan`: every statement is written for index and TID
+///   lookups. A cached generic plan made while a table was small could
+///   otherwise keep a sequential scan (e.g. `ctid = ANY(...)` as a filter
+///   over the whole `otk` table) long after the table has grown.
+/// - `enable_sort`: a walk over a device's keys names the index that
+///   serves it by its `ORDER BY` (the claim walk in `ops::claim`,
+///   `key_probe` in `ops`). With statistics that say a device holds about
+///   one key (always, in a store whose device IDs are unique: the planner
+///   takes user and device ID as independent), a sort of the keys read
+///   through another index costs next to nothing, and the planner picks
+///   either plan; on a large device the sort then reads and orders all its
+///   keys on every claim (R4.7). With sorts off, only the named index
+///   serves the walk, whatever the statistics.
+/// - `jit`: a statement that has to sort (the issued memory's numbering)
+///   carries the cost the planner gives a disabled sort, far above the
+///   threshold of JIT compilation, which would then compile it on every
+///   execution, where the statement itself runs in a millisecond.
+///   keyclaim's statements are all small: JIT never pays for them.
+const PLANNER_SETTINGS: [(&str, &str); 3] = [
+    ("enable_seqscan", "off"),
+    ("enable_sort", "off"),
+    ("jit", "off"),
+];
+
+/// `SET [LOCAL] name = value;` for each of [`PLANNER_SETTINGS`].
+fn set_planner_settings(scope: &str) -> String {
+    PLANNER_SETTINGS
+        .iter()
+        .map(|(name, value)| format!(" SET {scope}{name} = {value};"))
+        .collect()
+}
+
 /// The server options of every connection: the schema as `search_path`,
 /// the planner settings, READ COMMITTED, the statement timeout.
 pub(crate) fn startup_options(options: &PostgresOptions, existing: Option<&str>) -> String {
@@ -49,27 +84,9 @@ pub(crate) fn startup_options(options: &PostgresOptions, existing: Option<&str>)
     // The schema is fixed per connection, so every statement is a plain
     // constant (prepared once per connection, never built per call).
     server_options.push_str(&format!(" -c search_path={}", options.get_schema()));
-    // Every statement is written for index and TID lookups. A cached
-    // generic plan made while a table was small could otherwise keep a
-    // sequential scan (e.g. `ctid = ANY(...)` as a filter over the whole
-    // `otk` table) long after the table has grown.
-    server_options.push_str(" -c enable_seqscan=off");
-    // A walk over a device's keys names the index that serves it by its
-    // `ORDER BY` (see `ops::claim::key_walk` and `ops::upload::key_probe`).
-    // With statistics that say a device holds about one key (always, in a
-    // store whose device IDs are unique: the planner takes user and device
-    // ID as independent), a sort of the keys read through another index
-    // costs next to nothing, and the planner picks either plan; on a large
-    // device the sort then reads and orders all its keys on every claim
-    // (R4.7). With sorts off, only the named index serves the walk,
-    // whatever the statistics.
-    server_options.push_str(" -c enable_sort=off");
-    // A statement that has to sort (the issued memory's numbering) carries
-    // the cost the planner gives a disabled sort, far above the threshold
-    // of JIT compilation, which would then compile it on every execution
-    // (a quarter of a second, where the statement runs in a millisecond).
-    // keyclaim's statements are all small: JIT never pays for them.
-    server_options.push_str(" -c jit=off");
+    for (name, value) in PLANNER_SETTINGS {
+        server_options.push_str(&format!(" -c {name}={value}"));
+    }
     if options.get_pinned_plans() {
         // One generic plan per statement and connection, made once (and
         // again after an `ANALYZE`): see `PostgresOptions::pinned_plans`.
@@ -182,9 +199,9 @@ impl Settings {
     /// connection of keyclaim's own pool.
     pub(crate) fn per_transaction(options: &PostgresOptions) -> Settings {
         let mut sql = format!(
-            "SET LOCAL search_path = {}; SET LOCAL enable_seqscan = off; \
-             SET LOCAL enable_sort = off; SET LOCAL jit = off;",
-            options.get_schema()
+            "SET LOCAL search_path = {};{}",
+            options.get_schema(),
+            set_planner_settings("LOCAL ")
         );
         if options.get_pinned_plans() {
             sql.push_str(" SET LOCAL plan_cache_mode = force_generic_plan;");
@@ -207,11 +224,12 @@ impl Settings {
     /// values, for the session. Empty for keyclaim's own pool.
     pub(crate) fn for_detached_session(options: &PostgresOptions) -> String {
         format!(
-            "SET search_path = {}; SET enable_seqscan = off; SET enable_sort = off; SET jit = off; \
+            "SET search_path = {};{} \
              SET default_transaction_isolation = 'read committed'; \
              SELECT set_config('synchronous_commit', 'on', false) \
              WHERE current_setting('synchronous_commit') NOT IN ('on', 'remote_apply');",
-            options.get_schema()
+            options.get_schema(),
+            set_planner_settings("")
         )
     }
 }

@@ -904,7 +904,7 @@ mod tests {
         check_generic_plans(
             "claim::fast_plan",
             &format!("fast(text[], text[], text[], int4[]) AS {CLAIM_FAST}"),
-            "EXPLAIN (COSTS OFF) EXECUTE fast('{@u1:x,@u2:x}', '{D,D}', '{alg,alg}', '{1,2}')",
+            "EXECUTE fast('{@u1:x,@u2:x}', '{D,D}', '{alg,alg}', '{1,2}')",
             |plan| {
                 assert!(
                     plan.contains("Index Scan using otk_claim_order on otk"),
@@ -933,7 +933,7 @@ mod tests {
                 &format!(
                     "walk(text[], text[], text[], int4[], int8, text, text, bool, int4[]) AS {statement}"
                 ),
-                "EXPLAIN (COSTS OFF) EXECUTE walk('{@u1:x,@u2:x}', '{D,D}', '{alg,alg}', '{1,2}', \
+                "EXECUTE walk('{@u1:x,@u2:x}', '{D,D}', '{alg,alg}', '{1,2}', \
                  1000, 'chan', 'me', false, '{0,0}')",
                 |plan| {
                     assert_walks_in_claim_order(plan);

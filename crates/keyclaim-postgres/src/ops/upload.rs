@@ -48,10 +48,10 @@ use crate::session::Conn;
 /// algorithm of the device (R8.4); stored fallback digests of the uploaded
 /// fallback algorithms. Every branch is an index scan of the device's own
 /// rows; the stored OTKs are found by [`key_probe`], one descent of the
-/// primary key per uploaded ID. The counts sum the device's `otk_count` rows (see
-/// [`crate::counts`]), a few per algorithm, instead of counting its keys,
-/// as reads do; the triggers wrote them in the same transactions as the
-/// keys, so they are the counts of this snapshot.
+/// primary key per uploaded ID. The counts sum the device's `otk_count`
+/// rows (see [`crate::counts`]), a few per algorithm, instead of counting
+/// its keys, as reads do; the triggers wrote them in the same transactions
+/// as the keys, so they are the counts of this snapshot.
 ///
 /// The remembered keys (up to `$7` per algorithm, 1,000 by default) are
 /// matched against the uploaded key IDs through a hash of those IDs (a
@@ -430,7 +430,7 @@ mod tests {
         check_generic_plans(
             "upload::facts_plan",
             &format!("facts(text, text, text[], text[], text[], bool, int8) AS {UPLOAD_FACTS}"),
-            "EXPLAIN (COSTS OFF) EXECUTE facts('@u1:x', 'D', '{alg:K1,alg:K9}', '{alg}', '{alg}', false, 1000)",
+            "EXECUTE facts('@u1:x', 'D', '{alg:K1,alg:K9}', '{alg}', '{alg}', false, 1000)",
             |plan| {
                 assert!(plan.contains("hashed SubPlan"), "{plan}");
                 // The uploaded IDs are looked up among the device's keys,
