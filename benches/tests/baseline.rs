@@ -288,6 +288,48 @@ mod postgres {
             assert!(!err.is_retryable(), "{schema}: {err}");
         }
     }
+
+    /// What a bench run leaves on a server it was given is dropped whole:
+    /// the schemas named and their tables, and nothing else.
+    #[tokio::test]
+    async fn drop_schemas_removes_the_named_schemas_only() {
+        let Some(url) = testing::require_server("keyclaim-benches::baseline::postgres::drop")
+        else {
+            return;
+        };
+        let [gone_a, gone_b, kept] =
+            ["kc_drop_a", "kc_drop_b", "kc_drop_kept"].map(testing::unique_schema);
+        for schema in [&gone_a, &gone_b, &kept] {
+            PostgresBaseline::connect(&url, schema, 1, false)
+                .await
+                .unwrap();
+        }
+        keyclaim_benches::baseline::drop_schemas(&url, &[&gone_a, &gone_b])
+            .await
+            .unwrap();
+        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        let left: Vec<String> = client
+            .query(
+                "SELECT nspname::text FROM pg_namespace WHERE nspname = ANY($1)",
+                &[&vec![gone_a.as_str(), gone_b.as_str(), kept.as_str()]],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        assert_eq!(left, std::slice::from_ref(&kept));
+        keyclaim_benches::baseline::drop_schemas(&url, &[&kept])
+            .await
+            .unwrap();
+        let err = keyclaim_benches::baseline::drop_schemas(&url, &["a;drop"])
+            .await
+            .expect_err("an invalid name");
+        assert!(!err.is_retryable(), "{err}");
+    }
 }
 
 mod postgres_row_lock {

@@ -81,7 +81,7 @@ use async_trait::async_trait;
 use keyclaim::{Algorithm, ClaimTarget, ClaimedKey, Device, Error, KeyId, KeyJson, Result};
 
 #[cfg(feature = "postgres")]
-pub use postgres::{BASELINE_CLAIM, PostgresBaseline, ROW_LOCK_CLAIM};
+pub use postgres::{BASELINE_CLAIM, PostgresBaseline, ROW_LOCK_CLAIM, drop_schemas};
 #[cfg(feature = "redb")]
 pub use redb::RedbBaseline;
 #[cfg(feature = "rocksdb")]

@@ -162,11 +162,7 @@ impl PostgresBaseline {
         pattern: Pattern,
     ) -> Result<Self> {
         let invalid = |what: String| Error::storage(NAME, "connect", false, what);
-        let valid_schema = schema
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
-            && schema.bytes().next().is_some_and(|b| !b.is_ascii_digit());
-        if !valid_schema {
+        if !valid_schema(schema) {
             return Err(invalid(format!("invalid schema name {schema:?}")));
         }
         let mut config: tokio_postgres::Config = url
@@ -355,6 +351,53 @@ impl PostgresBaseline {
             .await
             .map_err(pg(op))
     }
+}
+
+/// Drops `schemas` and everything in them (`DROP SCHEMA IF EXISTS ...
+/// CASCADE`, one statement) on the server of `url`: what a bench run left
+/// in a database it was given. Names are checked as [`PostgresBaseline`]
+/// checks its schema's.
+///
+/// # Errors
+/// [`Error::Storage`]: an invalid URL or schema name, or the server
+/// cannot be reached or refuses the statement.
+pub async fn drop_schemas(url: &str, schemas: &[&str]) -> Result<()> {
+    let op = "drop schemas";
+    if let Some(bad) = schemas.iter().find(|s| !valid_schema(s)) {
+        return Err(Error::storage(
+            NAME,
+            op,
+            false,
+            format!("invalid schema name {bad:?}"),
+        ));
+    }
+    if schemas.is_empty() {
+        return Ok(());
+    }
+    let config: tokio_postgres::Config = url
+        .parse()
+        .map_err(|e| Error::storage(NAME, op, false, e))?;
+    let (client, connection) = config.connect(NoTls).await.map_err(pg(op))?;
+    let connection = tokio::spawn(connection);
+    let dropped = client
+        .batch_execute(&format!(
+            "DROP SCHEMA IF EXISTS {} CASCADE",
+            schemas.join(", ")
+        ))
+        .await
+        .map_err(pg(op));
+    drop(client);
+    let _ = connection.await;
+    dropped
+}
+
+/// Whether `schema` is a plain lower-case identifier (safe to put into SQL
+/// unquoted).
+fn valid_schema(schema: &str) -> bool {
+    schema
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        && schema.bytes().next().is_some_and(|b| !b.is_ascii_digit())
 }
 
 /// Maps a PostgreSQL error to [`Error::Storage`], retryable for a

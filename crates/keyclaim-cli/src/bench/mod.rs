@@ -227,12 +227,51 @@ async fn redb(s: &Setting<'_>) -> keyclaim::Result<BackendUnderTest> {
     })
 }
 
+/// The schemas of one PostgreSQL run tagged `tag`: the store's, the
+/// reference statement's and the row-lock baseline's.
+#[cfg(feature = "postgres")]
+fn postgres_schemas(tag: &str) -> [String; 3] {
+    let schema = format!("keyclaim_bench_{tag}_{}", std::process::id());
+    [
+        format!("{schema}_baseline"),
+        format!("{schema}_rowlock"),
+        schema,
+    ]
+}
+
+/// Drops the schemas a PostgreSQL run tagged `tag` made on `url` (the
+/// server may be the caller's own, kept after the run); a failure is
+/// reported, not fatal.
+#[cfg(feature = "postgres")]
+pub(crate) async fn drop_postgres_schemas(url: &str, tag: &str) {
+    // Without keyclaim's options (`?keyclaim_...`), as the store was opened.
+    let url = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        match keyclaim_postgres::PostgresOptions::from_url(url) {
+            Ok((url, _)) => url,
+            Err(e) => {
+                eprintln!("could not drop the bench's schemas: {e}");
+                return;
+            }
+        }
+    } else {
+        url.to_owned()
+    };
+    let schemas = postgres_schemas(tag);
+    let names: Vec<&str> = schemas.iter().map(String::as_str).collect();
+    if let Err(e) = keyclaim_benches::baseline::drop_schemas(&url, &names).await {
+        eprintln!(
+            "could not drop the bench's schemas {}: {e}",
+            names.join(", ")
+        );
+    }
+}
+
 #[cfg(feature = "postgres")]
 async fn postgres(s: &Setting<'_>) -> keyclaim::Result<BackendUnderTest> {
     let url = s
         .postgres
         .ok_or_else(|| keyclaim::Error::storage("bench", "open", false, "no PostgreSQL server"))?;
-    let schema = format!("keyclaim_bench_{}_{}", s.tag, std::process::id());
+    let [baseline_schema, row_lock_schema, schema] = postgres_schemas(s.tag);
     let pool_size = s.args.clients.clamp(4, 64);
     // A store URL may carry keyclaim's options (`?keyclaim_...`); a
     // `key=value` connection string carries none.
@@ -249,10 +288,8 @@ async fn postgres(s: &Setting<'_>) -> keyclaim::Result<BackendUnderTest> {
     let store = keyclaim_postgres::PostgresStore::connect_with(url, options).await?;
     let mut baselines = Vec::new();
     if !s.args.no_baseline {
-        baselines.push(baselines::postgres(url, &format!("{schema}_baseline"), pool_size).await?);
-        baselines.push(
-            baselines::postgres_row_lock(url, &format!("{schema}_rowlock"), pool_size).await?,
-        );
+        baselines.push(baselines::postgres(url, &baseline_schema, pool_size).await?);
+        baselines.push(baselines::postgres_row_lock(url, &row_lock_schema, pool_size).await?);
     }
     Ok(BackendUnderTest {
         store: Arc::new(store),
@@ -393,11 +430,14 @@ async fn run_backends(
             postgres,
         };
         let b = open_backend(name, &setting).await?;
-        report.backends.push(
-            run_backend(name, b, &w, args)
-                .await
-                .map_err(|e| format!("{name}: {e}"))?,
-        );
+        let result = run_backend(name, b, &w, args).await;
+        #[cfg(feature = "postgres")]
+        if let (true, Some(url)) = (name == "postgres", postgres) {
+            drop_postgres_schemas(url, setting.tag).await;
+        }
+        report
+            .backends
+            .push(result.map_err(|e| format!("{name}: {e}"))?);
     }
     report.load_average_end = keyclaim_benches::load_average();
     println!("{}", report.table());
