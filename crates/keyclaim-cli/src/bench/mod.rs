@@ -84,6 +84,12 @@ pub(crate) struct BenchArgs {
     /// Leave PostgreSQL out (no server is started).
     #[arg(long)]
     pub(crate) no_postgres: bool,
+    /// Connections of each PostgreSQL pool: keyclaim's store's and each
+    /// baseline's alike (default: two per core of this machine, at most
+    /// --clients; PostgreSQL serves a few active connections per core best,
+    /// and more only share its cores among more statements).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    pub(crate) pool: Option<u16>,
     /// Directory for the embedded backends' files (default: a temp dir, removed after).
     #[arg(long)]
     pub(crate) dir: Option<PathBuf>,
@@ -106,6 +112,20 @@ pub(crate) struct BenchArgs {
     /// No progress bars.
     #[arg(long)]
     pub(crate) quiet: bool,
+}
+
+impl BenchArgs {
+    /// The connections of each PostgreSQL pool: `--pool`, else two per
+    /// core of this machine, at most one per client.
+    pub(crate) fn postgres_pool(&self) -> usize {
+        self.pool.map_or_else(
+            || {
+                let cores = std::thread::available_parallelism().map_or(1, usize::from);
+                (2 * cores).min(self.clients.max(1))
+            },
+            usize::from,
+        )
+    }
 }
 
 /// A backend under test: its store and the baselines it races against
@@ -272,7 +292,7 @@ async fn postgres(s: &Setting<'_>) -> keyclaim::Result<BackendUnderTest> {
         .postgres
         .ok_or_else(|| keyclaim::Error::storage("bench", "open", false, "no PostgreSQL server"))?;
     let [baseline_schema, row_lock_schema, schema] = postgres_schemas(s.tag);
-    let pool_size = s.args.clients.clamp(4, 64);
+    let pool_size = s.args.postgres_pool();
     // A store URL may carry keyclaim's options (`?keyclaim_...`); a
     // `key=value` connection string carries none.
     let (url, options) = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
@@ -419,6 +439,10 @@ async fn run_backends(
         clients: w.clients,
         duration_secs: args.duration,
         postgres_server: postgres_server.filter(|_| names.iter().any(|n| n == "postgres")),
+        postgres_pool: names
+            .iter()
+            .any(|n| n == "postgres")
+            .then(|| args.postgres_pool()),
         load_average_start: keyclaim_benches::load_average(),
         ..Default::default()
     };

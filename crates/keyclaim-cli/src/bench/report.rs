@@ -120,6 +120,9 @@ pub(crate) struct Report {
     /// Where the PostgreSQL backend ran, if it did: the given server (its
     /// URL without the password) or the throwaway server the bench started.
     pub(crate) postgres_server: Option<String>,
+    /// Connections of each PostgreSQL pool (keyclaim's and each
+    /// baseline's), if PostgreSQL ran.
+    pub(crate) postgres_pool: Option<usize>,
     /// The machine's load averages (1, 5, 15 minutes) at the start and at
     /// the end.
     pub(crate) load_average_start: String,
@@ -135,6 +138,12 @@ impl Report {
             "\nkeyclaim bench: {} devices x {} one-time keys + a fallback key, {} concurrent clients\n",
             self.devices, self.keys_per_device, self.clients
         );
+        if let Some(pool) = self.postgres_pool {
+            let _ = writeln!(
+                s,
+                "PostgreSQL: {pool} connections in each pool (keyclaim's store's and each baseline's)\n"
+            );
+        }
         let _ = writeln!(
             s,
             "{:<10} {:<18} {:>10} {:>10} {:>10}",
