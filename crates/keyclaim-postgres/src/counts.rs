@@ -1,14 +1,18 @@
-//! Per-(device, algorithm) OTK counts kept beside the keys (schema version
-//! 3), so that [`counts_many`](keyclaim::KeyStore::counts_many) reads one
-//! short index range per device asked instead of counting its keys
+//! Per-(device, algorithm) OTK counts kept beside the keys (schema versions
+//! 3 and 4), so that [`counts_many`](keyclaim::KeyStore::counts_many) reads
+//! one short index range per device asked instead of counting its keys
 //! (R16.1).
 //!
 //! # Rows
 //!
 //! `otk_count` holds rows `(user, device, algorithm, n, delta)`; a device's
-//! count of an algorithm is the **sum of `n`** over its rows. Triggers on
-//! `otk` add a row per statement and (device, algorithm) it changed:
-//! `+k` for `k` keys inserted, `-k` for `k` deleted (`delta = true`). So a
+//! count of an algorithm is the **sum of `n`** over its rows. Every
+//! keyclaim statement that inserts or deletes keys adds, in the same
+//! statement, a row per (device, algorithm) it changed: `+k` for `k` keys
+//! inserted, `-k` for `k` deleted (`delta = true`; [`count_deleted`] and
+//! its like). The writes of any other session (an operator's `psql`, a
+//! host's own statements) are counted by a row-level trigger, `+1` or `-1`
+//! per key, which keyclaim's sessions switch off ([`V4`]). So a
 //! count changes in the same transaction as the keys (R6.2), and no writer
 //! ever updates or locks a count row: concurrent claims of one hot device
 //! each add their own row instead of queueing on one (the claim itself
@@ -105,6 +109,72 @@ CREATE TRIGGER otk_count_update AFTER UPDATE ON otk
 CREATE TRIGGER otk_count_truncate AFTER TRUNCATE ON otk
     FOR EACH STATEMENT EXECUTE FUNCTION otk_count_follow();
 "#;
+
+/// Version 4: keyclaim's own statements write their count rows themselves,
+/// in the statement that changes the keys (a data-modifying CTE), and the
+/// statement-level triggers, whose transition tables copied every changed
+/// row (its key JSON too) for each of those statements, give way to one
+/// row-level trigger for every other writer (an operator's `psql`, the
+/// host's own statements). It adds `+1` or `-1` per key, and only in a
+/// session without the setting `keyclaim.counted = on`, which every
+/// keyclaim session has (see [`crate::session`]); in keyclaim's sessions
+/// its condition is false for each row and nothing is queued. Truncation
+/// keeps its statement-level trigger. Idempotent; one short transaction
+/// (R10.9).
+pub(crate) const V4: &str = r#"
+CREATE OR REPLACE FUNCTION otk_count_row() RETURNS trigger
+LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
+BEGIN
+    IF TG_OP IN ('INSERT', 'UPDATE') THEN
+        INSERT INTO otk_count (user_id, device_id, algorithm, n, delta)
+        VALUES (NEW.user_id, NEW.device_id, NEW.algorithm, 1, true);
+    END IF;
+    IF TG_OP IN ('DELETE', 'UPDATE') THEN
+        INSERT INTO otk_count (user_id, device_id, algorithm, n, delta)
+        VALUES (OLD.user_id, OLD.device_id, OLD.algorithm, -1, true);
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+DROP TRIGGER IF EXISTS otk_count_insert ON otk;
+DROP TRIGGER IF EXISTS otk_count_delete ON otk;
+DROP TRIGGER IF EXISTS otk_count_update ON otk;
+DROP TRIGGER IF EXISTS otk_count_row ON otk;
+CREATE TRIGGER otk_count_row AFTER INSERT OR UPDATE OR DELETE ON otk
+    FOR EACH ROW
+    WHEN (current_setting('keyclaim.counted', true) IS DISTINCT FROM 'on')
+    EXECUTE FUNCTION otk_count_row();
+"#;
+
+/// The `INSERT` with which a keyclaim statement counts the keys it deletes
+/// (schema version 4): `$rows` names the statement's `RETURNING` rows
+/// (with `user_id`, `device_id`, `algorithm`), one row each. As the
+/// statement's last part it affects one row per (device, algorithm) with
+/// keys deleted: none when nothing was.
+macro_rules! insert_deleted_counts {
+    ($rows:literal) => {
+        concat!(
+            "INSERT INTO otk_count (user_id, device_id, algorithm, n, delta)
+    SELECT user_id, device_id, algorithm, -count(*), true FROM ",
+            $rows,
+            " GROUP BY user_id, device_id, algorithm"
+        )
+    };
+}
+pub(crate) use insert_deleted_counts;
+
+/// [`insert_deleted_counts`] as a data-modifying CTE named `counted`.
+macro_rules! count_deleted {
+    ($rows:literal) => {
+        concat!(
+            "counted AS (\n    ",
+            $crate::counts::insert_deleted_counts!($rows),
+            "\n)"
+        )
+    };
+}
+pub(crate) use count_deleted;
 
 /// (device, algorithm) pairs one compaction statement folds at most.
 pub(crate) const COMPACT_BATCH: i64 = 2_000;

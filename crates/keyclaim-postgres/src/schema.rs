@@ -24,7 +24,8 @@
 //! in one short transaction under `lock_timeout`, tried again while the
 //! table is busy. Version 3 adds the count table and its triggers in one
 //! such short transaction, then counts the existing keys in batches (see
-//! [`crate::counts`]). The version is recorded with the last step.
+//! [`crate::counts`]); version 4 replaces those triggers in another (see
+//! [`crate::counts::V4`]). The version is recorded with the last step.
 
 use std::time::Duration;
 
@@ -37,7 +38,7 @@ use crate::counts;
 use crate::error::{self, pg};
 
 /// The newest schema version this build knows (and creates).
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// Version 1: one-time keys, fallback keys, remembered issued keys.
 const V1: &str = r#"
@@ -157,7 +158,7 @@ const SWAP_ATTEMPTS: u32 = 40;
 /// The transactional migrations of a new schema, in order: (the version it
 /// leads to, its SQL). A schema that holds data runs [`migrate_v2`] and
 /// [`migrate_v3`] instead.
-const MIGRATIONS: &[(i64, &str)] = &[(1, V1), (2, V2), (3, counts::V3)];
+const MIGRATIONS: &[(i64, &str)] = &[(1, V1), (2, V2), (3, counts::V3), (4, counts::V4)];
 
 /// The advisory lock of migrations that hold it for the transaction,
 /// taken inside the transactions (keyclaim before this layout took only
@@ -208,12 +209,16 @@ pub(crate) async fn migrate(mut client: ClientWrapper, schema: &str) -> Result<(
     if found == 1 || found == 2 {
         migrate_v3(&mut client, schema).await?;
     }
+    if (1..=3).contains(&found) {
+        migrate_v4(&mut client, schema).await?;
+    }
     Ok(())
 }
 
 /// Creates the schema and the tables, or upgrades them with the
 /// transactional migrations, in one transaction; answers the version found
-/// (versions 1 and 2 are left to [`migrate_v2`] and [`migrate_v3`]).
+/// (versions 1 to 3 are left to [`migrate_v2`], [`migrate_v3`] and
+/// [`migrate_v4`]).
 async fn migrate_tables(client: &mut ClientWrapper, schema: &str) -> Result<i64> {
     let op = "migrate";
     let tx = client.transaction().await.map_err(pg(op))?;
@@ -247,7 +252,7 @@ async fn migrate_tables(client: &mut ClientWrapper, schema: &str) -> Result<i64>
         return Ok(found);
     }
     for (version, sql) in MIGRATIONS {
-        // Versions 2 and 3 here only right after version 1 created the
+        // Versions 2 to 4 here only right after version 1 created the
         // (empty) tables, where rebuilding a key or counting is instant.
         tracing::info!(schema, version, "applying keyclaim migration");
         tx.batch_execute(sql).await.map_err(pg(op))?;
@@ -304,7 +309,8 @@ async fn migrate_v2(client: &mut ClientWrapper, schema: &str) -> Result<()> {
 /// Version 2 to 3 on tables that may hold data, without blocking other
 /// workers for longer than a short lock (R10.9): the count table and its
 /// triggers in one short transaction, then the existing keys counted in
-/// batches, then the version (see [`counts`]).
+/// batches, then the version (see [`counts`]). Version 4 follows at once
+/// ([`migrate_v4`]).
 async fn migrate_v3(client: &mut ClientWrapper, schema: &str) -> Result<()> {
     let op = "migrate";
     tracing::info!(
@@ -319,6 +325,19 @@ async fn migrate_v3(client: &mut ClientWrapper, schema: &str) -> Result<()> {
         .await
         .map_err(pg(op))?;
     tracing::info!(schema, batches, "keyclaim migration 3 applied");
+    Ok(())
+}
+
+/// Version 3 to 4 (R10.9): the row-level trigger for other writers in
+/// place of the statement-level ones, and the version, in one short
+/// transaction (see [`counts::V4`]). Workers of the previous version that
+/// still run are counted by the new trigger (their sessions lack
+/// `keyclaim.counted`); this version's workers count themselves and serve
+/// only once the migration is done.
+async fn migrate_v4(client: &mut ClientWrapper, schema: &str) -> Result<()> {
+    tracing::info!(schema, version = 4, "applying keyclaim migration");
+    short_lock_tx(client, counts::V4, Some(4)).await?;
+    tracing::info!(schema, "keyclaim migration 4 applied");
     Ok(())
 }
 

@@ -69,6 +69,15 @@ const PLANNER_SETTINGS: [(&str, &str); 3] = [
     ("jit", "off"),
 ];
 
+/// The setting that tells the count trigger of schema version 4 that this
+/// session's statements count the keys they change themselves (R6.2, see
+/// [`crate::counts::V4`]): every keyclaim statement that changes `otk`
+/// writes its count rows in the same statement, and the trigger counts
+/// only the writes of other sessions. Without it in a keyclaim session the
+/// keys would be counted twice, so [`check`] refuses a session where it did
+/// not take.
+const COUNTED: (&str, &str) = ("keyclaim.counted", "on");
+
 /// `SET [LOCAL] name = value;` for each of [`PLANNER_SETTINGS`].
 fn set_planner_settings(scope: &str) -> String {
     PLANNER_SETTINGS
@@ -78,13 +87,14 @@ fn set_planner_settings(scope: &str) -> String {
 }
 
 /// The server options of every connection: the schema as `search_path`,
-/// the planner settings, READ COMMITTED, the statement timeout.
+/// the planner settings, [`COUNTED`], READ COMMITTED, the statement
+/// timeout.
 pub(crate) fn startup_options(options: &PostgresOptions, existing: Option<&str>) -> String {
     let mut server_options = existing.unwrap_or_default().to_owned();
     // The schema is fixed per connection, so every statement is a plain
     // constant (prepared once per connection, never built per call).
     server_options.push_str(&format!(" -c search_path={}", options.get_schema()));
-    for (name, value) in PLANNER_SETTINGS {
+    for (name, value) in PLANNER_SETTINGS.into_iter().chain([COUNTED]) {
         server_options.push_str(&format!(" -c {name}={value}"));
     }
     if options.get_pinned_plans() {
@@ -121,7 +131,7 @@ pub(crate) fn setup_hook() -> Hook {
 /// What [`check`] reads, in a session of the pool.
 const SERVER_SETTINGS: &str = "SELECT current_setting('fsync'),
     current_setting('synchronous_commit'), current_setting('transaction_isolation'),
-    current_setting('full_page_writes')";
+    current_setting('full_page_writes'), current_setting('keyclaim.counted', true)";
 
 /// Checks the server and the session of a pooled connection (R10.5), before
 /// anything is created: refuses `fsync = off` and `full_page_writes = off`
@@ -141,6 +151,7 @@ pub(crate) async fn check(client: &mut Conn, options: &PostgresOptions) -> Resul
     let sync_commit: &str = row.try_get(1).map_err(pg(op))?;
     let isolation: &str = row.try_get(2).map_err(pg(op))?;
     let full_page_writes: &str = row.try_get(3).map_err(pg(op))?;
+    let counted: Option<&str> = row.try_get(4).map_err(pg(op))?;
     // Without full-page writes, a page torn by a crash of the machine
     // mid-write cannot be repaired from the WAL: committed rows can be lost
     // or corrupted as with fsync off.
@@ -167,12 +178,19 @@ pub(crate) async fn check(client: &mut Conn, options: &PostgresOptions) -> Resul
              machine (allow_unsafe_server)"
         );
     }
-    if !matches!(sync_commit, "on" | "remote_apply") || isolation != "read committed" {
+    if !matches!(sync_commit, "on" | "remote_apply")
+        || isolation != "read committed"
+        || counted != Some(COUNTED.1)
+    {
         return Err(Error::invalid_config(format!(
             "keyclaim's session settings did not take (synchronous_commit = {sync_commit}, \
-             transaction isolation {isolation}; R10.5 needs on and read committed): \
+             transaction isolation {isolation}, {} = {}; R10.5 needs on and read \
+             committed, the counts (R6.2) {}): \
              connect to PostgreSQL directly or through a proxy that passes startup options \
-             (on a host's pool: one that passes SET LOCAL)"
+             (on a host's pool: one that passes SET LOCAL)",
+            COUNTED.0,
+            counted.unwrap_or("unset"),
+            COUNTED.1
         )));
     }
     Ok(())
@@ -199,9 +217,11 @@ impl Settings {
     /// connection of keyclaim's own pool.
     pub(crate) fn per_transaction(options: &PostgresOptions) -> Settings {
         let mut sql = format!(
-            "SET LOCAL search_path = {};{}",
+            "SET LOCAL search_path = {};{} SET LOCAL {} = {};",
             options.get_schema(),
-            set_planner_settings("LOCAL ")
+            set_planner_settings("LOCAL "),
+            COUNTED.0,
+            COUNTED.1
         );
         if options.get_pinned_plans() {
             sql.push_str(" SET LOCAL plan_cache_mode = force_generic_plan;");

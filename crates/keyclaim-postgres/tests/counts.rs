@@ -1,7 +1,10 @@
-//! The per-device count table (schema version 3): exact under concurrent
-//! writes of every kind and concurrent compactions (R6.2, R16.1), folded to
-//! one row per (device, algorithm) by compaction, and built from the keys
-//! of a version-2 schema while other sessions write (R10.9).
+//! The per-device count table (schema versions 3 and 4): exact under
+//! concurrent writes of every kind and concurrent compactions (R6.2,
+//! R16.1), folded to one row per (device, algorithm) by compaction, built
+//! from the keys of a version-2 schema while other sessions write, and
+//! kept exact through the move to version 4, whose statements count
+//! themselves while other sessions' writes are counted by a trigger
+//! (R10.9).
 
 // Tests report failures by panicking.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -16,7 +19,7 @@ use keyclaim_conformance::fixtures::{alg, dev, numbered_otks, upload_of};
 use keyclaim_postgres::{PostgresOptions, PostgresStore, SCHEMA_VERSION};
 use keyclaim_testing::postgres::{unique_schema, with_server};
 
-use common::{BACK_TO_V2, count_mismatches, raw_session};
+use common::{BACK_TO_V2, BACK_TO_V3, count_mismatches, otk_triggers, raw_session};
 
 const SC: &str = "signed_curve25519";
 const OTHER: &str = "other_alg";
@@ -210,68 +213,10 @@ fn compaction_skips_while_another_worker_compacts() {
 fn version_2_schema_gets_exact_counts_beside_writers() {
     with_server("counts::version_2_migrates", |url| async move {
         let schema = unique_schema("kc_cntv2");
-        {
-            let _create = PostgresStore::connect_with(&url, options(&schema))
-                .await
-                .expect("connect");
-        }
-        let client = raw_session(&url, &schema).await;
         // 30,000 keys of 3,000 devices: several backfill batches.
-        client
-            .batch_execute(&format!(
-                "INSERT INTO otk SELECT '@u' || (i % 300) || ':x', 'D' || i, 'alg:K' || j, 'alg', j,
-                        '\"k\"', '\\x00'
-                   FROM generate_series(1, 3000) i, generate_series(1, 10) j;
-                 {BACK_TO_V2}"
-            ))
-            .await
-            .expect("a version-2 store with keys");
+        older_store(&url, &schema, 300, 3000, BACK_TO_V2).await;
 
-        let stop = Arc::new(AtomicBool::new(false));
-        let writer = {
-            let (url, schema, stop) = (url.clone(), schema.clone(), stop.clone());
-            tokio::spawn(async move {
-                let client = raw_session(&url, &schema).await;
-                let mut n = 0i64;
-                while !stop.load(Ordering::SeqCst) || n < 100 {
-                    client
-                        .execute(
-                            "INSERT INTO otk VALUES ('@u' || ($1::int8 % 300) || ':x', 'D' || ($1 % 3000),
-                                    'alg:W' || $1, 'alg', 100 + $1, '\"k\"', '\\x00')",
-                            &[&n],
-                        )
-                        .await
-                        .expect("an insert during the migration");
-                    client
-                        .execute(
-                            "DELETE FROM otk WHERE ctid = (SELECT ctid FROM otk
-                              WHERE user_id = '@u' || ($1::int8 % 300) || ':x' AND device_id = 'D' || ($1 * 7 % 3000)
-                              LIMIT 1)",
-                            &[&n],
-                        )
-                        .await
-                        .expect("a deletion during the migration");
-                    n += 1;
-                }
-                n
-            })
-        };
-        let connects = (0..3).map(|_| PostgresStore::connect_with(&url, options(&schema)));
-        let stores: Vec<PostgresStore> = futures::future::join_all(connects)
-            .await
-            .into_iter()
-            .collect::<Result<_, _>>()
-            .expect("every worker connects");
-        stop.store(true, Ordering::SeqCst);
-        let written = writer.await.expect("writer");
-        assert!(written >= 100);
-
-        let version: i64 = client
-            .query_one("SELECT version FROM keyclaim_meta", &[])
-            .await
-            .expect("version")
-            .get(0);
-        assert_eq!(version, SCHEMA_VERSION);
+        let (stores, client) = migrate_beside_a_writer(&url, &schema, 300, 3000).await;
         assert_eq!(count_mismatches(&client).await, vec![]);
         let asked: Vec<Device> = (0..3000)
             .step_by(37)
@@ -279,4 +224,152 @@ fn version_2_schema_gets_exact_counts_beside_writers() {
             .collect();
         assert_counts_many_exact(&stores[0], &asked).await;
     });
+}
+
+/// R6.2, R10.9: a version-3 schema (statement-level count triggers) is
+/// migrated to version 4 by three workers starting at once while another
+/// session keeps inserting and deleting keys, as the workers of the
+/// previous version and an operator's `psql` do. Afterwards keyclaim's own
+/// writes (uploads, claims, resets, deletions) count themselves and the
+/// other session's are counted by the row-level trigger, neither twice: the
+/// kept counts equal the keys.
+#[test]
+fn version_3_schema_keeps_exact_counts_through_version_4() {
+    with_server("counts::version_3_migrates", |url| async move {
+        let schema = unique_schema("kc_cntv3");
+        let client = older_store(&url, &schema, 30, 300, BACK_TO_V3).await;
+        assert_eq!(
+            otk_triggers(&client).await,
+            [
+                "otk_count_delete",
+                "otk_count_insert",
+                "otk_count_truncate",
+                "otk_count_update"
+            ]
+        );
+
+        let (stores, client) = migrate_beside_a_writer(&url, &schema, 30, 300).await;
+        assert_eq!(
+            otk_triggers(&client).await,
+            ["otk_count_row", "otk_count_truncate"]
+        );
+        assert_eq!(count_mismatches(&client).await, vec![]);
+
+        // keyclaim's writes of every kind on the migrated schema, beside the
+        // other session's.
+        let devices = Arc::new(devices(12));
+        let stores: Vec<Arc<PostgresStore>> = stores.into_iter().map(Arc::new).collect();
+        let workers = stores
+            .iter()
+            .enumerate()
+            .map(|(seed, store)| tokio::spawn(writer(store.clone(), devices.clone(), seed, 20)))
+            .collect::<Vec<_>>();
+        client
+            .batch_execute(
+                "INSERT INTO otk SELECT '@u1:x', 'D1', 'signed_curve25519:X' || j, 'signed_curve25519',
+                        1000 + j, '\"k\"', '\\x00'
+                   FROM generate_series(1, 5) j;
+                 DELETE FROM otk WHERE user_id = '@u2:x' AND device_id = 'D2' AND key_id LIKE 'alg:K%'",
+            )
+            .await
+            .expect("the other session's writes");
+        for w in workers {
+            w.await.expect("worker");
+        }
+        assert_eq!(count_mismatches(&client).await, vec![]);
+        assert_counts_many_exact(&stores[0], &devices).await;
+    });
+}
+
+/// Three workers connect to the schema `schema` at once (and migrate it)
+/// while another session, as a worker of the previous version or an
+/// operator would, inserts and deletes keys of `users` users' `devices`
+/// devices until they have and at least 100 times. Answers the workers'
+/// stores, once the schema is at [`SCHEMA_VERSION`], and a raw session on
+/// the schema.
+async fn migrate_beside_a_writer(
+    url: &str,
+    schema: &str,
+    users: i64,
+    devices: i64,
+) -> (Vec<PostgresStore>, tokio_postgres::Client) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (url, schema, stop) = (url.to_owned(), schema.to_owned(), stop.clone());
+        tokio::spawn(async move {
+            let client = raw_session(&url, &schema).await;
+            let mut n = 0i64;
+            while !stop.load(Ordering::SeqCst) || n < 100 {
+                client
+                    .execute(
+                        "INSERT INTO otk VALUES ('@u' || ($1::int8 % $2::int8) || ':x', 'D' || ($1 % $3::int8),
+                                'alg:W' || $1, 'alg', 100 + $1, '\"k\"', '\\x00')",
+                        &[&n, &users, &devices],
+                    )
+                    .await
+                    .expect("an insert during the migration");
+                client
+                    .execute(
+                        "DELETE FROM otk WHERE ctid = (SELECT ctid FROM otk
+                          WHERE user_id = '@u' || ($1::int8 % $2::int8) || ':x'
+                            AND device_id = 'D' || ($1 * 7 % $3::int8)
+                          LIMIT 1)",
+                        &[&n, &users, &devices],
+                    )
+                    .await
+                    .expect("a deletion during the migration");
+                n += 1;
+            }
+            n
+        })
+    };
+    let connects = (0..3).map(|_| PostgresStore::connect_with(url, options(schema)));
+    let stores: Vec<PostgresStore> = futures::future::join_all(connects)
+        .await
+        .into_iter()
+        .collect::<Result<_, _>>()
+        .expect("every worker connects");
+    stop.store(true, Ordering::SeqCst);
+    let written = writer.await.expect("writer");
+    assert!(written >= 100);
+    let client = raw_session(url, schema).await;
+    let version: i64 = client
+        .query_one("SELECT version FROM keyclaim_meta", &[])
+        .await
+        .expect("version")
+        .get(0);
+    assert_eq!(version, SCHEMA_VERSION);
+    (stores, client)
+}
+
+/// A store in `schema` whose `devices` devices (of `users` users) hold 10
+/// keys each, written by another session, then taken back to an older
+/// layout with `back_to`. Answers a raw session on the schema.
+async fn older_store(
+    url: &str,
+    schema: &str,
+    users: i64,
+    devices: i64,
+    back_to: &str,
+) -> tokio_postgres::Client {
+    {
+        let _create = PostgresStore::connect_with(url, options(schema))
+            .await
+            .expect("connect");
+    }
+    let client = raw_session(url, schema).await;
+    client
+        .execute(
+            "INSERT INTO otk SELECT '@u' || (i % $1::int8) || ':x', 'D' || i, 'alg:K' || j, 'alg', j,
+                    '\"k\"', '\\x00'
+               FROM generate_series(1, $2::int8) i, generate_series(1, 10) j",
+            &[&users, &devices],
+        )
+        .await
+        .expect("keys");
+    client
+        .batch_execute(back_to)
+        .await
+        .expect("the older layout");
+    client
 }

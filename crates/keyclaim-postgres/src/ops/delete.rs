@@ -25,10 +25,19 @@ use tokio_postgres::types::ToSql;
 
 use super::read::{SYNC_STATE, decode_sync_state};
 use super::{LOCK_DEVICE, LOCK_USER, NOTIFY, Sql, notify_payloads};
+use crate::counts::{count_deleted, insert_deleted_counts};
 use crate::error::pg;
 use crate::session::Conn;
 
-pub(super) const DELETE_DEVICE_OTKS: &str = "DELETE FROM otk WHERE user_id = $1 AND device_id = $2";
+/// A device's OTKs, counted (R6.2, [`count_deleted`]). Affects one count
+/// row per algorithm it deleted keys of: none when it deleted nothing.
+pub(super) const DELETE_DEVICE_OTKS: &str = concat!(
+    "WITH gone AS (
+    DELETE FROM otk WHERE user_id = $1 AND device_id = $2
+    RETURNING user_id, device_id, algorithm
+) ",
+    insert_deleted_counts!("gone")
+);
 
 /// Runs after [`DELETE_DEVICE_OTKS`], in a later snapshot: it also removes
 /// the issued memory written by claims that held the device's keys while
@@ -39,16 +48,26 @@ WITH f AS (DELETE FROM fallback WHERE user_id = $1 AND device_id = $2 RETURNING 
 SELECT (SELECT count(*) FROM f) + (SELECT count(*) FROM i)";
 
 /// The OTKs of a device with the listed key IDs (R13.1), each found by
-/// its own probe of the primary key ([`key_probe`]).
+/// its own probe of the primary key ([`key_probe`]), counted (R6.2).
+/// Affects one count row per algorithm it deleted keys of.
 const RESET_LISTED_OTKS: &str = concat!(
-    "DELETE FROM otk WHERE ctid = ANY (ARRAY(SELECT row_ctid FROM (",
+    "WITH gone AS (
+    DELETE FROM otk WHERE ctid = ANY (ARRAY(SELECT row_ctid FROM (",
     key_probe!(),
-    ") k))"
+    ") k))
+    RETURNING user_id, device_id, algorithm
+) ",
+    insert_deleted_counts!("gone")
 );
 
-const DELETE_USER_OTKS: &str = "
-WITH d AS (DELETE FROM otk WHERE user_id = $1 RETURNING device_id)
-SELECT DISTINCT device_id FROM d";
+/// A user's OTKs, counted (R6.2); rows: the devices that had some.
+const DELETE_USER_OTKS: &str = concat!(
+    "
+WITH d AS (DELETE FROM otk WHERE user_id = $1 RETURNING user_id, device_id, algorithm), ",
+    count_deleted!("d"),
+    "
+SELECT DISTINCT device_id FROM d"
+);
 
 const DELETE_USER_REST: &str = "
 WITH f AS (DELETE FROM fallback WHERE user_id = $1 RETURNING device_id),

@@ -209,10 +209,12 @@ pub(crate) mod plans {
                 client
                     .batch_execute(&format!(
                         "TRUNCATE otk, fallback;
+                         SET keyclaim.counted = off;
                          INSERT INTO otk SELECT '@u' || i || ':x', 'D', 'alg:K' || j, 'alg', j, '\"k\"', '\\x00'
                            FROM generate_series(1, {devices}) i, generate_series(1, {keys}) j;
                          INSERT INTO fallback SELECT '@u' || i || ':x', 'D', 'alg', 'alg:F', '\"f\"', '\\x00', i % 2 = 0
                            FROM generate_series(1, {devices}) i;
+                         SET keyclaim.counted = on;
                          ANALYZE otk; ANALYZE otk_count; ANALYZE fallback;"
                     ))
                     .await

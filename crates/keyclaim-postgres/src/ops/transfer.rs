@@ -54,11 +54,18 @@ SELECT i.user_id, i.device_id, i.key_id, i.digest
 const ALLOCATE_SEQS: &str =
     "SELECT v FROM (SELECT nextval('otk_seq') AS v FROM generate_series(1, $1::int8)) s ORDER BY v";
 
+/// A device's imported OTKs, counted in the same statement (R6.2, see
+/// [`crate::counts::V4`]).
 const IMPORT_OTKS: &str = "
-INSERT INTO otk (user_id, device_id, key_id, algorithm, seq, key_json, digest)
-SELECT $1, $2, u.key_id, u.algorithm, u.seq, u.key_json, u.digest
-  FROM unnest($3::text[], $4::text[], $5::int8[], $6::text[], $7::bytea[])
-       AS u(key_id, algorithm, seq, key_json, digest)";
+WITH added AS (
+    INSERT INTO otk (user_id, device_id, key_id, algorithm, seq, key_json, digest)
+    SELECT $1, $2, u.key_id, u.algorithm, u.seq, u.key_json, u.digest
+      FROM unnest($3::text[], $4::text[], $5::int8[], $6::text[], $7::bytea[])
+           AS u(key_id, algorithm, seq, key_json, digest)
+    RETURNING algorithm
+)
+INSERT INTO otk_count (user_id, device_id, algorithm, n, delta)
+SELECT $1, $2, algorithm, count(*), true FROM added GROUP BY algorithm";
 
 const IMPORT_ISSUED: &str = "
 INSERT INTO issued (user_id, device_id, algorithm, key_id, digest, issued_txn, issued_pos)

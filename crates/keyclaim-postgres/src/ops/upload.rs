@@ -50,8 +50,8 @@ use crate::session::Conn;
 /// rows; the stored OTKs are found by [`key_probe`], one descent of the
 /// primary key per uploaded ID. The counts sum the device's `otk_count`
 /// rows (see [`crate::counts`]), a few per algorithm, instead of counting
-/// its keys, as reads do; the triggers wrote them in the same transactions
-/// as the keys, so they are the counts of this snapshot.
+/// its keys, as reads do; they were written in the same statements as the
+/// keys, so they are the counts of this snapshot.
 ///
 /// The remembered keys (up to `$7` per algorithm, 1,000 by default) are
 /// matched against the uploaded key IDs through a hash of those IDs (a
@@ -105,11 +105,17 @@ DELETE FROM issued WHERE ctid = ANY (ARRAY(
       ) old))";
 
 /// New OTKs of one upload, all at one new sequence value (R3.5): the
-/// uncorrelated subquery is evaluated once per statement.
+/// uncorrelated subquery is evaluated once per statement. Counted in the
+/// same statement (R6.2, see [`crate::counts::V4`]).
 const INSERT_OTKS: &str = "
-INSERT INTO otk (user_id, device_id, key_id, algorithm, seq, key_json, digest)
-SELECT $1, $2, u.key_id, u.algorithm, (SELECT nextval('otk_seq')), u.key_json, u.digest
-  FROM unnest($3::text[], $4::text[], $5::text[], $6::bytea[]) AS u(key_id, algorithm, key_json, digest)";
+WITH added AS (
+    INSERT INTO otk (user_id, device_id, key_id, algorithm, seq, key_json, digest)
+    SELECT $1, $2, u.key_id, u.algorithm, (SELECT nextval('otk_seq')), u.key_json, u.digest
+      FROM unnest($3::text[], $4::text[], $5::text[], $6::bytea[]) AS u(key_id, algorithm, key_json, digest)
+    RETURNING algorithm
+)
+INSERT INTO otk_count (user_id, device_id, algorithm, n, delta)
+SELECT $1, $2, algorithm, count(*), true FROM added GROUP BY algorithm";
 
 /// Stores an upload (see the module docs).
 pub(crate) async fn upload(

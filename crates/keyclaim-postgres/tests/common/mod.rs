@@ -16,16 +16,46 @@ pub fn options(schema: &str) -> PostgresOptions {
         .allow_unsafe_server(true)
 }
 
-/// Takes a version-3 schema (the session's `search_path`) back to the
+/// Takes a current schema (the session's `search_path`) back to the
 /// version-2 layout: no count table, no triggers.
 pub const BACK_TO_V2: &str = "
-DROP TRIGGER otk_count_insert ON otk;
-DROP TRIGGER otk_count_delete ON otk;
-DROP TRIGGER otk_count_update ON otk;
+DROP TRIGGER otk_count_row ON otk;
 DROP TRIGGER otk_count_truncate ON otk;
+DROP FUNCTION otk_count_row();
 DROP FUNCTION otk_count_follow();
 DROP TABLE otk_count;
 UPDATE keyclaim_meta SET version = 2;";
+
+/// Takes a current schema (the session's `search_path`) back to the
+/// version-3 layout: the statement-level count triggers (whose function
+/// version 4 keeps for truncation) instead of the row-level one.
+pub const BACK_TO_V3: &str = "
+DROP TRIGGER otk_count_row ON otk;
+DROP FUNCTION otk_count_row();
+CREATE TRIGGER otk_count_insert AFTER INSERT ON otk
+    REFERENCING NEW TABLE AS added FOR EACH STATEMENT EXECUTE FUNCTION otk_count_follow();
+CREATE TRIGGER otk_count_delete AFTER DELETE ON otk
+    REFERENCING OLD TABLE AS gone FOR EACH STATEMENT EXECUTE FUNCTION otk_count_follow();
+CREATE TRIGGER otk_count_update AFTER UPDATE ON otk
+    REFERENCING OLD TABLE AS gone NEW TABLE AS added
+    FOR EACH STATEMENT EXECUTE FUNCTION otk_count_follow();
+UPDATE keyclaim_meta SET version = 3;";
+
+/// The triggers on `otk` of the schema of `client`'s `search_path`, by
+/// name.
+pub async fn otk_triggers(client: &tokio_postgres::Client) -> Vec<String> {
+    client
+        .query(
+            "SELECT tgname::text FROM pg_trigger
+              WHERE tgrelid = 'otk'::regclass AND NOT tgisinternal ORDER BY 1",
+            &[],
+        )
+        .await
+        .expect("the triggers on otk")
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
 
 /// The (user, device, algorithm, keys stored, count kept) of every pair
 /// whose kept count (the sum of its `otk_count` rows) is not the number of
