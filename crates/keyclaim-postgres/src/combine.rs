@@ -30,7 +30,9 @@
 //!   every claim runs at once, alone.
 //! - *Large claims go alone*: a claim of more targets than a batch holds
 //!   runs at once on its own connection, outside the slots, so that it
-//!   neither waits for small claims nor delays them.
+//!   neither waits for small claims nor delays them; on keyclaim's own
+//!   pool it does not queue behind other operations for that connection
+//!   either (see [`Connections`]).
 //!
 //! [`PostgresOptions::claim_batching`]: crate::PostgresOptions::claim_batching
 //! [`PostgresOptions::claim_batches_in_flight`]: crate::PostgresOptions::claim_batches_in_flight
@@ -40,7 +42,6 @@
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use deadpool_postgres::Pool;
 use keyclaim::backend::StoreCore;
 use keyclaim::{ClaimOutcome, ClaimTarget, Result};
 use tokio::runtime::Handle;
@@ -50,7 +51,7 @@ use crate::PostgresOptions;
 use crate::error;
 use crate::listen::Announcer;
 use crate::ops::{self, ClaimRequest, Sql};
-use crate::session::{self, Conn};
+use crate::session::{Conn, Connections};
 
 /// The combiner's settings (see [`crate::PostgresOptions`], whose setters
 /// keep the batch size and the batches in flight at least 1).
@@ -92,8 +93,7 @@ pub(crate) struct Combiner {
 struct Shared {
     state: Mutex<State>,
     settings: Settings,
-    pool: Pool,
-    session: session::Settings,
+    connections: Connections,
     sql: Sql,
     core: StoreCore,
     announcer: Option<Arc<Announcer>>,
@@ -148,8 +148,7 @@ impl Shared {
 
     /// A pooled connection, or a retryable error.
     async fn client(&self, op: &'static str) -> Result<Conn> {
-        let client = self.pool.get().await.map_err(|e| error::pool(op, e))?;
-        Ok(Conn::new(client, self.session.clone()))
+        self.connections.get(op).await
     }
 
     /// Takes the next batch: waiting claims in arrival order, the
@@ -270,12 +269,10 @@ async fn run_batches(slot: Slot) {
 }
 
 impl Combiner {
-    /// A combiner running claims on `pool`, in keyclaim's `session`
-    /// settings (see the module docs).
+    /// A combiner running claims on `connections` (see the module docs).
     pub(crate) fn new(
         settings: Settings,
-        pool: Pool,
-        session: session::Settings,
+        connections: Connections,
         sql: Sql,
         core: StoreCore,
         announcer: Option<Arc<Announcer>>,
@@ -284,8 +281,7 @@ impl Combiner {
             shared: Arc::new(Shared {
                 state: Mutex::new(State::default()),
                 settings,
-                pool,
-                session,
+                connections,
                 sql,
                 core,
                 announcer,
@@ -314,7 +310,7 @@ impl Combiner {
     ) -> Result<ClaimOutcome> {
         let shared = &self.shared;
         if targets.len() > shared.settings.batch_targets {
-            return self.alone(op, targets, fall_back).await;
+            return self.alone(op, targets, fall_back, true).await;
         }
         let queued = {
             let mut state = shared.state();
@@ -344,7 +340,7 @@ impl Combiner {
         let Some((rx, spawn)) = queued else {
             // Nothing to combine with: run at once in the free slot.
             let _slot = Slot(shared.clone());
-            return self.alone(op, targets, fall_back).await;
+            return self.alone(op, targets, fall_back, false).await;
         };
         if spawn {
             shared.runtime.spawn(run_batches(Slot(shared.clone())));
@@ -352,15 +348,22 @@ impl Combiner {
         rx.await.map_err(|_| error::batch_lost(op))?
     }
 
-    /// Runs one claim by itself on a connection of its own.
+    /// Runs one claim by itself on a connection of its own; a `large`
+    /// one on the connection kept for large claims (see
+    /// [`Connections`]).
     async fn alone(
         &self,
         op: &'static str,
         targets: &[ClaimTarget],
         fall_back: bool,
+        large: bool,
     ) -> Result<ClaimOutcome> {
         let shared = &self.shared;
-        let mut client = shared.client(op).await?;
+        let mut client = if large {
+            shared.connections.get_large(op).await?
+        } else {
+            shared.client(op).await?
+        };
         ops::claim(
             &mut client,
             &shared.sql,

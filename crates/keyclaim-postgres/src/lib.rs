@@ -63,6 +63,7 @@ pub struct PoolStatus {
 pub struct PostgresStore {
     pool: Pool,
     settings: session::Settings,
+    connections: session::Connections,
     sql: ops::Sql,
     core: StoreCore,
     pinned_plans: bool,
@@ -292,10 +293,18 @@ impl PostgresStore {
             ))
         });
         let core = StoreCore::new(options.get_limits().clone());
-        let combiner = combine::Combiner::new(
-            combine::Settings::of(&options),
+        // One connection kept for large claims on keyclaim's own pool only.
+        let own_pool_size =
+            matches!(settings, session::Settings::Connection).then(|| options.get_pool_size());
+        let connections = session::Connections::new(
             pool.clone(),
             settings.clone(),
+            own_pool_size,
+            options.get_pool_wait_timeout(),
+        );
+        let combiner = combine::Combiner::new(
+            combine::Settings::of(&options),
+            connections.clone(),
             sql.clone(),
             core.clone(),
             announcer.clone(),
@@ -323,6 +332,7 @@ impl PostgresStore {
         Ok(PostgresStore {
             pool,
             settings,
+            connections,
             sql,
             core,
             pinned_plans: options.get_pinned_plans(),
@@ -391,8 +401,7 @@ impl PostgresStore {
 
     /// A pooled connection in keyclaim's session, or a retryable error.
     async fn client(&self, op: &'static str) -> Result<session::Conn> {
-        let client = self.pool.get().await.map_err(|e| error::pool(op, e))?;
-        Ok(session::Conn::new(client, self.settings.clone()))
+        self.connections.get(op).await
     }
 
     /// Lets a mutation in, or refuses it with a retryable error when the

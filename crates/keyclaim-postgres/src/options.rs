@@ -102,7 +102,11 @@ impl PostgresOptions {
     }
 
     /// The most connections the pool opens (at least 1). Default 16. The
-    /// notification listener holds one more connection of its own.
+    /// notification listener holds one more connection of its own. With 2
+    /// or more, one of them is kept for claims of more targets than
+    /// [`PostgresOptions::claim_batch_targets`] (a big room's): other
+    /// operations use the rest, so such a claim never queues behind them
+    /// for a connection.
     #[must_use]
     pub fn pool_size(mut self, size: usize) -> Self {
         self.pool_size = size.max(1);

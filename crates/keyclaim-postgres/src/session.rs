@@ -33,14 +33,17 @@
 //! tables whatever the host's `search_path` is.
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use deadpool_postgres::{ClientWrapper, Hook, HookError, Object, Transaction};
+use deadpool_postgres::{ClientWrapper, Hook, HookError, Object, Pool, Transaction};
 use keyclaim::{Error, Result};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{IsolationLevel, Row};
 
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
 use crate::PostgresOptions;
-use crate::error::pg;
+use crate::error::{self, pg};
 
 /// The planner settings of every keyclaim session, given as startup
 /// options on keyclaim's own pool and with `SET LOCAL` on a host's.
@@ -254,18 +257,93 @@ impl Settings {
     }
 }
 
+/// Where the operations take their pooled connections. A claim of more
+/// targets than a batch holds (a big room's, R4.7) never queues for a
+/// connection behind the other operations: on keyclaim's own pool of at
+/// least two connections, every other operation first takes one of
+/// `pool_size - 1` permits, waiting at most
+/// [`PostgresOptions::pool_wait_timeout`], so one connection is always
+/// left for large claims, which wait only for one another (and for the
+/// store's background tasks, which take a connection now and then). On a
+/// host's pool, whose other users keyclaim cannot hold back, every
+/// operation takes its connection from the pool alike.
+#[derive(Clone, Debug)]
+pub(crate) struct Connections {
+    pool: Pool,
+    settings: Settings,
+    /// The permits of the operations other than large claims; `None`: no
+    /// connection kept for large claims.
+    others: Option<Arc<Semaphore>>,
+    /// How long an operation waits for a permit.
+    wait: Duration,
+}
+
+impl Connections {
+    /// The connections of `pool`, in `settings`; one kept for large claims
+    /// when `own_pool_size` (keyclaim's own pool's size) is at least 2.
+    pub(crate) fn new(
+        pool: Pool,
+        settings: Settings,
+        own_pool_size: Option<usize>,
+        wait: Duration,
+    ) -> Self {
+        let others = own_pool_size
+            .filter(|size| *size >= 2)
+            .map(|size| Arc::new(Semaphore::new(size - 1)));
+        Self {
+            pool,
+            settings,
+            others,
+            wait,
+        }
+    }
+
+    /// A pooled connection for any operation but a large claim, or a
+    /// retryable error when none frees within the wait.
+    pub(crate) async fn get(&self, op: &'static str) -> Result<Conn> {
+        let permit = match &self.others {
+            Some(others) => {
+                match tokio::time::timeout(self.wait, others.clone().acquire_owned()).await {
+                    Ok(Ok(permit)) => Some(permit),
+                    // Never closed; and past the wait, as the pool's own
+                    // timeout answers.
+                    Ok(Err(_)) | Err(_) => return Err(error::pool_wait(op)),
+                }
+            }
+            None => None,
+        };
+        let mut conn = self.get_large(op).await?;
+        conn._permit = permit;
+        Ok(conn)
+    }
+
+    /// A pooled connection for a large claim (see the type's docs), or a
+    /// retryable error.
+    pub(crate) async fn get_large(&self, op: &'static str) -> Result<Conn> {
+        let client = self.pool.get().await.map_err(|e| error::pool(op, e))?;
+        Ok(Conn::new(client, self.settings.clone()))
+    }
+}
+
 /// A pooled connection in keyclaim's session (see [`Settings`]): the only
 /// way the operations reach the server, so that on a host's pool every
 /// statement runs in a transaction with keyclaim's settings.
 pub(crate) struct Conn {
     client: Object,
     settings: Settings,
+    /// The permit it was taken with (see [`Connections`]), given back with
+    /// the connection.
+    _permit: Option<OwnedSemaphorePermit>,
 }
 
 impl Conn {
     /// Wraps a connection of the store's pool.
     pub(crate) fn new(client: Object, settings: Settings) -> Self {
-        Self { client, settings }
+        Self {
+            client,
+            settings,
+            _permit: None,
+        }
     }
 
     /// Whether the connection is gone (a batch then takes another).

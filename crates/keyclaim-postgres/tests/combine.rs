@@ -630,3 +630,132 @@ fn claimers_cancelled_mid_batch_lose_no_key() {
         },
     );
 }
+
+/// R4.7: a claim of more targets than a batch holds takes the connection
+/// kept for large claims. Every other connection of the store's pool is
+/// held by an upload waiting for its device's lock (held by the test), and
+/// another upload waits for a connection: the large claim still runs at
+/// once, and the uploads go on once the lock is released.
+#[test]
+fn a_large_claim_does_not_queue_behind_other_operations_for_a_connection() {
+    with_server("combine::large_claim_connection", |url| async move {
+        let options = PostgresOptions::new()
+            .schema(unique_schema("kc_comb"))
+            .pool_size(2)
+            .claim_batch_targets(2)
+            .pool_wait_timeout(Duration::from_secs(120))
+            .allow_unsafe_server(true);
+        let store = Arc::new(
+            PostgresStore::connect_with(&url, options)
+                .await
+                .expect("connect"),
+        );
+        let devices = devices_with(&store, 0..3, 1).await;
+        let busy = dev("@busy:example.org", "B");
+
+        let locker = raw(&url).await;
+        locker.batch_execute("BEGIN").await.expect("begin");
+        locker
+            .query(
+                "SELECT pg_advisory_xact_lock(hashtextextended(
+                     'keyclaim/' || $1::text || '/' || $2::text || '/' || $3::text, 1))",
+                &[
+                    &store.schema(),
+                    &busy.user_id.as_str(),
+                    &busy.device_id.as_str(),
+                ],
+            )
+            .await
+            .expect("the busy device's lock");
+        let uploads: Vec<_> = (0..2)
+            .map(|i| {
+                let (store, busy) = (store.clone(), busy.clone());
+                tokio::spawn(async move {
+                    put(
+                        &*store,
+                        &busy,
+                        numbered_otks(SC, &format!("U{i}_"), 2),
+                        vec![],
+                    )
+                    .await;
+                })
+            })
+            .collect();
+        let watcher = raw(&url).await;
+        wait_blocked(&watcher, &locker).await;
+
+        let targets: Vec<ClaimTarget> = devices.iter().map(|d| target(d, 1)).collect();
+        let outcome = tokio::time::timeout(DEADLINE, store.claim(&targets))
+            .await
+            .expect("the large claim ran while the other operations held or waited for connections")
+            .expect("claim");
+        let mut claimed: Vec<String> = outcome
+            .keys
+            .iter()
+            .map(|k| k.device.device_id.to_string())
+            .collect();
+        claimed.sort();
+        assert_eq!(claimed, ["D0", "D1", "D2"]);
+        assert!(uploads.iter().all(|u| !u.is_finished()));
+
+        locker.batch_execute("COMMIT").await.expect("commit");
+        for u in uploads {
+            tokio::time::timeout(DEADLINE, u)
+                .await
+                .expect("the uploads finish once the lock is free")
+                .expect("upload task");
+        }
+        assert_eq!(count(&store, &busy).await, 4);
+    });
+}
+
+/// R10.6: an operation waiting for a connection (one of the pool's less
+/// the one kept for large claims) waits at most `pool_wait_timeout`, then
+/// fails with a retryable error, while the kept connection stays free.
+#[test]
+fn an_operation_waits_for_a_connection_at_most_the_pool_wait_timeout() {
+    with_server("combine::connection_wait", |url| async move {
+        let options = PostgresOptions::new()
+            .schema(unique_schema("kc_comb"))
+            .pool_size(2)
+            .pool_wait_timeout(Duration::from_millis(300))
+            .allow_unsafe_server(true);
+        let store = Arc::new(
+            PostgresStore::connect_with(&url, options)
+                .await
+                .expect("connect"),
+        );
+        let [d] = <[Device; 1]>::try_from(devices_with(&store, 0..1, 1).await).expect("one");
+        let locker = raw(&url).await;
+        locker.batch_execute("BEGIN").await.expect("begin");
+        locker
+            .query(
+                "SELECT pg_advisory_xact_lock(hashtextextended(
+                     'keyclaim/' || $1::text || '/' || $2::text || '/' || $3::text, 1))",
+                &[&store.schema(), &d.user_id.as_str(), &d.device_id.as_str()],
+            )
+            .await
+            .expect("the device's lock");
+        let upload = {
+            let (store, d) = (store.clone(), d.clone());
+            tokio::spawn(async move {
+                put(&*store, &d, numbered_otks(SC, "U", 2), vec![]).await;
+            })
+        };
+        let watcher = raw(&url).await;
+        wait_blocked(&watcher, &locker).await;
+
+        let err = store
+            .otk_counts(&d)
+            .await
+            .expect_err("no connection for a count read while the upload holds the only one");
+        assert!(err.is_retryable(), "{err}");
+
+        locker.batch_execute("COMMIT").await.expect("commit");
+        tokio::time::timeout(DEADLINE, upload)
+            .await
+            .expect("the upload finishes once the lock is free")
+            .expect("upload task");
+        assert_eq!(count(&store, &d).await, 3);
+    });
+}
