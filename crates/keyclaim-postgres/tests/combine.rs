@@ -639,34 +639,16 @@ fn claimers_cancelled_mid_batch_lose_no_key() {
 #[test]
 fn a_large_claim_does_not_queue_behind_other_operations_for_a_connection() {
     with_server("combine::large_claim_connection", |url| async move {
-        let options = PostgresOptions::new()
-            .schema(unique_schema("kc_comb"))
-            .pool_size(2)
-            .claim_batch_targets(2)
-            .pool_wait_timeout(Duration::from_secs(120))
-            .allow_unsafe_server(true);
-        let store = Arc::new(
-            PostgresStore::connect_with(&url, options)
-                .await
-                .expect("connect"),
-        );
+        let store = two_connections(
+            &url,
+            PostgresOptions::new()
+                .claim_batch_targets(2)
+                .pool_wait_timeout(Duration::from_secs(120)),
+        )
+        .await;
         let devices = devices_with(&store, 0..3, 1).await;
         let busy = dev("@busy:example.org", "B");
-
-        let locker = raw(&url).await;
-        locker.batch_execute("BEGIN").await.expect("begin");
-        locker
-            .query(
-                "SELECT pg_advisory_xact_lock(hashtextextended(
-                     'keyclaim/' || $1::text || '/' || $2::text || '/' || $3::text, 1))",
-                &[
-                    &store.schema(),
-                    &busy.user_id.as_str(),
-                    &busy.device_id.as_str(),
-                ],
-            )
-            .await
-            .expect("the busy device's lock");
+        let locker = lock_device(&url, &store, &busy).await;
         let uploads: Vec<_> = (0..2)
             .map(|i| {
                 let (store, busy) = (store.clone(), busy.clone());
@@ -715,27 +697,13 @@ fn a_large_claim_does_not_queue_behind_other_operations_for_a_connection() {
 #[test]
 fn an_operation_waits_for_a_connection_at_most_the_pool_wait_timeout() {
     with_server("combine::connection_wait", |url| async move {
-        let options = PostgresOptions::new()
-            .schema(unique_schema("kc_comb"))
-            .pool_size(2)
-            .pool_wait_timeout(Duration::from_millis(300))
-            .allow_unsafe_server(true);
-        let store = Arc::new(
-            PostgresStore::connect_with(&url, options)
-                .await
-                .expect("connect"),
-        );
+        let store = two_connections(
+            &url,
+            PostgresOptions::new().pool_wait_timeout(Duration::from_millis(300)),
+        )
+        .await;
         let [d] = <[Device; 1]>::try_from(devices_with(&store, 0..1, 1).await).expect("one");
-        let locker = raw(&url).await;
-        locker.batch_execute("BEGIN").await.expect("begin");
-        locker
-            .query(
-                "SELECT pg_advisory_xact_lock(hashtextextended(
-                     'keyclaim/' || $1::text || '/' || $2::text || '/' || $3::text, 1))",
-                &[&store.schema(), &d.user_id.as_str(), &d.device_id.as_str()],
-            )
-            .await
-            .expect("the device's lock");
+        let locker = lock_device(&url, &store, &d).await;
         let upload = {
             let (store, d) = (store.clone(), d.clone());
             tokio::spawn(async move {
@@ -758,4 +726,39 @@ fn an_operation_waits_for_a_connection_at_most_the_pool_wait_timeout() {
             .expect("upload task");
         assert_eq!(count(&store, &d).await, 3);
     });
+}
+
+/// A store with `options` and a pool of two connections, one of them kept
+/// for large claims.
+async fn two_connections(url: &str, options: PostgresOptions) -> Arc<PostgresStore> {
+    let options = options
+        .schema(unique_schema("kc_comb"))
+        .pool_size(2)
+        .allow_unsafe_server(true);
+    Arc::new(
+        PostgresStore::connect_with(url, options)
+            .await
+            .expect("connect"),
+    )
+}
+
+/// A transaction of the test's own holding `device`'s lock in `store`'s
+/// schema, so that the store's uploads of it wait (holding their
+/// connections).
+async fn lock_device(url: &str, store: &PostgresStore, device: &Device) -> tokio_postgres::Client {
+    let locker = raw(url).await;
+    locker.batch_execute("BEGIN").await.expect("begin");
+    locker
+        .query(
+            "SELECT pg_advisory_xact_lock(hashtextextended(
+                 'keyclaim/' || $1::text || '/' || $2::text || '/' || $3::text, 1))",
+            &[
+                &store.schema(),
+                &device.user_id.as_str(),
+                &device.device_id.as_str(),
+            ],
+        )
+        .await
+        .expect("the device's lock");
+    locker
 }
