@@ -187,7 +187,7 @@ impl PostgresOptions {
     /// Whether to use a server that runs with `fsync = off` or
     /// `full_page_writes = off`. Default off:
     /// connecting to such a server fails with
-    /// [`Error::InvalidConfig`](keyclaim::Error::InvalidConfig), because a
+    /// [`Error::InvalidConfig`], because a
     /// crash of its machine can lose committed claims, whose keys would then
     /// be handed out again (R10.5). On is for throwaway test servers only;
     /// it relaxes nothing else (every connection still runs with synchronous

@@ -244,7 +244,11 @@ impl Settings {
 
     /// The session settings for a connection taken out of a host's pool
     /// for good (the migration's, closed after it): [`startup_options`]'
-    /// values, for the session. Empty for keyclaim's own pool.
+    /// search path, planner settings and isolation, and synchronous commit,
+    /// for the session. Not the pinned plans (the migration prepares
+    /// nothing twice), the statement timeout (a migration may take long;
+    /// `schema::migrate` lifts it) or [`COUNTED`] (the migration writes no
+    /// keys).
     pub(crate) fn for_detached_session(options: &PostgresOptions) -> String {
         format!(
             "SET search_path = {};{} \

@@ -60,7 +60,7 @@
 //!   unique). Claims never prune it: a (device, algorithm) remembers its
 //!   newest `Limits::remembered_issued_keys` issued keys, exactly, and older
 //!   rows count as forgotten for uploads and exports alike; uploads prune
-//!   them (see [`super::upload`]). So a claim touches no older row of the
+//!   them (see [`super::upload`](mod@super::upload)). So a claim touches no older row of the
 //!   memory, and claims of one device never meet there.
 //! - Targets of the same device and algorithm (named twice in one request,
 //!   or by several claims of one batch, see [`crate::combine`]) cannot be
