@@ -164,6 +164,17 @@ macro_rules! insert_deleted_counts {
 }
 pub(crate) use insert_deleted_counts;
 
+/// The `INSERT` with which a keyclaim statement counts the keys it inserts
+/// for one device, `$1` and `$2` (schema version 4): `added` names the
+/// statement's `RETURNING algorithm` rows, one per key.
+macro_rules! insert_added_counts {
+    () => {
+        "INSERT INTO otk_count (user_id, device_id, algorithm, n, delta)
+SELECT $1, $2, algorithm, count(*), true FROM added GROUP BY algorithm"
+    };
+}
+pub(crate) use insert_added_counts;
+
 /// [`insert_deleted_counts`] as a data-modifying CTE named `counted`.
 macro_rules! count_deleted {
     ($rows:literal) => {

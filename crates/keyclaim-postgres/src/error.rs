@@ -123,18 +123,6 @@ pub(crate) fn pool(op: &'static str, error: PoolError) -> Error {
     Error::storage(BACKEND, op, retryable, error)
 }
 
-/// No pooled connection freed for `op` within the pool's wait timeout
-/// (retryable, as the pool's own timeout).
-pub(crate) fn pool_wait(op: &'static str) -> Error {
-    tracing::debug!(op, "no pooled connection free within pool_wait_timeout");
-    Error::storage(
-        BACKEND,
-        op,
-        true,
-        "no pooled connection free within pool_wait_timeout",
-    )
-}
-
 /// A connection string tokio-postgres does not accept: a configuration
 /// error. Its parse errors name the option and the offending character,
 /// never the value of a password.

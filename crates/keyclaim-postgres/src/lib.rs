@@ -61,8 +61,6 @@ pub struct PoolStatus {
 /// Dropping it stops its notification listener; pooled connections close
 /// when the last operation using them ends.
 pub struct PostgresStore {
-    pool: Pool,
-    settings: session::Settings,
     connections: session::Connections,
     sql: ops::Sql,
     core: StoreCore,
@@ -76,16 +74,13 @@ pub struct PostgresStore {
 impl fmt::Debug for PostgresStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // No URL, password or key material: only what helps in a log.
-        let status = self.pool.status();
+        let status = self.connections.pool().status();
         f.debug_struct("PostgresStore")
             .field("schema", &self.sql.schema)
             .field("instance", &self.sql.instance)
             .field("pool_size", &status.max_size)
             .field("pool_available", &status.available)
-            .field(
-                "host_pool",
-                &matches!(self.settings, session::Settings::Transaction(_)),
-            )
+            .field("host_pool", &self.connections.host_pool())
             .field("listening", &self._listener.is_some())
             .field("transactional_notify", &self.sql.transactional_notify)
             .field("pinned_plans", &self.pinned_plans)
@@ -293,15 +288,7 @@ impl PostgresStore {
             ))
         });
         let core = StoreCore::new(options.get_limits().clone());
-        // One connection kept for large claims on keyclaim's own pool only.
-        let own_pool_size =
-            matches!(settings, session::Settings::Connection).then(|| options.get_pool_size());
-        let connections = session::Connections::new(
-            pool.clone(),
-            settings.clone(),
-            own_pool_size,
-            options.get_pool_wait_timeout(),
-        );
+        let connections = session::Connections::new(pool.clone(), settings.clone());
         let combiner = combine::Combiner::new(
             combine::Settings::of(&options),
             connections.clone(),
@@ -330,8 +317,6 @@ impl PostgresStore {
         );
         tracing::debug!(schema, "connected");
         Ok(PostgresStore {
-            pool,
-            settings,
             connections,
             sql,
             core,
@@ -365,7 +350,7 @@ impl PostgresStore {
 
     /// The connection pool's state, for metrics.
     pub fn pool_status(&self) -> PoolStatus {
-        let status = self.pool.status();
+        let status = self.connections.pool().status();
         PoolStatus {
             max_size: status.max_size,
             size: status.size,

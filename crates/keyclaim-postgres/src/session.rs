@@ -33,9 +33,10 @@
 //! tables whatever the host's `search_path` is.
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use deadpool_postgres::{ClientWrapper, Hook, HookError, Object, Pool, Transaction};
+use deadpool_postgres::{
+    ClientWrapper, Hook, HookError, Object, Pool, PoolError, TimeoutType, Transaction,
+};
 use keyclaim::{Error, Result};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{IsolationLevel, Row};
@@ -265,8 +266,8 @@ impl Settings {
 /// targets than a batch holds (a big room's, R4.7) never queues for a
 /// connection behind the other operations: on keyclaim's own pool of at
 /// least two connections, every other operation first takes one of
-/// `pool_size - 1` permits, waiting at most
-/// [`PostgresOptions::pool_wait_timeout`], so one connection is always
+/// `pool_size - 1` permits, waiting at most the pool's own wait timeout
+/// ([`PostgresOptions::pool_wait_timeout`]), so one connection is always
 /// left for large claims, which wait only for one another (and for the
 /// store's background tasks, which take a connection now and then). On a
 /// host's pool, whose other users keyclaim cannot hold back, every
@@ -278,47 +279,65 @@ pub(crate) struct Connections {
     /// The permits of the operations other than large claims; `None`: no
     /// connection kept for large claims.
     others: Option<Arc<Semaphore>>,
-    /// How long an operation waits for a permit.
-    wait: Duration,
 }
 
 impl Connections {
     /// The connections of `pool`, in `settings`; one kept for large claims
-    /// when `own_pool_size` (keyclaim's own pool's size) is at least 2.
-    pub(crate) fn new(
-        pool: Pool,
-        settings: Settings,
-        own_pool_size: Option<usize>,
-        wait: Duration,
-    ) -> Self {
-        let others = own_pool_size
-            .filter(|size| *size >= 2)
-            .map(|size| Arc::new(Semaphore::new(size - 1)));
+    /// when the pool is keyclaim's own ([`Settings::Connection`]) and holds
+    /// at least two.
+    pub(crate) fn new(pool: Pool, settings: Settings) -> Self {
+        let size = pool.status().max_size;
+        let others = (matches!(settings, Settings::Connection) && size >= 2)
+            .then(|| Arc::new(Semaphore::new(size - 1)));
         Self {
             pool,
             settings,
             others,
-            wait,
         }
     }
 
+    /// The pool.
+    pub(crate) fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// Whether the pool is a host's ([`Settings::Transaction`]).
+    pub(crate) fn host_pool(&self) -> bool {
+        matches!(self.settings, Settings::Transaction(_))
+    }
+
     /// A pooled connection for any operation but a large claim, or a
-    /// retryable error when none frees within the wait.
+    /// retryable error when none frees within the pool's wait timeout.
     pub(crate) async fn get(&self, op: &'static str) -> Result<Conn> {
         let permit = match &self.others {
-            Some(others) => {
-                match tokio::time::timeout(self.wait, others.clone().acquire_owned()).await {
-                    Ok(Ok(permit)) => Some(permit),
-                    // Never closed; and past the wait, as the pool's own
-                    // timeout answers.
-                    Ok(Err(_)) | Err(_) => return Err(error::pool_wait(op)),
-                }
-            }
+            // A free permit is taken at once, without a timer.
+            Some(others) => Some(match others.clone().try_acquire_owned() {
+                Ok(permit) => permit,
+                Err(_) => self.wait_for_permit(others, op).await?,
+            }),
             None => None,
         };
         let mut conn = self.get_large(op).await?;
         conn._permit = permit;
         Ok(conn)
+    }
+
+    /// Waits for one of `others`' permits, at most as long as the pool
+    /// waits for a connection; past that, the pool's own timeout error.
+    async fn wait_for_permit(
+        &self,
+        others: &Arc<Semaphore>,
+        op: &'static str,
+    ) -> Result<OwnedSemaphorePermit> {
+        let acquire = others.clone().acquire_owned();
+        let acquired = match self.pool.timeouts().wait {
+            Some(wait) => tokio::time::timeout(wait, acquire).await.ok(),
+            None => Some(acquire.await),
+        };
+        // The semaphore is never closed.
+        acquired
+            .and_then(std::result::Result::ok)
+            .ok_or_else(|| error::pool(op, PoolError::Timeout(TimeoutType::Wait)))
     }
 
     /// A pooled connection for a large claim (see the type's docs), or a

@@ -33,18 +33,22 @@ const SC: &str = "signed_curve25519";
 /// How long a condition may take to come true before a case fails.
 const DEADLINE: Duration = Duration::from_secs(30);
 
-/// A store whose combiner runs one batch at a time.
-async fn one_slot(url: &str, options: PostgresOptions) -> Arc<PostgresStore> {
+/// A store with `options` in a schema of its own (on the test server,
+/// whose `fsync = off` is allowed).
+async fn store_with(url: &str, options: PostgresOptions) -> Arc<PostgresStore> {
     let options = options
         .schema(unique_schema("kc_comb"))
-        .pool_size(8)
-        .claim_batches_in_flight(1)
         .allow_unsafe_server(true);
     Arc::new(
         PostgresStore::connect_with(url, options)
             .await
             .expect("connect"),
     )
+}
+
+/// A store whose combiner runs one batch at a time.
+async fn one_slot(url: &str, options: PostgresOptions) -> Arc<PostgresStore> {
+    store_with(url, options.pool_size(8).claim_batches_in_flight(1)).await
 }
 
 /// Waits until `done` holds, failing the case after [`DEADLINE`].
@@ -731,15 +735,7 @@ fn an_operation_waits_for_a_connection_at_most_the_pool_wait_timeout() {
 /// A store with `options` and a pool of two connections, one of them kept
 /// for large claims.
 async fn two_connections(url: &str, options: PostgresOptions) -> Arc<PostgresStore> {
-    let options = options
-        .schema(unique_schema("kc_comb"))
-        .pool_size(2)
-        .allow_unsafe_server(true);
-    Arc::new(
-        PostgresStore::connect_with(url, options)
-            .await
-            .expect("connect"),
-    )
+    store_with(url, options.pool_size(2)).await
 }
 
 /// A transaction of the test's own holding `device`'s lock in `store`'s

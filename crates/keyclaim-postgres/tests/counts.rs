@@ -19,7 +19,7 @@ use keyclaim_conformance::fixtures::{alg, dev, numbered_otks, upload_of};
 use keyclaim_postgres::{PostgresOptions, PostgresStore, SCHEMA_VERSION};
 use keyclaim_testing::postgres::{unique_schema, with_server};
 
-use common::{BACK_TO_V2, BACK_TO_V3, count_mismatches, otk_triggers, raw_session};
+use common::{BACK_TO_V2, BACK_TO_V3, count_mismatches, otk_triggers, raw_session, schema_version};
 
 const SC: &str = "signed_curve25519";
 const OTHER: &str = "other_alg";
@@ -333,12 +333,7 @@ async fn migrate_beside_a_writer(
     let written = writer.await.expect("writer");
     assert!(written >= 100);
     let client = raw_session(url, schema).await;
-    let version: i64 = client
-        .query_one("SELECT version FROM keyclaim_meta", &[])
-        .await
-        .expect("version")
-        .get(0);
-    assert_eq!(version, SCHEMA_VERSION);
+    assert_eq!(schema_version(&client).await, SCHEMA_VERSION);
     (stores, client)
 }
 

@@ -16,7 +16,7 @@ use keyclaim_conformance::fixtures::{alg, dev, numbered_otks, otks, put, upload_
 use keyclaim_postgres::{PostgresStore, SCHEMA_VERSION};
 use keyclaim_testing::postgres::{unique_schema, with_server};
 
-use common::{BACK_TO_V2, count_mismatches, options, raw_session, with_param};
+use common::{BACK_TO_V2, count_mismatches, options, raw_session, schema_version, with_param};
 
 const SC: &str = "signed_curve25519";
 
@@ -266,12 +266,7 @@ fn version_2_migration_runs_beside_writers_and_recovers() {
             stop.store(true, std::sync::atomic::Ordering::SeqCst);
             let written = writer.await.expect("writer");
 
-            let version: i64 = client
-                .query_one("SELECT version FROM keyclaim_meta", &[])
-                .await
-                .expect("version")
-                .get(0);
-            assert_eq!(version, SCHEMA_VERSION);
+            assert_eq!(schema_version(&client).await, SCHEMA_VERSION);
             let indexes: Vec<(String, bool)> = client
                 .query(
                     "SELECT c.relname::text, i.indisvalid FROM pg_index i

@@ -259,31 +259,40 @@ fn postgres_schemas(tag: &str) -> [String; 3] {
     ]
 }
 
-/// Drops the schemas a PostgreSQL run tagged `tag` made on `url` (the
-/// server may be the caller's own, kept after the run); a failure is
-/// reported, not fatal.
+/// A PostgreSQL connection string without keyclaim's options, and those
+/// options: a store URL may carry them (`?keyclaim_...`); a `key=value`
+/// connection string carries none.
 #[cfg(feature = "postgres")]
-pub(crate) async fn drop_postgres_schemas(url: &str, tag: &str) {
-    // Without keyclaim's options (`?keyclaim_...`), as the store was opened.
-    let url = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        match keyclaim_postgres::PostgresOptions::from_url(url) {
-            Ok((url, _)) => url,
-            Err(e) => {
-                eprintln!("could not drop the bench's schemas: {e}");
-                return;
-            }
-        }
+fn split_postgres_url(url: &str) -> keyclaim::Result<(String, keyclaim_postgres::PostgresOptions)> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        keyclaim_postgres::PostgresOptions::from_url(url)
     } else {
-        url.to_owned()
-    };
-    let schemas = postgres_schemas(tag);
-    let names: Vec<&str> = schemas.iter().map(String::as_str).collect();
-    if let Err(e) = keyclaim_benches::baseline::drop_schemas(&url, &names).await {
-        eprintln!(
-            "could not drop the bench's schemas {}: {e}",
-            names.join(", ")
-        );
+        Ok((url.to_owned(), keyclaim_postgres::PostgresOptions::new()))
     }
+}
+
+/// What a backend's run leaves behind that is not the bench's own: the
+/// schemas a PostgreSQL run made on the server of `s` (which may be the
+/// caller's, kept after the run) are dropped. A failure is reported, not
+/// fatal.
+pub(crate) async fn clean_up(name: &str, s: &Setting<'_>) {
+    #[cfg(feature = "postgres")]
+    if let (true, Some(url)) = (name == "postgres", s.postgres) {
+        let schemas = postgres_schemas(s.tag);
+        let names: Vec<&str> = schemas.iter().map(String::as_str).collect();
+        let dropped = match split_postgres_url(url) {
+            Ok((url, _)) => keyclaim_benches::baseline::drop_schemas(&url, &names).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = dropped {
+            eprintln!(
+                "could not drop the bench's schemas {}: {e}",
+                names.join(", ")
+            );
+        }
+    }
+    #[cfg(not(feature = "postgres"))]
+    let _ = (name, s);
 }
 
 #[cfg(feature = "postgres")]
@@ -293,13 +302,7 @@ async fn postgres(s: &Setting<'_>) -> keyclaim::Result<BackendUnderTest> {
         .ok_or_else(|| keyclaim::Error::storage("bench", "open", false, "no PostgreSQL server"))?;
     let [baseline_schema, row_lock_schema, schema] = postgres_schemas(s.tag);
     let pool_size = s.args.postgres_pool();
-    // A store URL may carry keyclaim's options (`?keyclaim_...`); a
-    // `key=value` connection string carries none.
-    let (url, options) = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        keyclaim_postgres::PostgresOptions::from_url(url)?
-    } else {
-        (url.to_owned(), keyclaim_postgres::PostgresOptions::new())
-    };
+    let (url, options) = split_postgres_url(url)?;
     let url = url.as_str();
     let options = options
         .schema(schema.clone())
@@ -433,16 +436,14 @@ async fn run_backends(
         max_ops: args.ops,
         bulk_size: args.bulk,
     };
+    let runs_postgres = names.iter().any(|n| n == "postgres");
     let mut report = Report {
         devices: w.devices,
         keys_per_device: w.keys_per_device,
         clients: w.clients,
         duration_secs: args.duration,
-        postgres_server: postgres_server.filter(|_| names.iter().any(|n| n == "postgres")),
-        postgres_pool: names
-            .iter()
-            .any(|n| n == "postgres")
-            .then(|| args.postgres_pool()),
+        postgres_server: postgres_server.filter(|_| runs_postgres),
+        postgres_pool: runs_postgres.then(|| args.postgres_pool()),
         load_average_start: keyclaim_benches::load_average(),
         ..Default::default()
     };
@@ -455,10 +456,7 @@ async fn run_backends(
         };
         let b = open_backend(name, &setting).await?;
         let result = run_backend(name, b, &w, args).await;
-        #[cfg(feature = "postgres")]
-        if let (true, Some(url)) = (name == "postgres", postgres) {
-            drop_postgres_schemas(url, setting.tag).await;
-        }
+        clean_up(name, &setting).await;
         report
             .backends
             .push(result.map_err(|e| format!("{name}: {e}"))?);

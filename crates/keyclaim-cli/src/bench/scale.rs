@@ -60,10 +60,7 @@ pub(crate) async fn run(
         let b = open_backend(name, &setting).await?;
         let measured = measure(name, &b, &sizes, args, &mut json_rows).await;
         drop(b);
-        #[cfg(feature = "postgres")]
-        if let (true, Some(url)) = (name == "postgres", postgres) {
-            super::drop_postgres_schemas(url, setting.tag).await;
-        }
+        super::clean_up(name, &setting).await;
         measured?;
     }
     if let Some(path) = &args.json {

@@ -13,6 +13,7 @@ use tokio_postgres::types::ToSql;
 
 use super::delete::{DELETE_DEVICE_OTKS, DELETE_DEVICE_REST};
 use super::{LOCK_DEVICE, NOTIFY, Sql, UPSERT_FALLBACKS, count_to_u64, notify_payloads};
+use crate::counts::insert_added_counts;
 use crate::error::{corrupt, pg};
 use crate::session::Conn;
 
@@ -56,7 +57,8 @@ const ALLOCATE_SEQS: &str =
 
 /// A device's imported OTKs, counted in the same statement (R6.2, see
 /// [`crate::counts::V4`]).
-const IMPORT_OTKS: &str = "
+const IMPORT_OTKS: &str = concat!(
+    "
 WITH added AS (
     INSERT INTO otk (user_id, device_id, key_id, algorithm, seq, key_json, digest)
     SELECT $1, $2, u.key_id, u.algorithm, u.seq, u.key_json, u.digest
@@ -64,8 +66,9 @@ WITH added AS (
            AS u(key_id, algorithm, seq, key_json, digest)
     RETURNING algorithm
 )
-INSERT INTO otk_count (user_id, device_id, algorithm, n, delta)
-SELECT $1, $2, algorithm, count(*), true FROM added GROUP BY algorithm";
+",
+    insert_added_counts!()
+);
 
 const IMPORT_ISSUED: &str = "
 INSERT INTO issued (user_id, device_id, algorithm, key_id, digest, issued_txn, issued_pos)

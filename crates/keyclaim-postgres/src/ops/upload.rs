@@ -37,6 +37,7 @@ use super::read::{SYNC_STATE, decode_sync_state};
 use super::{
     LOCK_DEVICE, NOTIFY, Sql, UPSERT_FALLBACKS, count_to_u64, notify_payloads, remembered,
 };
+use crate::counts::insert_added_counts;
 use crate::error::pg;
 use crate::session::Conn;
 
@@ -107,15 +108,17 @@ DELETE FROM issued WHERE ctid = ANY (ARRAY(
 /// New OTKs of one upload, all at one new sequence value (R3.5): the
 /// uncorrelated subquery is evaluated once per statement. Counted in the
 /// same statement (R6.2, see [`crate::counts::V4`]).
-const INSERT_OTKS: &str = "
+const INSERT_OTKS: &str = concat!(
+    "
 WITH added AS (
     INSERT INTO otk (user_id, device_id, key_id, algorithm, seq, key_json, digest)
     SELECT $1, $2, u.key_id, u.algorithm, (SELECT nextval('otk_seq')), u.key_json, u.digest
       FROM unnest($3::text[], $4::text[], $5::text[], $6::bytea[]) AS u(key_id, algorithm, key_json, digest)
     RETURNING algorithm
 )
-INSERT INTO otk_count (user_id, device_id, algorithm, n, delta)
-SELECT $1, $2, algorithm, count(*), true FROM added GROUP BY algorithm";
+",
+    insert_added_counts!()
+);
 
 /// Stores an upload (see the module docs).
 pub(crate) async fn upload(

@@ -41,6 +41,15 @@ CREATE TRIGGER otk_count_update AFTER UPDATE ON otk
     FOR EACH STATEMENT EXECUTE FUNCTION otk_count_follow();
 UPDATE keyclaim_meta SET version = 3;";
 
+/// The schema version recorded in the schema of `client`'s `search_path`.
+pub async fn schema_version(client: &tokio_postgres::Client) -> i64 {
+    client
+        .query_one("SELECT version FROM keyclaim_meta", &[])
+        .await
+        .expect("version")
+        .get(0)
+}
+
 /// The triggers on `otk` of the schema of `client`'s `search_path`, by
 /// name.
 pub async fn otk_triggers(client: &tokio_postgres::Client) -> Vec<String> {
