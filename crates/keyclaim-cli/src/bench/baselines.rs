@@ -3,6 +3,7 @@
 //! its keys in storage of its own beside the store's, with the store's
 //! default durability.
 
+#[cfg(any(feature = "sqlite", feature = "redb"))]
 use std::path::Path;
 use std::sync::Arc;
 

@@ -142,6 +142,8 @@ pub(crate) struct Setting<'a> {
     pub(crate) dir: &'a Path,
     pub(crate) args: &'a BenchArgs,
     pub(crate) tag: &'a str,
+    /// Read by the PostgreSQL opener and clean-up only.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     pub(crate) postgres: Option<&'a str>,
 }
 
