@@ -437,7 +437,12 @@ impl<S: KeyStore> KeysApi<S> {
 /// key_json}}}, "failures": {}}`. A later key under the same key ID of one
 /// device replaces an earlier one.
 fn claim_answer<'a>(keys: impl IntoIterator<Item = &'a ClaimedKey>) -> Value {
-    json!({ "one_time_keys": keys_to_wire(keys), "failures": {} })
+    // Built by moving the key tree in: `json!` would serialize it into a
+    // copy of itself first.
+    let mut out = Map::new();
+    out.insert("one_time_keys".to_owned(), keys_to_wire(keys));
+    out.insert("failures".to_owned(), Value::Object(Map::new()));
+    Value::Object(out)
 }
 
 /// One device's counts and unused fallback types in the wire form (R6.1,

@@ -136,7 +136,11 @@ impl<S: KeyStore> KeysApi<S> {
                 used.push(algorithm.as_str());
             }
         }
-        Ok(json!({ "fallback_keys": out, "used": used }))
+        // `out` moved in, not copied through `json!`.
+        let mut answer = Map::new();
+        answer.insert("fallback_keys".to_owned(), Value::Object(out));
+        answer.insert("used".to_owned(), json!(used));
+        Ok(Value::Object(answer))
     }
 
     /// Counts and unused fallback types of many devices at once (MSC3202,
