@@ -678,3 +678,32 @@ fn race_side(name: &str, runs: &[race::RunResult], spec: &RaceSpec) -> RaceSide 
         errors: runs.iter().map(|r| r.errors).sum(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::BenchArgs;
+
+    #[derive(Parser)]
+    struct Command {
+        #[command(flatten)]
+        args: BenchArgs,
+    }
+
+    fn parse(args: &[&str]) -> BenchArgs {
+        let argv = std::iter::once("bench").chain(args.iter().copied());
+        match Command::try_parse_from(argv) {
+            Ok(command) => command.args,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn the_postgres_pool_is_two_per_core_and_at_most_one_per_client() {
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        assert_eq!(parse(&[]).postgres_pool(), (2 * cores).min(64));
+        assert_eq!(parse(&["--clients", "1"]).postgres_pool(), 1);
+        assert_eq!(parse(&["--pool", "7"]).postgres_pool(), 7);
+    }
+}
