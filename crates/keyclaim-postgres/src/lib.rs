@@ -43,7 +43,9 @@ pub struct PoolStatus {
     pub size: usize,
     /// Open connections not in use.
     pub available: usize,
-    /// Operations waiting for a connection.
+    /// Operations waiting for a connection: for the pool's, and on
+    /// keyclaim's own pool for a turn at the connections other than the one
+    /// kept for large claims.
     pub waiting: usize,
     /// Claims waiting for a batch (see [`PostgresOptions::claim_batching`]).
     pub claims_queued: usize,
@@ -355,7 +357,7 @@ impl PostgresStore {
             max_size: status.max_size,
             size: status.size,
             available: status.available,
-            waiting: status.waiting,
+            waiting: status.waiting + self.connections.waiting_for_permits(),
             claims_queued: self.combiner.queued(),
         }
     }

@@ -33,6 +33,7 @@
 //! tables whatever the host's `search_path` is.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use deadpool_postgres::{
     ClientWrapper, Hook, HookError, Object, Pool, PoolError, TimeoutType, Transaction,
@@ -279,6 +280,24 @@ pub(crate) struct Connections {
     /// The permits of the operations other than large claims; `None`: no
     /// connection kept for large claims.
     others: Option<Arc<Semaphore>>,
+    /// Operations waiting for one of `others`' permits.
+    waiting: Arc<AtomicUsize>,
+}
+
+/// One operation counted in [`Connections`]' `waiting` while it lives.
+struct Waiting(Arc<AtomicUsize>);
+
+impl Waiting {
+    fn new(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(count.clone())
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Connections {
@@ -293,7 +312,14 @@ impl Connections {
             pool,
             settings,
             others,
+            waiting: Arc::default(),
         }
+    }
+
+    /// Operations waiting for a turn at the connections other than the
+    /// one kept for large claims (not counted in the pool's own waiters).
+    pub(crate) fn waiting_for_permits(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed)
     }
 
     /// The pool.
@@ -329,6 +355,7 @@ impl Connections {
         others: &Arc<Semaphore>,
         op: &'static str,
     ) -> Result<OwnedSemaphorePermit> {
+        let _waiting = Waiting::new(&self.waiting);
         let acquire = others.clone().acquire_owned();
         let acquired = match self.pool.timeouts().wait {
             Some(wait) => tokio::time::timeout(wait, acquire).await.ok(),
@@ -441,5 +468,62 @@ impl Conn {
         }
         let stmt = self.client.prepare_cached(statement).await?;
         self.client.query(&stmt, params).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use deadpool_postgres::{Manager, Pool, Runtime};
+    use tokio_postgres::NoTls;
+
+    use super::{Connections, Settings};
+
+    /// A pool of `size` that never connects (nothing here asks it for a
+    /// connection).
+    fn pool(size: usize) -> Pool {
+        let manager = Manager::new(tokio_postgres::Config::new(), NoTls);
+        Pool::builder(manager)
+            .max_size(size)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(Duration::from_secs(60)))
+            .build()
+            .expect("a pool")
+    }
+
+    /// An operation waiting for a turn at the connections other than the
+    /// kept one is counted while it waits (the pool's status adds it to
+    /// the pool's own waiters), and no longer once it has its turn.
+    #[tokio::test]
+    async fn operations_waiting_for_a_turn_are_counted() {
+        let connections = Connections::new(pool(2), Settings::Connection);
+        let Some(others) = connections.others.clone() else {
+            panic!("a pool of 2 keeps a connection for large claims");
+        };
+        let held = others.clone().try_acquire_owned().expect("the one turn");
+        assert_eq!(connections.waiting_for_permits(), 0);
+        let waiter = {
+            let (connections, others) = (connections.clone(), others.clone());
+            tokio::spawn(async move { connections.wait_for_permit(&others, "test").await.is_ok() })
+        };
+        let counted = async {
+            while connections.waiting_for_permits() != 1 {
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(30), counted)
+            .await
+            .expect("the waiting operation is counted");
+        drop(held);
+        assert!(waiter.await.expect("waiter task"), "the turn freed");
+        assert_eq!(connections.waiting_for_permits(), 0);
+    }
+
+    /// A host's pool keeps no connection for large claims: no turns.
+    #[test]
+    fn a_hosts_pool_has_no_turns() {
+        let connections = Connections::new(pool(4), Settings::Transaction("".into()));
+        assert!(connections.others.is_none());
     }
 }
