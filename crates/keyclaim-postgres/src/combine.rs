@@ -360,7 +360,7 @@ impl Combiner {
     ) -> Result<ClaimOutcome> {
         let shared = &self.shared;
         let mut client = if large {
-            shared.connections.get_large(op).await?
+            shared.connections.get_without_turn(op).await?
         } else {
             shared.client(op).await?
         };

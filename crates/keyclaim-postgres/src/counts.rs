@@ -52,13 +52,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use deadpool_postgres::{ClientWrapper, Pool};
+use deadpool_postgres::ClientWrapper;
 use keyclaim::Result;
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
 use crate::error::{self, pg};
-use crate::session::{Conn, Settings};
+use crate::session::{Conn, Connections};
 
 /// The table, its indexes, the trigger function and the triggers (schema
 /// version 3). Idempotent, so that an interrupted migration can run it
@@ -327,7 +327,7 @@ impl Drop for Compactor {
 impl Compactor {
     /// Starts compacting every `interval` after this store wrote (and
     /// every [`IDLE_ROUNDS`] intervals when it did not).
-    pub(crate) fn start(pool: Pool, settings: Settings, interval: Duration) -> Self {
+    pub(crate) fn start(connections: Connections, interval: Duration) -> Self {
         // A first round at start: rows left by stopped workers.
         let wrote = Arc::new(AtomicBool::new(true));
         let flag = wrote.clone();
@@ -343,11 +343,8 @@ impl Compactor {
                     }
                     idle = 0;
                     let round = async {
-                        let client = pool
-                            .get()
-                            .await
-                            .map_err(|e| error::pool("compact_counts", e))?;
-                        compact(&mut Conn::new(client, settings.clone())).await
+                        let mut client = connections.get_without_turn("compact_counts").await?;
+                        compact(&mut client).await
                     };
                     match round.await {
                         Ok(folded) => tracing::trace!(folded, "count rows folded"),

@@ -272,9 +272,9 @@ impl PostgresStore {
         options: PostgresOptions,
     ) -> Result<PostgresStore> {
         let schema = options.get_schema();
+        let connections = session::Connections::new(pool.clone(), settings);
         {
-            let client = pool.get().await.map_err(|e| error::pool("connect", e))?;
-            let mut conn = session::Conn::new(client, settings.clone());
+            let mut conn = connections.get_without_turn("connect").await?;
             session::check(&mut conn, &options).await?;
             schema::migrate(conn.detach(&options).await?, schema).await?;
         }
@@ -290,7 +290,6 @@ impl PostgresStore {
             ))
         });
         let core = StoreCore::new(options.get_limits().clone());
-        let connections = session::Connections::new(pool.clone(), settings.clone());
         let combiner = combine::Combiner::new(
             combine::Settings::of(&options),
             connections.clone(),
@@ -312,11 +311,8 @@ impl PostgresStore {
             ),
             None => None,
         };
-        let compactor = counts::Compactor::start(
-            pool.clone(),
-            settings.clone(),
-            options.get_count_compaction_interval(),
-        );
+        let compactor =
+            counts::Compactor::start(connections.clone(), options.get_count_compaction_interval());
         tracing::debug!(schema, "connected");
         Ok(PostgresStore {
             connections,

@@ -270,7 +270,8 @@ impl Settings {
 /// `pool_size - 1` permits, waiting at most the pool's own wait timeout
 /// ([`PostgresOptions::pool_wait_timeout`]), so one connection is always
 /// left for large claims, which wait only for one another (and for the
-/// store's background tasks, which take a connection now and then). On a
+/// store's start-up check and count compaction, which take a connection
+/// without a turn now and then, see [`Connections::get_without_turn`]). On a
 /// host's pool, whose other users keyclaim cannot hold back, every
 /// operation takes its connection from the pool alike.
 #[derive(Clone, Debug)]
@@ -343,7 +344,7 @@ impl Connections {
             }),
             None => None,
         };
-        let mut conn = self.get_large(op).await?;
+        let mut conn = self.get_without_turn(op).await?;
         conn._permit = permit;
         Ok(conn)
     }
@@ -367,9 +368,10 @@ impl Connections {
             .ok_or_else(|| error::pool(op, PoolError::Timeout(TimeoutType::Wait)))
     }
 
-    /// A pooled connection for a large claim (see the type's docs), or a
-    /// retryable error.
-    pub(crate) async fn get_large(&self, op: &'static str) -> Result<Conn> {
+    /// A pooled connection without waiting for a turn, or a retryable
+    /// error: for a large claim (see the type's docs), the start-up check
+    /// and the count compaction.
+    pub(crate) async fn get_without_turn(&self, op: &'static str) -> Result<Conn> {
         let client = self.pool.get().await.map_err(|e| error::pool(op, e))?;
         Ok(Conn::new(client, self.settings.clone()))
     }
@@ -388,7 +390,7 @@ pub(crate) struct Conn {
 
 impl Conn {
     /// Wraps a connection of the store's pool.
-    pub(crate) fn new(client: Object, settings: Settings) -> Self {
+    fn new(client: Object, settings: Settings) -> Self {
         Self {
             client,
             settings,

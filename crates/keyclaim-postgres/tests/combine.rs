@@ -654,18 +654,7 @@ fn a_large_claim_does_not_queue_behind_other_operations_for_a_connection() {
         let busy = dev("@busy:example.org", "B");
         let locker = lock_device(&url, &store, &busy).await;
         let uploads: Vec<_> = (0..2)
-            .map(|i| {
-                let (store, busy) = (store.clone(), busy.clone());
-                tokio::spawn(async move {
-                    put(
-                        &*store,
-                        &busy,
-                        numbered_otks(SC, &format!("U{i}_"), 2),
-                        vec![],
-                    )
-                    .await;
-                })
-            })
+            .map(|i| spawn_upload(&store, &busy, &format!("U{i}_")))
             .collect();
         let watcher = raw(&url).await;
         wait_blocked(&watcher, &locker).await;
@@ -708,12 +697,7 @@ fn an_operation_waits_for_a_connection_at_most_the_pool_wait_timeout() {
         .await;
         let [d] = <[Device; 1]>::try_from(devices_with(&store, 0..1, 1).await).expect("one");
         let locker = lock_device(&url, &store, &d).await;
-        let upload = {
-            let (store, d) = (store.clone(), d.clone());
-            tokio::spawn(async move {
-                put(&*store, &d, numbered_otks(SC, "U", 2), vec![]).await;
-            })
-        };
+        let upload = spawn_upload(&store, &d, "U");
         let watcher = raw(&url).await;
         wait_blocked(&watcher, &locker).await;
 
@@ -730,6 +714,14 @@ fn an_operation_waits_for_a_connection_at_most_the_pool_wait_timeout() {
             .expect("upload task");
         assert_eq!(count(&store, &d).await, 3);
     });
+}
+
+/// Uploads two OTKs named `prefix<j>` to `device` in a task of its own.
+fn spawn_upload(store: &Arc<PostgresStore>, device: &Device, prefix: &str) -> JoinHandle<()> {
+    let (store, device, keys) = (store.clone(), device.clone(), numbered_otks(SC, prefix, 2));
+    tokio::spawn(async move {
+        put(&*store, &device, keys, vec![]).await;
+    })
 }
 
 /// A store with `options` and a pool of two connections, one of them kept
