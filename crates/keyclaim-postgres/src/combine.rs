@@ -30,9 +30,11 @@
 //!   every claim runs at once, alone.
 //! - *Large claims go alone*: a claim of more targets than a batch holds
 //!   runs at once on its own connection, outside the slots, so that it
-//!   neither waits for small claims nor delays them; on keyclaim's own
+//!   neither queues behind small claims nor delays them; on keyclaim's own
 //!   pool it does not queue behind other operations for that connection
-//!   either (see [`Connections`]).
+//!   either. Claims borrow that connection only while no large claim runs;
+//!   a large claim that starts meanwhile waits for the first connection to
+//!   come back (see [`Connections`]).
 //!
 //! [`PostgresOptions::claim_batching`]: crate::PostgresOptions::claim_batching
 //! [`PostgresOptions::claim_batches_in_flight`]: crate::PostgresOptions::claim_batches_in_flight
@@ -148,7 +150,7 @@ impl Shared {
 
     /// A pooled connection, or a retryable error.
     async fn client(&self, op: &'static str) -> Result<Conn> {
-        self.connections.get(op).await
+        self.connections.get_for_claims(op).await
     }
 
     /// Takes the next batch: waiting claims in arrival order, the
@@ -360,7 +362,7 @@ impl Combiner {
     ) -> Result<ClaimOutcome> {
         let shared = &self.shared;
         let mut client = if large {
-            shared.connections.get_without_turn(op).await?
+            shared.connections.get_for_large_claim(op).await?
         } else {
             shared.client(op).await?
         };

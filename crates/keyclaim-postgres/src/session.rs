@@ -264,16 +264,21 @@ impl Settings {
 }
 
 /// Where the operations take their pooled connections. A claim of more
-/// targets than a batch holds (a big room's, R4.7) never queues for a
+/// targets than a batch holds (a big room's, R4.7) does not queue for a
 /// connection behind the other operations: on keyclaim's own pool of at
 /// least two connections, every other operation first takes one of
-/// `pool_size - 1` permits, waiting at most the pool's own wait timeout
-/// ([`PostgresOptions::pool_wait_timeout`]), so one connection is always
-/// left for large claims, which wait only for one another (and for the
-/// store's start-up check and count compaction, which take a connection
-/// without a turn now and then, see [`Connections::get_without_turn`]). On a
-/// host's pool, whose other users keyclaim cannot hold back, every
-/// operation takes its connection from the pool alike.
+/// `pool_size - 1` turns, waiting at most the pool's own wait timeout
+/// ([`PostgresOptions::pool_wait_timeout`]), so one connection is kept for
+/// large claims. While no large claim runs, the kept connection's turn is
+/// lent to a claim (or claim batch) that finds every other turn taken: a
+/// claim's work is mostly its commit's WAL flush, and one more batch in
+/// flight shares it. A large claim that starts meanwhile waits for the
+/// first connection to come back (at most that one claim, unless other
+/// large claims or the store's start-up check and count compaction, which
+/// take a connection without a turn now and then, see
+/// [`Connections::get_without_turn`], hold them). On a host's pool, whose
+/// other users keyclaim cannot hold back, every operation takes its
+/// connection from the pool alike.
 #[derive(Clone, Debug)]
 pub(crate) struct Connections {
     pool: Pool,
@@ -281,21 +286,26 @@ pub(crate) struct Connections {
     /// The permits of the operations other than large claims; `None`: no
     /// connection kept for large claims.
     others: Option<Arc<Semaphore>>,
+    /// The turn of the connection kept for large claims, lent to claims
+    /// while no large claim runs (one permit; used only with `others`).
+    spare: Arc<Semaphore>,
+    /// Large claims holding or waiting for a connection.
+    large: Arc<AtomicUsize>,
     /// Operations waiting for one of `others`' permits.
     waiting: Arc<AtomicUsize>,
 }
 
-/// One operation counted in [`Connections`]' `waiting` while it lives.
-struct Waiting(Arc<AtomicUsize>);
+/// One operation counted in one of [`Connections`]' counts while it lives.
+struct Counted(Arc<AtomicUsize>);
 
-impl Waiting {
+impl Counted {
     fn new(count: &Arc<AtomicUsize>) -> Self {
         count.fetch_add(1, Ordering::Relaxed);
         Self(count.clone())
     }
 }
 
-impl Drop for Waiting {
+impl Drop for Counted {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
     }
@@ -313,6 +323,8 @@ impl Connections {
             pool,
             settings,
             others,
+            spare: Arc::new(Semaphore::new(1)),
+            large: Arc::default(),
             waiting: Arc::default(),
         }
     }
@@ -333,20 +345,43 @@ impl Connections {
         matches!(self.settings, Settings::Transaction(_))
     }
 
-    /// A pooled connection for any operation but a large claim, or a
-    /// retryable error when none frees within the pool's wait timeout.
+    /// A pooled connection for any operation but a claim, or a retryable
+    /// error when none frees within the pool's wait timeout.
     pub(crate) async fn get(&self, op: &'static str) -> Result<Conn> {
+        self.get_with_turn(op, false).await
+    }
+
+    /// A pooled connection for a claim or claim batch of at most a batch's
+    /// targets: [`Connections::get`], except that when every other turn is
+    /// taken and no large claim runs, it takes the kept connection's turn.
+    pub(crate) async fn get_for_claims(&self, op: &'static str) -> Result<Conn> {
+        self.get_with_turn(op, true).await
+    }
+
+    async fn get_with_turn(&self, op: &'static str, claims: bool) -> Result<Conn> {
         let permit = match &self.others {
-            // A free permit is taken at once, without a timer.
-            Some(others) => Some(match others.clone().try_acquire_owned() {
-                Ok(permit) => permit,
-                Err(_) => self.wait_for_permit(others, op).await?,
+            // A free turn is taken at once, without a timer.
+            Some(others) => Some(match self.free_turn(others, claims) {
+                Some(permit) => permit,
+                None => self.wait_for_permit(others, op).await?,
             }),
             None => None,
         };
         let mut conn = self.get_without_turn(op).await?;
         conn._permit = permit;
         Ok(conn)
+    }
+
+    /// A turn free now: one of `others`, else for `claims` the kept
+    /// connection's while no large claim runs.
+    fn free_turn(&self, others: &Arc<Semaphore>, claims: bool) -> Option<OwnedSemaphorePermit> {
+        others.clone().try_acquire_owned().ok().or_else(|| {
+            if claims && self.large.load(Ordering::Relaxed) == 0 {
+                self.spare.clone().try_acquire_owned().ok()
+            } else {
+                None
+            }
+        })
     }
 
     /// Waits for one of `others`' permits, at most as long as the pool
@@ -356,7 +391,7 @@ impl Connections {
         others: &Arc<Semaphore>,
         op: &'static str,
     ) -> Result<OwnedSemaphorePermit> {
-        let _waiting = Waiting::new(&self.waiting);
+        let _waiting = Counted::new(&self.waiting);
         let acquire = others.clone().acquire_owned();
         let acquired = match self.pool.timeouts().wait {
             Some(wait) => tokio::time::timeout(wait, acquire).await.ok(),
@@ -368,9 +403,19 @@ impl Connections {
             .ok_or_else(|| error::pool(op, PoolError::Timeout(TimeoutType::Wait)))
     }
 
+    /// A pooled connection for a claim of more targets than a batch holds
+    /// (see the type's docs), or a retryable error; while it is held or
+    /// waited for, claims do not borrow the kept connection's turn.
+    pub(crate) async fn get_for_large_claim(&self, op: &'static str) -> Result<Conn> {
+        let large = Counted::new(&self.large);
+        let mut conn = self.get_without_turn(op).await?;
+        conn._large = Some(large);
+        Ok(conn)
+    }
+
     /// A pooled connection without waiting for a turn, or a retryable
-    /// error: for a large claim (see the type's docs), the start-up check
-    /// and the count compaction.
+    /// error: for a large claim, the start-up check and the count
+    /// compaction.
     pub(crate) async fn get_without_turn(&self, op: &'static str) -> Result<Conn> {
         let client = self.pool.get().await.map_err(|e| error::pool(op, e))?;
         Ok(Conn::new(client, self.settings.clone()))
@@ -386,6 +431,8 @@ pub(crate) struct Conn {
     /// The permit it was taken with (see [`Connections`]), given back with
     /// the connection.
     _permit: Option<OwnedSemaphorePermit>,
+    /// The large claim it counts in (see [`Connections`]).
+    _large: Option<Counted>,
 }
 
 impl Conn {
@@ -395,6 +442,7 @@ impl Conn {
             client,
             settings,
             _permit: None,
+            _large: None,
         }
     }
 
@@ -520,6 +568,44 @@ mod tests {
         drop(held);
         assert!(waiter.await.expect("waiter task"), "the turn freed");
         assert_eq!(connections.waiting_for_permits(), 0);
+    }
+
+    /// Claims take the kept connection's turn when every other turn is
+    /// taken, but not while a large claim runs; other operations never do.
+    #[test]
+    fn claims_borrow_the_kept_turn_only_while_no_large_claim_runs() {
+        let connections = Connections::new(pool(3), Settings::Connection);
+        let Some(others) = connections.others.clone() else {
+            panic!("a pool of 3 keeps a connection for large claims");
+        };
+        let taken: Vec<_> = (0..2)
+            .map(|_| {
+                connections
+                    .free_turn(&others, false)
+                    .expect("a turn of the others")
+            })
+            .collect();
+        assert!(
+            connections.free_turn(&others, false).is_none(),
+            "other operations wait"
+        );
+        let large = super::Counted::new(&connections.large);
+        assert!(
+            connections.free_turn(&others, true).is_none(),
+            "a claim waits while a large claim runs"
+        );
+        drop(large);
+        let lent = connections
+            .free_turn(&others, true)
+            .expect("the kept connection's turn");
+        assert!(
+            connections.free_turn(&others, true).is_none(),
+            "one turn is lent, not two"
+        );
+        drop(lent);
+        drop(taken);
+        assert_eq!(others.available_permits(), 2);
+        assert_eq!(connections.spare.available_permits(), 1);
     }
 
     /// A host's pool keeps no connection for large claims: no turns.

@@ -684,6 +684,49 @@ fn a_large_claim_does_not_queue_behind_other_operations_for_a_connection() {
     });
 }
 
+/// While no large claim runs, a claim that finds every other connection
+/// taken runs on the one kept for large claims: the store's pool has two
+/// connections, an upload waiting for its device's lock (held by the test)
+/// holds the other, and a claim of another device still runs at once;
+/// a count read, not a claim, still waits for its turn.
+#[test]
+fn a_claim_runs_on_the_connection_kept_for_large_claims_while_none_runs() {
+    with_server("combine::claim_borrows_kept_connection", |url| async move {
+        let store = two_connections(
+            &url,
+            PostgresOptions::new().pool_wait_timeout(Duration::from_millis(300)),
+        )
+        .await;
+        let [free] = <[Device; 1]>::try_from(devices_with(&store, 0..1, 2).await).expect("one");
+        let busy = dev("@busy:example.org", "B");
+        let locker = lock_device(&url, &store, &busy).await;
+        let upload = spawn_upload(&store, &busy, "U");
+        let watcher = raw(&url).await;
+        wait_blocked(&watcher, &locker).await;
+
+        let outcome = tokio::time::timeout(DEADLINE, store.claim(&[target(&free, 1)]))
+            .await
+            .expect("the claim ran while the upload held the other connection")
+            .expect("claim");
+        assert_eq!(outcome.keys.len(), 1);
+        assert!(!outcome.keys[0].fallback);
+        let err = store
+            .otk_counts(&free)
+            .await
+            .expect_err("a count read waits for the upload's turn");
+        assert!(err.is_retryable(), "{err}");
+        assert!(!upload.is_finished());
+
+        locker.batch_execute("COMMIT").await.expect("commit");
+        tokio::time::timeout(DEADLINE, upload)
+            .await
+            .expect("the upload finishes once the lock is free")
+            .expect("upload task");
+        assert_eq!(count(&store, &free).await, 1);
+        assert_eq!(count(&store, &busy).await, 2);
+    });
+}
+
 /// R10.6: an operation waiting for a connection (one of the pool's less
 /// the one kept for large claims) waits at most `pool_wait_timeout`, then
 /// fails with a retryable error, while the kept connection stays free.
