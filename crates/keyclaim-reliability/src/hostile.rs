@@ -219,6 +219,45 @@ pub const CASES: &[Hostile] = &[
         body: || claim_targets(Size::Items(1001)),
     },
     Hostile {
+        name: "claim_10000_targets_last_user_bad",
+        endpoint: Endpoint::Claim,
+        refused_with: Some("M_INVALID_PARAM"),
+        limits: None,
+        body: || {
+            list_body(
+                r#"{"one_time_keys":{"#,
+                "}}",
+                Size::Items(10_000),
+                |i, out| {
+                    let _ = match i {
+                        9_999 => write!(out, r#""nobody":{{"D":"a"}}"#),
+                        _ => write!(out, r#""@{i}:x":{{"D":"a"}}"#),
+                    };
+                },
+            )
+        },
+    },
+    Hostile {
+        name: "claim_one_user_1001_devices_over_a_limit_of_1000",
+        endpoint: Endpoint::Claim,
+        refused_with: Some("M_TOO_LARGE"),
+        limits: Some(|| {
+            let mut limits = Limits::default();
+            limits.max_claim_targets = 1000;
+            limits
+        }),
+        body: || {
+            list_body(
+                r#"{"one_time_keys":{"@u:x":{"#,
+                "}}}",
+                Size::Items(1001),
+                |i, out| {
+                    let _ = write!(out, r#""D{i}":"a""#);
+                },
+            )
+        },
+    },
+    Hostile {
         name: "claim_with_deep_nesting_in_algorithm",
         endpoint: Endpoint::ClaimWith,
         refused_with: Some("M_BAD_JSON"),

@@ -98,6 +98,12 @@ impl UserId {
     /// contains U+0000.
     pub fn parse(value: impl Into<String>) -> Result<Self> {
         let value = value.into();
+        Self::check(&value)?;
+        Ok(Self(value))
+    }
+
+    /// What [`UserId::parse`] checks, without keeping the ID.
+    pub(crate) fn check(value: &str) -> Result<()> {
         if value.contains('\0') {
             return Err(Error::InvalidUserId {
                 reason: "contains U+0000",
@@ -109,7 +115,7 @@ impl UserId {
                 .and_then(|rest| rest.split_once(':'))
                 .is_some_and(|(local, server)| !local.is_empty() && !server.is_empty());
         if ok {
-            Ok(Self(value))
+            Ok(())
         } else {
             Err(Error::InvalidUserId {
                 reason: if value.len() > MAX_ID_BYTES {
@@ -130,6 +136,12 @@ impl DeviceId {
     /// contains U+0000.
     pub fn parse(value: impl Into<String>) -> Result<Self> {
         let value = value.into();
+        Self::check(&value)?;
+        Ok(Self(value))
+    }
+
+    /// What [`DeviceId::parse`] checks, without keeping the ID.
+    pub(crate) fn check(value: &str) -> Result<()> {
         if value.is_empty() {
             Err(Error::InvalidDeviceId { reason: "empty" })
         } else if value.contains('\0') {
@@ -141,7 +153,7 @@ impl DeviceId {
                 reason: "longer than 255 bytes",
             })
         } else {
-            Ok(Self(value))
+            Ok(())
         }
     }
 }

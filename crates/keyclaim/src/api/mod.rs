@@ -337,51 +337,14 @@ impl<S: KeyStore> KeysApi<S> {
             (Some(Kind::Object), Some(users)) => users,
             _ => return Err(ApiError::bad_json("`one_time_keys` must be an object")),
         };
-        // Every device named, with the occurrence of its user's name that
-        // named it and its algorithm (`None` for an algorithm string that
-        // matches nothing, R4.6, which still counts).
-        let mut named: Vec<(usize, Device, Option<Algorithm>)> = Vec::new();
-        let mut latest = Latest::default();
-        let mut occurrence = 0usize;
-        body::for_each_member(users, |user, devices| {
-            occurrence += 1;
-            let user_id = UserId::parse(user.into_owned())?;
-            if body::kind(devices) != Kind::Object {
-                return Err(ApiError::bad_json("`one_time_keys` values must be objects"));
-            }
-            let others = latest.total - latest.count(&user_id);
-            // The user's devices by name, the last occurrence of a name
-            // counting, then checked in name order (as section 9 reads a
-            // JSON object); refused once there are more than the targets
-            // left (R8.2).
-            let room = limit.saturating_sub(others);
-            let mut members: BTreeMap<Cow<'_, str>, &RawValue> = BTreeMap::new();
-            body::for_each_member(devices, |device, algorithm| {
-                members.insert(device, algorithm);
-                if members.len() > room {
-                    return Err(too_large(LimitKind::ClaimTargets, limit).into());
-                }
-                Ok(())
-            })?;
-            let mut wanted = Vec::with_capacity(members.len());
-            for (device, algorithm) in members {
-                let device_id = DeviceId::parse(device.into_owned())?;
-                if body::kind(algorithm) != Kind::String {
-                    return Err(ApiError::bad_json("algorithms must be strings"));
-                }
-                let algorithm = Algorithm::parse(body::text(algorithm)?.into_owned()).ok();
-                wanted.push((device_id, algorithm));
-            }
-            latest.set(&user_id, occurrence, wanted.len());
-            for (device_id, algorithm) in wanted {
-                named.push((
-                    occurrence,
-                    Device::new(user_id.clone(), device_id),
-                    algorithm,
-                ));
-            }
-            Ok(())
-        })?;
+        // The body is read twice: first only checked, keeping a hash and a
+        // count per user, so that a body refused (a bad ID or too many
+        // targets, R8.2) is refused before any target is built; then read
+        // again to build the targets.
+        walk_claim_body(users, limit, &mut CheckOnly::default())?;
+        let mut build = BuildClaims::default();
+        let latest = walk_claim_body(users, limit, &mut build)?;
+        let mut named = build.named;
         named.retain(|(at, device, _)| latest.is_latest(&device.user_id, *at));
         named.sort_unstable_by(|a, b| a.1.cmp(&b.1));
         Ok(named
@@ -467,21 +430,29 @@ fn sync_fields(state: &SyncState) -> Map<String, Value> {
 /// things it named. Users that named nothing are not kept (a later empty
 /// occurrence removes an earlier one), so what this holds is bounded by the
 /// request's limit, not by the body.
-#[derive(Default)]
-struct Latest {
-    users: std::collections::HashMap<UserId, (usize, usize)>,
+struct Latest<K = UserId, A = usize> {
+    users: std::collections::HashMap<K, (A, usize)>,
     total: usize,
 }
 
-impl Latest {
+impl<K, A> Default for Latest<K, A> {
+    fn default() -> Self {
+        Self {
+            users: std::collections::HashMap::new(),
+            total: 0,
+        }
+    }
+}
+
+impl<K: std::hash::Hash + Eq + Clone, A: Copy + PartialEq> Latest<K, A> {
     /// How many things the latest occurrence of `user` named.
-    fn count(&self, user: &UserId) -> usize {
+    fn count(&self, user: &K) -> usize {
         self.users.get(user).map_or(0, |(_, n)| *n)
     }
 
     /// Records occurrence `at` of `user`, naming `n` things; it replaces
     /// every earlier one.
-    fn set(&mut self, user: &UserId, at: usize, n: usize) {
+    fn set(&mut self, user: &K, at: A, n: usize) {
         self.total -= self.count(user);
         if n == 0 {
             self.users.remove(user);
@@ -492,11 +463,235 @@ impl Latest {
     }
 
     /// Whether occurrence `at` is the latest of `user` (and named something).
-    fn is_latest(&self, user: &UserId, at: usize) -> bool {
+    fn is_latest(&self, user: &K, at: A) -> bool {
         self.users
             .get(user)
             .is_some_and(|(latest, _)| *latest == at)
     }
+}
+
+/// What a walk over a body naming users' devices keeps of them: the
+/// targets ([`BuildClaims`], `BuildDevices`) or nothing but a hash and a
+/// count per user ([`CheckOnly`]). Both meet the same checks in the same
+/// order, so the checking walk refuses exactly the bodies the building one
+/// would, with the same error.
+trait UserKey {
+    /// How a user is told apart from the others.
+    type User: std::hash::Hash + Eq + Clone;
+
+    /// What is kept of an occurrence of a user's name (its place in the
+    /// body, or nothing when only the counts matter).
+    type At: Copy + PartialEq;
+
+    /// What is kept of occurrence `occurrence`.
+    fn at(occurrence: usize) -> Self::At;
+
+    /// The user named `name`, checked (R2.1).
+    fn user(&self, name: Cow<'_, str>) -> Result<Self::User, ApiError>;
+}
+
+/// A walk that checks and keeps nothing: users told apart by a hash of
+/// their IDs (a collision could only leave the refusal of a body to the
+/// building walk).
+#[derive(Default)]
+struct CheckOnly(std::hash::RandomState);
+
+impl UserKey for CheckOnly {
+    type User = u64;
+    type At = ();
+
+    fn at(_: usize) {}
+
+    fn user(&self, name: Cow<'_, str>) -> Result<u64, ApiError> {
+        UserId::check(&name)?;
+        Ok(std::hash::BuildHasher::hash_one(&self.0, name.as_ref()))
+    }
+}
+
+/// A claim body's targets per user, kept or only checked.
+trait ClaimSink: UserKey {
+    /// Reads the devices (user -> algorithm string) that occurrence `at`
+    /// of `user` names, a device named twice counting once with its last
+    /// occurrence; refused with `M_TOO_LARGE` once there are more than
+    /// `room` of them (of `limit` targets in all, R8.2). Answers how many
+    /// there are.
+    fn devices(
+        &mut self,
+        user: &Self::User,
+        at: usize,
+        devices: &RawValue,
+        room: usize,
+        limit: usize,
+    ) -> Result<usize, ApiError>;
+}
+
+impl ClaimSink for CheckOnly {
+    /// Reads the devices in body order, keeping a hash per device name and
+    /// the faults of algorithm values that a later occurrence of their name
+    /// may still override, instead of the devices in name order: a fault
+    /// found may then not be the one the building walk meets first
+    /// (section 9 lets either be answered), but a body is refused here
+    /// exactly when it is refused there.
+    fn devices(
+        &mut self,
+        _: &u64,
+        _: usize,
+        devices: &RawValue,
+        room: usize,
+        limit: usize,
+    ) -> Result<usize, ApiError> {
+        let mut names = std::collections::HashSet::new();
+        let mut faults: std::collections::HashMap<u64, (usize, ApiError)> =
+            std::collections::HashMap::new();
+        let mut position = 0usize;
+        body::for_each_member(devices, |device, algorithm| {
+            position += 1;
+            let name = std::hash::BuildHasher::hash_one(&self.0, device.as_ref());
+            names.insert(name);
+            if names.len() > room {
+                return Err(too_large(LimitKind::ClaimTargets, limit).into());
+            }
+            DeviceId::check(&device)?;
+            match algorithm_text(algorithm) {
+                Ok(_) => {
+                    faults.remove(&name);
+                }
+                Err(fault) => {
+                    faults.insert(name, (position, fault));
+                }
+            }
+            Ok(())
+        })?;
+        match faults.into_values().min_by_key(|(at, _)| *at) {
+            Some((_, fault)) => Err(fault),
+            None => Ok(names.len()),
+        }
+    }
+}
+
+/// A walk that builds what the body names, each with the occurrence of its
+/// user's name that named it.
+struct Build<T> {
+    named: Vec<T>,
+}
+
+impl<T> Default for Build<T> {
+    fn default() -> Self {
+        Self { named: Vec::new() }
+    }
+}
+
+impl<T> UserKey for Build<T> {
+    type User = UserId;
+    type At = usize;
+
+    fn at(occurrence: usize) -> usize {
+        occurrence
+    }
+
+    fn user(&self, name: Cow<'_, str>) -> Result<UserId, ApiError> {
+        Ok(UserId::parse(name.into_owned())?)
+    }
+}
+
+/// Builds a claim body's targets: every device named, with its algorithm
+/// (`None` for an algorithm string that matches nothing, R4.6, which still
+/// counts).
+type BuildClaims = Build<(usize, Device, Option<Algorithm>)>;
+
+impl ClaimSink for BuildClaims {
+    /// Reads the devices by name (the last occurrence of a name counting),
+    /// then checks them in name order (as section 9 reads a JSON object).
+    fn devices(
+        &mut self,
+        user: &UserId,
+        at: usize,
+        devices: &RawValue,
+        room: usize,
+        limit: usize,
+    ) -> Result<usize, ApiError> {
+        let mut members: BTreeMap<Cow<'_, str>, &RawValue> = BTreeMap::new();
+        body::for_each_member(devices, |device, algorithm| {
+            members.insert(device, algorithm);
+            if members.len() > room {
+                return Err(too_large(LimitKind::ClaimTargets, limit).into());
+            }
+            Ok(())
+        })?;
+        let n = members.len();
+        let mut wanted = Vec::with_capacity(n);
+        for (device, algorithm) in members {
+            let device_id = DeviceId::parse(device.into_owned())?;
+            let algorithm = Algorithm::parse(algorithm_text(algorithm)?.into_owned()).ok();
+            wanted.push((device_id, algorithm));
+        }
+        for (device_id, algorithm) in wanted {
+            self.named
+                .push((at, Device::new(user.clone(), device_id), algorithm));
+        }
+        Ok(n)
+    }
+}
+
+/// A claim target's algorithm string (section 9: a string, else
+/// `M_BAD_JSON`).
+fn algorithm_text(algorithm: &RawValue) -> Result<Cow<'_, str>, ApiError> {
+    if body::kind(algorithm) != Kind::String {
+        return Err(ApiError::bad_json("algorithms must be strings"));
+    }
+    body::text(algorithm)
+}
+
+/// Walks a map from users to what each names (`users`, a JSON object):
+/// each user's name is checked by `sink`, its value must be of kind `kind`
+/// (else `M_BAD_JSON` with `not_kind`), and `names` reads the value of
+/// occurrence `at` of the user, given how many things the other users'
+/// latest occurrences named, and answers how many things it names. A user
+/// named twice counts once, its last occurrence. Answers who named what
+/// last.
+fn walk_users<S: UserKey>(
+    users: &RawValue,
+    sink: &mut S,
+    kind: Kind,
+    not_kind: &'static str,
+    mut names: impl FnMut(&mut S, &S::User, usize, &RawValue, usize) -> Result<usize, ApiError>,
+) -> Result<Latest<S::User, S::At>, ApiError> {
+    let mut latest = Latest::default();
+    let mut occurrence = 0usize;
+    body::for_each_member(users, |user, value| {
+        occurrence += 1;
+        let user = sink.user(user)?;
+        if body::kind(value) != kind {
+            return Err(ApiError::bad_json(not_kind));
+        }
+        let others = latest.total - latest.count(&user);
+        let n = names(sink, &user, occurrence, value, others)?;
+        latest.set(&user, S::at(occurrence), n);
+        Ok(())
+    })?;
+    Ok(latest)
+}
+
+/// Walks the users of a `POST /keys/claim` body (section 9), giving `sink`
+/// each user's devices. A user or device named twice counts once, its last
+/// occurrence; the targets are refused as soon as there are more than
+/// `limit` (R8.2). What is kept while reading, besides what the sink keeps,
+/// is bounded by that limit: the users that have some targets, and one
+/// user's devices at a time. Answers who named what last.
+fn walk_claim_body<S: ClaimSink>(
+    users: &RawValue,
+    limit: usize,
+    sink: &mut S,
+) -> Result<Latest<S::User, S::At>, ApiError> {
+    walk_users(
+        users,
+        sink,
+        Kind::Object,
+        "`one_time_keys` values must be objects",
+        |sink, user, at, devices, others| {
+            sink.devices(user, at, devices, limit.saturating_sub(others), limit)
+        },
+    )
 }
 
 /// A key map field: absent or null is `None`, an object is `Some`, anything
@@ -528,4 +723,82 @@ fn collect_keys(
         })?;
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::value::RawValue;
+
+    use super::{ApiError, BuildClaims, CheckOnly, walk_claim_body};
+    use crate::api::more::{BuildDevices, walk_device_lists};
+
+    fn outcome<T>(r: Result<T, ApiError>) -> Option<(u16, String, String)> {
+        r.err()
+            .map(|e| (e.status(), e.errcode().to_owned(), e.message().to_owned()))
+    }
+
+    fn raw(json: &str) -> Box<RawValue> {
+        match RawValue::from_string(json.to_owned()) {
+            Ok(raw) => raw,
+            Err(e) => panic!("{json}: {e}"),
+        }
+    }
+
+    /// The checking walk over a claim body refuses exactly what the
+    /// building walk refuses, and with the same error when a body has one
+    /// fault, whether an ID, a type or the number of targets (R8.2); a
+    /// user or device named twice counts once, its last occurrence.
+    #[test]
+    fn checking_a_claim_body_refuses_what_building_it_refuses() {
+        let bodies = [
+            r#"{"@a:x":{"D":"alg"},"@b:x":{"E":"alg"}}"#,
+            r#"{"@a:x":{"D":"alg"},"@b:x":{"E":"alg"},"@c:x":{"F":"alg"}}"#,
+            r#"{"@a:x":{"D":"alg"},"@a:x":{"D":"alg","E":"x"},"@b:x":{}}"#,
+            r#"{"@a:x":{"D":"alg","D":"other","E":"x"}}"#,
+            r#"{"@a:x":{"D":"alg"},"@a:x":{},"@b:x":{"E":"a","F":"b"}}"#,
+            r#"{"@a:x":{"D":"alg"},"bad":{"E":"alg"}}"#,
+            r#"{"@a:x":{"D":"alg"},"@b:x":{"":"alg"}}"#,
+            r#"{"@a:x":{"D":"alg"},"@b:x":{"E":7}}"#,
+            r#"{"@a:x":{"D":"alg"},"@b:x":[]}"#,
+            r#"{"@a:x":{"D":"alg","E":"a","F":"b"},"bad":{}}"#,
+            r#"{"@a:x":{"D":"a:b"},"@b:x":{"E":"\u0000"}}"#,
+            r#"{"@a:x":{"D\u0000":"alg"}}"#,
+            r#"{"@a:x":{"D":7,"E":"a","D":"alg"}}"#,
+            r#"{"@a:x":{"D":"alg","E":"a","D":7}}"#,
+        ];
+        let mut refused = 0;
+        for body in bodies {
+            let users = raw(body);
+            let checked = outcome(walk_claim_body(&users, 2, &mut CheckOnly::default()));
+            let built = outcome(walk_claim_body(&users, 2, &mut BuildClaims::default()));
+            assert_eq!(checked, built, "{body}");
+            refused += usize::from(built.is_some());
+        }
+        assert_eq!(refused, 8, "the bodies refused are those meant to be");
+    }
+
+    /// The same for a body of device lists (R16.1).
+    #[test]
+    fn checking_device_lists_refuses_what_building_them_refuses() {
+        let bodies = [
+            r#"{"@a:x":["D"],"@b:x":["E"]}"#,
+            r#"{"@a:x":["D"],"@b:x":["E"],"@c:x":["F"]}"#,
+            r#"{"@a:x":["D","E","F"]}"#,
+            r#"{"@a:x":["D"],"@a:x":["D","E"],"@b:x":[]}"#,
+            r#"{"@a:x":["D"],"bad":["E"]}"#,
+            r#"{"@a:x":["D"],"@b:x":[""]}"#,
+            r#"{"@a:x":["D"],"@b:x":[7]}"#,
+            r#"{"@a:x":["D"],"@b:x":{}}"#,
+            r#"{"@a:x":["D","E","F"],"bad":[]}"#,
+        ];
+        let mut refused = 0;
+        for body in bodies {
+            let users = raw(body);
+            let checked = outcome(walk_device_lists(&users, 2, &mut CheckOnly::default()));
+            let built = outcome(walk_device_lists(&users, 2, &mut BuildDevices::default()));
+            assert_eq!(checked, built, "{body}");
+            refused += usize::from(built.is_some());
+        }
+        assert_eq!(refused, 7, "the bodies refused are those meant to be");
+    }
 }

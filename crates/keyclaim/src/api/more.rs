@@ -2,12 +2,17 @@
 //! dehydrated devices (section 14), reading fallback keys (R15.1) and many
 //! devices' counts at once (R16.1).
 
+use std::borrow::Cow;
 use std::collections::BTreeSet;
 
+use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 
 use super::body::{self, Kind, kind_of};
-use super::{ApiError, FALLBACK_KEYS, KeysApi, Latest, UNSTABLE_FALLBACK_KEYS, sync_fields};
+use super::{
+    ApiError, Build, CheckOnly, FALLBACK_KEYS, KeysApi, Latest, UNSTABLE_FALLBACK_KEYS, UserKey,
+    sync_fields, walk_users,
+};
 use crate::error::LimitKind;
 use crate::ids::{Device, DeviceId, KeyId, UserId};
 use crate::limits::too_large;
@@ -158,41 +163,22 @@ impl<S: KeyStore> KeysApi<S> {
     pub async fn counts_many(&self, body: &[u8]) -> Result<Value, ApiError> {
         let [users] = self.parse_body(body, ["devices"])?;
         let limit = self.limits().max_counts_devices;
-        // Every device named, with the occurrence of its user's name that
-        // named it; a user named twice counts once, its last occurrence,
-        // with the length of its list.
-        let mut named: Vec<(usize, Device)> = Vec::new();
-        let mut latest = Latest::default();
-        match (kind_of(users), users) {
-            (None | Some(Kind::Null), _) => {}
-            (Some(Kind::Object), Some(users)) => {
-                let mut occurrence = 0usize;
-                body::for_each_member(users, |user, list| {
-                    occurrence += 1;
-                    let user = UserId::parse(user.into_owned())?;
-                    if body::kind(list) != Kind::Array {
-                        return Err(ApiError::bad_json("`devices` values must be arrays"));
-                    }
-                    // Counted before any is kept, so that a list past the
-                    // limit is refused without being materialised (R8.2).
-                    let len = body::count_elements(list)?;
-                    if latest.total - latest.count(&user) + len > limit {
-                        return Err(too_large(LimitKind::CountsDevices, limit).into());
-                    }
-                    body::for_each_element(list, |id| {
-                        if body::kind(id) != Kind::String {
-                            return Err(ApiError::bad_json("device IDs must be strings"));
-                        }
-                        let id = DeviceId::parse(body::text(id)?.into_owned())?;
-                        named.push((occurrence, Device::new(user.clone(), id)));
-                        Ok(())
-                    })?;
-                    latest.set(&user, occurrence, len);
-                    Ok(())
-                })?;
-            }
+        let users = match (kind_of(users), users) {
+            (None | Some(Kind::Null), _) => None,
+            (Some(Kind::Object), Some(users)) => Some(users),
             _ => return Err(ApiError::bad_json("`devices` must be an object")),
-        }
+        };
+        let (mut named, latest) = match users {
+            // Read twice, as claim bodies are: first only checked, so that
+            // a body refused is refused before any device is built (R8.2).
+            Some(users) => {
+                walk_device_lists(users, limit, &mut CheckOnly::default())?;
+                let mut build = BuildDevices::default();
+                let latest = walk_device_lists(users, limit, &mut build)?;
+                (build.named, latest)
+            }
+            None => (Vec::new(), Latest::default()),
+        };
         named.retain(|(at, device)| latest.is_latest(&device.user_id, *at));
         named.sort_unstable_by(|a, b| a.1.cmp(&b.1));
         named.dedup_by(|a, b| a.1 == b.1);
@@ -217,4 +203,59 @@ impl<S: KeyStore> KeysApi<S> {
         }
         Ok(Value::Object(users))
     }
+}
+
+/// A body's device lists per user, kept or only checked (see
+/// [`super::UserKey`]).
+pub(super) trait DeviceSink: UserKey {
+    /// Device `name` of occurrence `at` of `user`.
+    fn device(&mut self, user: &Self::User, at: usize, name: Cow<'_, str>) -> Result<(), ApiError>;
+}
+
+impl DeviceSink for CheckOnly {
+    fn device(&mut self, _: &u64, _: usize, name: Cow<'_, str>) -> Result<(), ApiError> {
+        Ok(DeviceId::check(&name)?)
+    }
+}
+
+/// Builds the devices a body names.
+pub(super) type BuildDevices = Build<(usize, Device)>;
+
+impl DeviceSink for BuildDevices {
+    fn device(&mut self, user: &UserId, at: usize, name: Cow<'_, str>) -> Result<(), ApiError> {
+        let device = DeviceId::parse(name.into_owned())?;
+        self.named.push((at, Device::new(user.clone(), device)));
+        Ok(())
+    }
+}
+
+/// Walks the users of a body of device lists (`{user_id: [device_id,
+/// ...]}`, R16.1), giving `sink` each device. A user named twice counts
+/// once, its last occurrence, with the length of its list; a list is
+/// counted before any of it is read, so that lists past `limit` are refused
+/// without being read (R8.2). Answers who named what last.
+pub(super) fn walk_device_lists<S: DeviceSink>(
+    users: &RawValue,
+    limit: usize,
+    sink: &mut S,
+) -> Result<Latest<S::User, S::At>, ApiError> {
+    walk_users(
+        users,
+        sink,
+        Kind::Array,
+        "`devices` values must be arrays",
+        |sink, user, at, list, others| {
+            let len = body::count_elements(list)?;
+            if others + len > limit {
+                return Err(too_large(LimitKind::CountsDevices, limit).into());
+            }
+            body::for_each_element(list, |id| {
+                if body::kind(id) != Kind::String {
+                    return Err(ApiError::bad_json("device IDs must be strings"));
+                }
+                sink.device(user, at, body::text(id)?)
+            })?;
+            Ok(len)
+        },
+    )
 }
