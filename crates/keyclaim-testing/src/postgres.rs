@@ -13,7 +13,6 @@
 use std::future::Future;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 /// The environment variable naming an existing server for the tests.
 pub const URL_ENV: &str = "KEYCLAIM_TEST_POSTGRES_URL";
@@ -88,16 +87,189 @@ pub fn with_server<F: Future<Output = ()>>(what: &str, test: impl FnOnce(String)
 pub const MAX_SCHEMA_LEN: usize = 40;
 
 /// A schema name no other test case in any process uses, at most
-/// [`MAX_SCHEMA_LEN`] bytes.
+/// [`MAX_SCHEMA_LEN`] bytes: `prefix`, this process's run ID and a counter.
+///
+/// On a server named by [`URL_ENV`] (one that outlives the tests), the run
+/// ID is held as a lease for as long as the process lives (an advisory lock
+/// on a connection of its own, see [`sweep_dead_schemas`]), and the schemas
+/// of runs whose process has ended are dropped in the background when the
+/// lease is first taken: test cases do not drop their schemas (a failed
+/// one's is worth reading), so without this every run would leave hundreds
+/// behind. When no lease can be had, the names are of a form the sweep
+/// never touches.
 pub fn unique_schema(prefix: &str) -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
-    let mut name = format!("{prefix}_{}_{n}_{nanos:x}", std::process::id());
-    name.truncate(MAX_SCHEMA_LEN);
-    name
+    let run = run();
+    let tail = if run.leased {
+        format!("_{:08x}_{n}", run.id)
+    } else {
+        format!("_{:08x}x{n}", run.id)
+    };
+    let mut name = prefix.to_owned();
+    name.truncate(MAX_SCHEMA_LEN.saturating_sub(tail.len()));
+    name + &tail
+}
+
+/// The advisory lock class (the first key of the two-key form) under
+/// which a test process holds its run ID on the shared server.
+pub const LEASE_CLASS: i32 = 0x6b63_7473;
+
+/// This process's run ID, and whether it is held as a lease.
+struct Run {
+    id: u32,
+    leased: bool,
+}
+
+fn run() -> &'static Run {
+    static RUN: OnceLock<Run> = OnceLock::new();
+    RUN.get_or_init(|| {
+        let leased = std::env::var(URL_ENV)
+            .ok()
+            .and_then(|url| take_lease(url).map(|id| Run { id, leased: true }));
+        leased.unwrap_or_else(|| Run {
+            id: rand::random(),
+            leased: false,
+        })
+    })
+}
+
+/// Starts the thread that holds this process's lease on `url`, and answers
+/// its run ID once it is held (`None` when it cannot be had within a few
+/// seconds: no connection without TLS, say).
+fn take_lease(url: String) -> Option<u32> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let spawned = std::thread::Builder::new()
+        .name("keyclaim-test-lease".into())
+        .spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(hold_lease(&url, tx));
+        });
+    spawned.ok()?;
+    rx.recv_timeout(std::time::Duration::from_secs(10)).ok()
+}
+
+/// Takes a run ID no live process holds and no leftover schema carries,
+/// sends it, sweeps the schemas of ended runs, then holds the lease for as
+/// long as the process lives (taking it again after a lost connection).
+async fn hold_lease(url: &str, tx: std::sync::mpsc::Sender<u32>) {
+    let mut id: Option<u32> = None;
+    loop {
+        if let Ok((client, connection)) = tokio_postgres::connect(url, tokio_postgres::NoTls).await
+        {
+            let connection = tokio::spawn(connection);
+            let held = match id {
+                Some(id) => client
+                    .execute(
+                        "SELECT pg_advisory_lock($1, $2)",
+                        &[&LEASE_CLASS, &(id as i32)],
+                    )
+                    .await
+                    .is_ok(),
+                None => match lease_fresh_id(&client).await {
+                    Some(fresh) => {
+                        id = Some(fresh);
+                        let _ = tx.send(fresh);
+                        let _ = sweep_dead_schemas(&client, fresh).await;
+                        true
+                    }
+                    None => false,
+                },
+            };
+            if held {
+                let _ = connection.await;
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+}
+
+async fn lease_fresh_id(client: &tokio_postgres::Client) -> Option<u32> {
+    for _ in 0..16 {
+        let id: u32 = rand::random();
+        let row = client
+            .query_one(
+                "SELECT pg_try_advisory_lock($1, $2) AND NOT EXISTS (
+                     SELECT 1 FROM pg_namespace WHERE nspname LIKE '%\\_' || $3 || '\\_%')",
+                &[&LEASE_CLASS, &(id as i32), &format!("{id:08x}")],
+            )
+            .await
+            .ok()?;
+        if row.get::<_, bool>(0) {
+            return Some(id);
+        }
+        let _ = client
+            .execute(
+                "SELECT pg_advisory_unlock($1, $2)",
+                &[&LEASE_CLASS, &(id as i32)],
+            )
+            .await;
+    }
+    None
+}
+
+/// Drops the schemas that test processes left on the server of `client`:
+/// those named by [`unique_schema`] under a lease (`<prefix>_<run
+/// ID>_<counter>`) whose run's lease nobody holds (its process has ended),
+/// except run `own`'s. Each dead run's lease is held while its schemas are
+/// dropped, so that two sweeps do not drop the same ones. Answers how many
+/// were dropped.
+///
+/// # Errors
+/// A statement that failed.
+pub async fn sweep_dead_schemas(
+    client: &tokio_postgres::Client,
+    own: u32,
+) -> Result<usize, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT nspname::text FROM pg_namespace
+              WHERE nspname ~ '^[a-z0-9_]*_[0-9a-f]{8}_[0-9]+$' ORDER BY nspname",
+            &[],
+        )
+        .await?;
+    let mut by_run: std::collections::BTreeMap<u32, Vec<String>> = Default::default();
+    for row in rows {
+        let name: String = row.get(0);
+        let run = name
+            .rsplit('_')
+            .nth(1)
+            .and_then(|hex| u32::from_str_radix(hex, 16).ok());
+        if let Some(run) = run.filter(|run| *run != own) {
+            by_run.entry(run).or_default().push(name);
+        }
+    }
+    let mut dropped = 0;
+    for (run, names) in by_run {
+        let free: bool = client
+            .query_one(
+                "SELECT pg_try_advisory_lock($1, $2)",
+                &[&LEASE_CLASS, &(run as i32)],
+            )
+            .await?
+            .get(0);
+        if !free {
+            continue;
+        }
+        for name in names {
+            client
+                .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{name}\" CASCADE"))
+                .await?;
+            dropped += 1;
+        }
+        client
+            .execute(
+                "SELECT pg_advisory_unlock($1, $2)",
+                &[&LEASE_CLASS, &(run as i32)],
+            )
+            .await?;
+    }
+    Ok(dropped)
 }
 
 /// The store URL parameter that lets keyclaim-postgres use a server running
@@ -168,6 +340,68 @@ mod tests {
             "postgresql://?host=/tmp/x&port=5432&user=postgres&dbname=postgres\
              &keyclaim_schema=kc&keyclaim_allow_unsafe_server=on"
         );
+    }
+
+    /// The sweep drops the schemas of a run whose lease nobody holds, and
+    /// keeps those of a run whose lease is held, of its own run, and the
+    /// names made without a lease.
+    #[test]
+    fn the_sweep_drops_the_schemas_of_ended_runs_only() {
+        with_server("testing::sweep", |url| async move {
+            let connect = || async {
+                let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                    .await
+                    .expect("connect");
+                tokio::spawn(connection);
+                client
+            };
+            let (sweeper, holder) = (connect().await, connect().await);
+            let base: u32 = rand::random::<u32>() & 0xffff_0000;
+            let (dead, live, own) = (base | 1, base | 2, base | 3);
+            holder
+                .execute(
+                    "SELECT pg_advisory_lock($1, $2)",
+                    &[&LEASE_CLASS, &(live as i32)],
+                )
+                .await
+                .expect("hold the live run's lease");
+            let names = [
+                format!("kc_sweeptest_{dead:08x}_0"),
+                format!("kc_sweeptest_{dead:08x}_1"),
+                format!("kc_sweeptest_{live:08x}_0"),
+                format!("kc_sweeptest_{own:08x}_0"),
+                format!("kc_sweeptest_{dead:08x}x2"),
+            ];
+            for name in &names {
+                sweeper
+                    .batch_execute(&format!(
+                        "CREATE SCHEMA \"{name}\"; CREATE TABLE \"{name}\".t (x int)"
+                    ))
+                    .await
+                    .expect("create a schema");
+            }
+            let dropped = sweep_dead_schemas(&sweeper, own).await.expect("sweep");
+            assert!(dropped >= 2, "dropped {dropped}");
+            let mut left = Vec::new();
+            for name in &names {
+                let exists: bool = sweeper
+                    .query_one(
+                        "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)",
+                        &[name],
+                    )
+                    .await
+                    .expect("look")
+                    .get(0);
+                if exists {
+                    left.push(name.clone());
+                    sweeper
+                        .batch_execute(&format!("DROP SCHEMA \"{name}\" CASCADE"))
+                        .await
+                        .expect("drop");
+                }
+            }
+            assert_eq!(left, names[2..]);
+        });
     }
 
     #[test]
