@@ -258,6 +258,22 @@ pub const CASES: &[Hostile] = &[
         },
     },
     Hostile {
+        name: "claim_one_user_1000_devices_no_algorithm_a_string",
+        endpoint: Endpoint::Claim,
+        refused_with: Some("M_BAD_JSON"),
+        limits: None,
+        body: || {
+            list_body(
+                r#"{"one_time_keys":{"@u:x":{"#,
+                "}}}",
+                Size::Items(1000),
+                |i, out| {
+                    let _ = write!(out, r#""D{i}":1"#);
+                },
+            )
+        },
+    },
+    Hostile {
         name: "claim_with_deep_nesting_in_algorithm",
         endpoint: Endpoint::ClaimWith,
         refused_with: Some("M_BAD_JSON"),

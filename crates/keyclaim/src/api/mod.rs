@@ -338,9 +338,9 @@ impl<S: KeyStore> KeysApi<S> {
             _ => return Err(ApiError::bad_json("`one_time_keys` must be an object")),
         };
         // The body is read twice: first only checked, keeping a hash and a
-        // count per user, so that a body refused (a bad ID or too many
-        // targets, R8.2) is refused before any target is built; then read
-        // again to build the targets.
+        // count per user, so that a body refused (a bad ID, a wrong type or
+        // too many targets, R8.2) is refused before any target is built;
+        // then read again to build the targets.
         walk_claim_body(users, limit, &mut CheckOnly::default())?;
         let mut build = BuildClaims::default();
         let latest = walk_claim_body(users, limit, &mut build)?;
@@ -472,9 +472,10 @@ impl<K: std::hash::Hash + Eq + Clone, A: Copy + PartialEq> Latest<K, A> {
 
 /// What a walk over a body naming users' devices keeps of them: the
 /// targets ([`BuildClaims`], `BuildDevices`) or nothing but a hash and a
-/// count per user ([`CheckOnly`]). Both meet the same checks in the same
-/// order, so the checking walk refuses exactly the bodies the building one
-/// would, with the same error.
+/// count per user ([`CheckOnly`]). Both meet the same checks, so the
+/// checking walk refuses only bodies the building one refuses (with the same
+/// error when a body has one fault), and every one of them but where two
+/// hashes collide.
 trait UserKey {
     /// How a user is told apart from the others.
     type User: std::hash::Hash + Eq + Clone;
@@ -526,12 +527,14 @@ trait ClaimSink: UserKey {
 }
 
 impl ClaimSink for CheckOnly {
-    /// Reads the devices in body order, keeping a hash per device name and
-    /// the faults of algorithm values that a later occurrence of their name
-    /// may still override, instead of the devices in name order: a fault
-    /// found may then not be the one the building walk meets first
-    /// (section 9 lets either be answered), but a body is refused here
-    /// exactly when it is refused there.
+    /// Reads the devices in body order instead of in name order, keeping
+    /// per device name a 32-bit hash and whether its latest value so far is
+    /// at fault (not a string, or a string that does not decode). So a
+    /// fault found may not be the one the building walk meets first
+    /// (section 9 lets any be answered), but a body is refused here only
+    /// when it is refused there (a collision of two names' hashes could
+    /// only leave a refusal to the building walk), and with the same error
+    /// when it has one fault.
     fn devices(
         &mut self,
         _: &u64,
@@ -540,31 +543,32 @@ impl ClaimSink for CheckOnly {
         room: usize,
         limit: usize,
     ) -> Result<usize, ApiError> {
-        let mut names = std::collections::HashSet::new();
-        let mut faults: std::collections::HashMap<u64, (usize, ApiError)> =
-            std::collections::HashMap::new();
-        let mut position = 0usize;
+        /// An algorithm value that is not a string (`M_BAD_JSON`).
+        const NOT_A_STRING: u8 = 1;
+        /// A string that does not decode (`M_NOT_JSON`).
+        const UNDECODABLE: u8 = 2;
+        let mut names: std::collections::HashMap<u32, u8> = std::collections::HashMap::new();
         body::for_each_member(devices, |device, algorithm| {
-            position += 1;
-            let name = std::hash::BuildHasher::hash_one(&self.0, device.as_ref());
-            names.insert(name);
+            // The low half of a 64-bit hash.
+            let name = std::hash::BuildHasher::hash_one(&self.0, device.as_ref()) as u32;
+            let fault = if body::kind(algorithm) != Kind::String {
+                NOT_A_STRING
+            } else if body::text(algorithm).is_err() {
+                UNDECODABLE
+            } else {
+                0
+            };
+            names.insert(name, fault);
             if names.len() > room {
                 return Err(too_large(LimitKind::ClaimTargets, limit).into());
             }
             DeviceId::check(&device)?;
-            match algorithm_text(algorithm) {
-                Ok(_) => {
-                    faults.remove(&name);
-                }
-                Err(fault) => {
-                    faults.insert(name, (position, fault));
-                }
-            }
             Ok(())
         })?;
-        match faults.into_values().min_by_key(|(at, _)| *at) {
-            Some((_, fault)) => Err(fault),
-            None => Ok(names.len()),
+        match names.values().copied().max() {
+            Some(UNDECODABLE) => Err(body::not_json()),
+            Some(NOT_A_STRING) => Err(ApiError::bad_json(ALGORITHMS_MUST_BE_STRINGS)),
+            _ => Ok(names.len()),
         }
     }
 }
@@ -633,11 +637,14 @@ impl ClaimSink for BuildClaims {
     }
 }
 
+/// The error of a claim target's algorithm that is not a string.
+const ALGORITHMS_MUST_BE_STRINGS: &str = "algorithms must be strings";
+
 /// A claim target's algorithm string (section 9: a string, else
 /// `M_BAD_JSON`).
 fn algorithm_text(algorithm: &RawValue) -> Result<Cow<'_, str>, ApiError> {
     if body::kind(algorithm) != Kind::String {
-        return Err(ApiError::bad_json("algorithms must be strings"));
+        return Err(ApiError::bad_json(ALGORITHMS_MUST_BE_STRINGS));
     }
     body::text(algorithm)
 }
