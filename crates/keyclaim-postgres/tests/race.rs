@@ -484,6 +484,53 @@ fn ids(keys: &[ClaimedKey]) -> Vec<(String, bool)> {
         .collect()
 }
 
+/// R4.2 and R4.3 with the walks' lower bounds (see the claim module's
+/// "Where the walks start"): keys of six uploads; a claim of two takes the
+/// two oldest and reads the device's bound; the third oldest is locked by
+/// another transaction while a claim of two skips it, takes the fourth and
+/// fifth and reads the bound again; once that transaction rolls back, the
+/// next claim gets the skipped key, the oldest, and not the sixth. A bound
+/// raised past a skipped key would hide it.
+#[test]
+fn a_key_skipped_while_locked_is_still_the_next_one_claimed() {
+    with_server(
+        "race::a_key_skipped_while_locked_is_still_the_next_one_claimed",
+        |url| async move {
+            let (one, _two) = two_workers(&url).await;
+            let schema = one.schema().to_owned();
+            let locker = raw(&url).await;
+            let a = dev("@a:x", "A");
+            for key in ["K1", "K2", "K3", "K4", "K5", "K6"] {
+                put(&one, &a, otks(SC, &[key]), vec![]).await;
+            }
+            let claim = |count: u32| {
+                let (one, a) = (one.clone(), a.clone());
+                async move {
+                    let target = ClaimTarget {
+                        device: a,
+                        algorithm: alg(SC),
+                        count,
+                    };
+                    ids(&one.claim(&[target]).await.expect("claim").keys)
+                }
+            };
+            let key = |name: &str| (name.to_owned(), false);
+            assert_eq!(claim(2).await, [key("K1"), key("K2")]);
+            locker.batch_execute("BEGIN").await.expect("begin");
+            locker
+                .batch_execute(&format!(
+                    "SELECT 1 FROM {schema}.otk WHERE key_id = '{SC}:K3' FOR UPDATE"
+                ))
+                .await
+                .expect("lock K3");
+            assert_eq!(claim(2).await, [key("K4"), key("K5")]);
+            locker.batch_execute("ROLLBACK").await.expect("rollback");
+            assert_eq!(claim(1).await, [key("K3")]);
+            assert_eq!(claim(1).await, [key("K6")]);
+        },
+    );
+}
+
 /// R4.3 when a concurrent transaction that locked keys rolls back (a
 /// failing claim, a cancelled deletion): a claim that finds the only keys
 /// left locked waits for them, and gets them when the locker rolls back,

@@ -77,6 +77,35 @@
 //!   claim commits; by default it is sent after the commit, batched (see
 //!   [`crate::listen`]).
 //!
+//! # Where the walks start (R4.2, R4.3)
+//!
+//! A claim deletes a device's oldest keys, and their entries stay in the
+//! `otk_claim_order` index, dead, until a vacuum removes them; a walk from
+//! the head of the device's range steps over all of them. A device claimed
+//! without pause piles up thousands a second, and every claim of it slows
+//! down. So [`CLAIM_FAST`] and [`CLAIM_ONE`] start their walks at a lower
+//! bound of the device's `seq` values kept by the store ([`Heads`]), and
+//! read the next bound in the same statement: the `seq` of the device's
+//! first key in the statement's snapshot, found by a plain read (no lock,
+//! no skipping) from the current bound. No key the device holds or will
+//! hold is below that value:
+//!
+//! - the keys in the snapshot, those locked by other claims included (their
+//!   deletion is not committed, so they are visible), are at or above it:
+//!   one whose claim rolls back is still found;
+//! - a key committed later comes from an upload or import of the device,
+//!   which takes the device's lock and then a new `otk_seq` value, so its
+//!   `seq` is above that of every upload of the device that committed
+//!   before, the first key's among them.
+//!
+//! [`CLAIM`] and [`CLAIM_WAITING`] walk from the head as before; a target
+//! that comes away short from a bounded walk runs as [`CLAIM`], whose
+//! `contended` probe looks at the whole range. A bound is read for a
+//! target that asks for several keys in the batch (several claims of the
+//! device combined, see [`crate::combine`]), and by a lone claim of one key
+//! when none is known and once in 16 after; a big room's claim, one key
+//! from each of many devices, reads none (it uses the bounds known).
+//!
 //! # The split claim's steps (R12.1, R12.2)
 //!
 //! Claiming one-time keys only is [`CLAIM`] with its fallback step switched
@@ -183,6 +212,16 @@ macro_rules! key_walk {
         FROM otk o
         WHERE o.user_id = t.user_id AND o.device_id = t.device_id
           AND o.algorithm = t.algorithm
+        ORDER BY o.seq, o.key_id
+        LIMIT t.n
+        "#
+    };
+    (from_lower) => {
+        r#"
+        SELECT o.ctid AS row_ctid
+        FROM otk o
+        WHERE o.user_id = t.user_id AND o.device_id = t.device_id
+          AND o.algorithm = t.algorithm AND o.seq >= t.lower
         ORDER BY o.seq, o.key_id
         LIMIT t.n
         "#
@@ -342,22 +381,36 @@ pub(crate) const CLAIM_WAITING: &str = claim_statement!("FOR UPDATE", "false");
 /// (the `go` CTE), so no target comes away short and none needs its
 /// fallback key (R4.3, R4.4, R4.5): when one would, it applies nothing
 /// and answers -3 alone, and the batch runs as [`CLAIM`]. Parameters:
-/// `$1..$4` as [`CLAIM`]'s. Rows: [`CLAIM`]'s OTK rows (`ord` 0), or the
-/// one -3 row.
+/// `$1..$4` as [`CLAIM`]'s, then per target its walk's lower bound and
+/// whether to read the next (see the module docs, "Where the walks
+/// start"). Rows: [`CLAIM`]'s OTK rows (`ord` 0), or the one -3 row; and
+/// per target whose bound was read, a -4 row with its user, device and
+/// algorithm and the bound in `seq`.
 pub(crate) const CLAIM_FAST: &str = concat!(
     r#"
 WITH t AS MATERIALIZED (
-    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int4[])
-        AS t(user_id, device_id, algorithm, n)
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int4[], $5::int8[], $6::bool[])
+        AS t(user_id, device_id, algorithm, n, lower, probe)
 ),
 picked AS MATERIALIZED (
     SELECT k.row_ctid
     FROM t CROSS JOIN LATERAL (
 "#,
-    key_walk!(),
+    key_walk!(from_lower),
     r#"
         FOR UPDATE SKIP LOCKED
     ) k
+),
+heads AS MATERIALIZED (
+    SELECT t.user_id, t.device_id, t.algorithm, h.seq
+    FROM t CROSS JOIN LATERAL (
+        SELECT o.seq FROM otk o
+        WHERE o.user_id = t.user_id AND o.device_id = t.device_id
+          AND o.algorithm = t.algorithm AND o.seq >= t.lower
+        ORDER BY o.seq, o.key_id
+        LIMIT 1
+    ) h
+    WHERE t.probe
 ),
 go AS MATERIALIZED (
     SELECT (SELECT count(*) FROM picked) = (SELECT coalesce(sum(n), 0) FROM t) AS ok
@@ -384,6 +437,9 @@ SELECT 0::int8 AS ord, false AS fallback, c.seq, c.key_id, c.key_json, true AS c
 UNION ALL
 SELECT -3::int8, false, 0::int8, NULL, NULL, false, NULL, NULL, NULL, NULL
   FROM go WHERE NOT ok
+UNION ALL
+SELECT -4::int8, false, h.seq, NULL, NULL, false, h.user_id, h.device_id, h.algorithm, NULL
+  FROM heads h
 "#
 );
 
@@ -396,15 +452,17 @@ SELECT -3::int8, false, 0::int8, NULL, NULL, false, NULL, NULL, NULL, NULL
 /// for one key. It deletes the key and remembers it (R3.4), or, when the walk
 /// finds no key it can lock, does nothing and answers no row: the claim
 /// then runs as [`CLAIM`], which falls back or waits (R4.3, R4.4).
-/// Parameters: the user ID, device ID and algorithm. Row: [`CLAIM`]'s OTK
-/// row (`ord` 0), or none.
+/// Parameters: the user ID, device ID and algorithm, the walk's lower bound
+/// (see the module docs, "Where the walks start"), and whether to read the
+/// next. Row: [`CLAIM`]'s OTK row (`ord` 0) with the next bound in an
+/// eleventh column `head` (NULL when not read), or none.
 pub(crate) const CLAIM_ONE: &str = r#"
 WITH claimed AS (
     DELETE FROM otk o
     WHERE o.ctid = (
         SELECT k.ctid
         FROM otk k
-        WHERE k.user_id = $1 AND k.device_id = $2 AND k.algorithm = $3
+        WHERE k.user_id = $1 AND k.device_id = $2 AND k.algorithm = $3 AND k.seq >= $4
         ORDER BY k.seq, k.key_id
         LIMIT 1
         FOR UPDATE SKIP LOCKED
@@ -421,7 +479,13 @@ remembered AS (
     FROM claimed c
 )
 SELECT 0::int8 AS ord, false AS fallback, c.seq, c.key_id, c.key_json, true AS changed,
-       c.user_id, c.device_id, c.algorithm, c.digest
+       c.user_id, c.device_id, c.algorithm, c.digest,
+       CASE WHEN $5 THEN
+           (SELECT h.seq FROM otk h
+             WHERE h.user_id = $1 AND h.device_id = $2 AND h.algorithm = $3 AND h.seq >= $4
+             ORDER BY h.seq, h.key_id
+             LIMIT 1)
+       END AS head
   FROM claimed c
 "#;
 
@@ -649,6 +713,81 @@ pub(crate) async fn claim_many(
     Ok(hand_out(&merged, claims, got))
 }
 
+/// Per (device, algorithm), a lower bound of the claim order's `seq` of
+/// every key the device holds or will hold: the walks of [`CLAIM_FAST`]
+/// and [`CLAIM_ONE`] start there (`seq >= lower`) instead of at the head of
+/// the device's range of `otk_claim_order`, past the index entries of keys
+/// claimed before, which stay in the index until a vacuum removes them. See
+/// the module docs ("Where the walks start") for why no key is skipped.
+/// Bounded: past [`Heads::MAX`] entries it starts again empty (a bound is
+/// only a shortcut).
+#[derive(Debug, Default)]
+pub(crate) struct Heads(std::sync::Mutex<HashMap<String, Head>>);
+
+/// What [`Heads`] keeps of a (device, algorithm).
+#[derive(Debug, Clone, Copy)]
+struct Head {
+    /// The bound.
+    lower: i64,
+    /// Lone claims since the bound was last read.
+    since: u32,
+}
+
+impl Heads {
+    /// The most (device, algorithm) pairs remembered.
+    const MAX: usize = 4_096;
+    /// A lone claim reads the bound of its device once in this many.
+    const LONE_READ_EVERY: u32 = 16;
+
+    fn key(user: &str, device: &str, algorithm: &str) -> String {
+        // IDs hold no U+0000 (R2.8).
+        format!("{user}\0{device}\0{algorithm}")
+    }
+
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Head>> {
+        // A panic while holding the lock left a valid map behind.
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The bound of a (device, algorithm): `i64::MIN` when none is known.
+    fn lower(&self, user: &str, device: &str, algorithm: &str) -> i64 {
+        self.map()
+            .get(&Self::key(user, device, algorithm))
+            .map_or(i64::MIN, |head| head.lower)
+    }
+
+    /// The bound of a (device, algorithm) for a lone claim, and whether
+    /// that claim is to read the next one: when none is known, and once in
+    /// [`Heads::LONE_READ_EVERY`] lone claims.
+    fn lower_for_lone(&self, user: &str, device: &str, algorithm: &str) -> (i64, bool) {
+        match self.map().get_mut(&Self::key(user, device, algorithm)) {
+            Some(head) => {
+                head.since += 1;
+                (head.lower, head.since % Self::LONE_READ_EVERY == 0)
+            }
+            None => (i64::MIN, true),
+        }
+    }
+
+    /// Raises the bound of a (device, algorithm) to `seq`: the claim order
+    /// value of its first key in a statement's snapshot.
+    fn raise(&self, user: &str, device: &str, algorithm: &str, seq: i64) {
+        let mut map = self.map();
+        if map.len() >= Self::MAX {
+            map.clear();
+        }
+        let head = map
+            .entry(Self::key(user, device, algorithm))
+            .or_insert(Head {
+                lower: seq,
+                since: 0,
+            });
+        head.lower = head.lower.max(seq);
+    }
+}
+
 /// A claim statement, and how many of [`ClaimRun`]'s parameters it takes.
 #[derive(Clone, Copy)]
 struct Statement {
@@ -657,15 +796,17 @@ struct Statement {
 }
 
 impl Statement {
-    /// [`CLAIM_ONE`]: the one target's IDs, as scalars.
+    /// [`CLAIM_ONE`]: the one target's IDs, its walk's lower bound and
+    /// whether to read the next, as scalars.
     const ONE: Statement = Statement {
         sql: CLAIM_ONE,
-        params: 3,
+        params: 5,
     };
-    /// [`CLAIM_FAST`]: the targets only.
+    /// [`CLAIM_FAST`]: the targets, their walks' lower bounds and whether
+    /// to read their heads.
     const FAST: Statement = Statement {
         sql: CLAIM_FAST,
-        params: 4,
+        params: 6,
     };
     /// [`CLAIM`].
     const FULL: Statement = Statement {
@@ -705,28 +846,70 @@ impl ClaimRun<'_> {
             &self.sql.transactional_notify,
             &m.fb_at,
         ];
+        let heads = &self.sql.heads;
         if self.statement.sql == CLAIM_ONE {
             let (Some(user), Some(device), Some(algorithm)) =
                 (m.users.first(), m.devices.first(), m.algorithms.first())
             else {
                 return Ok(None);
             };
-            let params: [&(dyn ToSql + Sync); 3] = [user, device, algorithm];
+            let (lower, read) = heads.lower_for_lone(user, device, algorithm);
+            let params: [&(dyn ToSql + Sync); 5] = [user, device, algorithm, &lower, &read];
             let rows = client
                 .query_alone(CLAIM_ONE, &params)
                 .await
                 .map_err(pg(op))?;
             // No row: no key it could lock, nothing done.
+            if let Some(Ok(Some(head))) = rows.first().map(|row| row.try_get::<_, Option<i64>>(10))
+            {
+                heads.raise(user, device, algorithm, head);
+            }
             return Ok((!rows.is_empty()).then_some(rows));
         }
-        let rows = client
-            .query_alone(self.statement.sql, &params[..self.statement.params])
-            .await
-            .map_err(pg(op))?;
+        let rows = if self.statement.sql == CLAIM_FAST {
+            let lowers: Vec<i64> = (0..m.users.len())
+                .map(|i| heads.lower(m.users[i], m.devices[i], m.algorithms[i]))
+                .collect();
+            // A device's head is worth reading when it is claimed often:
+            // several keys of it in one batch (a big room's claim of many
+            // devices, one key each, reads none).
+            let probes: Vec<bool> = m.counts.iter().map(|&n| n > 1).collect();
+            let params: [&(dyn ToSql + Sync); 6] = [
+                &m.users,
+                &m.devices,
+                &m.algorithms,
+                &m.counts,
+                &lowers,
+                &probes,
+            ];
+            client
+                .query_alone(CLAIM_FAST, &params)
+                .await
+                .map_err(pg(op))?
+        } else {
+            client
+                .query_alone(self.statement.sql, &params[..self.statement.params])
+                .await
+                .map_err(pg(op))?
+        };
         let contended = rows
             .iter()
             .any(|row| matches!(row.try_get::<_, i64>(0), Ok(-3)));
-        Ok((!contended).then_some(rows))
+        if contended {
+            return Ok(None);
+        }
+        for row in &rows {
+            if let (Ok(-4), Ok(seq), Ok(user), Ok(device), Ok(algorithm)) = (
+                row.try_get::<_, i64>(0),
+                row.try_get::<_, i64>(2),
+                row.try_get::<_, &str>(6),
+                row.try_get::<_, &str>(7),
+                row.try_get::<_, &str>(8),
+            ) {
+                heads.raise(user, device, algorithm, seq);
+            }
+        }
+        Ok(Some(rows))
     }
 }
 
@@ -752,8 +935,8 @@ fn decode_claim(
         .collect();
     for row in rows {
         let ord: i64 = row.try_get(0).map_err(pg(op))?;
-        if ord == -1 {
-            continue; // the notification row
+        if ord == -1 || ord == -4 {
+            continue; // the notification row, or a device's head
         }
         let position = if ord == 0 || ord == -2 {
             let user: &str = row.try_get(6).map_err(pg(op))?;
@@ -973,8 +1156,8 @@ mod tests {
     fn fast_claim_plan_walks_each_target_through_the_claim_order_index() {
         check_generic_plans(
             "claim::fast_plan",
-            &format!("fast(text[], text[], text[], int4[]) AS {CLAIM_FAST}"),
-            "EXECUTE fast('{@u1:x,@u2:x}', '{D,D}', '{alg,alg}', '{1,2}')",
+            &format!("fast(text[], text[], text[], int4[], int8[], bool[]) AS {CLAIM_FAST}"),
+            "EXECUTE fast('{@u1:x,@u2:x}', '{D,D}', '{alg,alg}', '{1,2}', '{0,5}', '{false,true}')",
             |plan| {
                 assert!(
                     plan.contains("Index Scan using otk_claim_order on otk"),
@@ -1002,8 +1185,8 @@ mod tests {
     fn one_key_claim_plan_walks_the_claim_order_index() {
         check_generic_plans(
             "claim::one_plan",
-            &format!("one(text, text, text) AS {CLAIM_ONE}"),
-            "EXECUTE one('@u1:x', 'D', 'alg')",
+            &format!("one(text, text, text, int8, bool) AS {CLAIM_ONE}"),
+            "EXECUTE one('@u1:x', 'D', 'alg', 0, true)",
             |plan| {
                 assert_walks_in_claim_order(plan);
                 assert!(plan.contains("Tid Scan on otk"), "{plan}");

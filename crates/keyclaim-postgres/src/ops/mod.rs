@@ -65,6 +65,8 @@ pub(crate) struct Sql {
     /// Whether mutations send their notifications inside their own
     /// transaction (see [`crate::PostgresOptions::transactional_notify`]).
     pub(crate) transactional_notify: bool,
+    /// Where the claim walks of this store's devices start.
+    pub(crate) heads: std::sync::Arc<claim::Heads>,
 }
 
 impl Sql {
@@ -74,6 +76,7 @@ impl Sql {
             channel: channel_name(schema),
             instance,
             transactional_notify,
+            heads: std::sync::Arc::default(),
         }
     }
 }
