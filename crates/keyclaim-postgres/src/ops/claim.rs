@@ -98,6 +98,10 @@
 //!   `seq` is above that of every upload of the device that committed
 //!   before, the first key's among them.
 //!
+//! This takes `otk_seq` to only ever grow: a schema dropped and created
+//! again, or restored from an older backup, while a store is open on it
+//! needs that store reopened (its bounds are in memory only).
+//!
 //! [`CLAIM`] and [`CLAIM_WAITING`] walk from the head as before; a target
 //! that comes away short from a bounded walk runs as [`CLAIM`], whose
 //! `contended` probe looks at the whole range. A bound is read for a
