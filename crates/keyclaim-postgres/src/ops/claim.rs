@@ -768,7 +768,7 @@ impl Heads {
     fn lower_for_lone(&self, user: &str, device: &str, algorithm: &str) -> (i64, bool) {
         match self.map().get_mut(&Self::key(user, device, algorithm)) {
             Some(head) => {
-                head.since += 1;
+                head.since = head.since.wrapping_add(1);
                 (head.lower, head.since % Self::LONE_READ_EVERY == 0)
             }
             None => (i64::MIN, true),
