@@ -1183,6 +1183,28 @@ mod tests {
         );
     }
 
+    /// A device's bound only rises; a lone claim reads the next one when
+    /// none is known and once in [`Heads::LONE_READ_EVERY`]; past
+    /// [`Heads::MAX`] devices the bounds start again empty.
+    #[test]
+    fn walk_bounds_rise_and_are_read_now_and_then() {
+        let heads = Heads::default();
+        assert_eq!(heads.lower("@u:x", "D", "alg"), i64::MIN);
+        assert_eq!(heads.lower_for_lone("@u:x", "D", "alg"), (i64::MIN, true));
+        heads.raise("@u:x", "D", "alg", 10);
+        heads.raise("@u:x", "D", "alg", 7);
+        assert_eq!(heads.lower("@u:x", "D", "alg"), 10);
+        assert_eq!(heads.lower("@u:x", "D", "other"), i64::MIN);
+        let reads: Vec<bool> = (0..2 * Heads::LONE_READ_EVERY)
+            .map(|_| heads.lower_for_lone("@u:x", "D", "alg").1)
+            .collect();
+        assert_eq!(reads.iter().filter(|read| **read).count(), 2);
+        for i in 0..Heads::MAX {
+            heads.raise("@v:x", &format!("D{i}"), "alg", 1);
+        }
+        assert_eq!(heads.lower("@u:x", "D", "alg"), i64::MIN);
+    }
+
     /// [`CLAIM_ONE`] walks its target's keys through the claim order index
     /// and deletes the one it locked by its `ctid`.
     #[test]
