@@ -699,10 +699,7 @@ fn a_claim_runs_on_the_connection_kept_for_large_claims_while_none_runs() {
         .await;
         let [free] = <[Device; 1]>::try_from(devices_with(&store, 0..1, 2).await).expect("one");
         let busy = dev("@busy:example.org", "B");
-        let locker = lock_device(&url, &store, &busy).await;
-        let upload = spawn_upload(&store, &busy, "U");
-        let watcher = raw(&url).await;
-        wait_blocked(&watcher, &locker).await;
+        let (locker, upload) = upload_held_by_lock(&url, &store, &busy).await;
 
         let outcome = tokio::time::timeout(DEADLINE, store.claim(&[target(&free, 1)]))
             .await
@@ -717,11 +714,7 @@ fn a_claim_runs_on_the_connection_kept_for_large_claims_while_none_runs() {
         assert!(err.is_retryable(), "{err}");
         assert!(!upload.is_finished());
 
-        locker.batch_execute("COMMIT").await.expect("commit");
-        tokio::time::timeout(DEADLINE, upload)
-            .await
-            .expect("the upload finishes once the lock is free")
-            .expect("upload task");
+        release(&locker, upload).await;
         assert_eq!(count(&store, &free).await, 1);
         assert_eq!(count(&store, &busy).await, 2);
     });
@@ -739,10 +732,7 @@ fn an_operation_waits_for_a_connection_at_most_the_pool_wait_timeout() {
         )
         .await;
         let [d] = <[Device; 1]>::try_from(devices_with(&store, 0..1, 1).await).expect("one");
-        let locker = lock_device(&url, &store, &d).await;
-        let upload = spawn_upload(&store, &d, "U");
-        let watcher = raw(&url).await;
-        wait_blocked(&watcher, &locker).await;
+        let (locker, upload) = upload_held_by_lock(&url, &store, &d).await;
 
         let err = store
             .otk_counts(&d)
@@ -750,13 +740,33 @@ fn an_operation_waits_for_a_connection_at_most_the_pool_wait_timeout() {
             .expect_err("no connection for a count read while the upload holds the only one");
         assert!(err.is_retryable(), "{err}");
 
-        locker.batch_execute("COMMIT").await.expect("commit");
-        tokio::time::timeout(DEADLINE, upload)
-            .await
-            .expect("the upload finishes once the lock is free")
-            .expect("upload task");
+        release(&locker, upload).await;
         assert_eq!(count(&store, &d).await, 3);
     });
+}
+
+/// An upload of two OTKs to `device` in a task of its own, waiting for the
+/// device's lock, which the returned transaction of the test's holds: the
+/// upload holds its pooled connection meanwhile.
+async fn upload_held_by_lock(
+    url: &str,
+    store: &Arc<PostgresStore>,
+    device: &Device,
+) -> (tokio_postgres::Client, JoinHandle<()>) {
+    let locker = lock_device(url, store, device).await;
+    let upload = spawn_upload(store, device, "U");
+    let watcher = raw(url).await;
+    wait_blocked(&watcher, &locker).await;
+    (locker, upload)
+}
+
+/// Releases the lock of [`upload_held_by_lock`] and waits for its upload.
+async fn release(locker: &tokio_postgres::Client, upload: JoinHandle<()>) {
+    locker.batch_execute("COMMIT").await.expect("commit");
+    tokio::time::timeout(DEADLINE, upload)
+        .await
+        .expect("the upload finishes once the lock is free")
+        .expect("upload task");
 }
 
 /// Uploads two OTKs named `prefix<j>` to `device` in a task of its own.

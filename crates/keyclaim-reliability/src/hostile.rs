@@ -61,6 +61,13 @@ pub struct Hostile {
 /// The body limit (R8.2).
 const MIB: usize = 1 << 20;
 
+/// The default limits but a claim's targets, at most 1,000.
+fn a_limit_of_1000_targets() -> Limits {
+    let mut limits = Limits::default();
+    limits.max_claim_targets = 1000;
+    limits
+}
+
 /// How big a list body is: a number of items, or as many as fit in a number
 /// of bytes.
 #[derive(Clone, Copy)]
@@ -211,11 +218,7 @@ pub const CASES: &[Hostile] = &[
         name: "claim_with_1001_targets_over_a_limit_of_1000",
         endpoint: Endpoint::ClaimWith,
         refused_with: Some("M_TOO_LARGE"),
-        limits: Some(|| {
-            let mut limits = Limits::default();
-            limits.max_claim_targets = 1000;
-            limits
-        }),
+        limits: Some(a_limit_of_1000_targets),
         body: || claim_targets(Size::Items(1001)),
     },
     Hostile {
@@ -241,11 +244,7 @@ pub const CASES: &[Hostile] = &[
         name: "claim_one_user_1001_devices_over_a_limit_of_1000",
         endpoint: Endpoint::Claim,
         refused_with: Some("M_TOO_LARGE"),
-        limits: Some(|| {
-            let mut limits = Limits::default();
-            limits.max_claim_targets = 1000;
-            limits
-        }),
+        limits: Some(a_limit_of_1000_targets),
         body: || {
             list_body(
                 r#"{"one_time_keys":{"@u:x":{"#,

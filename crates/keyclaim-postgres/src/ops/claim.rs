@@ -743,9 +743,20 @@ impl Heads {
     /// A lone claim reads the bound of its device once in this many.
     const LONE_READ_EVERY: u32 = 16;
 
-    fn key(user: &str, device: &str, algorithm: &str) -> String {
+    /// The map's key of a (device, algorithm), written into `key`.
+    fn key_into<'k>(key: &'k mut String, user: &str, device: &str, algorithm: &str) -> &'k str {
+        key.clear();
         // IDs hold no U+0000 (R2.8).
-        format!("{user}\0{device}\0{algorithm}")
+        for part in [user, "\0", device, "\0", algorithm] {
+            key.push_str(part);
+        }
+        key
+    }
+
+    fn key(user: &str, device: &str, algorithm: &str) -> String {
+        let mut key = String::new();
+        Self::key_into(&mut key, user, device, algorithm);
+        key
     }
 
     fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Head>> {
@@ -755,11 +766,26 @@ impl Heads {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// The bounds of a batch's targets (`i64::MIN` where none is known),
+    /// under one lock.
+    fn lowers(&self, users: &[&str], devices: &[&str], algorithms: &[&str]) -> Vec<i64> {
+        let map = self.map();
+        let mut key = String::new();
+        users
+            .iter()
+            .zip(devices)
+            .zip(algorithms)
+            .map(|((user, device), algorithm)| {
+                map.get(Self::key_into(&mut key, user, device, algorithm))
+                    .map_or(i64::MIN, |head| head.lower)
+            })
+            .collect()
+    }
+
     /// The bound of a (device, algorithm): `i64::MIN` when none is known.
+    #[cfg(test)]
     fn lower(&self, user: &str, device: &str, algorithm: &str) -> i64 {
-        self.map()
-            .get(&Self::key(user, device, algorithm))
-            .map_or(i64::MIN, |head| head.lower)
+        self.lowers(&[user], &[device], &[algorithm])[0]
     }
 
     /// The bound of a (device, algorithm) for a lone claim, and whether
@@ -775,53 +801,47 @@ impl Heads {
         }
     }
 
-    /// Raises the bound of a (device, algorithm) to `seq`: the claim order
-    /// value of its first key in a statement's snapshot.
-    fn raise(&self, user: &str, device: &str, algorithm: &str, seq: i64) {
-        let mut map = self.map();
-        if map.len() >= Self::MAX {
-            map.clear();
+    /// Raises the bound of each (device, algorithm) to its `seq`: the claim
+    /// order value of its first key in a statement's snapshot. One lock.
+    fn raise<'r>(&self, bounds: impl IntoIterator<Item = (&'r str, &'r str, &'r str, i64)>) {
+        let mut bounds = bounds.into_iter().peekable();
+        if bounds.peek().is_none() {
+            return;
         }
-        let head = map
-            .entry(Self::key(user, device, algorithm))
-            .or_insert(Head {
-                lower: seq,
-                since: 0,
-            });
-        head.lower = head.lower.max(seq);
+        let mut map = self.map();
+        for (user, device, algorithm, seq) in bounds {
+            if map.len() >= Self::MAX {
+                map.clear();
+            }
+            let head = map
+                .entry(Self::key(user, device, algorithm))
+                .or_insert(Head {
+                    lower: seq,
+                    since: 0,
+                });
+            head.lower = head.lower.max(seq);
+        }
     }
 }
 
-/// A claim statement, and how many of [`ClaimRun`]'s parameters it takes.
+/// A claim statement: [`CLAIM_ONE`] takes the one target's IDs, its walk's
+/// lower bound and whether to read the next, as scalars; [`CLAIM_FAST`] the
+/// targets, their walks' lower bounds and whether to read their next;
+/// [`CLAIM`] and [`CLAIM_WAITING`] the targets and the store's values.
 #[derive(Clone, Copy)]
 struct Statement {
     sql: &'static str,
-    params: usize,
 }
 
 impl Statement {
-    /// [`CLAIM_ONE`]: the one target's IDs, its walk's lower bound and
-    /// whether to read the next, as scalars.
-    const ONE: Statement = Statement {
-        sql: CLAIM_ONE,
-        params: 5,
-    };
-    /// [`CLAIM_FAST`]: the targets, their walks' lower bounds and whether
-    /// to read their heads.
-    const FAST: Statement = Statement {
-        sql: CLAIM_FAST,
-        params: 6,
-    };
+    /// [`CLAIM_ONE`].
+    const ONE: Statement = Statement { sql: CLAIM_ONE };
+    /// [`CLAIM_FAST`].
+    const FAST: Statement = Statement { sql: CLAIM_FAST };
     /// [`CLAIM`].
-    const FULL: Statement = Statement {
-        sql: CLAIM,
-        params: 9,
-    };
+    const FULL: Statement = Statement { sql: CLAIM };
     /// [`CLAIM_WAITING`].
-    const WAITING: Statement = Statement {
-        sql: CLAIM_WAITING,
-        params: 9,
-    };
+    const WAITING: Statement = Statement { sql: CLAIM_WAITING };
 }
 
 /// One run of a claim statement.
@@ -839,17 +859,6 @@ impl ClaimRun<'_> {
     async fn execute(&self, client: &mut Conn) -> Result<Option<Vec<tokio_postgres::Row>>> {
         let op = "claim";
         let m = self.merged;
-        let params: [&(dyn ToSql + Sync); 9] = [
-            &m.users,
-            &m.devices,
-            &m.algorithms,
-            &m.counts,
-            &self.remembered,
-            &self.sql.channel,
-            &self.sql.instance,
-            &self.sql.transactional_notify,
-            &m.fb_at,
-        ];
         let heads = &self.sql.heads;
         if self.statement.sql == CLAIM_ONE {
             let (Some(user), Some(device), Some(algorithm)) =
@@ -866,14 +875,12 @@ impl ClaimRun<'_> {
             // No row: no key it could lock, nothing done.
             if let Some(Ok(Some(head))) = rows.first().map(|row| row.try_get::<_, Option<i64>>(10))
             {
-                heads.raise(user, device, algorithm, head);
+                heads.raise([(*user, *device, *algorithm, head)]);
             }
             return Ok((!rows.is_empty()).then_some(rows));
         }
         let rows = if self.statement.sql == CLAIM_FAST {
-            let lowers: Vec<i64> = (0..m.users.len())
-                .map(|i| heads.lower(m.users[i], m.devices[i], m.algorithms[i]))
-                .collect();
+            let lowers = heads.lowers(&m.users, &m.devices, &m.algorithms);
             // A device's head is worth reading when it is claimed often:
             // several keys of it in one batch (a big room's claim of many
             // devices, one key each, reads none).
@@ -891,8 +898,19 @@ impl ClaimRun<'_> {
                 .await
                 .map_err(pg(op))?
         } else {
+            let params: [&(dyn ToSql + Sync); 9] = [
+                &m.users,
+                &m.devices,
+                &m.algorithms,
+                &m.counts,
+                &self.remembered,
+                &self.sql.channel,
+                &self.sql.instance,
+                &self.sql.transactional_notify,
+                &m.fb_at,
+            ];
             client
-                .query_alone(self.statement.sql, &params[..self.statement.params])
+                .query_alone(self.statement.sql, &params)
                 .await
                 .map_err(pg(op))?
         };
@@ -902,17 +920,20 @@ impl ClaimRun<'_> {
         if contended {
             return Ok(None);
         }
-        for row in &rows {
-            if let (Ok(-4), Ok(seq), Ok(user), Ok(device), Ok(algorithm)) = (
+        heads.raise(rows.iter().filter_map(|row| {
+            match (
                 row.try_get::<_, i64>(0),
                 row.try_get::<_, i64>(2),
                 row.try_get::<_, &str>(6),
                 row.try_get::<_, &str>(7),
                 row.try_get::<_, &str>(8),
             ) {
-                heads.raise(user, device, algorithm, seq);
+                (Ok(-4), Ok(seq), Ok(user), Ok(device), Ok(algorithm)) => {
+                    Some((user, device, algorithm, seq))
+                }
+                _ => None,
             }
-        }
+        }));
         Ok(Some(rows))
     }
 }
@@ -1191,8 +1212,8 @@ mod tests {
         let heads = Heads::default();
         assert_eq!(heads.lower("@u:x", "D", "alg"), i64::MIN);
         assert_eq!(heads.lower_for_lone("@u:x", "D", "alg"), (i64::MIN, true));
-        heads.raise("@u:x", "D", "alg", 10);
-        heads.raise("@u:x", "D", "alg", 7);
+        heads.raise([("@u:x", "D", "alg", 10)]);
+        heads.raise([("@u:x", "D", "alg", 7)]);
         assert_eq!(heads.lower("@u:x", "D", "alg"), 10);
         assert_eq!(heads.lower("@u:x", "D", "other"), i64::MIN);
         let reads: Vec<bool> = (0..2 * Heads::LONE_READ_EVERY)
@@ -1200,7 +1221,7 @@ mod tests {
             .collect();
         assert_eq!(reads.iter().filter(|read| **read).count(), 2);
         for i in 0..Heads::MAX {
-            heads.raise("@v:x", &format!("D{i}"), "alg", 1);
+            heads.raise([("@v:x", format!("D{i}").as_str(), "alg", 1)]);
         }
         assert_eq!(heads.lower("@u:x", "D", "alg"), i64::MIN);
     }

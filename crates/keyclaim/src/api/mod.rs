@@ -744,6 +744,23 @@ mod tests {
             .map(|e| (e.status(), e.errcode().to_owned(), e.message().to_owned()))
     }
 
+    /// Asserts that `check` and `build` answer each body alike; answers
+    /// how many they refused.
+    fn refused_alike(
+        bodies: &[&str],
+        check: impl Fn(&RawValue) -> Option<(u16, String, String)>,
+        build: impl Fn(&RawValue) -> Option<(u16, String, String)>,
+    ) -> usize {
+        let mut refused = 0;
+        for body in bodies {
+            let users = raw(body);
+            let built = build(&users);
+            assert_eq!(check(&users), built, "{body}");
+            refused += usize::from(built.is_some());
+        }
+        refused
+    }
+
     fn raw(json: &str) -> Box<RawValue> {
         match RawValue::from_string(json.to_owned()) {
             Ok(raw) => raw,
@@ -773,14 +790,11 @@ mod tests {
             r#"{"@a:x":{"D":7,"E":"a","D":"alg"}}"#,
             r#"{"@a:x":{"D":"alg","E":"a","D":7}}"#,
         ];
-        let mut refused = 0;
-        for body in bodies {
-            let users = raw(body);
-            let checked = outcome(walk_claim_body(&users, 2, &mut CheckOnly::default()));
-            let built = outcome(walk_claim_body(&users, 2, &mut BuildClaims::default()));
-            assert_eq!(checked, built, "{body}");
-            refused += usize::from(built.is_some());
-        }
+        let refused = refused_alike(
+            &bodies,
+            |users| outcome(walk_claim_body(users, 2, &mut CheckOnly::default())),
+            |users| outcome(walk_claim_body(users, 2, &mut BuildClaims::default())),
+        );
         assert_eq!(refused, 8, "the bodies refused are those meant to be");
     }
 
@@ -798,14 +812,11 @@ mod tests {
             r#"{"@a:x":["D"],"@b:x":{}}"#,
             r#"{"@a:x":["D","E","F"],"bad":[]}"#,
         ];
-        let mut refused = 0;
-        for body in bodies {
-            let users = raw(body);
-            let checked = outcome(walk_device_lists(&users, 2, &mut CheckOnly::default()));
-            let built = outcome(walk_device_lists(&users, 2, &mut BuildDevices::default()));
-            assert_eq!(checked, built, "{body}");
-            refused += usize::from(built.is_some());
-        }
+        let refused = refused_alike(
+            &bodies,
+            |users| outcome(walk_device_lists(users, 2, &mut CheckOnly::default())),
+            |users| outcome(walk_device_lists(users, 2, &mut BuildDevices::default())),
+        );
         assert_eq!(refused, 7, "the bodies refused are those meant to be");
     }
 }
